@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -285,11 +286,14 @@ def _target(name: str, ratio: float, limit: float) -> dict:
     return {"target": name, "ratio": ratio, "limit": limit, "pass": ratio <= limit}
 
 
-def print_report(cells: list[Cell], ratios: list[dict], targets: list[dict], threads: int, worst: float) -> None:
+def print_report(cells: list[Cell], ratios: list[dict], targets: list[dict], meta: dict) -> None:
     print(
         f"\nmha_core attention benchmark: E={E} H={H} head_size={D} float32, torch {torch.__version__}, "
-        f"{threads} thread(s), {platform.machine()}; correctness max|diff| vs seed loop = {worst:.2g}"
+        f"{meta['threads']} thread(s), {platform.machine()} with {os.cpu_count()} CPUs; "
+        f"correctness max|diff| vs seed loop = {meta['max_abs_diff']:.2g}"
     )
+    load = meta["loadavg"]
+    print(f"1-min load average before/after timing: {load[0]:.2f}/{load[1]:.2f} (other work skews times)")
     print("GFLOP/s count causal attention as full T x T; ratios are time ratios (lower is better);")
     print("ratio columns are on the `ours` row; `*` marks the nn.MHA config used as the comparator.\n")
     ratio_of = {(r["size"], r["path"]): r for r in ratios}
@@ -326,9 +330,12 @@ def main() -> int:
     ours, seed, mha = build()
     with torch.inference_mode():
         worst = check_correctness(ours, seed, mha)
+        load_before = os.getloadavg()[0]
         cells = run_bench(args, ours, seed, mha)
+        load_after = os.getloadavg()[0]
     ratios, targets = summarize(cells)
-    print_report(cells, ratios, targets, args.threads, worst)
+    meta = {"threads": args.threads, "max_abs_diff": worst, "loadavg": [load_before, load_after]}
+    print_report(cells, ratios, targets, meta)
 
     if args.json:
         result = {
@@ -337,6 +344,7 @@ def main() -> int:
             "quick": args.quick,
             "flops_formula": "2*B*T*E*3*H*D + 2*B*T*H*D*E + 2*2*B*H*T*T*D (causal counted as full)",
             "correctness_max_abs_diff": worst,
+            "loadavg_1min_before_after": [load_before, load_after],
             "cells": [asdict(c) for c in cells_sorted(cells)],
             "ratios": ratios,
             "targets": targets,

@@ -1,0 +1,309 @@
+"""create_app(settings=...): wires Settings -> runner -> batcher -> routes. No torch math here."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import __version__
+from service.batcher import Batcher, BatchLimits, ClientGone, DeadlineExceeded, Overloaded, ShuttingDown
+from service.decode import Limits, decode_attend, encode_attend
+from service.errors import ServiceError, error_responses
+from service.metrics import Metrics
+from service.runner import Runner
+from service.schemas import AttendRequest, AttendResponse, ModelDescription
+from service.settings import Settings
+
+log = logging.getLogger("mha_serve")
+
+ATTEND_ERRORS = (
+    "malformed_json",
+    "payload_too_large",
+    "validation_error",
+    "overloaded",
+    "internal_error",
+    "unavailable",
+    "deadline_exceeded",
+)
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    metrics: Metrics
+    runner: Runner | None = None
+    batcher: Batcher | None = None
+    ready: bool = False
+    draining: bool = False
+    model_info: dict | None = None
+    limits: Limits | None = None
+
+
+def create_app(*, settings: Settings) -> FastAPI:
+    state = AppState(settings=settings, metrics=Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        runner = await asyncio.to_thread(Runner.from_settings, settings)
+        if settings.warmup:
+            await asyncio.to_thread(runner.warmup)
+        cfg = runner.config
+        state.runner = runner
+        state.model_info = {
+            "name": settings.model_name,
+            **cfg.to_dict(),
+            "dtype": settings.dtype,
+            "device": str(runner.device),
+            "checksum": runner.checksum,
+        }
+        state.limits = Limits(
+            settings.max_request_batch,
+            settings.max_weights_elements,
+            settings.default_timeout_ms,
+            settings.max_timeout_ms,
+        )
+        state.batcher = Batcher(runner.run, _batch_limits(settings), observer=state.metrics)
+        await state.batcher.start()
+        gc.collect()
+        gc.freeze()  # start-up objects leave the GC's view: full passes over them made the tails
+        state.ready = True
+        log.info("ready: %s on %s (%s)", settings.model_name, runner.device, runner.checksum)
+        try:
+            yield
+        finally:
+            state.ready = False
+            state.draining = True
+            await state.batcher.stop(grace_s=settings.shutdown_grace_s)
+            log.info("stopped")
+
+    app = FastAPI(
+        title="mha-serve",
+        version=__version__,
+        summary="Multi-head attention over HTTP, with dynamic batching.",
+        lifespan=lifespan,
+    )
+    app.state.mha = state
+    _install_error_handlers(app, state)
+    app.add_middleware(_ObserveMiddleware, state=state)
+
+    @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        summary="Readiness: model loaded, warmed up, batcher running",
+        responses=error_responses("unavailable"),
+    )
+    async def readyz() -> dict[str, str]:
+        _require_ready(state)
+        return {"status": "ready"}
+
+    @app.get("/v1/model", tags=["model"], response_model=ModelDescription, responses=error_responses("unavailable"))
+    async def model() -> dict[str, Any]:
+        if state.model_info is None:
+            raise ServiceError("unavailable", "the model is still loading")
+        s = settings
+        return {
+            **state.model_info,
+            "replica_id": s.replica_id,
+            "batching": _batch_limits(s).__dict__,
+            "limits": {
+                "max_body_bytes": s.max_body_bytes,
+                "max_request_batch": s.max_request_batch,
+                "max_weights_elements": s.max_weights_elements,
+                "default_timeout_ms": s.default_timeout_ms,
+                "max_timeout_ms": s.max_timeout_ms,
+            },
+        }
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post(
+        "/attend",
+        tags=["attention"],
+        summary="Multi-head attention over a batch of sequences",
+        response_class=Response,
+        responses={
+            200: {
+                "model": AttendResponse,
+                "description": "output [B, T, E] (and weights [B, H, T, T]) in the request's encoding; headers "
+                "x-queue-time-ms, x-compute-time-ms, x-batch-size",
+            },
+            **error_responses(*ATTEND_ERRORS),
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/AttendRequest"}}},
+            }
+        },
+    )
+    async def attend(request: Request) -> Response:
+        started = time.monotonic()
+        _require_ready(state)
+        body = await read_body(request, settings.max_body_bytes)
+        dec = decode_attend(body, state.runner.config, state.limits)
+        try:
+            res = await state.batcher.infer(
+                dec.input, deadline=started + dec.timeout_s, abandoned=_disconnected(request)
+            )
+        except Overloaded as e:
+            raise ServiceError("overloaded", str(e), headers={"retry-after": str(int(e.retry_after_s))}) from e
+        except DeadlineExceeded as e:
+            raise ServiceError("deadline_exceeded", f"{e} (timeout {dec.timeout_s * 1000:g} ms)") from e
+        except ShuttingDown as e:
+            raise ServiceError("unavailable", str(e)) from e
+        except ClientGone:
+            state.metrics.dropped("disconnect")
+            return Response(status_code=499)
+        payload = encode_attend(res.output.output, res.output.weights, dec, state.model_info)
+        return Response(
+            payload,
+            media_type="application/json",
+            headers={
+                "x-queue-time-ms": f"{res.queue_s * 1000:.3f}",
+                "x-compute-time-ms": f"{res.compute_s * 1000:.3f}",
+                "x-batch-size": str(res.batch_requests),
+            },
+        )
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        comps = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (AttendRequest,):
+            s = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            comps.update(s.pop("$defs", {}))
+            comps[model.__name__] = s
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+    return app
+
+
+def _batch_limits(s: Settings) -> BatchLimits:
+    return BatchLimits(
+        max_batch_size=s.max_batch_size,
+        max_batch_tokens=s.max_batch_tokens,
+        max_wait_ms=s.max_wait_ms,
+        max_padding_ratio=s.max_padding_ratio,
+        max_queue_requests=s.max_queue_requests,
+        max_queue_tokens=s.max_queue_tokens,
+    )
+
+
+def _require_ready(state: AppState) -> None:
+    if state.draining:
+        raise ServiceError("unavailable", "the server is shutting down")
+    if not state.ready:
+        raise ServiceError("unavailable", "the model is not ready yet")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing (413) anything over ``limit`` bytes before reading or parsing it."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ServiceError("payload_too_large", f"the body is {declared} bytes, more than max_body_bytes {limit}")
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if ctype not in ("application/json", ""):
+        raise ServiceError("unsupported_media_type", f"content-type must be application/json, got {ctype!r}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ServiceError("payload_too_large", f"the body exceeds max_body_bytes {limit}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _disconnected(request: Request) -> None:
+    """Completes when the client goes away (the ASGI server sends http.disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _error_response(err: ServiceError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def _install_error_handlers(app: FastAPI, state: AppState) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code)
+        if kind is None:
+            kind = "validation_error" if 400 <= exc.status_code < 500 else "internal_error"
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"{request.url.path} does not accept {request.method}"
+        return _error_response(ServiceError(kind, message, headers=dict(exc.headers or {})))
+
+    @app.exception_handler(RequestValidationError)
+    async def request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        return _error_response(ServiceError("validation_error", "; ".join(parts)))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        error_id = uuid.uuid4().hex[:12]
+        log.exception("internal error %s on %s %s", error_id, request.method, request.url.path)
+        return _error_response(ServiceError("internal_error", f"internal error (id {error_id}); see the server log"))
+
+
+class _ObserveMiddleware:
+    """Pure ASGI middleware (cheaper than BaseHTTPMiddleware): x-served-by, request metrics."""
+
+    ROUTES = frozenset({"/attend", "/healthz", "/readyz", "/v1/model", "/metrics"})
+
+    def __init__(self, app, state: AppState) -> None:
+        self.app = app
+        self.metrics = state.metrics
+        self.served_by = state.settings.replica_id.encode("latin-1", "replace")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        path = scope["path"]
+        route = path if path in self.ROUTES else ("/v2" if path.startswith("/v2") else "other")
+        status = 500
+
+        async def send_wrapper(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-served-by", self.served_by)]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - t0)

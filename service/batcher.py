@@ -1,0 +1,372 @@
+"""The dynamic request batcher: queue, grouping, deadlines, futures. Knows no HTTP.
+
+Contract:
+- Every request waits in one bounded queue (requests and tokens); past the bound ``submit``
+  raises :class:`Overloaded` at once, with a retry-after estimated from the drain rate.
+- When the model is free, the dispatcher takes a batch at once: the oldest request, plus the
+  queued requests that can share its forward pass (same key), in arrival order, while the
+  batch stays within ``max_batch_size`` sequences, ``max_batch_tokens`` padded tokens and
+  ``max_padding_ratio`` padded/real tokens. A batch always holds at least one request, and
+  the oldest request always goes first, so no request starves.
+- A request that finds the model idle starts at once. While a batch computes, the next one
+  forms from what arrives meanwhile (pipelining). With ``max_wait_ms > 0``, a batch formed
+  from requests that queued behind a running batch may wait until its oldest request has
+  waited that long, or the batch is full, to grow.
+- The forward pass runs in one worker thread; the event loop never blocks on torch.
+- A request past its deadline, or whose caller went away, is dropped before compute.
+- If a batch's forward raises, its requests are retried one by one, so only the failing
+  request gets the error; the batcher keeps running.
+- ``start``/``stop`` are explicit; ``stop`` finishes pending work within a grace period and
+  fails whatever is left, never leaving a request hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.runner import AttendInput, AttendOutput, BatchStats
+
+log = logging.getLogger("mha_serve.batcher")
+
+RunFn = Callable[[list[AttendInput]], tuple[list[AttendOutput], BatchStats]]
+
+
+class Overloaded(Exception):
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+class ShuttingDown(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+class BatcherObserver:
+    """Hooks for metrics; the default does nothing."""
+
+    def queue_changed(self, requests: int, tokens: int) -> None: ...
+    def batch_done(self, requests: int, stats: BatchStats, queue_waits_s: list[float]) -> None: ...
+    def dropped(self, reason: str) -> None: ...
+    def batch_failed(self, requests: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_batch_size: int = 32
+    max_batch_tokens: int = 32768
+    max_wait_ms: float = 0.0
+    max_padding_ratio: float = 2.0
+    max_queue_requests: int = 256
+    max_queue_tokens: int = 262144
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_batch_tokens", "max_queue_requests", "max_queue_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.max_padding_ratio < 1:
+            raise ValueError(f"max_padding_ratio must be >= 1, got {self.max_padding_ratio}")
+
+
+@dataclass
+class Result:
+    output: AttendOutput
+    queue_s: float
+    compute_s: float
+    batch_requests: int
+    batch_sequences: int
+
+
+@dataclass(eq=False)
+class _Pending:
+    input: AttendInput
+    future: asyncio.Future
+    arrived: float
+    deadline: float
+    queued_behind_batch: bool
+    tokens: int = field(init=False)
+    abandoned: bool = False
+
+    def __post_init__(self) -> None:
+        self.tokens = self.input.batch * self.input.seq_len
+
+
+class Batcher:
+    def __init__(self, run: RunFn, limits: BatchLimits, observer: BatcherObserver | None = None) -> None:
+        self._run_fn = run
+        self.limits = limits
+        self._obs = observer or BatcherObserver()
+        self._queue: list[_Pending] = []
+        self._queued_tokens = 0
+        self._busy = False
+        self._inflight: list[_Pending] = []
+        self._accepting = False
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._batch_task: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._drain_tokens_per_s = 0.0
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done() and self._accepting
+
+    async def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("batcher already started")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mha-forward")
+        self._accepting = True
+        self._idle.set()
+        self._task = asyncio.create_task(self._loop(), name="mha-batcher")
+
+    def stop_accepting(self) -> None:
+        """New requests get ShuttingDown from now on; queued ones still run."""
+        self._accepting = False
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Finish queued and running work within ``grace_s``, then fail what is left."""
+        self._accepting = False
+        if self._task is None:
+            return
+        deadline = time.monotonic() + grace_s
+        while (self._queue or self._busy) and time.monotonic() < deadline:
+            self._idle.clear()
+            if not self._queue and not self._busy:
+                break
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout=max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                break
+        for p in self._queue + self._inflight:
+            _fail(p, ShuttingDown("the server is shutting down before this request could finish"))
+        self._queue.clear()
+        self._queued_tokens = 0
+        self._obs.queue_changed(0, 0)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._task = None
+
+    # -- requests ------------------------------------------------------------------------
+
+    def queue_depth(self) -> tuple[int, int]:
+        return len(self._queue), self._queued_tokens
+
+    async def infer(self, inp: AttendInput, *, deadline: float, abandoned: Awaitable[Any] | None = None) -> Result:
+        """Queue ``inp`` and wait for its result, its deadline (monotonic) or ``abandoned``."""
+        pending = self._submit(inp, deadline)
+        waiters: set[asyncio.Future] = {pending.future}
+        gone = asyncio.ensure_future(abandoned) if abandoned is not None else None
+        if gone is not None:
+            waiters.add(gone)
+        try:
+            done, _ = await asyncio.wait(
+                waiters, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            if gone is not None and not gone.done():
+                gone.cancel()
+        if pending.future in done:
+            result = pending.future.result()  # raises the runner's or the batcher's error
+            if time.monotonic() > deadline:
+                self._obs.dropped("late")
+                raise DeadlineExceeded("the request's deadline passed while it was computing")
+            return result
+        pending.abandoned = True
+        if gone is not None and gone in done:
+            raise ClientGone("the client went away")
+        raise DeadlineExceeded("the request's deadline passed while it was queued")
+
+    def _submit(self, inp: AttendInput, deadline: float) -> _Pending:
+        if not self._accepting:
+            raise ShuttingDown("the batcher is not running")
+        lim = self.limits
+        tokens = inp.batch * inp.seq_len
+        if len(self._queue) >= lim.max_queue_requests or self._queued_tokens + tokens > lim.max_queue_tokens:
+            raise Overloaded(
+                f"queue is full ({len(self._queue)} requests, {self._queued_tokens} tokens queued; limits "
+                f"{lim.max_queue_requests} requests, {lim.max_queue_tokens} tokens)",
+                self._retry_after(),
+            )
+        now = time.monotonic()
+        fut = asyncio.get_running_loop().create_future()
+        pending = _Pending(inp, fut, now, deadline, queued_behind_batch=self._busy)
+        self._queue.append(pending)
+        self._queued_tokens += pending.tokens
+        self._obs.queue_changed(len(self._queue), self._queued_tokens)
+        self._wakeup.set()
+        return pending
+
+    def _retry_after(self) -> float:
+        rate = self._drain_tokens_per_s
+        if rate <= 0:
+            return 1.0
+        return max(1.0, math.ceil(self._queued_tokens / rate))
+
+    # -- dispatch ------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if self._busy:
+                continue
+            self._purge()
+            if not self._queue:
+                self._idle.set()
+                continue
+            hold = self._hold_s()
+            if hold > 0:
+                if self._timer is None:
+                    self._timer = asyncio.get_running_loop().call_later(hold, self._timer_fired)
+                continue
+            batch = self._select()
+            self._inflight = batch
+            self._busy = True
+            self._idle.clear()
+            self._batch_task = asyncio.create_task(self._run_batch(batch))
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self._wakeup.set()
+
+    def _hold_s(self) -> float:
+        """How long to let a batch grow before dispatch (0 = now)."""
+        wait = self.limits.max_wait_ms / 1000
+        oldest = self._queue[0]
+        if wait <= 0 or not oldest.queued_behind_batch:
+            return 0.0
+        same = [p for p in self._queue if p.input.key == oldest.input.key]
+        if sum(p.input.batch for p in same) >= self.limits.max_batch_size:
+            return 0.0
+        return max(0.0, oldest.arrived + wait - time.monotonic())
+
+    def _purge(self) -> None:
+        """Drop requests that are abandoned or past their deadline, before they cost compute."""
+        now = time.monotonic()
+        keep = []
+        for p in self._queue:
+            if p.abandoned or p.future.done():
+                self._obs.dropped("disconnect" if p.abandoned else "cancelled")
+            elif now >= p.deadline:
+                self._obs.dropped("deadline")
+                _fail(p, DeadlineExceeded("the request's deadline passed while it was queued"))
+            else:
+                keep.append(p)
+                continue
+            self._queued_tokens -= p.tokens
+        self._queue = keep
+        self._obs.queue_changed(len(self._queue), self._queued_tokens)
+
+    def _select(self) -> list[_Pending]:
+        """The oldest request plus compatible ones that keep the batch within its limits."""
+        lim = self.limits
+        anchor = self._queue[0]
+        key = anchor.input.key
+        chosen = [anchor]
+        seqs, T, real = anchor.input.batch, anchor.input.seq_len, anchor.tokens
+        for p in self._queue[1:]:
+            if seqs >= lim.max_batch_size:
+                break
+            if p.input.key != key or seqs + p.input.batch > lim.max_batch_size:
+                continue
+            T2 = max(T, p.input.seq_len)
+            padded = (seqs + p.input.batch) * T2
+            if padded > lim.max_batch_tokens or padded > lim.max_padding_ratio * (real + p.tokens):
+                continue
+            chosen.append(p)
+            seqs, T, real = seqs + p.input.batch, T2, real + p.tokens
+        taken = {id(p) for p in chosen}
+        self._queue = [p for p in self._queue if id(p) not in taken]
+        self._queued_tokens -= real
+        self._obs.queue_changed(len(self._queue), self._queued_tokens)
+        return chosen
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        waits = [started - p.arrived for p in batch]
+        try:
+            try:
+                outputs, stats = await loop.run_in_executor(self._executor, self._run_fn, [p.input for p in batch])
+                if len(outputs) != len(batch):
+                    raise RuntimeError(f"runner returned {len(outputs)} results for {len(batch)} requests")
+                results: list[AttendOutput | BaseException] = list(outputs)
+            except Exception as e:
+                if len(batch) == 1:
+                    results, stats = [e], BatchStats(batch[0].input.batch)
+                else:
+                    # Isolate the fault: run each request alone, so only the failing one errs.
+                    self._obs.batch_failed(len(batch))
+                    log.warning("batch of %d failed (%r); retrying its requests one by one", len(batch), e)
+                    results, stats = await self._run_one_by_one(batch)
+            for p, wait, res in zip(batch, waits, results, strict=True):
+                if isinstance(res, BaseException):
+                    _fail(p, res)
+                elif not p.future.done():
+                    p.future.set_result(Result(res, wait, stats.compute_s, len(batch), stats.sequences))
+            self._obs.batch_done(len(batch), stats, waits)
+            if stats.compute_s > 0:
+                rate = stats.real_tokens / stats.compute_s
+                a = 0.2
+                self._drain_tokens_per_s = (
+                    rate if self._drain_tokens_per_s == 0 else (a * rate + (1 - a) * self._drain_tokens_per_s)
+                )
+        except BaseException as e:  # never leave a batch's futures hanging
+            for p in batch:
+                _fail(p, e if isinstance(e, Exception) else ShuttingDown("the server is shutting down"))
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            self._busy = False
+            self._inflight = []
+            self._wakeup.set()
+            if not self._queue:
+                self._idle.set()
+
+    async def _run_one_by_one(self, batch: list[_Pending]) -> tuple[list[AttendOutput | BaseException], BatchStats]:
+        loop = asyncio.get_running_loop()
+        results: list[AttendOutput | BaseException] = []
+        total = BatchStats()
+        for p in batch:
+            try:
+                (out,), stats = await loop.run_in_executor(self._executor, self._run_fn, [p.input])
+                results.append(out)
+                total.sequences += stats.sequences
+                total.padded_tokens += stats.padded_tokens
+                total.real_tokens += stats.real_tokens
+                total.compute_s += stats.compute_s
+            except Exception as e:
+                results.append(e)
+        return results, total
+
+
+def _fail(p: _Pending, exc: BaseException) -> None:
+    if not p.future.done():
+        p.future.set_exception(exc)
+        p.future.exception()  # mark retrieved: a caller that left must not log "never retrieved"

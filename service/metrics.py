@@ -1,0 +1,74 @@
+"""Prometheus metrics, one registry per app (so tests can build many apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from service.batcher import BatcherObserver
+from service.runner import BatchStats
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics(BatcherObserver):
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("mha_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.latency = Histogram(
+            "mha_request_latency_seconds",
+            "End-to-end request latency by route",
+            ["route"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.queue_requests = Gauge("mha_queue_depth_requests", "Requests waiting in the batcher's queue", registry=r)
+        self.queue_tokens = Gauge("mha_queue_depth_tokens", "Tokens (B x T) waiting in the queue", registry=r)
+        self.batch_requests = Histogram(
+            "mha_batch_size_requests",
+            "Requests that shared one forward pass",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self.batch_sequences = Histogram(
+            "mha_batch_size_sequences",
+            "Sequences in one forward pass",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self.padding_ratio = Histogram(
+            "mha_batch_padding_ratio",
+            "Padded tokens / real tokens of a forward pass",
+            buckets=(1.0, 1.05, 1.1, 1.25, 1.5, 2, 3, 4, 8),
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "mha_queue_wait_seconds", "Time a request waited before compute", buckets=_LATENCY, registry=r
+        )
+        self.compute = Histogram("mha_compute_seconds", "Forward pass time of a batch", buckets=_LATENCY, registry=r)
+        self.dropped_total = Counter(
+            "mha_requests_dropped", "Requests dropped before or after compute", ["reason"], registry=r
+        )
+        self.batch_failures = Counter(
+            "mha_batch_failures", "Batches whose forward raised (then retried one by one)", registry=r
+        )
+
+    # BatcherObserver
+    def queue_changed(self, requests: int, tokens: int) -> None:
+        self.queue_requests.set(requests)
+        self.queue_tokens.set(tokens)
+
+    def batch_done(self, requests: int, stats: BatchStats, queue_waits_s: list[float]) -> None:
+        self.batch_requests.observe(requests)
+        self.batch_sequences.observe(stats.sequences)
+        if stats.real_tokens:
+            self.padding_ratio.observe(stats.padded_tokens / stats.real_tokens)
+        self.compute.observe(stats.compute_s)
+        for w in queue_waits_s:
+            self.queue_wait.observe(w)
+
+    def dropped(self, reason: str) -> None:
+        self.dropped_total.labels(reason).inc()
+
+    def batch_failed(self, requests: int) -> None:
+        self.batch_failures.inc()

@@ -1,0 +1,116 @@
+"""The wire contract: pydantic models of requests and responses, nothing else.
+
+The tensors inside a request are not validated number by number here (that is the slow path
+the project avoids): the envelope is validated by pydantic, the numbers by numpy in codecs.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, WithJsonSchema
+
+_NUMBER_LISTS = {
+    "type": "array",
+    "description": "nested lists of numbers, row-major",
+    "items": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+}
+_BOOL_LISTS = {
+    "type": "array",
+    "description": "nested lists of true/false, row-major",
+    "items": {
+        "type": "array",
+        "items": {"anyOf": [{"type": "boolean"}, {"type": "array", "items": {"type": "boolean"}}]},
+    },
+}
+
+
+class TensorB64(BaseModel):
+    """A tensor as base64 of its little-endian, row-major bytes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: str = Field(description='"float32", "float16" or "bfloat16" (masks: "bool", one byte per element)')
+    shape: list[StrictInt] = Field(description="dimensions, e.g. [B, T, E]")
+    b64: str = Field(description="base64 (standard alphabet, padded) of the raw bytes")
+
+
+def _tensor_schema(lists: dict) -> dict:
+    return {"anyOf": [lists, TensorB64.model_json_schema()]}
+
+
+FloatTensor = Annotated[Any, WithJsonSchema(_tensor_schema(_NUMBER_LISTS))]
+BoolTensor = Annotated[Any, WithJsonSchema(_tensor_schema(_BOOL_LISTS))]
+
+
+class AttendRequest(BaseModel):
+    """Body of ``POST /attend``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    x: FloatTensor = Field(description="input [B, T, E]: nested lists or a TensorB64")
+    lengths: list[StrictInt] | None = Field(
+        None, description="B ints; sequence b uses positions 0..lengths[b]-1, the rest is padding"
+    )
+    causal: StrictBool | None = Field(None, description="causal self-attention; default: the model's (true)")
+    attn_mask: BoolTensor | None = Field(
+        None, description="bool [T, T] or [B, T, T], true = may attend; combined (AND) with causal and lengths"
+    )
+    return_weights: StrictBool = Field(False, description="also return per-head attention weights [B, H, T, T]")
+    heads: list[StrictInt] | None = Field(None, description="head indices whose weights to return (default all)")
+    timeout_ms: float | None = Field(None, description="this request's deadline in ms, capped by the server's maximum")
+    response_encoding: Literal["lists", "base64"] | None = Field(
+        None, description="encoding of the response tensors; default: the encoding of x"
+    )
+
+
+class ModelInfo(BaseModel):
+    name: str
+    num_heads: int
+    emb_size: int
+    head_size: int
+    max_seq_len: int
+    causal: bool
+    dtype: str
+    device: str
+    checksum: str
+
+
+class AttendResponse(BaseModel):
+    output: FloatTensor = Field(description="[B, T, E]; rows of padding positions are zero")
+    weights: FloatTensor | None = Field(description="[B, H, T, T] when return_weights, else null")
+    model: ModelInfo
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="error type, e.g. validation_error")
+    message: str = Field(description="what is wrong, with the numbers")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class BatchingInfo(BaseModel):
+    max_batch_size: int
+    max_batch_tokens: int
+    max_wait_ms: float
+    max_padding_ratio: float
+    max_queue_requests: int
+    max_queue_tokens: int
+
+
+class LimitsInfo(BaseModel):
+    max_body_bytes: int
+    max_request_batch: int
+    max_weights_elements: int
+    default_timeout_ms: float
+    max_timeout_ms: float
+
+
+class ModelDescription(ModelInfo):
+    """``GET /v1/model``."""
+
+    replica_id: str
+    batching: BatchingInfo
+    limits: LimitsInfo

@@ -1,0 +1,126 @@
+"""Settings from the environment (prefix ``MHA_``), validated at start-up."""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The built-in default model, used when no checkpoint is given.
+DEFAULT_MODEL = {"num_heads": 8, "emb_size": 512, "head_size": 64, "max_seq_len": 1024, "causal": True}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MHA_", extra="ignore", validate_default=True)
+
+    # -- server ---------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address to bind. Use 0.0.0.0 in a container.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
+    model_name: str = Field("mha", description="Name of the served model (/v1/model, /v2/models/{name}).")
+    replica_id: str = Field(
+        default_factory=socket.gethostname,
+        description="Sent as x-served-by on every response, so a load balancer's spread is visible.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    # -- model ----------------------------------------------------------------------------
+    checkpoint: Path | None = Field(
+        None,
+        description="Checkpoint file in any format mha_core imports (ours, seed MHA, seed GPT, "
+        "nn.MultiheadAttention). Unset: the built-in default model, initialised from `seed`.",
+    )
+    checkpoint_layer: int | None = Field(None, ge=0, description="Decoder layer to take from a seed GPT checkpoint.")
+    num_heads: int | None = Field(
+        None, ge=1, description="Heads. Default 8; with a checkpoint, must agree with it (required for nn.MHA files)."
+    )
+    emb_size: int | None = Field(None, ge=1, description="Embedding size. Default 512; must agree with a checkpoint.")
+    head_size: int | None = Field(None, ge=1, description="Head size. Default 64; must agree with a checkpoint.")
+    max_seq_len: int | None = Field(
+        None, ge=1, description="Longest sequence. Default 1024; must agree with a checkpoint that records it."
+    )
+    causal: bool | None = Field(None, description="Default causal flag for requests that do not say. Default true.")
+    seed: int = Field(0, description="Seed of the built-in model's weights: replicas with the same seed agree.")
+    device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Compute dtype. bfloat16 is the fast choice on recent GPUs."
+    )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads. Set it to the cores this process owns; unset = torch's default.",
+    )
+    warmup: bool = Field(True, description="Run warm-up forwards before reporting ready.")
+
+    # -- batching -------------------------------------------------------------------------
+    max_batch_size: int = Field(
+        32, ge=1, description="Most sequences in one forward pass. 1 disables batching. Raise it on a GPU."
+    )
+    max_batch_tokens: int = Field(
+        32768, ge=1, description="Most padded tokens (sequences x longest T) in one forward pass; bounds memory."
+    )
+    max_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        description="Extra time a batch formed under load may wait to fill. 0 = greedy (best on a CPU): a batch "
+        "starts as soon as the model is free. A request that finds the model idle never waits.",
+    )
+    max_padding_ratio: float = Field(
+        2.0,
+        ge=1.0,
+        description="Most padded/real tokens in a batch; a request that would push the batch past it waits for the "
+        "next batch. Lower it when sequence lengths vary a lot.",
+    )
+    max_queue_requests: int = Field(256, ge=1, description="Queued requests beyond which new ones get 429.")
+    max_queue_tokens: int = Field(262144, ge=1, description="Queued tokens beyond which new requests get 429.")
+
+    # -- requests -------------------------------------------------------------------------
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest request body (413 beyond).")
+    max_request_batch: int = Field(64, ge=1, description="Most sequences (B) in one request.")
+    max_weights_elements: int = Field(
+        16 * 1024 * 1024,
+        ge=1,
+        description="Most attention-weight elements (B x heads x T x T) one request may ask for.",
+    )
+    default_timeout_ms: float = Field(30000, gt=0, description="Deadline of a request that names none.")
+    max_timeout_ms: float = Field(60000, gt=0, description="Cap on a request's timeout_ms.")
+    shutdown_grace_s: float = Field(
+        20.0, ge=0, description="On SIGTERM, how long accepted work may take to finish before it is failed."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", v):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {v!r}")
+        return v
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"checkpoint file {str(v)!r} does not exist")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.default_timeout_ms > self.max_timeout_ms:
+            raise ValueError(
+                f"default_timeout_ms ({self.default_timeout_ms}) must be <= max_timeout_ms ({self.max_timeout_ms})"
+            )
+        if self.checkpoint is None:
+            cfg = self.model_overrides(with_defaults=True)
+            if cfg["max_seq_len"] > self.max_batch_tokens:
+                raise ValueError(
+                    f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_seq_len ({cfg['max_seq_len']}), "
+                    "or a longest request could never run"
+                )
+        return self
+
+    def model_overrides(self, *, with_defaults: bool = False) -> dict:
+        """The model fields that were set (plus the built-in defaults when asked)."""
+        given = {k: getattr(self, k) for k in DEFAULT_MODEL if getattr(self, k) is not None}
+        return {**DEFAULT_MODEL, **given} if with_defaults else given
