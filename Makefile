@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format serve bench
+.PHONY: help setup test lint format serve bench bench-service
 
 help:  ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n", $$1, $$2}'
@@ -29,5 +29,11 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
+serve: $(STAMP)  ## run mha-serve on 127.0.0.1:8000 with the built-in default model (sets up on first use)
+	$(VENV)/bin/mha-serve
+
 bench: $(STAMP)  ## attention core benchmark (bench/core.py)
 	$(PY) bench/core.py
+
+bench-service: $(STAMP)  ## HTTP benchmark with wrk (bench/service.py; needs the wrk package)
+	$(PY) bench/service.py

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 import uvicorn
@@ -24,6 +25,9 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         self._mha_state.draining = True
         super().handle_exit(sig, frame)
+        if sig == signal.SIGTERM and sig in self._captured_signals:
+            # A SIGTERM shutdown that drained cleanly is a success: exit 0, not -15.
+            self._captured_signals.remove(sig)
 
 
 def main(argv: list[str] | None = None) -> int:

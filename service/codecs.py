@@ -29,7 +29,8 @@ def decode_lists(data: Any, name: str, ndims: Sequence[int], *, boolean: bool = 
     if not isinstance(data, list):
         raise validation(f"{name} must be nested lists or a base64 tensor object, got {type(data).__name__}")
     try:
-        arr = np.array(data, dtype=np.bool_ if boolean else np.float32)
+        with np.errstate(over="ignore"):  # 1e39 becomes inf, which check_finite reports
+            arr = np.array(data, dtype=np.bool_ if boolean else np.float32)
     except ValueError as e:
         msg = str(e)
         if "inhomogeneous" in msg or "sequence" in msg:

@@ -78,6 +78,8 @@ def decode_attend(body: bytes, config: MHAConfig, limits: Limits) -> DecodedRequ
 
 
 def to_input(req: AttendRequest, config: MHAConfig, limits: Limits) -> DecodedRequest:
+    if req.timeout_ms is not None and not req.timeout_ms > 0:  # cheap checks before the tensor
+        raise validation(f"timeout_ms must be > 0, got {req.timeout_ms:g}")
     x, wire = decode_tensor(req.x, "x", (3,))
     B, T, E = x.shape
     if E != config.emb_size:
@@ -128,8 +130,6 @@ def to_input(req: AttendRequest, config: MHAConfig, limits: Limits) -> DecodedRe
                 f"more than max_weights_elements {limits.max_weights_elements}; ask for fewer heads or sequences"
             )
 
-    if req.timeout_ms is not None and not req.timeout_ms > 0:
-        raise validation(f"timeout_ms must be > 0, got {req.timeout_ms}")
     timeout_ms = min(req.timeout_ms or limits.default_timeout_ms, limits.max_timeout_ms)
 
     encoding = req.response_encoding or ("lists" if wire == "lists" else "base64")

@@ -15,7 +15,7 @@ DEFAULT_MODEL = {"num_heads": 8, "emb_size": 512, "head_size": 64, "max_seq_len"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MHA_", extra="ignore", validate_default=True)
+    model_config = SettingsConfigDict(env_prefix="MHA_", extra="ignore", validate_default=True, env_ignore_empty=True)
 
     # -- server ---------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address to bind. Use 0.0.0.0 in a container.")

@@ -1,0 +1,37 @@
+"""The app in-process: httpx.AsyncClient over ASGITransport, inside the app's lifespan."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from service.app import create_app
+from service.settings import Settings
+
+TINY = {
+    "num_heads": 4,
+    "emb_size": 32,
+    "head_size": 8,
+    "max_seq_len": 64,
+    "warmup": False,
+    "replica_id": "test-replica",
+}
+
+
+@pytest.fixture
+def settings_kw() -> dict:
+    return {}
+
+
+@pytest.fixture
+async def app(settings_kw):
+    app = create_app(settings=Settings(**{**TINY, **settings_kw}))
+    async with LifespanManager(app):
+        yield app
+
+
+@pytest.fixture
+async def client(app):
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        yield c

@@ -1,0 +1,89 @@
+"""Wire codecs: round trips in every encoding and dtype, and their errors."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import orjson
+import pytest
+import torch
+
+from service import codecs
+from service.errors import ServiceError
+
+
+def test_lists_round_trip_is_exact_for_float32():
+    x = np.random.default_rng().standard_normal((2, 3, 5)).astype(np.float32)
+    wire = orjson.loads(orjson.dumps({"x": codecs.encode(x, "lists", "float32")}, option=orjson.OPT_SERIALIZE_NUMPY))
+    back = codecs.decode_lists(wire["x"], "x", (3,))
+    assert back.dtype == np.float32
+    np.testing.assert_array_equal(back, x)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_base64_round_trip_every_dtype(dtype):
+    x = np.random.default_rng().standard_normal((2, 3, 5)).astype(np.float32)
+    wire = codecs.encode(x, "base64", dtype)
+    assert wire["dtype"] == dtype and wire["shape"] == [2, 3, 5]
+    back, got = codecs.decode_b64(wire, "x", (3,))
+    assert got == dtype
+    tdtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    # the reference rounding is torch's own cast to the dtype
+    want = torch.from_numpy(x).to(tdtype).float().numpy()
+    np.testing.assert_array_equal(back.astype(np.float32), want)
+
+
+def test_bfloat16_bytes_match_torch_layout():
+    t = torch.tensor([1.0, -2.5, 3.14159, 1e-3, 65504.0], dtype=torch.bfloat16)
+    raw = t.view(torch.int16).numpy().astype("<i2").tobytes()
+    arr, _ = codecs.decode_b64({"dtype": "bfloat16", "shape": [5], "b64": base64.b64encode(raw).decode()}, "x", (1,))
+    np.testing.assert_array_equal(arr, t.float().numpy())
+    assert base64.b64decode(codecs.encode_b64(t.float().numpy(), "bfloat16")["b64"]) == raw
+
+
+def test_bool_mask_round_trip():
+    m = np.random.default_rng().random((4, 4)) > 0.5
+    wire = codecs.encode_b64(m, "bool")
+    back, _ = codecs.decode_b64(wire, "attn_mask", (2, 3), boolean=True)
+    np.testing.assert_array_equal(back, m)
+    np.testing.assert_array_equal(codecs.decode_lists(m.tolist(), "attn_mask", (2, 3), boolean=True), m)
+
+
+def b64(arr: np.ndarray) -> str:
+    return base64.b64encode(arr.tobytes()).decode()
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: codecs.decode_lists([[[1, 2], [3]]], "x", (3,)), "x is ragged"),
+        (lambda: codecs.decode_lists([[1, 2]], "x", (3,)), "x must have 3 dimensions, got 2 (shape [1, 2])"),
+        (lambda: codecs.decode_lists([[["a", 1]]], "x", (3,)), "x must contain only numbers"),
+        (lambda: codecs.decode_lists([[[1, 0]]], "attn_mask", (2, 3), boolean=True), "true/false values, got int"),
+        (
+            lambda: codecs.decode_b64(
+                {"dtype": "float32", "shape": [1, 2, 3], "b64": b64(np.zeros(5, np.float32))}, "x", (3,)
+            ),
+            "x.b64 holds 20 bytes, but shape [1, 2, 3] of float32 needs 6 x 4 = 24",
+        ),
+        (
+            lambda: codecs.decode_b64({"dtype": "float32", "shape": [1, 1, 1], "b64": "@@@"}, "x", (3,)),
+            "not valid base64",
+        ),
+        (lambda: codecs.decode_b64({"dtype": "int8", "shape": [1], "b64": ""}, "x", (1,)), "x.dtype must be one of"),
+        (
+            lambda: codecs.decode_b64({"dtype": "float32", "shape": [2, -1], "b64": ""}, "x", (2,)),
+            "must not be negative",
+        ),
+        (
+            lambda: codecs.check_finite(np.array([[1.0, np.nan], [np.inf, 2.0]], np.float32), "x"),
+            "x contains 2 non-finite value(s) (NaN or Inf), the first at [0, 1]",
+        ),
+    ],
+)
+def test_decode_errors_say_what_is_wrong(call, message):
+    with pytest.raises(ServiceError) as e:
+        call()
+    assert e.value.status == 422
+    assert message in e.value.message
