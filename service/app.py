@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -22,6 +23,7 @@ from service.batcher import Batcher, BatchLimits, ClientGone, DeadlineExceeded, 
 from service.decode import Limits, decode_attend, encode_attend
 from service.errors import ServiceError, error_responses
 from service.metrics import Metrics
+from service.observability import ApiKeys, ObserveMiddleware
 from service.runner import Runner
 from service.schemas import AttendRequest, AttendResponse, ModelDescription
 from service.settings import Settings
@@ -96,7 +98,22 @@ def create_app(*, settings: Settings) -> FastAPI:
     )
     app.state.mha = state
     _install_error_handlers(app, state)
-    app.add_middleware(_ObserveMiddleware, state=state)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-request-id", "inference-header-content-length"],
+            expose_headers=["x-request-id", "x-served-by", "x-queue-time-ms", "x-compute-time-ms", "x-batch-size"],
+        )
+    app.add_middleware(
+        ObserveMiddleware,
+        metrics=state.metrics,
+        replica_id=settings.replica_id,
+        api_keys=ApiKeys(settings.api_key_list),
+        protect_metrics=settings.protect_metrics,
+        access_log_enabled=settings.access_log,
+    )
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
     async def healthz() -> dict[str, str]:
@@ -172,6 +189,8 @@ def create_app(*, settings: Settings) -> FastAPI:
         except ClientGone:
             state.metrics.dropped("disconnect")
             return Response(status_code=499)
+        except Exception as e:  # the forward failed for this request alone (the batcher isolates faults)
+            raise internal_error(e, request) from e
         payload = encode_attend(res.output.output, res.output.weights, dec, state.model_info)
         return Response(
             payload,
@@ -244,6 +263,21 @@ async def _disconnected(request: Request) -> None:
             return
 
 
+def internal_error(exc: BaseException, request: Request) -> ServiceError:
+    """Log ``exc`` with a fresh error id; the caller gets the id and nothing of the internals."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error(
+        "internal error %s on %s %s: %r",
+        error_id,
+        request.method,
+        request.url.path,
+        exc,
+        exc_info=(type(exc), exc, exc.__traceback__),
+        extra={"error_id": error_id},
+    )
+    return ServiceError("internal_error", f"internal error (id {error_id}); see the server log")
+
+
 def _error_response(err: ServiceError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
@@ -272,38 +306,4 @@ def _install_error_handlers(app: FastAPI, state: AppState) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        error_id = uuid.uuid4().hex[:12]
-        log.exception("internal error %s on %s %s", error_id, request.method, request.url.path)
-        return _error_response(ServiceError("internal_error", f"internal error (id {error_id}); see the server log"))
-
-
-class _ObserveMiddleware:
-    """Pure ASGI middleware (cheaper than BaseHTTPMiddleware): x-served-by, request metrics."""
-
-    ROUTES = frozenset({"/attend", "/healthz", "/readyz", "/v1/model", "/metrics"})
-
-    def __init__(self, app, state: AppState) -> None:
-        self.app = app
-        self.metrics = state.metrics
-        self.served_by = state.settings.replica_id.encode("latin-1", "replace")
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0 = time.perf_counter()
-        path = scope["path"]
-        route = path if path in self.ROUTES else ("/v2" if path.startswith("/v2") else "other")
-        status = 500
-
-        async def send_wrapper(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-served-by", self.served_by)]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+        return _error_response(internal_error(exc, request))

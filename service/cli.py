@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 
@@ -11,6 +10,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app
+from service.observability import configure_logging
 from service.settings import Settings
 
 
@@ -44,13 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         ]
         print("mha-serve: invalid settings:\n" + "\n".join(lines), file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings=settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # keep our JSON handler
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
         access_log=False,
     )

@@ -15,6 +15,8 @@ from service.errors import ServiceError, validation
 from service.runner import AttendInput
 from service.schemas import AttendRequest, TensorB64
 
+MAX_JSON_DEPTH = 1024  # orjson's fixed limit; /attend needs 4
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -38,6 +40,10 @@ def parse_json(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as e:
+        if "depth" in str(e) or "recursion" in str(e):
+            raise ServiceError(
+                "malformed_json", f"the body nests JSON deeper than the limit of {MAX_JSON_DEPTH} levels"
+            ) from e
         raise ServiceError("malformed_json", f"the body is not valid JSON: {e}") from e
 
 

@@ -26,6 +26,15 @@ class Settings(BaseSettings):
         description="Sent as x-served-by on every response, so a load balancer's spread is visible.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["json", "text"] = Field("json", description="json: one object a line, with request ids.")
+    access_log: bool = Field(True, description="One log line per request (method, path, status, duration).")
+    api_keys: str | None = Field(
+        None,
+        description="Comma-separated API keys. When set, every route but the health checks, /docs and the page "
+        "needs Authorization: Bearer <key>.",
+    )
+    protect_metrics: bool = Field(False, description="With api_keys set, require a key for /metrics too.")
+    cors_origins: str = Field("", description="Comma-separated origins allowed by CORS (* for any). Empty: CORS off.")
 
     # -- model ----------------------------------------------------------------------------
     checkpoint: Path | None = Field(
@@ -104,6 +113,21 @@ class Settings(BaseSettings):
         if v is not None and not v.is_file():
             raise ValueError(f"checkpoint file {str(v)!r} does not exist")
         return v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys(cls, v: str | None) -> str | None:
+        if v is not None and any(not k.strip() for k in v.split(",")):
+            raise ValueError("api_keys must be comma-separated non-empty keys")
+        return v
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",")] if self.api_keys else []
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -1,0 +1,168 @@
+"""Structured logs with request ids, and the ASGI middleware that sets them.
+
+The middleware is pure ASGI (cheaper than BaseHTTPMiddleware). For every HTTP request it:
+takes ``x-request-id`` from the caller (or makes one) and echoes it; adds ``x-served-by``;
+checks the API key where one is needed; counts the request and its latency; writes one JSON
+access-log line.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+import orjson
+
+from service.metrics import Metrics
+
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+access_log = logging.getLogger("mha_serve.access")
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: ts, level, logger, msg, request_id, and any ``extra=`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        rid = getattr(record, "request_id", None) or request_id_var.get()
+        if rid:
+            out["request_id"] = rid
+        for k, v in record.__dict__.items():
+            if k not in _STANDARD and k != "request_id":
+                out[k] = v
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+
+
+class ApiKeys:
+    """Bearer API keys, compared in constant time against every key (no early exit)."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self._keys = [k.encode() for k in keys]
+
+    def __bool__(self) -> bool:
+        return bool(self._keys)
+
+    def check(self, authorization: bytes | None) -> bool:
+        scheme, _, token = (authorization or b"").partition(b" ")
+        token = token.strip() if scheme.lower() == b"bearer" else b""
+        ok = False
+        for key in self._keys:
+            ok |= hmac.compare_digest(token, key)
+        return ok and bool(token)
+
+
+class ObserveMiddleware:
+    OPEN = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/docs", "/openapi.json", "/"})
+    ROUTES = frozenset({"/attend", "/attend/heatmap", "/healthz", "/readyz", "/v1/model", "/metrics", "/"})
+
+    def __init__(
+        self,
+        app,
+        *,
+        metrics: Metrics,
+        replica_id: str,
+        api_keys: ApiKeys,
+        protect_metrics: bool,
+        access_log_enabled: bool = True,
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.served_by = replica_id.encode("latin-1", "replace")
+        self.keys = api_keys
+        self.open = self.OPEN if protect_metrics else self.OPEN | {"/metrics"}
+        self.access_log = access_log_enabled
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        path = scope["path"]
+        headers = dict(scope["headers"])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")
+        if not _SAFE_ID.fullmatch(rid):
+            rid = uuid.uuid4().hex
+        token = request_id_var.set(rid)
+        extra = [(b"x-served-by", self.served_by), (b"x-request-id", rid.encode())]
+        status = 500
+
+        async def send_wrapper(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        try:
+            if self.keys and path not in self.open and not self.keys.check(headers.get(b"authorization")):
+                await self._unauthorized(path, send_wrapper)
+            else:
+                await self.app(scope, receive, send_wrapper)
+        finally:
+            elapsed = time.perf_counter() - t0
+            route = path if path in self.ROUTES else ("/v2" if path.startswith("/v2") else "other")
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(elapsed)
+            if self.access_log:
+                access_log.info(
+                    "%s %s %d",
+                    scope["method"],
+                    path,
+                    status,
+                    extra={
+                        "method": scope["method"],
+                        "path": path,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 3),
+                    },
+                )
+            request_id_var.reset(token)
+
+    @staticmethod
+    async def _unauthorized(path: str, send) -> None:
+        message = "missing or invalid API key: send Authorization: Bearer <key>"
+        if path.startswith("/v2"):  # the Open Inference Protocol's error shape
+            body = orjson.dumps({"error": message})
+        else:
+            body = orjson.dumps({"error": {"type": "unauthorized", "message": message}})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b'Bearer realm="mha-serve"'),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
