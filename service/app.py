@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import time
@@ -24,7 +25,7 @@ from service.decode import Limits, decode_attend, encode_attend
 from service.errors import ServiceError, error_responses
 from service.metrics import Metrics
 from service.observability import ApiKeys, ObserveMiddleware
-from service.runner import Runner
+from service.runner import Runner, is_out_of_memory
 from service.schemas import AttendRequest, AttendResponse, ModelDescription
 from service.settings import Settings
 
@@ -76,7 +77,7 @@ def create_app(*, settings: Settings) -> FastAPI:
             settings.default_timeout_ms,
             settings.max_timeout_ms,
         )
-        state.batcher = Batcher(runner.run, _batch_limits(settings), observer=state.metrics)
+        state.batcher = Batcher(runner.run, _batch_limits(settings), observer=state.metrics, is_oom=is_out_of_memory)
         await state.batcher.start()
         gc.collect()
         gc.freeze()  # start-up objects leave the GC's view: full passes over them made the tails
@@ -176,6 +177,8 @@ def create_app(*, settings: Settings) -> FastAPI:
         _require_ready(state)
         body = await read_body(request, settings.max_body_bytes)
         dec = decode_attend(body, state.runner.config, state.limits)
+        if settings.fault_injection and "x-mha-fault" in request.headers:
+            dec = dataclasses.replace(dec, input=dataclasses.replace(dec.input, fault=request.headers["x-mha-fault"]))
         try:
             res = await state.batcher.infer(
                 dec.input, deadline=started + dec.timeout_s, abandoned=_disconnected(request)
@@ -187,8 +190,7 @@ def create_app(*, settings: Settings) -> FastAPI:
         except ShuttingDown as e:
             raise ServiceError("unavailable", str(e)) from e
         except ClientGone:
-            state.metrics.dropped("disconnect")
-            return Response(status_code=499)
+            return Response(status_code=499)  # nobody is listening; counted by the batcher
         except Exception as e:  # the forward failed for this request alone (the batcher isolates faults)
             raise internal_error(e, request) from e
         payload = encode_attend(res.output.output, res.output.weights, dec, state.model_info)
@@ -228,6 +230,7 @@ def _batch_limits(s: Settings) -> BatchLimits:
         max_padding_ratio=s.max_padding_ratio,
         max_queue_requests=s.max_queue_requests,
         max_queue_tokens=s.max_queue_tokens,
+        oom_cooldown_s=s.oom_cooldown_s,
     )
 
 

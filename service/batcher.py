@@ -64,6 +64,7 @@ class BatcherObserver:
     def batch_done(self, requests: int, stats: BatchStats, queue_waits_s: list[float]) -> None: ...
     def dropped(self, reason: str) -> None: ...
     def batch_failed(self, requests: int) -> None: ...
+    def limits_scaled(self, scale: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class BatchLimits:
     max_padding_ratio: float = 2.0
     max_queue_requests: int = 256
     max_queue_tokens: int = 262144
+    oom_cooldown_s: float = 60.0  # how long halved limits last after an out-of-memory error
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batch_tokens", "max_queue_requests", "max_queue_tokens"):
@@ -103,14 +105,24 @@ class _Pending:
     queued_behind_batch: bool
     tokens: int = field(init=False)
     abandoned: bool = False
+    started: bool = False
 
     def __post_init__(self) -> None:
         self.tokens = self.input.batch * self.input.seq_len
 
 
 class Batcher:
-    def __init__(self, run: RunFn, limits: BatchLimits, observer: BatcherObserver | None = None) -> None:
+    def __init__(
+        self,
+        run: RunFn,
+        limits: BatchLimits,
+        observer: BatcherObserver | None = None,
+        is_oom: Callable[[BaseException], bool] = lambda e: False,
+    ) -> None:
         self._run_fn = run
+        self._is_oom = is_oom
+        self._scale = 1.0  # batch limits are scaled down after out-of-memory errors
+        self._scale_until = 0.0
         self.limits = limits
         self._obs = observer or BatcherObserver()
         self._queue: list[_Pending] = []
@@ -179,7 +191,12 @@ class Batcher:
 
     async def infer(self, inp: AttendInput, *, deadline: float, abandoned: Awaitable[Any] | None = None) -> Result:
         """Queue ``inp`` and wait for its result, its deadline (monotonic) or ``abandoned``."""
-        pending = self._submit(inp, deadline)
+        try:
+            pending = self._submit(inp, deadline)
+        except Exception:
+            if asyncio.iscoroutine(abandoned):
+                abandoned.close()  # never awaited: close it quietly
+            raise
         waiters: set[asyncio.Future] = {pending.future}
         gone = asyncio.ensure_future(abandoned) if abandoned is not None else None
         if gone is not None:
@@ -192,14 +209,23 @@ class Batcher:
             if gone is not None and not gone.done():
                 gone.cancel()
         if pending.future in done:
-            result = pending.future.result()  # raises the runner's or the batcher's error
+            try:
+                result = pending.future.result()  # raises the runner's or the batcher's error
+            except DeadlineExceeded:
+                self._obs.dropped("deadline")
+                raise
             if time.monotonic() > deadline:
                 self._obs.dropped("late")
                 raise DeadlineExceeded("the request's deadline passed while it was computing")
             return result
-        pending.abandoned = True
+        pending.abandoned = True  # the dispatcher skips it if it is still queued
         if gone is not None and gone in done:
+            self._obs.dropped("disconnect")
             raise ClientGone("the client went away")
+        if pending.started:  # answered at the deadline; the batch's compute goes on without it
+            self._obs.dropped("late")
+            raise DeadlineExceeded("the request's deadline passed while it was computing")
+        self._obs.dropped("deadline")
         raise DeadlineExceeded("the request's deadline passed while it was queued")
 
     def _submit(self, inp: AttendInput, deadline: float) -> _Pending:
@@ -262,7 +288,7 @@ class Batcher:
         if wait <= 0 or not oldest.queued_behind_batch:
             return 0.0
         same = [p for p in self._queue if p.input.key == oldest.input.key]
-        if sum(p.input.batch for p in same) >= self.limits.max_batch_size:
+        if sum(p.input.batch for p in same) >= self._effective_limits()[0]:
             return 0.0
         return max(0.0, oldest.arrived + wait - time.monotonic())
 
@@ -272,9 +298,8 @@ class Batcher:
         keep = []
         for p in self._queue:
             if p.abandoned or p.future.done():
-                self._obs.dropped("disconnect" if p.abandoned else "cancelled")
+                pass  # its caller stopped waiting and counted why
             elif now >= p.deadline:
-                self._obs.dropped("deadline")
                 _fail(p, DeadlineExceeded("the request's deadline passed while it was queued"))
             else:
                 keep.append(p)
@@ -283,24 +308,49 @@ class Batcher:
         self._queue = keep
         self._obs.queue_changed(len(self._queue), self._queued_tokens)
 
+    def _effective_limits(self) -> tuple[int, int]:
+        """(max_batch_size, max_batch_tokens), halved for a while after each out-of-memory error."""
+        if self._scale < 1 and time.monotonic() >= self._scale_until:
+            self._scale = 1.0
+            log.warning("out-of-memory cool-down over: batch limits back to full size")
+            self._obs.limits_scaled(1.0)
+        lim = self.limits
+        return max(1, int(lim.max_batch_size * self._scale)), max(1, int(lim.max_batch_tokens * self._scale))
+
+    def _out_of_memory(self, batch_requests: int) -> None:
+        self._scale = max(self._scale / 2, 1 / 1024)
+        self._scale_until = time.monotonic() + self.limits.oom_cooldown_s
+        size, tokens = self._effective_limits()
+        log.warning(
+            "out of memory in a batch of %d requests: batch limits halved to %d sequences, %d tokens for %.0f s",
+            batch_requests,
+            size,
+            tokens,
+            self.limits.oom_cooldown_s,
+        )
+        self._obs.limits_scaled(self._scale)
+
     def _select(self) -> list[_Pending]:
         """The oldest request plus compatible ones that keep the batch within its limits."""
         lim = self.limits
+        max_size, max_tokens = self._effective_limits()
         anchor = self._queue[0]
         key = anchor.input.key
         chosen = [anchor]
         seqs, T, real = anchor.input.batch, anchor.input.seq_len, anchor.tokens
         for p in self._queue[1:]:
-            if seqs >= lim.max_batch_size:
+            if seqs >= max_size:
                 break
-            if p.input.key != key or seqs + p.input.batch > lim.max_batch_size:
+            if p.input.key != key or seqs + p.input.batch > max_size:
                 continue
             T2 = max(T, p.input.seq_len)
             padded = (seqs + p.input.batch) * T2
-            if padded > lim.max_batch_tokens or padded > lim.max_padding_ratio * (real + p.tokens):
+            if padded > max_tokens or padded > lim.max_padding_ratio * (real + p.tokens):
                 continue
             chosen.append(p)
             seqs, T, real = seqs + p.input.batch, T2, real + p.tokens
+        for p in chosen:
+            p.started = True
         taken = {id(p) for p in chosen}
         self._queue = [p for p in self._queue if id(p) not in taken]
         self._queued_tokens -= real
@@ -318,6 +368,8 @@ class Batcher:
                     raise RuntimeError(f"runner returned {len(outputs)} results for {len(batch)} requests")
                 results: list[AttendOutput | BaseException] = list(outputs)
             except Exception as e:
+                if self._is_oom(e):
+                    self._out_of_memory(len(batch))
                 if len(batch) == 1:
                     results, stats = [e], BatchStats(batch[0].input.batch)
                 else:

@@ -49,6 +49,10 @@ class Metrics(BatcherObserver):
         self.dropped_total = Counter(
             "mha_requests_dropped", "Requests dropped before or after compute", ["reason"], registry=r
         )
+        self.limit_scale = Gauge(
+            "mha_batch_limit_scale", "Scale of the batch limits: 1, or less after out-of-memory errors", registry=r
+        )
+        self.limit_scale.set(1)
         self.batch_failures = Counter(
             "mha_batch_failures", "Batches whose forward raised (then retried one by one)", registry=r
         )
@@ -72,3 +76,6 @@ class Metrics(BatcherObserver):
 
     def batch_failed(self, requests: int) -> None:
         self.batch_failures.inc()
+
+    def limits_scaled(self, scale: float) -> None:
+        self.limit_scale.set(scale)

@@ -27,6 +27,7 @@ class AttendInput:
     causal: bool = True
     need_weights: bool = False
     heads: tuple[int, ...] | None = None  # weights of these heads (all when None)
+    fault: str | None = None  # tests only (settings.fault_injection): "raise" or "stall:<ms>"
 
     @property
     def batch(self) -> int:
@@ -55,6 +56,11 @@ class BatchStats:
     real_tokens: int = 0
     compute_s: float = 0.0
     extra: dict = field(default_factory=dict)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA (or other accelerator) out-of-memory error, after which smaller batches may fit."""
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -131,6 +137,7 @@ class Runner:
     def run(self, items: list[AttendInput]) -> tuple[list[AttendOutput], BatchStats]:
         """One forward pass for requests of the same key: right-pad to the longest T, run, unpad."""
         t0 = time.perf_counter()
+        _inject_faults(items)
         first = items[0]
         E = self.config.emb_size
         T = max(it.seq_len for it in items)
@@ -181,3 +188,17 @@ class Runner:
             raise RuntimeError(f"runner produced {len(results)} results for {len(items)} requests")
         stats = BatchStats(N, N * T, real, time.perf_counter() - t0)
         return results, stats
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def _inject_faults(items: list[AttendInput]) -> None:
+    for it in items:
+        if it.fault is None:
+            continue
+        if it.fault == "raise":
+            raise InjectedFault("injected fault")
+        if it.fault.startswith("stall:"):
+            time.sleep(float(it.fault.split(":", 1)[1]) / 1000)

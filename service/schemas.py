@@ -98,6 +98,7 @@ class BatchingInfo(BaseModel):
     max_padding_ratio: float
     max_queue_requests: int
     max_queue_tokens: int
+    oom_cooldown_s: float
 
 
 class LimitsInfo(BaseModel):

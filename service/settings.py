@@ -83,6 +83,9 @@ class Settings(BaseSettings):
         description="Most padded/real tokens in a batch; a request that would push the batch past it waits for the "
         "next batch. Lower it when sequence lengths vary a lot.",
     )
+    oom_cooldown_s: float = Field(
+        60.0, ge=0, description="After an out-of-memory error, batch limits stay halved this long."
+    )
     max_queue_requests: int = Field(256, ge=1, description="Queued requests beyond which new ones get 429.")
     max_queue_tokens: int = Field(262144, ge=1, description="Queued tokens beyond which new requests get 429.")
 
@@ -96,6 +99,11 @@ class Settings(BaseSettings):
     )
     default_timeout_ms: float = Field(30000, gt=0, description="Deadline of a request that names none.")
     max_timeout_ms: float = Field(60000, gt=0, description="Cap on a request's timeout_ms.")
+    fault_injection: bool = Field(
+        False,
+        description="Tests only: honour the x-mha-fault request header (raise, or stall:<ms>) to exercise "
+        "fault isolation and deadlines. Never enable in production.",
+    )
     shutdown_grace_s: float = Field(
         20.0, ge=0, description="On SIGTERM, how long accepted work may take to finish before it is failed."
     )

@@ -264,3 +264,48 @@ def test_limits_are_checked():
         BatchLimits(max_batch_size=0)
     with pytest.raises(ValueError, match=r"max_padding_ratio must be >= 1, got 0\.5"):
         BatchLimits(max_padding_ratio=0.5)
+
+
+async def test_out_of_memory_halves_the_batch_limits_for_a_while():
+    class Obs(BatcherObserver):
+        scales: list[float] = []
+
+        def limits_scaled(self, scale):
+            self.scales.append(scale)
+
+    runner = FakeRunner()
+    runner.fail_on = 13.0
+    obs = Obs()
+    b = Batcher(
+        runner,
+        BatchLimits(max_batch_size=8, max_batch_tokens=64, oom_cooldown_s=0.3),
+        obs,
+        is_oom=lambda e: "boom" in str(e),
+    )
+    await b.start()
+    try:
+        runner.gate.clear()
+        first = asyncio.create_task(b.infer(inp(), deadline=far()))
+        await asyncio.to_thread(runner.started.wait, 2)
+        tasks = [asyncio.create_task(b.infer(inp(value=v), deadline=far())) for v in (1.0, 13.0, 2.0)]
+        await asyncio.sleep(0.01)
+        runner.gate.set()
+        await first
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert obs.scales == [0.5]
+        assert b._effective_limits() == (4, 32)
+        # while halved, a queue of 8 sequences goes out in batches of 4
+        runner.gate.clear()
+        first = asyncio.create_task(b.infer(inp(), deadline=far()))
+        await asyncio.to_thread(runner.started.wait, 2)
+        n = len(runner.batches)
+        tasks = [asyncio.create_task(b.infer(inp(), deadline=far())) for _ in range(8)]
+        await asyncio.sleep(0.01)
+        runner.gate.set()
+        await asyncio.gather(first, *tasks)
+        assert [len(batch) for batch in runner.batches[n + 1 :]] == [4, 4]
+        await asyncio.sleep(0.35)
+        assert b._effective_limits() == (8, 64)  # cool-down over
+        assert obs.scales == [0.5, 1.0]
+    finally:
+        await b.stop()

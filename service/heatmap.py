@@ -1,0 +1,154 @@
+"""POST /attend/heatmap (a PNG of one sequence's attention weights) and GET / (a page to look at them).
+
+The weights come through the batcher like every inference; the picture is drawn by
+``mha_client.plot.render_heatmaps`` in a worker thread of the event loop's default executor
+(not the batcher's forward thread), one at a time, so drawing never blocks the loop or the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, Response
+
+from mha_client.plot import render_heatmaps
+from service.batcher import ClientGone, DeadlineExceeded, Overloaded, ShuttingDown
+from service.decode import decode_attend, parse_json
+from service.errors import ServiceError, error_responses, validation
+
+if TYPE_CHECKING:
+    from service.app import AppState
+
+log = logging.getLogger("mha_serve.heatmap")
+
+HEATMAP_MAX_T = 128  # longest sequence drawn: 128 positions still show as cells ~2 px wide
+HEATMAP_MAX_HEADS = 16  # most panels in one picture (4 rows of 4)
+HEATMAP_MAX_RENDERS = 1  # pictures drawn at once; others wait. Drawing is mostly Python (the GIL): more gains little
+
+STATIC = Path(__file__).parent / "static"
+
+HEATMAP_ERRORS = (
+    "malformed_json",
+    "payload_too_large",
+    "unsupported_media_type",
+    "validation_error",
+    "overloaded",
+    "internal_error",
+    "unavailable",
+    "deadline_exceeded",
+)
+
+
+def build_router(state: AppState) -> APIRouter:
+    """The heatmap routes, bound to the app's state (wired by ``create_app``)."""
+    from service.app import _disconnected, _require_ready, read_body  # here: service.app imports this module
+
+    router = APIRouter()
+    page = (STATIC / "index.html").read_text(encoding="utf-8")
+    renders = asyncio.Semaphore(HEATMAP_MAX_RENDERS)
+    warmed: list[asyncio.Future] = []
+
+    @router.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        if not warmed:  # someone is about to ask for a picture: import matplotlib and draw once, off the loop
+            warmed.append(asyncio.get_running_loop().run_in_executor(None, _warm_renderer))
+        return HTMLResponse(page)
+
+    @router.post(
+        "/attend/heatmap",
+        tags=["attention"],
+        summary="A PNG heatmap of each head's attention weights for one sequence",
+        description=f"The body of POST /attend with x of shape [1, T, E], T <= {HEATMAP_MAX_T}; `heads` picks up "
+        f"to {HEATMAP_MAX_HEADS} panels (default all), return_weights is implied. Keys across, queries down, "
+        "one shared colour scale. Padding positions (beyond lengths[0]) are cropped.",
+        response_class=Response,
+        responses={
+            200: {
+                "content": {"image/png": {}},
+                "description": "the PNG; headers x-queue-time-ms, x-compute-time-ms, x-batch-size, x-render-time-ms",
+            },
+            **error_responses(*HEATMAP_ERRORS),
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/AttendRequest"}}},
+            }
+        },
+    )
+    async def heatmap(request: Request) -> Response:
+        started = time.monotonic()
+        _require_ready(state)
+        body = await read_body(request, state.settings.max_body_bytes)
+        obj = parse_json(body)
+        if isinstance(obj, dict):  # weights are the point: heads need not come with return_weights
+            body = orjson.dumps({**obj, "return_weights": True})
+        cfg = state.runner.config
+        dec = decode_attend(body, cfg, state.limits)
+        inp = dec.input
+        B, T, _ = inp.x.shape
+        if B != 1:
+            raise validation(
+                f"a heatmap shows one sequence: x must have B = 1, got B = {B} (shape {list(inp.x.shape)})"
+            )
+        if T > HEATMAP_MAX_T:
+            raise validation(f"x has T = {T} positions, more than HEATMAP_MAX_T = {HEATMAP_MAX_T} a heatmap shows")
+        heads = list(inp.heads) if inp.heads is not None else list(range(cfg.num_heads))
+        if len(heads) > HEATMAP_MAX_HEADS:
+            raise validation(
+                f"{len(heads)} heads asked for, more than HEATMAP_MAX_HEADS = {HEATMAP_MAX_HEADS} panels in one "
+                "picture; choose some with heads"
+            )
+        try:
+            res = await state.batcher.infer(inp, deadline=started + dec.timeout_s, abandoned=_disconnected(request))
+        except Overloaded as e:
+            raise ServiceError("overloaded", str(e), headers={"retry-after": str(int(e.retry_after_s))}) from e
+        except DeadlineExceeded as e:
+            raise ServiceError("deadline_exceeded", f"{e} (timeout {dec.timeout_s * 1000:g} ms)") from e
+        except ShuttingDown as e:
+            raise ServiceError("unavailable", str(e)) from e
+        except ClientGone:
+            state.metrics.dropped("disconnect")
+            return Response(status_code=499)
+        n = int(inp.lengths[0]) if inp.lengths is not None else T
+        weights = np.ascontiguousarray(res.output.weights[0, :, :n, :n])  # (H', n, n)
+        info = state.model_info or {}
+        how = "causal" if inp.causal else "not causal"
+        if inp.mask is not None:
+            how += ", masked"
+        title = (
+            f"{info.get('name', 'mha')}: {cfg.num_heads} heads, emb {cfg.emb_size}, head {cfg.head_size}"
+            f"  |  T = {n}, {how}"
+        )
+        async with renders:
+            t0 = time.perf_counter()
+            png = await asyncio.to_thread(render_heatmaps, weights, head_ids=heads, title=title)
+            render_s = time.perf_counter() - t0
+        return Response(
+            png,
+            media_type="image/png",
+            headers={
+                "x-queue-time-ms": f"{res.queue_s * 1000:.3f}",
+                "x-compute-time-ms": f"{res.compute_s * 1000:.3f}",
+                "x-batch-size": str(res.batch_requests),
+                "x-render-time-ms": f"{render_s * 1000:.3f}",
+                "cache-control": "no-store",
+            },
+        )
+
+    return router
+
+
+def _warm_renderer() -> None:
+    """The first picture costs seconds (importing matplotlib, loading fonts); later ones a fraction."""
+    try:
+        render_heatmaps(np.full((1, 2, 2), 0.5, np.float32), title="warm-up")
+    except Exception:  # a failure here will show, with its message, on the first real request
+        log.exception("heatmap warm-up failed")
