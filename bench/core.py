@@ -22,6 +22,9 @@ FLOP count per call (multiply-adds counted as 2 FLOPs; softmax, masking, bias ad
 The attention term counts the causal T x T product as FULL (no halving for the masked upper triangle), for every
 implementation alike, so GFLOP/s are comparable across implementations but not a hardware-efficiency figure.
 
+Ratios (ours/seed-loop, ours/nn.MHA) are time ratios, lower is better, taken as the median over rounds of the ratio of
+two cells timed back to back in the same round, which cancels load that drifts slower than a round.
+
 Targets (PASS/FAIL lines; the exit code is 0 either way, this is a report):
   1. output path <= 0.6x the seed loop's time at T=1024 (1x1024 and 4x1024)
   2. output path <= 0.9x nn.MultiheadAttention's (fastest config) at every size
@@ -193,45 +196,43 @@ class Cell:
     size: str
     path: str
     impl: str
-    ms: float  # median ms per call
+    ms: float  # median ms per call over the rounds
     gflops: float
-    samples: int
     calls_per_sample: int
+    samples_ms: list[float]  # ms per call in each round; round r of every cell of a size ran back to back
 
 
-def time_size(fns: dict[tuple[str, str], Fn], budget_s: float, warmup: int) -> dict[tuple[str, str], tuple]:
-    """Median ms/call for each callable, measured round-robin. Returns {key: (ms, samples, calls_per_sample)}."""
+def time_size(fns: dict[tuple[str, str], Fn], budget_s: float, warmup: int) -> tuple[dict, dict]:
+    """Time each callable round-robin: every round runs each one `inner` times, in turn.
+
+    The number of rounds is shared by all callables of a size (so round r of one can be paired with round r of
+    another); `inner` is chosen per callable so that each one gets about `budget_s` in all.
+    Returns ({key: [ms per call, one per round]}, {key: inner}).
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    # Calibrate: a rough per-call time decides how many calls each cell gets to fill ~budget_s.
-    plan = {}
-    for key, fn in fns.items():
-        t0 = time.perf_counter()
-        n = 0
+    per_call = {}
+    for key, fn in fns.items():  # calibrate: a rough time per call
+        t0, n = time.perf_counter(), 0
         while n < 3 or time.perf_counter() - t0 < 0.02:
             fn()
             n += 1
-        per_call = (time.perf_counter() - t0) / n
-        total_calls = max(5, round(budget_s / per_call))
-        samples = min(total_calls, 25)
-        plan[key] = (samples, max(1, total_calls // samples))
-    rounds = max(s for s, _ in plan.values())
+        per_call[key] = (time.perf_counter() - t0) / n
+    rounds = min(25, max(5, round(budget_s / max(per_call.values()))))
+    inner = {key: max(1, round(budget_s / rounds / t)) for key, t in per_call.items()}
     times: dict[tuple[str, str], list[float]] = {key: [] for key in fns}
-    for r in range(rounds):
+    for _ in range(rounds):
         for key, fn in fns.items():
-            samples, inner = plan[key]
-            if r >= samples:
-                continue
             t0 = time.perf_counter()
-            for _ in range(inner):
+            for _ in range(inner[key]):
                 fn()
-            times[key].append((time.perf_counter() - t0) / inner * 1e3)
-    return {key: (statistics.median(times[key]), *plan[key]) for key in fns}
+            times[key].append((time.perf_counter() - t0) / inner[key] * 1e3)
+    return times, inner
 
 
 def run_bench(args: argparse.Namespace, ours, seed, mha) -> list[Cell]:
-    budget_s, warmup = (0.05, 2) if args.quick else (0.5, 5)
+    budget_s, warmup = (0.05, 2) if args.quick else (0.6, 5)
     gen = torch.Generator().manual_seed(0)
     cells = []
     for B, T in SIZES:
@@ -241,15 +242,21 @@ def run_bench(args: argparse.Namespace, ours, seed, mha) -> list[Cell]:
             for impl, fn in implementations(ours, seed, mha, x, need_weights=path == "weights").items():
                 fns[(path, impl)] = fn
         t0 = time.perf_counter()
-        measured = time_size(fns, budget_s, warmup)
+        times, inner = time_size(fns, budget_s, warmup)
         size = f"{B}x{T}"
         print(f"  measured {size} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-        for (path, impl), (ms, samples, inner) in measured.items():
-            cells.append(Cell(size, path, impl, ms, flops(B, T) / (ms * 1e-3) / 1e9, samples, inner))
+        for (path, impl), samples in times.items():
+            ms = statistics.median(samples)
+            cells.append(Cell(size, path, impl, ms, flops(B, T) / (ms * 1e-3) / 1e9, inner[(path, impl)], samples))
     return cells
 
 
 # --------------------------------------------------------------------------------------------- reporting
+def paired_ratio(mine: Cell, other: Cell) -> float:
+    """Median over rounds of mine/other, each round's pair measured back to back: robust to slow load drifts."""
+    return statistics.median(a / b for a, b in zip(mine.samples_ms, other.samples_ms, strict=True))
+
+
 def summarize(cells: list[Cell]) -> tuple[list[dict], list[dict]]:
     """Per (size, path): our ratios against the seed loop and the fastest nn.MHA; then the target verdicts."""
     by = {(c.size, c.path, c.impl): c for c in cells}
@@ -264,8 +271,8 @@ def summarize(cells: list[Cell]) -> tuple[list[dict], list[dict]]:
                     "size": size,
                     "T": T,
                     "path": path,
-                    "vs_seed": mine.ms / by[(size, path, "seed-loop")].ms,
-                    "vs_mha": mine.ms / best.ms,
+                    "vs_seed": paired_ratio(mine, by[(size, path, "seed-loop")]),
+                    "vs_mha": paired_ratio(mine, best),
                     "mha_impl": best.impl,
                 }
             )
@@ -294,8 +301,11 @@ def print_report(cells: list[Cell], ratios: list[dict], targets: list[dict], met
     )
     load = meta["loadavg"]
     print(f"1-min load average before/after timing: {load[0]:.2f}/{load[1]:.2f} (other work skews times)")
+    if max(load) > (os.cpu_count() or 1) * 0.75:
+        print("WARNING: the machine was busy with other work while timing; absolute times are inflated and noisy.")
     print("GFLOP/s count causal attention as full T x T; ratios are time ratios (lower is better);")
-    print("ratio columns are on the `ours` row; `*` marks the nn.MHA config used as the comparator.\n")
+    print("ratio columns are on the `ours` row: median over rounds of ours/other, each pair timed back to back;")
+    print("`*` marks the faster nn.MHA config (by median ms), the comparator for ours/nn.MHA.\n")
     ratio_of = {(r["size"], r["path"]): r for r in ratios}
     print("| size | path | impl | ms/call | GFLOP/s | ours/seed-loop | ours/nn.MHA |")
     print("|---|---|---|---:|---:|---:|---:|")

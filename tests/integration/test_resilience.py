@@ -11,8 +11,9 @@ X = {"x": [[[0.5] * 32] * 4]}
 
 
 def metric(text: str, name: str) -> float:
+    """The value of an unlabelled metric in Prometheus text (0 when absent)."""
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{") and line.split(" ")[0] == name:
+        if line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 

@@ -268,7 +268,8 @@ def test_limits_are_checked():
 
 async def test_out_of_memory_halves_the_batch_limits_for_a_while():
     class Obs(BatcherObserver):
-        scales: list[float] = []
+        def __init__(self):
+            self.scales = []
 
         def limits_scaled(self, scale):
             self.scales.append(scale)
