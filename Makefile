@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format serve bench bench-service
+.PHONY: help setup test soak lint format serve bench bench-service
 
 help:  ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n", $$1, $$2}'
@@ -19,7 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)  ## create .venv and install the project with its dev extra (CPU torch pinned)
 
 test: $(STAMP)  ## run the whole test suite (sets up on first use)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not soak"
+
+SOAK_SECONDS ?= 60
+soak: $(STAMP)  ## mixed traffic at concurrency 64 for SOAK_SECONDS (default 60) against a real uvicorn, then SIGTERM
+	SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest -q -s -m soak tests/soak
 
 lint: $(STAMP)  ## ruff check and format check
 	$(PY) -m ruff check .
