@@ -7,7 +7,6 @@ import dataclasses
 import gc
 import logging
 import time
-import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -19,10 +18,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import __version__
+from service import __version__, heatmap, v2
 from service.batcher import Batcher, BatchLimits, ClientGone, DeadlineExceeded, Overloaded, ShuttingDown
 from service.decode import Limits, decode_attend, encode_attend
 from service.errors import ServiceError, error_responses
+from service.httputil import disconnected, internal_error, read_body, require_ready
 from service.metrics import Metrics
 from service.observability import ApiKeys, ObserveMiddleware
 from service.runner import Runner, is_out_of_memory
@@ -127,7 +127,7 @@ def create_app(*, settings: Settings) -> FastAPI:
         responses=error_responses("unavailable"),
     )
     async def readyz() -> dict[str, str]:
-        _require_ready(state)
+        require_ready(state)
         return {"status": "ready"}
 
     @app.get("/v1/model", tags=["model"], response_model=ModelDescription, responses=error_responses("unavailable"))
@@ -174,14 +174,14 @@ def create_app(*, settings: Settings) -> FastAPI:
     )
     async def attend(request: Request) -> Response:
         started = time.monotonic()
-        _require_ready(state)
+        require_ready(state)
         body = await read_body(request, settings.max_body_bytes)
         dec = decode_attend(body, state.runner.config, state.limits)
         if settings.fault_injection and "x-mha-fault" in request.headers:
             dec = dataclasses.replace(dec, input=dataclasses.replace(dec.input, fault=request.headers["x-mha-fault"]))
         try:
             res = await state.batcher.infer(
-                dec.input, deadline=started + dec.timeout_s, abandoned=_disconnected(request)
+                dec.input, deadline=started + dec.timeout_s, abandoned=disconnected(request)
             )
         except Overloaded as e:
             raise ServiceError("overloaded", str(e), headers={"retry-after": str(int(e.retry_after_s))}) from e
@@ -219,6 +219,8 @@ def create_app(*, settings: Settings) -> FastAPI:
         return schema
 
     app.openapi = openapi
+    app.include_router(heatmap.build_router(state))
+    app.include_router(v2.build_router(state))  # last: it answers every other /v2 path
     return app
 
 
@@ -232,53 +234,6 @@ def _batch_limits(s: Settings) -> BatchLimits:
         max_queue_tokens=s.max_queue_tokens,
         oom_cooldown_s=s.oom_cooldown_s,
     )
-
-
-def _require_ready(state: AppState) -> None:
-    if state.draining:
-        raise ServiceError("unavailable", "the server is shutting down")
-    if not state.ready:
-        raise ServiceError("unavailable", "the model is not ready yet")
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing (413) anything over ``limit`` bytes before reading or parsing it."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ServiceError("payload_too_large", f"the body is {declared} bytes, more than max_body_bytes {limit}")
-    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if ctype not in ("application/json", ""):
-        raise ServiceError("unsupported_media_type", f"content-type must be application/json, got {ctype!r}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ServiceError("payload_too_large", f"the body exceeds max_body_bytes {limit}")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _disconnected(request: Request) -> None:
-    """Completes when the client goes away (the ASGI server sends http.disconnect)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-def internal_error(exc: BaseException, request: Request) -> ServiceError:
-    """Log ``exc`` with a fresh error id; the caller gets the id and nothing of the internals."""
-    error_id = uuid.uuid4().hex[:12]
-    log.error(
-        "internal error %s on %s %s: %r",
-        error_id,
-        request.method,
-        request.url.path,
-        exc,
-        exc_info=(type(exc), exc, exc.__traceback__),
-        extra={"error_id": error_id},
-    )
-    return ServiceError("internal_error", f"internal error (id {error_id}); see the server log")
 
 
 def _error_response(err: ServiceError) -> JSONResponse:

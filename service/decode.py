@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +88,46 @@ def to_input(req: AttendRequest, config: MHAConfig, limits: Limits) -> DecodedRe
     if req.timeout_ms is not None and not req.timeout_ms > 0:  # cheap checks before the tensor
         raise validation(f"timeout_ms must be > 0, got {req.timeout_ms:g}")
     x, wire = decode_tensor(req.x, "x", (3,))
+    mask = None
+    if req.attn_mask is not None:
+        mask, _ = decode_tensor(req.attn_mask, "attn_mask", (2, 3), boolean=True)
+    inp, timeout_s = check_input(
+        x,
+        req.lengths,
+        mask,
+        causal=req.causal,
+        need_weights=req.return_weights,
+        heads=req.heads,
+        timeout_ms=req.timeout_ms,
+        config=config,
+        limits=limits,
+    )
+    encoding = req.response_encoding or ("lists" if wire == "lists" else "base64")
+    dtype = "float32" if wire == "lists" else wire
+    return DecodedRequest(inp, encoding, dtype, timeout_s)
+
+
+def check_input(
+    x: np.ndarray,
+    lengths: Sequence[int] | np.ndarray | None,
+    mask: np.ndarray | None,
+    *,
+    causal: bool | None,
+    need_weights: bool,
+    heads: Sequence[int] | None,
+    timeout_ms: float | None,
+    config: MHAConfig,
+    limits: Limits,
+) -> tuple[AttendInput, float]:
+    """Decoded arrays -> (AttendInput, timeout in s), checked against the model and the limits.
+
+    Shared by every wire format (/attend's lists and base64, the v2 protocol's JSON and binary):
+    x is a float array [B, T, E] (float32 or float16), mask a bool array, lengths B integers.
+    """
+    if timeout_ms is not None and not timeout_ms > 0:
+        raise validation(f"timeout_ms must be > 0, got {timeout_ms:g}")
+    if x.ndim != 3:
+        raise validation(f"x must have 3 dimensions [B, T, E], got shape {list(x.shape)}")
     B, T, E = x.shape
     if E != config.emb_size:
         raise validation(f"x has emb_size {E} (shape {[B, T, E]}), but the model expects {config.emb_size}")
@@ -102,33 +143,28 @@ def to_input(req: AttendRequest, config: MHAConfig, limits: Limits) -> DecodedRe
     if x.dtype != np.float32:
         x = x.astype(np.float32)
 
-    lengths = None
-    if req.lengths is not None:
-        if len(req.lengths) != B:
-            raise validation(f"lengths has {len(req.lengths)} entries, but x has B = {B} sequences")
-        for b, n in enumerate(req.lengths):
+    if lengths is not None:
+        if len(lengths) != B:
+            raise validation(f"lengths has {len(lengths)} entries, but x has B = {B} sequences")
+        for b, n in enumerate(lengths):
             if not 1 <= n <= T:
                 raise validation(f"lengths[{b}] = {n} is out of range 1..{T}")
-        lengths = np.asarray(req.lengths, dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
 
-    mask = None
-    if req.attn_mask is not None:
-        mask, _ = decode_tensor(req.attn_mask, "attn_mask", (2, 3), boolean=True)
-        if list(mask.shape) not in ([T, T], [B, T, T]):
-            raise validation(f"attn_mask must have shape [{T}, {T}] or [{B}, {T}, {T}], got {list(mask.shape)}")
+    if mask is not None and list(mask.shape) not in ([T, T], [B, T, T]):
+        raise validation(f"attn_mask must have shape [{T}, {T}] or [{B}, {T}, {T}], got {list(mask.shape)}")
 
-    heads = None
     H = config.num_heads
-    if req.heads is not None:
-        if not req.return_weights:
+    if heads is not None:
+        if not need_weights:
             raise validation("heads selects weights to return: it needs return_weights = true")
-        if not req.heads:
+        if not heads:
             raise validation("heads must name at least one head")
-        for h in req.heads:
+        for h in heads:
             if not 0 <= h < H:
                 raise validation(f"head index {h} is out of range 0..{H - 1}")
-        heads = tuple(req.heads)
-    if req.return_weights:
+        heads = tuple(int(h) for h in heads)
+    if need_weights:
         n = B * (len(heads) if heads else H) * T * T
         if n > limits.max_weights_elements:
             raise validation(
@@ -136,13 +172,9 @@ def to_input(req: AttendRequest, config: MHAConfig, limits: Limits) -> DecodedRe
                 f"more than max_weights_elements {limits.max_weights_elements}; ask for fewer heads or sequences"
             )
 
-    timeout_ms = min(req.timeout_ms or limits.default_timeout_ms, limits.max_timeout_ms)
-
-    encoding = req.response_encoding or ("lists" if wire == "lists" else "base64")
-    dtype = "float32" if wire == "lists" else wire
-    causal = config.causal if req.causal is None else req.causal
-    inp = AttendInput(x, lengths, mask, causal, req.return_weights, heads)
-    return DecodedRequest(inp, encoding, dtype, timeout_ms / 1000)
+    timeout = min(timeout_ms or limits.default_timeout_ms, limits.max_timeout_ms)
+    causal = config.causal if causal is None else causal
+    return AttendInput(x, lengths, mask, causal, need_weights, heads), timeout / 1000
 
 
 def encode_attend(output: np.ndarray, weights: np.ndarray | None, req: DecodedRequest, model: dict) -> bytes:

@@ -34,12 +34,10 @@ Contract of ``infer``:
 
 from __future__ import annotations
 
-import base64
-import inspect
+import functools
 import logging
 import math
 import time
-import uuid
 import zlib
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -49,15 +47,15 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from service import __version__, codecs
 from service.batcher import ClientGone, DeadlineExceeded, Overloaded, ShuttingDown
-from service.decode import format_validation_error, parse_json, to_input
+from service.decode import check_input, parse_json
 from service.errors import ERROR_DESCRIPTIONS, ERROR_STATUS, ServiceError, validation
-from service.schemas import AttendRequest
+from service.httputil import disconnected, internal_error
 
 log = logging.getLogger("mha_serve.v2")
 
@@ -111,18 +109,8 @@ class _V2Route(APIRoute):
                 return _error_response(e)
             except StarletteHTTPException:
                 raise
-            except Exception:
-                error_id = uuid.uuid4().hex[:12]  # as service.app.internal_error: the id, nothing internal
-                log.exception(
-                    "internal error %s on %s %s",
-                    error_id,
-                    request.method,
-                    request.url.path,
-                    extra={"error_id": error_id},
-                )
-                return _error_response(
-                    ServiceError("internal_error", f"internal error (id {error_id}); see the server log")
-                )
+            except Exception as e:
+                return _error_response(internal_error(e, request))
 
         return route
 
@@ -178,22 +166,17 @@ def build_router(state: Any) -> APIRouter:
         require_ready()
         body = await _read_body(request, settings.max_body_bytes)
         req = _decode(body, request.headers.get(HEADER_LENGTH))
-        dec = to_input(req.attend, state.runner.config, state.limits)
-        gone = _disconnected(request)
+        inp, timeout_s = req.check(config=state.runner.config, limits=state.limits)
         try:
-            res = await state.batcher.infer(dec.input, deadline=started + dec.timeout_s, abandoned=gone)
+            res = await state.batcher.infer(inp, deadline=started + timeout_s, abandoned=disconnected(request))
         except Overloaded as e:
             raise ServiceError("overloaded", str(e), headers={"retry-after": str(int(e.retry_after_s))}) from e
         except DeadlineExceeded as e:
-            raise ServiceError("deadline_exceeded", f"{e} (timeout {dec.timeout_s * 1000:g} ms)") from e
+            raise ServiceError("deadline_exceeded", f"{e} (timeout {timeout_s * 1000:g} ms)") from e
         except ShuttingDown as e:
             raise ServiceError("unavailable", str(e)) from e
         except ClientGone:
-            state.metrics.dropped("disconnect")
-            return Response(status_code=499)
-        finally:
-            if inspect.getcoroutinestate(gone) == inspect.CORO_CREATED:
-                gone.close()  # refused before the batcher took it (429, 503): never awaited
+            return Response(status_code=499)  # nobody is listening; counted by the batcher
         tensors = {"output": res.output.output, "weights": res.output.weights}
         payload, header_len = _encode(req, settings.model_name, tensors)
         headers = {
@@ -312,12 +295,14 @@ def _metadata(name: str, cfg: Any) -> dict[str, Any]:
 
 
 class _Request:
-    """A decoded infer request: the /attend request it maps to, and how to answer."""
+    """A decoded infer request: its checks against the model (``check_input``), and how to answer."""
 
-    __slots__ = ("attend", "datatype", "id", "outputs")
+    __slots__ = ("check", "datatype", "id", "outputs")
 
-    def __init__(self, attend: AttendRequest, datatype: str, outputs: list[tuple[str, bool]], id: str | None) -> None:
-        self.attend = attend
+    def __init__(
+        self, check: Callable[..., tuple[Any, float]], datatype: str, outputs: list[tuple[str, bool]], id: str | None
+    ) -> None:
+        self.check = check
         self.datatype = datatype  # datatype of x, and so of the outputs
         self.outputs = outputs  # (name, binary) in the order asked for
         self.id = id
@@ -375,7 +360,7 @@ def _header_length(raw: str | None, size: int) -> int:
 
 
 def _decode(body: bytes, header_length: str | None) -> _Request:
-    """bytes -> the equivalent /attend request (whose checks ``to_input`` then applies) + answer plan."""
+    """bytes -> arrays (checked against the model later, by ``check_input``) + answer plan."""
     hl = _header_length(header_length, len(body))
     view = memoryview(body)
     head = parse_json(view[:hl])
@@ -408,20 +393,14 @@ def _decode(body: bytes, header_length: str | None) -> _Request:
     if lengths is not None and lengths.ndim != 1:
         raise validation(f"input 'lengths' must have shape [B], got {list(lengths.shape)}")
     mask = tensors.get("attn_mask")
-    try:
-        attend = AttendRequest(
-            # A list of [T, E] arrays: to_input stacks it with one copy (no per-number work).
-            x=list(x),
-            lengths=None if lengths is None else lengths.tolist(),
-            causal=causal,
-            attn_mask=None if mask is None else _b64_tensor(mask),
-            return_weights=want_weights,
-            heads=heads,
-            timeout_ms=timeout_ms,
-        )
-    except ValidationError as e:
-        raise validation(format_validation_error(e, "parameters")) from e
-    return _Request(attend, x_type, outputs, rid)
+    if mask is not None:
+        if mask.size and mask.max() > 1:
+            raise validation("attn_mask bool bytes must be 0 or 1")
+        mask = mask.astype(np.bool_)
+    check = functools.partial(
+        check_input, x, lengths, mask, causal=causal, need_weights=want_weights, heads=heads, timeout_ms=timeout_ms
+    )
+    return _Request(check, x_type, outputs, rid)
 
 
 def _dict(value: Any, where: str) -> dict:
@@ -566,7 +545,8 @@ def _from_json(data: Any, name: str, dtype_name: str, shape: list[int], count: i
     if dtype_name in _FLOAT:
         arr = codecs.decode_lists(data, name, range(1, 64))  # float32; flat or nested
         if dtype_name == "FP16":
-            arr = arr.astype(np.float16)
+            with np.errstate(over="ignore"):  # beyond 65504 becomes inf, which check_finite reports
+                arr = arr.astype(np.float16)
         elif dtype_name == "BF16":
             arr = codecs.f32_to_bf16(arr)
     else:
@@ -578,16 +558,12 @@ def _from_json(data: Any, name: str, dtype_name: str, shape: list[int], count: i
             raise validation(f"input {name!r} is BOOL: its data must be true/false values, got {arr.dtype}")
         if arr.size and dtype_name in _INT and arr.dtype.kind not in "iu":
             raise validation(f"input {name!r} is {dtype_name}: its data must be integers, got {arr.dtype}")
+        if arr.size and arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
+            raise validation(f"input {name!r} has a value beyond the range of INT64: {int(arr.max())}")
         arr = arr.astype(np.bool_ if dtype_name == "BOOL" else np.int64)
     if arr.size != count:
         raise validation(f"input {name!r} data has {arr.size} elements, but shape {shape} needs {count}")
     return arr.reshape(shape)
-
-
-def _b64_tensor(mask: np.ndarray) -> dict[str, Any]:
-    """A BOOL mask as /attend's base64 tensor (to_input checks its shape and its 0/1 bytes)."""
-    raw = np.ascontiguousarray(mask, dtype=np.uint8)
-    return {"dtype": "bool", "shape": list(mask.shape), "b64": base64.b64encode(raw.tobytes()).decode("ascii")}
 
 
 # -- encode_response --------------------------------------------------------------------------
@@ -629,11 +605,3 @@ def _to_json(arr: np.ndarray, datatype: str) -> np.ndarray:
     if datatype == "BF16":
         return codecs.bf16_to_f32(codecs.f32_to_bf16(arr)).reshape(-1)
     return np.ascontiguousarray(arr, dtype=np.float16 if datatype == "FP16" else np.float32).reshape(-1)
-
-
-async def _disconnected(request: Request) -> None:
-    """Completes when the client goes away (the ASGI server sends http.disconnect)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return

@@ -1,0 +1,60 @@
+"""HTTP helpers shared by the routes (/attend, /attend/heatmap, /v2): readiness, bodies, disconnects, 500s."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from starlette.requests import Request
+
+from service.errors import ServiceError
+
+log = logging.getLogger("mha_serve")
+
+
+def require_ready(state: Any) -> None:
+    if state.draining:
+        raise ServiceError("unavailable", "the server is shutting down")
+    if not state.ready:
+        raise ServiceError("unavailable", "the model is not ready yet")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing (413) anything over ``limit`` bytes before reading or parsing it."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ServiceError("payload_too_large", f"the body is {declared} bytes, more than max_body_bytes {limit}")
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if ctype not in ("application/json", ""):
+        raise ServiceError("unsupported_media_type", f"content-type must be application/json, got {ctype!r}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ServiceError("payload_too_large", f"the body exceeds max_body_bytes {limit}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def disconnected(request: Request) -> None:
+    """Completes when the client goes away (the ASGI server sends http.disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def internal_error(exc: BaseException, request: Request) -> ServiceError:
+    """Log ``exc`` with a fresh error id; the caller gets the id and nothing of the internals."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error(
+        "internal error %s on %s %s: %r",
+        error_id,
+        request.method,
+        request.url.path,
+        exc,
+        exc_info=(type(exc), exc, exc.__traceback__),
+        extra={"error_id": error_id},
+    )
+    return ServiceError("internal_error", f"internal error (id {error_id}); see the server log")
