@@ -70,12 +70,9 @@ def decode_b64(obj: dict, name: str, ndims: Sequence[int], *, boolean: bool = Fa
         raise validation(f"{name}.shape must have {want} dimensions, got {shape}")
     if any(d < 0 for d in shape):
         raise validation(f"{name}.shape must not be negative, got {shape}")
-    try:
-        raw = base64.b64decode(b64, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise validation(f"{name}.b64 is not valid base64: {e}") from e
     npdtype = _NUMPY[dtype]
     count = int(np.prod(shape, dtype=np.int64))
+    raw = _b64decode(b64, count * npdtype.itemsize, name)
     if len(raw) != count * npdtype.itemsize:
         raise validation(
             f"{name}.b64 holds {len(raw)} bytes, but shape {shape} of {dtype} needs "
@@ -89,6 +86,26 @@ def decode_b64(obj: dict, name: str, ndims: Sequence[int], *, boolean: bool = Fa
             raise validation(f"{name} bool bytes must be 0 or 1")
         arr = arr.astype(np.bool_)
     return arr, dtype
+
+
+def _b64decode(text: str, nbytes: int, name: str) -> bytes:
+    """base64 -> bytes, as strictly as ``b64decode(validate=True)`` but about 10x faster.
+
+    The lenient decoder skips characters outside the alphabet. A text of exactly the padded
+    length of ``nbytes`` that decodes to ``nbytes`` skipped nothing, so it was valid; anything
+    else is decoded again strictly, for the error message.
+    """
+    if len(text) == 4 * ((nbytes + 2) // 3):
+        try:
+            raw = binascii.a2b_base64(text)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if len(raw) == nbytes:
+            return raw
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise validation(f"{name}.b64 is not valid base64: {e}") from e
 
 
 def check_finite(arr: np.ndarray, name: str) -> None:
@@ -120,7 +137,8 @@ def encode_b64(arr: np.ndarray, dtype: str) -> dict[str, Any]:
         raw = np.ascontiguousarray(arr, dtype=np.uint8)
     else:
         raw = np.ascontiguousarray(arr, dtype=_NUMPY[dtype])
-    return {"dtype": dtype, "shape": list(arr.shape), "b64": base64.b64encode(raw.tobytes()).decode("ascii")}
+    text = binascii.b2a_base64(memoryview(raw).cast("B"), newline=False).decode("ascii")
+    return {"dtype": dtype, "shape": list(arr.shape), "b64": text}
 
 
 def encode_lists(arr: np.ndarray) -> np.ndarray:

@@ -87,3 +87,22 @@ def test_decode_errors_say_what_is_wrong(call, message):
         call()
     assert e.value.status == 422
     assert message in e.value.message
+
+
+def test_fast_base64_is_as_strict_as_validate_true():
+    """The fast decoder must reject exactly what b64decode(validate=True) rejects."""
+    rnd = np.random.default_rng()
+    for _ in range(3000):
+        n = int(rnd.integers(1, 40))
+        good = base64.b64encode(rnd.bytes(n)).decode()
+        pos = int(rnd.integers(len(good)))
+        bad = good[:pos] + str(rnd.choice(list("*!@ \n=-_.A/+"))) + good[pos + 1 :]
+        try:
+            strict = base64.b64decode(bad, validate=True)
+        except ValueError:
+            strict = None
+        try:
+            fast = codecs._b64decode(bad, n, "x")
+        except ServiceError:
+            fast = None
+        assert fast == strict or (strict is not None and len(strict) != n and fast == strict), (good, bad)
