@@ -48,17 +48,23 @@ HEATMAP_ERRORS = (
 
 def build_router(state: AppState) -> APIRouter:
     """The heatmap routes, bound to the app's state (wired by ``create_app``)."""
-    from service.app import _disconnected, _require_ready, read_body  # here: service.app imports this module
+    from service.httputil import disconnected as _disconnected
+    from service.httputil import internal_error, read_body
+    from service.httputil import require_ready as _require_ready
 
     router = APIRouter()
     page = (STATIC / "index.html").read_text(encoding="utf-8")
     renders = asyncio.Semaphore(HEATMAP_MAX_RENDERS)
-    warmed: list[asyncio.Future] = []
+    warmed: list[asyncio.Task] = []
+
+    async def warm() -> None:
+        async with renders:
+            await asyncio.to_thread(_warm_renderer)
 
     @router.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
         if not warmed:  # someone is about to ask for a picture: import matplotlib and draw once, off the loop
-            warmed.append(asyncio.get_running_loop().run_in_executor(None, _warm_renderer))
+            warmed.append(asyncio.create_task(warm()))
         return HTMLResponse(page)
 
     @router.post(
@@ -115,8 +121,9 @@ def build_router(state: AppState) -> APIRouter:
         except ShuttingDown as e:
             raise ServiceError("unavailable", str(e)) from e
         except ClientGone:
-            state.metrics.dropped("disconnect")
-            return Response(status_code=499)
+            return Response(status_code=499)  # nobody is listening; counted by the batcher
+        except Exception as e:  # the forward failed for this request alone (the batcher isolates faults)
+            raise internal_error(e, request) from e
         n = int(inp.lengths[0]) if inp.lengths is not None else T
         weights = np.ascontiguousarray(res.output.weights[0, :, :n, :n])  # (H', n, n)
         info = state.model_info or {}
