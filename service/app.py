@@ -105,7 +105,14 @@ def create_app(*, settings: Settings) -> FastAPI:
             allow_origins=settings.cors_origin_list,
             allow_methods=["GET", "POST"],
             allow_headers=["authorization", "content-type", "x-request-id", "inference-header-content-length"],
-            expose_headers=["x-request-id", "x-served-by", "x-queue-time-ms", "x-compute-time-ms", "x-batch-size"],
+            expose_headers=[
+                "x-request-id",
+                "x-served-by",
+                "x-queue-time-ms",
+                "x-compute-time-ms",
+                "x-batch-size",
+                "x-render-time-ms",
+            ],
         )
     app.add_middleware(
         ObserveMiddleware,

@@ -18,7 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from mha_client._wire import bf16_to_f32, f32_to_bf16  # one implementation for client and server
 from service.errors import validation
+
+__all__ = ["bf16_to_f32", "check_finite", "decode_b64", "decode_lists", "encode", "encode_b64", "f32_to_bf16"]
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 _NUMPY = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "bool": np.dtype("u1")}
@@ -113,20 +116,6 @@ def check_finite(arr: np.ndarray, name: str) -> None:
         bad = np.argwhere(~np.isfinite(arr))
         first = [int(i) for i in bad[0]]
         raise validation(f"{name} contains {len(bad)} non-finite value(s) (NaN or Inf), the first at {first}")
-
-
-def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def f32_to_bf16(arr: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits, rounding to nearest even (NaN stays NaN)."""
-    u = np.ascontiguousarray(arr, dtype=np.float32).view(np.uint32)
-    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(arr)
-    if nan.any():
-        rounded[nan] = 0x7FC0
-    return rounded
 
 
 def encode_b64(arr: np.ndarray, dtype: str) -> dict[str, Any]:

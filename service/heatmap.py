@@ -22,6 +22,7 @@ from mha_client.plot import render_heatmaps
 from service.batcher import ClientGone, DeadlineExceeded, Overloaded, ShuttingDown
 from service.decode import decode_attend, parse_json
 from service.errors import ServiceError, error_responses, validation
+from service.httputil import disconnected, internal_error, read_body, require_ready
 
 if TYPE_CHECKING:
     from service.app import AppState
@@ -48,10 +49,6 @@ HEATMAP_ERRORS = (
 
 def build_router(state: AppState) -> APIRouter:
     """The heatmap routes, bound to the app's state (wired by ``create_app``)."""
-    from service.httputil import disconnected as _disconnected
-    from service.httputil import internal_error, read_body
-    from service.httputil import require_ready as _require_ready
-
     router = APIRouter()
     page = (STATIC / "index.html").read_text(encoding="utf-8")
     renders = asyncio.Semaphore(HEATMAP_MAX_RENDERS)
@@ -91,7 +88,7 @@ def build_router(state: AppState) -> APIRouter:
     )
     async def heatmap(request: Request) -> Response:
         started = time.monotonic()
-        _require_ready(state)
+        require_ready(state)
         body = await read_body(request, state.settings.max_body_bytes)
         obj = parse_json(body)
         if isinstance(obj, dict):  # weights are the point: heads need not come with return_weights
@@ -113,7 +110,7 @@ def build_router(state: AppState) -> APIRouter:
                 "picture; choose some with heads"
             )
         try:
-            res = await state.batcher.infer(inp, deadline=started + dec.timeout_s, abandoned=_disconnected(request))
+            res = await state.batcher.infer(inp, deadline=started + dec.timeout_s, abandoned=disconnected(request))
         except Overloaded as e:
             raise ServiceError("overloaded", str(e), headers={"retry-after": str(int(e.retry_after_s))}) from e
         except DeadlineExceeded as e:
