@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import logging
 import time
@@ -19,10 +18,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__, heatmap, v2
-from service.batcher import Batcher, BatchLimits, ClientGone, DeadlineExceeded, Overloaded, ShuttingDown
+from service.batcher import Batcher, BatchLimits
 from service.decode import Limits, decode_attend, encode_attend
 from service.errors import ServiceError, error_responses
-from service.httputil import disconnected, internal_error, read_body, require_ready
+from service.httputil import infer, internal_error, read_body, require_ready, timing_headers
 from service.metrics import Metrics
 from service.observability import ApiKeys, ObserveMiddleware
 from service.runner import Runner, is_out_of_memory
@@ -184,32 +183,11 @@ def create_app(*, settings: Settings) -> FastAPI:
         require_ready(state)
         body = await read_body(request, settings.max_body_bytes)
         dec = decode_attend(body, state.runner.config, state.limits)
-        if settings.fault_injection and "x-mha-fault" in request.headers:
-            dec = dataclasses.replace(dec, input=dataclasses.replace(dec.input, fault=request.headers["x-mha-fault"]))
-        try:
-            res = await state.batcher.infer(
-                dec.input, deadline=started + dec.timeout_s, abandoned=disconnected(request)
-            )
-        except Overloaded as e:
-            raise ServiceError("overloaded", str(e), headers={"retry-after": str(int(e.retry_after_s))}) from e
-        except DeadlineExceeded as e:
-            raise ServiceError("deadline_exceeded", f"{e} (timeout {dec.timeout_s * 1000:g} ms)") from e
-        except ShuttingDown as e:
-            raise ServiceError("unavailable", str(e)) from e
-        except ClientGone:
-            return Response(status_code=499)  # nobody is listening; counted by the batcher
-        except Exception as e:  # the forward failed for this request alone (the batcher isolates faults)
-            raise internal_error(e, request) from e
+        res = await infer(state, dec.input, started=started, timeout_s=dec.timeout_s, request=request)
+        if res is None:
+            return Response(status_code=499)
         payload = encode_attend(res.output.output, res.output.weights, dec, state.model_info)
-        return Response(
-            payload,
-            media_type="application/json",
-            headers={
-                "x-queue-time-ms": f"{res.queue_s * 1000:.3f}",
-                "x-compute-time-ms": f"{res.compute_s * 1000:.3f}",
-                "x-batch-size": str(res.batch_requests),
-            },
-        )
+        return Response(payload, media_type="application/json", headers=timing_headers(res))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:

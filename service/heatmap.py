@@ -19,10 +19,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
 from mha_client.plot import render_heatmaps
-from service.batcher import ClientGone, DeadlineExceeded, Overloaded, ShuttingDown
 from service.decode import decode_attend, parse_json
-from service.errors import ServiceError, error_responses, validation
-from service.httputil import disconnected, internal_error, read_body, require_ready
+from service.errors import error_responses, validation
+from service.httputil import infer, read_body, require_ready, timing_headers
 
 if TYPE_CHECKING:
     from service.app import AppState
@@ -109,18 +108,9 @@ def build_router(state: AppState) -> APIRouter:
                 f"{len(heads)} heads asked for, more than HEATMAP_MAX_HEADS = {HEATMAP_MAX_HEADS} panels in one "
                 "picture; choose some with heads"
             )
-        try:
-            res = await state.batcher.infer(inp, deadline=started + dec.timeout_s, abandoned=disconnected(request))
-        except Overloaded as e:
-            raise ServiceError("overloaded", str(e), headers={"retry-after": str(int(e.retry_after_s))}) from e
-        except DeadlineExceeded as e:
-            raise ServiceError("deadline_exceeded", f"{e} (timeout {dec.timeout_s * 1000:g} ms)") from e
-        except ShuttingDown as e:
-            raise ServiceError("unavailable", str(e)) from e
-        except ClientGone:
-            return Response(status_code=499)  # nobody is listening; counted by the batcher
-        except Exception as e:  # the forward failed for this request alone (the batcher isolates faults)
-            raise internal_error(e, request) from e
+        res = await infer(state, inp, started=started, timeout_s=dec.timeout_s, request=request)
+        if res is None:
+            return Response(status_code=499)
         n = int(inp.lengths[0]) if inp.lengths is not None else T
         weights = np.ascontiguousarray(res.output.weights[0, :, :n, :n])  # (H', n, n)
         info = state.model_info or {}
@@ -139,9 +129,7 @@ def build_router(state: AppState) -> APIRouter:
             png,
             media_type="image/png",
             headers={
-                "x-queue-time-ms": f"{res.queue_s * 1000:.3f}",
-                "x-compute-time-ms": f"{res.compute_s * 1000:.3f}",
-                "x-batch-size": str(res.batch_requests),
+                **timing_headers(res),
                 "x-render-time-ms": f"{render_s * 1000:.3f}",
                 "cache-control": "no-store",
             },

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from typing import Any
 
 from starlette.requests import Request
 
+from service.batcher import ClientGone, DeadlineExceeded, Overloaded, Result, ShuttingDown
 from service.errors import ServiceError
+from service.runner import AttendInput
 
 log = logging.getLogger("mha_serve")
 
@@ -58,3 +61,33 @@ def internal_error(exc: BaseException, request: Request) -> ServiceError:
         extra={"error_id": error_id},
     )
     return ServiceError("internal_error", f"internal error (id {error_id}); see the server log")
+
+
+async def infer(state: Any, inp: AttendInput, *, started: float, timeout_s: float, request: Request) -> Result | None:
+    """Run ``inp`` through the batcher, mapping its outcomes to the error table.
+
+    None means the client went away (the caller answers 499 to nobody). Every route that
+    computes attention goes through here, so they share batches, deadlines and fault handling.
+    """
+    if state.settings.fault_injection and "x-mha-fault" in request.headers:
+        inp = dataclasses.replace(inp, fault=request.headers["x-mha-fault"])
+    try:
+        return await state.batcher.infer(inp, deadline=started + timeout_s, abandoned=disconnected(request))
+    except Overloaded as e:
+        raise ServiceError("overloaded", str(e), headers={"retry-after": str(int(e.retry_after_s))}) from e
+    except DeadlineExceeded as e:
+        raise ServiceError("deadline_exceeded", f"{e} (timeout {timeout_s * 1000:g} ms)") from e
+    except ShuttingDown as e:
+        raise ServiceError("unavailable", str(e)) from e
+    except ClientGone:
+        return None  # nobody is listening; counted by the batcher
+    except Exception as e:  # the forward failed for this request alone (the batcher isolates faults)
+        raise internal_error(e, request) from e
+
+
+def timing_headers(res: Result) -> dict[str, str]:
+    return {
+        "x-queue-time-ms": f"{res.queue_s * 1000:.3f}",
+        "x-compute-time-ms": f"{res.compute_s * 1000:.3f}",
+        "x-batch-size": str(res.batch_requests),
+    }

@@ -52,10 +52,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from service import __version__, codecs
-from service.batcher import ClientGone, DeadlineExceeded, Overloaded, ShuttingDown
 from service.decode import check_input, parse_json
 from service.errors import ERROR_DESCRIPTIONS, ERROR_STATUS, ServiceError, validation
-from service.httputil import disconnected, internal_error
+from service.httputil import infer as run_inference
+from service.httputil import internal_error, timing_headers
 
 log = logging.getLogger("mha_serve.v2")
 
@@ -167,23 +167,12 @@ def build_router(state: Any) -> APIRouter:
         body = await _read_body(request, settings.max_body_bytes)
         req = _decode(body, request.headers.get(HEADER_LENGTH))
         inp, timeout_s = req.check(config=state.runner.config, limits=state.limits)
-        try:
-            res = await state.batcher.infer(inp, deadline=started + timeout_s, abandoned=disconnected(request))
-        except Overloaded as e:
-            raise ServiceError("overloaded", str(e), headers={"retry-after": str(int(e.retry_after_s))}) from e
-        except DeadlineExceeded as e:
-            raise ServiceError("deadline_exceeded", f"{e} (timeout {timeout_s * 1000:g} ms)") from e
-        except ShuttingDown as e:
-            raise ServiceError("unavailable", str(e)) from e
-        except ClientGone:
-            return Response(status_code=499)  # nobody is listening; counted by the batcher
+        res = await run_inference(state, inp, started=started, timeout_s=timeout_s, request=request)
+        if res is None:
+            return Response(status_code=499)
         tensors = {"output": res.output.output, "weights": res.output.weights}
         payload, header_len = _encode(req, settings.model_name, tensors)
-        headers = {
-            "x-queue-time-ms": f"{res.queue_s * 1000:.3f}",
-            "x-compute-time-ms": f"{res.compute_s * 1000:.3f}",
-            "x-batch-size": str(res.batch_requests),
-        }
+        headers = timing_headers(res)
         if header_len is None:
             return Response(payload, media_type="application/json", headers=headers)
         headers["Inference-Header-Content-Length"] = str(header_len)
