@@ -32,7 +32,10 @@ Targets (PASS/FAIL lines; the exit code is 0 either way, this is a report):
 Correctness (outputs and per-head weights within 1e-4 of each other) is checked before timing; a mismatch exits 1.
 
 Usage:
-  python bench/core.py [--threads N] [--quick] [--json PATH]
+  python bench/core.py [--threads N] [--quick] [--timer wall|cpu] [--json PATH]
+
+On a machine shared with other work, elapsed times are inflated and noisy (worst with several threads, which wait
+on each other when one is preempted); --timer cpu --threads 1 measures the CPU time spent instead, which is steadier.
 """
 
 from __future__ import annotations
@@ -202,7 +205,10 @@ class Cell:
     samples_ms: list[float]  # ms per call in each round; round r of every cell of a size ran back to back
 
 
-def time_size(fns: dict[tuple[str, str], Fn], budget_s: float, warmup: int) -> tuple[dict, dict]:
+TIMERS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_size(fns: dict[tuple[str, str], Fn], budget_s: float, warmup: int, clock=time.perf_counter) -> tuple:
     """Time each callable round-robin: every round runs each one `inner` times, in turn.
 
     The number of rounds is shared by all callables of a size (so round r of one can be paired with round r of
@@ -224,10 +230,10 @@ def time_size(fns: dict[tuple[str, str], Fn], budget_s: float, warmup: int) -> t
     times: dict[tuple[str, str], list[float]] = {key: [] for key in fns}
     for _ in range(rounds):
         for key, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(inner[key]):
                 fn()
-            times[key].append((time.perf_counter() - t0) / inner[key] * 1e3)
+            times[key].append((clock() - t0) / inner[key] * 1e3)
     return times, inner
 
 
@@ -242,7 +248,7 @@ def run_bench(args: argparse.Namespace, ours, seed, mha) -> list[Cell]:
             for impl, fn in implementations(ours, seed, mha, x, need_weights=path == "weights").items():
                 fns[(path, impl)] = fn
         t0 = time.perf_counter()
-        times, inner = time_size(fns, budget_s, warmup)
+        times, inner = time_size(fns, budget_s, warmup, TIMERS[args.timer])
         size = f"{B}x{T}"
         print(f"  measured {size} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         for (path, impl), samples in times.items():
@@ -303,6 +309,8 @@ def print_report(cells: list[Cell], ratios: list[dict], targets: list[dict], met
     print(f"1-min load average before/after timing: {load[0]:.2f}/{load[1]:.2f} (other work skews times)")
     if max(load) > (os.cpu_count() or 1) * 0.75:
         print("WARNING: the machine was busy with other work while timing; absolute times are inflated and noisy.")
+    if meta["timer"] == "cpu":
+        print("TIMER cpu: ms/call is process CPU time per call summed over threads, not elapsed time.")
     print("GFLOP/s count causal attention as full T x T; ratios are time ratios (lower is better);")
     print("ratio columns are on the `ours` row: median over rounds of ours/other, each pair timed back to back;")
     print("`*` marks the faster nn.MHA config (by median ms), the comparator for ours/nn.MHA.\n")
@@ -318,7 +326,7 @@ def print_report(cells: list[Cell], ratios: list[dict], targets: list[dict], met
     print()
     for t in targets:
         verdict = "PASS" if t["pass"] else "FAIL"
-        print(f"{verdict}: {t['target']}: {t['ratio']:.2f}x (limit {t['limit']:.1f}x)")
+        print(f"{verdict}: {t['target']}: {t['ratio']:.3f}x (limit {t['limit']:.1f}x)")
     failed = sum(not t["pass"] for t in targets)
     print(f"\n{len(targets) - failed}/{len(targets)} targets passed" + (f", {failed} FAILED" if failed else ""))
 
@@ -333,6 +341,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--quick", action="store_true", help="short warm-up and ~0.05 s per cell: a smoke run")
+    parser.add_argument(
+        "--timer",
+        choices=sorted(TIMERS),
+        default="wall",
+        help="wall: elapsed time (default); cpu: process CPU time, all threads summed (steadier on a shared machine)",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to PATH as JSON")
     args = parser.parse_args()
 
@@ -344,7 +358,7 @@ def main() -> int:
         cells = run_bench(args, ours, seed, mha)
         load_after = os.getloadavg()[0]
     ratios, targets = summarize(cells)
-    meta = {"threads": args.threads, "max_abs_diff": worst, "loadavg": [load_before, load_after]}
+    meta = {"threads": args.threads, "timer": args.timer, "max_abs_diff": worst, "loadavg": [load_before, load_after]}
     print_report(cells, ratios, targets, meta)
 
     if args.json:
@@ -352,6 +366,7 @@ def main() -> int:
             "config": {"E": E, "H": H, "head_size": D, "dtype": "float32", "threads": args.threads},
             "torch": torch.__version__,
             "quick": args.quick,
+            "timer": args.timer,
             "flops_formula": "2*B*T*E*3*H*D + 2*B*T*H*D*E + 2*2*B*H*T*T*D (causal counted as full)",
             "correctness_max_abs_diff": worst,
             "loadavg_1min_before_after": [load_before, load_after],

@@ -199,3 +199,21 @@ def test_bad_input_raises_value_error_naming_numbers(call, message):
 def test_bad_config(args, message):
     with pytest.raises(ValueError, match=message):
         MultiHeadAttention(*args)
+
+
+@pytest.mark.parametrize("T", [257, 513])
+def test_long_causal_weights_path_in_blocks_matches_reference(T, tmp_path, rng_seed):
+    """T > 256 takes the blocked causal weights path (mha_core.attention._BLOCK)."""
+    seed, mha = make_pair((2, 16, 8, 520), tmp_path)
+    x = torch.randn(2, T, 16)
+    lengths = [T, T // 3]
+    res = mha(x, need_weights=True, lengths=lengths)
+    ref_out, ref_w = naive_attention(seed, x, lengths=lengths)
+    torch.testing.assert_close(res.output.double(), ref_out, **F32)
+    torch.testing.assert_close(res.weights.double(), ref_w, **F32)
+    sub = mha(x[:1], need_weights=True, heads=[1])  # plain causal, no lengths: the blocked path proper
+    torch.testing.assert_close(sub.weights.double(), naive_attention(seed, x[:1])[1][:, [1]], **F32)
+    torch.testing.assert_close(sub.output, mha(x[:1]).output, atol=1e-5, rtol=1e-4)
+    full = mha(x[:1], need_weights=True)
+    torch.testing.assert_close(full.output.double(), naive_attention(seed, x[:1])[0], **F32)
+    assert torch.all(full.weights[0].triu(1) == 0)
