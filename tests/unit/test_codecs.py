@@ -89,8 +89,11 @@ def test_decode_errors_say_what_is_wrong(call, message):
     assert message in e.value.message
 
 
-def test_fast_base64_is_as_strict_as_validate_true():
-    """The fast decoder must reject exactly what b64decode(validate=True) rejects."""
+@pytest.mark.parametrize("simd", [True, False])
+def test_fast_base64_is_as_strict_as_validate_true(simd, monkeypatch):
+    """Both fast decoders (pybase64, and the stdlib fallback) reject exactly what b64decode(validate=True) does."""
+    if not simd:
+        monkeypatch.setattr(codecs, "pybase64", None)
     rnd = np.random.default_rng()
     for _ in range(3000):
         n = int(rnd.integers(1, 40))
