@@ -123,7 +123,8 @@ class ObserveMiddleware:
             await send(message)
 
         try:
-            if self.keys and path not in self.open and not self.keys.check(headers.get(b"authorization")):
+            needs_key = self.keys and path not in self.open and scope["method"] != "OPTIONS"  # CORS preflight: no key
+            if needs_key and not self.keys.check(headers.get(b"authorization")):
                 await self._unauthorized(path, send_wrapper)
             else:
                 await self.app(scope, receive, send_wrapper)

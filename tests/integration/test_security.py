@@ -117,3 +117,17 @@ async def test_json_nested_too_deep_is_a_clear_400(client):
     assert r.json()["error"]["message"] == "the body nests JSON deeper than the limit of 1024 levels"
     r = await client.post("/attend", content=b'{"x": ' + b"[" * 10 + b"1" + b"]" * 10 + b"}")
     assert r.status_code == 422 and "x must have 3 dimensions, got 10" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("settings_kw", [{"cors_origins": "http://a.example", "api_keys": "k"}])
+async def test_cors_preflight_needs_no_key(client):
+    r = await client.options(
+        "/attend",
+        headers={
+            "origin": "http://a.example",
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization",
+        },
+    )
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://a.example"
+    assert (await client.post("/attend", json=X, headers={"origin": "http://a.example"})).status_code == 401
