@@ -218,13 +218,13 @@ class MultiHeadAttention(nn.Module):
                 scores = scores.masked_fill(~allowed, float("-inf"))
             weights = torch.softmax(scores, dim=-1).to(q.dtype)
             return weights, None if v is None else weights @ v
-        q3 = (q.to(compute) * scale).reshape(B * h, T, D)
+        q3 = q.to(compute).reshape(B * h, T, D)  # the scale goes into the GEMMs' alpha: no scaled copy
         k3t = k.to(compute).reshape(B * h, T, D).transpose(1, 2)  # (B*h, D, T)
         v3 = None if v is None else v.reshape(B * h, T, D)
         if allowed is None and causal:
             bias = self._causal_bias(T, q.device, compute)  # (T, T): 0 on and below the diagonal, -inf above
             if T <= _BLOCK:  # one block: no copying into a separate weights buffer
-                weights = torch.baddbmm(bias, q3, k3t)  # (B*h, T, T)
+                weights = torch.baddbmm(bias, q3, k3t, alpha=scale)  # (B*h, T, T)
                 torch.softmax(weights, dim=-1, out=weights)
                 y = None if v3 is None else torch.bmm(weights.to(v3.dtype), v3)
             else:
@@ -232,14 +232,14 @@ class MultiHeadAttention(nn.Module):
                 y = None if v3 is None else torch.empty(B * h, T, D, dtype=v3.dtype, device=q.device)
                 for a in range(0, T, _BLOCK):
                     b = min(a + _BLOCK, T)
-                    block = torch.baddbmm(bias[a:b, :b], q3[:, a:b], k3t[:, :, :b])  # (B*h, b-a, b)
+                    block = torch.baddbmm(bias[a:b, :b], q3[:, a:b], k3t[:, :, :b], alpha=scale)  # (B*h, b-a, b)
                     torch.softmax(block, dim=-1, out=block)
                     weights[:, a:b, :b] = block
                     weights[:, a:b, b:] = 0.0
                     if y is not None:
                         torch.bmm(block.to(v3.dtype), v3[:, :b], out=y[:, a:b])
         else:
-            scores = torch.bmm(q3, k3t).view(B, h, T, T)
+            scores = torch.bmm(q3, k3t).mul_(scale).view(B, h, T, T)
             if allowed is not None:
                 scores.masked_fill_(~allowed, float("-inf"))
             weights = torch.softmax(scores, dim=-1, out=scores).view(B * h, T, T)
