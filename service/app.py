@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import __version__, heatmap, v2
 from service.batcher import Batcher, BatchLimits
 from service.decode import Limits, decode_attend, encode_attend
-from service.errors import ServiceError, error_responses
+from service.errors import INFERENCE_ERRORS, ServiceError, error_responses
 from service.httputil import infer, internal_error, read_body, require_ready, timing_headers
 from service.metrics import Metrics
 from service.observability import ApiKeys, ObserveMiddleware
@@ -29,16 +29,6 @@ from service.schemas import AttendRequest, AttendResponse, ModelDescription
 from service.settings import Settings
 
 log = logging.getLogger("mha_serve")
-
-ATTEND_ERRORS = (
-    "malformed_json",
-    "payload_too_large",
-    "validation_error",
-    "overloaded",
-    "internal_error",
-    "unavailable",
-    "deadline_exceeded",
-)
 
 
 @dataclass
@@ -169,7 +159,7 @@ def create_app(*, settings: Settings) -> FastAPI:
                 "description": "output [B, T, E] (and weights [B, H, T, T]) in the request's encoding; headers "
                 "x-queue-time-ms, x-compute-time-ms, x-batch-size",
             },
-            **error_responses(*ATTEND_ERRORS),
+            **error_responses(*INFERENCE_ERRORS),
         },
         openapi_extra={
             "requestBody": {

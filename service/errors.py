@@ -18,6 +18,18 @@ ERROR_STATUS: dict[str, int] = {
     "deadline_exceeded": 504,
 }
 
+# What a route that computes attention (/attend, /attend/heatmap, /v2 infer) can answer besides 200.
+INFERENCE_ERRORS = (
+    "malformed_json",
+    "payload_too_large",
+    "unsupported_media_type",
+    "validation_error",
+    "overloaded",
+    "internal_error",
+    "unavailable",
+    "deadline_exceeded",
+)
+
 ERROR_DESCRIPTIONS: dict[str, str] = {
     "malformed_json": "the body is not valid JSON",
     "unauthorized": "missing or wrong API key",

@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from mha_client.plot import render_heatmaps
 from service.decode import decode_attend, parse_json
-from service.errors import error_responses, validation
+from service.errors import INFERENCE_ERRORS, error_responses, validation
 from service.httputil import infer, read_body, require_ready, timing_headers
 
 if TYPE_CHECKING:
@@ -33,17 +33,6 @@ HEATMAP_MAX_HEADS = 16  # most panels in one picture (4 rows of 4)
 HEATMAP_MAX_RENDERS = 1  # pictures drawn at once; others wait. Drawing is mostly Python (the GIL): more gains little
 
 STATIC = Path(__file__).parent / "static"
-
-HEATMAP_ERRORS = (
-    "malformed_json",
-    "payload_too_large",
-    "unsupported_media_type",
-    "validation_error",
-    "overloaded",
-    "internal_error",
-    "unavailable",
-    "deadline_exceeded",
-)
 
 
 def build_router(state: AppState) -> APIRouter:
@@ -76,7 +65,7 @@ def build_router(state: AppState) -> APIRouter:
                 "content": {"image/png": {}},
                 "description": "the PNG; headers x-queue-time-ms, x-compute-time-ms, x-batch-size, x-render-time-ms",
             },
-            **error_responses(*HEATMAP_ERRORS),
+            **error_responses(*INFERENCE_ERRORS),
         },
         openapi_extra={
             "requestBody": {

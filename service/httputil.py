@@ -24,13 +24,18 @@ def require_ready(state: Any) -> None:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing (413) anything over ``limit`` bytes before reading or parsing it."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ServiceError("payload_too_large", f"the body is {declared} bytes, more than max_body_bytes {limit}")
+    """A JSON body (415 for another content-type), refusing (413) anything over ``limit`` bytes."""
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if ctype not in ("application/json", ""):
         raise ServiceError("unsupported_media_type", f"content-type must be application/json, got {ctype!r}")
+    return await read_limited(request, limit)
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The raw body, refusing (413) anything over ``limit`` bytes before reading or parsing it."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ServiceError("payload_too_large", f"the body is {declared} bytes, more than max_body_bytes {limit}")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)

@@ -53,9 +53,9 @@ from starlette.routing import Match
 
 from service import __version__, codecs
 from service.decode import check_input, parse_json
-from service.errors import ERROR_DESCRIPTIONS, ERROR_STATUS, ServiceError, validation
+from service.errors import ERROR_DESCRIPTIONS, ERROR_STATUS, INFERENCE_ERRORS, ServiceError, validation
 from service.httputil import infer as run_inference
-from service.httputil import internal_error, timing_headers
+from service.httputil import internal_error, read_limited, timing_headers
 
 log = logging.getLogger("mha_serve.v2")
 
@@ -71,17 +71,7 @@ INPUTS: dict[str, dict[str, np.dtype]] = {"x": _FLOAT, "lengths": _INT, "attn_ma
 OUTPUTS = ("output", "weights")
 _METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 
-INFER_ERRORS = (
-    "malformed_json",
-    "not_found",
-    "payload_too_large",
-    "unsupported_media_type",
-    "validation_error",
-    "overloaded",
-    "internal_error",
-    "unavailable",
-    "deadline_exceeded",
-)
+INFER_ERRORS = ("not_found", *INFERENCE_ERRORS)
 
 
 class V2Error(BaseModel):
@@ -299,16 +289,7 @@ class _Request:
 
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, inflated if gzip/deflate; 413 beyond ``limit`` bytes, before parsing."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ServiceError("payload_too_large", f"the body is {declared} bytes, more than max_body_bytes {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ServiceError("payload_too_large", f"the body exceeds max_body_bytes {limit}")
-        chunks.append(chunk)
-    body = b"".join(chunks)
+    body = await read_limited(request, limit)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("identity", ""):
         return body

@@ -191,7 +191,7 @@ async def test_openapi_documents_the_contract(client):
     assert (
         attend["requestBody"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/AttendRequest"
     )
-    assert {"200", "400", "413", "422", "429", "500", "503", "504"} <= set(attend["responses"])
+    assert {"200", "400", "413", "415", "422", "429", "500", "503", "504"} <= set(attend["responses"])
     props = spec["components"]["schemas"]["AttendRequest"]["properties"]
     assert {"x", "lengths", "causal", "attn_mask", "return_weights", "heads", "timeout_ms", "response_encoding"} == set(
         props
