@@ -60,7 +60,10 @@ def b64(arr: np.ndarray) -> str:
         (lambda: codecs.decode_lists([[[1, 2], [3]]], "x", (3,)), "x is ragged"),
         (lambda: codecs.decode_lists([[1, 2]], "x", (3,)), "x must have 3 dimensions, got 2 (shape [1, 2])"),
         (lambda: codecs.decode_lists([[["a", 1]]], "x", (3,)), "x must contain only numbers"),
-        (lambda: codecs.decode_lists([[[1, 0]]], "attn_mask", (2, 3), boolean=True), "true/false values, got int"),
+        (
+            lambda: codecs.decode_lists([[[1, 0]]], "attn_mask", (2, 3), boolean=True),
+            "true/false values, got number 1 at attn_mask[0][0][0]",
+        ),
         (
             lambda: codecs.decode_b64(
                 {"dtype": "float32", "shape": [1, 2, 3], "b64": b64(np.zeros(5, np.float32))}, "x", (3,)
