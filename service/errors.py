@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 import orjson
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger("mha_serve")
 
@@ -118,6 +119,8 @@ class InternalErrors:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except ClientDisconnect:  # the client left while its body was read: nobody to answer, nothing broke
+            return
         except Exception as exc:
             err = log_internal_error(exc, scope.get("method", ""), scope.get("path", ""))
             if started:  # too late for a status: uvicorn closes the connection of an unfinished response
