@@ -14,8 +14,10 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import importlib.util
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,7 +40,9 @@ MODULES = ("errors", "schemas", "codecs", "decode")  # the decoding stack; runne
 
 def load_baseline(rev: str):
     """``service.decode`` of ``rev``, with its own codecs/schemas/errors, as package ``baseline_service``."""
-    pkg = Path(tempfile.mkdtemp(prefix="mha-bench-")) / "baseline_service"
+    tmp = tempfile.mkdtemp(prefix="mha-bench-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    pkg = Path(tmp) / "baseline_service"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     for name in MODULES:
