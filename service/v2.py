@@ -516,8 +516,9 @@ def _from_json(data: Any, name: str, dtype_name: str, shape: list[int], count: i
     if dtype_name in _FLOAT:
         arr = codecs.decode_lists(data, name, range(1, 64))  # float32; flat or nested
         if dtype_name == "FP16":
-            with np.errstate(over="ignore"):  # beyond 65504 becomes inf, which check_finite reports
-                arr = arr.astype(np.float16)
+            if arr.size and (big := float(np.max(np.abs(arr)))) > codecs.DTYPE_MAX["float16"]:
+                raise validation(f"input {name!r} is FP16, but holds {big:g}, beyond FP16's 65504; send it as FP32")
+            arr = arr.astype(np.float16)
         elif dtype_name == "BF16":
             arr = codecs.f32_to_bf16(arr)
     elif dtype_name == "BOOL":
@@ -527,15 +528,13 @@ def _from_json(data: Any, name: str, dtype_name: str, shape: list[int], count: i
             arr = np.array(data)
         except ValueError as e:
             raise validation(f"input {name!r} data is ragged: its nested lists do not all have the same length") from e
-        if arr.size and dtype_name == "BOOL" and arr.dtype != np.bool_:
-            raise validation(f"input {name!r} is BOOL: its data must be true/false values, got {arr.dtype}")
-        if arr.size and dtype_name in _INT and arr.dtype.kind not in "iu":
+        if arr.size and arr.dtype.kind not in "iu":
             raise validation(f"input {name!r} is {dtype_name}: its data must be integers, got {arr.dtype}")
-        if arr.size and dtype_name in _INT:
+        if arr.size:
             codecs.reject_bools(data, f"input {name!r}", (arr == 0) | (arr == 1))  # true/false became 1/0
         if arr.size and arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
             raise validation(f"input {name!r} has a value beyond the range of INT64: {int(arr.max())}")
-        arr = arr.astype(np.bool_ if dtype_name == "BOOL" else np.int64)
+        arr = arr.astype(np.int64)
     if arr.size != count:
         raise validation(f"input {name!r} data has {arr.size} elements, but shape {shape} needs {count}")
     return arr.reshape(shape)

@@ -197,3 +197,11 @@ def test_a_model_whose_weights_do_not_fit_the_dtype_does_not_start():
     Runner(mha, device=torch.device("cpu"), dtype=torch.float32, checksum="x")  # fine in float32
     with pytest.raises(ValueError, match=r"the model's proj\.weight hold values that torch\.float16 cannot represent"):
         Runner(mha, device=torch.device("cpu"), dtype=torch.float16, checksum="x")
+
+
+async def test_v2_fp16_json_data_beyond_its_range_says_so(client):
+    data = [1.0] * 31 + [1e5]
+    body = {"inputs": [{"name": "x", "datatype": "FP16", "shape": [1, 1, 32], "data": data}]}
+    r = await client.post(INFER, json=body)
+    assert r.status_code == 422
+    assert r.json()["error"] == "input 'x' is FP16, but holds 100000, beyond FP16's 65504; send it as FP32"
