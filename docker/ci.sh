@@ -204,13 +204,12 @@ docker build --force-rm -t "$LB_IMAGE" --build-arg BASE_IMAGE="$BASE_IMAGE" -f d
 step_end lb-image
 
 step_start image-build
-# The build context as a tar: the repository's files that git knows (tracked, or new and not
-# ignored: no .venv, no caches) plus the wheelhouse as docker/wheelhouse/.
+# The build context as a tar: the files git tracks (docker/context-files.sh; untracked files never
+# reach the image, so the same commit builds the same image) plus the wheelhouse as docker/wheelhouse/.
 ctx=$WORK/context.tar
-git rev-parse --git-dir >/dev/null 2>&1 || die "$ROOT is not a git checkout (the build context is git's file list)"
-git ls-files -z -c -o --exclude-standard | while IFS= read -r -d '' f; do
-    if [ -e "$f" ] && [[ "$f" != docker/wheelhouse/*.whl ]]; then printf '%s\0' "$f"; fi
-done >"$WORK/files"
+bash docker/context-files.sh "$ROOT" >"$WORK/files" || die "the build context is git's file list: $ROOT is not a git checkout"
+untracked=$(git ls-files -o --exclude-standard | wc -l)
+[ "$untracked" = 0 ] || log "left out of the build context: $untracked untracked file(s) (git add them to build them in)"
 wh_parent=$(dirname "$WHEELHOUSE") wh_name=$(basename "$WHEELHOUSE")
 tar -cf "$ctx" -C "$ROOT" --null -T "$WORK/files" \
     -C "$wh_parent" --exclude=.complete --transform "s,^$wh_name,docker/wheelhouse," "$wh_name"

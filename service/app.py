@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import __version__, heatmap, v2
 from service.batcher import Batcher, BatchLimits
 from service.decode import Limits, decode_attend, encode_attend
-from service.errors import INFERENCE_ERRORS, ServiceError, error_responses
+from service.errors import INFERENCE_ERRORS, InternalErrors, ServiceError, error_responses
 from service.httputil import infer, internal_error, read_body, require_ready, timing_headers
 from service.metrics import Metrics
 from service.observability import ApiKeys, ObserveMiddleware
@@ -65,6 +65,7 @@ def create_app(*, settings: Settings) -> FastAPI:
             settings.max_weights_elements,
             settings.default_timeout_ms,
             settings.max_timeout_ms,
+            dtype=settings.dtype,
         )
         state.batcher = Batcher(runner.run, _batch_limits(settings), observer=state.metrics, is_oom=is_out_of_memory)
         await state.batcher.start()
@@ -88,6 +89,7 @@ def create_app(*, settings: Settings) -> FastAPI:
     )
     app.state.mha = state
     _install_error_handlers(app, state)
+    app.add_middleware(InternalErrors)  # inside the request-id middleware: a 500 carries the id too
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

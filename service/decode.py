@@ -25,6 +25,7 @@ class Limits:
     max_weights_elements: int
     default_timeout_ms: float
     max_timeout_ms: float
+    dtype: str = "float32"  # the model's: inputs must fit its range before the cast to it
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def check_input(
         raise validation(
             f"x has {B} sequences, more than the per-request limit max_request_batch {limits.max_request_batch}"
         )
-    codecs.check_finite(x, "x")
+    codecs.check_finite(x, "x", limits.dtype)
     if x.dtype != np.float32:
         x = x.astype(np.float32)
 
@@ -179,8 +180,8 @@ def check_input(
 
 def encode_attend(output: np.ndarray, weights: np.ndarray | None, req: DecodedRequest, model: dict) -> bytes:
     body = {
-        "output": codecs.encode(output, req.encoding, req.dtype),
-        "weights": None if weights is None else codecs.encode(weights, req.encoding, req.dtype),
+        "output": codecs.encode(output, req.encoding, req.dtype, "output"),
+        "weights": None if weights is None else codecs.encode(weights, req.encoding, req.dtype, "weights"),
         "model": model,
     }
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import uuid
 from typing import Any
+
+import orjson
+from starlette.requests import ClientDisconnect
+
+log = logging.getLogger("mha_serve")
 
 ERROR_STATUS: dict[str, int] = {
     "malformed_json": 400,
@@ -12,6 +19,7 @@ ERROR_STATUS: dict[str, int] = {
     "payload_too_large": 413,
     "unsupported_media_type": 415,
     "validation_error": 422,
+    "numeric_overflow": 422,
     "overloaded": 429,
     "internal_error": 500,
     "unavailable": 503,
@@ -24,6 +32,7 @@ INFERENCE_ERRORS = (
     "payload_too_large",
     "unsupported_media_type",
     "validation_error",
+    "numeric_overflow",
     "overloaded",
     "internal_error",
     "unavailable",
@@ -38,6 +47,8 @@ ERROR_DESCRIPTIONS: dict[str, str] = {
     "payload_too_large": "the body exceeds max_body_bytes (checked before parsing)",
     "unsupported_media_type": "the body is not application/json",
     "validation_error": "the request is well-formed JSON but breaks the contract",
+    "numeric_overflow": "the result overflowed the model's (or the response's) dtype: send smaller values, or "
+    "serve a float32 model; retrying the same request gives the same answer",
     "overloaded": "the queue is full; retry after the Retry-After header's seconds",
     "internal_error": "an unexpected failure; the message carries an error id found in the logs",
     "unavailable": "not ready (starting or shutting down)",
@@ -68,8 +79,71 @@ def validation(message: str) -> ServiceError:
     return ServiceError("validation_error", message)
 
 
+def status_descriptions(*types: str) -> dict[int, str]:
+    """Status -> description, joining the types that share a status (422: validation, overflow)."""
+    out: dict[int, str] = {}
+    for t in types:
+        status = ERROR_STATUS[t]
+        out[status] = f"{out[status]}; or {ERROR_DESCRIPTIONS[t]}" if status in out else ERROR_DESCRIPTIONS[t]
+    return out
+
+
 def error_responses(*types: str) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses=`` for a route, built from the same table the handlers use."""
     from service.schemas import ErrorBody
 
-    return {ERROR_STATUS[t]: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[t]} for t in types}
+    return {status: {"model": ErrorBody, "description": d} for status, d in status_descriptions(*types).items()}
+
+
+class InternalErrors:
+    """ASGI middleware: an exception that escapes a route becomes the one opaque 500, logged once.
+
+    Installed inside the request-id middleware, so the 500 carries ``x-request-id`` and the log
+    line its id, like every other answer. Without it the exception reached Starlette's outermost
+    ServerErrorMiddleware (outside the request id) and then uvicorn, which logged it a second time.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_wrapper(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except ClientDisconnect:  # the client left while its body was read: nobody to answer, nothing broke
+            return
+        except Exception as exc:
+            err = log_internal_error(exc, scope.get("method", ""), scope.get("path", ""))
+            if started:  # too late for a status: uvicorn closes the connection of an unfinished response
+                return
+            if scope.get("path", "").startswith("/v2"):  # the Open Inference Protocol's error shape
+                body = orjson.dumps({"error": err.message})
+            else:
+                body = orjson.dumps(err.body())
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": err.status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+
+def log_internal_error(exc: BaseException, method: str, path: str) -> ServiceError:
+    """Log ``exc`` with its traceback and a fresh error id; the caller gets the id, nothing of the internals."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error(
+        "internal error %s on %s %s: %r",
+        error_id,
+        method,
+        path,
+        exc,
+        exc_info=(type(exc), exc, exc.__traceback__),
+        extra={"error_id": error_id},
+    )
+    return ServiceError("internal_error", f"internal error (id {error_id}); see the server log")

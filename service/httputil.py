@@ -9,6 +9,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from service import codecs
 from service.batcher import ClientGone, DeadlineExceeded, Overloaded, Result, ShuttingDown
 from service.errors import ServiceError
 from service.runner import AttendInput
@@ -77,7 +78,7 @@ async def infer(state: Any, inp: AttendInput, *, started: float, timeout_s: floa
     if state.settings.fault_injection and "x-mha-fault" in request.headers:
         inp = dataclasses.replace(inp, fault=request.headers["x-mha-fault"])
     try:
-        return await state.batcher.infer(inp, deadline=started + timeout_s, abandoned=disconnected(request))
+        res = await state.batcher.infer(inp, deadline=started + timeout_s, abandoned=disconnected(request))
     except Overloaded as e:
         raise ServiceError("overloaded", str(e), headers={"retry-after": str(int(e.retry_after_s))}) from e
     except DeadlineExceeded as e:
@@ -88,6 +89,9 @@ async def infer(state: Any, inp: AttendInput, *, started: float, timeout_s: floa
         return None  # nobody is listening; counted by the batcher
     except Exception as e:  # the forward failed for this request alone (the batcher isolates faults)
         raise internal_error(e, request) from e
+    # before any encoding, for every route: an overflow is a clear error, never null/Inf/NaN in a 200
+    codecs.check_computed({"output": res.output.output, "weights": res.output.weights}, inp.x, state.settings.dtype)
+    return res
 
 
 def timing_headers(res: Result) -> dict[str, str]:

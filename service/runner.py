@@ -81,6 +81,9 @@ class Runner:
         self.device = device
         self.dtype = dtype
         self.module = module.to(device=device, dtype=dtype).eval()
+        bad = [n for n, p in self.module.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:  # else every answer would overflow, and be blamed on the input
+            raise ValueError(f"the model's {', '.join(bad)} hold values that {dtype} cannot represent; use float32")
         self.config: MHAConfig = module.config
         self.checksum = checksum
         self._pin = device.type == "cuda"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, WithJsonSchema
 
 _NUMBER_LISTS = {
     "type": "array",
@@ -58,7 +58,9 @@ class AttendRequest(BaseModel):
     )
     return_weights: StrictBool = Field(False, description="also return per-head attention weights [B, H, T, T]")
     heads: list[StrictInt] | None = Field(None, description="head indices whose weights to return (default all)")
-    timeout_ms: float | None = Field(None, description="this request's deadline in ms, capped by the server's maximum")
+    timeout_ms: StrictFloat | None = Field(
+        None, description="this request's deadline in ms (a number > 0), capped by the server's maximum"
+    )
     response_encoding: Literal["lists", "base64"] | None = Field(
         None, description="encoding of the response tensors; default: the encoding of x"
     )

@@ -53,7 +53,7 @@ from starlette.routing import Match
 
 from service import __version__, codecs
 from service.decode import check_input, parse_json
-from service.errors import ERROR_DESCRIPTIONS, ERROR_STATUS, INFERENCE_ERRORS, ServiceError, validation
+from service.errors import INFERENCE_ERRORS, ServiceError, status_descriptions, validation
 from service.httputil import infer as run_inference
 from service.httputil import internal_error, read_limited, timing_headers
 
@@ -65,6 +65,7 @@ HEADER_LENGTH = "inference-header-content-length"
 
 # wire datatype -> little-endian numpy dtype of its bytes (BF16: the upper half of a float32)
 _FLOAT = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+_WIRE = {"FP32": "float32", "FP16": "float16", "BF16": "bfloat16"}  # the names codecs uses
 _INT = {"INT32": np.dtype("<i4"), "INT64": np.dtype("<i8")}
 _BOOL = {"BOOL": np.dtype("u1")}
 INPUTS: dict[str, dict[str, np.dtype]] = {"x": _FLOAT, "lengths": _INT, "attn_mask": _BOOL}
@@ -79,7 +80,7 @@ class V2Error(BaseModel):
 
 
 def _responses(*types: str) -> dict[int | str, dict[str, Any]]:
-    return {ERROR_STATUS[t]: {"model": V2Error, "description": ERROR_DESCRIPTIONS[t]} for t in types}
+    return {status: {"model": V2Error, "description": d} for status, d in status_descriptions(*types).items()}
 
 
 def _error_response(err: ServiceError) -> JSONResponse:
@@ -515,22 +516,25 @@ def _from_json(data: Any, name: str, dtype_name: str, shape: list[int], count: i
     if dtype_name in _FLOAT:
         arr = codecs.decode_lists(data, name, range(1, 64))  # float32; flat or nested
         if dtype_name == "FP16":
-            with np.errstate(over="ignore"):  # beyond 65504 becomes inf, which check_finite reports
-                arr = arr.astype(np.float16)
+            if arr.size and (big := float(np.max(np.abs(arr)))) > codecs.DTYPE_MAX["float16"]:
+                raise validation(f"input {name!r} is FP16, but holds {big:g}, beyond FP16's 65504; send it as FP32")
+            arr = arr.astype(np.float16)
         elif dtype_name == "BF16":
             arr = codecs.f32_to_bf16(arr)
+    elif dtype_name == "BOOL":
+        arr = codecs.decode_lists(data, name, range(1, 64), boolean=True)  # true/false only, as /attend's
     else:
         try:
             arr = np.array(data)
         except ValueError as e:
             raise validation(f"input {name!r} data is ragged: its nested lists do not all have the same length") from e
-        if arr.size and dtype_name == "BOOL" and arr.dtype != np.bool_:
-            raise validation(f"input {name!r} is BOOL: its data must be true/false values, got {arr.dtype}")
-        if arr.size and dtype_name in _INT and arr.dtype.kind not in "iu":
+        if arr.size and arr.dtype.kind not in "iu":
             raise validation(f"input {name!r} is {dtype_name}: its data must be integers, got {arr.dtype}")
+        if arr.size:
+            codecs.reject_bools(data, f"input {name!r}", (arr == 0) | (arr == 1))  # true/false became 1/0
         if arr.size and arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
             raise validation(f"input {name!r} has a value beyond the range of INT64: {int(arr.max())}")
-        arr = arr.astype(np.bool_ if dtype_name == "BOOL" else np.int64)
+        arr = arr.astype(np.int64)
     if arr.size != count:
         raise validation(f"input {name!r} data has {arr.size} elements, but shape {shape} needs {count}")
     return arr.reshape(shape)
@@ -547,11 +551,11 @@ def _encode(req: _Request, model_name: str, tensors: dict[str, np.ndarray | None
         arr = tensors[name]
         entry: dict[str, Any] = {"name": name, "datatype": dt, "shape": list(arr.shape)}
         if binary:
-            wire = _to_wire(arr, dt)
+            wire = _to_wire(arr, dt, name)
             entry["parameters"] = {"binary_data_size": wire.nbytes}
             blobs.append(wire)
         else:
-            entry["data"] = _to_json(arr, dt)
+            entry["data"] = _to_json(arr, dt, name)
         outputs.append(entry)
     resp: dict[str, Any] = {"model_name": model_name, "model_version": VERSION}
     if req.id is not None:
@@ -563,15 +567,12 @@ def _encode(req: _Request, model_name: str, tensors: dict[str, np.ndarray | None
     return b"".join([header, *(memoryview(b) for b in blobs)]), len(header)
 
 
-def _to_wire(arr: np.ndarray, datatype: str) -> np.ndarray:
-    """float32 -> contiguous 1-D little-endian array of the datatype's bytes."""
-    if datatype == "BF16":
-        return codecs.f32_to_bf16(arr).astype("<u2", copy=False).reshape(-1)
-    return np.ascontiguousarray(arr, dtype=_FLOAT[datatype]).reshape(-1)
+def _to_wire(arr: np.ndarray, datatype: str, name: str) -> np.ndarray:
+    """float32 -> contiguous 1-D little-endian array of the datatype's bytes (an overflow is a 422)."""
+    return codecs.to_wire(arr, _WIRE[datatype], name).reshape(-1)
 
 
-def _to_json(arr: np.ndarray, datatype: str) -> np.ndarray:
+def _to_json(arr: np.ndarray, datatype: str, name: str) -> np.ndarray:
     """A flat array orjson writes as a list (BF16: the bfloat16 values, as float32 numbers)."""
-    if datatype == "BF16":
-        return codecs.bf16_to_f32(codecs.f32_to_bf16(arr)).reshape(-1)
-    return np.ascontiguousarray(arr, dtype=np.float16 if datatype == "FP16" else np.float32).reshape(-1)
+    wire = codecs.to_wire(arr, _WIRE[datatype], name)
+    return (codecs.bf16_to_f32(wire) if datatype == "BF16" else wire).reshape(-1)

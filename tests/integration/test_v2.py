@@ -262,7 +262,7 @@ def _x_spec(**kw) -> dict:
                 {"inputs": [_x_spec(), {"name": "attn_mask", "shape": [3, 3], "datatype": "BOOL", "data": [1] * 9}]}
             ),
             422,
-            "its data must be true/false",
+            "attn_mask must contain only true/false values",
         ),
         (
             *_json(

@@ -60,7 +60,10 @@ def b64(arr: np.ndarray) -> str:
         (lambda: codecs.decode_lists([[[1, 2], [3]]], "x", (3,)), "x is ragged"),
         (lambda: codecs.decode_lists([[1, 2]], "x", (3,)), "x must have 3 dimensions, got 2 (shape [1, 2])"),
         (lambda: codecs.decode_lists([[["a", 1]]], "x", (3,)), "x must contain only numbers"),
-        (lambda: codecs.decode_lists([[[1, 0]]], "attn_mask", (2, 3), boolean=True), "true/false values, got int"),
+        (
+            lambda: codecs.decode_lists([[[1, 0]]], "attn_mask", (2, 3), boolean=True),
+            "true/false values, got number 1 at attn_mask[0][0][0]",
+        ),
         (
             lambda: codecs.decode_b64(
                 {"dtype": "float32", "shape": [1, 2, 3], "b64": b64(np.zeros(5, np.float32))}, "x", (3,)
@@ -109,3 +112,19 @@ def test_fast_base64_is_as_strict_as_validate_true(simd, monkeypatch):
         except ServiceError:
             fast = None
         assert fast == strict, (good, bad)
+
+
+@pytest.mark.parametrize(
+    ("rows", "where"),
+    [
+        ([[0.0, 0.0, False], [0.5, 1.5, 2.5]], "x[0][0][2]"),  # a row of only 0s and 1s (zero padding)
+        ([[0.0, 1.0, 1.0], [1.0, True, 0.0]], "x[0][1][1]"),
+        ([[0.25, 0.0, 2.0], [0.5, 1.5, True]], "x[0][1][2]"),  # a row that also holds other numbers
+    ],
+)
+def test_lists_booleans_among_numbers_are_found_exactly(rows, where):
+    with pytest.raises(ServiceError) as e:
+        codecs.decode_lists([rows], "x", (3,))
+    assert e.value.message.startswith("x must contain only numbers, got boolean ") and e.value.message.endswith(where)
+    ok = [[[0.0, 0.0, 0.0], [1.0, 0, 1]], [[1e-3, 0.0, 1.0], [2, 3, 1]]]  # 0s and 1s, ints too, are numbers
+    np.testing.assert_array_equal(codecs.decode_lists(ok, "x", (3,)), np.array(ok, np.float32))
