@@ -52,6 +52,14 @@ def create_app(*, settings: Settings) -> FastAPI:
         if settings.warmup:
             await asyncio.to_thread(runner.warmup)
         cfg = runner.config
+        if settings.max_request_batch * cfg.max_seq_len > settings.max_batch_tokens:
+            log.warning(
+                "max_request_batch x the model's max_seq_len (%d x %d) is over max_batch_tokens (%d): requests "
+                "over max_batch_tokens get 422",
+                settings.max_request_batch,
+                cfg.max_seq_len,
+                settings.max_batch_tokens,
+            )
         state.runner = runner
         state.model_info = {
             "name": settings.model_name,
@@ -66,7 +74,13 @@ def create_app(*, settings: Settings) -> FastAPI:
             settings.default_timeout_ms,
             settings.max_timeout_ms,
         )
-        state.batcher = Batcher(runner.run, _batch_limits(settings), observer=state.metrics, is_oom=is_out_of_memory)
+        state.batcher = Batcher(
+            runner.run,
+            _batch_limits(settings),
+            observer=state.metrics,
+            is_oom=is_out_of_memory,
+            weights_of=runner.weights_elements,
+        )
         await state.batcher.start()
         gc.collect()
         gc.freeze()  # start-up objects leave the GC's view: full passes over them made the tails
@@ -208,6 +222,7 @@ def _batch_limits(s: Settings) -> BatchLimits:
         max_queue_requests=s.max_queue_requests,
         max_queue_tokens=s.max_queue_tokens,
         oom_cooldown_s=s.oom_cooldown_s,
+        max_batch_weights_elements=s.max_batch_weights_elements,
     )
 
 

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(**overrides)
     except ValidationError as e:
         lines = [
-            f"  MHA_{'_'.join(str(p) for p in err['loc']).upper() or '(settings)'}: {err['msg']}" for err in e.errors()
+            f"  {'MHA_' + '_'.join(str(p) for p in err['loc']).upper() if err['loc'] else 'settings'}: {err['msg']}"
+            for err in e.errors()
         ]
         print("mha-serve: invalid settings:\n" + "\n".join(lines), file=sys.stderr)
         return 2

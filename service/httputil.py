@@ -9,7 +9,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from service.batcher import ClientGone, DeadlineExceeded, Overloaded, Result, ShuttingDown
+from service.batcher import ClientGone, DeadlineExceeded, Overloaded, RequestTooLarge, Result, ShuttingDown
 from service.errors import ServiceError
 from service.runner import AttendInput
 
@@ -80,6 +80,8 @@ async def infer(state: Any, inp: AttendInput, *, started: float, timeout_s: floa
         return await state.batcher.infer(inp, deadline=started + timeout_s, abandoned=disconnected(request))
     except Overloaded as e:
         raise ServiceError("overloaded", str(e), headers={"retry-after": str(int(e.retry_after_s))}) from e
+    except RequestTooLarge as e:
+        raise ServiceError("validation_error", str(e)) from e
     except DeadlineExceeded as e:
         raise ServiceError("deadline_exceeded", f"{e} (timeout {timeout_s * 1000:g} ms)") from e
     except ShuttingDown as e:

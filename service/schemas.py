@@ -99,6 +99,7 @@ class BatchingInfo(BaseModel):
     max_queue_requests: int
     max_queue_tokens: int
     oom_cooldown_s: float
+    max_batch_weights_elements: int
 
 
 class LimitsInfo(BaseModel):
