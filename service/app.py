@@ -41,6 +41,33 @@ class AppState:
     draining: bool = False
     model_info: dict | None = None
     limits: Limits | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    shutdown_deadline: float | None = None  # monotonic: the signal's time + shutdown_grace_s
+    drain: asyncio.Future | None = None
+
+    def begin_shutdown(self) -> None:
+        """Refuse new work now, and drain accepted work by one deadline measured from this call.
+
+        Called from the SIGTERM handler (service.cli), so that uvicorn's wait for open
+        connections and the batcher's drain share one grace period instead of running one
+        after the other; safe in a signal handler (it only schedules the drain on the loop).
+        """
+        self.draining = True
+        self.ready = False
+        if self.shutdown_deadline is None:
+            self.shutdown_deadline = time.monotonic() + self.settings.shutdown_grace_s
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        if self.drain is not None or self.batcher is None:
+            return
+        grace = self.settings.shutdown_grace_s
+        # Fail what is left a little before the deadline, so that its 503s are written before
+        # uvicorn's own deadline cancels the handlers (whose clients would get no answer).
+        reserve = min(1.0, 0.1 * grace)
+        left = max(0.0, self.shutdown_deadline - time.monotonic() - reserve)
+        self.drain = asyncio.ensure_future(self.batcher.stop(grace_s=left))
 
 
 def create_app(*, settings: Settings) -> FastAPI:
@@ -82,6 +109,7 @@ def create_app(*, settings: Settings) -> FastAPI:
             weights_of=runner.weights_elements,
         )
         await state.batcher.start()
+        state.loop = asyncio.get_running_loop()
         gc.collect()
         gc.freeze()  # start-up objects leave the GC's view: full passes over them made the tails
         state.ready = True
@@ -89,9 +117,9 @@ def create_app(*, settings: Settings) -> FastAPI:
         try:
             yield
         finally:
-            state.ready = False
-            state.draining = True
-            await state.batcher.stop(grace_s=settings.shutdown_grace_s)
+            state.begin_shutdown()  # no-op if the signal already began it: one grace, from the signal
+            state._start_drain()
+            await state.drain
             log.info("stopped")
 
     app = FastAPI(

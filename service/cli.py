@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import time
 
 import uvicorn
 from pydantic import ValidationError
@@ -15,19 +16,30 @@ from service.settings import Settings
 
 
 class _Server(uvicorn.Server):
-    """On SIGTERM/SIGINT, turn not-ready and refuse new work at once; uvicorn then finishes
-    the requests in flight (up to the grace period) and runs the lifespan shutdown."""
+    """On SIGTERM/SIGINT, turn not-ready, refuse new work and start draining at once.
+
+    The whole shutdown, from the signal to the exit, fits in one MHA_SHUTDOWN_GRACE_S: the
+    batcher drains until shortly before the deadline and then answers what is left with 503;
+    uvicorn's wait for open connections ends at the same deadline (not a grace of its own
+    before the batcher's), and the lifespan shutdown finds the batcher already stopped.
+    """
 
     def __init__(self, config: uvicorn.Config, app) -> None:
         super().__init__(config)
         self._mha_state = app.state.mha
 
     def handle_exit(self, sig, frame) -> None:
-        self._mha_state.draining = True
+        self._mha_state.begin_shutdown()
         super().handle_exit(sig, frame)
         if sig == signal.SIGTERM and sig in self._captured_signals:
             # A SIGTERM shutdown that drained cleanly is a success: exit 0, not -15.
             self._captured_signals.remove(sig)
+
+    async def shutdown(self, sockets=None) -> None:
+        deadline = self._mha_state.shutdown_deadline
+        if deadline is not None:  # what is left of the one grace period (uvicorn sleeps 0.1 s first)
+            self.config.timeout_graceful_shutdown = max(0.05, deadline - time.monotonic() - 0.1)
+        await super().shutdown(sockets)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level,
         log_config=None,  # keep our JSON handler
-        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
+        timeout_graceful_shutdown=max(0.05, settings.shutdown_grace_s),  # counted from the signal (_Server)
         access_log=False,
     )
     server = _Server(config, app)
