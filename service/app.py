@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__, heatmap, v2
+from service.admission import Admission, AdmissionMiddleware
 from service.batcher import Batcher, BatchLimits
 from service.decode import Limits, decode_attend, encode_attend
 from service.errors import INFERENCE_ERRORS, ServiceError, error_responses
@@ -130,6 +131,12 @@ def create_app(*, settings: Settings) -> FastAPI:
     )
     app.state.mha = state
     _install_error_handlers(app, state)
+    app.add_middleware(  # innermost: its 429/408 get CORS headers, request ids, metrics and access logs
+        AdmissionMiddleware,
+        admission=Admission(settings.max_inflight_requests, settings.max_inflight_bytes),
+        max_body_bytes=settings.max_body_bytes,
+        body_read_timeout_s=settings.body_read_timeout_s,
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -183,6 +190,9 @@ def create_app(*, settings: Settings) -> FastAPI:
                 "max_weights_elements": s.max_weights_elements,
                 "default_timeout_ms": s.default_timeout_ms,
                 "max_timeout_ms": s.max_timeout_ms,
+                "max_inflight_requests": s.max_inflight_requests,
+                "max_inflight_bytes": s.max_inflight_bytes,
+                "body_read_timeout_s": s.body_read_timeout_s,
             },
         }
 

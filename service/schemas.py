@@ -108,6 +108,9 @@ class LimitsInfo(BaseModel):
     max_weights_elements: int
     default_timeout_ms: float
     max_timeout_ms: float
+    max_inflight_requests: int
+    max_inflight_bytes: int
+    body_read_timeout_s: float
 
 
 class ModelDescription(ModelInfo):
