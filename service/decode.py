@@ -74,7 +74,11 @@ def decode_tensor(value: Any, name: str, ndims: tuple[int, ...], *, boolean: boo
 
 
 def decode_attend(body: bytes, config: MHAConfig, limits: Limits) -> DecodedRequest:
-    obj = parse_json(body)
+    return decode_object(parse_json(body), config, limits)
+
+
+def decode_object(obj: Any, config: MHAConfig, limits: Limits) -> DecodedRequest:
+    """decode_attend after the JSON parse (which may have run elsewhere: heatmap, the decode processes)."""
     if not isinstance(obj, dict):
         raise validation(f"the body must be a JSON object, got {type(obj).__name__}")
     try:
