@@ -20,11 +20,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import __version__, heatmap, v2
 from service.admission import Admission, AdmissionMiddleware
 from service.batcher import Batcher, BatchLimits
-from service.decode import Limits, decode_attend, encode_attend
+from service.decode import Limits
 from service.errors import INFERENCE_ERRORS, ServiceError, error_responses
 from service.httputil import infer, internal_error, read_body, require_ready, timing_headers
 from service.metrics import Metrics
 from service.observability import ApiKeys, ObserveMiddleware
+from service.offload import Offload
 from service.runner import Runner, is_out_of_memory
 from service.schemas import AttendRequest, AttendResponse, ModelDescription
 from service.settings import Settings
@@ -45,6 +46,7 @@ class AppState:
     loop: asyncio.AbstractEventLoop | None = None
     shutdown_deadline: float | None = None  # monotonic: the signal's time + shutdown_grace_s
     drain: asyncio.Future | None = None
+    offload: Offload | None = None
 
     def begin_shutdown(self) -> None:
         """Refuse new work now, and drain accepted work by one deadline measured from this call.
@@ -110,6 +112,8 @@ def create_app(*, settings: Settings) -> FastAPI:
             weights_of=runner.weights_elements,
         )
         await state.batcher.start()
+        state.offload = Offload(settings.decode_processes, settings.offload_min_bytes)
+        await state.offload.start()
         state.loop = asyncio.get_running_loop()
         gc.collect()
         gc.freeze()  # start-up objects leave the GC's view: full passes over them made the tails
@@ -121,6 +125,7 @@ def create_app(*, settings: Settings) -> FastAPI:
             state.begin_shutdown()  # no-op if the signal already began it: one grace, from the signal
             state._start_drain()
             await state.drain
+            state.offload.close()
             log.info("stopped")
 
     app = FastAPI(
@@ -224,11 +229,12 @@ def create_app(*, settings: Settings) -> FastAPI:
         started = time.monotonic()
         require_ready(state)
         body = await read_body(request, settings.max_body_bytes)
-        dec = decode_attend(body, state.runner.config, state.limits)
+        dec = await state.offload.decode_attend(body, state.runner.config, state.limits)
+        del body
         res = await infer(state, dec.input, started=started, timeout_s=dec.timeout_s, request=request)
         if res is None:
             return Response(status_code=499)
-        payload = encode_attend(res.output.output, res.output.weights, dec, state.model_info)
+        payload = await state.offload.encode_attend(res.output.output, res.output.weights, dec, state.model_info)
         return Response(payload, media_type="application/json", headers=timing_headers(res))
 
     def openapi() -> dict[str, Any]:

@@ -10,7 +10,6 @@ import time
 import uvicorn
 from pydantic import ValidationError
 
-from service.app import create_app
 from service.observability import configure_logging
 from service.settings import Settings
 
@@ -58,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         print("mha-serve: invalid settings:\n" + "\n".join(lines), file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    from service.app import create_app  # here, not at the top: the decode processes import this module
+
     app = create_app(settings=settings)
     config = uvicorn.Config(
         app,

@@ -63,6 +63,8 @@ def format_validation_error(e: ValidationError, prefix: str = "") -> str:
 
 def decode_tensor(value: Any, name: str, ndims: tuple[int, ...], *, boolean: bool = False) -> tuple[np.ndarray, str]:
     """Either encoding -> (array, encoding name, wire dtype)."""
+    if isinstance(value, np.ndarray):  # nested lists already decoded off the event loop (service.offload)
+        return value, "lists"
     if isinstance(value, dict):
         try:
             env = TensorB64.model_validate(value)
@@ -182,9 +184,14 @@ def check_input(
 
 
 def encode_attend(output: np.ndarray, weights: np.ndarray | None, req: DecodedRequest, model: dict) -> bytes:
-    body = {
+    return orjson.dumps(attend_body(output, weights, req, model), option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def attend_body(output: np.ndarray, weights: np.ndarray | None, req: DecodedRequest, model: dict) -> dict:
+    """The response object before serialisation (orjson, OPT_SERIALIZE_NUMPY); large ones are written
+    by the decode processes (service.offload)."""
+    return {
         "output": codecs.encode(output, req.encoding, req.dtype),
         "weights": None if weights is None else codecs.encode(weights, req.encoding, req.dtype),
         "model": model,
     }
-    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
