@@ -10,7 +10,6 @@ import time
 import uvicorn
 from pydantic import ValidationError
 
-from service.observability import configure_logging
 from service.settings import Settings
 
 
@@ -56,9 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         ]
         print("mha-serve: invalid settings:\n" + "\n".join(lines), file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format)
-    from service.app import create_app  # here, not at the top: the decode processes import this module
+    # Imported here, not at the top: the decode processes (spawned) import this module as their
+    # __main__, and must not import torch with it.
+    from service.app import create_app
+    from service.observability import configure_logging
 
+    configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings=settings)
     config = uvicorn.Config(
         app,

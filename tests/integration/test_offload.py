@@ -59,11 +59,12 @@ async def test_large_lists_are_decoded_and_encoded_off_the_loop_with_equal_resul
     assert np.asarray(on["weights"]).shape == (4, 4, 64, 64)
 
 
-def test_the_worker_module_imports_no_torch():
+def test_the_decode_processes_import_no_torch():
+    """A spawned worker imports the worker module and the parent's __main__ (service.cli under mha-serve)."""
     import subprocess
     import sys
 
-    code = "import sys, service.offload_worker; print('torch' in sys.modules)"
+    code = "import sys, service.offload_worker, service.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
     assert service.offload_worker.ready()
