@@ -66,9 +66,10 @@ class AppState:
         if self.drain is not None or self.batcher is None:
             return
         grace = self.settings.shutdown_grace_s
-        # Fail what is left a little before the deadline, so that its 503s are written before
-        # uvicorn's own deadline cancels the handlers (whose clients would get no answer).
-        reserve = min(1.0, 0.1 * grace)
+        # Fail what is left a little before the deadline, so that its 503s are written, and the
+        # process has exited, by the deadline (uvicorn's own, at the same time, would cancel the
+        # handlers, whose clients would then get no answer at all).
+        reserve = min(1.5, 0.25 * grace)
         left = max(0.0, self.shutdown_deadline - time.monotonic() - reserve)
         self.drain = asyncio.ensure_future(self.batcher.stop(grace_s=left))
 

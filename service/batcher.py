@@ -132,6 +132,7 @@ class _ForwardThread:
     """
 
     def __init__(self, name: str) -> None:
+        self.busy = False  # a forward is running now
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
@@ -148,10 +149,13 @@ class _ForwardThread:
     def _main(self) -> None:
         while (job := self._jobs.get()) is not None:
             loop, fut, fn, args = job
+            self.busy = True
             try:
                 ok, value = True, fn(*args)
             except BaseException as e:  # handed to the awaiting task
                 ok, value = False, e
+            finally:
+                self.busy = False
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
                 loop.call_soon_threadsafe(_settle, fut, ok, value)
             del job, fut, value  # do not keep the last batch's arrays alive until the next one
@@ -197,6 +201,11 @@ class Batcher:
         self._drain_tokens_per_s = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def forward_running(self) -> bool:
+        """A forward pass is computing now (after ``stop``: one that ran past the grace, unawaited)."""
+        return self._worker is not None and self._worker.busy
 
     @property
     def running(self) -> bool:

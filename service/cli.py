@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import signal
 import sys
 import time
@@ -73,7 +75,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     server = _Server(config, app)
     server.run()
-    return 0 if server.started else 1
+    code = 0 if server.started else 1
+    batcher = app.state.mha.batcher
+    if batcher is not None and batcher.forward_running:
+        # A forward ran past the grace (its requests were answered 503). It cannot be interrupted,
+        # and finalising the interpreter under a running torch op can abort the process: leave now.
+        logging.getLogger("mha_serve").warning("a forward pass was still running at exit; not waiting for it")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
