@@ -18,12 +18,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__, heatmap, v2
+from service.admission import Admission, AdmissionMiddleware
 from service.batcher import Batcher, BatchLimits
-from service.decode import Limits, decode_attend, encode_attend
+from service.decode import Limits
 from service.errors import INFERENCE_ERRORS, InternalErrors, ServiceError, error_responses
 from service.httputil import infer, internal_error, read_body, require_ready, timing_headers
 from service.metrics import Metrics
 from service.observability import ApiKeys, ObserveMiddleware
+from service.offload import Offload
 from service.runner import Runner, is_out_of_memory
 from service.schemas import AttendRequest, AttendResponse, ModelDescription
 from service.settings import Settings
@@ -41,6 +43,35 @@ class AppState:
     draining: bool = False
     model_info: dict | None = None
     limits: Limits | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    shutdown_deadline: float | None = None  # monotonic: the signal's time + shutdown_grace_s
+    drain: asyncio.Future | None = None
+    offload: Offload | None = None
+
+    def begin_shutdown(self) -> None:
+        """Refuse new work now, and drain accepted work by one deadline measured from this call.
+
+        Called from the SIGTERM handler (service.cli), so that uvicorn's wait for open
+        connections and the batcher's drain share one grace period instead of running one
+        after the other; safe in a signal handler (it only schedules the drain on the loop).
+        """
+        self.draining = True
+        self.ready = False
+        if self.shutdown_deadline is None:
+            self.shutdown_deadline = time.monotonic() + self.settings.shutdown_grace_s
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        if self.drain is not None or self.batcher is None:
+            return
+        grace = self.settings.shutdown_grace_s
+        # Fail what is left a little before the deadline, so that its 503s are written, and the
+        # process has exited, by the deadline (uvicorn's own, at the same time, would cancel the
+        # handlers, whose clients would then get no answer at all).
+        reserve = min(1.5, 0.25 * grace)
+        left = max(0.0, self.shutdown_deadline - time.monotonic() - reserve)
+        self.drain = asyncio.ensure_future(self.batcher.stop(grace_s=left))
 
 
 def create_app(*, settings: Settings) -> FastAPI:
@@ -52,6 +83,14 @@ def create_app(*, settings: Settings) -> FastAPI:
         if settings.warmup:
             await asyncio.to_thread(runner.warmup)
         cfg = runner.config
+        if settings.max_request_batch * cfg.max_seq_len > settings.max_batch_tokens:
+            log.warning(
+                "max_request_batch x the model's max_seq_len (%d x %d) is over max_batch_tokens (%d): requests "
+                "over max_batch_tokens get 422",
+                settings.max_request_batch,
+                cfg.max_seq_len,
+                settings.max_batch_tokens,
+            )
         state.runner = runner
         state.model_info = {
             "name": settings.model_name,
@@ -67,8 +106,17 @@ def create_app(*, settings: Settings) -> FastAPI:
             settings.max_timeout_ms,
             dtype=settings.dtype,
         )
-        state.batcher = Batcher(runner.run, _batch_limits(settings), observer=state.metrics, is_oom=is_out_of_memory)
+        state.batcher = Batcher(
+            runner.run,
+            _batch_limits(settings),
+            observer=state.metrics,
+            is_oom=is_out_of_memory,
+            weights_of=runner.weights_elements,
+        )
         await state.batcher.start()
+        state.offload = Offload(settings.decode_processes, settings.offload_min_bytes)
+        await state.offload.start()
+        state.loop = asyncio.get_running_loop()
         gc.collect()
         gc.freeze()  # start-up objects leave the GC's view: full passes over them made the tails
         state.ready = True
@@ -76,9 +124,10 @@ def create_app(*, settings: Settings) -> FastAPI:
         try:
             yield
         finally:
-            state.ready = False
-            state.draining = True
-            await state.batcher.stop(grace_s=settings.shutdown_grace_s)
+            state.begin_shutdown()  # no-op if the signal already began it: one grace, from the signal
+            state._start_drain()
+            await state.drain
+            state.offload.close()
             log.info("stopped")
 
     app = FastAPI(
@@ -89,6 +138,12 @@ def create_app(*, settings: Settings) -> FastAPI:
     )
     app.state.mha = state
     _install_error_handlers(app, state)
+    app.add_middleware(  # innermost: its 429/408 get CORS headers, request ids, metrics and access logs
+        AdmissionMiddleware,
+        admission=Admission(settings.max_inflight_requests, settings.max_inflight_bytes),
+        max_body_bytes=settings.max_body_bytes,
+        body_read_timeout_s=settings.body_read_timeout_s,
+    )
     app.add_middleware(InternalErrors)  # inside the request-id middleware: a 500 carries the id too
     if settings.cors_origins:
         app.add_middleware(
@@ -143,6 +198,9 @@ def create_app(*, settings: Settings) -> FastAPI:
                 "max_weights_elements": s.max_weights_elements,
                 "default_timeout_ms": s.default_timeout_ms,
                 "max_timeout_ms": s.max_timeout_ms,
+                "max_inflight_requests": s.max_inflight_requests,
+                "max_inflight_bytes": s.max_inflight_bytes,
+                "body_read_timeout_s": s.body_read_timeout_s,
             },
         }
 
@@ -174,11 +232,12 @@ def create_app(*, settings: Settings) -> FastAPI:
         started = time.monotonic()
         require_ready(state)
         body = await read_body(request, settings.max_body_bytes)
-        dec = decode_attend(body, state.runner.config, state.limits)
+        dec = await state.offload.decode_attend(body, state.runner.config, state.limits)
+        del body
         res = await infer(state, dec.input, started=started, timeout_s=dec.timeout_s, request=request)
         if res is None:
             return Response(status_code=499)
-        payload = encode_attend(res.output.output, res.output.weights, dec, state.model_info)
+        payload = await state.offload.encode_attend(res.output.output, res.output.weights, dec, state.model_info)
         return Response(payload, media_type="application/json", headers=timing_headers(res))
 
     def openapi() -> dict[str, Any]:
@@ -210,6 +269,7 @@ def _batch_limits(s: Settings) -> BatchLimits:
         max_queue_requests=s.max_queue_requests,
         max_queue_tokens=s.max_queue_tokens,
         oom_cooldown_s=s.oom_cooldown_s,
+        max_batch_weights_elements=s.max_batch_weights_elements,
     )
 
 

@@ -13,11 +13,16 @@ Contract:
   from requests that queued behind a running batch may wait until its oldest request has
   waited that long, or the batch is full, to grow.
 - The forward pass runs in one worker thread; the event loop never blocks on torch.
-- A request past its deadline, or whose caller went away, is dropped before compute.
+- A request past its deadline, or whose caller went away or was cancelled, is dropped before
+  compute, and its queue slot (requests and tokens) is released at once, however it ended.
+- A request that could never fit one batch (more than ``max_batch_tokens`` tokens, or weights
+  over ``max_batch_weights_elements``) is refused at submit with :class:`RequestTooLarge`.
 - If a batch's forward raises, its requests are retried one by one, so only the failing
   request gets the error; the batcher keeps running.
 - ``start``/``stop`` are explicit; ``stop`` finishes pending work within a grace period and
-  fails whatever is left, never leaving a request hanging.
+  fails whatever is left, never leaving a request hanging; it returns once every task it
+  started (dispatch, running batch, timer) is done. The forward runs in a daemon thread, so a
+  forward still running when the grace is spent cannot hold the process's exit.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ import asyncio
 import contextlib
 import logging
 import math
+import queue
+import threading
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +63,10 @@ class ClientGone(Exception):
     pass
 
 
+class RequestTooLarge(Exception):
+    """The request alone is over a per-batch limit: no batch could ever run it."""
+
+
 class BatcherObserver:
     """Hooks for metrics; the default does nothing."""
 
@@ -76,9 +86,11 @@ class BatchLimits:
     max_queue_requests: int = 256
     max_queue_tokens: int = 262144
     oom_cooldown_s: float = 60.0  # how long halved limits last after an out-of-memory error
+    max_batch_weights_elements: int = 64 * 1024 * 1024  # attention-weight elements one batch may compute
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_batch_tokens", "max_queue_requests", "max_queue_tokens"):
+        names = ("max_batch_size", "max_batch_tokens", "max_queue_requests", "max_queue_tokens")
+        for name in (*names, "max_batch_weights_elements"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
@@ -103,12 +115,59 @@ class _Pending:
     arrived: float
     deadline: float
     queued_behind_batch: bool
+    weights: int = 0  # attention-weight elements this request computes
     tokens: int = field(init=False)
     abandoned: bool = False
     started: bool = False
 
     def __post_init__(self) -> None:
         self.tokens = self.input.batch * self.input.seq_len
+
+
+class _ForwardThread:
+    """One daemon thread that runs the forwards, in order, and answers on the event loop.
+
+    Not a ThreadPoolExecutor: its threads are joined at interpreter exit, so a forward still
+    running when the shutdown grace is spent would hold the exit past it.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.busy = False  # a forward is running now
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable, *args: Any) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._jobs.put((loop, fut, fn, args))
+        return fut
+
+    def shutdown(self) -> None:
+        self._jobs.put(None)
+
+    def _main(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            loop, fut, fn, args = job
+            self.busy = True
+            try:
+                ok, value = True, fn(*args)
+            except BaseException as e:  # handed to the awaiting task
+                ok, value = False, e
+            finally:
+                self.busy = False
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(_settle, fut, ok, value)
+            del job, fut, value  # do not keep the last batch's arrays alive until the next one
+
+
+def _settle(fut: asyncio.Future, ok: bool, value: Any) -> None:
+    if fut.done():  # cancelled while it ran (stop)
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
 
 
 class Batcher:
@@ -118,8 +177,10 @@ class Batcher:
         limits: BatchLimits,
         observer: BatcherObserver | None = None,
         is_oom: Callable[[BaseException], bool] = lambda e: False,
+        weights_of: Callable[[AttendInput], int] = lambda inp: 0,
     ) -> None:
         self._run_fn = run
+        self._weights_of = weights_of  # attention-weight elements a request computes (the runner knows H)
         self._is_oom = is_oom
         self._scale = 1.0  # batch limits are scaled down after out-of-memory errors
         self._scale_until = 0.0
@@ -135,10 +196,16 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._batch_task: asyncio.Task | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._worker: _ForwardThread | None = None
+        self._stopping: asyncio.Future | None = None
         self._drain_tokens_per_s = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def forward_running(self) -> bool:
+        """A forward pass is computing now (after ``stop``: one that ran past the grace, unawaited)."""
+        return self._worker is not None and self._worker.busy
 
     @property
     def running(self) -> bool:
@@ -147,7 +214,7 @@ class Batcher:
     async def start(self) -> None:
         if self._task is not None:
             raise RuntimeError("batcher already started")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mha-forward")
+        self._worker = _ForwardThread("mha-forward")
         self._accepting = True
         self._idle.set()
         self._task = asyncio.create_task(self._loop(), name="mha-batcher")
@@ -157,32 +224,43 @@ class Batcher:
         self._accepting = False
 
     async def stop(self, grace_s: float = 0.0) -> None:
-        """Finish queued and running work within ``grace_s``, then fail what is left."""
+        """Finish queued and running work within ``grace_s``, then fail what is left.
+
+        Returns once every task the batcher started is done. A second call (the signal's drain,
+        then the lifespan's shutdown) waits for the first one's end instead of granting more time.
+        """
         self._accepting = False
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(grace_s))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace_s: float) -> None:
         if self._task is None:
             return
         deadline = time.monotonic() + grace_s
-        while (self._queue or self._busy) and time.monotonic() < deadline:
+        while self._queue or self._busy:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             self._idle.clear()
-            if not self._queue and not self._busy:
-                break
-            try:
-                await asyncio.wait_for(self._idle.wait(), timeout=max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout=min(left, 0.05))
         for p in self._queue + self._inflight:
             _fail(p, ShuttingDown("the server is shutting down before this request could finish"))
         self._queue.clear()
         self._queued_tokens = 0
         self._obs.queue_changed(0, 0)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
         if self._timer is not None:
             self._timer.cancel()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._timer = None
+        tasks = [t for t in (self._task, self._batch_task) if t is not None and not t.done()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._worker is not None:
+            self._worker.shutdown()  # a forward still running finishes in its daemon thread, unawaited
         self._task = None
+        self._batch_task = None
 
     # -- requests ------------------------------------------------------------------------
 
@@ -190,7 +268,12 @@ class Batcher:
         return len(self._queue), self._queued_tokens
 
     async def infer(self, inp: AttendInput, *, deadline: float, abandoned: Awaitable[Any] | None = None) -> Result:
-        """Queue ``inp`` and wait for its result, its deadline (monotonic) or ``abandoned``."""
+        """Queue ``inp`` and wait for its result, its deadline (monotonic) or ``abandoned``.
+
+        However the wait ends (result, deadline, client gone, this task cancelled), a request
+        still queued leaves the queue at once: it is never computed, and its requests and tokens
+        stop counting against the queue's bounds.
+        """
         try:
             pending = self._submit(inp, deadline)
         except Exception:
@@ -205,9 +288,15 @@ class Batcher:
             done, _ = await asyncio.wait(
                 waiters, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
             )
+        except asyncio.CancelledError:
+            if not pending.future.done():
+                self._obs.dropped("cancelled")
+            raise
         finally:
             if gone is not None and not gone.done():
                 gone.cancel()
+            if not pending.future.done():
+                self._abandon(pending)
         if pending.future in done:
             try:
                 result = pending.future.result()  # raises the runner's or the batcher's error
@@ -218,7 +307,6 @@ class Batcher:
                 self._obs.dropped("late")
                 raise DeadlineExceeded("the request's deadline passed while it was computing")
             return result
-        pending.abandoned = True  # the dispatcher skips it if it is still queued
         if gone is not None and gone in done:
             self._obs.dropped("disconnect")
             raise ClientGone("the client went away")
@@ -228,11 +316,36 @@ class Batcher:
         self._obs.dropped("deadline")
         raise DeadlineExceeded("the request's deadline passed while it was queued")
 
+    def _abandon(self, p: _Pending) -> None:
+        """Its caller stopped waiting: release its queue slot now (a started one computes on, unanswered)."""
+        p.abandoned = True
+        p.future.cancel()
+        if p.started:
+            return
+        with contextlib.suppress(ValueError):  # already purged
+            self._queue.remove(p)
+            self._queued_tokens -= p.tokens
+            self._obs.queue_changed(len(self._queue), self._queued_tokens)
+        if not self._queue and not self._busy:
+            self._idle.set()
+
     def _submit(self, inp: AttendInput, deadline: float) -> _Pending:
         if not self._accepting:
             raise ShuttingDown("the batcher is not running")
         lim = self.limits
         tokens = inp.batch * inp.seq_len
+        if tokens > lim.max_batch_tokens:
+            raise RequestTooLarge(
+                f"x has B={inp.batch} x T={inp.seq_len} = {tokens} tokens, more than max_batch_tokens "
+                f"{lim.max_batch_tokens} (the most one forward pass holds); send fewer sequences per request"
+            )
+        weights = self._weights_of(inp)
+        if weights > lim.max_batch_weights_elements:
+            raise RequestTooLarge(
+                f"the weights would have {weights} elements, more than max_batch_weights_elements "
+                f"{lim.max_batch_weights_elements} (the most one forward pass computes); "
+                "ask for fewer heads or sequences"
+            )
         if len(self._queue) >= lim.max_queue_requests or self._queued_tokens + tokens > lim.max_queue_tokens:
             raise Overloaded(
                 f"queue is full ({len(self._queue)} requests, {self._queued_tokens} tokens queued; limits "
@@ -241,7 +354,7 @@ class Batcher:
             )
         now = time.monotonic()
         fut = asyncio.get_running_loop().create_future()
-        pending = _Pending(inp, fut, now, deadline, queued_behind_batch=self._busy)
+        pending = _Pending(inp, fut, now, deadline, queued_behind_batch=self._busy, weights=weights)
         self._queue.append(pending)
         self._queued_tokens += pending.tokens
         self._obs.queue_changed(len(self._queue), self._queued_tokens)
@@ -337,7 +450,7 @@ class Batcher:
         anchor = self._queue[0]
         key = anchor.input.key
         chosen = [anchor]
-        seqs, T, real = anchor.input.batch, anchor.input.seq_len, anchor.tokens
+        seqs, T, real, weights = anchor.input.batch, anchor.input.seq_len, anchor.tokens, anchor.weights
         for p in self._queue[1:]:
             if seqs >= max_size:
                 break
@@ -347,8 +460,10 @@ class Batcher:
             padded = (seqs + p.input.batch) * T2
             if padded > max_tokens or padded > lim.max_padding_ratio * (real + p.tokens):
                 continue
+            if weights + p.weights > lim.max_batch_weights_elements:
+                continue
             chosen.append(p)
-            seqs, T, real = seqs + p.input.batch, T2, real + p.tokens
+            seqs, T, real, weights = seqs + p.input.batch, T2, real + p.tokens, weights + p.weights
         for p in chosen:
             p.started = True
         taken = {id(p) for p in chosen}
@@ -358,12 +473,11 @@ class Batcher:
         return chosen
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
         started = time.monotonic()
         waits = [started - p.arrived for p in batch]
         try:
             try:
-                outputs, stats = await loop.run_in_executor(self._executor, self._run_fn, [p.input for p in batch])
+                outputs, stats = await self._worker.submit(self._run_fn, [p.input for p in batch])
                 if len(outputs) != len(batch):
                     raise RuntimeError(f"runner returned {len(outputs)} results for {len(batch)} requests")
                 results: list[AttendOutput | BaseException] = list(outputs)
@@ -402,12 +516,11 @@ class Batcher:
                 self._idle.set()
 
     async def _run_one_by_one(self, batch: list[_Pending]) -> tuple[list[AttendOutput | BaseException], BatchStats]:
-        loop = asyncio.get_running_loop()
         results: list[AttendOutput | BaseException] = []
         total = BatchStats()
         for p in batch:
             try:
-                (out,), stats = await loop.run_in_executor(self._executor, self._run_fn, [p.input])
+                (out,), stats = await self._worker.submit(self._run_fn, [p.input])
                 results.append(out)
                 total.sequences += stats.sequences
                 total.padded_tokens += stats.padded_tokens

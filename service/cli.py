@@ -3,31 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import signal
 import sys
+import time
 
 import uvicorn
 from pydantic import ValidationError
 
-from service.app import create_app
-from service.observability import configure_logging
 from service.settings import Settings
 
 
 class _Server(uvicorn.Server):
-    """On SIGTERM/SIGINT, turn not-ready and refuse new work at once; uvicorn then finishes
-    the requests in flight (up to the grace period) and runs the lifespan shutdown."""
+    """On SIGTERM/SIGINT, turn not-ready, refuse new work and start draining at once.
+
+    The whole shutdown, from the signal to the exit, fits in one MHA_SHUTDOWN_GRACE_S: the
+    batcher drains until shortly before the deadline and then answers what is left with 503;
+    uvicorn's wait for open connections ends at the same deadline (not a grace of its own
+    before the batcher's), and the lifespan shutdown finds the batcher already stopped.
+    """
 
     def __init__(self, config: uvicorn.Config, app) -> None:
         super().__init__(config)
         self._mha_state = app.state.mha
 
     def handle_exit(self, sig, frame) -> None:
-        self._mha_state.draining = True
+        self._mha_state.begin_shutdown()
         super().handle_exit(sig, frame)
         if sig == signal.SIGTERM and sig in self._captured_signals:
             # A SIGTERM shutdown that drained cleanly is a success: exit 0, not -15.
             self._captured_signals.remove(sig)
+
+    async def shutdown(self, sockets=None) -> None:
+        deadline = self._mha_state.shutdown_deadline
+        if deadline is not None:  # what is left of the one grace period (uvicorn sleeps 0.1 s first)
+            self.config.timeout_graceful_shutdown = max(0.05, deadline - time.monotonic() - 0.1)
+        await super().shutdown(sockets)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,10 +52,16 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(**overrides)
     except ValidationError as e:
         lines = [
-            f"  MHA_{'_'.join(str(p) for p in err['loc']).upper() or '(settings)'}: {err['msg']}" for err in e.errors()
+            f"  {'MHA_' + '_'.join(str(p) for p in err['loc']).upper() if err['loc'] else 'settings'}: {err['msg']}"
+            for err in e.errors()
         ]
         print("mha-serve: invalid settings:\n" + "\n".join(lines), file=sys.stderr)
         return 2
+    # Imported here, not at the top: the decode processes (spawned) import this module as their
+    # __main__, and must not import torch with it.
+    from service.app import create_app
+    from service.observability import configure_logging
+
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings=settings)
     config = uvicorn.Config(
@@ -52,12 +70,22 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level,
         log_config=None,  # keep our JSON handler
-        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
+        timeout_graceful_shutdown=max(0.05, settings.shutdown_grace_s),  # counted from the signal (_Server)
         access_log=False,
     )
     server = _Server(config, app)
     server.run()
-    return 0 if server.started else 1
+    code = 0 if server.started else 1
+    batcher = app.state.mha.batcher
+    if batcher is not None and batcher.forward_running:
+        # A forward ran past the grace (its requests were answered 503). It cannot be interrupted,
+        # and finalising the interpreter under a running torch op can abort the process: leave now.
+        logging.getLogger("mha_serve").warning("a forward pass was still running at exit; not waiting for it")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

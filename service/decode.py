@@ -64,6 +64,8 @@ def format_validation_error(e: ValidationError, prefix: str = "") -> str:
 
 def decode_tensor(value: Any, name: str, ndims: tuple[int, ...], *, boolean: bool = False) -> tuple[np.ndarray, str]:
     """Either encoding -> (array, encoding name, wire dtype)."""
+    if isinstance(value, np.ndarray):  # nested lists already decoded off the event loop (service.offload)
+        return value, "lists"
     if isinstance(value, dict):
         try:
             env = TensorB64.model_validate(value)
@@ -75,7 +77,11 @@ def decode_tensor(value: Any, name: str, ndims: tuple[int, ...], *, boolean: boo
 
 
 def decode_attend(body: bytes, config: MHAConfig, limits: Limits) -> DecodedRequest:
-    obj = parse_json(body)
+    return decode_object(parse_json(body), config, limits)
+
+
+def decode_object(obj: Any, config: MHAConfig, limits: Limits) -> DecodedRequest:
+    """decode_attend after the JSON parse (which may have run elsewhere: heatmap, the decode processes)."""
     if not isinstance(obj, dict):
         raise validation(f"the body must be a JSON object, got {type(obj).__name__}")
     try:
@@ -179,9 +185,14 @@ def check_input(
 
 
 def encode_attend(output: np.ndarray, weights: np.ndarray | None, req: DecodedRequest, model: dict) -> bytes:
-    body = {
+    return orjson.dumps(attend_body(output, weights, req, model), option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def attend_body(output: np.ndarray, weights: np.ndarray | None, req: DecodedRequest, model: dict) -> dict:
+    """The response object before serialisation (orjson, OPT_SERIALIZE_NUMPY); large ones are written
+    by the decode processes (service.offload)."""
+    return {
         "output": codecs.encode(output, req.encoding, req.dtype, "output"),
         "weights": None if weights is None else codecs.encode(weights, req.encoding, req.dtype, "weights"),
         "model": model,
     }
-    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)

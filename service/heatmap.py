@@ -3,25 +3,28 @@
 The weights come through the batcher like every inference; the picture is drawn by
 ``mha_client.plot.render_heatmaps`` in a worker thread of the event loop's default executor
 (not the batcher's forward thread), one at a time, so drawing never blocks the loop or the model.
+Waiting for the renderer is bounded like waiting for the model: at most HEATMAP_MAX_WAITING
+pictures wait (429 beyond), each until its request's deadline (504), and a client that hangs up
+stops waiting (the route answers 499 to nobody).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
 from mha_client.plot import render_heatmaps
-from service.decode import decode_attend, parse_json
-from service.errors import INFERENCE_ERRORS, error_responses, validation
-from service.httputil import infer, read_body, require_ready, timing_headers
+from service.decode import decode_object, parse_json
+from service.errors import INFERENCE_ERRORS, ServiceError, error_responses, validation
+from service.httputil import disconnected, infer, read_body, require_ready, timing_headers
 
 if TYPE_CHECKING:
     from service.app import AppState
@@ -31,6 +34,7 @@ log = logging.getLogger("mha_serve.heatmap")
 HEATMAP_MAX_T = 128  # longest sequence drawn: 128 positions still show as cells ~2 px wide
 HEATMAP_MAX_HEADS = 16  # most panels in one picture (4 rows of 4)
 HEATMAP_MAX_RENDERS = 1  # pictures drawn at once; others wait. Drawing is mostly Python (the GIL): more gains little
+HEATMAP_MAX_WAITING = 8  # pictures waiting for the renderer; past it, 429 (a picture takes ~0.1-0.3 s to draw)
 
 STATIC = Path(__file__).parent / "static"
 
@@ -39,11 +43,11 @@ def build_router(state: AppState) -> APIRouter:
     """The heatmap routes, bound to the app's state (wired by ``create_app``)."""
     router = APIRouter()
     page = (STATIC / "index.html").read_text(encoding="utf-8")
-    renders = asyncio.Semaphore(HEATMAP_MAX_RENDERS)
+    renderer = _Renderer()
     warmed: list[asyncio.Task] = []
 
     async def warm() -> None:
-        async with renders:
+        async with renderer.slots:
             await asyncio.to_thread(_warm_renderer)
 
     @router.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -78,11 +82,13 @@ def build_router(state: AppState) -> APIRouter:
         started = time.monotonic()
         require_ready(state)
         body = await read_body(request, state.settings.max_body_bytes)
-        obj = parse_json(body)
+        obj = parse_json(body)  # parsed once
+        del body
         if isinstance(obj, dict):  # weights are the point: heads need not come with return_weights
-            body = orjson.dumps({**obj, "return_weights": True})
+            obj["return_weights"] = True
         cfg = state.runner.config
-        dec = decode_attend(body, cfg, state.limits)
+        dec = decode_object(obj, cfg, state.limits)
+        del obj
         inp = dec.input
         B, T, _ = inp.x.shape
         if B != 1:
@@ -110,10 +116,11 @@ def build_router(state: AppState) -> APIRouter:
             f"{info.get('name', 'mha')}: {cfg.num_heads} heads, emb {cfg.emb_size}, head {cfg.head_size}"
             f"  |  T = {n}, {how}"
         )
-        async with renders:
-            t0 = time.perf_counter()
-            png = await asyncio.to_thread(render_heatmaps, weights, head_ids=heads, title=title)
-            render_s = time.perf_counter() - t0
+        png, render_s = await renderer.render(
+            weights, heads, title, deadline=started + dec.timeout_s, timeout_s=dec.timeout_s, request=request
+        )
+        if png is None:
+            return Response(status_code=499)
         return Response(
             png,
             media_type="image/png",
@@ -125,6 +132,63 @@ def build_router(state: AppState) -> APIRouter:
         )
 
     return router
+
+
+class _Renderer:
+    """One picture drawn at a time; a bounded number wait, each until its deadline or its client leaves."""
+
+    def __init__(self) -> None:
+        self.slots = asyncio.Semaphore(HEATMAP_MAX_RENDERS)
+        self.waiting = 0
+
+    async def render(
+        self, weights: np.ndarray, heads: list[int], title: str, *, deadline: float, timeout_s: float, request: Request
+    ) -> tuple[bytes | None, float]:
+        """(png, seconds drawing), or (None, 0) when the client went away while waiting."""
+        gone: asyncio.Future | None = None
+        done: set = set()
+        if self.slots.locked():  # someone is drawing: wait, within bounds
+            if self.waiting >= HEATMAP_MAX_WAITING:
+                raise ServiceError(
+                    "overloaded",
+                    f"the heatmap renderer is busy ({self.waiting} pictures waiting; limit HEATMAP_MAX_WAITING "
+                    f"{HEATMAP_MAX_WAITING})",
+                    headers={"retry-after": "1"},
+                )
+            self.waiting += 1
+            acquire = asyncio.ensure_future(self.slots.acquire())
+            gone = asyncio.ensure_future(disconnected(request))
+            try:
+                done, _ = await asyncio.wait(
+                    {acquire, gone},
+                    timeout=max(0.0, deadline - time.monotonic()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                self.waiting -= 1
+                gone.cancel()
+                if not acquire.done():
+                    acquire.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await acquire
+            if not acquire.done() or acquire.cancelled():
+                if gone in done:
+                    return None, 0.0
+                raise ServiceError(
+                    "deadline_exceeded",
+                    f"the request's deadline passed while it waited for the heatmap renderer (timeout "
+                    f"{timeout_s * 1000:g} ms)",
+                )
+        else:
+            await self.slots.acquire()  # free: taken at once, no yield
+        try:
+            if gone in done:  # acquired, but nobody is listening any more
+                return None, 0.0
+            t0 = time.perf_counter()
+            png = await asyncio.to_thread(render_heatmaps, weights, head_ids=heads, title=title)
+            return png, time.perf_counter() - t0
+        finally:
+            self.slots.release()
 
 
 def _warm_renderer() -> None:

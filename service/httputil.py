@@ -10,7 +10,7 @@ from typing import Any
 from starlette.requests import Request
 
 from service import codecs
-from service.batcher import ClientGone, DeadlineExceeded, Overloaded, Result, ShuttingDown
+from service.batcher import ClientGone, DeadlineExceeded, Overloaded, RequestTooLarge, Result, ShuttingDown
 from service.errors import ServiceError
 from service.runner import AttendInput
 
@@ -32,11 +32,25 @@ async def read_body(request: Request, limit: int) -> bytes:
     return await read_limited(request, limit)
 
 
-async def read_limited(request: Request, limit: int) -> bytes:
-    """The raw body, refusing (413) anything over ``limit`` bytes before reading or parsing it."""
+async def read_limited(request: Request, limit: int) -> bytes | bytearray:
+    """The raw body, refusing (413) anything over ``limit`` bytes before reading or parsing it.
+
+    With a Content-Length the body is copied into one buffer of that size as it arrives, so a
+    large body takes its size in memory once, not twice (chunks, then their join).
+    """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ServiceError("payload_too_large", f"the body is {declared} bytes, more than max_body_bytes {limit}")
+    if declared is not None and declared.isdigit() and int(declared) > 65536:
+        buf, pos = bytearray(int(declared)), 0
+        async for chunk in request.stream():
+            end = pos + len(chunk)
+            if end > len(buf):  # the server enforces Content-Length; never trust it twice
+                raise ServiceError("malformed_json", f"the body is longer than its Content-Length {declared}")
+            buf[pos:end] = chunk
+            pos = end
+        del buf[pos:]
+        return buf
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -81,6 +95,8 @@ async def infer(state: Any, inp: AttendInput, *, started: float, timeout_s: floa
         res = await state.batcher.infer(inp, deadline=started + timeout_s, abandoned=disconnected(request))
     except Overloaded as e:
         raise ServiceError("overloaded", str(e), headers={"retry-after": str(int(e.retry_after_s))}) from e
+    except RequestTooLarge as e:
+        raise ServiceError("validation_error", str(e)) from e
     except DeadlineExceeded as e:
         raise ServiceError("deadline_exceeded", f"{e} (timeout {timeout_s * 1000:g} ms)") from e
     except ShuttingDown as e:

@@ -55,6 +55,7 @@ class BatchStats:
     padded_tokens: int = 0
     real_tokens: int = 0
     compute_s: float = 0.0
+    weights_elements: int = 0  # attention-weight elements computed (each request's own heads only)
     extra: dict = field(default_factory=dict)
 
 
@@ -137,10 +138,31 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def weights_elements(self, inp: AttendInput) -> int:
+        """Attention-weight elements ``inp`` makes the forward compute: B x its heads x T x T."""
+        if not inp.need_weights:
+            return 0
+        heads = len(inp.heads) if inp.heads is not None else self.config.num_heads
+        return inp.batch * heads * inp.seq_len * inp.seq_len
+
     def run(self, items: list[AttendInput]) -> tuple[list[AttendOutput], BatchStats]:
-        """One forward pass for requests of the same key: right-pad to the longest T, run, unpad."""
+        """One forward pass for requests of the same key: right-pad to the longest T, run, unpad.
+
+        Each result owns its arrays (no view into a batch-sized buffer), so a response that is
+        still being encoded keeps only its own request's memory alive.
+        """
         t0 = time.perf_counter()
         _inject_faults(items)
+        if items[0].need_weights:
+            results, stats = self._run_with_weights(items)
+        else:
+            results, stats = self._run_padded(items)
+        if len(results) != len(items):
+            raise RuntimeError(f"runner produced {len(results)} results for {len(items)} requests")
+        stats.compute_s = time.perf_counter() - t0
+        return results, stats
+
+    def _run_padded(self, items: list[AttendInput]) -> tuple[list[AttendOutput], BatchStats]:
         first = items[0]
         E = self.config.emb_size
         T = max(it.seq_len for it in items)
@@ -158,38 +180,55 @@ class Runner:
                 mask[row : row + b, :t, :t] = it.mask
             row += b
         real = int(lengths.sum())
-        heads = None
-        if first.need_weights:
-            H = self.config.num_heads
-            wanted = set()
-            for it in items:
-                wanted.update(it.heads if it.heads is not None else range(H))
-            heads = sorted(wanted)
         x = x.to(self.device, self.dtype, non_blocking=True)
         res = self.module(
             x,
             lengths=torch.from_numpy(lengths),
             attn_mask=None if mask is None else torch.from_numpy(mask),
             causal=first.causal,
-            need_weights=first.need_weights,
-            heads=heads,
         )
         out = res.output.float().cpu().numpy()
-        weights = res.weights.float().cpu().numpy() if res.weights is not None else None
+        del res, x
+        if len(items) == 1:
+            return [AttendOutput(out[:, : first.seq_len], None)], BatchStats(N, N * T, real)
         results = []
         row = 0
         for it in items:
             b, t = it.batch, it.seq_len
-            w = None
-            if weights is not None:
-                w = weights[row : row + b, :, :t, :t]
-                if it.heads is not None and list(it.heads) != heads:
-                    w = w[:, [heads.index(h) for h in it.heads]]
-            results.append(AttendOutput(out[row : row + b, :t], w))
+            results.append(AttendOutput(out[row : row + b, :t].copy(), None))  # its own array
             row += b
-        if len(results) != len(items):
-            raise RuntimeError(f"runner produced {len(results)} results for {len(items)} requests")
-        stats = BatchStats(N, N * T, real, time.perf_counter() - t0)
+        return results, BatchStats(N, N * T, real)
+
+    def _run_with_weights(self, items: list[AttendInput]) -> tuple[list[AttendOutput], BatchStats]:
+        """Weights requests run one forward each, unpadded, for their own heads only.
+
+        Padding them into one batch would compute the union of the heads asked for on every
+        row (eight one-head requests would compute 64 heads' weights) and T_max x T_max weights
+        for short rows; the weights, not the projections, are what costs here.
+        """
+        results = []
+        stats = BatchStats()
+        for it in items:
+            x = torch.from_numpy(np.ascontiguousarray(it.x, dtype=np.float32))
+            if self._pin:
+                x = x.pin_memory()
+            res = self.module(
+                x.to(self.device, self.dtype, non_blocking=True),
+                lengths=None if it.lengths is None else torch.from_numpy(np.asarray(it.lengths, np.int64)),
+                attn_mask=None if it.mask is None else torch.from_numpy(np.ascontiguousarray(it.mask)),
+                causal=it.causal,
+                need_weights=True,
+                heads=list(it.heads) if it.heads is not None else None,
+            )
+            out = res.output.float().cpu().numpy()
+            weights = res.weights.float().cpu().numpy()
+            del res
+            results.append(AttendOutput(out, weights))
+            b, t = it.batch, it.seq_len
+            stats.sequences += b
+            stats.padded_tokens += b * t
+            stats.real_tokens += int(it.lengths.sum()) if it.lengths is not None else b * t
+            stats.weights_elements += weights.size
         return results, stats
 
 

@@ -101,6 +101,7 @@ class BatchingInfo(BaseModel):
     max_queue_requests: int
     max_queue_tokens: int
     oom_cooldown_s: float
+    max_batch_weights_elements: int
 
 
 class LimitsInfo(BaseModel):
@@ -109,6 +110,9 @@ class LimitsInfo(BaseModel):
     max_weights_elements: int
     default_timeout_ms: float
     max_timeout_ms: float
+    max_inflight_requests: int
+    max_inflight_bytes: int
+    body_read_timeout_s: float
 
 
 class ModelDescription(ModelInfo):

@@ -69,7 +69,17 @@ class Settings(BaseSettings):
         32, ge=1, description="Most sequences in one forward pass. 1 disables batching. Raise it on a GPU."
     )
     max_batch_tokens: int = Field(
-        32768, ge=1, description="Most padded tokens (sequences x longest T) in one forward pass; bounds memory."
+        32768,
+        ge=1,
+        description="Most padded tokens (sequences x longest T) in one forward pass; bounds memory. A request "
+        "over it alone gets 422. Must be >= max_request_batch x max_seq_len.",
+    )
+    max_batch_weights_elements: int = Field(
+        64 * 1024 * 1024,
+        ge=1,
+        description="Most attention-weight elements one forward pass computes, summed over its requests (4 bytes "
+        "each in float32); a request that would push a batch past it waits for the next one. Bounds the weights' "
+        "memory per batch. Must be >= max_weights_elements.",
     )
     max_wait_ms: float = Field(
         0.0,
@@ -91,11 +101,45 @@ class Settings(BaseSettings):
 
     # -- requests -------------------------------------------------------------------------
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest request body (413 beyond).")
-    max_request_batch: int = Field(64, ge=1, description="Most sequences (B) in one request.")
+    max_request_batch: int = Field(
+        32,
+        ge=1,
+        description="Most sequences (B) in one request. max_request_batch x max_seq_len must fit max_batch_tokens.",
+    )
     max_weights_elements: int = Field(
         16 * 1024 * 1024,
         ge=1,
         description="Most attention-weight elements (B x heads x T x T) one request may ask for.",
+    )
+    max_inflight_requests: int = Field(
+        512,
+        ge=1,
+        description="Inference requests admitted at once, from before their body is read until they are answered; "
+        "past it, 429 at once. Keep it above max_queue_requests + max_batch_size.",
+    )
+    max_inflight_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="Request body bytes admitted at once (Content-Length, or counted as a body streams in); past "
+        "it, 429 at once. Bounds the memory that bodies being read and decoded take. Must be >= max_body_bytes.",
+    )
+    body_read_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="The whole body must arrive within this many seconds of the request's start, or 408 and the "
+        "connection is closed (a client trickling its body holds memory and a slot). Raise it for slow links.",
+    )
+    decode_processes: int = Field(
+        1,
+        ge=0,
+        description="Worker processes that parse and encode large JSON-list payloads off the event loop, so a "
+        "50 MB request does not stall /healthz and small requests. 0 = always inline.",
+    )
+    offload_min_bytes: int = Field(
+        1024 * 1024,
+        ge=0,
+        description="JSON-list bodies (and list responses) from this size on go to the decode processes; smaller "
+        "ones stay inline, where they are cheaper than a trip to another process.",
     )
     default_timeout_ms: float = Field(30000, gt=0, description="Deadline of a request that names none.")
     max_timeout_ms: float = Field(60000, gt=0, description="Cap on a request's timeout_ms.")
@@ -143,12 +187,34 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"default_timeout_ms ({self.default_timeout_ms}) must be <= max_timeout_ms ({self.max_timeout_ms})"
             )
+        if self.max_weights_elements > self.max_batch_weights_elements:
+            raise ValueError(
+                f"max_weights_elements ({self.max_weights_elements}) must be <= max_batch_weights_elements "
+                f"({self.max_batch_weights_elements}), or a request at the per-request limit could never run"
+            )
+        if self.max_batch_tokens > self.max_queue_tokens:
+            raise ValueError(
+                f"max_batch_tokens ({self.max_batch_tokens}) must be <= max_queue_tokens ({self.max_queue_tokens}), "
+                "or a request at the batch limit could never be queued"
+            )
+        if self.max_body_bytes > self.max_inflight_bytes:
+            raise ValueError(
+                f"max_body_bytes ({self.max_body_bytes}) must be <= max_inflight_bytes ({self.max_inflight_bytes}), "
+                "or a body at the size limit could never be admitted"
+            )
         if self.checkpoint is None:
             cfg = self.model_overrides(with_defaults=True)
             if cfg["max_seq_len"] > self.max_batch_tokens:
                 raise ValueError(
                     f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_seq_len ({cfg['max_seq_len']}), "
                     "or a longest request could never run"
+                )
+            if self.max_request_batch * cfg["max_seq_len"] > self.max_batch_tokens:
+                raise ValueError(
+                    f"max_request_batch x max_seq_len ({self.max_request_batch} x {cfg['max_seq_len']} = "
+                    f"{self.max_request_batch * cfg['max_seq_len']}) must be <= max_batch_tokens "
+                    f"({self.max_batch_tokens}), or a request within the per-request limits could exceed one batch; "
+                    "lower MHA_MAX_REQUEST_BATCH or raise MHA_MAX_BATCH_TOKENS"
                 )
         return self
 

@@ -94,4 +94,16 @@ def test_invalid_settings_fail_fast_with_a_clear_message():
     assert p.returncode == 2
     assert "MHA_MAX_BATCH_SIZE: Input should be greater than or equal to 1" in p.stderr
     assert "MHA_DEVICE: Value error, device must be auto, cpu, cuda, cuda:N or mps, got 'gpu7'" in p.stderr
+    p = subprocess.run(
+        [sys.executable, "-m", "service.cli"],
+        env={**os.environ, "MHA_MAX_REQUEST_BATCH": "64"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 2
+    assert (
+        "settings: Value error, max_request_batch x max_seq_len (64 x 1024 = 65536) must be <= max_batch_tokens "
+        "(32768)" in p.stderr
+    ), p.stderr
     _ = time

@@ -16,6 +16,7 @@ TINY = {
     "max_seq_len": 64,
     "warmup": False,
     "replica_id": "test-replica",
+    "decode_processes": 0,  # no process pool per in-process app; tests/integration/test_offload.py turns it on
 }
 
 

@@ -182,7 +182,7 @@ async def test_model_description(client):
     }
     assert info["device"] == "cpu" and info["dtype"] == "float32"
     assert info["batching"]["max_batch_size"] == 32
-    assert info["limits"]["max_request_batch"] == 64
+    assert info["limits"]["max_request_batch"] == 32
 
 
 async def test_openapi_documents_the_contract(client):

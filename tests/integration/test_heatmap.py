@@ -148,3 +148,60 @@ async def test_with_api_keys_the_page_is_open_and_the_picture_is_not() -> None:
         assert (await c.post("/attend/heatmap", json=body())).status_code == 401
         r = await c.post("/attend/heatmap", json=body(), headers={"authorization": "Bearer k1"})
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+
+
+def _slow_renderer(monkeypatch, seconds: float) -> list[float]:
+    drawn: list[float] = []
+
+    def slow(weights, **kw):
+        import time
+
+        time.sleep(seconds)
+        drawn.append(float(weights.sum()))
+        return b"\x89PNG slow"
+
+    monkeypatch.setattr(heatmap_module, "render_heatmaps", slow)
+    return drawn
+
+
+async def test_renderer_queue_is_bounded_429(client: httpx.AsyncClient, monkeypatch) -> None:
+    drawn = _slow_renderer(monkeypatch, 0.3)
+    monkeypatch.setattr(heatmap_module, "HEATMAP_MAX_WAITING", 2)
+    tasks = [asyncio.create_task(client.post("/attend/heatmap", json=body())) for _ in range(5)]
+    results = await asyncio.gather(*tasks)
+    statuses = sorted(r.status_code for r in results)
+    assert statuses == [200, 200, 200, 429, 429], statuses  # one drawing, two waiting, two refused
+    refused = [r for r in results if r.status_code == 429]
+    for r in refused:
+        assert r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "overloaded"
+        assert "2 pictures waiting; limit HEATMAP_MAX_WAITING 2" in r.json()["error"]["message"]
+    assert len(drawn) == 3
+
+
+async def test_waiting_for_the_renderer_ends_at_the_deadline_504(client: httpx.AsyncClient, monkeypatch) -> None:
+    drawn = _slow_renderer(monkeypatch, 0.8)
+    first = asyncio.create_task(client.post("/attend/heatmap", json=body()))
+    await asyncio.sleep(0.2)  # the first one is drawing
+    r = await client.post("/attend/heatmap", json=body(timeout_ms=300))
+    assert r.status_code == 504, r.text
+    assert r.json()["error"]["type"] == "deadline_exceeded"
+    assert "while it waited for the heatmap renderer (timeout 300 ms)" in r.json()["error"]["message"]
+    assert (await first).status_code == 200
+    assert len(drawn) == 1  # the late one was never drawn
+
+
+async def test_the_body_is_parsed_once(client: httpx.AsyncClient, monkeypatch) -> None:
+    import orjson
+
+    calls = []
+    real = orjson.loads
+
+    def counting(data):
+        calls.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr("service.decode.orjson.loads", counting)
+    r = await client.post("/attend/heatmap", json=body(heads=[1]))
+    assert r.status_code == 200, r.text
+    assert len(calls) == 1

@@ -16,6 +16,7 @@ from service.batcher import (
     ClientGone,
     DeadlineExceeded,
     Overloaded,
+    RequestTooLarge,
     ShuttingDown,
 )
 from service.runner import AttendInput, AttendOutput, BatchStats
@@ -308,5 +309,122 @@ async def test_out_of_memory_halves_the_batch_limits_for_a_while():
         await asyncio.sleep(0.35)
         assert b._effective_limits() == (8, 64)  # cool-down over
         assert obs.scales == [0.5, 1.0]
+    finally:
+        await b.stop()
+
+
+# -- capacity is released however a request ends; stop awaits what it started ---------------
+
+
+async def _busy(b, runner):
+    """Hold the model with one running batch; returns its task."""
+    runner.gate.clear()
+    runner.started.clear()
+    first = asyncio.create_task(b.infer(inp(), deadline=far()))
+    await asyncio.to_thread(runner.started.wait, 2)
+    return first
+
+
+async def test_a_cancelled_request_is_never_computed_and_frees_its_slot_at_once(make):
+    b, runner = await make(max_queue_requests=3, max_queue_tokens=12)
+    first = await _busy(b, runner)
+    cancelled = [asyncio.create_task(b.infer(inp(value=5.0), deadline=far())) for _ in range(2)]
+    kept = asyncio.create_task(b.infer(inp(value=6.0), deadline=far()))
+    await asyncio.sleep(0.01)
+    assert b.queue_depth() == (3, 12)
+    for t in cancelled:
+        t.cancel()
+    await asyncio.gather(*cancelled, return_exceptions=True)
+    assert b.queue_depth() == (1, 4)  # released now, while the long batch still runs
+    more = [asyncio.create_task(b.infer(inp(value=7.0), deadline=far())) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    assert b.queue_depth() == (3, 12)  # accepted: no spurious 429
+    runner.gate.set()
+    await asyncio.gather(first, kept, *more)
+    seen = [float(it.x[0, 0, 0]) for batch in runner.batches for it in batch]
+    assert 5.0 not in seen
+    assert sorted(seen) == [1.0, 6.0, 7.0, 7.0]
+
+
+async def test_timed_out_and_disconnected_requests_free_their_slot_at_once(make):
+    b, runner = await make(max_queue_requests=2, max_queue_tokens=1000)
+    first = await _busy(b, runner)
+    gone = asyncio.get_running_loop().create_future()
+    leaving = asyncio.create_task(b.infer(inp(value=8.0), deadline=far(), abandoned=gone))
+    late = asyncio.create_task(b.infer(inp(value=9.0), deadline=time.monotonic() + 0.05))
+    await asyncio.sleep(0.01)
+    assert b.queue_depth() == (2, 8)
+    gone.set_result(None)
+    with pytest.raises(ClientGone):
+        await leaving
+    assert b.queue_depth() == (1, 4)
+    with pytest.raises(DeadlineExceeded):
+        await late
+    assert b.queue_depth() == (0, 0)  # before the next dispatch: the batch still runs
+    assert not first.done()
+    again = [asyncio.create_task(b.infer(inp(value=3.0), deadline=far())) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    assert b.queue_depth() == (2, 8)
+    runner.gate.set()
+    await asyncio.gather(first, *again)
+    seen = [float(it.x[0, 0, 0]) for batch in runner.batches for it in batch]
+    assert 8.0 not in seen and 9.0 not in seen
+
+
+async def test_stop_returns_only_when_every_task_it_started_is_done():
+    runner = FakeRunner()
+    b = Batcher(runner, BatchLimits(max_batch_size=1))
+    await b.start()
+    first = await _busy(b, runner)
+    queued = asyncio.create_task(b.infer(inp(), deadline=far()))
+    await asyncio.sleep(0.01)
+    dispatch, batch_task = b._task, b._batch_task
+    assert batch_task is not None and not batch_task.done()
+    await b.stop(grace_s=0.05)
+    assert dispatch.done() and batch_task.done()  # the forward thread may still run; no task waits on it
+    for t in (first, queued):
+        with pytest.raises(ShuttingDown):
+            await t
+    runner.gate.set()
+
+
+async def test_stop_cancels_the_batching_timer():
+    runner = FakeRunner()
+    b = Batcher(runner, BatchLimits(max_wait_ms=10_000))
+    await b.start()
+    first = await _busy(b, runner)
+    queued = asyncio.create_task(b.infer(inp(), deadline=far()))
+    await asyncio.sleep(0.01)
+    runner.gate.set()
+    await first
+    await asyncio.sleep(0.01)
+    timer = b._timer
+    assert timer is not None and not timer.cancelled()
+    await b.stop(grace_s=0)
+    assert timer.cancelled()
+    with pytest.raises(ShuttingDown):
+        await queued
+
+
+async def test_a_request_larger_than_any_batch_is_refused_naming_the_limit(make):
+    b, runner = await make(max_batch_tokens=16, max_batch_weights_elements=100)
+    with pytest.raises(RequestTooLarge, match=r"B=2 x T=10 = 20 tokens, more than max_batch_tokens 16"):
+        await b.infer(inp(T=10, B=2), deadline=far())
+    assert b.queue_depth() == (0, 0) and runner.batches == []
+
+
+async def test_the_per_batch_weights_budget_splits_batches():
+    runner = FakeRunner()
+    b = Batcher(runner, BatchLimits(max_batch_weights_elements=25), weights_of=lambda it: 10 * it.batch)
+    await b.start()
+    try:
+        with pytest.raises(RequestTooLarge, match="30 elements, more than max_batch_weights_elements 25"):
+            await b.infer(inp(B=3), deadline=far())
+        first = await _busy(b, runner)
+        tasks = [asyncio.create_task(b.infer(inp(value=float(v)), deadline=far())) for v in range(5)]
+        await asyncio.sleep(0.01)
+        runner.gate.set()
+        await asyncio.gather(first, *tasks)
+        assert [len(batch) for batch in runner.batches] == [1, 2, 2, 1]
     finally:
         await b.stop()

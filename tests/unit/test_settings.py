@@ -9,7 +9,10 @@ from service.settings import Settings
 
 
 def test_defaults_and_environment(monkeypatch):
-    s = Settings()
+    s = Settings()  # the defaults are consistent: a request at every per-request limit fits one batch
+    assert s.max_request_batch * 1024 <= s.max_batch_tokens <= s.max_queue_tokens
+    assert s.max_weights_elements <= s.max_batch_weights_elements
+    assert s.max_body_bytes <= s.max_inflight_bytes
     assert (s.host, s.port, s.model_name, s.device, s.max_wait_ms) == ("127.0.0.1", 8000, "mha", "auto", 0.0)
     assert s.model_overrides(with_defaults=True) == {
         "num_heads": 8,
@@ -37,6 +40,20 @@ def test_defaults_and_environment(monkeypatch):
         ),
         ({"max_batch_tokens": 100}, "max_batch_tokens (100) must be >= max_seq_len (1024)"),
         ({"dtype": "float64"}, "Input should be 'float32', 'float16' or 'bfloat16'"),
+        (
+            {"max_request_batch": 64},
+            "max_request_batch x max_seq_len (64 x 1024 = 65536) must be <= max_batch_tokens (32768)",
+        ),
+        (
+            {"max_seq_len": 64, "max_request_batch": 8, "max_batch_tokens": 256},
+            "max_request_batch x max_seq_len (8 x 64 = 512) must be <= max_batch_tokens (256)",
+        ),
+        (
+            {"max_weights_elements": 2_000_000, "max_batch_weights_elements": 1_000_000},
+            "max_weights_elements (2000000) must be <= max_batch_weights_elements (1000000)",
+        ),
+        ({"max_queue_tokens": 4096}, "max_batch_tokens (32768) must be <= max_queue_tokens (4096)"),
+        ({"max_inflight_bytes": 1 << 20}, "max_body_bytes (67108864) must be <= max_inflight_bytes (1048576)"),
     ],
 )
 def test_invalid_settings(kw, message):

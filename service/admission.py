@@ -1,0 +1,133 @@
+"""Admission before parsing: bound the inference requests, and their body bytes, in flight.
+
+A pure ASGI middleware in front of the inference routes (``/attend``, ``/attend/heatmap``,
+``/v2/models/{name}[/versions/{v}]/infer``). Before a body is read it admits the request
+against two bounds held until the response is sent:
+
+- ``max_inflight_requests`` requests at once, and
+- ``max_inflight_bytes`` body bytes at once: the declared ``Content-Length``, or, for a chunked
+  body, the bytes counted as they stream in.
+
+Past either bound the answer is 429 with ``Retry-After`` and the route's error body (the same
+as the queue's 429), before anything is read. A body must also arrive whole within
+``body_read_timeout_s`` of the request's start, or the answer is 408 and the connection is
+closed, so a client trickling its body cannot hold a slot, and its bytes, for ever.
+(TEI's ``max_concurrent_requests`` is the same idea for the request count.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import orjson
+
+from service.errors import ServiceError
+
+INFERENCE_PATH = re.compile(r"/attend(/heatmap)?|/v2/models/[^/]+(/versions/[^/]+)?/infer")
+RETRY_AFTER_S = 1  # bodies in flight drain in well under a second
+
+
+class Admission:
+    """The counters; all calls come from the event loop's thread."""
+
+    def __init__(self, max_requests: int, max_bytes: int) -> None:
+        self.max_requests = max_requests
+        self.max_bytes = max_bytes
+        self.requests = 0
+        self.bytes = 0
+
+    def admit(self, nbytes: int) -> None:
+        """Take a slot and ``nbytes``, or raise ServiceError(overloaded)."""
+        if self.requests >= self.max_requests:
+            raise _overloaded(
+                f"too many requests in flight ({self.requests}; limit max_inflight_requests {self.max_requests})"
+            )
+        if self.bytes + nbytes > self.max_bytes:
+            raise _overloaded(
+                f"too many body bytes in flight ({self.bytes} + this request's {nbytes}; limit "
+                f"max_inflight_bytes {self.max_bytes})"
+            )
+        self.requests += 1
+        self.bytes += nbytes
+
+    def grow(self, held: int, more: int) -> None:
+        """A chunked body grew by ``more`` bytes: take them too, or raise ServiceError(overloaded)."""
+        if self.bytes + more > self.max_bytes:
+            raise _overloaded(
+                f"too many body bytes in flight ({self.bytes}, this request's body at {held + more} and growing; "
+                f"limit max_inflight_bytes {self.max_bytes})"
+            )
+        self.bytes += more
+
+    def release(self, nbytes: int) -> None:
+        self.requests -= 1
+        self.bytes -= nbytes
+
+
+def _overloaded(message: str) -> ServiceError:
+    return ServiceError("overloaded", message, headers={"retry-after": str(RETRY_AFTER_S)})
+
+
+class AdmissionMiddleware:
+    def __init__(self, app: Any, *, admission: Admission, max_body_bytes: int, body_read_timeout_s: float) -> None:
+        self.app = app
+        self.admission = admission
+        self.max_body_bytes = max_body_bytes
+        self.timeout_s = body_read_timeout_s
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not INFERENCE_PATH.fullmatch(scope["path"]):
+            return await self.app(scope, receive, send)
+        declared = _content_length(scope)
+        # A body declared over max_body_bytes is answered 413 by the route without being read.
+        held = declared if declared is not None and declared <= self.max_body_bytes else 0
+        try:
+            self.admission.admit(held)
+        except ServiceError as e:
+            return await _answer(scope, send, e)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        body_done = False
+
+        async def guarded_receive() -> dict:
+            nonlocal body_done, held
+            if body_done:
+                return await receive()  # after the body: the disconnect watch, unbounded
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise ServiceError(
+                    "request_timeout",
+                    f"the request body did not arrive within body_read_timeout_s {self.timeout_s:g} s",
+                    headers={"connection": "close"},
+                ) from None
+            if message["type"] == "http.request":
+                if declared is None:
+                    n = len(message.get("body", b""))
+                    self.admission.grow(held, n)
+                    held += n
+                body_done = not message.get("more_body", False)
+            return message
+
+        try:
+            await self.app(scope, guarded_receive, send)
+        finally:
+            self.admission.release(held)
+
+
+def _content_length(scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
+
+
+async def _answer(scope, send, err: ServiceError) -> None:
+    """The route's error shape: the Open Inference Protocol's ``{"error": "..."}`` under /v2."""
+    body = orjson.dumps({"error": err.message} if scope["path"].startswith("/v2") else err.body())
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.encode(), v.encode()) for k, v in err.headers.items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
