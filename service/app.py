@@ -7,7 +7,7 @@ import gc
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import __version__, heatmap, v2
-from service.batcher import Batcher, BatchLimits
+from service import __version__, grpc_server, heatmap, v2
+from service.batcher import Batcher, BatcherObserver, BatchLimits
 from service.decode import Limits, decode_attend, encode_attend
 from service.errors import INFERENCE_ERRORS, ServiceError, error_responses
 from service.httputil import infer, internal_error, read_body, require_ready, timing_headers
@@ -27,6 +27,7 @@ from service.observability import ApiKeys, ObserveMiddleware
 from service.runner import Runner, is_out_of_memory
 from service.schemas import AttendRequest, AttendResponse, ModelDescription
 from service.settings import Settings
+from service.stats import ModelStats
 
 log = logging.getLogger("mha_serve")
 
@@ -41,6 +42,35 @@ class AppState:
     draining: bool = False
     model_info: dict | None = None
     limits: Limits | None = None
+    stats: ModelStats = field(default_factory=ModelStats)
+    grpc: grpc_server.GrpcServer | None = None
+
+
+class _Observers(BatcherObserver):
+    """The batcher's one observer, fanned out to the Prometheus metrics and Triton's statistics."""
+
+    def __init__(self, *observers: BatcherObserver) -> None:
+        self._observers = observers
+
+    def queue_changed(self, requests: int, tokens: int) -> None:
+        for o in self._observers:
+            o.queue_changed(requests, tokens)
+
+    def batch_done(self, requests: int, stats: Any, queue_waits_s: list[float]) -> None:
+        for o in self._observers:
+            o.batch_done(requests, stats, queue_waits_s)
+
+    def dropped(self, reason: str) -> None:
+        for o in self._observers:
+            o.dropped(reason)
+
+    def batch_failed(self, requests: int) -> None:
+        for o in self._observers:
+            o.batch_failed(requests)
+
+    def limits_scaled(self, scale: float) -> None:
+        for o in self._observers:
+            o.limits_scaled(scale)
 
 
 def create_app(*, settings: Settings) -> FastAPI:
@@ -66,8 +96,11 @@ def create_app(*, settings: Settings) -> FastAPI:
             settings.default_timeout_ms,
             settings.max_timeout_ms,
         )
-        state.batcher = Batcher(runner.run, _batch_limits(settings), observer=state.metrics, is_oom=is_out_of_memory)
+        observer = _Observers(state.metrics, state.stats)
+        state.batcher = Batcher(runner.run, _batch_limits(settings), observer=observer, is_oom=is_out_of_memory)
         await state.batcher.start()
+        if settings.grpc_port:
+            state.grpc = await grpc_server.start(state)
         gc.collect()
         gc.freeze()  # start-up objects leave the GC's view: full passes over them made the tails
         state.ready = True
@@ -77,7 +110,8 @@ def create_app(*, settings: Settings) -> FastAPI:
         finally:
             state.ready = False
             state.draining = True
-            await state.batcher.stop(grace_s=settings.shutdown_grace_s)
+            grpc_stop = state.grpc.stop(settings.shutdown_grace_s) if state.grpc else asyncio.sleep(0)
+            await asyncio.gather(grpc_stop, state.batcher.stop(grace_s=settings.shutdown_grace_s))
             log.info("stopped")
 
     app = FastAPI(
@@ -112,19 +146,22 @@ def create_app(*, settings: Settings) -> FastAPI:
         access_log_enabled=settings.access_log,
     )
 
-    @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
+    @app.get("/healthz", tags=["health"], summary="Liveness: the process answers (HEAD too)")
     async def healthz() -> dict[str, str]:
         return {"status": "alive"}
 
     @app.get(
         "/readyz",
         tags=["health"],
-        summary="Readiness: model loaded, warmed up, batcher running",
+        summary="Readiness: model loaded, warmed up, batcher running (HEAD too)",
         responses=error_responses("unavailable"),
     )
     async def readyz() -> dict[str, str]:
         require_ready(state)
         return {"status": "ready"}
+
+    for path, probe in (("/healthz", healthz), ("/readyz", readyz)):  # HEAD: probes that send no GET
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/v1/model", tags=["model"], response_model=ModelDescription, responses=error_responses("unavailable"))
     async def model() -> dict[str, Any]:
@@ -172,11 +209,26 @@ def create_app(*, settings: Settings) -> FastAPI:
         started = time.monotonic()
         require_ready(state)
         body = await read_body(request, settings.max_body_bytes)
-        dec = decode_attend(body, state.runner.config, state.limits)
-        res = await infer(state, dec.input, started=started, timeout_s=dec.timeout_s, request=request)
-        if res is None:
-            return Response(status_code=499)
-        payload = encode_attend(res.output.output, res.output.weights, dec, state.model_info)
+        try:
+            dec = decode_attend(body, state.runner.config, state.limits)
+            decoded = time.monotonic()
+            res = await infer(state, dec.input, started=started, timeout_s=dec.timeout_s, request=request)
+            if res is None:
+                return Response(status_code=499)
+            answered = time.monotonic()
+            payload = encode_attend(res.output.output, res.output.weights, dec, state.model_info)
+        except ServiceError:
+            state.stats.request_failed(time.monotonic() - started)
+            raise
+        done = time.monotonic()
+        state.stats.request_done(
+            sequences=dec.input.batch,
+            total_s=done - started,
+            queue_s=res.queue_s,
+            compute_s=res.compute_s,
+            input_s=decoded - started,
+            output_s=done - answered,
+        )
         return Response(payload, media_type="application/json", headers=timing_headers(res))
 
     def openapi() -> dict[str, Any]:

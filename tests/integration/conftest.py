@@ -16,6 +16,7 @@ TINY = {
     "max_seq_len": 64,
     "warmup": False,
     "replica_id": "test-replica",
+    "grpc_port": 0,  # the in-process app serves no gRPC; tests/e2e and test_grpc.py start it on a free port
 }
 
 
