@@ -222,7 +222,8 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 class _Health(HealthServicer):
-    """grpc.health.v1 whose status follows the app's readiness ("" and the inference service)."""
+    """grpc.health.v1: "" and "inference.GRPCInferenceService" follow the app's readiness (as /readyz);
+    "live" is SERVING while the gRPC server runs (as /healthz), for a liveness probe."""
 
     def __init__(self, state: Any) -> None:
         super().__init__()
@@ -233,6 +234,7 @@ class _Health(HealthServicer):
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", "inference.GRPCInferenceService"):
             await self.set(name, status)
+        await self.set("live", health_pb2.HealthCheckResponse.SERVING)
 
     async def Check(self, request: Any, context: Any) -> Any:
         await self._refresh()

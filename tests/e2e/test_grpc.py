@@ -78,6 +78,8 @@ def test_health_metadata_config_and_stats(server, client):
         assert check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
         svc = health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService")
         assert check(svc).status == health_pb2.HealthCheckResponse.SERVING
+        live = health_pb2.HealthCheckRequest(service="live")  # the k8s liveness probe
+        assert check(live).status == health_pb2.HealthCheckResponse.SERVING
 
 
 @pytest.mark.parametrize(("datatype", "atol"), [("FP32", 1e-5), ("FP16", 3e-3), ("BF16", 3e-2)])
@@ -167,7 +169,9 @@ def test_cancelled_call_is_never_computed(server, client):
     before = stats(server)
     busy = tg.InferInput("x", [1, 4, 32], "FP32").set_data_from_numpy(np.ones((1, 4, 32), np.float32))
     done: list = []
-    client.async_infer("mha", [busy], lambda result, error: done.append((result, error)), headers={"x-mha-fault": "stall:1500"})
+    client.async_infer(
+        "mha", [busy], lambda result, error: done.append((result, error)), headers={"x-mha-fault": "stall:1500"}
+    )
     time.sleep(0.3)  # the stalled request holds the model
     queued = tg.InferInput("x", [3, 4, 32], "FP32").set_data_from_numpy(np.ones((3, 4, 32), np.float32))
     cancelled: list = []
