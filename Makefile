@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test soak lint format serve bench bench-service docker-test protos perf-analyzer
+.PHONY: help setup test soak lint format serve bench bench-service docker-test protos perf-analyzer bench-protocols
 
 help:  ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n", $$1, $$2}'
@@ -55,3 +55,6 @@ protos: $(STAMP)  ## regenerate the gRPC modules in service/triton_proto from Tr
 
 perf-analyzer:  ## install Triton's perf_analyzer into .cache/perf_analyzer (bench/perf_analyzer.sh; apt libb64-0d)
 	bash bench/perf_analyzer.sh --install
+
+bench-protocols: $(STAMP)  ## gRPC vs v2 HTTP binary vs /attend base64 at c=1,8,32,64 (bench/protocols.py; perf_analyzer, wrk)
+	$(PY) bench/protocols.py

@@ -20,20 +20,19 @@ import httpx
 import numpy as np
 
 
-def input_data(config: dict, seq_len: int, count: int, seed: int = 0) -> dict:
+def input_data(config: dict, seq_len: int, count: int, seed: int = 0, optional: bool = True) -> dict:
+    """``optional=False``: x alone (perf_analyzer then leaves the optional inputs out of its requests)."""
     dims = {t["name"]: t["dims"] for t in config["input"]}
     E = int(dims["x"][-1])
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(count):
         x = rng.standard_normal((seq_len, E), dtype=np.float32)
-        rows.append(
-            {
-                "x": {"content": [round(float(v), 5) for v in x.reshape(-1)], "shape": [seq_len, E]},
-                "lengths": [seq_len],  # dims [1]: one per sequence
-                "attn_mask": {"content": [True] * (seq_len * seq_len), "shape": [seq_len, seq_len]},
-            }
-        )
+        row: dict = {"x": {"content": [round(float(v), 5) for v in x.reshape(-1)], "shape": [seq_len, E]}}
+        if optional:
+            row["lengths"] = [seq_len]  # dims [1]: one per sequence
+            row["attn_mask"] = {"content": [True] * (seq_len * seq_len), "shape": [seq_len, seq_len]}
+        rows.append(row)
     return {"data": rows}
 
 
@@ -43,12 +42,13 @@ def main() -> None:
     p.add_argument("--model", default="mha")
     p.add_argument("--seq-len", type=int, default=128, help="T of every request")
     p.add_argument("--count", type=int, default=4, help="distinct requests perf_analyzer cycles through")
+    p.add_argument("--x-only", action="store_true", help="leave the optional inputs (lengths, attn_mask) out")
     p.add_argument("-o", "--output", type=Path, default=Path("bench/out/perf_input.json"))
     a = p.parse_args()
     r = httpx.get(f"{a.url}/v2/models/{a.model}/config", timeout=10)
     r.raise_for_status()
     a.output.parent.mkdir(parents=True, exist_ok=True)
-    a.output.write_text(json.dumps(input_data(r.json(), a.seq_len, a.count)))
+    a.output.write_text(json.dumps(input_data(r.json(), a.seq_len, a.count, optional=not a.x_only)))
     print(a.output)
 
 
