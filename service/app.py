@@ -100,7 +100,11 @@ def create_app(*, settings: Settings) -> FastAPI:
         state.batcher = Batcher(runner.run, _batch_limits(settings), observer=observer, is_oom=is_out_of_memory)
         await state.batcher.start()
         if settings.grpc_port:
-            state.grpc = await grpc_server.start(state)
+            try:
+                state.grpc = await grpc_server.start(state)
+            except Exception:
+                await state.batcher.stop()
+                raise
         gc.collect()
         gc.freeze()  # start-up objects leave the GC's view: full passes over them made the tails
         state.ready = True

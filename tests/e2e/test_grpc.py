@@ -231,3 +231,15 @@ def test_overloaded_is_resource_exhausted_with_retry_after_and_keys_are_checked(
             assert running.result().outputs and queued.result().outputs
     finally:
         assert s.stop() == 0
+
+
+def test_a_taken_grpc_port_fails_start_up_with_a_clear_message(tmp_path):
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(RuntimeError) as e:
+            start_server(tmp_path, {"MHA_GRPC_PORT": str(port)}, ready_timeout=60)
+    assert f"cannot serve gRPC on 127.0.0.1:{port} (MHA_GRPC_PORT)" in str(e.value)
