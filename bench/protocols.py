@@ -7,7 +7,10 @@ protocols (bench/perf_analyzer.sh; C++, it saturates a binary endpoint) and wrk 
 request here returns output and weights ([1, 8, 128, 128]); /attend asks for them too
 (return_weights), so that the three carry the same work.
 
-    .venv/bin/python bench/protocols.py [--concurrency 1,8,32,64] [--seconds 6]
+    .venv/bin/python bench/protocols.py [--concurrency 1,8,32,64] [--seconds 6] [--small]
+
+--small: a front-bound model (E=64, 4 heads, T=16; compute negligible, the GPU-like case), where
+the per-request cost of each front end is all there is.
 
 Prints a table of requests/s and the ratios gRPC / v2 HTTP binary and gRPC / base64 per
 concurrency. The target: gRPC >= 1.0x v2 HTTP binary at concurrency 32.
@@ -36,7 +39,7 @@ from perf_input import input_data  # noqa: E402
 LUA = ROOT / "bench" / "wrk" / "post_body.lua"
 PERF = ROOT / "bench" / "perf_analyzer.sh"
 SERVER_CORE, CLIENT_CORE = "0", "1"
-T, E = 128, 512
+SMALL = {"MHA_NUM_HEADS": "4", "MHA_EMB_SIZE": "64", "MHA_HEAD_SIZE": "16", "MHA_MAX_SEQ_LEN": "64"}
 
 
 def free_port() -> int:
@@ -45,9 +48,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, grpc_port: int, log: Path) -> subprocess.Popen:
+def start_server(port: int, grpc_port: int, log: Path, model: dict[str, str]) -> subprocess.Popen:
     env = {
         **os.environ,
+        **model,
         "MHA_TORCH_THREADS": "1",
         "MHA_MAX_BATCH_SIZE": "32",
         "MHA_ACCESS_LOG": "false",
@@ -111,14 +115,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concurrency", default="1,8,32,64")
     p.add_argument("--seconds", type=float, default=6.0, help="perf_analyzer window / wrk duration per cell")
+    p.add_argument("--small", action="store_true", help="a front-bound model: E=64, 4 heads, T=16")
     a = p.parse_args()
+    T, E = (16, 64) if a.small else (128, 512)
     concs = [int(c) for c in a.concurrency.split(",")]
     subprocess.run(["bash", str(PERF), "--install"], check=True, stdout=subprocess.DEVNULL)
     port, grpc_port = free_port(), free_port()
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp_:
         tmp = Path(tmp_)
-        server = start_server(port, grpc_port, tmp / "server.log")
+        server = start_server(port, grpc_port, tmp / "server.log", SMALL if a.small else {})
         try:
             cfg = httpx.get(base + "/v2/models/mha/config").json()
             data = tmp / "perf.json"
@@ -142,7 +148,10 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(30)
-    print(f"\n[1,{T},{E}] fp32, output + weights; server on core {SERVER_CORE}, load on core {CLIENT_CORE}")
+    heads = 4 if a.small else 8
+    print(
+        f"\n[1,{T},{E}] fp32, {heads} heads, output + weights; server on core {SERVER_CORE}, load on core {CLIENT_CORE}"
+    )
     print("| c | gRPC req/s | v2 HTTP binary req/s | /attend base64 req/s | gRPC / v2 HTTP | gRPC / base64 |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
