@@ -14,7 +14,7 @@
 The protocol itself (tensors, parameters, config, metadata) is in service/oip.py, shared with gRPC.
 
 Contract of ``infer``:
-- Inputs: ``x`` FP32|FP16|BF16 [B, T, E]; optional ``lengths`` INT32|INT64 [B]; optional
+- Inputs: ``x`` FP32|FP16|BF16 [B, T, E]; optional ``lengths`` INT32|INT64 [B] or [B, 1]; optional
   ``attn_mask`` BOOL [T, T] or [B, T, T]. JSON ``data`` may be flat (row-major) or nested; its
   element count must match ``shape``. BF16 in JSON takes numbers, rounded to bfloat16 as the
   binary path would carry them.
