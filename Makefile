@@ -51,7 +51,7 @@ protos: $(STAMP)  ## regenerate the gRPC modules in service/triton_proto from Tr
 	$(PY) -m grpc_tools.protoc -I $(PROTO_DIR) --python_out=$(PROTO_DIR) --pyi_out=$(PROTO_DIR) \
 		--grpc_python_out=$(PROTO_DIR) $(PROTO_DIR)/model_config.proto $(PROTO_DIR)/grpc_service.proto
 	# protoc writes top-level imports (import model_config_pb2); the modules live in a package
-	sed -i -E 's/^import (model_config_pb2|grpc_service_pb2) as /from . import \1 as /' $(PROTO_DIR)/*_pb2*.py
+	sed -i -E 's/^import (model_config_pb2|grpc_service_pb2) as /from . import \1 as /' $(PROTO_DIR)/*_pb2*.py $(PROTO_DIR)/*_pb2*.pyi
 
 perf-analyzer:  ## install Triton's perf_analyzer into .cache/perf_analyzer (bench/perf_analyzer.sh; apt libb64-0d)
 	bash bench/perf_analyzer.sh --install
