@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test soak lint format serve bench bench-service docker-test
+.PHONY: help setup test soak lint format serve bench bench-service docker-test protos perf-analyzer bench-protocols
 
 help:  ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n", $$1, $$2}'
@@ -44,3 +44,17 @@ bench-service: $(STAMP)  ## HTTP benchmark with wrk (bench/service.py; needs the
 
 docker-test: $(STAMP)  ## build the Docker image offline, run it and a 2-replica compose stack behind nginx (docker/ci.sh; root)
 	bash docker/ci.sh
+
+PROTO_DIR := service/triton_proto
+protos: $(STAMP)  ## regenerate the gRPC modules in service/triton_proto from Triton's vendored .proto files
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[protos]'
+	$(PY) -m grpc_tools.protoc -I $(PROTO_DIR) --python_out=$(PROTO_DIR) --pyi_out=$(PROTO_DIR) \
+		--grpc_python_out=$(PROTO_DIR) $(PROTO_DIR)/model_config.proto $(PROTO_DIR)/grpc_service.proto
+	# protoc writes top-level imports (import model_config_pb2); the modules live in a package
+	sed -i -E 's/^import (model_config_pb2|grpc_service_pb2) as /from . import \1 as /' $(PROTO_DIR)/*_pb2*.py $(PROTO_DIR)/*_pb2*.pyi
+
+perf-analyzer:  ## install Triton's perf_analyzer into .cache/perf_analyzer (bench/perf_analyzer.sh; apt libb64-0d)
+	bash bench/perf_analyzer.sh --install
+
+bench-protocols: $(STAMP)  ## gRPC vs v2 HTTP binary vs /attend base64 at c=1,8,32,64 (bench/protocols.py; perf_analyzer, wrk)
+	$(PY) bench/protocols.py

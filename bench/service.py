@@ -107,6 +107,7 @@ def _service_env(max_batch: int) -> tuple[tuple[str, str], ...]:
         ("MHA_TORCH_THREADS", "1"),
         ("MHA_MAX_BATCH_SIZE", str(max_batch)),
         ("MHA_SHUTDOWN_GRACE_S", "1"),
+        ("MHA_GRPC_PORT", "0"),  # HTTP only here (two servers run at once); gRPC: bench/protocols.py
     )
 
 

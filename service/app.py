@@ -7,7 +7,7 @@ import gc
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,9 +17,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import __version__, heatmap, v2
+from service import __version__, grpc_server, heatmap, v2
 from service.admission import Admission, AdmissionMiddleware
-from service.batcher import Batcher, BatchLimits
+from service.batcher import Batcher, BatcherObserver, BatchLimits
 from service.decode import Limits
 from service.errors import INFERENCE_ERRORS, InternalErrors, ServiceError, error_responses
 from service.httputil import infer, internal_error, read_body, require_ready, timing_headers
@@ -29,6 +29,7 @@ from service.offload import Offload
 from service.runner import Runner, is_out_of_memory
 from service.schemas import AttendRequest, AttendResponse, ModelDescription
 from service.settings import Settings
+from service.stats import ModelStats
 
 log = logging.getLogger("mha_serve")
 
@@ -47,13 +48,15 @@ class AppState:
     shutdown_deadline: float | None = None  # monotonic: the signal's time + shutdown_grace_s
     drain: asyncio.Future | None = None
     offload: Offload | None = None
+    stats: ModelStats = field(default_factory=ModelStats)
+    grpc: grpc_server.GrpcServer | None = None
 
     def begin_shutdown(self) -> None:
         """Refuse new work now, and drain accepted work by one deadline measured from this call.
 
         Called from the SIGTERM handler (service.cli), so that uvicorn's wait for open
-        connections and the batcher's drain share one grace period instead of running one
-        after the other; safe in a signal handler (it only schedules the drain on the loop).
+        connections, the gRPC server's and the batcher's drain share one grace period instead of
+        running one after the other; safe in a signal handler (it only schedules the drain on the loop).
         """
         self.draining = True
         self.ready = False
@@ -71,7 +74,35 @@ class AppState:
         # handlers, whose clients would then get no answer at all).
         reserve = min(1.5, 0.25 * grace)
         left = max(0.0, self.shutdown_deadline - time.monotonic() - reserve)
-        self.drain = asyncio.ensure_future(self.batcher.stop(grace_s=left))
+        grpc_stop = self.grpc.stop(left) if self.grpc is not None else asyncio.sleep(0)
+        self.drain = asyncio.gather(grpc_stop, self.batcher.stop(grace_s=left))
+
+
+class _Observers(BatcherObserver):
+    """The batcher's one observer, fanned out to the Prometheus metrics and Triton's statistics."""
+
+    def __init__(self, *observers: BatcherObserver) -> None:
+        self._observers = observers
+
+    def queue_changed(self, requests: int, tokens: int) -> None:
+        for o in self._observers:
+            o.queue_changed(requests, tokens)
+
+    def batch_done(self, requests: int, stats: Any, queue_waits_s: list[float]) -> None:
+        for o in self._observers:
+            o.batch_done(requests, stats, queue_waits_s)
+
+    def dropped(self, reason: str) -> None:
+        for o in self._observers:
+            o.dropped(reason)
+
+    def batch_failed(self, requests: int) -> None:
+        for o in self._observers:
+            o.batch_failed(requests)
+
+    def limits_scaled(self, scale: float) -> None:
+        for o in self._observers:
+            o.limits_scaled(scale)
 
 
 def create_app(*, settings: Settings) -> FastAPI:
@@ -109,7 +140,7 @@ def create_app(*, settings: Settings) -> FastAPI:
         state.batcher = Batcher(
             runner.run,
             _batch_limits(settings),
-            observer=state.metrics,
+            observer=_Observers(state.metrics, state.stats),
             is_oom=is_out_of_memory,
             weights_of=runner.weights_elements,
         )
@@ -117,6 +148,13 @@ def create_app(*, settings: Settings) -> FastAPI:
         state.offload = Offload(settings.decode_processes, settings.offload_min_bytes)
         await state.offload.start()
         state.loop = asyncio.get_running_loop()
+        if settings.grpc_port:
+            try:
+                state.grpc = await grpc_server.start(state)
+            except Exception:
+                await state.batcher.stop()
+                state.offload.close()
+                raise
         gc.collect()
         gc.freeze()  # start-up objects leave the GC's view: full passes over them made the tails
         state.ready = True
@@ -169,19 +207,22 @@ def create_app(*, settings: Settings) -> FastAPI:
         access_log_enabled=settings.access_log,
     )
 
-    @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
+    @app.get("/healthz", tags=["health"], summary="Liveness: the process answers (HEAD too)")
     async def healthz() -> dict[str, str]:
         return {"status": "alive"}
 
     @app.get(
         "/readyz",
         tags=["health"],
-        summary="Readiness: model loaded, warmed up, batcher running",
+        summary="Readiness: model loaded, warmed up, batcher running (HEAD too)",
         responses=error_responses("unavailable"),
     )
     async def readyz() -> dict[str, str]:
         require_ready(state)
         return {"status": "ready"}
+
+    for path, probe in (("/healthz", healthz), ("/readyz", readyz)):  # HEAD: probes that send no GET
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/v1/model", tags=["model"], response_model=ModelDescription, responses=error_responses("unavailable"))
     async def model() -> dict[str, Any]:
@@ -232,12 +273,27 @@ def create_app(*, settings: Settings) -> FastAPI:
         started = time.monotonic()
         require_ready(state)
         body = await read_body(request, settings.max_body_bytes)
-        dec = await state.offload.decode_attend(body, state.runner.config, state.limits)
-        del body
-        res = await infer(state, dec.input, started=started, timeout_s=dec.timeout_s, request=request)
-        if res is None:
-            return Response(status_code=499)
-        payload = await state.offload.encode_attend(res.output.output, res.output.weights, dec, state.model_info)
+        try:
+            dec = await state.offload.decode_attend(body, state.runner.config, state.limits)
+            del body
+            decoded = time.monotonic()
+            res = await infer(state, dec.input, started=started, timeout_s=dec.timeout_s, request=request)
+            if res is None:
+                return Response(status_code=499)
+            answered = time.monotonic()
+            payload = await state.offload.encode_attend(res.output.output, res.output.weights, dec, state.model_info)
+        except ServiceError:
+            state.stats.request_failed(time.monotonic() - started)
+            raise
+        done = time.monotonic()
+        state.stats.request_done(
+            sequences=dec.input.batch,
+            total_s=done - started,
+            queue_s=res.queue_s,
+            compute_s=res.compute_s,
+            input_s=decoded - started,
+            output_s=done - answered,
+        )
         return Response(payload, media_type="application/json", headers=timing_headers(res))
 
     def openapi() -> dict[str, Any]:

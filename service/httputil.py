@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
+from collections.abc import Awaitable
 from typing import Any
 
 from starlette.requests import Request
@@ -84,7 +85,7 @@ def internal_error(exc: BaseException, request: Request) -> ServiceError:
 
 
 async def infer(state: Any, inp: AttendInput, *, started: float, timeout_s: float, request: Request) -> Result | None:
-    """Run ``inp`` through the batcher, mapping its outcomes to the error table.
+    """Run ``inp`` through the batcher (``run_batcher``), for an HTTP request.
 
     None means the client went away (the caller answers 499 to nobody). Every route that
     computes attention goes through here, so they share batches, deadlines and fault handling.
@@ -92,7 +93,25 @@ async def infer(state: Any, inp: AttendInput, *, started: float, timeout_s: floa
     if state.settings.fault_injection and "x-mha-fault" in request.headers:
         inp = dataclasses.replace(inp, fault=request.headers["x-mha-fault"])
     try:
-        res = await state.batcher.infer(inp, deadline=started + timeout_s, abandoned=disconnected(request))
+        return await run_batcher(
+            state, inp, deadline=started + timeout_s, timeout_s=timeout_s, abandoned=disconnected(request)
+        )
+    except ServiceError:
+        raise
+    except Exception as e:  # the forward failed for this request alone (the batcher isolates faults)
+        raise internal_error(e, request) from e
+
+
+async def run_batcher(
+    state: Any, inp: AttendInput, *, deadline: float, timeout_s: float, abandoned: Awaitable[Any] | None
+) -> Result | None:
+    """The batcher's infer with its outcomes mapped to the error table, for every transport (HTTP, gRPC).
+
+    None means the caller went away (``abandoned`` completed). Other exceptions are the forward's
+    own failure for this request; the transport answers them as an opaque internal error.
+    """
+    try:
+        res = await state.batcher.infer(inp, deadline=deadline, abandoned=abandoned)
     except Overloaded as e:
         raise ServiceError("overloaded", str(e), headers={"retry-after": str(int(e.retry_after_s))}) from e
     except RequestTooLarge as e:
@@ -103,8 +122,6 @@ async def infer(state: Any, inp: AttendInput, *, started: float, timeout_s: floa
         raise ServiceError("unavailable", str(e)) from e
     except ClientGone:
         return None  # nobody is listening; counted by the batcher
-    except Exception as e:  # the forward failed for this request alone (the batcher isolates faults)
-        raise internal_error(e, request) from e
     # before any encoding, for every route: an overflow is a clear error, never null/Inf/NaN in a 200
     codecs.check_computed({"output": res.output.output, "weights": res.output.weights}, inp.x, state.settings.dtype)
     return res

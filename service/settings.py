@@ -20,6 +20,13 @@ class Settings(BaseSettings):
     # -- server ---------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address to bind. Use 0.0.0.0 in a container.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the gRPC server (the v2 protocol's inference.GRPCInferenceService and grpc.health.v1), "
+        "on the same host and batcher as HTTP. 0 disables it.",
+    )
     model_name: str = Field("mha", description="Name of the served model (/v1/model, /v2/models/{name}).")
     replica_id: str = Field(
         default_factory=socket.gethostname,

@@ -2,14 +2,19 @@
 
 ``build_router(state)`` answers, for the one served model (``settings.model_name``, version "1"):
 
-    GET  /v2                                   server metadata and extensions
-    GET  /v2/health/live, /v2/health/ready     200, or 503 while not ready (as /readyz)
-    GET  /v2/models/{name}[/versions/1]        model metadata
-    GET  /v2/models/{name}[/versions/1]/ready  200, or 503 while not ready
-    POST /v2/models/{name}[/versions/1]/infer  inference, through the same batcher as /attend
+    GET  /v2, /v2/                              server metadata and extensions
+    GET|HEAD /v2/health/live, /v2/health/ready  200, or 503 while not ready (as /readyz)
+    GET  /v2/models/{name}[/versions/1]         model metadata
+    GET  /v2/models/{name}[/versions/1]/ready   200, or 503 while not ready
+    GET  /v2/models/{name}[/versions/1]/config  Triton's model configuration (what perf_analyzer reads)
+    GET  /v2/models/{name}[/versions/1]/stats   Triton's statistics extension (service/stats.py)
+    POST /v2/repository/index                   the one model and its state
+    POST /v2/models/{name}[/versions/1]/infer   inference, through the same batcher as /attend
+
+The protocol itself (tensors, parameters, config, metadata) is in service/oip.py, shared with gRPC.
 
 Contract of ``infer``:
-- Inputs: ``x`` FP32|FP16|BF16 [B, T, E]; optional ``lengths`` INT32|INT64 [B]; optional
+- Inputs: ``x`` FP32|FP16|BF16 [B, T, E]; optional ``lengths`` INT32|INT64 [B] or [B, 1]; optional
   ``attn_mask`` BOOL [T, T] or [B, T, T]. JSON ``data`` may be flat (row-major) or nested; its
   element count must match ``shape``. BF16 in JSON takes numbers, rounded to bfloat16 as the
   binary path would carry them.
@@ -19,8 +24,9 @@ Contract of ``infer``:
   the whole body is JSON. ``Content-Encoding: gzip|deflate`` bodies are inflated first.
 - Outputs: ``output`` [B, T, E] and ``weights`` [B, H', T, T], in the datatype of ``x``.
   Without ``outputs`` only ``output`` comes back: ``weights`` is computed only when asked for
-  by name. An output is binary when its ``parameters.binary_data`` is true, or, when it does
-  not say, when the request's ``parameters.binary_data_output`` is true; then the response is
+  by name (an exception to the protocol, explained in the README). An output is binary when
+  its ``parameters.binary_data`` is true, or, when it does not say, when the request's
+  ``parameters.binary_data_output`` is true; then the response is
   ``application/octet-stream``: JSON header (length in ``Inference-Header-Content-Length``)
   followed by the blobs in output order.
 - Request parameters: ``causal`` (bool), ``heads`` (list of ints, one int, or "0,2"),
@@ -34,7 +40,6 @@ Contract of ``infer``:
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -51,26 +56,17 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from service import __version__, codecs
-from service.decode import check_input, parse_json
+from service import codecs, oip
+from service.decode import parse_json
 from service.errors import INFERENCE_ERRORS, ServiceError, status_descriptions, validation
 from service.httputil import infer as run_inference
 from service.httputil import internal_error, read_limited, timing_headers
 
 log = logging.getLogger("mha_serve.v2")
 
-VERSION = "1"
-EXTENSIONS = ["binary_tensor_data"]
+VERSION = oip.VERSION
 HEADER_LENGTH = "inference-header-content-length"
-
-# wire datatype -> little-endian numpy dtype of its bytes (BF16: the upper half of a float32)
-_FLOAT = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
-_WIRE = {"FP32": "float32", "FP16": "float16", "BF16": "bfloat16"}  # the names codecs uses
-_INT = {"INT32": np.dtype("<i4"), "INT64": np.dtype("<i8")}
-_BOOL = {"BOOL": np.dtype("u1")}
-INPUTS: dict[str, dict[str, np.dtype]] = {"x": _FLOAT, "lengths": _INT, "attn_mask": _BOOL}
-OUTPUTS = ("output", "weights")
-_METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+_METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "TRACE", "CONNECT"]
 
 INFER_ERRORS = ("not_found", *INFERENCE_ERRORS)
 
@@ -107,19 +103,16 @@ class _V2Route(APIRoute):
 
 
 def build_router(state: Any) -> APIRouter:
-    """The v2 routes over ``state`` (service.app.AppState): its settings, runner, batcher, limits.
+    """The v2 routes over ``state`` (service.app.AppState): its settings, runner, batcher, limits, stats.
 
-    Its last route answers every other /v2 path (404/405 in the protocol's shape), so include
+    Its last routes answer every other /v2 path (404/405 in the protocol's shape), so include
     this router after any other route under /v2, and before any catch-all mount at "/".
     """
     settings = state.settings
     router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"], route_class=_V2Route)
 
     def check_model(name: str, version: str | None = None) -> None:
-        if name != settings.model_name:
-            raise ServiceError("not_found", f"unknown model {name!r}; this server serves {settings.model_name!r}")
-        if version is not None and version != VERSION:
-            raise ServiceError("not_found", f"model {name!r} has no version {version!r}; versions: [{VERSION!r}]")
+        oip.check_model(name, version, settings.model_name)
 
     def require_ready() -> None:
         if state.draining:
@@ -127,24 +120,45 @@ def build_router(state: Any) -> APIRouter:
         if not state.ready or state.runner is None or state.batcher is None:
             raise ServiceError("unavailable", "the model is not ready yet")
 
-    @router.get("", summary="Server metadata")
     async def server_metadata() -> dict[str, Any]:
-        return {"name": "mha-serve", "version": __version__, "extensions": EXTENSIONS}
+        return oip.server_metadata()
 
-    @router.get("/health/live", summary="Liveness: 200 while the process answers")
+    router.add_api_route("", server_metadata, methods=["GET"], summary="Server metadata")
+    router.add_api_route("/", server_metadata, methods=["GET"], include_in_schema=False)
+
+    @router.get("/health/live", summary="Liveness: 200 while the process answers (HEAD too)")
     async def live() -> dict[str, bool]:
         return {"live": True}
 
-    @router.get("/health/ready", summary="Readiness: 200 when ready, else 503", responses=_responses("unavailable"))
+    @router.get(
+        "/health/ready", summary="Readiness: 200 when ready, else 503 (HEAD too)", responses=_responses("unavailable")
+    )
     async def ready() -> dict[str, bool]:
         require_ready()
         return {"ready": True}
+
+    router.add_api_route("/health/live", live, methods=["HEAD"], include_in_schema=False)
+    router.add_api_route("/health/ready", ready, methods=["HEAD"], include_in_schema=False)
+
+    @router.post("/repository/index", summary="The models this server serves, and their state")
+    async def repository_index() -> list[dict[str, str]]:
+        return oip.repository_index(settings.model_name, state.ready and not state.draining)
 
     def metadata(name: str, version: str | None) -> dict[str, Any]:
         check_model(name, version)
         if state.runner is None:
             raise ServiceError("unavailable", "the model is still loading")
-        return _metadata(settings.model_name, state.runner.config)
+        return oip.model_metadata(settings.model_name, state.runner.config)
+
+    def config(name: str, version: str | None) -> dict[str, Any]:
+        check_model(name, version)
+        if state.runner is None:
+            raise ServiceError("unavailable", "the model is still loading")
+        return oip.model_config(settings.model_name, state.runner.config, settings, str(state.runner.device))
+
+    def stats(name: str, version: str | None) -> dict[str, Any]:
+        check_model(name, version)
+        return {"model_stats": [state.stats.model_stats(settings.model_name, VERSION)]}
 
     def model_ready(name: str, version: str | None) -> dict[str, Any]:
         check_model(name, version)
@@ -154,45 +168,66 @@ def build_router(state: Any) -> APIRouter:
     async def infer(request: Request, name: str, version: str | None) -> Response:
         started = time.monotonic()
         check_model(name, version)
-        require_ready()
-        body = await _read_body(request, settings.max_body_bytes)
-        req = _decode(body, request.headers.get(HEADER_LENGTH))
-        inp, timeout_s = req.check(config=state.runner.config, limits=state.limits)
-        res = await run_inference(state, inp, started=started, timeout_s=timeout_s, request=request)
-        if res is None:
-            return Response(status_code=499)
-        tensors = {"output": res.output.output, "weights": res.output.weights}
-        payload, header_len = _encode(req, settings.model_name, tensors)
+        try:
+            require_ready()
+            body = await _read_body(request, settings.max_body_bytes)
+            req = _decode(body, request.headers.get(HEADER_LENGTH))
+            inp, timeout_s = req.check(config=state.runner.config, limits=state.limits)
+            decoded = time.monotonic()
+            res = await run_inference(state, inp, started=started, timeout_s=timeout_s, request=request)
+            if res is None:
+                return Response(status_code=499)
+            answered = time.monotonic()
+            tensors = {"output": res.output.output, "weights": res.output.weights}
+            payload, header_len = _encode(req, settings.model_name, tensors)
+        except ServiceError:
+            state.stats.request_failed(time.monotonic() - started)
+            raise
+        done = time.monotonic()
+        state.stats.request_done(
+            sequences=inp.batch,
+            total_s=done - started,
+            queue_s=res.queue_s,
+            compute_s=res.compute_s,
+            input_s=decoded - started,
+            output_s=done - answered,
+        )
         headers = timing_headers(res)
         if header_len is None:
             return Response(payload, media_type="application/json", headers=headers)
         headers["Inference-Header-Content-Length"] = str(header_len)
         return Response(payload, media_type="application/octet-stream", headers=headers)
 
-    async def model_metadata(name: str) -> dict[str, Any]:
-        return metadata(name, None)
+    def versioned(fn: Callable[..., Any], *, with_request: bool = False) -> tuple[Callable, Callable]:
+        """(handler of /models/{name}/..., handler of /models/{name}/versions/{version}/...)."""
+        if with_request:
 
-    async def model_version_metadata(name: str, version: str) -> dict[str, Any]:
-        return metadata(name, version)
+            async def plain_r(request: Request, name: str) -> Any:
+                return await fn(request, name, None)
 
-    async def ready_model(name: str) -> dict[str, Any]:
-        return model_ready(name, None)
+            async def version_r(request: Request, name: str, version: str) -> Any:
+                return await fn(request, name, version)
 
-    async def ready_model_version(name: str, version: str) -> dict[str, Any]:
-        return model_ready(name, version)
+            return plain_r, version_r
 
-    async def infer_model(request: Request, name: str) -> Response:
-        return await infer(request, name, None)
+        async def plain(name: str) -> Any:
+            return fn(name, None)
 
-    async def infer_model_version(request: Request, name: str, version: str) -> Response:
-        return await infer(request, name, version)
+        async def with_version(name: str, version: str) -> Any:
+            return fn(name, version)
 
-    meta = {"summary": "Model metadata", "responses": _responses("not_found", "unavailable")}
-    router.add_api_route("/models/{name}", model_metadata, methods=["GET"], **meta)
-    router.add_api_route("/models/{name}/versions/{version}", model_version_metadata, methods=["GET"], **meta)
-    rdy = {"summary": "Model readiness: 200 when ready, else 503", "responses": _responses("not_found", "unavailable")}
-    router.add_api_route("/models/{name}/ready", ready_model, methods=["GET"], **rdy)
-    router.add_api_route("/models/{name}/versions/{version}/ready", ready_model_version, methods=["GET"], **rdy)
+        return plain, with_version
+
+    def add(suffix: str, fn: Callable[..., Any], method: str = "GET", with_request: bool = False, **kw: Any) -> None:
+        plain, with_version = versioned(fn, with_request=with_request)
+        router.add_api_route("/models/{name}" + suffix, plain, methods=[method], **kw)
+        router.add_api_route("/models/{name}/versions/{version}" + suffix, with_version, methods=[method], **kw)
+
+    not_found = _responses("not_found", "unavailable")
+    add("", metadata, summary="Model metadata", responses=not_found)
+    add("/ready", model_ready, summary="Model readiness: 200 when ready, else 503", responses=not_found)
+    add("/config", config, summary="Model configuration (Triton's model_config.proto as JSON)", responses=not_found)
+    add("/stats", stats, summary="Model statistics (Triton's statistics extension)", responses=_responses("not_found"))
     inf = {
         "summary": "Inference (JSON, or JSON header + binary tensors)",
         "response_class": Response,
@@ -214,78 +249,21 @@ def build_router(state: Any) -> APIRouter:
             }
         },
     }
-    router.add_api_route("/models/{name}/infer", infer_model, methods=["POST"], **inf)
-    router.add_api_route("/models/{name}/versions/{version}/infer", infer_model_version, methods=["POST"], **inf)
+    add("/infer", infer, "POST", with_request=True, **inf)
     routes = list(router.routes)
 
-    async def no_route(request: Request, path: str) -> Response:
-        """Other /v2 paths (Triton's repository, stats, config...) answer in the protocol's shape too."""
+    async def no_route(request: Request, path: str = "") -> Response:
+        """Other /v2 paths and methods answer in the protocol's shape too."""
         if any(r.matches(request.scope)[0] != Match.NONE for r in routes):
             raise ServiceError("method_not_allowed", f"{request.url.path} does not accept {request.method}")
         raise ServiceError("not_found", f"no route {request.method} {request.url.path}")
 
+    router.add_api_route("", no_route, methods=_METHODS, include_in_schema=False)
     router.add_api_route("/{path:path}", no_route, methods=_METHODS, include_in_schema=False)
     return router
 
 
-def _metadata(name: str, cfg: Any) -> dict[str, Any]:
-    E = cfg.emb_size
-    return {
-        "name": name,
-        "versions": [VERSION],
-        "platform": "pytorch",
-        "inputs": [
-            {"name": "x", "datatype": "FP32", "shape": [-1, -1, E], "parameters": {"datatypes": list(_FLOAT)}},
-            {
-                "name": "lengths",
-                "datatype": "INT64",
-                "shape": [-1],
-                "optional": True,
-                "parameters": {"datatypes": list(_INT)},
-            },
-            {
-                "name": "attn_mask",
-                "datatype": "BOOL",
-                "shape": [-1, -1, -1],
-                "optional": True,
-                "parameters": {"shapes": "[T, T] or [B, T, T]; true = may attend"},
-            },
-        ],
-        "outputs": [
-            {"name": "output", "datatype": "FP32", "shape": [-1, -1, E], "parameters": {"datatype": "that of x"}},
-            {
-                "name": "weights",
-                "datatype": "FP32",
-                "shape": [-1, -1, -1, -1],
-                "parameters": {"datatype": "that of x", "computed": "only when requested by name"},
-            },
-        ],
-        "parameters": {
-            "num_heads": cfg.num_heads,
-            "emb_size": E,
-            "head_size": cfg.head_size,
-            "max_seq_len": cfg.max_seq_len,
-            "causal": cfg.causal,
-            "request_parameters": ["causal", "heads", "timeout_ms", "timeout", "binary_data_output"],
-        },
-    }
-
-
 # -- decode_request ---------------------------------------------------------------------------
-
-
-class _Request:
-    """A decoded infer request: its checks against the model (``check_input``), and how to answer."""
-
-    __slots__ = ("check", "datatype", "id", "outputs")
-
-    def __init__(
-        self, check: Callable[..., tuple[Any, float]], datatype: str, outputs: list[tuple[str, bool]], id: str | None
-    ) -> None:
-        self.check = check
-        self.datatype = datatype  # datatype of x, and so of the outputs
-        self.outputs = outputs  # (name, binary) in the order asked for
-        self.id = id
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -330,7 +308,7 @@ def _header_length(raw: str | None, size: int) -> int:
     return n
 
 
-def _decode(body: bytes, header_length: str | None) -> _Request:
+def _decode(body: bytes, header_length: str | None) -> oip.InferPlan:
     """bytes -> arrays (checked against the model later, by ``check_input``) + answer plan."""
     hl = _header_length(header_length, len(body))
     view = memoryview(body)
@@ -340,109 +318,11 @@ def _decode(body: bytes, header_length: str | None) -> _Request:
     rid = head.get("id")
     if rid is not None and not isinstance(rid, str):
         raise validation(f"id must be a string, got {type(rid).__name__}")
-    params = _dict(head.get("parameters"), "parameters")
+    params = oip.as_dict(head.get("parameters"), "parameters")
     tensors, x_type = _inputs(head.get("inputs"), view, hl)
-    outputs = _outputs(head.get("outputs"), _bool(params.get("binary_data_output"), "binary_data_output", False))
-    want_weights = any(n == "weights" for n, _ in outputs)
-
-    heads = _heads(params.get("heads"))
-    if heads is not None and not want_weights:
-        raise validation("parameters.heads selects weights: it needs the 'weights' output in outputs")
-    timeout_ms = _timeout_ms(params)
-    causal = params.get("causal")
-    if causal is not None and not isinstance(causal, bool):
-        raise validation(f"parameters.causal must be a boolean, got {causal!r}")
-
-    x = tensors["x"]
-    if x.ndim != 3:
-        raise validation(f"input 'x' must have shape [B, T, E], got {list(x.shape)}")
-    if x.shape[0] < 1:
-        raise validation(f"x must have B >= 1 and T >= 1, got shape {list(x.shape)}")
-    if x_type == "BF16":
-        x = codecs.bf16_to_f32(x)
-    lengths = tensors.get("lengths")
-    if lengths is not None and lengths.ndim != 1:
-        raise validation(f"input 'lengths' must have shape [B], got {list(lengths.shape)}")
-    mask = tensors.get("attn_mask")
-    if mask is not None:
-        if mask.size and mask.max() > 1:
-            raise validation("attn_mask bool bytes must be 0 or 1")
-        mask = mask.astype(np.bool_)
-    check = functools.partial(
-        check_input, x, lengths, mask, causal=causal, need_weights=want_weights, heads=heads, timeout_ms=timeout_ms
-    )
-    return _Request(check, x_type, outputs, rid)
-
-
-def _dict(value: Any, where: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise validation(f"{where} must be an object, got {type(value).__name__}")
-    return value
-
-
-def _bool(value: Any, name: str, default: bool) -> bool:
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise validation(f"parameters.{name} must be a boolean, got {value!r}")
-    return value
-
-
-def _heads(value: Any) -> list[int] | None:
-    """A list of ints, one int, or a comma-separated string (Triton's parameters are scalars)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            return [int(p) for p in value.split(",") if p.strip()]
-        except ValueError as e:
-            raise validation(f"parameters.heads must be head indices like '0,2', got {value!r}") from e
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value]
-    if isinstance(value, list) and all(isinstance(h, int) and not isinstance(h, bool) for h in value):
-        return value
-    raise validation(f"parameters.heads must be a list of ints, an int or a string like '0,2', got {value!r}")
-
-
-def _timeout_ms(params: dict) -> float | None:
-    value = params.get("timeout_ms")
-    if value is not None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise validation(f"parameters.timeout_ms must be a number, got {value!r}")
-        return float(value)
-    value = params.get("timeout")  # Triton's, in microseconds; 0 = the default
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise validation(f"parameters.timeout must be microseconds >= 0, got {value!r}")
-    return value / 1000 if value else None
-
-
-def _outputs(value: Any, binary_default: bool) -> list[tuple[str, bool]]:
-    if value is None or value == []:
-        return [("output", binary_default)]
-    if not isinstance(value, list):
-        raise validation(f"outputs must be a list, got {type(value).__name__}")
-    seen: list[tuple[str, bool]] = []
-    for i, spec in enumerate(value):
-        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-            raise validation(f"outputs[{i}] must be an object with a string 'name'")
-        name = spec["name"]
-        if name not in OUTPUTS:
-            raise validation(f"unknown output {name!r}; the model's outputs are {', '.join(OUTPUTS)}")
-        if any(n == name for n, _ in seen):
-            raise validation(f"output {name!r} is asked for twice")
-        p = _dict(spec.get("parameters"), f"outputs[{i}].parameters")
-        for unsupported in ("classification", "shared_memory_region"):
-            if p.get(unsupported) not in (None, 0):
-                raise validation(f"output {name!r}: parameter {unsupported!r} is not supported by this server")
-        binary = p.get("binary_data")
-        if binary is not None and not isinstance(binary, bool):
-            raise validation(f"outputs[{i}].parameters.binary_data must be a boolean, got {binary!r}")
-        seen.append((name, binary_default if binary is None else binary))
-    return seen
+    binary_default = oip.parse_bool(params.get("binary_data_output"), "binary_data_output", False)
+    outputs = oip.parse_outputs(head.get("outputs"), binary_default)
+    return oip.plan_request(tensors, x_type, params, outputs, rid)
 
 
 def _inputs(value: Any, body: memoryview, hl: int) -> tuple[dict[str, np.ndarray], str]:
@@ -450,24 +330,14 @@ def _inputs(value: Any, body: memoryview, hl: int) -> tuple[dict[str, np.ndarray
     if not isinstance(value, list) or not value:
         raise validation("inputs must be a non-empty list of tensors")
     specs = []
+    seen: set[str] = set()
     offset = hl
     for i, spec in enumerate(value):
         if not isinstance(spec, dict):
             raise validation(f"inputs[{i}] must be an object, got {type(spec).__name__}")
         name, dtype_name, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
-        if not isinstance(name, str):
-            raise validation(f"inputs[{i}] needs a string 'name'")
-        if name not in INPUTS:
-            raise validation(f"unknown input {name!r}; the model's inputs are {', '.join(INPUTS)}")
-        if any(s[0] == name for s in specs):
-            raise validation(f"input {name!r} is given twice")
-        if dtype_name not in INPUTS[name]:
-            raise validation(f"input {name!r} has datatype {dtype_name!r}; expected one of {', '.join(INPUTS[name])}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-            raise validation(f"input {name!r} needs 'shape', a list of integers, got {shape!r}")
-        if any(d < 0 for d in shape):
-            raise validation(f"input {name!r} has a negative dimension in shape {shape}")
-        p = _dict(spec.get("parameters"), f"input {name!r} parameters")
+        oip.check_tensor_spec(i, name, dtype_name, shape, seen)
+        p = oip.as_dict(spec.get("parameters"), f"input {name!r} parameters")
         if p.get("shared_memory_region") is not None:
             raise validation(f"input {name!r}: shared memory is not supported by this server")
         size = p.get("binary_data_size")
@@ -487,23 +357,16 @@ def _inputs(value: Any, body: memoryview, hl: int) -> tuple[dict[str, np.ndarray
             f"the inputs' binary_data_size add up to {offset - hl} bytes, but the body has {len(body) - hl} "
             f"bytes after the {hl}-byte JSON header"
         )
-    if not any(s[0] == "x" for s in specs):
+    if "x" not in seen:
         raise validation("input 'x' is required")
 
     tensors: dict[str, np.ndarray] = {}
     x_type = "FP32"
     for name, dtype_name, shape, start, data in specs:
-        npdtype = INPUTS[name][dtype_name]
-        count = math.prod(shape)
         if start is not None:
-            if data != count * npdtype.itemsize:
-                raise validation(
-                    f"input {name!r} has binary_data_size {data}, but shape {shape} of {dtype_name} needs "
-                    f"{count} x {npdtype.itemsize} = {count * npdtype.itemsize} bytes"
-                )
-            arr = np.frombuffer(body, dtype=npdtype, count=count, offset=start).reshape(shape)
+            arr = oip.from_bytes(name, dtype_name, shape, body, start, data, f"binary_data_size {data}")
         else:
-            arr = _from_json(data, name, dtype_name, shape, count)
+            arr = _from_json(data, name, dtype_name, shape, math.prod(shape))
         if name == "x":
             x_type = dtype_name
         tensors[name] = arr
@@ -513,7 +376,7 @@ def _inputs(value: Any, body: memoryview, hl: int) -> tuple[dict[str, np.ndarray
 def _from_json(data: Any, name: str, dtype_name: str, shape: list[int], count: int) -> np.ndarray:
     if not isinstance(data, list):
         raise validation(f"input {name!r} data must be a list, got {type(data).__name__}")
-    if dtype_name in _FLOAT:
+    if dtype_name in oip.FLOAT:
         arr = codecs.decode_lists(data, name, range(1, 64))  # float32; flat or nested
         if dtype_name == "FP16":
             if arr.size and (big := float(np.max(np.abs(arr)))) > codecs.DTYPE_MAX["float16"]:
@@ -543,7 +406,7 @@ def _from_json(data: Any, name: str, dtype_name: str, shape: list[int], count: i
 # -- encode_response --------------------------------------------------------------------------
 
 
-def _encode(req: _Request, model_name: str, tensors: dict[str, np.ndarray | None]) -> tuple[bytes, int | None]:
+def _encode(req: oip.InferPlan, model_name: str, tensors: dict[str, np.ndarray | None]) -> tuple[bytes, int | None]:
     """(body, JSON header length when any output is binary, else None)."""
     outputs, blobs = [], []
     dt = req.datatype
@@ -551,11 +414,11 @@ def _encode(req: _Request, model_name: str, tensors: dict[str, np.ndarray | None
         arr = tensors[name]
         entry: dict[str, Any] = {"name": name, "datatype": dt, "shape": list(arr.shape)}
         if binary:
-            wire = _to_wire(arr, dt, name)
+            wire = oip.to_wire(arr, dt, name)
             entry["parameters"] = {"binary_data_size": wire.nbytes}
             blobs.append(wire)
         else:
-            entry["data"] = _to_json(arr, dt, name)
+            entry["data"] = oip.to_json(arr, dt, name)
         outputs.append(entry)
     resp: dict[str, Any] = {"model_name": model_name, "model_version": VERSION}
     if req.id is not None:
@@ -565,14 +428,3 @@ def _encode(req: _Request, model_name: str, tensors: dict[str, np.ndarray | None
     if not blobs:
         return header, None
     return b"".join([header, *(memoryview(b) for b in blobs)]), len(header)
-
-
-def _to_wire(arr: np.ndarray, datatype: str, name: str) -> np.ndarray:
-    """float32 -> contiguous 1-D little-endian array of the datatype's bytes (an overflow is a 422)."""
-    return codecs.to_wire(arr, _WIRE[datatype], name).reshape(-1)
-
-
-def _to_json(arr: np.ndarray, datatype: str, name: str) -> np.ndarray:
-    """A flat array orjson writes as a list (BF16: the bfloat16 values, as float32 numbers)."""
-    wire = codecs.to_wire(arr, _WIRE[datatype], name)
-    return (codecs.bf16_to_f32(wire) if datatype == "BF16" else wire).reshape(-1)

@@ -28,6 +28,11 @@ class Server:
     proc: subprocess.Popen
     url: str
     log_path: str
+    grpc_port: int = 0
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
 
     def log(self) -> str:
         with open(self.log_path, errors="replace") as f:
@@ -47,7 +52,14 @@ class Server:
 def start_server(tmp_path, env: dict[str, str] | None = None, ready_timeout: float = 60) -> Server:
     port = free_port()
     log_path = str(tmp_path / f"server-{port}.log")
-    full_env = {**os.environ, **TINY_ENV, "MHA_WARMUP": "false", "MHA_TORCH_THREADS": "1", **(env or {})}
+    full_env = {
+        **os.environ,
+        **TINY_ENV,
+        "MHA_WARMUP": "false",
+        "MHA_TORCH_THREADS": "1",
+        "MHA_GRPC_PORT": str(free_port()),
+        **(env or {}),
+    }
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", str(port)],
@@ -55,7 +67,7 @@ def start_server(tmp_path, env: dict[str, str] | None = None, ready_timeout: flo
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    server = Server(proc, f"http://127.0.0.1:{port}", log_path)
+    server = Server(proc, f"http://127.0.0.1:{port}", log_path, int(full_env["MHA_GRPC_PORT"]))
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

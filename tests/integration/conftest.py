@@ -17,6 +17,7 @@ TINY = {
     "warmup": False,
     "replica_id": "test-replica",
     "decode_processes": 0,  # no process pool per in-process app; tests/integration/test_offload.py turns it on
+    "grpc_port": 0,  # the in-process app serves no gRPC; tests/e2e and test_grpc.py start it on a free port
 }
 
 

@@ -103,7 +103,7 @@ async def test_metadata_health_and_versions(client):
     assert (await client.get("/v2")).json() == {
         "name": "mha-serve",
         "version": "0.1.0",
-        "extensions": ["binary_tensor_data"],
+        "extensions": ["binary_tensor_data", "model_configuration", "statistics", "parameters"],
     }
     assert (await client.get("/v2/health/live")).status_code == 200
     assert (await client.get("/v2/health/ready")).status_code == 200
@@ -114,7 +114,7 @@ async def test_metadata_health_and_versions(client):
     assert meta["name"] == "mha" and meta["versions"] == ["1"]
     ins = {t["name"]: t for t in meta["inputs"]}
     assert ins["x"]["shape"] == [-1, -1, 32] and ins["x"]["parameters"]["datatypes"] == ["FP32", "FP16", "BF16"]
-    assert ins["lengths"]["shape"] == [-1] and ins["lengths"]["optional"] is True
+    assert ins["lengths"]["shape"] == [-1, 1] and ins["lengths"]["optional"] is True
     assert ins["attn_mask"]["datatype"] == "BOOL"
     outs = {t["name"]: t for t in meta["outputs"]}
     assert outs["output"]["shape"] == [-1, -1, 32] and outs["weights"]["shape"] == [-1, -1, -1, -1]
@@ -133,7 +133,9 @@ async def test_metadata_health_and_versions(client):
     r = await client.post("/v2/models/mha/versions/2/infer", json={})
     assert r.status_code == 404 and "no version '2'" in r.json()["error"]
     r = await client.get("/v2/repository/index")
-    assert r.status_code == 404 and r.json() == {"error": "no route GET /v2/repository/index"}
+    assert r.status_code == 405 and r.json() == {"error": "/v2/repository/index does not accept GET"}
+    r = await client.get("/v2/models/mha/metrics")
+    assert r.status_code == 404 and r.json() == {"error": "no route GET /v2/models/mha/metrics"}
     r = await client.get(INFER)
     assert r.status_code == 405 and r.json() == {"error": "/v2/models/mha/infer does not accept GET"}
     assert "/v2/models/{name}/infer" in (await client.get("/openapi.json")).json()["paths"]

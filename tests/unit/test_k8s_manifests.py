@@ -74,8 +74,13 @@ def test_probes_resources_and_security(name: str) -> None:
     assert int(env["MHA_PORT"]) == port
 
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+    grpc_port = {p["name"]: p["containerPort"] for p in c["ports"]}["grpc"]
+    assert int(env["MHA_GRPC_PORT"]) == grpc_port
+    assert c["livenessProbe"]["grpc"] == {
+        "port": grpc_port,
+        "service": "live",
+    }  # grpc.health.v1 (service/grpc_server.py)
+    for probe in ("readinessProbe", "startupProbe"):
         assert c[probe]["httpGet"]["port"] in ("http", port), probe
 
     requests = c["resources"]["requests"]
@@ -139,7 +144,7 @@ def test_service_selects_the_pods_on_the_http_port() -> None:
     selector = svc["spec"]["selector"].items()
     for name in ("mha-serve", "mha-serve-gpu"):
         assert selector <= _deployment(name)["spec"]["template"]["metadata"]["labels"].items(), name
-    assert {p["targetPort"] for p in svc["spec"]["ports"]} == {"http"}
+    assert {p["targetPort"] for p in svc["spec"]["ports"]} == {"http", "grpc"}
 
 
 def test_volume_claim_matches_the_deployments() -> None:

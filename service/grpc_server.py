@@ -1,0 +1,298 @@
+"""The v2 protocol over gRPC: Triton's ``inference.GRPCInferenceService`` on grpcio's asyncio server.
+
+It runs on the app's event loop, started and stopped by the app's lifespan (``start`` /
+``GrpcServer.stop``), and feeds the same batcher as HTTP: requests from both share batches,
+the queue bound and the deadlines. Requests are checked by service/oip.py, as /v2 HTTP's are,
+so the messages are the same; errors map from the one error table (``GRPC_STATUS``, keyed by
+service.errors' types).
+
+- The RPC's deadline is the request's deadline (capped as HTTP's timeouts are).
+- A cancelled RPC is dropped before compute: the batcher's ``abandoned`` completes with the RPC.
+- API keys (MHA_API_KEYS) come in ``authorization: Bearer <key>`` metadata; ServerLive,
+  ServerReady and grpc.health.v1 are open, as HTTP's health routes are.
+- RESOURCE_EXHAUSTED for an overloaded queue carries ``retry-after`` (seconds) in the trailers.
+- INTERNAL says only "internal error (id ...)"; the log line with that id has the traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from service import grpc_wire, oip
+from service.batcher import Result
+from service.errors import ERROR_STATUS, ServiceError
+from service.httputil import run_batcher
+from service.observability import ApiKeys
+from service.runner import AttendInput
+from service.triton_proto import grpc_service_pb2 as pb
+from service.triton_proto import grpc_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger("mha_serve.grpc")
+
+S = grpc.StatusCode
+# service.errors' type -> gRPC status. payload_too_large is RESOURCE_EXHAUSTED as gRPC's own
+# message-size limit answers; only "overloaded" carries retry-after.
+GRPC_STATUS: dict[str, grpc.StatusCode] = {
+    "malformed_json": S.INVALID_ARGUMENT,
+    "unauthorized": S.UNAUTHENTICATED,
+    "not_found": S.NOT_FOUND,
+    "method_not_allowed": S.UNIMPLEMENTED,
+    "payload_too_large": S.RESOURCE_EXHAUSTED,
+    "unsupported_media_type": S.INVALID_ARGUMENT,
+    "validation_error": S.INVALID_ARGUMENT,
+    "numeric_overflow": S.INVALID_ARGUMENT,  # 422 as on HTTP: the same request gets the same answer
+    "request_timeout": S.DEADLINE_EXCEEDED,  # HTTP's body read timeout; gRPC's own transport bounds reads
+    "overloaded": S.RESOURCE_EXHAUSTED,
+    "internal_error": S.INTERNAL,
+    "unavailable": S.UNAVAILABLE,
+    "deadline_exceeded": S.DEADLINE_EXCEEDED,
+}
+assert set(GRPC_STATUS) == set(ERROR_STATUS), "every error type needs a gRPC status"
+
+_SERVICE = "/inference.GRPCInferenceService/"
+OPEN_METHODS = frozenset(
+    {_SERVICE + "ServerLive", _SERVICE + "ServerReady", "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"}
+)
+
+
+def _rpc(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """ServiceError -> its gRPC status and message; anything else -> INTERNAL with a logged error id."""
+
+    @functools.wraps(fn)
+    async def handler(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except ServiceError as e:
+            err = e
+        except Exception as e:
+            err = internal_error(e, fn.__name__)
+        trailers = tuple((k, v) for k, v in err.headers.items() if k == "retry-after")
+        await context.abort(GRPC_STATUS[err.type], err.message, trailing_metadata=trailers)
+
+    return handler
+
+
+def internal_error(exc: BaseException, method: str) -> ServiceError:
+    error_id = uuid.uuid4().hex[:12]
+    log.error(
+        "internal error %s on gRPC %s: %r",
+        error_id,
+        method,
+        exc,
+        exc_info=(type(exc), exc, exc.__traceback__),
+        extra={"error_id": error_id},
+    )
+    return ServiceError("internal_error", f"internal error (id {error_id}); see the server log")
+
+
+class Servicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The protocol's methods over ``state`` (service.app.AppState). Unlisted ones are UNIMPLEMENTED."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+        self.name = state.settings.model_name
+
+    def _ready(self) -> bool:
+        s = self.state
+        return s.ready and not s.draining and s.batcher is not None
+
+    def _require_ready(self) -> None:
+        if self.state.draining:
+            raise ServiceError("unavailable", "the server is shutting down")
+        if not self._ready():
+            raise ServiceError("unavailable", "the model is not ready yet")
+
+    @_rpc
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @_rpc
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._ready())
+
+    @_rpc
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        known = request.name == self.name and request.version in ("", oip.VERSION)
+        return pb.ModelReadyResponse(ready=known and self._ready())
+
+    @_rpc
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(**oip.server_metadata())
+
+    @_rpc
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        oip.check_model(request.name, request.version, self.name)
+        runner = self._runner()
+        return grpc_wire.model_metadata(oip.model_metadata(self.name, runner.config))
+
+    @_rpc
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        oip.check_model(request.name, request.version, self.name)
+        runner = self._runner()
+        cfg = oip.model_config(self.name, runner.config, self.state.settings, str(runner.device))
+        return grpc_wire.model_config(cfg)
+
+    @_rpc
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+        if request.name:  # Triton: no name = every model
+            oip.check_model(request.name, request.version, self.name)
+        return grpc_wire.model_statistics(self.state.stats.model_stats(self.name, oip.VERSION))
+
+    @_rpc
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+        models = oip.repository_index(self.name, self._ready())
+        if request.ready:
+            models = [m for m in models if m["state"] == "READY"]
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**m) for m in models])
+
+    @_rpc
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
+        started = time.monotonic()
+        state = self.state
+        oip.check_model(request.model_name, request.model_version, self.name)
+        try:
+            self._require_ready()
+            left = context.time_remaining()
+            plan = grpc_wire.decode_infer(request, None if left is None else left * 1000)
+            inp, timeout_s = plan.check(config=state.runner.config, limits=state.limits)
+            decoded = time.monotonic()
+            res = await self._infer(inp, deadline=started + timeout_s, timeout_s=timeout_s, context=context)
+            answered = time.monotonic()
+            resp = grpc_wire.encode_infer(plan, self.name, {"output": res.output.output, "weights": res.output.weights})
+        except ServiceError:
+            state.stats.request_failed(time.monotonic() - started)
+            raise
+        done = time.monotonic()
+        state.stats.request_done(
+            sequences=inp.batch,
+            total_s=done - started,
+            queue_s=res.queue_s,
+            compute_s=res.compute_s,
+            input_s=decoded - started,
+            output_s=done - answered,
+        )
+        return resp
+
+    async def _infer(
+        self, inp: AttendInput, *, deadline: float, timeout_s: float, context: grpc.aio.ServicerContext
+    ) -> Result:
+        """The batcher's infer, with the RPC's end as ``abandoned`` and errors mapped as HTTP maps them."""
+        state = self.state
+        if state.settings.fault_injection:
+            fault = dict(context.invocation_metadata() or ()).get("x-mha-fault")
+            if fault:
+                inp = dataclasses.replace(inp, fault=fault)
+        gone = asyncio.get_running_loop().create_future()
+
+        def rpc_ended(_: Any = None) -> None:
+            if not gone.done():
+                gone.set_result(None)
+
+        context.add_done_callback(rpc_ended)
+        task = asyncio.ensure_future(run_batcher(state, inp, deadline=deadline, timeout_s=timeout_s, abandoned=gone))
+        try:
+            res = await asyncio.shield(task)
+        except asyncio.CancelledError:  # the RPC was cancelled: let the batcher drop it and count why
+            rpc_ended()
+            with contextlib.suppress(BaseException):
+                await task
+            raise
+        if res is None:
+            raise asyncio.CancelledError  # nobody is listening; counted by the batcher
+        return res
+
+    def _runner(self) -> Any:
+        if self.state.runner is None:
+            raise ServiceError("unavailable", "the model is still loading")
+        return self.state.runner
+
+
+class _Health(HealthServicer):
+    """grpc.health.v1: "" and "inference.GRPCInferenceService" follow the app's readiness (as /readyz);
+    "live" is SERVING while the gRPC server runs (as /healthz), for a liveness probe."""
+
+    def __init__(self, state: Any) -> None:
+        super().__init__()
+        self._state = state
+
+    async def _refresh(self) -> None:
+        ok = self._state.ready and not self._state.draining
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", "inference.GRPCInferenceService"):
+            await self.set(name, status)
+        await self.set("live", health_pb2.HealthCheckResponse.SERVING)
+
+    async def Check(self, request: Any, context: Any) -> Any:
+        await self._refresh()
+        return await super().Check(request, context)
+
+
+class _ApiKeys(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED without a good ``authorization: Bearer <key>``, except on the open methods."""
+
+    def __init__(self, keys: ApiKeys) -> None:
+        self._keys = keys
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(S.UNAUTHENTICATED, "missing or wrong API key: send authorization: Bearer <key>")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        if details.method in OPEN_METHODS:
+            return await continuation(details)
+        auth = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
+        if self._keys.check(auth.encode() if isinstance(auth, str) else auth):
+            return await continuation(details)
+        return self._deny
+
+
+@dataclasses.dataclass
+class GrpcServer:
+    server: grpc.aio.Server
+    port: int
+    health: _Health
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new RPCs, let those in flight finish within ``grace_s``, then cancel the rest."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+
+
+async def start(state: Any) -> GrpcServer:
+    """Bind settings.host:settings.grpc_port and serve; the lifespan stops it before the batcher."""
+    s = state.settings
+    keys = ApiKeys(s.api_key_list)
+    server = grpc.aio.server(
+        interceptors=[_ApiKeys(keys)] if keys else None,
+        options=[
+            ("grpc.max_receive_message_length", s.max_body_bytes),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(state), server)
+    health = _Health(state)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    address = f"[{s.host}]:{s.grpc_port}" if ":" in s.host else f"{s.host}:{s.grpc_port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise RuntimeError(f"cannot serve gRPC on {address} (MHA_GRPC_PORT): {e}") from e
+    if not port:
+        raise RuntimeError(f"cannot serve gRPC on {address} (MHA_GRPC_PORT): the port is taken")
+    await server.start()
+    log.info("gRPC on %s", address)
+    return GrpcServer(server, port, health)

@@ -1,0 +1,111 @@
+"""Triton's gRPC messages <-> the protocol's tensors and parameters (service/oip.py). Pure functions.
+
+The checks and messages of a request are oip's (and so /v2 HTTP's): this module only reads the
+tensors out of ``raw_input_contents`` or the typed ``contents``, and writes the outputs into
+``raw_output_contents``, as Triton does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from google.protobuf import json_format
+
+from service import oip
+from service.errors import validation
+from service.triton_proto import grpc_service_pb2 as pb
+from service.triton_proto import model_config_pb2 as mc
+
+# datatype -> (typed contents field, numpy dtype); FP16 and BF16 have none: raw bytes only.
+_TYPED = {
+    "FP32": ("fp32_contents", np.float32),
+    "INT32": ("int_contents", np.int32),
+    "INT64": ("int64_contents", np.int64),
+    "BOOL": ("bool_contents", np.bool_),
+}
+
+
+def param_value(p: pb.InferParameter) -> Any:
+    which = p.WhichOneof("parameter_choice")
+    return None if which is None else getattr(p, which)
+
+
+def decode_infer(req: pb.ModelInferRequest, deadline_ms: float | None) -> oip.InferPlan:
+    """ModelInferRequest -> an InferPlan; ``deadline_ms`` is what is left of the RPC's deadline."""
+    params = {k: param_value(v) for k, v in req.parameters.items()}
+    raw = req.raw_input_contents
+    if raw and len(raw) != len(req.inputs):
+        raise validation(
+            f"raw_input_contents has {len(raw)} entries, but the request has {len(req.inputs)} inputs: "
+            "give raw contents for every input, in input order, or for none"
+        )
+    if not req.inputs:
+        raise validation("inputs must be a non-empty list of tensors")
+    tensors: dict[str, np.ndarray] = {}
+    seen: set[str] = set()
+    x_type = "FP32"
+    for i, t in enumerate(req.inputs):
+        shape = list(t.shape)
+        oip.check_tensor_spec(i, t.name, t.datatype, shape, seen)
+        if "shared_memory_region" in t.parameters:
+            raise validation(f"input {t.name!r}: shared memory is not supported by this server")
+        if raw:
+            if t.HasField("contents"):
+                raise validation(f"input {t.name!r} has typed contents and raw_input_contents; give one")
+            blob = raw[i]
+            arr = oip.from_bytes(
+                t.name, t.datatype, shape, blob, 0, len(blob), f"{len(blob)} bytes in raw_input_contents"
+            )
+        else:
+            arr = _typed(t, shape)
+        if t.name == "x":
+            x_type = t.datatype
+        tensors[t.name] = arr
+    outputs = oip.parse_outputs(
+        [{"name": o.name, "parameters": {k: param_value(v) for k, v in o.parameters.items()}} for o in req.outputs],
+        True,
+    )
+    return oip.plan_request(tensors, x_type, params, outputs, req.id or None, deadline_ms=deadline_ms)
+
+
+def _typed(t: pb.ModelInferRequest.InferInputTensor, shape: list[int]) -> np.ndarray:
+    if t.datatype not in _TYPED:
+        raise validation(
+            f"input {t.name!r} is {t.datatype}, which has no typed contents in the protocol: send it in "
+            "raw_input_contents"
+        )
+    field, dtype = _TYPED[t.datatype]
+    values = getattr(t.contents, field)
+    others = [f.name for f, v in t.contents.ListFields() if f.name != field and len(v)]
+    if others:
+        raise validation(f"input {t.name!r} is {t.datatype}: its data goes in contents.{field}, not {others[0]}")
+    count = math.prod(shape)
+    if len(values) != count:
+        raise validation(
+            f"input {t.name!r} has {len(values)} elements in contents.{field}, but shape {shape} needs {count}"
+        )
+    return np.array(values, dtype=dtype).reshape(shape)
+
+
+def encode_infer(plan: oip.InferPlan, model_name: str, tensors: dict[str, np.ndarray | None]) -> pb.ModelInferResponse:
+    resp = pb.ModelInferResponse(model_name=model_name, model_version=oip.VERSION, id=plan.id or "")
+    for name, _binary in plan.outputs:
+        arr = tensors[name]
+        resp.outputs.add(name=name, datatype=plan.datatype, shape=list(arr.shape))
+        resp.raw_output_contents.append(oip.to_wire(arr, plan.datatype, name).tobytes())
+    return resp
+
+
+def model_metadata(meta: dict[str, Any]) -> pb.ModelMetadataResponse:
+    """The HTTP metadata (oip.model_metadata) as the message; its extra keys (parameters, optional) drop out."""
+    return json_format.ParseDict(meta, pb.ModelMetadataResponse(), ignore_unknown_fields=True)
+
+
+def model_config(config: dict[str, Any]) -> pb.ModelConfigResponse:
+    return pb.ModelConfigResponse(config=json_format.ParseDict(config, mc.ModelConfig()))
+
+
+def model_statistics(stats: dict[str, Any]) -> pb.ModelStatisticsResponse:
+    return json_format.ParseDict({"model_stats": [stats]}, pb.ModelStatisticsResponse())
