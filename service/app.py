@@ -56,7 +56,7 @@ def create_app(*, settings: Settings) -> FastAPI:
         state.model_info = {
             "name": settings.model_name,
             **cfg.to_dict(),
-            "dtype": settings.dtype,
+            "dtype": str(runner.dtype).removeprefix("torch."),
             "device": str(runner.device),
             "checksum": runner.checksum,
         }
@@ -66,7 +66,9 @@ def create_app(*, settings: Settings) -> FastAPI:
             settings.default_timeout_ms,
             settings.max_timeout_ms,
         )
-        state.batcher = Batcher(runner.run, _batch_limits(settings), observer=state.metrics, is_oom=is_out_of_memory)
+        state.batcher = Batcher(
+            runner.run, _batch_limits(settings), observer=state.metrics, is_oom=is_out_of_memory, depth=runner.depth
+        )
         await state.batcher.start()
         gc.collect()
         gc.freeze()  # start-up objects leave the GC's view: full passes over them made the tails

@@ -118,8 +118,11 @@ class Batcher:
         limits: BatchLimits,
         observer: BatcherObserver | None = None,
         is_oom: Callable[[BaseException], bool] = lambda e: False,
+        depth: int = 1,
     ) -> None:
         self._run_fn = run
+        self._depth = depth  # batches in flight at once (the runner's pipeline depth: 2 on a GPU)
+        self._running = 0
         self._is_oom = is_oom
         self._scale = 1.0  # batch limits are scaled down after out-of-memory errors
         self._scale_until = 0.0
@@ -134,6 +137,7 @@ class Batcher:
         self._idle = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._batch_task: asyncio.Task | None = None
+        self._batch_tasks: set[asyncio.Task] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._drain_tokens_per_s = 0.0
@@ -147,7 +151,7 @@ class Batcher:
     async def start(self) -> None:
         if self._task is not None:
             raise RuntimeError("batcher already started")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mha-forward")
+        self._executor = ThreadPoolExecutor(max_workers=self._depth, thread_name_prefix="mha-forward")
         self._accepting = True
         self._idle.set()
         self._task = asyncio.create_task(self._loop(), name="mha-batcher")
@@ -260,7 +264,7 @@ class Batcher:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            if self._busy:
+            if self._running >= self._depth:
                 continue
             self._purge()
             if not self._queue:
@@ -272,10 +276,15 @@ class Batcher:
                     self._timer = asyncio.get_running_loop().call_later(hold, self._timer_fired)
                 continue
             batch = self._select()
-            self._inflight = batch
+            self._inflight = self._inflight + batch
+            self._running += 1
             self._busy = True
             self._idle.clear()
             self._batch_task = asyncio.create_task(self._run_batch(batch))
+            self._batch_tasks.add(self._batch_task)  # (the loop keeps only weak references to tasks)
+            self._batch_task.add_done_callback(self._batch_tasks.discard)
+            if self._queue and self._running < self._depth:
+                self._wakeup.set()  # a second batch may go in flight now (depth > 1)
 
     def _timer_fired(self) -> None:
         self._timer = None
@@ -395,10 +404,11 @@ class Batcher:
             if not isinstance(e, Exception):
                 raise
         finally:
-            self._busy = False
-            self._inflight = []
+            self._running -= 1
+            self._busy = self._running > 0
+            self._inflight = [p for p in self._inflight if all(p is not q for q in batch)]
             self._wakeup.set()
-            if not self._queue:
+            if not self._queue and not self._busy:
                 self._idle.set()
 
     async def _run_one_by_one(self, batch: list[_Pending]) -> tuple[list[AttendOutput | BaseException], BatchStats]:
