@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test soak lint format serve bench bench-service docker-test docker-build-cuda
+.PHONY: help setup test soak lint format serve bench bench-service bench-gpu docker-test docker-build-cuda
 
 help:  ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n", $$1, $$2}'
@@ -45,5 +45,8 @@ bench-service: $(STAMP)  ## HTTP benchmark with wrk (bench/service.py; needs the
 docker-test: $(STAMP)  ## build the Docker image offline, run it and a 2-replica compose stack behind nginx (docker/ci.sh; root)
 	bash docker/ci.sh
 
-docker-build-cuda: $(STAMP)  ## build and check the CUDA image mha-serve:cuda offline (docker/cuda.sh; root; ~4 GB download, ~20 min, outside CI)
+docker-build-cuda: $(STAMP)  ## build and check the CUDA image mha-serve:cuda offline (docker/cuda.sh; root; 2.7 GB download, 5 GB image, ~5 min; outside CI)
 	bash docker/cuda.sh
+
+bench-gpu: $(STAMP)  ## one table on a CUDA host: device tests, core vs floor, weights vs bandwidth, GPU paths, service (bench/gpu.py; < 8 min)
+	$(PY) bench/gpu.py
