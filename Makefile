@@ -45,7 +45,7 @@ bench-service: $(STAMP)  ## HTTP benchmark with wrk (bench/service.py; needs the
 docker-test: $(STAMP)  ## build the Docker image offline, run it and a 2-replica compose stack behind nginx (docker/ci.sh; root)
 	bash docker/ci.sh
 
-docker-build-cuda: $(STAMP)  ## build and check the CUDA image mha-serve:cuda offline (docker/cuda.sh; root; 2.7 GB download, 5 GB image, ~5 min; outside CI)
+docker-build-cuda: $(STAMP)  ## build and check the CUDA image mha-serve:cuda offline (docker/cuda.sh; root; 2.7 GB download, 5 GB image, ~5 min, ~21 GB disk: outside CI)
 	bash docker/cuda.sh
 
 bench-gpu: $(STAMP)  ## one table on a CUDA host: device tests, core vs floor, weights vs bandwidth, GPU paths, service (bench/gpu.py; < 8 min)

@@ -37,7 +37,13 @@ def measure(dtype: torch.dtype, B: int, T: int, padded: bool, device: str) -> tu
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=acts, profile_memory=True) as prof:
         m(x, need_weights=True, lengths=lengths)
-    key = "self_device_memory_usage" if device == "cuda" else "self_cpu_memory_usage"
+    key = "self_cpu_memory_usage"
+    if device == "cuda":  # (torch < 2.4 called it self_cuda_memory_usage)
+        key = (
+            "self_device_memory_usage"
+            if hasattr(prof.events()[0], "self_device_memory_usage")
+            else "self_cuda_memory_usage"
+        )
     # self memory: an op's allocations are also reported by every op that called it
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
     sizes = [getattr(e, key) for e in events if getattr(e, key) > 0]

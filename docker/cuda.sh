@@ -8,7 +8,7 @@
 #   3. wheelhouse: the project's dependencies plus PyPI's torch (CUDA build, several GB), cp311
 #   4. image: docker/Dockerfile --build-arg TORCH_VARIANT=cuda, offline from that wheelhouse
 #   5. docker/cuda_check.sh: torch is a CUDA build; mha-serve starts on the CPU and answers right
-# Outside CI (a 5 GB image): a cold build downloads 2.7 GB and took 5 minutes on the 2-core machine
+# Outside CI (a 5 GB image, ~21 GB of disk at the peak): a cold build downloads 2.7 GB and took 5 minutes here
 # (docker/README.md, "CUDA image", has the measured times and size).
 #
 # Environment: MHA_CI_CACHE (shared with docker/ci.sh), MHA_CUDA_IMAGE (default mha-serve:cuda),

@@ -52,6 +52,11 @@ def pick_bucket(buckets: list[tuple[int, int]], n: int, t: int) -> tuple[int, in
     return min(fits, key=lambda b: (b[0] * b[1], b)) if fits else None
 
 
+# Largest buffer kept pinned: page-locked memory is slow to allocate and taken from the host for good,
+# so a rare huge batch (long sequences with their weights) gets a one-off ordinary buffer instead.
+MAX_PINNED_BYTES = 256 * 1024 * 1024
+
+
 @dataclass
 class _Buffer:
     """A flat host buffer that grows to the largest request and is reused after that."""
@@ -63,6 +68,8 @@ class _Buffer:
 
     def view(self, shape: tuple[int, ...]) -> Tensor:
         n = int(np.prod(shape))
+        if self.pinned and n * self.dtype.itemsize > MAX_PINNED_BYTES:
+            return torch.empty(shape, dtype=self.dtype)  # too big to keep pinned: this batch only
         if self.data is None or self.data.numel() < n:
             # grow by at least 1.5x, so that a slowly rising batch size does not reallocate each time
             size = max(n, int(1.5 * self.data.numel())) if self.data is not None else n
@@ -133,11 +140,14 @@ class Staging:
     @contextmanager
     def slot(self) -> Iterator[Slot]:
         s = self._free.get()
+        s.uploaded = s.computed = s.downloaded = None
         try:
             yield s
         finally:
-            if s.downloaded is not None:
-                s.downloaded.synchronize()  # (also on errors: no copy may still read its buffers)
+            # (also after an error: no copy may still read or write this slot's buffers when it is reused)
+            for ev in (s.uploaded, s.downloaded):
+                if ev is not None:
+                    ev.synchronize()
             self._free.put(s)
 
     def host_input(self, s: Slot, shape: tuple[int, int, int]) -> Tensor:
@@ -214,8 +224,8 @@ class CudaGraphs:
 
     Only plain causal attention without weights is captured: with right padding and a causal mask,
     the first t outputs of a row never look at positions >= t, so a batch of n sequences of length
-    <= t runs exactly in any bucket (N >= n, T >= t); its padding rows are computed and dropped. All
-    buckets share one memory pool. ``run`` returns None for a batch no bucket holds (it then runs
+    <= t gets the same answer in any bucket (N >= n, T >= t), up to the kernels' rounding; its
+    padding rows are computed and dropped. ``run`` returns None for a batch no bucket holds (it then runs
     eagerly). Capture happens in ``capture()``, at start-up, so no request pays for it.
     """
 
@@ -225,7 +235,6 @@ class CudaGraphs:
         self.device = device
         self.dtype = dtype
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
-        self._pool = None
         self._lock = threading.Lock()
         self.replays = 0
 
@@ -235,8 +244,9 @@ class CudaGraphs:
         E = self.module.config.emb_size
         max_len = self.module.config.max_seq_len
         side = torch.cuda.Stream(self.device)
-        # largest first, so the smaller graphs fit in the pool the first one allocated
-        for n, t in sorted(self.buckets, key=lambda b: -b[0] * b[1]):
+        # Each graph has its own memory pool: they are replayed in any order, which a shared pool does
+        # not allow. The buckets are few and small ([256, 128, 512] bf16 is 32 MiB).
+        for n, t in self.buckets:
             if t > max_len:
                 raise ValueError(f"CUDA graph bucket {n}x{t} is longer than max_seq_len {max_len}")
             static_x = torch.zeros(n, t, E, device=self.device, dtype=self.dtype)
@@ -246,10 +256,8 @@ class CudaGraphs:
                     self.module(static_x, causal=True)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
+            with torch.inference_mode(), torch.cuda.graph(graph):
                 static_y = self.module(static_x, causal=True).output
-            if self._pool is None:
-                self._pool = graph.pool()
             self._graphs[(n, t)] = (graph, static_x, static_y)
         torch.cuda.synchronize(self.device)
 

@@ -136,3 +136,11 @@ def test_cuda_graphs_replay_and_equal_the_eager_forward(dtype, rng_seed):
     long = [AttendInput(rng.standard_normal((1, 64, CFG.emb_size)).astype(np.float32), need_weights=True)]
     graphed.run(long)
     assert graphed.graphs.replays == before + 3
+
+
+def test_a_huge_batch_gets_a_one_off_unpinned_buffer_not_a_pinned_one_kept_forever():
+    from service.staging import MAX_PINNED_BYTES, _Buffer
+
+    buf = _Buffer(torch.float32, pinned=True)
+    big = buf.view((MAX_PINNED_BYTES // 4 + 1,))
+    assert not big.is_pinned() and buf.data is None and buf.allocations == 0
