@@ -406,7 +406,8 @@ class Batcher:
         finally:
             self._running -= 1
             self._busy = self._running > 0
-            self._inflight = [p for p in self._inflight if all(p is not q for q in batch)]
+            done = {id(p) for p in batch}
+            self._inflight = [p for p in self._inflight if id(p) not in done]
             self._wakeup.set()
             if not self._queue and not self._busy:
                 self._idle.set()
