@@ -78,7 +78,8 @@ class Settings(BaseSettings):
     cuda_graphs: str = Field(
         "",
         description="GPU: comma-separated BATCHxLENGTH buckets (e.g. 32x128,128x128) whose plain causal forward is "
-        "captured as a CUDA graph at start-up; a batch runs in the smallest bucket that holds it. Empty: off. "
+        "captured as a CUDA graph during warm-up (keep MHA_WARMUP on); a batch runs in the smallest bucket that holds "
+        "it. Empty: off. "
         "Turn it on when make bench-gpu shows it pays at your shapes.",
     )
 
