@@ -80,6 +80,8 @@ def test_staging_buffers_grow_to_the_largest_batch_then_are_reused_and_answers_a
     small = [AttendInput(rng.standard_normal((1, 8, CFG.emb_size)).astype(np.float32))]
     (first,), _ = runner.run(big)
     kept = first.output.copy()
+    for _ in range(runner.depth - 1):  # each slot (2 on a GPU: two batches in flight) grows once
+        runner.run(big)
     allocs = runner.staging.stats().host_allocations
     for _ in range(3):
         runner.run(small)
@@ -144,3 +146,21 @@ def test_a_huge_batch_gets_a_one_off_unpinned_buffer_not_a_pinned_one_kept_forev
     buf = _Buffer(torch.float32, pinned=True)
     big = buf.view((MAX_PINNED_BYTES // 4 + 1,))
     assert not big.is_pinned() and buf.data is None and buf.allocations == 0
+
+
+def test_staging_never_hands_out_more_slots_than_its_depth():
+    """A third batch waits until one of two in flight gives its slot (and buffers) back."""
+    import threading
+
+    from service.staging import Staging
+
+    st = Staging(torch.device("cpu"), depth=2)
+    got = []
+    with st.slot() as a, st.slot() as b:
+        assert a is not b
+        t = threading.Thread(target=lambda: got.append(st.slot().__enter__()))
+        t.start()
+        t.join(0.2)
+        assert t.is_alive() and not got  # blocked: both slots are in flight
+    t.join(2)
+    assert got and got[0] in (a, b)
