@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test soak lint format serve bench bench-service docker-test protos perf-analyzer bench-protocols
+.PHONY: help setup test soak lint format serve bench bench-service bench-gpu docker-test docker-build-cuda protos \
+	perf-analyzer bench-protocols
 
 help:  ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n", $$1, $$2}'
@@ -58,3 +59,9 @@ perf-analyzer:  ## install Triton's perf_analyzer into .cache/perf_analyzer (ben
 
 bench-protocols: $(STAMP)  ## gRPC vs v2 HTTP binary vs /attend base64 at c=1,8,32,64 (bench/protocols.py; perf_analyzer, wrk)
 	$(PY) bench/protocols.py
+
+docker-build-cuda: $(STAMP)  ## build and check the CUDA image mha-serve:cuda offline (docker/cuda.sh; root; 2.7 GB download, 5 GB image, ~5 min, ~21 GB disk: outside CI)
+	bash docker/cuda.sh
+
+bench-gpu: $(STAMP)  ## one table on a CUDA host: device tests, core vs floor, weights vs bandwidth, GPU paths, service (bench/gpu.py; < 8 min)
+	$(PY) bench/gpu.py

@@ -3,11 +3,17 @@
 #   venv.sh deps     create /opt/venv; install torch, then the project's dependencies
 #   venv.sh wheel    build the project's wheel from /src into /dist (no dependencies)
 # Offline when /wheelhouse holds wheels: pip then never leaves that folder (--no-index).
-# Online otherwise: torch from $TORCH_INDEX_URL (the CPU index by default; a CUDA one such as
-# https://download.pytorch.org/whl/cu128 for the GPU image), everything else from $PIP_INDEX_URL.
+# Online otherwise: torch from $TORCH_INDEX_URL (by $TORCH_VARIANT: the PyTorch CPU index for cpu,
+# PyPI, whose Linux wheels are CUDA builds, for cuda), everything else from $PIP_INDEX_URL.
+# Either way the torch that lands must be the $TORCH_VARIANT build, or the build fails.
 set -eu
 step=${1:?usage: venv.sh deps|wheel}
-: "${TORCH_INDEX_URL:=https://download.pytorch.org/whl/cpu}"
+: "${TORCH_VARIANT:=cpu}"
+case $TORCH_VARIANT in
+    cpu) : "${TORCH_INDEX_URL:=https://download.pytorch.org/whl/cpu}" ;;
+    cuda) : "${TORCH_INDEX_URL:=https://pypi.org/simple}" ;;
+    *) echo "venv.sh: TORCH_VARIANT must be cpu or cuda, got '$TORCH_VARIANT'" >&2; exit 2 ;;
+esac
 : "${TORCH_SPEC:=torch}"
 : "${SLIM_TORCH:=1}"
 pip=/opt/venv/bin/pip
@@ -42,8 +48,13 @@ if [ "$step" = deps ]; then
         rm -rf "$site/torch/include" "$site/torch/share/cmake" "$site/torch/test"
         find "$site/torch/bin" -type f ! -name 'torch_shm_manager' -delete 2>/dev/null || true
     fi
-    PYTHONDONTWRITEBYTECODE=1 /opt/venv/bin/python -c \
-        'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+    PYTHONDONTWRITEBYTECODE=1 TORCH_VARIANT=$TORCH_VARIANT /opt/venv/bin/python -c '
+import os, sys, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda)
+want = os.environ["TORCH_VARIANT"]
+if (torch.version.cuda is not None) != (want == "cuda"):
+    sys.exit(f"venv.sh: TORCH_VARIANT={want}, but torch {torch.__version__} is the other build")
+'
 elif [ "$step" = wheel ]; then
     $pip wheel "$@" --no-deps --wheel-dir /dist /src
 else

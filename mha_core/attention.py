@@ -181,10 +181,12 @@ class MultiHeadAttention(nn.Module):
                 idx = torch.tensor(heads, device=x.device)
                 weights, _ = self._weights(q.index_select(1, idx), k.index_select(1, idx), allowed, causal)
 
+        # weights is this call's own buffer: zero in place at inference (autograd needs the softmax's output intact)
+        inplace = not torch.is_grad_enabled()
         if empty_rows is not None:
             y = y.masked_fill(empty_rows, 0.0)
             if weights is not None:
-                weights = weights.masked_fill(empty_rows, 0.0)
+                weights = weights.masked_fill_(empty_rows, 0.0) if inplace else weights.masked_fill(empty_rows, 0.0)
 
         y = y.transpose(1, 2).reshape(B, T, cfg.inner_size)  # (B, T, H*D)
         out = self.dropout(self.proj(y))  # (B, T, E)
@@ -193,7 +195,8 @@ class MultiHeadAttention(nn.Module):
             pad_q = torch.arange(T, device=x.device) >= lengths.to(x.device)[:, None]  # (B, T)
             out = out.masked_fill(pad_q[:, :, None], 0.0)
             if weights is not None:
-                weights = weights.masked_fill(pad_q[:, None, :, None], 0.0)
+                pad = pad_q[:, None, :, None]
+                weights = weights.masked_fill_(pad, 0.0) if inplace else weights.masked_fill(pad, 0.0)
         return AttentionResult(out, weights)
 
     def _weights(
@@ -201,11 +204,12 @@ class MultiHeadAttention(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """Explicit softmax(q k^T / sqrt(d) + M), computed in float32 at least, and its product with v if given.
 
-        Plain causal attention runs in blocks of query rows: rows [a, b) only need keys [0, b), so the scores, the
-        softmax and weights @ v skip the all-masked upper-right blocks (about 40% of the work at T=1024), whose
-        weights are written as zeros. The causal mask is an additive 0/-inf bias folded into the scores GEMM
-        (baddbmm) instead of a separate masked_fill pass, and the softmax runs in place: no second (B, h, T, T)
-        buffer.
+        At inference it runs in blocks of query rows, and writes the (B, h, T, T) weights once, in q's dtype:
+        each block's scores and softmax are float32 temporaries of (B*h, 256, T) at most. Plain causal rows
+        [a, b) only need keys [0, b), so the scores, the softmax and weights @ v skip the all-masked upper-right
+        blocks (about 40% of the work at T=1024), whose weights are written as zeros. The causal mask is an
+        additive 0/-inf bias folded into the scores GEMM (baddbmm) instead of a separate masked_fill pass, and
+        the softmax runs in place.
         """
         B, h, T, D = q.shape
         compute = torch.promote_types(q.dtype, torch.float32)
@@ -221,31 +225,33 @@ class MultiHeadAttention(nn.Module):
         q3 = q.to(compute).reshape(B * h, T, D)  # the scale goes into the GEMMs' alpha: no scaled copy
         k3t = k.to(compute).reshape(B * h, T, D).transpose(1, 2)  # (B*h, D, T)
         v3 = None if v is None else v.reshape(B * h, T, D)
-        if allowed is None and causal:
-            bias = self._causal_bias(T, q.device, compute)  # (T, T): 0 on and below the diagonal, -inf above
-            if T <= _BLOCK:  # one block: no copying into a separate weights buffer
-                weights = torch.baddbmm(bias, q3, k3t, alpha=scale)  # (B*h, T, T)
-                torch.softmax(weights, dim=-1, out=weights)
-                y = None if v3 is None else torch.bmm(weights.to(v3.dtype), v3)
+        plain_causal = allowed is None and causal
+        bias = self._causal_bias(T, q.device, compute) if plain_causal else None  # (T, T): 0 / -inf above
+        # The one (B*h, T, T) buffer, in the output dtype. Scores and softmax run in float32 blocks of
+        # query rows that are written into it once (cast on the way), and weights @ v reads them back
+        # from it: no second full-size copy, whatever the dtype, mask or padding.
+        weights = torch.empty(B * h, T, T, dtype=q.dtype, device=q.device)
+        y = None if v3 is None else torch.empty(B * h, T, D, dtype=v3.dtype, device=q.device)
+        for a in range(0, T, _BLOCK):
+            b = min(a + _BLOCK, T)
+            n = b if plain_causal else T  # keys this block may see: causal rows [a, b) need keys [0, b)
+            direct = T <= _BLOCK and weights.dtype == compute  # one block already in place: compute into it
+            if bias is not None:
+                block = torch.baddbmm(
+                    bias[a:b, :n], q3[:, a:b], k3t[:, :, :n], alpha=scale, out=weights if direct else None
+                )  # (B*h, b-a, n)
             else:
-                weights = torch.empty(B * h, T, T, dtype=compute, device=q.device)
-                y = None if v3 is None else torch.empty(B * h, T, D, dtype=v3.dtype, device=q.device)
-                for a in range(0, T, _BLOCK):
-                    b = min(a + _BLOCK, T)
-                    block = torch.baddbmm(bias[a:b, :b], q3[:, a:b], k3t[:, :, :b], alpha=scale)  # (B*h, b-a, b)
-                    torch.softmax(block, dim=-1, out=block)
-                    weights[:, a:b, :b] = block
-                    weights[:, a:b, b:] = 0.0
-                    if y is not None:
-                        torch.bmm(block.to(v3.dtype), v3[:, :b], out=y[:, a:b])
-        else:
-            scores = torch.bmm(q3, k3t).mul_(scale).view(B, h, T, T)
-            if allowed is not None:
-                scores.masked_fill_(~allowed, float("-inf"))
-            weights = torch.softmax(scores, dim=-1, out=scores).view(B * h, T, T)
-            y = None if v3 is None else torch.bmm(weights.to(v3.dtype), v3)
-        weights = weights.view(B, h, T, T).to(q.dtype)
-        return weights, None if y is None else y.view(B, h, T, D)
+                block = torch.bmm(q3[:, a:b], k3t, out=weights if direct else None).mul_(scale)
+                if allowed is not None:
+                    block.view(B, h, b - a, n).masked_fill_(~allowed[..., a:b, :], float("-inf"))
+            torch.softmax(block, dim=-1, out=block)
+            if not direct:
+                weights[:, a:b, :n] = block
+                if n < T:
+                    weights[:, a:b, n:] = 0.0
+            if y is not None:
+                torch.bmm(weights[:, a:b, :n], v3[:, :n], out=y[:, a:b])
+        return weights.view(B, h, T, T), None if y is None else y.view(B, h, T, D)
 
     def _causal_bias(self, T: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """The (T, T) additive causal mask, sliced from one cached square tensor as long as the longest T

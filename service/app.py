@@ -126,7 +126,7 @@ def create_app(*, settings: Settings) -> FastAPI:
         state.model_info = {
             "name": settings.model_name,
             **cfg.to_dict(),
-            "dtype": settings.dtype,
+            "dtype": str(runner.dtype).removeprefix("torch."),
             "device": str(runner.device),
             "checksum": runner.checksum,
         }
@@ -135,7 +135,7 @@ def create_app(*, settings: Settings) -> FastAPI:
             settings.max_weights_elements,
             settings.default_timeout_ms,
             settings.max_timeout_ms,
-            dtype=settings.dtype,
+            dtype=state.model_info["dtype"],  # the dtype in use (MHA_DTYPE=auto resolved by the device)
         )
         state.batcher = Batcher(
             runner.run,
@@ -143,6 +143,7 @@ def create_app(*, settings: Settings) -> FastAPI:
             observer=_Observers(state.metrics, state.stats),
             is_oom=is_out_of_memory,
             weights_of=runner.weights_elements,
+            depth=runner.depth,
         )
         await state.batcher.start()
         state.offload = Offload(settings.decode_processes, settings.offload_min_bytes)

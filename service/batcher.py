@@ -124,18 +124,24 @@ class _Pending:
         self.tokens = self.input.batch * self.input.seq_len
 
 
-class _ForwardThread:
-    """One daemon thread that runs the forwards, in order, and answers on the event loop.
+class _ForwardThreads:
+    """Daemon threads (one per batch in flight) that run the forwards and answer on the event loop.
 
     Not a ThreadPoolExecutor: its threads are joined at interpreter exit, so a forward still
     running when the shutdown grace is spent would hold the exit past it.
     """
 
-    def __init__(self, name: str) -> None:
-        self.busy = False  # a forward is running now
+    def __init__(self, name: str, n: int = 1) -> None:
+        self._busy = 0  # forwards running now
+        self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._main, name=f"{name}-{i}", daemon=True) for i in range(n)]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def busy(self) -> bool:
+        return self._busy > 0
 
     def submit(self, fn: Callable, *args: Any) -> asyncio.Future:
         loop = asyncio.get_running_loop()
@@ -144,18 +150,21 @@ class _ForwardThread:
         return fut
 
     def shutdown(self) -> None:
-        self._jobs.put(None)
+        for _ in self._threads:
+            self._jobs.put(None)
 
     def _main(self) -> None:
         while (job := self._jobs.get()) is not None:
             loop, fut, fn, args = job
-            self.busy = True
+            with self._lock:
+                self._busy += 1
             try:
                 ok, value = True, fn(*args)
             except BaseException as e:  # handed to the awaiting task
                 ok, value = False, e
             finally:
-                self.busy = False
+                with self._lock:
+                    self._busy -= 1
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
                 loop.call_soon_threadsafe(_settle, fut, ok, value)
             del job, fut, value  # do not keep the last batch's arrays alive until the next one
@@ -178,9 +187,12 @@ class Batcher:
         observer: BatcherObserver | None = None,
         is_oom: Callable[[BaseException], bool] = lambda e: False,
         weights_of: Callable[[AttendInput], int] = lambda inp: 0,
+        depth: int = 1,
     ) -> None:
         self._run_fn = run
         self._weights_of = weights_of  # attention-weight elements a request computes (the runner knows H)
+        self._depth = depth  # batches in flight at once (the runner's pipeline depth: 2 on a GPU)
+        self._running = 0
         self._is_oom = is_oom
         self._scale = 1.0  # batch limits are scaled down after out-of-memory errors
         self._scale_until = 0.0
@@ -195,8 +207,9 @@ class Batcher:
         self._idle = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._batch_task: asyncio.Task | None = None
+        self._batch_tasks: set[asyncio.Task] = set()
         self._timer: asyncio.TimerHandle | None = None
-        self._worker: _ForwardThread | None = None
+        self._worker: _ForwardThreads | None = None
         self._stopping: asyncio.Future | None = None
         self._drain_tokens_per_s = 0.0
 
@@ -214,7 +227,7 @@ class Batcher:
     async def start(self) -> None:
         if self._task is not None:
             raise RuntimeError("batcher already started")
-        self._worker = _ForwardThread("mha-forward")
+        self._worker = _ForwardThreads("mha-forward", self._depth)
         self._accepting = True
         self._idle.set()
         self._task = asyncio.create_task(self._loop(), name="mha-batcher")
@@ -253,7 +266,7 @@ class Batcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        tasks = [t for t in (self._task, self._batch_task) if t is not None and not t.done()]
+        tasks = [t for t in (self._task, *self._batch_tasks) if t is not None and not t.done()]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -373,7 +386,7 @@ class Batcher:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            if self._busy:
+            if self._running >= self._depth:
                 continue
             self._purge()
             if not self._queue:
@@ -385,10 +398,15 @@ class Batcher:
                     self._timer = asyncio.get_running_loop().call_later(hold, self._timer_fired)
                 continue
             batch = self._select()
-            self._inflight = batch
+            self._inflight = self._inflight + batch
+            self._running += 1
             self._busy = True
             self._idle.clear()
             self._batch_task = asyncio.create_task(self._run_batch(batch))
+            self._batch_tasks.add(self._batch_task)  # (the loop keeps only weak references to tasks)
+            self._batch_task.add_done_callback(self._batch_tasks.discard)
+            if self._queue and self._running < self._depth:
+                self._wakeup.set()  # a second batch may go in flight now (depth > 1)
 
     def _timer_fired(self) -> None:
         self._timer = None
@@ -509,10 +527,12 @@ class Batcher:
             if not isinstance(e, Exception):
                 raise
         finally:
-            self._busy = False
-            self._inflight = []
+            self._running -= 1
+            self._busy = self._running > 0
+            done = {id(p) for p in batch}
+            self._inflight = [p for p in self._inflight if id(p) not in done]
             self._wakeup.set()
-            if not self._queue:
+            if not self._queue and not self._busy:
                 self._idle.set()
 
     async def _run_one_by_one(self, batch: list[_Pending]) -> tuple[list[AttendOutput | BaseException], BatchStats]:

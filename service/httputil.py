@@ -123,7 +123,7 @@ async def run_batcher(
     except ClientGone:
         return None  # nobody is listening; counted by the batcher
     # before any encoding, for every route: an overflow is a clear error, never null/Inf/NaN in a 200
-    codecs.check_computed({"output": res.output.output, "weights": res.output.weights}, inp.x, state.settings.dtype)
+    codecs.check_computed({"output": res.output.output, "weights": res.output.weights}, inp.x, state.limits.dtype)
     return res
 
 

@@ -11,6 +11,7 @@ import torch
 
 from mha_core import MHAConfig, MultiHeadAttention, read_checkpoint
 from service.settings import Settings
+from service.staging import CudaGraphs, Slot, Staging, parse_buckets
 
 log = logging.getLogger("mha_serve.runner")
 
@@ -64,6 +65,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on a GPU (its tensor cores' fast type, with float32's range), float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return TORCH_DTYPES[name]
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -78,7 +86,17 @@ def resolve_device(name: str) -> torch.device:
 class Runner:
     """The model on its device. ``run`` is called from one worker thread at a time."""
 
-    def __init__(self, module: MultiHeadAttention, *, device: torch.device, dtype: torch.dtype, checksum: str) -> None:
+    def __init__(
+        self,
+        module: MultiHeadAttention,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        checksum: str,
+        pinned: bool = True,
+        pipeline: bool = True,
+        graph_buckets: list[tuple[int, int]] | None = None,
+    ) -> None:
         self.device = device
         self.dtype = dtype
         self.module = module.to(device=device, dtype=dtype).eval()
@@ -87,14 +105,19 @@ class Runner:
             raise ValueError(f"the model's {', '.join(bad)} hold values that {dtype} cannot represent; use float32")
         self.config: MHAConfig = module.config
         self.checksum = checksum
-        self._pin = device.type == "cuda"
+        # Host <-> device copies and CUDA graphs (service/staging.py). depth: batches in flight at
+        # once; the batcher runs that many worker threads, so the next batch uploads under this one.
+        cuda = device.type == "cuda"
+        self.depth = 2 if cuda and pipeline else 1
+        self.staging = Staging(device, pinned=pinned, streams=pipeline, depth=self.depth)
+        self.graphs = CudaGraphs(self.module, graph_buckets or [], device=device, dtype=dtype) if cuda else None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runner:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         device = resolve_device(settings.device)
-        dtype = TORCH_DTYPES[settings.dtype]
+        dtype = resolve_dtype(settings.dtype, device)
         if settings.checkpoint is not None:
             given = settings.model_overrides()
             loaded = read_checkpoint(
@@ -118,11 +141,21 @@ class Runner:
             )
             checksum = content_checksum(module)
             log.info("built-in model from seed %d (%s)", settings.seed, checksum)
-        return cls(module, device=device, dtype=dtype, checksum=checksum)
+        return cls(
+            module,
+            device=device,
+            dtype=dtype,
+            checksum=checksum,
+            pinned=settings.pinned_staging,
+            pipeline=settings.copy_pipeline,
+            graph_buckets=parse_buckets(settings.cuda_graphs),
+        )
 
     def warmup(self) -> None:
-        """A few forwards at the shapes traffic will bring, so the first request is not slow."""
+        """A few forwards at the shapes traffic will bring, so the first request is not slow; CUDA graph capture."""
         cfg = self.config
+        if self.graphs is not None:
+            self.graphs.capture()
         for T in sorted({1, min(128, cfg.max_seq_len), cfg.max_seq_len}):
             x = np.zeros((1, T, cfg.emb_size), np.float32)
             self.run([AttendInput(x, causal=cfg.causal)])
@@ -149,25 +182,27 @@ class Runner:
         """One forward pass for requests of the same key: right-pad to the longest T, run, unpad.
 
         Each result owns its arrays (no view into a batch-sized buffer), so a response that is
-        still being encoded keeps only its own request's memory alive.
+        still being encoded keeps only its own request's memory alive. Up to ``depth`` calls may
+        run at once (each in its own staging slot).
         """
-        t0 = time.perf_counter()
-        _inject_faults(items)
-        if items[0].need_weights:
-            results, stats = self._run_with_weights(items)
-        else:
-            results, stats = self._run_padded(items)
-        if len(results) != len(items):
-            raise RuntimeError(f"runner produced {len(results)} results for {len(items)} requests")
-        stats.compute_s = time.perf_counter() - t0
-        return results, stats
+        with self.staging.slot() as slot:
+            t0 = time.perf_counter()
+            _inject_faults(items)
+            if items[0].need_weights:
+                results, stats = self._run_with_weights(items, slot)
+            else:
+                results, stats = self._run_padded(items, slot)
+            if len(results) != len(items):
+                raise RuntimeError(f"runner produced {len(results)} results for {len(items)} requests")
+            stats.compute_s = time.perf_counter() - t0
+            return results, stats
 
-    def _run_padded(self, items: list[AttendInput]) -> tuple[list[AttendOutput], BatchStats]:
+    def _run_padded(self, items: list[AttendInput], slot: Slot) -> tuple[list[AttendOutput], BatchStats]:
         first = items[0]
         E = self.config.emb_size
         T = max(it.seq_len for it in items)
         N = sum(it.batch for it in items)
-        x = torch.zeros((N, T, E), dtype=torch.float32, pin_memory=self._pin)
+        x = self.staging.host_input(slot, (N, T, E))  # reused (pinned on a GPU); all of it is written below
         lengths = np.empty(N, dtype=np.int64)
         mask = np.ones((N, T, T), dtype=np.bool_) if first.mask is not None else None
         xn = x.numpy()  # fill through numpy views: no per-item tensor wrappers
@@ -175,20 +210,30 @@ class Runner:
         for it in items:
             b, t = it.batch, it.seq_len
             xn[row : row + b, :t] = it.x
+            xn[row : row + b, t:] = 0.0
             lengths[row : row + b] = it.lengths if it.lengths is not None else t
             if mask is not None:
                 mask[row : row + b, :t, :t] = it.mask
             row += b
         real = int(lengths.sum())
-        x = x.to(self.device, self.dtype, non_blocking=True)
-        res = self.module(
-            x,
-            lengths=torch.from_numpy(lengths),
-            attn_mask=None if mask is None else torch.from_numpy(mask),
-            causal=first.causal,
-        )
-        out = res.output.float().cpu().numpy()
-        del res, x
+        x = self.staging.upload(slot, x, self.dtype)
+        y = None
+        if self.graphs is not None and first.causal and mask is None:
+            y = self.graphs.run(x)  # None when no captured bucket holds (N, T)
+        if y is not None:
+            (out,) = self.staging.download(slot, [y])
+            for r in np.flatnonzero(lengths < T):  # the graph ran unmasked: zero padding rows as the module does
+                out[r, lengths[r] :] = 0.0
+        else:
+            res = self.module(
+                x,
+                lengths=torch.from_numpy(lengths),
+                attn_mask=None if mask is None else torch.from_numpy(mask),
+                causal=first.causal,
+            )
+            (out,) = self.staging.download(slot, [res.output])
+            del res
+        del x, y
         if len(items) == 1:
             return [AttendOutput(out[:, : first.seq_len], None)], BatchStats(N, N * T, real)
         results = []
@@ -199,7 +244,7 @@ class Runner:
             row += b
         return results, BatchStats(N, N * T, real)
 
-    def _run_with_weights(self, items: list[AttendInput]) -> tuple[list[AttendOutput], BatchStats]:
+    def _run_with_weights(self, items: list[AttendInput], slot: Slot) -> tuple[list[AttendOutput], BatchStats]:
         """Weights requests run one forward each, unpadded, for their own heads only.
 
         Padding them into one batch would compute the union of the heads asked for on every
@@ -209,19 +254,17 @@ class Runner:
         results = []
         stats = BatchStats()
         for it in items:
-            x = torch.from_numpy(np.ascontiguousarray(it.x, dtype=np.float32))
-            if self._pin:
-                x = x.pin_memory()
+            x = self.staging.host_input(slot, it.x.shape)
+            x.numpy()[...] = it.x
             res = self.module(
-                x.to(self.device, self.dtype, non_blocking=True),
+                self.staging.upload(slot, x, self.dtype),
                 lengths=None if it.lengths is None else torch.from_numpy(np.asarray(it.lengths, np.int64)),
                 attn_mask=None if it.mask is None else torch.from_numpy(np.ascontiguousarray(it.mask)),
                 causal=it.causal,
                 need_weights=True,
                 heads=list(it.heads) if it.heads is not None else None,
             )
-            out = res.output.float().cpu().numpy()
-            weights = res.weights.float().cpu().numpy()
+            out, weights = self.staging.download(slot, [res.output, res.weights])
             del res
             results.append(AttendOutput(out, weights))
             b, t = it.batch, it.seq_len

@@ -61,8 +61,10 @@ class Settings(BaseSettings):
     causal: bool | None = Field(None, description="Default causal flag for requests that do not say. Default true.")
     seed: int = Field(0, description="Seed of the built-in model's weights: replicas with the same seed agree.")
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="Compute dtype. bfloat16 is the fast choice on recent GPUs."
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="Compute dtype. auto: bfloat16 on a GPU (tensor cores, float32's range), float32 on the CPU. "
+        "Set float32 on a GPU for answers within float32 rounding of the CPU's.",
     )
     torch_threads: int | None = Field(
         None,
@@ -70,6 +72,23 @@ class Settings(BaseSettings):
         description="torch intra-op threads. Set it to the cores this process owns; unset = torch's default.",
     )
     warmup: bool = Field(True, description="Run warm-up forwards before reporting ready.")
+    pinned_staging: bool = Field(
+        True,
+        description="GPU: pack batches into reused page-locked host buffers (fast asynchronous copies, no "
+        "allocation per batch). Turn off only to measure it (make bench-gpu).",
+    )
+    copy_pipeline: bool = Field(
+        True,
+        description="GPU: copies on their own streams with two batches in flight, so the next batch is packed and "
+        "uploaded while the current one computes. Turn off only to measure it (make bench-gpu).",
+    )
+    cuda_graphs: str = Field(
+        "",
+        description="GPU: comma-separated BATCHxLENGTH buckets (e.g. 32x128,128x128) whose plain causal forward is "
+        "captured as a CUDA graph during warm-up (keep MHA_WARMUP on); a batch runs in the smallest bucket that holds "
+        "it. Empty: off. "
+        "Turn it on when make bench-gpu shows it pays at your shapes.",
+    )
 
     # -- batching -------------------------------------------------------------------------
     max_batch_size: int = Field(
@@ -164,6 +183,14 @@ class Settings(BaseSettings):
     def _device(cls, v: str) -> str:
         if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", v):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {v!r}")
+        return v
+
+    @field_validator("cuda_graphs")
+    @classmethod
+    def _cuda_graphs(cls, v: str) -> str:
+        from service.staging import parse_buckets  # (raises ValueError with the rule)
+
+        parse_buckets(v)
         return v
 
     @field_validator("checkpoint")

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.devices import DEVICE_CASES
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
@@ -16,6 +18,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         folder = Path(str(item.fspath)).parent.name
         if folder in ("unit", "integration", "e2e"):
             item.add_marker(getattr(pytest.mark, folder))
+
+
+@pytest.fixture(params=DEVICE_CASES)
+def device_dtype(request) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) of a correctness test: cpu-fp32 always, CUDA in fp32/bf16/fp16 when present."""
+    name, dtype = request.param
+    return torch.device(name), dtype
 
 
 @pytest.fixture

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from mha_core import MHAConfig, MultiHeadAttention, load_checkpoint
+from tests.devices import tol
 from tests.reference import SeedMHA, naive_attention
 
 # float32 against the float64 reference: values are O(1), so 1e-5 absolute is float32 rounding.
-F32 = {"atol": 2e-5, "rtol": 1e-4}
+F32 = tol(torch.float32)
 
 CONFIGS = [
     pytest.param((4, 32, 8, 16), id="H4-E32-D8"),  # H*D == E
@@ -18,42 +19,68 @@ CONFIGS = [
 ]
 
 
-def make_pair(cfg, tmp_path) -> tuple[SeedMHA, MultiHeadAttention]:
-    """A random seed-layout module, and ours imported from its state dict."""
+def make_pair(cfg, tmp_path, device_dtype=None) -> tuple[SeedMHA, MultiHeadAttention]:
+    """A random seed-layout module, and ours imported from its state dict (on the test's device/dtype)."""
     seed = SeedMHA(*cfg)
     for p in seed.parameters():  # biases too, so a dropped bias shows
         torch.nn.init.uniform_(p, -0.5, 0.5)
     path = tmp_path / "seed.pt"
     torch.save(seed.state_dict(), path)
-    return seed, load_checkpoint(path)
+    mha = load_checkpoint(path)
+    if device_dtype is not None:
+        mha = mha.to(*device_dtype)
+    return seed, mha
+
+
+class On:
+    """Inputs made on the CPU in float32, moved to the test's (device, dtype); results back as float64, and
+    the reference computed on the inputs as the device saw them (rounded to its dtype)."""
+
+    def __init__(self, device_dtype) -> None:
+        self.device, self.dtype = device_dtype
+        self.out = tol(self.dtype)
+        # weights are probabilities (<= 1): a quarter of the output's bound in the reduced dtypes
+        self.w = self.out if self.dtype == torch.float32 else tol(self.dtype, 0.25)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, self.dtype)
+
+    def seen(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype).float()
+
+    def back(self, t: torch.Tensor) -> torch.Tensor:
+        return t.cpu().double()
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
 @pytest.mark.parametrize("causal", [True, False])
-def test_matches_reference_all_lengths(cfg, causal, tmp_path, rng_seed):
-    seed, mha = make_pair(cfg, tmp_path)
+def test_matches_reference_all_lengths(cfg, causal, tmp_path, rng_seed, device_dtype):
+    seed, mha = make_pair(cfg, tmp_path, device_dtype)
+    on = On(device_dtype)
     H, E, _, max_len = cfg
     for T in (1, 5, max_len):
         x = torch.randn(3, T, E)
-        res = mha(x, causal=causal, need_weights=True)
-        ref_out, ref_w = naive_attention(seed, x, causal=causal)
-        torch.testing.assert_close(res.output.double(), ref_out, **F32)
-        torch.testing.assert_close(res.weights.double(), ref_w, **F32)
+        res = mha(on(x), causal=causal, need_weights=True)
+        ref_out, ref_w = naive_attention(seed, on.seen(x), causal=causal)
+        assert res.output.dtype == on.dtype and res.output.device.type == on.device.type
+        torch.testing.assert_close(on.back(res.output), ref_out, **on.out)
+        torch.testing.assert_close(on.back(res.weights), ref_w, **on.w)
         # the output path without weights (SDPA) agrees too
-        torch.testing.assert_close(mha(x, causal=causal).output.double(), ref_out, **F32)
+        torch.testing.assert_close(on.back(mha(on(x), causal=causal).output), ref_out, **on.out)
         assert res.weights.shape == (3, H, T, T)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
-def test_lengths_padding_is_zero_and_never_attended(cfg, tmp_path, rng_seed):
-    seed, mha = make_pair(cfg, tmp_path)
+def test_lengths_padding_is_zero_and_never_attended(cfg, tmp_path, rng_seed, device_dtype):
+    seed, mha = make_pair(cfg, tmp_path, device_dtype)
+    on = On(device_dtype)
     _, E, _, T = cfg
     lengths = [T, 1, T // 2]
     x = torch.randn(3, T, E)
-    res = mha(x, lengths=torch.tensor(lengths), need_weights=True)
-    ref_out, ref_w = naive_attention(seed, x, lengths=lengths)
-    torch.testing.assert_close(res.output.double(), ref_out, **F32)
-    torch.testing.assert_close(res.weights.double(), ref_w, **F32)
+    res = mha(on(x), lengths=torch.tensor(lengths), need_weights=True)
+    ref_out, ref_w = naive_attention(seed, on.seen(x), lengths=lengths)
+    torch.testing.assert_close(on.back(res.output), ref_out, **on.out)
+    torch.testing.assert_close(on.back(res.weights), ref_w, **on.w)
     for b, n in enumerate(lengths):
         assert torch.all(res.output[b, n:] == 0)
         assert torch.all(res.weights[b, :, :, n:] == 0)  # padding keys get no weight
@@ -61,26 +88,30 @@ def test_lengths_padding_is_zero_and_never_attended(cfg, tmp_path, rng_seed):
     # garbage in the padding must not change anything
     x2 = x.clone()
     x2[1, 1:] = 1e3 * torch.randn_like(x2[1, 1:])
-    torch.testing.assert_close(mha(x2, lengths=lengths).output, res.output, atol=1e-5, rtol=0)
+    # (float32: exactly what it was, to rounding; the reduced dtypes: a GEMM may block its rows differently)
+    same = {"atol": 1e-5, "rtol": 0} if on.dtype == torch.float32 else on.out
+    torch.testing.assert_close(on.back(mha(on(x2), lengths=lengths).output), on.back(res.output), **same)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("batched_mask", [False, True])
-def test_custom_mask_and_with_lengths(cfg, causal, batched_mask, tmp_path, rng_seed):
-    seed, mha = make_pair(cfg, tmp_path)
+def test_custom_mask_and_with_lengths(cfg, causal, batched_mask, tmp_path, rng_seed, device_dtype):
+    seed, mha = make_pair(cfg, tmp_path, device_dtype)
+    on = On(device_dtype)
     _, E, _, T = cfg
     B = 2
     mask = torch.rand(B, T, T) > 0.4 if batched_mask else torch.rand(T, T) > 0.4
     mask[..., 0] = True  # (the empty-row case has its own test)
     x = torch.randn(B, T, E)
     lengths = [T, max(1, T - 3)]
-    res = mha(x, attn_mask=mask, causal=causal, lengths=lengths, need_weights=True)
-    ref_out, ref_w = naive_attention(seed, x, attn_mask=mask, causal=causal, lengths=lengths)
-    torch.testing.assert_close(res.output.double(), ref_out, **F32)
-    torch.testing.assert_close(res.weights.double(), ref_w, **F32)
-    torch.testing.assert_close(mha(x, attn_mask=mask, causal=causal, lengths=lengths).output.double(), ref_out, **F32)
-    assert torch.all(res.weights[~(mask.expand(B, T, T))[:, None].expand_as(res.weights)] == 0)
+    res = mha(on(x), attn_mask=mask.to(on.device), causal=causal, lengths=lengths, need_weights=True)
+    ref_out, ref_w = naive_attention(seed, on.seen(x), attn_mask=mask, causal=causal, lengths=lengths)
+    torch.testing.assert_close(on.back(res.output), ref_out, **on.out)
+    torch.testing.assert_close(on.back(res.weights), ref_w, **on.w)
+    again = mha(on(x), attn_mask=mask.to(on.device), causal=causal, lengths=lengths).output
+    torch.testing.assert_close(on.back(again), ref_out, **on.out)
+    assert torch.all(res.weights.cpu()[~(mask.expand(B, T, T))[:, None].expand_as(res.weights)] == 0)
 
 
 @pytest.mark.parametrize("need_weights", [False, True])
@@ -202,18 +233,20 @@ def test_bad_config(args, message):
 
 
 @pytest.mark.parametrize("T", [257, 513])
-def test_long_causal_weights_path_in_blocks_matches_reference(T, tmp_path, rng_seed):
+def test_long_causal_weights_path_in_blocks_matches_reference(T, tmp_path, rng_seed, device_dtype):
     """T > 256 takes the blocked causal weights path (mha_core.attention._BLOCK)."""
-    seed, mha = make_pair((2, 16, 8, 520), tmp_path)
+    seed, mha = make_pair((2, 16, 8, 520), tmp_path, device_dtype)
+    on = On(device_dtype)
     x = torch.randn(2, T, 16)
+    xs = on.seen(x)
     lengths = [T, T // 3]
-    res = mha(x, need_weights=True, lengths=lengths)
-    ref_out, ref_w = naive_attention(seed, x, lengths=lengths)
-    torch.testing.assert_close(res.output.double(), ref_out, **F32)
-    torch.testing.assert_close(res.weights.double(), ref_w, **F32)
-    sub = mha(x[:1], need_weights=True, heads=[1])  # plain causal, no lengths: the blocked path proper
-    torch.testing.assert_close(sub.weights.double(), naive_attention(seed, x[:1])[1][:, [1]], **F32)
-    torch.testing.assert_close(sub.output, mha(x[:1]).output, atol=1e-5, rtol=1e-4)
-    full = mha(x[:1], need_weights=True)
-    torch.testing.assert_close(full.output.double(), naive_attention(seed, x[:1])[0], **F32)
+    res = mha(on(x), need_weights=True, lengths=lengths)
+    ref_out, ref_w = naive_attention(seed, xs, lengths=lengths)
+    torch.testing.assert_close(on.back(res.output), ref_out, **on.out)
+    torch.testing.assert_close(on.back(res.weights), ref_w, **on.w)
+    sub = mha(on(x[:1]), need_weights=True, heads=[1])  # plain causal, no lengths: the blocked path proper
+    torch.testing.assert_close(on.back(sub.weights), naive_attention(seed, xs[:1])[1][:, [1]], **on.w)
+    torch.testing.assert_close(on.back(sub.output), on.back(mha(on(x[:1])).output), **on.out)
+    full = mha(on(x[:1]), need_weights=True)
+    torch.testing.assert_close(on.back(full.output), naive_attention(seed, xs[:1])[0], **on.out)
     assert torch.all(full.weights[0].triu(1) == 0)

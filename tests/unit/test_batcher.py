@@ -428,3 +428,38 @@ async def test_the_per_batch_weights_budget_splits_batches():
         assert [len(batch) for batch in runner.batches] == [1, 2, 2, 1]
     finally:
         await b.stop()
+
+
+async def test_depth_two_keeps_two_batches_in_flight_and_each_answer_is_its_own():
+    """The GPU pipeline: with depth 2 a second batch starts while the first is still running (its upload
+    overlaps the first's forward), and never a third; stop() waits for both."""
+    lock = threading.Lock()
+    running, peak = [0], [0]
+    gate = threading.Event()
+
+    def run(items):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        gate.wait(5)
+        time.sleep(0.01)
+        with lock:
+            running[0] -= 1
+        return [AttendOutput(it.x * 2, None) for it in items], BatchStats(len(items))
+
+    b = Batcher(run, BatchLimits(max_batch_size=2), depth=2)
+    await b.start()
+    try:
+        tasks = [asyncio.create_task(b.infer(inp(value=float(i)), deadline=far())) for i in range(8)]
+        for _ in range(200):  # both workers busy, the rest queued
+            await asyncio.sleep(0.005)
+            if running[0] == 2:
+                break
+        assert running[0] == 2
+        gate.set()
+        results = await asyncio.gather(*tasks)
+    finally:
+        await b.stop(grace_s=5)
+    assert peak[0] == 2
+    for i, res in enumerate(results):
+        np.testing.assert_array_equal(res.output.output, np.full((1, 4, 2), 2.0 * i))

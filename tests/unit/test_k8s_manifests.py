@@ -152,3 +152,13 @@ def test_volume_claim_matches_the_deployments() -> None:
     for name in ("mha-serve", "mha-serve-gpu"):
         vols = {v["name"]: v for v in _deployment(name)["spec"]["template"]["spec"]["volumes"]}
         assert vols["models"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+
+
+def test_gpu_variant_runs_the_image_make_docker_build_cuda_builds() -> None:
+    """docker/cuda.sh tags the CUDA image; the GPU Deployment must name that image."""
+    import re
+
+    cuda_sh = (K8S.parent / "cuda.sh").read_text()
+    (tag,) = re.findall(r"IMAGE=\$\{MHA_CUDA_IMAGE:-([^}]+)\}", cuda_sh)
+    assert _container(_deployment("mha-serve-gpu"))["image"] == tag
+    assert _container(_deployment("mha-serve"))["image"] != tag  # the CPU pods keep the small image

@@ -1,4 +1,5 @@
-"""The runner: each request computes only its own heads' weights, and owns its result arrays."""
+"""The runner on the test's device and dtype (tests/devices.py) against mha_core on the CPU in float32;
+its staging buffers, and its CUDA graphs where there is a GPU."""
 
 from __future__ import annotations
 
@@ -7,64 +8,159 @@ import pytest
 import torch
 
 from mha_core import MHAConfig, MultiHeadAttention
-from service.runner import AttendInput, Runner
+from service.runner import AttendInput, Runner, resolve_dtype
+from service.settings import Settings
+from service.staging import parse_buckets, pick_bucket
+from tests.devices import SKIP_REASON, test_device, tol
 
-CFG = MHAConfig(num_heads=8, emb_size=32, head_size=4, max_seq_len=64, causal=True)
-
-
-class Recording:
-    """Wraps the module; records the shape of every weights tensor it computes."""
-
-    def __init__(self, module):
-        self.module = module
-        self.weights_shapes: list[tuple[int, ...]] = []
-
-    def __call__(self, *args, **kw):
-        res = self.module(*args, **kw)
-        if res.weights is not None:
-            self.weights_shapes.append(tuple(res.weights.shape))
-        return res
+CFG = MHAConfig(num_heads=4, emb_size=32, head_size=8, max_seq_len=64)
+rng = np.random.default_rng()
 
 
-@pytest.fixture
-def runner() -> Runner:
-    module = MultiHeadAttention.from_seed(CFG, 3)
-    return Runner(module, device=torch.device("cpu"), dtype=torch.float32, checksum="test")
+def make_runner(device_dtype, **kw) -> tuple[Runner, MultiHeadAttention]:
+    device, dtype = device_dtype
+    ref = MultiHeadAttention.from_seed(CFG, seed=3).eval()  # the CPU float32 reference
+    runner = Runner(MultiHeadAttention.from_seed(CFG, seed=3), device=device, dtype=dtype, checksum="t", **kw)
+    return runner, ref
 
 
-def test_eight_one_head_requests_compute_eight_one_head_weights(runner, rng_seed):
-    rng = np.random.default_rng(rng_seed)
+def expected(ref, it: AttendInput, dtype) -> tuple[np.ndarray, np.ndarray | None]:
+    x = torch.from_numpy(it.x).to(dtype).float()  # what the device saw
+    res = ref(
+        x,
+        lengths=None if it.lengths is None else torch.from_numpy(it.lengths),
+        attn_mask=None if it.mask is None else torch.from_numpy(it.mask),
+        causal=it.causal,
+        need_weights=it.need_weights,
+        heads=it.heads,
+    )
+    return res.output.numpy(), None if res.weights is None else res.weights.numpy()
+
+
+def batch_of(key: str) -> list[AttendInput]:
+    """Requests of one batch key, with mixed B, T, lengths (and masks or heads where the key has them)."""
+    items = []
+    for b, t in ((1, 9), (2, 30), (1, 64), (3, 1)):
+        x = rng.standard_normal((b, t, CFG.emb_size)).astype(np.float32)
+        lengths = rng.integers(1, t + 1, size=b) if t > 1 and b > 1 else None
+        if key == "mask":
+            mask = rng.random((b, t, t)) > 0.3
+            mask[:, :, 0] = True
+            items.append(AttendInput(x, lengths=lengths, mask=mask, causal=False))
+        elif key == "weights":
+            items.append(AttendInput(x, lengths=lengths, need_weights=True, heads=(3, 1) if b == 2 else None))
+        else:
+            items.append(AttendInput(x, lengths=lengths))
+    return items
+
+
+@pytest.mark.parametrize("key", ["plain", "weights", "mask"])
+def test_batch_equals_reference_each_alone(device_dtype, key, rng_seed):
+    runner, ref = make_runner(device_dtype)
+    dtype = device_dtype[1]
+    items = batch_of(key)
+    for _ in range(2):  # the second pass reuses the staging buffers
+        outs, stats = runner.run(items)
+        assert stats.sequences == sum(it.batch for it in items)
+        for it, out in zip(items, outs, strict=True):
+            want, want_w = expected(ref, it, dtype)
+            assert out.output.dtype == np.float32 and out.output.shape == want.shape
+            np.testing.assert_allclose(out.output, want, **tol(dtype))
+            if want_w is not None:
+                np.testing.assert_allclose(out.weights, want_w, **tol(dtype, 0.25))
+            if it.lengths is not None:
+                for b, n in enumerate(it.lengths):
+                    assert np.all(out.output[b, n:] == 0)
+
+
+def test_staging_buffers_grow_to_the_largest_batch_then_are_reused_and_answers_are_owned(device_dtype):
+    runner, ref = make_runner(device_dtype)
+    dtype = device_dtype[1]
+    big = [AttendInput(rng.standard_normal((4, 64, CFG.emb_size)).astype(np.float32))]
+    small = [AttendInput(rng.standard_normal((1, 8, CFG.emb_size)).astype(np.float32))]
+    (first,), _ = runner.run(big)
+    kept = first.output.copy()
+    for _ in range(runner.depth - 1):  # each slot (2 on a GPU: two batches in flight) grows once
+        runner.run(big)
+    allocs = runner.staging.stats().host_allocations
+    for _ in range(3):
+        runner.run(small)
+        runner.run(big)
+    assert runner.staging.stats().host_allocations == allocs  # no buffer grew again
+    np.testing.assert_array_equal(first.output, kept)  # later batches did not write into an earlier answer
+    np.testing.assert_allclose(first.output, expected(ref, big[0], dtype)[0], **tol(dtype))
+
+
+def test_dtype_auto_is_bfloat16_on_a_gpu_float32_on_the_cpu():
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("float16", torch.device("cuda")) == torch.float16
+    assert resolve_dtype("float32", torch.device("cuda")) == torch.float32
+    assert Settings().dtype == "auto"
+
+
+def test_cuda_graph_buckets_parse_and_pick():
+    assert parse_buckets("32x128, 1x128,128X128,32x128") == [(1, 128), (32, 128), (128, 128)]
+    assert parse_buckets("") == []
+    with pytest.raises(ValueError, match="BATCHxLENGTH"):
+        parse_buckets("32by128")
+    with pytest.raises(ValueError, match="BATCHxLENGTH"):
+        Settings(cuda_graphs="0x128")
+    buckets = [(1, 128), (32, 128), (8, 1024)]
+    assert pick_bucket(buckets, 1, 100) == (1, 128)
+    assert pick_bucket(buckets, 2, 128) == (32, 128)
+    assert pick_bucket(buckets, 2, 129) == (8, 1024)
+    assert pick_bucket(buckets, 33, 16) is None
+
+
+@pytest.mark.device
+@pytest.mark.skipif(test_device() is None, reason=SKIP_REASON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_graphs_replay_and_equal_the_eager_forward(dtype, rng_seed):
+    device = torch.device(test_device())
+    graphed, _ = make_runner((device, dtype), graph_buckets=[(4, 32), (8, 64)])
+    eager, _ = make_runner((device, dtype))
+    graphed.warmup()
+    assert graphed.graphs.captured == [(4, 32), (8, 64)]
     items = [
-        AttendInput(rng.standard_normal((1, T, 32)).astype(np.float32), need_weights=True, heads=(h,))
-        for h, T in enumerate((5, 9, 16, 3, 12, 7, 16, 1))
+        AttendInput(rng.standard_normal((2, 20, CFG.emb_size)).astype(np.float32), lengths=np.array([20, 7])),
+        AttendInput(rng.standard_normal((1, 31, CFG.emb_size)).astype(np.float32)),
     ]
-    alone = [runner.run([it])[0][0] for it in items]
-    rec = Recording(runner.module)
-    runner.module = rec
-    results, stats = runner.run(items)
-    assert rec.weights_shapes == [(1, 1, it.seq_len, it.seq_len) for it in items]
-    assert stats.weights_elements == sum(it.seq_len**2 for it in items)  # 8 x 1 head, not 8 x 8 heads at T=16
-    for it, res, one in zip(items, results, alone, strict=True):
-        assert res.weights.shape == (1, 1, it.seq_len, it.seq_len)
-        np.testing.assert_allclose(res.weights, one.weights, atol=1e-6)
-        np.testing.assert_allclose(res.output, one.output, atol=1e-6)
-        full = rec.module(torch.from_numpy(it.x), need_weights=True)  # all heads, then pick its own
-        np.testing.assert_allclose(res.weights[0, 0], full.weights[0, it.heads[0]].numpy(), atol=1e-6)
-        np.testing.assert_allclose(res.output, full.output.numpy(), atol=1e-5)
+    before = graphed.graphs.replays
+    for _ in range(3):
+        got, _ = graphed.run(items)
+        want, _ = eager.run(items)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g.output, w.output, **tol(dtype))
+        assert np.all(got[0].output[1, 7:] == 0)
+    assert graphed.graphs.replays == before + 3
+    # a batch no bucket holds, and one that wants weights, run eagerly
+    long = [AttendInput(rng.standard_normal((1, 64, CFG.emb_size)).astype(np.float32), need_weights=True)]
+    graphed.run(long)
+    assert graphed.graphs.replays == before + 3
 
 
-def test_each_result_owns_its_arrays(runner, rng_seed):
-    rng = np.random.default_rng(rng_seed)
-    items = [AttendInput(rng.standard_normal((2, T, 32)).astype(np.float32)) for T in (4, 8)]
-    (a, b), stats = runner.run(items)
-    assert a.output.shape == (2, 4, 32) and b.output.shape == (2, 8, 32)
-    assert not np.shares_memory(a.output, b.output)  # no view into one batch-sized buffer
-    assert a.output.flags.c_contiguous
-    assert stats.sequences == 4 and stats.padded_tokens == 4 * 8 and stats.real_tokens == 2 * 4 + 2 * 8
+def test_a_huge_batch_gets_a_one_off_unpinned_buffer_not_a_pinned_one_kept_forever():
+    from service.staging import MAX_PINNED_BYTES, _Buffer
+
+    buf = _Buffer(torch.float32, pinned=True)
+    big = buf.view((MAX_PINNED_BYTES // 4 + 1,))
+    assert not big.is_pinned() and buf.data is None and buf.allocations == 0
 
 
-def test_weights_elements_counts_the_heads_asked_for(runner):
-    x = np.zeros((2, 10, 32), np.float32)
-    assert runner.weights_elements(AttendInput(x)) == 0
-    assert runner.weights_elements(AttendInput(x, need_weights=True)) == 2 * 8 * 100
-    assert runner.weights_elements(AttendInput(x, need_weights=True, heads=(1, 5))) == 2 * 2 * 100
+def test_staging_never_hands_out_more_slots_than_its_depth():
+    """A third batch waits until one of two in flight gives its slot (and buffers) back."""
+    import threading
+
+    from service.staging import Staging
+
+    st = Staging(torch.device("cpu"), depth=2)
+    got = []
+    with st.slot() as a, st.slot() as b:
+        assert a is not b
+        t = threading.Thread(target=lambda: got.append(st.slot().__enter__()))
+        t.start()
+        t.join(0.2)
+        assert t.is_alive() and not got  # blocked: both slots are in flight
+    t.join(2)
+    assert got and got[0] in (a, b)

@@ -39,7 +39,7 @@ def test_defaults_and_environment(monkeypatch):
             "default_timeout_ms (5000.0) must be <= max_timeout_ms (100.0)",
         ),
         ({"max_batch_tokens": 100}, "max_batch_tokens (100) must be >= max_seq_len (1024)"),
-        ({"dtype": "float64"}, "Input should be 'float32', 'float16' or 'bfloat16'"),
+        ({"dtype": "float64"}, "Input should be 'auto', 'float32', 'float16' or 'bfloat16'"),
         (
             {"max_request_batch": 64},
             "max_request_batch x max_seq_len (64 x 1024 = 65536) must be <= max_batch_tokens (32768)",
