@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import __version__, heatmap, v2
+from service import __version__, heatmap, tracing, v2
 from service.batcher import Batcher, BatchLimits
 from service.decode import Limits, decode_attend, encode_attend
 from service.errors import INFERENCE_ERRORS, ServiceError, error_responses
@@ -27,6 +27,7 @@ from service.observability import ApiKeys, ObserveMiddleware
 from service.runner import Runner, is_out_of_memory
 from service.schemas import AttendRequest, AttendResponse, ModelDescription
 from service.settings import Settings
+from service.tracing import Tracing, stage
 
 log = logging.getLogger("mha_serve")
 
@@ -41,10 +42,12 @@ class AppState:
     draining: bool = False
     model_info: dict | None = None
     limits: Limits | None = None
+    tracing: Tracing | None = None  # None unless OTEL_TRACES_EXPORTER turns tracing on (service/tracing.py)
 
 
 def create_app(*, settings: Settings) -> FastAPI:
     state = AppState(settings=settings, metrics=Metrics())
+    state.tracing = tracing.from_env(service_version=__version__, replica_id=settings.replica_id)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -66,7 +69,8 @@ def create_app(*, settings: Settings) -> FastAPI:
             settings.default_timeout_ms,
             settings.max_timeout_ms,
         )
-        state.batcher = Batcher(runner.run, _batch_limits(settings), observer=state.metrics, is_oom=is_out_of_memory)
+        observer = state.metrics if state.tracing is None else state.tracing.observe_batches(state.metrics)
+        state.batcher = Batcher(runner.run, _batch_limits(settings), observer=observer, is_oom=is_out_of_memory)
         await state.batcher.start()
         gc.collect()
         gc.freeze()  # start-up objects leave the GC's view: full passes over them made the tails
@@ -78,6 +82,8 @@ def create_app(*, settings: Settings) -> FastAPI:
             state.ready = False
             state.draining = True
             await state.batcher.stop(grace_s=settings.shutdown_grace_s)
+            if state.tracing is not None:
+                await asyncio.to_thread(state.tracing.shutdown)  # exports the spans still buffered
             log.info("stopped")
 
     app = FastAPI(
@@ -110,6 +116,7 @@ def create_app(*, settings: Settings) -> FastAPI:
         api_keys=ApiKeys(settings.api_key_list),
         protect_metrics=settings.protect_metrics,
         access_log_enabled=settings.access_log,
+        tracing=state.tracing,
     )
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
@@ -172,11 +179,13 @@ def create_app(*, settings: Settings) -> FastAPI:
         started = time.monotonic()
         require_ready(state)
         body = await read_body(request, settings.max_body_bytes)
-        dec = decode_attend(body, state.runner.config, state.limits)
+        with stage(state.tracing, "decode"):
+            dec = decode_attend(body, state.runner.config, state.limits)
         res = await infer(state, dec.input, started=started, timeout_s=dec.timeout_s, request=request)
         if res is None:
             return Response(status_code=499)
-        payload = encode_attend(res.output.output, res.output.weights, dec, state.model_info)
+        with stage(state.tracing, "encode"):
+            payload = encode_attend(res.output.output, res.output.weights, dec, state.model_info)
         return Response(payload, media_type="application/json", headers=timing_headers(res))
 
     def openapi() -> dict[str, Any]:

@@ -22,6 +22,7 @@ from mha_client.plot import render_heatmaps
 from service.decode import decode_attend, parse_json
 from service.errors import INFERENCE_ERRORS, error_responses, validation
 from service.httputil import infer, read_body, require_ready, timing_headers
+from service.tracing import stage
 
 if TYPE_CHECKING:
     from service.app import AppState
@@ -82,7 +83,8 @@ def build_router(state: AppState) -> APIRouter:
         if isinstance(obj, dict):  # weights are the point: heads need not come with return_weights
             body = orjson.dumps({**obj, "return_weights": True})
         cfg = state.runner.config
-        dec = decode_attend(body, cfg, state.limits)
+        with stage(state.tracing, "decode"):
+            dec = decode_attend(body, cfg, state.limits)
         inp = dec.input
         B, T, _ = inp.x.shape
         if B != 1:
@@ -112,7 +114,8 @@ def build_router(state: AppState) -> APIRouter:
         )
         async with renders:
             t0 = time.perf_counter()
-            png = await asyncio.to_thread(render_heatmaps, weights, head_ids=heads, title=title)
+            with stage(state.tracing, "encode"):
+                png = await asyncio.to_thread(render_heatmaps, weights, head_ids=heads, title=title)
             render_s = time.perf_counter() - t0
         return Response(
             png,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -76,8 +77,12 @@ async def infer(state: Any, inp: AttendInput, *, started: float, timeout_s: floa
     """
     if state.settings.fault_injection and "x-mha-fault" in request.headers:
         inp = dataclasses.replace(inp, fault=request.headers["x-mha-fault"])
+    tracing = state.tracing
+    if tracing is not None:  # the batch's forward span links to this request's span
+        inp = dataclasses.replace(inp, trace=tracing.current_span_context())
+        submitted = time.monotonic()
     try:
-        return await state.batcher.infer(inp, deadline=started + timeout_s, abandoned=disconnected(request))
+        res = await state.batcher.infer(inp, deadline=started + timeout_s, abandoned=disconnected(request))
     except Overloaded as e:
         raise ServiceError("overloaded", str(e), headers={"retry-after": str(int(e.retry_after_s))}) from e
     except DeadlineExceeded as e:
@@ -88,6 +93,9 @@ async def infer(state: Any, inp: AttendInput, *, started: float, timeout_s: floa
         return None  # nobody is listening; counted by the batcher
     except Exception as e:  # the forward failed for this request alone (the batcher isolates faults)
         raise internal_error(e, request) from e
+    if tracing is not None:
+        tracing.record_queue(submitted, res.queue_s, res.batch_requests)
+    return res
 
 
 def timing_headers(res: Result) -> dict[str, str]:

@@ -56,6 +56,7 @@ from service.decode import check_input, parse_json
 from service.errors import ERROR_DESCRIPTIONS, ERROR_STATUS, INFERENCE_ERRORS, ServiceError, validation
 from service.httputil import infer as run_inference
 from service.httputil import internal_error, read_limited, timing_headers
+from service.tracing import stage
 
 log = logging.getLogger("mha_serve.v2")
 
@@ -155,13 +156,15 @@ def build_router(state: Any) -> APIRouter:
         check_model(name, version)
         require_ready()
         body = await _read_body(request, settings.max_body_bytes)
-        req = _decode(body, request.headers.get(HEADER_LENGTH))
-        inp, timeout_s = req.check(config=state.runner.config, limits=state.limits)
+        with stage(state.tracing, "decode"):
+            req = _decode(body, request.headers.get(HEADER_LENGTH))
+            inp, timeout_s = req.check(config=state.runner.config, limits=state.limits)
         res = await run_inference(state, inp, started=started, timeout_s=timeout_s, request=request)
         if res is None:
             return Response(status_code=499)
         tensors = {"output": res.output.output, "weights": res.output.weights}
-        payload, header_len = _encode(req, settings.model_name, tensors)
+        with stage(state.tracing, "encode"):
+            payload, header_len = _encode(req, settings.model_name, tensors)
         headers = timing_headers(res)
         if header_len is None:
             return Response(payload, media_type="application/json", headers=headers)
