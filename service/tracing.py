@@ -9,7 +9,10 @@ The SDK reads the rest itself: ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``/``_HEADE
 and baggage by default).
 
 When tracing is off nothing here imports OpenTelemetry (``from_env`` returns None and the callers
-skip every hook with one ``is None`` test), so off costs nothing measurable (bench/tracing.py).
+skip every hook with one ``is None`` test; the SDK and the exporter are never loaded), so off costs
+nothing measurable (bench/tracing.py). The tracer provider is the app's own, never the global one:
+tests can build many apps, and FastAPI's native telemetry (which switches on when a global provider
+is set) does not draw a second server span.
 
 Spans, per request: the server span (``POST /attend``; a child of the caller's ``traceparent``),
 and under it ``decode``, ``queue`` (the time the request waited for its batch, drawn from the
