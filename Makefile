@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test soak lint format serve bench bench-service docker-test
+.PHONY: help setup test soak lint format serve bench bench-service bench-tracing docker-test
 
 help:  ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ bench: $(STAMP)  ## attention core benchmark (bench/core.py)
 
 bench-service: $(STAMP)  ## HTTP benchmark with wrk (bench/service.py; needs the wrk package)
 	$(PY) bench/service.py
+
+bench-tracing: $(STAMP)  ## what tracing costs: off, on, sampled-out and the code before it, front-bound (bench/tracing.py)
+	$(PY) bench/tracing.py
 
 docker-test: $(STAMP)  ## build the Docker image offline, run it and a 2-replica compose stack behind nginx (docker/ci.sh; root)
 	bash docker/ci.sh

@@ -79,8 +79,10 @@ async def infer(state: Any, inp: AttendInput, *, started: float, timeout_s: floa
         inp = dataclasses.replace(inp, fault=request.headers["x-mha-fault"])
     tracing = state.tracing
     if tracing is not None:  # the batch's forward span links to this request's span
-        inp = dataclasses.replace(inp, trace=tracing.current_span_context())
         submitted = time.monotonic()
+        ctx = tracing.current_span_context()
+        if ctx is not None:
+            inp = dataclasses.replace(inp, trace=ctx)
     try:
         res = await state.batcher.infer(inp, deadline=started + timeout_s, abandoned=disconnected(request))
     except Overloaded as e:

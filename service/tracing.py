@@ -92,8 +92,11 @@ NO_SPAN = _NoSpan()
 
 
 def stage(tracing: Tracing | None, name: str):
-    """``with stage(state.tracing, "decode"):`` a child span of the current one, or nothing when off."""
-    return NO_SPAN if tracing is None else tracing.tracer.start_as_current_span(name)
+    """``with stage(state.tracing, "decode"):`` a child span of the current one; nothing when tracing is
+    off, or when the request is not sampled (its children would not be either)."""
+    if tracing is None or not _get_current_span().is_recording():
+        return NO_SPAN
+    return tracing.tracer.start_as_current_span(name)
 
 
 def _wall_ns(monotonic_s: float) -> int:
@@ -145,8 +148,10 @@ class Tracing:
         return self._propagate.extract(carrier)
 
     def current_span_context(self) -> Any:
-        """The active span's context, to ride with a request through the batcher (AttendInput.trace)."""
-        return self._trace.get_current_span().get_span_context()
+        """The active span's context, to ride with a request through the batcher (AttendInput.trace);
+        None when the request is not sampled (a forward span would not be either)."""
+        span = self._trace.get_current_span()
+        return span.get_span_context() if span.is_recording() else None
 
     # -- the request span (ObserveMiddleware) -----------------------------------------------------
 
@@ -175,6 +180,8 @@ class Tracing:
 
     def record_queue(self, submitted_monotonic: float, queue_s: float, batch_requests: int) -> None:
         """The ``queue`` span of the current request: from submission until its batch started."""
+        if not self._trace.get_current_span().is_recording():
+            return
         start = _wall_ns(submitted_monotonic)
         span = self.tracer.start_span("queue", start_time=start, attributes={"mha.batch.requests": batch_requests})
         span.end(end_time=start + int(queue_s * 1e9))

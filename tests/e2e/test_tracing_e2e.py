@@ -284,8 +284,17 @@ def test_spans_parents_links_and_timings(tmp_path, receiver):
 
 
 def test_a_request_without_traceparent_starts_its_own_trace(tmp_path, receiver):
+    """No traceparent: a new trace. An unsampled traceparent (flags 00): no span at all, but the log lines
+    still carry the caller's trace id."""
     server = start_server(tmp_path, _otel_env(receiver))
     try:
+        unsampled = os.urandom(16).hex()
+        r = httpx.post(
+            server.url + "/attend",
+            content=_attend_body(1, 3),
+            headers={"content-type": "application/json", "traceparent": f"00-{unsampled}-{os.urandom(8).hex()}-00"},
+        )
+        assert r.status_code == 200
         r = httpx.post(server.url + "/attend", content=_attend_body(1, 3), headers={"content-type": "application/json"})
         assert r.status_code == 200
         bad = httpx.post(server.url + "/attend", content=b"{", headers={"content-type": "application/json"})
@@ -306,6 +315,11 @@ def test_a_request_without_traceparent_starts_its_own_trace(tmp_path, receiver):
         assert _attrs(err)["http.response.status_code"] == 400
         (fwd,) = [s for s in spans if s.name == "forward"]
         assert fwd.parent_span_id == ok.span_id
+        assert not any(s.trace_id.hex() == unsampled for s in spans)
+        server.stop()
+        lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+        (first,) = [ln for ln in lines if ln.get("logger") == "mha_serve.access" and ln.get("path") == "/attend"][:1]
+        assert first["trace_id"] == unsampled
     finally:
         server.stop()
 
