@@ -155,9 +155,17 @@ class Tracing:
 
     # -- the request span (ObserveMiddleware) -----------------------------------------------------
 
+    def start_server_span(self, name: str, carrier: Mapping[str, str], attributes: dict[str, Any]) -> RequestSpan:
+        """A server span, child of the caller's context in ``carrier`` (HTTP headers or gRPC metadata,
+        lower-case names), made current until ``RequestSpan.finish``."""
+        parent = self.extract(carrier)
+        span = self.tracer.start_span(name, context=parent, kind=self._trace.SpanKind.SERVER, attributes=attributes)
+        token = self._context.attach(self._trace.set_span_in_context(span, parent))
+        return RequestSpan(self, span, token)
+
     def start_request(self, scope: dict) -> RequestSpan:
+        """The HTTP server span of an ASGI request (named ``METHOD /route`` once the route is known)."""
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        parent = self.extract(headers)
         attrs: dict[str, Any] = {
             "http.request.method": scope["method"],
             "url.path": scope["path"],
@@ -170,11 +178,7 @@ class Tracing:
             attrs["client.address"] = scope["client"][0]
         if "user-agent" in headers:
             attrs["user_agent.original"] = headers["user-agent"]
-        span = self.tracer.start_span(
-            scope["method"], context=parent, kind=self._trace.SpanKind.SERVER, attributes=attrs
-        )
-        token = self._context.attach(self._trace.set_span_in_context(span, parent))
-        return RequestSpan(self, span, token)
+        return self.start_server_span(scope["method"], headers, attrs)
 
     # -- queue and batch spans ---------------------------------------------------------------------
 
@@ -254,7 +258,15 @@ class RequestSpan:
         if message["type"] == "http.response.body":
             self.response_bytes += len(message.get("body", b""))
 
+    def finish(self, *, error: bool = False) -> None:
+        """End the span and restore the context that was current before it."""
+        if error:
+            self.span.set_status(self._tracing._trace.Status(self._tracing._trace.StatusCode.ERROR))
+        self.span.end()
+        self._tracing._context.detach(self._token)
+
     def end(self, scope: dict, status: int, request_id: str) -> None:
+        """The HTTP request is answered: route, status and sizes, then finish."""
         span = self.span
         route = scope.get("route")
         template = getattr(route, "path", None)
@@ -265,7 +277,4 @@ class RequestSpan:
         span.set_attribute("http.request.body.size", self.request_bytes)
         span.set_attribute("http.response.body.size", self.response_bytes)
         span.set_attribute("mha.request_id", request_id)
-        if status >= 500:  # server spans: 4xx are the caller's errors (semantic conventions)
-            span.set_status(self._tracing._trace.Status(self._tracing._trace.StatusCode.ERROR))
-        span.end()
-        self._tracing._context.detach(self._token)
+        self.finish(error=status >= 500)  # server spans: 4xx are the caller's errors (semantic conventions)

@@ -100,3 +100,35 @@ def test_tracing_on_builds_an_sdk_provider_with_the_service_name() -> None:
         assert attrs["service.name"] in ("mha-serve", os.environ.get("OTEL_SERVICE_NAME"))
     finally:
         tracing.shutdown()
+
+
+def test_propagation_from_a_header_mapping_as_grpc_metadata_would_give_it() -> None:
+    """start_server_span takes any mapping of lower-case names (HTTP headers, gRPC metadata): the span is the
+    caller's child, carries its tracestate, is current until finish, and stage() spans nest under it."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    tracing = from_env(service_version="0", replica_id="r", environ={"OTEL_TRACES_EXPORTER": "console"})
+    memory = InMemorySpanExporter()
+    tracing.provider.add_span_processor(SimpleSpanProcessor(memory))
+    try:
+        carrier = {
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "tracestate": "congo=t61rcWkgMzE",
+        }
+        rs = tracing.start_server_span("/mha.Attention/Attend", carrier, {"rpc.system": "grpc"})
+        from service.tracing import current_ids
+
+        assert current_ids() == ("0af7651916cd43dd8448eb211c80319c", format(rs.span.get_span_context().span_id, "016x"))
+        with stage(tracing, "decode"):
+            pass
+        rs.finish(error=True)
+        assert current_ids() is None  # the context before it is back
+        decode, server = memory.get_finished_spans()
+        assert server.parent.span_id == 0xB7AD6B7169203331 and server.parent.is_remote
+        assert server.context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+        assert server.context.trace_state.to_header() == "congo=t61rcWkgMzE"
+        assert server.status.is_ok is False and server.attributes["rpc.system"] == "grpc"
+        assert decode.parent.span_id == server.context.span_id
+    finally:
+        tracing.shutdown()
