@@ -126,7 +126,7 @@ class ObserveMiddleware:
         extra = [(b"x-served-by", self.served_by), (b"x-request-id", rid.encode())]
         status = 500
         span = None if self.tracing is None or path in self.UNTRACED else self.tracing.start_request(scope)
-        if span is not None:
+        if span is not None and span.recording:
             receive = span.wrap_receive(receive)
         inference = path in self.INFERENCE or (path.startswith("/v2/models/") and path.endswith("/infer"))
         if inference:
@@ -137,7 +137,7 @@ class ObserveMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), *extra]
-            if span is not None:
+            if span is not None and span.recording:
                 span.sent(message)
             await send(message)
 

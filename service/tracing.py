@@ -236,12 +236,13 @@ class _BatchObserver:
 class RequestSpan:
     """The server span of one HTTP request, current while the app handles it."""
 
-    __slots__ = ("_token", "_tracing", "request_bytes", "response_bytes", "span")
+    __slots__ = ("_token", "_tracing", "recording", "request_bytes", "response_bytes", "span")
 
     def __init__(self, tracing: Tracing, span: Any, token: Any) -> None:
         self._tracing = tracing
         self.span = span
         self._token = token
+        self.recording = span.is_recording()  # False when sampled out: then only the context is kept
         self.request_bytes = 0
         self.response_bytes = 0
 
@@ -267,6 +268,9 @@ class RequestSpan:
 
     def end(self, scope: dict, status: int, request_id: str) -> None:
         """The HTTP request is answered: route, status and sizes, then finish."""
+        if not self.recording:
+            self._tracing._context.detach(self._token)
+            return
         span = self.span
         route = scope.get("route")
         template = getattr(route, "path", None)
