@@ -287,7 +287,8 @@ def run_asyncio(url: str, v: Variant, conc: int, duration: float) -> dict:
 
 
 def off_path_us(n: int = 200_000) -> dict[str, float]:
-    """Microseconds per request of every step this change added to the request path with tracing off.
+    """Microseconds per request of every step this change added to the request path with tracing off
+    (the new metrics included).
 
     Timed one by one in this process (timeit-style loops, best of 5), so the figure does not drown in a
     shared machine's noise the way a req/s difference does: the two stage() no-ops, the log formatter's
@@ -314,6 +315,11 @@ def off_path_us(n: int = 200_000) -> dict[str, float]:
         "in-flight gauge inc + dec": lambda: (m.in_flight.inc(), m.in_flight.dec()),
         "batch_finished hook (batch of 1)": lambda: obs.batch_finished([p.input for p in batch], 0.0, stats),
         "4 x `tracing is None` tests": lambda: (none is None, none is None, none is None, none is None),
+        "new metrics per batch (tokens, drain rate)": lambda: (
+            m._real_tokens.inc(16),
+            m._padded_tokens.inc(16),
+            m.drain_rate.set(1000.0),
+        ),
     }
     empty = min(timeit.repeat(lambda: None, number=n, repeat=5)) / n
     out = {}

@@ -76,6 +76,7 @@ class Metrics(BatcherObserver):
         )
         self.limit_scale.set(1)
         self._drain = 0.0
+        self._real_tokens, self._padded_tokens = self.tokens.labels("real"), self.tokens.labels("padded")
         self.batch_failures = Counter(
             "mha_batch_failures", "Batches whose forward raised (then retried one by one)", registry=r
         )
@@ -93,8 +94,8 @@ class Metrics(BatcherObserver):
         self.compute.observe(stats.compute_s)
         for w in queue_waits_s:
             self.queue_wait.observe(w)
-        self.tokens.labels("real").inc(stats.real_tokens)
-        self.tokens.labels("padded").inc(stats.padded_tokens)
+        self._real_tokens.inc(stats.real_tokens)
+        self._padded_tokens.inc(stats.padded_tokens)
         if stats.compute_s > 0 and stats.real_tokens:
             rate = stats.real_tokens / stats.compute_s  # the batcher's Retry-After estimate, same average
             self._drain = rate if self._drain == 0 else _DRAIN_ALPHA * rate + (1 - _DRAIN_ALPHA) * self._drain
