@@ -70,6 +70,7 @@ from bench.service import (  # noqa: E402  (the service benchmark's process and 
     http,
     main_thread_cpu_s,
     proc_cpu_s,
+    scrape,
     stop_process,
     wait_idle,
     wait_ready,
@@ -148,6 +149,7 @@ class Cell:
     loop_cpu_ms_per_req: float
     errors: int
     requests: int
+    mean_batch: float  # requests per forward pass: bigger batches spread the per-batch CPU thinner
 
 
 @dataclass
@@ -335,13 +337,17 @@ def off_path_us(n: int = 200_000) -> dict[str, float]:
 
 def measure(srv: Srv, v: Variant, rnd: int, args, body_file: Path, all_procs, use_wrk: bool) -> Cell:
     wait_idle(all_procs, srv.base, "/readyz")
+    m0 = scrape(srv.base)
     cpu0, main0 = proc_cpu_s(srv.proc.pid), main_thread_cpu_s(srv.proc.pid)
     if use_wrk:
         raw = run_wrk(srv.base + v.path, v, args.concurrency, args.duration, body_file)
     else:
         raw = run_asyncio(srv.base + v.path, v, args.concurrency, args.duration)
     cpu1, main1 = proc_cpu_s(srv.proc.pid), main_thread_cpu_s(srv.proc.pid)
+    m1 = scrape(srv.base)
     n = max(1, raw["requests"])
+    batches = m1.get("mha_batch_size_requests_count", 0) - m0.get("mha_batch_size_requests_count", 0)
+    batched = m1.get("mha_batch_size_requests_sum", 0) - m0.get("mha_batch_size_requests_sum", 0)
     errors = raw["err_status"] + raw["err_connect"] + raw["err_read"] + raw["err_write"] + raw["err_timeout"]
     return Cell(
         srv.name,
@@ -354,6 +360,7 @@ def measure(srv: Srv, v: Variant, rnd: int, args, body_file: Path, all_procs, us
         1e3 * (main1 - main0) / n,
         errors,
         raw["requests"],
+        batched / batches if batches else 0.0,
     )
 
 
@@ -362,9 +369,9 @@ def summarize(rep: Report, names: list[str]) -> str:
         f"# Tracing cost, front-bound (x = {list(SHAPE)} float32, E=64 H=4, c={rep.concurrency}, "
         f"{rep.rounds} rounds of {rep.duration_s:g} s, load: {rep.load_generator}, baseline {rep.baseline})",
         "",
-        "| server | variant | req/s (median) | p50 ms | p99 ms | server CPU ms/req | of which event loop "
+        "| server | variant | req/s (median) | p50 ms | p99 ms | batch | server CPU ms/req | of which event loop "
         "| req/s vs off (min-max) | CPU/req vs off |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     vnames = list(dict.fromkeys(c.variant for c in rep.cells))
     for vn in vnames:
@@ -380,6 +387,7 @@ def summarize(rep: Report, names: list[str]) -> str:
             lines.append(
                 f"| {sn} | {vn} | {statistics.median(c.rps for c in cs):,.0f} | "
                 f"{statistics.median(c.p50_ms for c in cs):.2f} | {statistics.median(c.p99_ms for c in cs):.2f} | "
+                f"{statistics.median(c.mean_batch for c in cs):.1f} | "
                 f"{statistics.median(c.cpu_ms_per_req for c in cs):.3f} | "
                 f"{statistics.median(c.loop_cpu_ms_per_req for c in cs):.3f} | "
                 f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) | {cpu_ratio:.3f} |"
@@ -459,7 +467,7 @@ def main() -> None:
                     rep.cells.append(c)
                     print(
                         f"round {rnd} {v.name:9s} {s.name:8s} {c.rps:8,.0f} req/s  p99 {c.p99_ms:6.2f} ms  "
-                        f"CPU {c.cpu_ms_per_req:.3f} ms/req  errors {c.errors}",
+                        f"batch {c.mean_batch:4.1f}  CPU {c.cpu_ms_per_req:.3f} ms/req  errors {c.errors}",
                         flush=True,
                     )
     finally:
