@@ -5,8 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test soak lint format serve bench bench-service bench-gpu docker-test docker-build-cuda protos \
-	perf-analyzer bench-protocols
+.PHONY: help setup test soak lint format serve bench bench-service bench-tracing bench-gpu docker-test \
+	docker-build-cuda protos perf-analyzer bench-protocols
 
 help:  ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ bench: $(STAMP)  ## attention core benchmark (bench/core.py)
 
 bench-service: $(STAMP)  ## HTTP benchmark with wrk (bench/service.py; needs the wrk package)
 	$(PY) bench/service.py
+
+bench-tracing: $(STAMP)  ## what tracing costs: off, on, sampled-out and the code before it, front-bound (bench/tracing.py)
+	$(PY) bench/tracing.py
 
 docker-test: $(STAMP)  ## build the Docker image offline, run it and a 2-replica compose stack behind nginx (docker/ci.sh; root)
 	bash docker/ci.sh

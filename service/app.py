@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import __version__, grpc_server, heatmap, v2
+from service import __version__, grpc_server, heatmap, tracing, v2
 from service.admission import Admission, AdmissionMiddleware
 from service.batcher import Batcher, BatcherObserver, BatchLimits
 from service.decode import Limits
@@ -30,6 +30,7 @@ from service.runner import Runner, is_out_of_memory
 from service.schemas import AttendRequest, AttendResponse, ModelDescription
 from service.settings import Settings
 from service.stats import ModelStats
+from service.tracing import Tracing, stage
 
 log = logging.getLogger("mha_serve")
 
@@ -50,6 +51,7 @@ class AppState:
     offload: Offload | None = None
     stats: ModelStats = field(default_factory=ModelStats)
     grpc: grpc_server.GrpcServer | None = None
+    tracing: Tracing | None = None  # None unless OTEL_TRACES_EXPORTER turns tracing on (service/tracing.py)
 
     def begin_shutdown(self) -> None:
         """Refuse new work now, and drain accepted work by one deadline measured from this call.
@@ -104,9 +106,14 @@ class _Observers(BatcherObserver):
         for o in self._observers:
             o.limits_scaled(scale)
 
+    def batch_finished(self, inputs: Any, started_monotonic: float, stats: Any) -> None:
+        for o in self._observers:
+            o.batch_finished(inputs, started_monotonic, stats)
+
 
 def create_app(*, settings: Settings) -> FastAPI:
     state = AppState(settings=settings, metrics=Metrics())
+    state.tracing = tracing.from_env(service_version=__version__, replica_id=settings.replica_id)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -137,10 +144,13 @@ def create_app(*, settings: Settings) -> FastAPI:
             settings.max_timeout_ms,
             dtype=state.model_info["dtype"],  # the dtype in use (MHA_DTYPE=auto resolved by the device)
         )
+        observer = _Observers(state.metrics, state.stats)
+        if state.tracing is not None:  # plus the forward span of each batch
+            observer = state.tracing.observe_batches(observer)
         state.batcher = Batcher(
             runner.run,
             _batch_limits(settings),
-            observer=_Observers(state.metrics, state.stats),
+            observer=observer,
             is_oom=is_out_of_memory,
             weights_of=runner.weights_elements,
             depth=runner.depth,
@@ -167,6 +177,8 @@ def create_app(*, settings: Settings) -> FastAPI:
             state._start_drain()
             await state.drain
             state.offload.close()
+            if state.tracing is not None:
+                await asyncio.to_thread(state.tracing.shutdown)  # exports the spans still buffered
             log.info("stopped")
 
     app = FastAPI(
@@ -206,6 +218,7 @@ def create_app(*, settings: Settings) -> FastAPI:
         api_keys=ApiKeys(settings.api_key_list),
         protect_metrics=settings.protect_metrics,
         access_log_enabled=settings.access_log,
+        tracing=state.tracing,
     )
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers (HEAD too)")
@@ -275,14 +288,18 @@ def create_app(*, settings: Settings) -> FastAPI:
         require_ready(state)
         body = await read_body(request, settings.max_body_bytes)
         try:
-            dec = await state.offload.decode_attend(body, state.runner.config, state.limits)
+            with stage(state.tracing, "decode"):
+                dec = await state.offload.decode_attend(body, state.runner.config, state.limits)
             del body
             decoded = time.monotonic()
             res = await infer(state, dec.input, started=started, timeout_s=dec.timeout_s, request=request)
             if res is None:
                 return Response(status_code=499)
             answered = time.monotonic()
-            payload = await state.offload.encode_attend(res.output.output, res.output.weights, dec, state.model_info)
+            with stage(state.tracing, "encode"):
+                payload = await state.offload.encode_attend(
+                    res.output.output, res.output.weights, dec, state.model_info
+                )
         except ServiceError:
             state.stats.request_failed(time.monotonic() - started)
             raise

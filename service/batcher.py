@@ -75,6 +75,8 @@ class BatcherObserver:
     def dropped(self, reason: str) -> None: ...
     def batch_failed(self, requests: int) -> None: ...
     def limits_scaled(self, scale: float) -> None: ...
+    def batch_finished(self, inputs: list[AttendInput], started_monotonic: float, stats: BatchStats) -> None:
+        """After batch_done, with the members' inputs: tracing draws the batch's forward span here."""
 
 
 @dataclass(frozen=True)
@@ -515,6 +517,7 @@ class Batcher:
                 elif not p.future.done():
                     p.future.set_result(Result(res, wait, stats.compute_s, len(batch), stats.sequences))
             self._obs.batch_done(len(batch), stats, waits)
+            self._obs.batch_finished([p.input for p in batch], started, stats)
             if stats.compute_s > 0:
                 rate = stats.real_tokens / stats.compute_s
                 a = 0.2

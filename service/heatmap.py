@@ -25,6 +25,7 @@ from mha_client.plot import render_heatmaps
 from service.decode import decode_object, parse_json
 from service.errors import INFERENCE_ERRORS, ServiceError, error_responses, validation
 from service.httputil import disconnected, infer, read_body, require_ready, timing_headers
+from service.tracing import stage
 
 if TYPE_CHECKING:
     from service.app import AppState
@@ -87,7 +88,8 @@ def build_router(state: AppState) -> APIRouter:
         if isinstance(obj, dict):  # weights are the point: heads need not come with return_weights
             obj["return_weights"] = True
         cfg = state.runner.config
-        dec = decode_object(obj, cfg, state.limits)
+        with stage(state.tracing, "decode"):
+            dec = decode_object(obj, cfg, state.limits)
         del obj
         inp = dec.input
         B, T, _ = inp.x.shape
@@ -116,9 +118,10 @@ def build_router(state: AppState) -> APIRouter:
             f"{info.get('name', 'mha')}: {cfg.num_heads} heads, emb {cfg.emb_size}, head {cfg.head_size}"
             f"  |  T = {n}, {how}"
         )
-        png, render_s = await renderer.render(
-            weights, heads, title, deadline=started + dec.timeout_s, timeout_s=dec.timeout_s, request=request
-        )
+        with stage(state.tracing, "encode"):
+            png, render_s = await renderer.render(
+                weights, heads, title, deadline=started + dec.timeout_s, timeout_s=dec.timeout_s, request=request
+            )
         if png is None:
             return Response(status_code=499)
         return Response(

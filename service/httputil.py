@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import uuid
 from collections.abc import Awaitable
 from typing import Any
@@ -110,6 +111,12 @@ async def run_batcher(
     None means the caller went away (``abandoned`` completed). Other exceptions are the forward's
     own failure for this request; the transport answers them as an opaque internal error.
     """
+    tracing = state.tracing
+    if tracing is not None:  # the batch's forward span links to this request's span
+        submitted = time.monotonic()
+        ctx = tracing.current_span_context()
+        if ctx is not None:
+            inp = dataclasses.replace(inp, trace=ctx)
     try:
         res = await state.batcher.infer(inp, deadline=deadline, abandoned=abandoned)
     except Overloaded as e:
@@ -122,6 +129,8 @@ async def run_batcher(
         raise ServiceError("unavailable", str(e)) from e
     except ClientGone:
         return None  # nobody is listening; counted by the batcher
+    if tracing is not None:
+        tracing.record_queue(submitted, res.queue_s, res.batch_requests)
     # before any encoding, for every route: an overflow is a clear error, never null/Inf/NaN in a 200
     codecs.check_computed({"output": res.output.output, "weights": res.output.weights}, inp.x, state.limits.dtype)
     return res

@@ -1,4 +1,11 @@
-"""Prometheus metrics, one registry per app (so tests can build many apps)."""
+"""Prometheus metrics, one registry per app (so tests can build many apps).
+
+What an autoscaler reads: ``mha_requests_in_flight`` (per replica; the KEDA trigger in
+docker/k8s/autoscaling/) and ``mha_queue_depth_requests``/``_tokens``. What an operator reads besides:
+batch size and padding ratio per forward pass, the drain rate (how many real tokens a second of
+compute serves: queue tokens / drain rate is the wait a newcomer faces, and what Retry-After says),
+time in queue per request and in compute per batch. The README's Metrics table lists them all.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from service.batcher import BatcherObserver
 from service.runner import BatchStats
 
+_DRAIN_ALPHA = 0.2  # weight of the newest batch in the drain-rate average
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -20,6 +28,20 @@ class Metrics(BatcherObserver):
             "End-to-end request latency by route",
             ["route"],
             buckets=_LATENCY,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "mha_requests_in_flight",
+            "Inference requests (/attend, /attend/heatmap, /v2 infer) being handled: reading, queued, computing, "
+            "answering",
+            registry=r,
+        )
+        self.tokens = Counter(
+            "mha_tokens", "Tokens through forward passes: real (requested) and padded (computed)", ["kind"], registry=r
+        )
+        self.drain_rate = Gauge(
+            "mha_drain_rate_tokens_per_second",
+            "Real tokens served per second of forward pass (moving average over batches): the queue's drain rate",
             registry=r,
         )
         self.queue_requests = Gauge("mha_queue_depth_requests", "Requests waiting in the batcher's queue", registry=r)
@@ -53,6 +75,8 @@ class Metrics(BatcherObserver):
             "mha_batch_limit_scale", "Scale of the batch limits: 1, or less after out-of-memory errors", registry=r
         )
         self.limit_scale.set(1)
+        self._drain = 0.0
+        self._real_tokens, self._padded_tokens = self.tokens.labels("real"), self.tokens.labels("padded")
         self.batch_failures = Counter(
             "mha_batch_failures", "Batches whose forward raised (then retried one by one)", registry=r
         )
@@ -70,6 +94,12 @@ class Metrics(BatcherObserver):
         self.compute.observe(stats.compute_s)
         for w in queue_waits_s:
             self.queue_wait.observe(w)
+        self._real_tokens.inc(stats.real_tokens)
+        self._padded_tokens.inc(stats.padded_tokens)
+        if stats.compute_s > 0 and stats.real_tokens:
+            rate = stats.real_tokens / stats.compute_s  # the batcher's Retry-After estimate, same average
+            self._drain = rate if self._drain == 0 else _DRAIN_ALPHA * rate + (1 - _DRAIN_ALPHA) * self._drain
+            self.drain_rate.set(self._drain)
 
     def dropped(self, reason: str) -> None:
         self.dropped_total.labels(reason).inc()

@@ -2,8 +2,10 @@
 
 The middleware is pure ASGI (cheaper than BaseHTTPMiddleware). For every HTTP request it:
 takes ``x-request-id`` from the caller (or makes one) and echoes it; adds ``x-served-by``;
-checks the API key where one is needed; counts the request and its latency; writes one JSON
-access-log line.
+checks the API key where one is needed; counts the request and its latency (and, on the inference
+routes, keeps ``mha_requests_in_flight``); writes one JSON access-log line. With tracing on it also
+opens the request's server span (a child of the caller's ``traceparent``), current while the app
+runs, so log lines carry its ``trace_id``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from service import tracing
 from service.metrics import Metrics
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -29,7 +32,8 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object a line: ts, level, logger, msg, request_id, and any ``extra=`` fields."""
+    """One JSON object a line: ts, level, logger, msg, request_id, trace_id and span_id (when a span is
+    active), and any ``extra=`` fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -41,6 +45,9 @@ class JsonFormatter(logging.Formatter):
         rid = getattr(record, "request_id", None) or request_id_var.get()
         if rid:
             out["request_id"] = rid
+        ids = tracing.current_ids()
+        if ids is not None:
+            out["trace_id"], out["span_id"] = ids
         for k, v in record.__dict__.items():
             if k not in _STANDARD and k != "request_id":
                 out[k] = v
@@ -84,6 +91,8 @@ class ApiKeys:
 class ObserveMiddleware:
     OPEN = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/docs", "/openapi.json", "/"})
     ROUTES = frozenset({"/attend", "/attend/heatmap", "/healthz", "/readyz", "/v1/model", "/metrics", "/"})
+    INFERENCE = frozenset({"/attend", "/attend/heatmap"})  # and /v2/models/.../infer
+    UNTRACED = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics"})  # probes
 
     def __init__(
         self,
@@ -94,6 +103,7 @@ class ObserveMiddleware:
         api_keys: ApiKeys,
         protect_metrics: bool,
         access_log_enabled: bool = True,
+        tracing: tracing.Tracing | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
@@ -101,6 +111,7 @@ class ObserveMiddleware:
         self.keys = api_keys
         self.open = self.OPEN if protect_metrics else self.OPEN | {"/metrics"}
         self.access_log = access_log_enabled
+        self.tracing = tracing
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -114,12 +125,20 @@ class ObserveMiddleware:
         token = request_id_var.set(rid)
         extra = [(b"x-served-by", self.served_by), (b"x-request-id", rid.encode())]
         status = 500
+        span = None if self.tracing is None or path in self.UNTRACED else self.tracing.start_request(scope)
+        if span is not None and span.recording:
+            receive = span.wrap_receive(receive)
+        inference = path in self.INFERENCE or (path.startswith("/v2/models/") and path.endswith("/infer"))
+        if inference:
+            self.metrics.in_flight.inc()
 
         async def send_wrapper(message):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), *extra]
+            if span is not None and span.recording:
+                span.sent(message)
             await send(message)
 
         try:
@@ -130,6 +149,8 @@ class ObserveMiddleware:
                 await self.app(scope, receive, send_wrapper)
         finally:
             elapsed = time.perf_counter() - t0
+            if inference:
+                self.metrics.in_flight.dec()
             route = path if path in self.ROUTES else ("/v2" if path.startswith("/v2") else "other")
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(elapsed)
@@ -146,6 +167,8 @@ class ObserveMiddleware:
                         "duration_ms": round(elapsed * 1000, 3),
                     },
                 )
+            if span is not None:
+                span.end(scope, status, rid)
             request_id_var.reset(token)
 
     @staticmethod

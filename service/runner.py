@@ -29,6 +29,7 @@ class AttendInput:
     need_weights: bool = False
     heads: tuple[int, ...] | None = None  # weights of these heads (all when None)
     fault: str | None = None  # tests only (settings.fault_injection): "raise" or "stall:<ms>"
+    trace: object | None = None  # the request span's context when tracing is on (service/tracing.py); not in key
 
     @property
     def batch(self) -> int:

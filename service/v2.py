@@ -61,6 +61,7 @@ from service.decode import parse_json
 from service.errors import INFERENCE_ERRORS, ServiceError, status_descriptions, validation
 from service.httputil import infer as run_inference
 from service.httputil import internal_error, read_limited, timing_headers
+from service.tracing import stage
 
 log = logging.getLogger("mha_serve.v2")
 
@@ -171,15 +172,17 @@ def build_router(state: Any) -> APIRouter:
         try:
             require_ready()
             body = await _read_body(request, settings.max_body_bytes)
-            req = _decode(body, request.headers.get(HEADER_LENGTH))
-            inp, timeout_s = req.check(config=state.runner.config, limits=state.limits)
+            with stage(state.tracing, "decode"):
+                req = _decode(body, request.headers.get(HEADER_LENGTH))
+                inp, timeout_s = req.check(config=state.runner.config, limits=state.limits)
             decoded = time.monotonic()
             res = await run_inference(state, inp, started=started, timeout_s=timeout_s, request=request)
             if res is None:
                 return Response(status_code=499)
             answered = time.monotonic()
             tensors = {"output": res.output.output, "weights": res.output.weights}
-            payload, header_len = _encode(req, settings.model_name, tensors)
+            with stage(state.tracing, "encode"):
+                payload, header_len = _encode(req, settings.model_name, tensors)
         except ServiceError:
             state.stats.request_failed(time.monotonic() - started)
             raise
