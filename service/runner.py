@@ -259,7 +259,7 @@ class Runner:
             x.numpy()[...] = it.x
             res = self.module(
                 self.staging.upload(slot, x, self.dtype),
-                lengths=None if it.lengths is None else torch.from_numpy(np.asarray(it.lengths, np.int64)),
+                lengths=None if it.lengths is None else torch.tensor(it.lengths, dtype=torch.int64),
                 attn_mask=None if it.mask is None else torch.from_numpy(np.ascontiguousarray(it.mask)),
                 causal=it.causal,
                 need_weights=True,
