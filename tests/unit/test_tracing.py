@@ -60,7 +60,9 @@ from service.app import create_app
 from service.settings import Settings
 
 async def main():
-    app = create_app(settings=Settings(num_heads=4, emb_size=32, head_size=8, max_seq_len=64, warmup=False))
+    app = create_app(settings=Settings(
+        num_heads=4, emb_size=32, head_size=8, max_seq_len=64, warmup=False, grpc_port=0, decode_processes=0
+    ))
     async with LifespanManager(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
             tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
