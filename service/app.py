@@ -105,6 +105,7 @@ def create_app(*, settings: Settings) -> FastAPI:
             settings.default_timeout_ms,
             settings.max_timeout_ms,
             dtype=settings.dtype,
+            priority_levels=settings.priority_levels,
         )
         state.batcher = Batcher(
             runner.run,
@@ -234,7 +235,9 @@ def create_app(*, settings: Settings) -> FastAPI:
         body = await read_body(request, settings.max_body_bytes)
         dec = await state.offload.decode_attend(body, state.runner.config, state.limits)
         del body
-        res = await infer(state, dec.input, started=started, timeout_s=dec.timeout_s, request=request)
+        res = await infer(
+            state, dec.input, started=started, timeout_s=dec.timeout_s, request=request, priority=dec.priority
+        )
         if res is None:
             return Response(status_code=499)
         payload = await state.offload.encode_attend(res.output.output, res.output.weights, dec, state.model_info)
@@ -270,6 +273,9 @@ def _batch_limits(s: Settings) -> BatchLimits:
         max_queue_tokens=s.max_queue_tokens,
         oom_cooldown_s=s.oom_cooldown_s,
         max_batch_weights_elements=s.max_batch_weights_elements,
+        priority_levels=s.priority_levels,
+        default_priority_level=s.default_priority_level,
+        priority_aging_ms=s.priority_aging_ms,
     )
 
 

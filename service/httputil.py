@@ -83,7 +83,9 @@ def internal_error(exc: BaseException, request: Request) -> ServiceError:
     return ServiceError("internal_error", f"internal error (id {error_id}); see the server log")
 
 
-async def infer(state: Any, inp: AttendInput, *, started: float, timeout_s: float, request: Request) -> Result | None:
+async def infer(
+    state: Any, inp: AttendInput, *, started: float, timeout_s: float, request: Request, priority: int = 0
+) -> Result | None:
     """Run ``inp`` through the batcher, mapping its outcomes to the error table.
 
     None means the client went away (the caller answers 499 to nobody). Every route that
@@ -92,7 +94,9 @@ async def infer(state: Any, inp: AttendInput, *, started: float, timeout_s: floa
     if state.settings.fault_injection and "x-mha-fault" in request.headers:
         inp = dataclasses.replace(inp, fault=request.headers["x-mha-fault"])
     try:
-        res = await state.batcher.infer(inp, deadline=started + timeout_s, abandoned=disconnected(request))
+        res = await state.batcher.infer(
+            inp, deadline=started + timeout_s, abandoned=disconnected(request), priority=priority
+        )
     except Overloaded as e:
         raise ServiceError("overloaded", str(e), headers={"retry-after": str(int(e.retry_after_s))}) from e
     except RequestTooLarge as e:

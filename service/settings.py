@@ -98,6 +98,26 @@ class Settings(BaseSettings):
     )
     max_queue_requests: int = Field(256, ge=1, description="Queued requests beyond which new ones get 429.")
     max_queue_tokens: int = Field(262144, ge=1, description="Queued tokens beyond which new requests get 429.")
+    priority_levels: int = Field(
+        1,
+        ge=1,
+        description="Priority levels (Triton's: 1 is the highest). 1 = one FIFO queue. With N >= 2, requests name "
+        "a priority 1..N (0 or none: the default level); a higher level is batched first, and each level has its own "
+        "queue bounds (max_queue_requests and max_queue_tokens apply per level) and its own 429 Retry-After.",
+    )
+    default_priority_level: int | None = Field(
+        None,
+        ge=1,
+        description="Level of a request that names no priority (or 0): 1..priority_levels. Unset: the lowest level, "
+        "so unmarked traffic is the bulk and callers opt in to a higher one.",
+    )
+    priority_aging_ms: float = Field(
+        1000.0,
+        gt=0,
+        description="Starvation bound: a request of level L is ordered as if it had arrived (L - 1) x this later, "
+        "so it goes ahead of all work that arrives more than that after it. Lower it to bound low-priority waits "
+        "tighter; raise it for stricter priority.",
+    )
 
     # -- requests -------------------------------------------------------------------------
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest request body (413 beyond).")
@@ -183,6 +203,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        if self.default_priority_level is not None and self.default_priority_level > self.priority_levels:
+            raise ValueError(
+                f"default_priority_level ({self.default_priority_level}) must be in 1..priority_levels "
+                f"({self.priority_levels})"
+            )
         if self.default_timeout_ms > self.max_timeout_ms:
             raise ValueError(
                 f"default_timeout_ms ({self.default_timeout_ms}) must be <= max_timeout_ms ({self.max_timeout_ms})"

@@ -24,8 +24,10 @@ Contract of ``infer``:
   ``application/octet-stream``: JSON header (length in ``Inference-Header-Content-Length``)
   followed by the blobs in output order.
 - Request parameters: ``causal`` (bool), ``heads`` (list of ints, one int, or "0,2"),
-  ``timeout_ms`` (> 0) or Triton's ``timeout`` (microseconds; 0 = default). Others, such as
-  Triton's ``priority`` or ``sequence_id``, are ignored, as Triton ignores what a model does not use.
+  ``timeout_ms`` (> 0) or Triton's ``timeout`` (microseconds; 0 = default), and Triton's
+  ``priority`` (an integer 0..MHA_PRIORITY_LEVELS, 1 the highest, 0 the default level; the same
+  check and message as /attend's field). Others, such as ``sequence_id``, are ignored, as
+  Triton ignores what a model does not use.
 - Errors answer ``{"error": "<message>"}`` with the status of ``service.errors.ERROR_STATUS``,
   the table /attend uses: 400 malformed JSON or header, 404 unknown model or version, 413 too
   large, 415 unknown Content-Encoding, 422 a request that breaks the contract (datatypes,
@@ -52,7 +54,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from service import __version__, codecs
-from service.decode import check_input, parse_json
+from service.decode import check_input, check_priority, parse_json
 from service.errors import INFERENCE_ERRORS, ServiceError, status_descriptions, validation
 from service.httputil import infer as run_inference
 from service.httputil import internal_error, read_limited, timing_headers
@@ -158,7 +160,8 @@ def build_router(state: Any) -> APIRouter:
         body = await _read_body(request, settings.max_body_bytes)
         req = _decode(body, request.headers.get(HEADER_LENGTH))
         inp, timeout_s = req.check(config=state.runner.config, limits=state.limits)
-        res = await run_inference(state, inp, started=started, timeout_s=timeout_s, request=request)
+        priority = check_priority(req.priority, state.limits)
+        res = await run_inference(state, inp, started=started, timeout_s=timeout_s, request=request, priority=priority)
         if res is None:
             return Response(status_code=499)
         tensors = {"output": res.output.output, "weights": res.output.weights}
@@ -266,7 +269,7 @@ def _metadata(name: str, cfg: Any) -> dict[str, Any]:
             "head_size": cfg.head_size,
             "max_seq_len": cfg.max_seq_len,
             "causal": cfg.causal,
-            "request_parameters": ["causal", "heads", "timeout_ms", "timeout", "binary_data_output"],
+            "request_parameters": ["causal", "heads", "timeout_ms", "timeout", "priority", "binary_data_output"],
         },
     }
 
@@ -277,11 +280,17 @@ def _metadata(name: str, cfg: Any) -> dict[str, Any]:
 class _Request:
     """A decoded infer request: its checks against the model (``check_input``), and how to answer."""
 
-    __slots__ = ("check", "datatype", "id", "outputs")
+    __slots__ = ("check", "datatype", "id", "outputs", "priority")
 
     def __init__(
-        self, check: Callable[..., tuple[Any, float]], datatype: str, outputs: list[tuple[str, bool]], id: str | None
+        self,
+        check: Callable[..., tuple[Any, float]],
+        datatype: str,
+        outputs: list[tuple[str, bool]],
+        id: str | None,
+        priority: int | None = None,
     ) -> None:
+        self.priority = priority  # Triton's request parameter; range-checked with /attend's rule
         self.check = check
         self.datatype = datatype  # datatype of x, and so of the outputs
         self.outputs = outputs  # (name, binary) in the order asked for
@@ -349,6 +358,9 @@ def _decode(body: bytes, header_length: str | None) -> _Request:
     if heads is not None and not want_weights:
         raise validation("parameters.heads selects weights: it needs the 'weights' output in outputs")
     timeout_ms = _timeout_ms(params)
+    priority = params.get("priority")
+    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+        raise validation(f"parameters.priority must be an integer, got {priority!r}")
     causal = params.get("causal")
     if causal is not None and not isinstance(causal, bool):
         raise validation(f"parameters.causal must be a boolean, got {causal!r}")
@@ -371,7 +383,7 @@ def _decode(body: bytes, header_length: str | None) -> _Request:
     check = functools.partial(
         check_input, x, lengths, mask, causal=causal, need_weights=want_weights, heads=heads, timeout_ms=timeout_ms
     )
-    return _Request(check, x_type, outputs, rid)
+    return _Request(check, x_type, outputs, rid, priority)
 
 
 def _dict(value: Any, where: str) -> dict:

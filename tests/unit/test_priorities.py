@@ -209,3 +209,15 @@ async def test_without_aging_in_reach_the_high_load_starves_the_low_level(make):
     b, runner = await make(Runner(delay=0.005), priority_levels=2, max_batch_size=1, priority_aging_ms=600_000)
     ahead, served = await _low_under_load(b, runner, workers=4, wait_s=0.5)
     assert not served and ahead >= 20
+
+
+def test_settings_check_the_default_level_at_start_up() -> None:
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    with pytest.raises(ValidationError, match=r"default_priority_level \(3\) must be in 1..priority_levels \(2\)"):
+        Settings(priority_levels=2, default_priority_level=3)
+    with pytest.raises(ValidationError, match="priority_aging_ms"):
+        Settings(priority_aging_ms=0)
+    assert Settings(priority_levels=3).default_priority_level is None  # the lowest level, 3
