@@ -275,7 +275,7 @@ def _batch_limits(s: Settings) -> BatchLimits:
         max_batch_weights_elements=s.max_batch_weights_elements,
         priority_levels=s.priority_levels,
         default_priority_level=s.default_priority_level,
-        priority_aging_ms=s.priority_aging_ms,
+        priority_oldest_every=s.priority_oldest_every,
     )
 
 

@@ -11,14 +11,15 @@ Contract:
 - Priorities (``priority_levels`` > 1; Triton's convention: level 1 is the highest). Each
   level has its own queue, bounded by ``max_queue_requests``/``max_queue_tokens`` on its own,
   so a flood at one level cannot fill the queue of another; its retry-after counts the work
-  queued at its level and above. The batch's first request (its anchor) is the queued one with
-  the earliest *virtual arrival*: arrival + (level - 1) x ``priority_aging_ms``; the rest of
-  the batch is filled level by level from the highest, in arrival order. So a higher level goes
-  first, and a request of level L goes ahead of every request, of any level, that arrives more
-  than (L - 1) x ``priority_aging_ms`` after it: its wait is bounded by that aging time plus the
-  compute of the requests queued before it in virtual order, at most the levels' queue bounds
-  (starvation is bounded; aging in the manner of Triton's and Linux's schedulers). With one
-  level the virtual arrival is the arrival, and the batcher is the plain FIFO above.
+  queued at its level and above. A batch's first request (its anchor) is the oldest request of
+  the highest non-empty level, and the batch is filled level by level from the highest, in
+  arrival order: a higher level is batched first. Starvation is bounded by counting batches:
+  at least every ``priority_oldest_every``-th batch (K) takes the oldest queued request of any
+  level (it is the anchor when no earlier batch in the last K took it). So a request that
+  arrives with n requests queued before it (at most the levels' queue bounds) reaches the model
+  within (n + 1) x K batches, however much higher-priority work keeps arriving, and the
+  higher levels keep at least (K - 1)/K of the batches under any flood below them. With one
+  level the anchor is the oldest request: the plain FIFO above.
 - A request that finds the model idle starts at once. While a batch computes, the next one
   forms from what arrives meanwhile (pipelining). With ``max_wait_ms > 0``, a batch formed
   from requests that queued behind a running batch may wait until its oldest request has
@@ -101,7 +102,7 @@ class BatchLimits:
     max_batch_weights_elements: int = 64 * 1024 * 1024  # attention-weight elements one batch may compute
     priority_levels: int = 1  # 1 = one FIFO queue; N > 1: levels 1 (highest) .. N, each with its own queue bounds
     default_priority_level: int | None = None  # the level of priority 0 (unset): None = the lowest, N
-    priority_aging_ms: float = 1000.0  # a request is ordered as if it arrived (level - 1) x this later
+    priority_oldest_every: int = 8  # K: at least every K-th batch takes the oldest queued request, any level
 
     def __post_init__(self) -> None:
         if self.priority_levels < 1:
@@ -109,8 +110,8 @@ class BatchLimits:
         d = self.default_priority_level
         if d is not None and not 1 <= d <= self.priority_levels:
             raise ValueError(f"default_priority_level must be in 1..{self.priority_levels}, got {d}")
-        if not self.priority_aging_ms > 0:
-            raise ValueError(f"priority_aging_ms must be > 0, got {self.priority_aging_ms}")
+        if self.priority_oldest_every < 1:
+            raise ValueError(f"priority_oldest_every must be >= 1, got {self.priority_oldest_every}")
         names = ("max_batch_size", "max_batch_tokens", "max_queue_requests", "max_queue_tokens")
         for name in (*names, "max_batch_weights_elements"):
             if getattr(self, name) < 1:
@@ -139,7 +140,6 @@ class _Pending:
     queued_behind_batch: bool
     weights: int = 0  # attention-weight elements this request computes
     level: int = 0  # priority level - 1: index of its queue (0 = the highest)
-    virtual: float = 0.0  # arrival + level x aging: the anchor is the earliest (see the contract)
     tokens: int = field(init=False)
     abandoned: bool = False
     started: bool = False
@@ -212,7 +212,8 @@ class Batcher:
         self._obs = observer or BatcherObserver()
         self._nlevels = limits.priority_levels
         self._default_level = (limits.default_priority_level or limits.priority_levels) - 1
-        self._aging_s = limits.priority_aging_ms / 1000
+        self._oldest_every = limits.priority_oldest_every
+        self._since_oldest = 0  # batches since one took the oldest queued request (priority_levels > 1)
         self._queues: list[list[_Pending]] = [[] for _ in range(self._nlevels)]  # one FIFO per level
         self._queued = 0
         self._queued_tokens = 0
@@ -406,9 +407,7 @@ class Batcher:
             )
         now = time.monotonic()
         fut = asyncio.get_running_loop().create_future()
-        pending = _Pending(
-            inp, fut, now, deadline, self._busy, weights, level=level, virtual=now + level * self._aging_s
-        )
+        pending = _Pending(inp, fut, now, deadline, self._busy, weights, level=level)
         q.append(pending)
         self._queued += 1
         self._queued_tokens += pending.tokens
@@ -483,10 +482,13 @@ class Batcher:
         self._queue_changed()
 
     def _anchor(self) -> _Pending:
-        """The batch's first request: the earliest virtual arrival (with one level: the oldest)."""
+        """The batch's first request: the oldest of the highest level, or every K-th batch the oldest of all."""
         if self._nlevels == 1:
             return self._queues[0][0]
-        return min((q[0] for q in self._queues if q), key=lambda p: p.virtual)
+        heads = [q[0] for q in self._queues if q]
+        if self._since_oldest >= self._oldest_every - 1:
+            return min(heads, key=lambda p: p.arrived)
+        return heads[0]
 
     def _effective_limits(self) -> tuple[int, int]:
         """(max_batch_size, max_batch_tokens), halved for a while after each out-of-memory error."""
@@ -515,6 +517,7 @@ class Batcher:
         lim = self.limits
         max_size, max_tokens = self._effective_limits()
         anchor = self._anchor()
+        oldest = None if self._nlevels == 1 else min((q[0] for q in self._queues if q), key=lambda p: p.arrived)
         key = anchor.input.key
         chosen = [anchor]
         seqs, T, real, weights = anchor.input.batch, anchor.input.seq_len, anchor.tokens, anchor.weights
@@ -536,6 +539,8 @@ class Batcher:
             seqs, T, real, weights = seqs + p.input.batch, T2, real + p.tokens, weights + p.weights
         for p in chosen:
             p.started = True
+        if oldest is not None:
+            self._since_oldest = 0 if oldest.started else self._since_oldest + 1
         taken = {id(p) for p in chosen}
         levels = {p.level for p in chosen}
         for level in levels:

@@ -109,7 +109,7 @@ class BatchingInfo(BaseModel):
     max_batch_weights_elements: int
     priority_levels: int
     default_priority_level: int | None
-    priority_aging_ms: float
+    priority_oldest_every: int
 
 
 class LimitsInfo(BaseModel):

@@ -111,12 +111,13 @@ class Settings(BaseSettings):
         description="Level of a request that names no priority (or 0): 1..priority_levels. Unset: the lowest level, "
         "so unmarked traffic is the bulk and callers opt in to a higher one.",
     )
-    priority_aging_ms: float = Field(
-        1000.0,
-        gt=0,
-        description="Starvation bound: a request of level L is ordered as if it had arrived (L - 1) x this later, "
-        "so it goes ahead of all work that arrives more than that after it. Lower it to bound low-priority waits "
-        "tighter; raise it for stricter priority.",
+    priority_oldest_every: int = Field(
+        8,
+        ge=1,
+        description="Starvation bound (K): at least every K-th batch takes the oldest queued request of any level, "
+        "so a request with n requests queued before it runs within (n + 1) x K batches, and the higher levels keep "
+        "(K - 1)/K of the batches under a flood below them. Lower it for fairer service of low levels; 1 = FIFO "
+        "across levels.",
     )
 
     # -- requests -------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Priority levels in the batcher: order, per-level bounds and retry-after, bounded starvation (aging)."""
+"""Priority levels in the batcher: order, per-level bounds and retry-after, starvation bounded (oldest every K)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ async def _block(b: Batcher, runner: Runner) -> asyncio.Task:
 
 
 async def test_higher_priority_is_batched_first_and_zero_means_the_default_level(make):
-    b, runner = await make(priority_levels=3, max_batch_size=1, priority_aging_ms=60_000)
+    b, runner = await make(priority_levels=3, max_batch_size=1)
     blocker = await _block(b, runner)
     sent = [(31.0, 3), (21.0, 2), (11.0, 1), (30.0, 0), (12.0, 1)]  # 0: the default level, the lowest (3)
     tasks = [asyncio.create_task(b.infer(inp(v), deadline=far(), priority=p)) for v, p in sent]
@@ -85,7 +85,7 @@ async def test_higher_priority_is_batched_first_and_zero_means_the_default_level
 
 
 async def test_default_priority_level_is_configurable(make):
-    b, runner = await make(priority_levels=3, default_priority_level=2, max_batch_size=1, priority_aging_ms=60_000)
+    b, runner = await make(priority_levels=3, default_priority_level=2, max_batch_size=1)
     blocker = await _block(b, runner)
     sent = [(30.0, 3), (20.0, 0), (10.0, 1)]
     tasks = [asyncio.create_task(b.infer(inp(v), deadline=far(), priority=p)) for v, p in sent]
@@ -96,7 +96,7 @@ async def test_default_priority_level_is_configurable(make):
 
 
 async def test_a_batch_fills_from_the_highest_level_first(make):
-    b, runner = await make(priority_levels=2, max_batch_size=2, priority_aging_ms=60_000)
+    b, runner = await make(priority_levels=2, max_batch_size=2)
     blocker = await _block(b, runner)
     sent = [(21.0, 2), (22.0, 2), (11.0, 1)]
     tasks = [asyncio.create_task(b.infer(inp(v), deadline=far(), priority=p)) for v, p in sent]
@@ -107,7 +107,7 @@ async def test_a_batch_fills_from_the_highest_level_first(make):
 
 
 async def test_each_level_has_its_own_bound_and_retry_after(make):
-    b, runner = await make(priority_levels=2, max_queue_requests=2, max_queue_tokens=1000, priority_aging_ms=60_000)
+    b, runner = await make(priority_levels=2, max_queue_requests=2, max_queue_tokens=1000)
     blocker = await _block(b, runner)
     low = [asyncio.create_task(b.infer(inp(LOW), deadline=far(), priority=2)) for _ in range(2)]
     await asyncio.sleep(0.01)
@@ -192,23 +192,33 @@ async def _low_under_load(b: Batcher, runner: Runner, *, workers: int, wait_s: f
     return (after.index(LOW) if served else len(after)), served
 
 
-async def test_aging_serves_a_low_request_under_continuous_high_load_within_the_bound(make):
-    # compute 10 ms per batch of one, aging 100 ms: the low request (level 2) goes ahead of every
-    # high request sent more than 100 ms after it. Ahead of it: the high requests queued when it came
-    # (< workers) plus those sent in its first 100 ms, one per finished forward (>= 10 ms each): <= 10.
-    compute_s, aging_ms, workers = 0.01, 100, 4
-    b, runner = await make(Runner(delay=compute_s), priority_levels=2, max_batch_size=1, priority_aging_ms=aging_ms)
+async def test_a_low_request_under_continuous_high_load_is_served_within_k_batches(make):
+    # batches of one, K = 4: at the low request's arrival at most `workers` high requests are queued or
+    # computing before it; normal batches take those (the oldest high first), then the low request is the
+    # oldest queued and at most K batches later one takes it, however many high requests keep coming.
+    k, workers = 4, 4
+    b, runner = await make(Runner(delay=0.005), priority_levels=2, max_batch_size=1, priority_oldest_every=k)
     ahead, served = await _low_under_load(b, runner, workers=workers, wait_s=10)
     assert served
-    bound = workers + int(aging_ms / 1000 / compute_s) + 1
-    assert 1 <= ahead <= bound, (ahead, bound)
+    assert 1 <= ahead <= workers + k, ahead
 
 
-async def test_without_aging_in_reach_the_high_load_starves_the_low_level(make):
-    # the same load with an aging time far beyond the test: strict priority, the low request waits
-    b, runner = await make(Runner(delay=0.005), priority_levels=2, max_batch_size=1, priority_aging_ms=600_000)
+async def test_with_k_out_of_reach_the_high_load_starves_the_low_level(make):
+    # the same load with K beyond the test's batches: strict priority, the low request waits
+    b, runner = await make(Runner(delay=0.005), priority_levels=2, max_batch_size=1, priority_oldest_every=10**6)
     ahead, served = await _low_under_load(b, runner, workers=4, wait_s=0.5)
     assert not served and ahead >= 20
+
+
+async def test_k_of_1_is_fifo_across_levels(make):
+    b, runner = await make(priority_levels=2, max_batch_size=1, priority_oldest_every=1)
+    blocker = await _block(b, runner)
+    sent = [(21.0, 2), (11.0, 1), (22.0, 2)]
+    tasks = [asyncio.create_task(b.infer(inp(v), deadline=far(), priority=p)) for v, p in sent]
+    await asyncio.sleep(0.02)
+    runner.gate.set()
+    await asyncio.gather(blocker, *tasks)
+    assert runner.flat == [0.0, 21.0, 11.0, 22.0]
 
 
 def test_settings_check_the_default_level_at_start_up() -> None:
@@ -218,6 +228,6 @@ def test_settings_check_the_default_level_at_start_up() -> None:
 
     with pytest.raises(ValidationError, match=r"default_priority_level \(3\) must be in 1..priority_levels \(2\)"):
         Settings(priority_levels=2, default_priority_level=3)
-    with pytest.raises(ValidationError, match="priority_aging_ms"):
-        Settings(priority_aging_ms=0)
+    with pytest.raises(ValidationError, match="priority_oldest_every"):
+        Settings(priority_oldest_every=0)
     assert Settings(priority_levels=3).default_priority_level is None  # the lowest level, 3
