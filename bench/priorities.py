@@ -9,6 +9,7 @@ Per server configuration (in turn, the same offered load for all):
                 on the first configuration; the flood rate is 2 x this for every configuration)
   2. unloaded   the high-priority trickle alone (``--trickle`` req/s, open loop) for ``--unloaded-s`` s
   3. flood      an open-loop low-priority flood at 2 x capacity plus the same trickle, ``--flood-s`` s
+  (2 and 3 alternate in ``--rounds`` rounds, 3 s apart, so a drift of a shared machine hits both alike)
 Printed: high-priority p50/p99 unloaded and under the flood, the p99 ratio (target <= 2), the share of
 high requests that failed, and the low-priority 429 rate and answered rate.
 
@@ -124,16 +125,20 @@ async def run_config(url: str, levels: int, args, capacity: float | None) -> dic
             capacity = await closed_loop(client, low, 16, args.capacity_s)
             await asyncio.sleep(1)
         unloaded: list = []
-        await open_loop(client, high, args.trickle, args.unloaded_s, unloaded)
         flood_low: list = []
         flood_high: list = []
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        await asyncio.gather(
-            open_loop(client, low, 2 * capacity, args.flood_s, flood_low),
-            open_loop(client, high, args.trickle, args.flood_s, flood_high),
-        )
-        flood_wall = time.perf_counter() - t0
-        client_cpu = (time.process_time() - cpu0) / flood_wall
+        flood_wall = flood_cpu = 0.0
+        for _ in range(args.rounds):  # interleaved, so that a drift of a shared machine hits both alike
+            await open_loop(client, high, args.trickle, args.unloaded_s / args.rounds, unloaded)
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            await asyncio.gather(
+                open_loop(client, low, 2 * capacity, args.flood_s / args.rounds, flood_low),
+                open_loop(client, high, args.trickle, args.flood_s / args.rounds, flood_high),
+            )
+            flood_wall += time.perf_counter() - t0
+            flood_cpu += time.process_time() - cpu0
+            await asyncio.sleep(3)  # the low queue drains before the next unloaded phase
+        client_cpu = flood_cpu / flood_wall
     u, f, lo = summary(unloaded), summary(flood_high), summary(flood_low)
     return {
         "capacity_rps": capacity,
@@ -158,6 +163,7 @@ def main() -> None:
     ap.add_argument("--capacity-s", type=float, default=5.0)
     ap.add_argument("--unloaded-s", type=float, default=15.0)
     ap.add_argument("--flood-s", type=float, default=20.0)
+    ap.add_argument("--rounds", type=int, default=2, help="unloaded and flood phases alternate this many times")
     ap.add_argument("--queue", type=int, default=32, help="MHA_MAX_QUEUE_REQUESTS (per level)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     args = ap.parse_args()
