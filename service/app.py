@@ -107,6 +107,7 @@ def create_app(*, settings: Settings) -> FastAPI:
             dtype=settings.dtype,
             priority_levels=settings.priority_levels,
         )
+        _warn_shared_admission(settings)
         state.batcher = Batcher(
             runner.run,
             _batch_limits(settings),
@@ -261,6 +262,18 @@ def create_app(*, settings: Settings) -> FastAPI:
     app.include_router(heatmap.build_router(state))
     app.include_router(v2.build_router(state))  # last: it answers every other /v2 path
     return app
+
+
+def _warn_shared_admission(s: Settings) -> None:
+    """Admission runs before the body (and so the priority) is read: all levels share it."""
+    need = s.priority_levels * s.max_queue_requests + s.max_batch_size
+    if s.priority_levels > 1 and s.max_inflight_requests < need:
+        log.warning(
+            "max_inflight_requests (%d) < priority_levels x max_queue_requests + max_batch_size (%d): a flood at "
+            "one priority level can fill admission and refuse the others; raise MHA_MAX_INFLIGHT_REQUESTS",
+            s.max_inflight_requests,
+            need,
+        )
 
 
 def _batch_limits(s: Settings) -> BatchLimits:

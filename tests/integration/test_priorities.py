@@ -114,3 +114,19 @@ async def test_with_one_level_priority_1_is_accepted_and_2_is_not(client):
     assert r.status_code == 422 and "out of range 0..1" in r.json()["error"]["message"]
     info = (await client.get("/v1/model")).json()["batching"]
     assert (info["priority_levels"], info["default_priority_level"]) == (1, None)
+
+
+@pytest.mark.parametrize("settings_kw", [{"priority_levels": 2, "max_queue_requests": 256}])
+async def test_admission_shared_by_the_levels_is_warned_about(caplog, settings_kw):
+    from asgi_lifespan import LifespanManager
+
+    from service.app import create_app
+    from service.settings import Settings
+    from tests.integration.conftest import TINY
+
+    with caplog.at_level("WARNING", logger="mha_serve"):
+        async with LifespanManager(create_app(settings=Settings(**{**TINY, **settings_kw}))):
+            pass
+    assert any(
+        "max_inflight_requests (512) < priority_levels x max_queue_requests" in r.message for r in caplog.records
+    )
