@@ -81,34 +81,26 @@ class AppState:
 
 
 class _Observers(BatcherObserver):
-    """The batcher's one observer, fanned out to the Prometheus metrics and Triton's statistics."""
+    """The batcher's one observer, fanned out to the Prometheus metrics and Triton's statistics.
+
+    Every hook of BatcherObserver is forwarded (set below), so a new hook cannot be forgotten here.
+    """
 
     def __init__(self, *observers: BatcherObserver) -> None:
         self._observers = observers
 
-    def queue_changed(self, requests: int, tokens: int) -> None:
-        for o in self._observers:
-            o.queue_changed(requests, tokens)
 
-    def batch_done(self, requests: int, stats: Any, queue_waits_s: list[float]) -> None:
+def _fan_out(name: str) -> Any:
+    def hook(self: _Observers, *args: Any) -> None:
         for o in self._observers:
-            o.batch_done(requests, stats, queue_waits_s)
+            getattr(o, name)(*args)
 
-    def dropped(self, reason: str) -> None:
-        for o in self._observers:
-            o.dropped(reason)
+    hook.__name__ = name
+    return hook
 
-    def batch_failed(self, requests: int) -> None:
-        for o in self._observers:
-            o.batch_failed(requests)
 
-    def limits_scaled(self, scale: float) -> None:
-        for o in self._observers:
-            o.limits_scaled(scale)
-
-    def batch_finished(self, inputs: Any, started_monotonic: float, stats: Any) -> None:
-        for o in self._observers:
-            o.batch_finished(inputs, started_monotonic, stats)
+for _hook in [n for n in vars(BatcherObserver) if not n.startswith("_")]:
+    setattr(_Observers, _hook, _fan_out(_hook))
 
 
 def create_app(*, settings: Settings) -> FastAPI:
@@ -143,7 +135,9 @@ def create_app(*, settings: Settings) -> FastAPI:
             settings.default_timeout_ms,
             settings.max_timeout_ms,
             dtype=state.model_info["dtype"],  # the dtype in use (MHA_DTYPE=auto resolved by the device)
+            priority_levels=settings.priority_levels,
         )
+        _warn_shared_admission(settings)
         observer = _Observers(state.metrics, state.stats)
         if state.tracing is not None:  # plus the forward span of each batch
             observer = state.tracing.observe_batches(observer)
@@ -292,7 +286,9 @@ def create_app(*, settings: Settings) -> FastAPI:
                 dec = await state.offload.decode_attend(body, state.runner.config, state.limits)
             del body
             decoded = time.monotonic()
-            res = await infer(state, dec.input, started=started, timeout_s=dec.timeout_s, request=request)
+            res = await infer(
+                state, dec.input, started=started, timeout_s=dec.timeout_s, request=request, priority=dec.priority
+            )
             if res is None:
                 return Response(status_code=499)
             answered = time.monotonic()
@@ -334,6 +330,18 @@ def create_app(*, settings: Settings) -> FastAPI:
     return app
 
 
+def _warn_shared_admission(s: Settings) -> None:
+    """Admission runs before the body (and so the priority) is read: all levels share it."""
+    need = s.priority_levels * s.max_queue_requests + s.max_batch_size
+    if s.priority_levels > 1 and s.max_inflight_requests < need:
+        log.warning(
+            "max_inflight_requests (%d) < priority_levels x max_queue_requests + max_batch_size (%d): a flood at "
+            "one priority level can fill admission and refuse the others; raise MHA_MAX_INFLIGHT_REQUESTS",
+            s.max_inflight_requests,
+            need,
+        )
+
+
 def _batch_limits(s: Settings) -> BatchLimits:
     return BatchLimits(
         max_batch_size=s.max_batch_size,
@@ -344,6 +352,9 @@ def _batch_limits(s: Settings) -> BatchLimits:
         max_queue_tokens=s.max_queue_tokens,
         oom_cooldown_s=s.oom_cooldown_s,
         max_batch_weights_elements=s.max_batch_weights_elements,
+        priority_levels=s.priority_levels,
+        default_priority_level=s.default_priority_level,
+        priority_oldest_every=s.priority_oldest_every,
     )
 
 

@@ -1,13 +1,25 @@
 """The dynamic request batcher: queue, grouping, deadlines, futures. Knows no HTTP.
 
 Contract:
-- Every request waits in one bounded queue (requests and tokens); past the bound ``submit``
+- Every request waits in a bounded queue (requests and tokens); past the bound ``submit``
   raises :class:`Overloaded` at once, with a retry-after estimated from the drain rate.
 - When the model is free, the dispatcher takes a batch at once: the oldest request, plus the
   queued requests that can share its forward pass (same key), in arrival order, while the
   batch stays within ``max_batch_size`` sequences, ``max_batch_tokens`` padded tokens and
   ``max_padding_ratio`` padded/real tokens. A batch always holds at least one request, and
   the oldest request always goes first, so no request starves.
+- Priorities (``priority_levels`` > 1; Triton's convention: level 1 is the highest). Each
+  level has its own queue, bounded by ``max_queue_requests``/``max_queue_tokens`` on its own,
+  so a flood at one level cannot fill the queue of another; its retry-after counts the work
+  queued at its level and above. A batch's first request (its anchor) is the oldest request of
+  the highest non-empty level, and the batch is filled level by level from the highest, in
+  arrival order: a higher level is batched first. Starvation is bounded by counting batches:
+  at least every ``priority_oldest_every``-th batch (K) takes the oldest queued request of any
+  level (it is the anchor when no earlier batch in the last K took it). So a request that
+  arrives with n requests queued before it (at most the levels' queue bounds) reaches the model
+  within (n + 1) x K batches, however much higher-priority work keeps arriving, and the
+  higher levels keep at least (K - 1)/K of the batches under any flood below them. With one
+  level the anchor is the oldest request: the plain FIFO above.
 - A request that finds the model idle starts at once. While a batch computes, the next one
   forms from what arrives meanwhile (pipelining). With ``max_wait_ms > 0``, a batch formed
   from requests that queued behind a running batch may wait until its oldest request has
@@ -71,6 +83,7 @@ class BatcherObserver:
     """Hooks for metrics; the default does nothing."""
 
     def queue_changed(self, requests: int, tokens: int) -> None: ...
+    def level_queue_changed(self, level: int, requests: int, tokens: int) -> None: ...  # priority_levels > 1
     def batch_done(self, requests: int, stats: BatchStats, queue_waits_s: list[float]) -> None: ...
     def dropped(self, reason: str) -> None: ...
     def batch_failed(self, requests: int) -> None: ...
@@ -89,8 +102,18 @@ class BatchLimits:
     max_queue_tokens: int = 262144
     oom_cooldown_s: float = 60.0  # how long halved limits last after an out-of-memory error
     max_batch_weights_elements: int = 64 * 1024 * 1024  # attention-weight elements one batch may compute
+    priority_levels: int = 1  # 1 = one FIFO queue; N > 1: levels 1 (highest) .. N, each with its own queue bounds
+    default_priority_level: int | None = None  # the level of priority 0 (unset): None = the lowest, N
+    priority_oldest_every: int = 8  # K: at least every K-th batch takes the oldest queued request, any level
 
     def __post_init__(self) -> None:
+        if self.priority_levels < 1:
+            raise ValueError(f"priority_levels must be >= 1, got {self.priority_levels}")
+        d = self.default_priority_level
+        if d is not None and not 1 <= d <= self.priority_levels:
+            raise ValueError(f"default_priority_level must be in 1..{self.priority_levels}, got {d}")
+        if self.priority_oldest_every < 1:
+            raise ValueError(f"priority_oldest_every must be >= 1, got {self.priority_oldest_every}")
         names = ("max_batch_size", "max_batch_tokens", "max_queue_requests", "max_queue_tokens")
         for name in (*names, "max_batch_weights_elements"):
             if getattr(self, name) < 1:
@@ -118,6 +141,7 @@ class _Pending:
     deadline: float
     queued_behind_batch: bool
     weights: int = 0  # attention-weight elements this request computes
+    level: int = 0  # priority level - 1: index of its queue (0 = the highest)
     tokens: int = field(init=False)
     abandoned: bool = False
     started: bool = False
@@ -200,8 +224,14 @@ class Batcher:
         self._scale_until = 0.0
         self.limits = limits
         self._obs = observer or BatcherObserver()
-        self._queue: list[_Pending] = []
+        self._nlevels = limits.priority_levels
+        self._default_level = (limits.default_priority_level or limits.priority_levels) - 1
+        self._oldest_every = limits.priority_oldest_every
+        self._since_oldest = 0  # batches since one took the oldest queued request (priority_levels > 1)
+        self._queues: list[list[_Pending]] = [[] for _ in range(self._nlevels)]  # one FIFO per level
+        self._queued = 0
         self._queued_tokens = 0
+        self._level_tokens = [0] * self._nlevels
         self._busy = False
         self._inflight: list[_Pending] = []
         self._accepting = False
@@ -253,18 +283,20 @@ class Batcher:
         if self._task is None:
             return
         deadline = time.monotonic() + grace_s
-        while self._queue or self._busy:
+        while self._queued or self._busy:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             self._idle.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout=min(left, 0.05))
-        for p in self._queue + self._inflight:
+        for p in [*(p for q in self._queues for p in q), *self._inflight]:
             _fail(p, ShuttingDown("the server is shutting down before this request could finish"))
-        self._queue.clear()
-        self._queued_tokens = 0
-        self._obs.queue_changed(0, 0)
+        for q in self._queues:
+            q.clear()
+        self._queued = self._queued_tokens = 0
+        self._level_tokens = [0] * self._nlevels
+        self._queue_changed()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -280,17 +312,31 @@ class Batcher:
     # -- requests ------------------------------------------------------------------------
 
     def queue_depth(self) -> tuple[int, int]:
-        return len(self._queue), self._queued_tokens
+        return self._queued, self._queued_tokens
 
-    async def infer(self, inp: AttendInput, *, deadline: float, abandoned: Awaitable[Any] | None = None) -> Result:
+    def queue_depth_by_level(self) -> list[tuple[int, int]]:
+        """(requests, tokens) queued at each priority level, the highest (1) first."""
+        return [(len(q), t) for q, t in zip(self._queues, self._level_tokens, strict=True)]
+
+    def _queue_changed(self, level: int | None = None) -> None:
+        self._obs.queue_changed(self._queued, self._queued_tokens)
+        if self._nlevels > 1:
+            for i in range(self._nlevels) if level is None else (level,):
+                self._obs.level_queue_changed(i + 1, len(self._queues[i]), self._level_tokens[i])
+
+    async def infer(
+        self, inp: AttendInput, *, deadline: float, abandoned: Awaitable[Any] | None = None, priority: int = 0
+    ) -> Result:
         """Queue ``inp`` and wait for its result, its deadline (monotonic) or ``abandoned``.
+
+        ``priority``: 1 (the highest) .. ``priority_levels``; 0 = ``default_priority_level``.
 
         However the wait ends (result, deadline, client gone, this task cancelled), a request
         still queued leaves the queue at once: it is never computed, and its requests and tokens
         stop counting against the queue's bounds.
         """
         try:
-            pending = self._submit(inp, deadline)
+            pending = self._submit(inp, deadline, priority)
         except Exception:
             if asyncio.iscoroutine(abandoned):
                 abandoned.close()  # never awaited: close it quietly
@@ -338,15 +384,20 @@ class Batcher:
         if p.started:
             return
         with contextlib.suppress(ValueError):  # already purged
-            self._queue.remove(p)
+            self._queues[p.level].remove(p)
+            self._queued -= 1
             self._queued_tokens -= p.tokens
-            self._obs.queue_changed(len(self._queue), self._queued_tokens)
-        if not self._queue and not self._busy:
+            self._level_tokens[p.level] -= p.tokens
+            self._queue_changed(p.level)
+        if not self._queued and not self._busy:
             self._idle.set()
 
-    def _submit(self, inp: AttendInput, deadline: float) -> _Pending:
+    def _submit(self, inp: AttendInput, deadline: float, priority: int = 0) -> _Pending:
         if not self._accepting:
             raise ShuttingDown("the batcher is not running")
+        if not 0 <= priority <= self._nlevels:
+            raise ValueError(f"priority {priority} is out of range 0..{self._nlevels}")
+        level = priority - 1 if priority else self._default_level
         lim = self.limits
         tokens = inp.batch * inp.seq_len
         if tokens > lim.max_batch_tokens:
@@ -361,26 +412,32 @@ class Batcher:
                 f"{lim.max_batch_weights_elements} (the most one forward pass computes); "
                 "ask for fewer heads or sequences"
             )
-        if len(self._queue) >= lim.max_queue_requests or self._queued_tokens + tokens > lim.max_queue_tokens:
+        q, q_tokens = self._queues[level], self._level_tokens[level]
+        if len(q) >= lim.max_queue_requests or q_tokens + tokens > lim.max_queue_tokens:
+            which = "queue" if self._nlevels == 1 else f"queue of priority level {level + 1}"
             raise Overloaded(
-                f"queue is full ({len(self._queue)} requests, {self._queued_tokens} tokens queued; limits "
+                f"{which} is full ({len(q)} requests, {q_tokens} tokens queued; limits "
                 f"{lim.max_queue_requests} requests, {lim.max_queue_tokens} tokens)",
-                self._retry_after(),
+                self._retry_after(level),
             )
         now = time.monotonic()
         fut = asyncio.get_running_loop().create_future()
-        pending = _Pending(inp, fut, now, deadline, queued_behind_batch=self._busy, weights=weights)
-        self._queue.append(pending)
+        pending = _Pending(inp, fut, now, deadline, self._busy, weights, level=level)
+        q.append(pending)
+        self._queued += 1
         self._queued_tokens += pending.tokens
-        self._obs.queue_changed(len(self._queue), self._queued_tokens)
+        self._level_tokens[level] += pending.tokens
+        self._queue_changed(level)
         self._wakeup.set()
         return pending
 
-    def _retry_after(self) -> float:
+    def _retry_after(self, level: int = 0) -> float:
+        """Seconds to drain the tokens queued at ``level`` and above (what runs before a new request there)."""
         rate = self._drain_tokens_per_s
         if rate <= 0:
             return 1.0
-        return max(1.0, math.ceil(self._queued_tokens / rate))
+        ahead = self._queued_tokens if self._nlevels == 1 else sum(self._level_tokens[: level + 1])
+        return max(1.0, math.ceil(ahead / rate))
 
     # -- dispatch ------------------------------------------------------------------------
 
@@ -391,7 +448,7 @@ class Batcher:
             if self._running >= self._depth:
                 continue
             self._purge()
-            if not self._queue:
+            if not self._queued:
                 self._idle.set()
                 continue
             hold = self._hold_s()
@@ -407,7 +464,7 @@ class Batcher:
             self._batch_task = asyncio.create_task(self._run_batch(batch))
             self._batch_tasks.add(self._batch_task)  # (the loop keeps only weak references to tasks)
             self._batch_task.add_done_callback(self._batch_tasks.discard)
-            if self._queue and self._running < self._depth:
+            if self._queued and self._running < self._depth:
                 self._wakeup.set()  # a second batch may go in flight now (depth > 1)
 
     def _timer_fired(self) -> None:
@@ -417,10 +474,10 @@ class Batcher:
     def _hold_s(self) -> float:
         """How long to let a batch grow before dispatch (0 = now)."""
         wait = self.limits.max_wait_ms / 1000
-        oldest = self._queue[0]
+        oldest = self._anchor()
         if wait <= 0 or not oldest.queued_behind_batch:
             return 0.0
-        same = [p for p in self._queue if p.input.key == oldest.input.key]
+        same = [p for q in self._queues for p in q if p.input.key == oldest.input.key]
         if sum(p.input.batch for p in same) >= self._effective_limits()[0]:
             return 0.0
         return max(0.0, oldest.arrived + wait - time.monotonic())
@@ -428,18 +485,30 @@ class Batcher:
     def _purge(self) -> None:
         """Drop requests that are abandoned or past their deadline, before they cost compute."""
         now = time.monotonic()
-        keep = []
-        for p in self._queue:
-            if p.abandoned or p.future.done():
-                pass  # its caller stopped waiting and counted why
-            elif now >= p.deadline:
-                _fail(p, DeadlineExceeded("the request's deadline passed while it was queued"))
-            else:
-                keep.append(p)
-                continue
-            self._queued_tokens -= p.tokens
-        self._queue = keep
-        self._obs.queue_changed(len(self._queue), self._queued_tokens)
+        for level, queue_ in enumerate(self._queues):
+            keep = []
+            for p in queue_:
+                if p.abandoned or p.future.done():
+                    pass  # its caller stopped waiting and counted why
+                elif now >= p.deadline:
+                    _fail(p, DeadlineExceeded("the request's deadline passed while it was queued"))
+                else:
+                    keep.append(p)
+                    continue
+                self._queued -= 1
+                self._queued_tokens -= p.tokens
+                self._level_tokens[level] -= p.tokens
+            self._queues[level] = keep
+        self._queue_changed()
+
+    def _anchor(self) -> _Pending:
+        """The batch's first request: the oldest of the highest level, or every K-th batch the oldest of all."""
+        if self._nlevels == 1:
+            return self._queues[0][0]
+        heads = [q[0] for q in self._queues if q]
+        if self._since_oldest >= self._oldest_every - 1:
+            return min(heads, key=lambda p: p.arrived)
+        return heads[0]
 
     def _effective_limits(self) -> tuple[int, int]:
         """(max_batch_size, max_batch_tokens), halved for a while after each out-of-memory error."""
@@ -464,14 +533,18 @@ class Batcher:
         self._obs.limits_scaled(self._scale)
 
     def _select(self) -> list[_Pending]:
-        """The oldest request plus compatible ones that keep the batch within its limits."""
+        """The anchor plus compatible ones (highest level first) that keep the batch within its limits."""
         lim = self.limits
         max_size, max_tokens = self._effective_limits()
-        anchor = self._queue[0]
+        anchor = self._anchor()
+        oldest = None if self._nlevels == 1 else min((q[0] for q in self._queues if q), key=lambda p: p.arrived)
         key = anchor.input.key
         chosen = [anchor]
         seqs, T, real, weights = anchor.input.batch, anchor.input.seq_len, anchor.tokens, anchor.weights
-        for p in self._queue[1:]:
+        rest = self._queues[0] if self._nlevels == 1 else [p for q in self._queues for p in q]
+        for p in rest:
+            if p is anchor:
+                continue
             if seqs >= max_size:
                 break
             if p.input.key != key or seqs + p.input.batch > max_size:
@@ -486,10 +559,16 @@ class Batcher:
             seqs, T, real, weights = seqs + p.input.batch, T2, real + p.tokens, weights + p.weights
         for p in chosen:
             p.started = True
+        if oldest is not None:
+            self._since_oldest = 0 if oldest.started else self._since_oldest + 1
         taken = {id(p) for p in chosen}
-        self._queue = [p for p in self._queue if id(p) not in taken]
+        levels = {p.level for p in chosen}
+        for level in levels:
+            self._queues[level] = [p for p in self._queues[level] if id(p) not in taken]
+            self._level_tokens[level] -= sum(p.tokens for p in chosen if p.level == level)
+        self._queued -= len(chosen)
         self._queued_tokens -= real
-        self._obs.queue_changed(len(self._queue), self._queued_tokens)
+        self._queue_changed(None if len(levels) > 1 else anchor.level)
         return chosen
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
@@ -535,7 +614,7 @@ class Batcher:
             done = {id(p) for p in batch}
             self._inflight = [p for p in self._inflight if id(p) not in done]
             self._wakeup.set()
-            if not self._queue and not self._busy:
+            if not self._queued and not self._busy:
                 self._idle.set()
 
     async def _run_one_by_one(self, batch: list[_Pending]) -> tuple[list[AttendOutput | BaseException], BatchStats]:

@@ -26,6 +26,7 @@ class Limits:
     default_timeout_ms: float
     max_timeout_ms: float
     dtype: str = "float32"  # the model's: inputs must fit its range before the cast to it
+    priority_levels: int = 1
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class DecodedRequest:
     encoding: str  # response encoding: "lists" | "base64"
     dtype: str  # wire dtype of base64 responses
     timeout_s: float
+    priority: int = 0  # 1..priority_levels, 0 = the default level
 
 
 def parse_json(body: bytes) -> Any:
@@ -94,6 +96,7 @@ def decode_object(obj: Any, config: MHAConfig, limits: Limits) -> DecodedRequest
 def to_input(req: AttendRequest, config: MHAConfig, limits: Limits) -> DecodedRequest:
     if req.timeout_ms is not None and not req.timeout_ms > 0:  # cheap checks before the tensor
         raise validation(f"timeout_ms must be > 0, got {req.timeout_ms:g}")
+    priority = check_priority(req.priority, limits)
     x, wire = decode_tensor(req.x, "x", (3,))
     mask = None
     if req.attn_mask is not None:
@@ -111,7 +114,19 @@ def to_input(req: AttendRequest, config: MHAConfig, limits: Limits) -> DecodedRe
     )
     encoding = req.response_encoding or ("lists" if wire == "lists" else "base64")
     dtype = "float32" if wire == "lists" else wire
-    return DecodedRequest(inp, encoding, dtype, timeout_s)
+    return DecodedRequest(inp, encoding, dtype, timeout_s, priority)
+
+
+def check_priority(priority: int | None, limits: Limits) -> int:
+    """A request's priority (0 = the default level); the same rule and message on every route."""
+    if priority is None:
+        return 0
+    if not 0 <= priority <= limits.priority_levels:
+        raise validation(
+            f"priority {priority} is out of range 0..{limits.priority_levels} "
+            "(1 = the highest level; 0 = the server's default level)"
+        )
+    return priority
 
 
 def check_input(

@@ -32,6 +32,7 @@ from grpc_health.v1._async import HealthServicer
 
 from service import grpc_wire, oip
 from service.batcher import Result
+from service.decode import check_priority
 from service.errors import ERROR_STATUS, ServiceError
 from service.httputil import run_batcher
 from service.observability import ApiKeys
@@ -167,8 +168,11 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             left = context.time_remaining()
             plan = grpc_wire.decode_infer(request, None if left is None else left * 1000)
             inp, timeout_s = plan.check(config=state.runner.config, limits=state.limits)
+            priority = check_priority(plan.priority, state.limits)
             decoded = time.monotonic()
-            res = await self._infer(inp, deadline=started + timeout_s, timeout_s=timeout_s, context=context)
+            res = await self._infer(
+                inp, deadline=started + timeout_s, timeout_s=timeout_s, context=context, priority=priority
+            )
             answered = time.monotonic()
             resp = grpc_wire.encode_infer(plan, self.name, {"output": res.output.output, "weights": res.output.weights})
         except ServiceError:
@@ -186,7 +190,13 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         return resp
 
     async def _infer(
-        self, inp: AttendInput, *, deadline: float, timeout_s: float, context: grpc.aio.ServicerContext
+        self,
+        inp: AttendInput,
+        *,
+        deadline: float,
+        timeout_s: float,
+        context: grpc.aio.ServicerContext,
+        priority: int = 0,
     ) -> Result:
         """The batcher's infer, with the RPC's end as ``abandoned`` and errors mapped as HTTP maps them."""
         state = self.state
@@ -201,7 +211,9 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
                 gone.set_result(None)
 
         context.add_done_callback(rpc_ended)
-        task = asyncio.ensure_future(run_batcher(state, inp, deadline=deadline, timeout_s=timeout_s, abandoned=gone))
+        task = asyncio.ensure_future(
+            run_batcher(state, inp, deadline=deadline, timeout_s=timeout_s, abandoned=gone, priority=priority)
+        )
         try:
             res = await asyncio.shield(task)
         except asyncio.CancelledError:  # the RPC was cancelled: let the batcher drop it and count why

@@ -105,7 +105,7 @@ def build_router(state: AppState) -> APIRouter:
                 f"{len(heads)} heads asked for, more than HEATMAP_MAX_HEADS = {HEATMAP_MAX_HEADS} panels in one "
                 "picture; choose some with heads"
             )
-        res = await infer(state, inp, started=started, timeout_s=dec.timeout_s, request=request)
+        res = await infer(state, inp, started=started, timeout_s=dec.timeout_s, request=request, priority=dec.priority)
         if res is None:
             return Response(status_code=499)
         n = int(inp.lengths[0]) if inp.lengths is not None else T

@@ -85,7 +85,9 @@ def internal_error(exc: BaseException, request: Request) -> ServiceError:
     return ServiceError("internal_error", f"internal error (id {error_id}); see the server log")
 
 
-async def infer(state: Any, inp: AttendInput, *, started: float, timeout_s: float, request: Request) -> Result | None:
+async def infer(
+    state: Any, inp: AttendInput, *, started: float, timeout_s: float, request: Request, priority: int = 0
+) -> Result | None:
     """Run ``inp`` through the batcher (``run_batcher``), for an HTTP request.
 
     None means the client went away (the caller answers 499 to nobody). Every route that
@@ -95,7 +97,12 @@ async def infer(state: Any, inp: AttendInput, *, started: float, timeout_s: floa
         inp = dataclasses.replace(inp, fault=request.headers["x-mha-fault"])
     try:
         return await run_batcher(
-            state, inp, deadline=started + timeout_s, timeout_s=timeout_s, abandoned=disconnected(request)
+            state,
+            inp,
+            deadline=started + timeout_s,
+            timeout_s=timeout_s,
+            abandoned=disconnected(request),
+            priority=priority,
         )
     except ServiceError:
         raise
@@ -104,7 +111,13 @@ async def infer(state: Any, inp: AttendInput, *, started: float, timeout_s: floa
 
 
 async def run_batcher(
-    state: Any, inp: AttendInput, *, deadline: float, timeout_s: float, abandoned: Awaitable[Any] | None
+    state: Any,
+    inp: AttendInput,
+    *,
+    deadline: float,
+    timeout_s: float,
+    abandoned: Awaitable[Any] | None,
+    priority: int = 0,
 ) -> Result | None:
     """The batcher's infer with its outcomes mapped to the error table, for every transport (HTTP, gRPC).
 
@@ -118,7 +131,7 @@ async def run_batcher(
         if ctx is not None:
             inp = dataclasses.replace(inp, trace=ctx)
     try:
-        res = await state.batcher.infer(inp, deadline=deadline, abandoned=abandoned)
+        res = await state.batcher.infer(inp, deadline=deadline, abandoned=abandoned, priority=priority)
     except Overloaded as e:
         raise ServiceError("overloaded", str(e), headers={"retry-after": str(int(e.retry_after_s))}) from e
     except RequestTooLarge as e:

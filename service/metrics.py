@@ -46,6 +46,15 @@ class Metrics(BatcherObserver):
         )
         self.queue_requests = Gauge("mha_queue_depth_requests", "Requests waiting in the batcher's queue", registry=r)
         self.queue_tokens = Gauge("mha_queue_depth_tokens", "Tokens (B x T) waiting in the queue", registry=r)
+        self.level_queue_requests = Gauge(
+            "mha_priority_queue_depth_requests",
+            "Requests waiting at each priority level (1 = highest; only with MHA_PRIORITY_LEVELS >= 2)",
+            ["priority"],
+            registry=r,
+        )
+        self.level_queue_tokens = Gauge(
+            "mha_priority_queue_depth_tokens", "Tokens (B x T) waiting at each priority level", ["priority"], registry=r
+        )
         self.batch_requests = Histogram(
             "mha_batch_size_requests",
             "Requests that shared one forward pass",
@@ -85,6 +94,10 @@ class Metrics(BatcherObserver):
     def queue_changed(self, requests: int, tokens: int) -> None:
         self.queue_requests.set(requests)
         self.queue_tokens.set(tokens)
+
+    def level_queue_changed(self, level: int, requests: int, tokens: int) -> None:
+        self.level_queue_requests.labels(str(level)).set(requests)
+        self.level_queue_tokens.labels(str(level)).set(tokens)
 
     def batch_done(self, requests: int, stats: BatchStats, queue_waits_s: list[float]) -> None:
         self.batch_requests.observe(requests)

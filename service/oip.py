@@ -33,7 +33,7 @@ INT = {"INT32": np.dtype("<i4"), "INT64": np.dtype("<i8")}
 BOOL = {"BOOL": np.dtype("u1")}
 INPUTS: dict[str, dict[str, np.dtype]] = {"x": FLOAT, "lengths": INT, "attn_mask": BOOL}
 OUTPUTS = ("output", "weights")
-REQUEST_PARAMETERS = ["causal", "heads", "timeout_ms", "timeout", "binary_data_output"]
+REQUEST_PARAMETERS = ["causal", "heads", "timeout_ms", "timeout", "priority", "binary_data_output"]
 
 
 def check_model(name: str, version: str | None, model_name: str) -> None:
@@ -188,15 +188,21 @@ def from_bytes(name: str, datatype: str, shape: list[int], buf: Any, offset: int
 class InferPlan:
     """A decoded infer request: its checks against the model (``check_input``), and how to answer."""
 
-    __slots__ = ("check", "datatype", "id", "outputs")
+    __slots__ = ("check", "datatype", "id", "outputs", "priority")
 
     def __init__(
-        self, check: Callable[..., tuple[Any, float]], datatype: str, outputs: list[tuple[str, bool]], id: str | None
+        self,
+        check: Callable[..., tuple[Any, float]],
+        datatype: str,
+        outputs: list[tuple[str, bool]],
+        id: str | None,
+        priority: int | None = None,
     ) -> None:
         self.check = check  # check(config=, limits=) -> (AttendInput, timeout_s)
         self.datatype = datatype  # datatype of x, and so of the outputs
         self.outputs = outputs  # (name, binary) in the order asked for
         self.id = id
+        self.priority = priority  # the request's priority parameter (None: the default level)
 
 
 def plan_request(
@@ -224,6 +230,9 @@ def plan_request(
     causal = params.get("causal")
     if causal is not None and not isinstance(causal, bool):
         raise validation(f"parameters.causal must be a boolean, got {causal!r}")
+    priority = params.get("priority")  # Triton's schedule-policy parameter; range-checked with /attend's rule
+    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+        raise validation(f"parameters.priority must be an integer, got {priority!r}")
 
     x = tensors.get("x")
     if x is None:
@@ -247,7 +256,7 @@ def plan_request(
     check = functools.partial(
         check_input, x, lengths, mask, causal=causal, need_weights=want_weights, heads=heads, timeout_ms=timeout_ms
     )
-    return InferPlan(check, x_type, outputs, rid)
+    return InferPlan(check, x_type, outputs, rid, priority)
 
 
 def parse_outputs(value: Any, binary_default: bool) -> list[tuple[str, bool]]:

@@ -64,6 +64,11 @@ class AttendRequest(BaseModel):
     response_encoding: Literal["lists", "base64"] | None = Field(
         None, description="encoding of the response tensors; default: the encoding of x"
     )
+    priority: StrictInt | None = Field(
+        None,
+        description="priority level 1..MHA_PRIORITY_LEVELS, 1 the highest (Triton's convention); 0 or absent: "
+        "the server's default level",
+    )
 
 
 class ModelInfo(BaseModel):
@@ -102,6 +107,9 @@ class BatchingInfo(BaseModel):
     max_queue_tokens: int
     oom_cooldown_s: float
     max_batch_weights_elements: int
+    priority_levels: int
+    default_priority_level: int | None
+    priority_oldest_every: int
 
 
 class LimitsInfo(BaseModel):

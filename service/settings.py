@@ -124,6 +124,27 @@ class Settings(BaseSettings):
     )
     max_queue_requests: int = Field(256, ge=1, description="Queued requests beyond which new ones get 429.")
     max_queue_tokens: int = Field(262144, ge=1, description="Queued tokens beyond which new requests get 429.")
+    priority_levels: int = Field(
+        1,
+        ge=1,
+        description="Priority levels (Triton's: 1 is the highest). 1 = one FIFO queue. With N >= 2, requests name "
+        "a priority 1..N (0 or none: the default level); a higher level is batched first, and each level has its own "
+        "queue bounds (max_queue_requests and max_queue_tokens apply per level) and its own 429 Retry-After.",
+    )
+    default_priority_level: int | None = Field(
+        None,
+        ge=1,
+        description="Level of a request that names no priority (or 0): 1..priority_levels. Unset: the lowest level, "
+        "so unmarked traffic is the bulk and callers opt in to a higher one.",
+    )
+    priority_oldest_every: int = Field(
+        8,
+        ge=1,
+        description="Starvation bound (K): at least every K-th batch takes the oldest queued request of any level, "
+        "so a request with n requests queued before it runs within (n + 1) x K batches, and the higher levels keep "
+        "(K - 1)/K of the batches under a flood below them. Lower it for fairer service of low levels; 1 = FIFO "
+        "across levels.",
+    )
 
     # -- requests -------------------------------------------------------------------------
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest request body (413 beyond).")
@@ -217,6 +238,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        if self.default_priority_level is not None and self.default_priority_level > self.priority_levels:
+            raise ValueError(
+                f"default_priority_level ({self.default_priority_level}) must be in 1..priority_levels "
+                f"({self.priority_levels})"
+            )
         if self.default_timeout_ms > self.max_timeout_ms:
             raise ValueError(
                 f"default_timeout_ms ({self.default_timeout_ms}) must be <= max_timeout_ms ({self.max_timeout_ms})"

@@ -30,8 +30,10 @@ Contract of ``infer``:
   ``application/octet-stream``: JSON header (length in ``Inference-Header-Content-Length``)
   followed by the blobs in output order.
 - Request parameters: ``causal`` (bool), ``heads`` (list of ints, one int, or "0,2"),
-  ``timeout_ms`` (> 0) or Triton's ``timeout`` (microseconds; 0 = default). Others, such as
-  Triton's ``priority`` or ``sequence_id``, are ignored, as Triton ignores what a model does not use.
+  ``timeout_ms`` (> 0) or Triton's ``timeout`` (microseconds; 0 = default), and Triton's
+  ``priority`` (an integer 0..MHA_PRIORITY_LEVELS, 1 the highest, 0 the default level; the same
+  check and message as /attend's field). Others, such as ``sequence_id``, are ignored, as
+  Triton ignores what a model does not use.
 - Errors answer ``{"error": "<message>"}`` with the status of ``service.errors.ERROR_STATUS``,
   the table /attend uses: 400 malformed JSON or header, 404 unknown model or version, 413 too
   large, 415 unknown Content-Encoding, 422 a request that breaks the contract (datatypes,
@@ -57,7 +59,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from service import codecs, oip
-from service.decode import parse_json
+from service.decode import check_priority, parse_json
 from service.errors import INFERENCE_ERRORS, ServiceError, status_descriptions, validation
 from service.httputil import infer as run_inference
 from service.httputil import internal_error, read_limited, timing_headers
@@ -175,8 +177,11 @@ def build_router(state: Any) -> APIRouter:
             with stage(state.tracing, "decode"):
                 req = _decode(body, request.headers.get(HEADER_LENGTH))
                 inp, timeout_s = req.check(config=state.runner.config, limits=state.limits)
+                priority = check_priority(req.priority, state.limits)
             decoded = time.monotonic()
-            res = await run_inference(state, inp, started=started, timeout_s=timeout_s, request=request)
+            res = await run_inference(
+                state, inp, started=started, timeout_s=timeout_s, request=request, priority=priority
+            )
             if res is None:
                 return Response(status_code=499)
             answered = time.monotonic()

@@ -148,6 +148,12 @@ def test_errors_carry_the_http_messages_and_mapped_codes(server, client):
     with pytest.raises(InferenceServerException) as e:
         client.infer("mha", [ok], model_version="2")
     assert e.value.status() == "StatusCode.NOT_FOUND"
+    # Triton's priority parameter, checked with /attend's rule and message (one level: 0..1)
+    assert client.infer("mha", [ok], priority=1).as_numpy("output").shape == (1, 2, 32)
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("mha", [ok], priority=3)
+    assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert e.value.message().startswith("priority 3 is out of range 0..1")
     with pytest.raises(InferenceServerException) as e:
         client.infer("mha", [ok], headers={"x-mha-fault": "raise"})
     assert e.value.status() == "StatusCode.INTERNAL"

@@ -193,9 +193,17 @@ async def test_openapi_documents_the_contract(client):
     )
     assert {"200", "400", "413", "415", "422", "429", "500", "503", "504"} <= set(attend["responses"])
     props = spec["components"]["schemas"]["AttendRequest"]["properties"]
-    assert {"x", "lengths", "causal", "attn_mask", "return_weights", "heads", "timeout_ms", "response_encoding"} == set(
-        props
-    )
+    assert {
+        "x",
+        "lengths",
+        "causal",
+        "attn_mask",
+        "return_weights",
+        "heads",
+        "timeout_ms",
+        "response_encoding",
+        "priority",
+    } == set(props)
     assert (await client.get("/docs")).status_code == 200
 
 
