@@ -37,6 +37,7 @@ from service.errors import ERROR_STATUS, ServiceError
 from service.httputil import run_batcher
 from service.observability import ApiKeys
 from service.runner import AttendInput
+from service.tracing import stage
 from service.triton_proto import grpc_service_pb2 as pb
 from service.triton_proto import grpc_service_pb2_grpc as pb_grpc
 
@@ -160,21 +161,55 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
+        tracing = self.state.tracing
+        if tracing is None:
+            return await self._model_infer(request, context)
+        # the server span, child of the caller's W3C traceparent in the call's metadata (as HTTP's headers)
+        carrier = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        attrs = {
+            "rpc.system": "grpc",
+            "rpc.service": "inference.GRPCInferenceService",
+            "rpc.method": "ModelInfer",
+            "rpc.request.size": request.ByteSize(),
+        }
+        span = tracing.start_server_span("inference.GRPCInferenceService/ModelInfer", carrier, attrs)
+        code = grpc.StatusCode.OK
+        try:
+            resp = await self._model_infer(request, context)
+            if span.recording:
+                span.span.set_attribute("rpc.response.size", resp.ByteSize())
+            return resp
+        except ServiceError as e:
+            code = GRPC_STATUS[e.type]
+            raise
+        except BaseException:
+            code = grpc.StatusCode.CANCELLED if context.cancelled() else grpc.StatusCode.INTERNAL
+            raise
+        finally:
+            if span.recording:
+                span.span.set_attribute("rpc.grpc.status_code", code.value[0])
+            # server errors only, as for HTTP's 5xx: the caller's mistakes are not the server's
+            span.finish(error=code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE))
+
+    async def _model_infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
         started = time.monotonic()
         state = self.state
         oip.check_model(request.model_name, request.model_version, self.name)
         try:
             self._require_ready()
             left = context.time_remaining()
-            plan = grpc_wire.decode_infer(request, None if left is None else left * 1000)
-            inp, timeout_s = plan.check(config=state.runner.config, limits=state.limits)
-            priority = check_priority(plan.priority, state.limits)
+            with stage(state.tracing, "decode"):
+                plan = grpc_wire.decode_infer(request, None if left is None else left * 1000)
+                inp, timeout_s = plan.check(config=state.runner.config, limits=state.limits)
+                priority = check_priority(plan.priority, state.limits)
             decoded = time.monotonic()
             res = await self._infer(
                 inp, deadline=started + timeout_s, timeout_s=timeout_s, context=context, priority=priority
             )
             answered = time.monotonic()
-            resp = grpc_wire.encode_infer(plan, self.name, {"output": res.output.output, "weights": res.output.weights})
+            tensors = {"output": res.output.output, "weights": res.output.weights}
+            with stage(state.tracing, "encode"):
+                resp = grpc_wire.encode_infer(plan, self.name, tensors)
         except ServiceError:
             state.stats.request_failed(time.monotonic() - started)
             raise

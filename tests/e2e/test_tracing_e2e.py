@@ -343,3 +343,39 @@ def test_tracing_off_exports_nothing(tmp_path, receiver):
         lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
         assert any(ln.get("logger") == "mha_serve.access" for ln in lines)
         assert not any("trace_id" in ln for ln in lines)
+
+
+def test_a_grpc_call_is_traced_like_an_http_request(tmp_path, receiver):
+    """gRPC: the traceparent in the call's metadata is the server span's parent; decode, queue and encode
+    are its children, and the batch's forward span links it."""
+    tg = pytest.importorskip("tritonclient.grpc")
+    server = start_server(tmp_path, _otel_env(receiver))
+    try:
+        tp, trace_id, caller = _traceparent()
+        x = rng.standard_normal((1, 3, E)).astype(np.float32)
+        with tg.InferenceServerClient(server.grpc_url) as client:
+            inp = tg.InferInput("x", [1, 3, E], "FP32").set_data_from_numpy(x)
+            assert client.infer("mha", [inp], headers={"traceparent": tp}).as_numpy("output").shape == (1, 3, E)
+            bad = tg.InferInput("x", [1, 3, E + 1], "FP32").set_data_from_numpy(np.ones((1, 3, E + 1), np.float32))
+            with pytest.raises(tg.InferenceServerException):
+                client.infer("mha", [bad], headers={"traceparent": _traceparent()[0]})
+        name = "inference.GRPCInferenceService/ModelInfer"
+        spans = _wait_spans(
+            receiver, lambda ss: sum(s.name == name for s in ss) == 2 and any(s.name == "forward" for s in ss)
+        )
+        (req,) = [s for s in spans if s.name == name and s.trace_id.hex() == trace_id]
+        assert req.kind == trace_pb2.Span.SPAN_KIND_SERVER and req.parent_span_id.hex() == caller
+        a = _attrs(req)
+        assert (a["rpc.system"], a["rpc.method"], a["rpc.grpc.status_code"]) == ("grpc", "ModelInfer", 0)
+        assert a["rpc.request.size"] > x.nbytes and a["rpc.response.size"] > x.nbytes
+        children = {s.name: s for s in spans if s.parent_span_id == req.span_id}
+        assert set(children) == {"decode", "queue", "encode", "forward"}  # forward: under its first member
+        for c in children.values():
+            assert req.start_time_unix_nano <= c.start_time_unix_nano <= c.end_time_unix_nano <= req.end_time_unix_nano
+        fwd = children["forward"]
+        assert [link.span_id for link in fwd.links] == [req.span_id]
+        (err,) = [s for s in spans if s.name == name and s.trace_id.hex() != trace_id]
+        assert _attrs(err)["rpc.grpc.status_code"] == 3  # INVALID_ARGUMENT: the caller's error, not the span's
+        assert err.status.code != trace_pb2.Status.STATUS_CODE_ERROR
+    finally:
+        server.stop()
