@@ -60,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     from service.observability import configure_logging
     from service.settings import default_workers
 
-    workers = settings.workers or default_workers(settings.device)
+    if settings.engine == "inprocess" and (settings.workers or 1) > 1:
+        print(
+            "mha-serve: invalid settings:\n  MHA_ENGINE: inprocess runs one process; MHA_WORKERS must be 1",
+            file=sys.stderr,
+        )
+        return 2
+    workers = 1 if settings.engine == "inprocess" else settings.workers or default_workers(settings.device)
     if workers > 1 or settings.engine == "process":
         from service.engine import supervise
 
