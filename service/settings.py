@@ -291,7 +291,7 @@ def default_workers(device: str, cores: int | None = None) -> int:
     on 2 cores, 2 workers serve no more than 1). On a GPU the device waits on the front end: a front end
     per free core, up to 8, keeps it fed; the model process keeps one core.
     """
-    cores = cores or os.cpu_count() or 1
+    cores = cores or len(os.sched_getaffinity(0)) or 1  # the cores this process may run on (taskset, cpuset)
     gpu = device.startswith("cuda") or (device == "auto" and _gpu_visible())
     return max(1, min(cores - 1, 8)) if gpu else 1
 
