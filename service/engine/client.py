@@ -137,7 +137,7 @@ class EngineClient:
             with contextlib.suppress(zmq.ZMQError):
                 self._sock.disable_monitor()
             self._sock.close(linger=0)
-        self._ctx.term()
+        self._ctx.destroy(linger=0)
 
     # -- requests ------------------------------------------------------------------------
 

@@ -163,7 +163,7 @@ class Engine:
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=100)
-        self._ctx.term()
+        self._ctx.destroy(linger=0)
 
 
 async def _amain(settings: Settings, address: str, ready: Any, stop: Any) -> int:

@@ -34,6 +34,14 @@ def _alive(pid: int) -> bool:
         return f.read().split(") ")[1][0] != "Z"
 
 
+def children(pid: int) -> list[int]:
+    out = []
+    for t in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{t}/children") as f:
+            out += [int(k) for k in f.read().split()]
+    return out
+
+
 def metric(text: str, name: str) -> float:
     total = 0.0
     for line in text.splitlines():
@@ -194,6 +202,7 @@ def test_readyz_and_503_at_once_when_the_model_process_dies_and_the_service_exit
 def test_a_dead_front_end_is_replaced_and_the_other_keeps_serving(procs):
     _, fronts = pids(procs)
     victim = fronts[0]
+    kids = children(victim)
 
     async def go():
         results = []
@@ -231,6 +240,7 @@ def test_a_dead_front_end_is_replaced_and_the_other_keeps_serving(procs):
         time.sleep(0.2)
     assert len(now) == 2 and victim not in now, procs.log()[-3000:]
     assert httpx.post(procs.url + "/attend", json={"x": X}, timeout=10).status_code == 200
+    assert kids and not any(os.path.exists(f"/proc/{k}") and _alive(k) for k in kids), kids  # its decode process
 
 
 def test_sigterm_drains_every_process_and_exits_0(tmp_path):
