@@ -78,10 +78,10 @@ def _frames_of(*arrays: np.ndarray | None) -> list:
     return [np.ascontiguousarray(a) for a in arrays if a is not None]
 
 
-def encode_requests(items: list[tuple[int, AttendInput, float, str | None]]) -> list:
-    """[(id, input, deadline, request id)] -> [header, x, lengths?, mask?, x, ...] (arrays as buffers)."""
+def encode_requests(items: list[tuple[int, AttendInput, float, str | None, int]]) -> list:
+    """[(id, input, deadline, request id, priority)] -> [header, x, lengths?, mask?, x, ...] (arrays as buffers)."""
     heads, frames = [], []
-    for rid, inp, deadline, request_id in items:
+    for rid, inp, deadline, request_id, priority in items:
         arrays = _frames_of(inp.x, inp.lengths, inp.mask)
         heads.append(
             {
@@ -95,13 +95,14 @@ def encode_requests(items: list[tuple[int, AttendInput, float, str | None]]) -> 
                 "fault": inp.fault,
                 "deadline": deadline,  # time.monotonic(): CLOCK_MONOTONIC is one clock for the whole host
                 "request_id": request_id,
+                "priority": priority,  # the batcher's level (0: the default)
             }
         )
         frames.extend(arrays)
     return [orjson.dumps({"t": "req", "items": heads}), *frames]
 
 
-def decode_requests(header: dict, frames: list) -> list[tuple[int, AttendInput, float, str | None]]:
+def decode_requests(header: dict, frames: list) -> list[tuple[int, AttendInput, float, str | None, int]]:
     out, i = [], 0
     for h in header["items"]:
         x = _array(frames[i], h["x"])
@@ -115,7 +116,7 @@ def decode_requests(header: dict, frames: list) -> list[tuple[int, AttendInput, 
             i += 1
         heads = tuple(h["heads"]) if h["heads"] is not None else None
         inp = AttendInput(x, lengths, mask, h["causal"], h["need_weights"], heads, h["fault"])
-        out.append((h["id"], inp, h["deadline"], h.get("request_id")))
+        out.append((h["id"], inp, h["deadline"], h.get("request_id"), h.get("priority", 0)))
     return out
 
 

@@ -65,7 +65,7 @@ class EngineClient:
         self._ctx = zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
         self._pending: dict[int, asyncio.Future] = {}
-        self._outbox: list[tuple[int, AttendInput, float, str | None]] = []
+        self._outbox: list[tuple[int, AttendInput, float, str | None, int]] = []
         self._flush_scheduled = False
         self._next_id = 0
         self._tasks: list[asyncio.Task] = []
@@ -141,7 +141,9 @@ class EngineClient:
 
     # -- requests ------------------------------------------------------------------------
 
-    async def infer(self, inp: AttendInput, *, deadline: float, abandoned: Awaitable[Any] | None = None) -> Result:
+    async def infer(
+        self, inp: AttendInput, *, deadline: float, abandoned: Awaitable[Any] | None = None, priority: int = 0
+    ) -> Result:
         try:
             if self._lost is not None:
                 raise EngineUnavailable(f"the model process is unavailable ({self._lost})")
@@ -157,7 +159,7 @@ class EngineClient:
         self._next_id += 1
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
-        self._outbox.append((rid, inp, deadline, request_id_var.get()))
+        self._outbox.append((rid, inp, deadline, request_id_var.get(), priority))
         if not self._flush_scheduled:  # everything submitted in this turn of the loop goes in one message
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)

@@ -107,8 +107,8 @@ class Engine:
             header = orjson.loads(frames[1].bytes)
             kind = header["t"]
             if kind == "req":
-                for rid, inp, deadline, request_id in decode_requests(header, frames[2:]):
-                    t = asyncio.create_task(self._one(peer, rid, inp, deadline, request_id))
+                for rid, inp, deadline, request_id, priority in decode_requests(header, frames[2:]):
+                    t = asyncio.create_task(self._one(peer, rid, inp, deadline, request_id, priority))
                     self._tasks.add(t)
                     t.add_done_callback(self._tasks.discard)
             elif kind == "cancel":
@@ -122,14 +122,17 @@ class Engine:
                 log.info("front end %s connected", header.get("pid"))
                 sock.send_multipart([peer, *control("info", **self.info, **self._status())])
 
-    async def _one(self, peer: bytes, rid: int, inp: AttendInput, deadline: float, request_id: str | None) -> None:
+    async def _one(
+        self, peer: bytes, rid: int, inp: AttendInput, deadline: float, request_id: str | None, priority: int
+    ) -> None:
         from service.observability import request_id_var
 
         request_id_var.set(request_id)  # the engine's log lines carry the front end's request id
         cancel = asyncio.get_running_loop().create_future()
         self._cancels[(peer, rid)] = cancel
         try:
-            res = await self.batcher.infer(inp, deadline=deadline, abandoned=cancel)
+            extra = {"priority": priority} if priority else {}  # (a batcher with priority levels takes it)
+            res = await self.batcher.infer(inp, deadline=deadline, abandoned=cancel, **extra)
             outcome = Outcome(rid, res.output, res.queue_s, res.compute_s, res.batch_requests, res.batch_sequences)
         except ClientGone:
             return  # the front end cancelled it: nobody waits for an answer

@@ -187,7 +187,10 @@ def test_readyz_and_503_at_once_when_the_model_process_dies_and_the_service_exit
             os.kill(engine, signal.SIGKILL)
             rs = await asyncio.gather(*tasks, return_exceptions=True)
             answered = time.monotonic() - t0
-            ready = await c.get("/readyz")
+            try:
+                ready = (await c.get("/readyz")).status_code
+            except httpx.TransportError:  # the front ends are already stopping
+                ready = "closed"
             return rs, answered, ready
 
     rs, answered, ready = asyncio.run(go())
@@ -195,7 +198,7 @@ def test_readyz_and_503_at_once_when_the_model_process_dies_and_the_service_exit
     assert statuses == [503] * 12, statuses  # every request accounted for: all answered 503
     assert answered < 1.0, answered  # at once, not after the stall or a timeout
     assert all(r.json()["error"]["type"] == "unavailable" for r in rs)
-    assert ready.status_code == 503 or isinstance(ready, httpx.Response)
+    assert ready in (503, "closed"), ready
     assert procs.proc.wait(20) == 1, procs.log()[-3000:]
 
 

@@ -35,12 +35,12 @@ def test_requests_round_trip_several_per_message_without_pickling():
         heads=(0, 2),
         fault="raise",
     )
-    frames = encode_requests([(7, a, 123.5, "rid-a"), (8, b, 124.0, None)])
+    frames = encode_requests([(7, a, 123.5, "rid-a", 0), (8, b, 124.0, None, 2)])
     assert len(frames) == 1 + 2 + 2  # header, then x+lengths, x+mask: one frame per array
     assert frames[1].base is a.x or frames[1] is a.x  # the array itself (no copy) goes to zmq
     header, bufs = _split(frames)
-    (ia, ra, da, qa), (ib, rb, db, qb) = decode_requests(header, bufs)
-    assert (ia, da, qa, ib, db, qb) == (7, 123.5, "rid-a", 8, 124.0, None)
+    (ia, ra, da, qa, pa), (ib, rb, db, qb, pb) = decode_requests(header, bufs)
+    assert (ia, da, qa, pa, ib, db, qb, pb) == (7, 123.5, "rid-a", 0, 8, 124.0, None, 2)
     np.testing.assert_array_equal(ra.x, a.x)
     np.testing.assert_array_equal(ra.lengths, [5, 3])
     assert ra.mask is None and ra.key == a.key
