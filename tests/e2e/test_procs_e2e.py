@@ -100,6 +100,14 @@ def test_v2_and_grpc_go_through_the_model_process(procs):
     assert r.status_code == 200, r.text
     out = next(o for o in r.json()["outputs"] if o["name"] == "output")
     np.testing.assert_allclose(np.array(out["data"]).reshape(1, 5, 32), want, atol=1e-5)
+    import tritonclient.http as httpclient
+
+    hc = httpclient.InferenceServerClient(procs.url.removeprefix("http://"))
+    hin = httpclient.InferInput("x", [1, 5, 32], "FP32")
+    hin.set_data_from_numpy(x, binary_data=True)  # the v2 binary extension: raw bytes after the JSON header
+    res = hc.infer("mha", [hin], outputs=[httpclient.InferRequestedOutput("output", binary_data=True)])
+    np.testing.assert_allclose(res.as_numpy("output"), want, atol=1e-5)
+    hc.close()
     for _ in range(4):  # each connection may land on either front end: both serve gRPC on the one port
         client = grpcclient.InferenceServerClient(procs.grpc_url)
         inp = grpcclient.InferInput("x", [1, 5, 32], "FP32")
@@ -271,3 +279,16 @@ def test_sigterm_drains_every_process_and_exits_0(tmp_path):
     for pid in [engine, *fronts]:
         assert not os.path.exists(f"/proc/{pid}") or not _alive(pid), pid
     assert "model process stopped" in s.log()
+
+
+def test_engine_process_with_one_worker_keeps_torch_out_of_the_front_end(tmp_path):
+    s = start_server(tmp_path, {"MHA_WORKERS": "1", "MHA_ENGINE": "process", "MHA_GRPC_PORT": "0"})
+    try:
+        _, fronts = pids(s)
+        assert len(fronts) == 1
+        with open(f"/proc/{fronts[0]}/maps") as f:
+            assert "libtorch" not in f.read()
+        r = httpx.post(s.url + "/attend", json={"x": X}, timeout=30)
+        assert r.status_code == 200 and np.array(r.json()["output"]).shape == (1, 4, 32)
+    finally:
+        assert s.stop() == 0
