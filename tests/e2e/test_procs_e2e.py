@@ -227,13 +227,15 @@ def test_a_dead_front_end_is_replaced_and_the_other_keeps_serving(procs):
                 except httpx.TransportError as e:
                     results.append(type(e).__name__)
 
+            async def kill_soon():
+                await asyncio.sleep(0.7)
+                os.kill(victim, signal.SIGKILL)  # while requests are in flight on both workers
+
+            killer = asyncio.create_task(kill_soon())
             t0 = time.monotonic()
-            killed = False
             while time.monotonic() - t0 < 4:
                 await asyncio.gather(*(one() for _ in range(8)))
-                if not killed and time.monotonic() - t0 > 0.5:
-                    os.kill(victim, signal.SIGKILL)
-                    killed = True
+            await killer
             return results
 
     results = asyncio.run(go())
