@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test soak lint format serve bench bench-service bench-tracing bench-gpu docker-test \
+.PHONY: help setup test soak lint format serve bench bench-service bench-tracing bench-procs bench-gpu docker-test \
 	docker-build-cuda protos perf-analyzer bench-protocols
 
 help:  ## show this help
@@ -65,6 +65,9 @@ bench-protocols: $(STAMP)  ## gRPC vs v2 HTTP binary vs /attend base64 at c=1,8,
 
 docker-build-cuda: $(STAMP)  ## build and check the CUDA image mha-serve:cuda offline (docker/cuda.sh; root; 2.7 GB download, 5 GB image, ~5 min, ~21 GB disk: outside CI)
 	bash docker/cuda.sh
+
+bench-procs: $(STAMP)  ## MHA_WORKERS front ends + model process vs one process, real model, wrk c=32 (bench/procs.py)
+	$(PY) bench/procs.py
 
 bench-gpu: $(STAMP)  ## one table on a CUDA host: device tests, core vs floor, weights vs bandwidth, GPU paths, service (bench/gpu.py; < 8 min)
 	$(PY) bench/gpu.py

@@ -14,19 +14,18 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mha_core import MHAConfig
 from service import __version__, grpc_server, heatmap, tracing, v2
 from service.admission import Admission, AdmissionMiddleware
 from service.batcher import Batcher, BatcherObserver, BatchLimits
 from service.decode import Limits
 from service.errors import INFERENCE_ERRORS, InternalErrors, ServiceError, error_responses
 from service.httputil import infer, internal_error, read_body, require_ready, timing_headers
-from service.metrics import Metrics
+from service.metrics import Metrics, exposition
 from service.observability import ApiKeys, ObserveMiddleware
 from service.offload import Offload
-from service.runner import Runner, is_out_of_memory
 from service.schemas import AttendRequest, AttendResponse, ModelDescription
 from service.settings import Settings
 from service.stats import ModelStats
@@ -39,8 +38,8 @@ log = logging.getLogger("mha_serve")
 class AppState:
     settings: Settings
     metrics: Metrics
-    runner: Runner | None = None
-    batcher: Batcher | None = None
+    runner: Any = None  # the Runner, or in a front-end process the model process's description (EngineModel)
+    batcher: Any = None  # the Batcher, or in a front-end process an EngineClient (service/engine/client.py)
     ready: bool = False
     draining: bool = False
     model_info: dict | None = None
@@ -51,6 +50,7 @@ class AppState:
     offload: Offload | None = None
     stats: ModelStats = field(default_factory=ModelStats)
     grpc: grpc_server.GrpcServer | None = None
+    front_end: bool = False  # a front-end process of several (MHA_WORKERS >= 2): the model is elsewhere
     tracing: Tracing | None = None  # None unless OTEL_TRACES_EXPORTER turns tracing on (service/tracing.py)
 
     def begin_shutdown(self) -> None:
@@ -103,12 +103,54 @@ for _hook in [n for n in vars(BatcherObserver) if not n.startswith("_")]:
     setattr(_Observers, _hook, _fan_out(_hook))
 
 
-def create_app(*, settings: Settings) -> FastAPI:
+@dataclass(frozen=True)
+class EngineModel:
+    """What a front-end process knows of the model, from the model process: the routes read these."""
+
+    config: MHAConfig
+    device: str
+
+
+def model_description(settings: Settings, runner: Any) -> dict[str, Any]:
+    return {
+        "name": settings.model_name,
+        **runner.config.to_dict(),
+        "dtype": str(runner.dtype).removeprefix("torch."),
+        "device": str(runner.device),
+        "checksum": runner.checksum,
+    }
+
+
+def create_app(*, settings: Settings, engine_address: str | None = None) -> FastAPI:
+    """The app; with ``engine_address``, a front-end process whose batcher is the model process there."""
     state = AppState(settings=settings, metrics=Metrics())
     state.tracing = tracing.from_env(service_version=__version__, replica_id=settings.replica_id)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def connect_engine() -> None:
+        from service.engine.client import EngineClient
+
+        def on_ready(ready: bool) -> None:
+            if state.batcher is client:
+                state.ready = ready and not state.draining
+
+        client = EngineClient(engine_address, on_ready=on_ready)
+        info = await client.start()
+        state.model_info = info["model_info"]
+        state.runner = EngineModel(MHAConfig(**info["config"]), state.model_info["device"])
+        state.limits = Limits(
+            settings.max_request_batch,
+            settings.max_weights_elements,
+            settings.default_timeout_ms,
+            settings.max_timeout_ms,
+            dtype=state.model_info["dtype"],
+            priority_levels=settings.priority_levels,
+        )
+        state.front_end = True
+        state.batcher = client
+
+    async def load_model() -> None:
+        from service.runner import Runner, is_out_of_memory  # imports torch: never in a front-end process
+
         runner = await asyncio.to_thread(Runner.from_settings, settings)
         if settings.warmup:
             await asyncio.to_thread(runner.warmup)
@@ -122,13 +164,7 @@ def create_app(*, settings: Settings) -> FastAPI:
                 settings.max_batch_tokens,
             )
         state.runner = runner
-        state.model_info = {
-            "name": settings.model_name,
-            **cfg.to_dict(),
-            "dtype": str(runner.dtype).removeprefix("torch."),
-            "device": str(runner.device),
-            "checksum": runner.checksum,
-        }
+        state.model_info = model_description(settings, runner)
         state.limits = Limits(
             settings.max_request_batch,
             settings.max_weights_elements,
@@ -137,19 +173,26 @@ def create_app(*, settings: Settings) -> FastAPI:
             dtype=state.model_info["dtype"],  # the dtype in use (MHA_DTYPE=auto resolved by the device)
             priority_levels=settings.priority_levels,
         )
-        _warn_shared_admission(settings)
         observer = _Observers(state.metrics, state.stats)
         if state.tracing is not None:  # plus the forward span of each batch
             observer = state.tracing.observe_batches(observer)
         state.batcher = Batcher(
             runner.run,
-            _batch_limits(settings),
+            batch_limits(settings),
             observer=observer,
             is_oom=is_out_of_memory,
             weights_of=runner.weights_elements,
             depth=runner.depth,
         )
         await state.batcher.start()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if engine_address is not None:
+            await connect_engine()
+        else:
+            await load_model()
+        _warn_shared_admission(settings)
         state.offload = Offload(settings.decode_processes, settings.offload_min_bytes)
         await state.offload.start()
         state.loop = asyncio.get_running_loop()
@@ -162,8 +205,9 @@ def create_app(*, settings: Settings) -> FastAPI:
                 raise
         gc.collect()
         gc.freeze()  # start-up objects leave the GC's view: full passes over them made the tails
-        state.ready = True
-        log.info("ready: %s on %s (%s)", settings.model_name, runner.device, runner.checksum)
+        state.ready = engine_address is None or state.batcher.running
+        info = state.model_info
+        log.info("ready: %s on %s (%s)", settings.model_name, info["device"], info["checksum"])
         try:
             yield
         finally:
@@ -240,7 +284,7 @@ def create_app(*, settings: Settings) -> FastAPI:
         return {
             **state.model_info,
             "replica_id": s.replica_id,
-            "batching": _batch_limits(s).__dict__,
+            "batching": batch_limits(s).__dict__,
             "limits": {
                 "max_body_bytes": s.max_body_bytes,
                 "max_request_batch": s.max_request_batch,
@@ -255,7 +299,8 @@ def create_app(*, settings: Settings) -> FastAPI:
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        body, media_type = exposition(state.metrics.registry)
+        return Response(body, media_type=media_type)
 
     @app.post(
         "/attend",
@@ -342,7 +387,7 @@ def _warn_shared_admission(s: Settings) -> None:
         )
 
 
-def _batch_limits(s: Settings) -> BatchLimits:
+def batch_limits(s: Settings) -> BatchLimits:
     return BatchLimits(
         max_batch_size=s.max_batch_size,
         max_batch_tokens=s.max_batch_tokens,

@@ -50,7 +50,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.runner import AttendInput, AttendOutput, BatchStats
+from service.messages import AttendInput, AttendOutput, BatchStats
 
 log = logging.getLogger("mha_serve.batcher")
 

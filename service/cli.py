@@ -57,10 +57,24 @@ def main(argv: list[str] | None = None) -> int:
         ]
         print("mha-serve: invalid settings:\n" + "\n".join(lines), file=sys.stderr)
         return 2
+    from service.observability import configure_logging
+    from service.settings import default_workers
+
+    if settings.engine == "inprocess" and (settings.workers or 1) > 1:
+        print(
+            "mha-serve: invalid settings:\n  MHA_ENGINE: inprocess runs one process; MHA_WORKERS must be 1",
+            file=sys.stderr,
+        )
+        return 2
+    workers = 1 if settings.engine == "inprocess" else settings.workers or default_workers(settings.device)
+    if workers > 1 or settings.engine == "process":
+        from service.engine import supervise
+
+        configure_logging(settings.log_level, settings.log_format)
+        return supervise.serve(settings, workers)
     # Imported here, not at the top: the decode processes (spawned) import this module as their
     # __main__, and must not import torch with it.
     from service.app import create_app
-    from service.observability import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings=settings)

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from mha_core import MHAConfig
 from service import codecs
 from service.errors import ServiceError, validation
-from service.runner import AttendInput
+from service.messages import AttendInput
 from service.schemas import AttendRequest, TensorB64
 
 MAX_JSON_DEPTH = 1024  # orjson's fixed limit; /attend needs 4

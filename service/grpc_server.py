@@ -35,8 +35,8 @@ from service.batcher import Result
 from service.decode import check_priority
 from service.errors import ERROR_STATUS, ServiceError
 from service.httputil import run_batcher
+from service.messages import AttendInput
 from service.observability import ApiKeys
-from service.runner import AttendInput
 from service.tracing import stage
 from service.triton_proto import grpc_service_pb2 as pb
 from service.triton_proto import grpc_service_pb2_grpc as pb_grpc
@@ -327,7 +327,7 @@ async def start(state: Any) -> GrpcServer:
         options=[
             ("grpc.max_receive_message_length", s.max_body_bytes),
             ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if state.front_end else 0),  # front-end processes share the port
         ],
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(state), server)

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from service import codecs
 from service.batcher import ClientGone, DeadlineExceeded, Overloaded, RequestTooLarge, Result, ShuttingDown
 from service.errors import ServiceError
-from service.runner import AttendInput
+from service.messages import AttendInput
 
 log = logging.getLogger("mha_serve")
 

@@ -5,14 +5,22 @@ docker/k8s/autoscaling/) and ``mha_queue_depth_requests``/``_tokens``. What an o
 batch size and padding ratio per forward pass, the drain rate (how many real tokens a second of
 compute serves: queue tokens / drain rate is the wait a newcomer faces, and what Retry-After says),
 time in queue per request and in compute per batch. The README's Metrics table lists them all.
+
+With several processes (``MHA_WORKERS`` >= 2) every process writes its values to
+PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode; the parent creates the directory
+and removes it at exit) and ``/metrics``, in whichever front end answers, merges them all:
+counters and histograms add up, the in-flight and queue gauges add up over live processes, the
+drain rate and limit scale are the model process's latest values.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from service.batcher import BatcherObserver
-from service.runner import BatchStats
+from service.messages import BatchStats
 
 _DRAIN_ALPHA = 0.2  # weight of the newest batch in the drain-rate average
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -34,6 +42,7 @@ class Metrics(BatcherObserver):
             "mha_requests_in_flight",
             "Inference requests (/attend, /attend/heatmap, /v2 infer) being handled: reading, queued, computing, "
             "answering",
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.tokens = Counter(
@@ -42,18 +51,31 @@ class Metrics(BatcherObserver):
         self.drain_rate = Gauge(
             "mha_drain_rate_tokens_per_second",
             "Real tokens served per second of forward pass (moving average over batches): the queue's drain rate",
+            multiprocess_mode="mostrecent",
             registry=r,
         )
-        self.queue_requests = Gauge("mha_queue_depth_requests", "Requests waiting in the batcher's queue", registry=r)
-        self.queue_tokens = Gauge("mha_queue_depth_tokens", "Tokens (B x T) waiting in the queue", registry=r)
+        self.queue_requests = Gauge(
+            "mha_queue_depth_requests",
+            "Requests waiting in the batcher's queue",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.queue_tokens = Gauge(
+            "mha_queue_depth_tokens", "Tokens (B x T) waiting in the queue", multiprocess_mode="livesum", registry=r
+        )
         self.level_queue_requests = Gauge(
             "mha_priority_queue_depth_requests",
             "Requests waiting at each priority level (1 = highest; only with MHA_PRIORITY_LEVELS >= 2)",
             ["priority"],
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.level_queue_tokens = Gauge(
-            "mha_priority_queue_depth_tokens", "Tokens (B x T) waiting at each priority level", ["priority"], registry=r
+            "mha_priority_queue_depth_tokens",
+            "Tokens (B x T) waiting at each priority level",
+            ["priority"],
+            multiprocess_mode="livesum",
+            registry=r,
         )
         self.batch_requests = Histogram(
             "mha_batch_size_requests",
@@ -81,7 +103,10 @@ class Metrics(BatcherObserver):
             "mha_requests_dropped", "Requests dropped before or after compute", ["reason"], registry=r
         )
         self.limit_scale = Gauge(
-            "mha_batch_limit_scale", "Scale of the batch limits: 1, or less after out-of-memory errors", registry=r
+            "mha_batch_limit_scale",
+            "Scale of the batch limits: 1, or less after out-of-memory errors",
+            multiprocess_mode="mostrecent",
+            registry=r,
         )
         self.limit_scale.set(1)
         self._drain = 0.0
@@ -122,3 +147,14 @@ class Metrics(BatcherObserver):
 
     def limits_scaled(self, scale: float) -> None:
         self.limit_scale.set(scale)
+
+
+def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The text exposition: this app's registry, or, in multiprocess mode, every process's values merged."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged), CONTENT_TYPE_LATEST
+    return generate_latest(registry), CONTENT_TYPE_LATEST

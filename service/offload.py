@@ -39,7 +39,7 @@ class Offload:
         self._pool: ProcessPoolExecutor | None = None
         if processes > 0:
             ctx = multiprocessing.get_context("spawn")  # no fork of a process that runs torch threads
-            self._pool = ProcessPoolExecutor(processes, mp_context=ctx)
+            self._pool = ProcessPoolExecutor(processes, mp_context=ctx, initializer=offload_worker.die_with_parent)
 
     @property
     def enabled(self) -> bool:

@@ -6,6 +6,7 @@ the codecs only (a worker starts in ~0.4 s and takes ~60 MB).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import orjson
@@ -15,6 +16,20 @@ from service.errors import ServiceError
 
 # /attend's list tensors and their allowed ranks; everything else is checked by the event loop's side.
 LIST_TENSORS = (("x", (3,), False), ("attn_mask", (2, 3), True))
+
+
+def die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when the process that started it dies (even by kill -9).
+
+    A pool worker otherwise outlives a killed front end (MHA_WORKERS >= 2), holding its memory.
+    """
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def parse_lists(body: bytes) -> tuple[str, Any]:

@@ -4,61 +4,18 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from mha_core import MHAConfig, MultiHeadAttention, read_checkpoint
-from service.settings import Settings
-from service.staging import CudaGraphs, Slot, Staging, parse_buckets
+from service.messages import AttendInput, AttendOutput, BatchStats  # re-exported: their old home
+from service.settings import Settings, parse_buckets
+from service.staging import CudaGraphs, Slot, Staging
 
 log = logging.getLogger("mha_serve.runner")
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class AttendInput:
-    """One request, decoded and validated against the model."""
-
-    x: np.ndarray  # (B, T, E) float32 or float16
-    lengths: np.ndarray | None = None  # (B,) int64 in 1..T
-    mask: np.ndarray | None = None  # (T, T) or (B, T, T) bool, True = may attend
-    causal: bool = True
-    need_weights: bool = False
-    heads: tuple[int, ...] | None = None  # weights of these heads (all when None)
-    fault: str | None = None  # tests only (settings.fault_injection): "raise" or "stall:<ms>"
-    trace: object | None = None  # the request span's context when tracing is on (service/tracing.py); not in key
-
-    @property
-    def batch(self) -> int:
-        return self.x.shape[0]
-
-    @property
-    def seq_len(self) -> int:
-        return self.x.shape[1]
-
-    @property
-    def key(self) -> tuple:
-        """Requests with the same key can share a forward pass."""
-        return (self.causal, self.need_weights, self.mask is not None)
-
-
-@dataclass
-class AttendOutput:
-    output: np.ndarray  # (B, T, E) float32
-    weights: np.ndarray | None  # (B, len(heads), T, T) float32
-
-
-@dataclass
-class BatchStats:
-    sequences: int = 0
-    padded_tokens: int = 0
-    real_tokens: int = 0
-    compute_s: float = 0.0
-    weights_elements: int = 0  # attention-weight elements computed (each request's own heads only)
-    extra: dict = field(default_factory=dict)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

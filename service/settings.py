@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 from pathlib import Path
@@ -195,6 +196,19 @@ class Settings(BaseSettings):
         description="Tests only: honour the x-mha-fault request header (raise, or stall:<ms>) to exercise "
         "fault isolation and deadlines. Never enable in production.",
     )
+    workers: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Front-end processes (HTTP and gRPC; they read, check, decode and encode) that feed one model "
+        "process (the module, the batcher, the device). 1: one process does everything, as before. Unset: 1 on a "
+        "CPU device (the forward pass needs the cores; measured in bench/procs.py), min(cores - 1, 8) on a GPU.",
+    )
+    engine: Literal["auto", "inprocess", "process"] = Field(
+        "auto",
+        description="auto: the model runs in the server process with one worker, in its own process with more. "
+        "process: its own process even with MHA_WORKERS=1 (the front end then imports no torch).",
+    )
     shutdown_grace_s: float = Field(
         20.0, ge=0, description="On SIGTERM, how long accepted work may take to finish before it is failed."
     )
@@ -209,8 +223,6 @@ class Settings(BaseSettings):
     @field_validator("cuda_graphs")
     @classmethod
     def _cuda_graphs(cls, v: str) -> str:
-        from service.staging import parse_buckets  # (raises ValueError with the rule)
-
         parse_buckets(v)
         return v
 
@@ -282,3 +294,36 @@ class Settings(BaseSettings):
         """The model fields that were set (plus the built-in defaults when asked)."""
         given = {k: getattr(self, k) for k in DEFAULT_MODEL if getattr(self, k) is not None}
         return {**DEFAULT_MODEL, **given} if with_defaults else given
+
+
+def parse_buckets(spec: str) -> list[tuple[int, int]]:
+    """``"32x128, 128x128"`` -> [(32, 128), (128, 128)]: (sequences, padded length) pairs, sorted."""
+    out = set()
+    for part in spec.replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)\s*[xX]\s*(\d+)", part)
+        if m is None or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+            raise ValueError(f"a CUDA graph bucket is BATCHxLENGTH with both >= 1, e.g. 32x128; got {part!r}")
+        out.add((int(m.group(1)), int(m.group(2))))
+    return sorted(out, key=lambda b: (b[0] * b[1], b))
+
+
+def default_workers(device: str, cores: int | None = None) -> int:
+    """MHA_WORKERS when unset: 1 on a CPU device, min(cores - 1, 8) on a GPU (read without importing torch).
+
+    On a CPU the forward pass uses every core, and a second front end takes them from it (bench/procs.py:
+    on 2 shared cores, 2 workers served 1.04x to 1.12x of one process, for ~200 MiB more). On a GPU the
+    device waits on the front end: a front end per free core, up to 8, keeps it fed; the model process
+    keeps one core.
+    """
+    cores = cores or len(os.sched_getaffinity(0)) or 1  # the cores this process may run on (taskset, cpuset)
+    gpu = device.startswith("cuda") or (device == "auto" and _gpu_visible())
+    return max(1, min(cores - 1, 8)) if gpu else 1
+
+
+def _gpu_visible() -> bool:
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return Path("/dev/nvidiactl").exists() or any(Path("/dev").glob("nvidia[0-9]*"))

@@ -21,7 +21,6 @@ On the CPU none of this applies: a slot is a reused ordinary buffer and the copi
 from __future__ import annotations
 
 import queue
-import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,19 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-
-def parse_buckets(spec: str) -> list[tuple[int, int]]:
-    """``"32x128, 128x128"`` -> [(32, 128), (128, 128)]: (sequences, padded length) pairs, sorted."""
-    out = set()
-    for part in spec.replace(";", ",").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        m = re.fullmatch(r"(\d+)\s*[xX]\s*(\d+)", part)
-        if m is None or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-            raise ValueError(f"a CUDA graph bucket is BATCHxLENGTH with both >= 1, e.g. 32x128; got {part!r}")
-        out.add((int(m.group(1)), int(m.group(2))))
-    return sorted(out, key=lambda b: (b[0] * b[1], b))
+from service.settings import parse_buckets as parse_buckets  # re-exported: it moved next to its setting
 
 
 def pick_bucket(buckets: list[tuple[int, int]], n: int, t: int) -> tuple[int, int] | None:

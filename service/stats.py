@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from service.batcher import BatcherObserver
-from service.runner import BatchStats
+from service.messages import BatchStats
 
 _NS = 1_000_000_000
 _PHASES = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")

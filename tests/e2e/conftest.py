@@ -82,9 +82,10 @@ def start_server(tmp_path, env: dict[str, str] | None = None, ready_timeout: flo
     raise RuntimeError(f"mha-serve not ready after {ready_timeout} s:\n{server.log()}")
 
 
-@pytest.fixture
-def server(tmp_path) -> Iterator[Server]:
-    s = start_server(tmp_path)
+@pytest.fixture(params=["1", "2"], ids=["workers1", "workers2"])
+def server(tmp_path, request) -> Iterator[Server]:
+    """Each test twice: one process, and two front-end processes feeding a model process (service/engine/)."""
+    s = start_server(tmp_path, {"MHA_WORKERS": request.param})
     try:
         yield s
     finally:

@@ -7,17 +7,24 @@ import signal
 import time
 
 import httpx
+import pytest
 
 from .conftest import start_server
 
 GRACE_S = 3.0
 
 
-def test_sigterm_to_exit_fits_one_grace_period_under_load(tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_to_exit_fits_one_grace_period_under_load(tmp_path, workers):
     # One request per forward, each stalled 1 s: 10 s of accepted work, far more than the grace.
     s = start_server(
         tmp_path,
-        {"MHA_FAULT_INJECTION": "true", "MHA_MAX_BATCH_SIZE": "1", "MHA_SHUTDOWN_GRACE_S": str(GRACE_S)},
+        {
+            "MHA_FAULT_INJECTION": "true",
+            "MHA_MAX_BATCH_SIZE": "1",
+            "MHA_SHUTDOWN_GRACE_S": str(GRACE_S),
+            "MHA_WORKERS": workers,
+        },
     )
     body = {"x": [[[0.5] * 32] * 4]}
 

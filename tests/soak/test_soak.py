@@ -44,8 +44,17 @@ MALFORMED = [
 
 
 def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024
+    """Resident MiB of the server and its child processes (front ends, model process, decode processes)."""
+    total = 0.0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            total = int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                total += sum(rss_mb(int(c)) for c in f.read().split())
+    except OSError:  # a process that just ended
+        pass
+    return total
 
 
 def server_counts(metrics: str) -> Counter:
@@ -125,8 +134,10 @@ async def soak(url: str, seconds: float, concurrency: int, rng_seed: int):
     return outcomes, goods, sent
 
 
-def test_soak(tmp_path):
-    server = start_server(tmp_path, {"MHA_FAULT_INJECTION": "true", "MHA_ACCESS_LOG": "false"})
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_soak(tmp_path, workers):
+    env = {"MHA_FAULT_INJECTION": "true", "MHA_ACCESS_LOG": "false", "MHA_WORKERS": workers}
+    server = start_server(tmp_path, env)
     try:
         pid = server.proc.pid
         seed = int.from_bytes(os.urandom(4), "little")

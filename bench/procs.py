@@ -1,0 +1,159 @@
+"""MHA_WORKERS: front-end processes feeding one model process vs one process, side by side, with wrk.
+
+CPU case (default): the real model (8 heads, E=512), /attend with x [1,128,512] float32 base64, wrk
+at concurrency 32; the server and wrk share this machine's cores. Rows: single-process mode
+(MHA_WORKERS=1, the in-process batcher), the default configuration, and 2..N front ends.
+
+    .venv/bin/python bench/procs.py                       # CPU case, 10 s per row
+    .venv/bin/python bench/procs.py --gpu                 # GPU case: bf16, v2 binary, workers 1..cores,
+                                                          # plus the forward pass's own ceiling
+    MHA_DEVICE=cpu .venv/bin/python bench/procs.py --gpu --seconds 3   # the GPU command, run on a CPU
+
+Every row prints req/s, p50 and p99 (wrk's exact percentiles) and the ratio to single-process mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._serve import Server
+from mha_client._wire import f32_to_bf16
+from service.settings import default_workers
+
+LUA = Path(__file__).resolve().parent / "wrk" / "post_body.lua"
+SHAPE = (1, 128, 512)
+
+
+def b64_body() -> tuple[bytes, str, str]:
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    body = {"x": {"dtype": "float32", "shape": list(SHAPE), "b64": base64.b64encode(x.tobytes()).decode()}}
+    return json.dumps(body).encode(), "application/json", ""
+
+
+def v2_binary_body() -> tuple[bytes, str, str]:
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    raw = f32_to_bf16(x).tobytes()
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "x", "shape": list(SHAPE), "datatype": "BF16", "parameters": {"binary_data_size": len(raw)}}
+            ],
+            "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    return header + raw, "application/octet-stream", f"Inference-Header-Content-Length: {len(header)}"
+
+
+def wrk(url: str, body: tuple[bytes, str, str], connections: int, seconds: float, threads: int) -> dict:
+    data, ctype, headers = body
+    with tempfile.NamedTemporaryFile(suffix=".body", delete=False) as f:
+        f.write(data)
+    env = {**os.environ, "BODY_FILE": f.name, "CONTENT_TYPE": ctype, "WRK_HEADERS": headers}
+    cmd = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "30s",
+        "-s",
+        str(LUA),
+        url,
+    ]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    os.unlink(f.name)
+    line = next(x for x in out.splitlines() if x.startswith("WRK_JSON "))
+    r = json.loads(line.removeprefix("WRK_JSON "))
+    errors = r["err_connect"] + r["err_read"] + r["err_write"] + r["err_status"] + r["err_timeout"]
+    return {
+        "rps": r["requests"] / (r["duration_us"] / 1e6),
+        "p50": r["p50_us"] / 1e3,
+        "p99": r["p99_us"] / 1e3,
+        "err": errors,
+    }
+
+
+def forward_ceiling(env: dict[str, str], batch: int, seconds: float) -> float:
+    """Requests/s of the forward pass alone: batches of ``batch`` x [1,128,512], back to back, in-process."""
+    code = f"""
+import time, numpy as np
+from service.settings import Settings
+from service.runner import Runner, AttendInput
+r = Runner.from_settings(Settings())
+r.warmup()
+x = np.random.default_rng(0).standard_normal({SHAPE}).astype(np.float32)
+items = [AttendInput(x) for _ in range({batch})]
+for _ in range(3): r.run(items)
+n, t0 = 0, time.perf_counter()
+while time.perf_counter() - t0 < {seconds}:
+    r.run(items); n += 1
+print({batch} * n / (time.perf_counter() - t0))
+"""
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    return float(out.stdout.split()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", action="store_true", help="the GPU case: bf16 v2 binary, workers 1..cores")
+    p.add_argument("--seconds", type=float, default=10)
+    p.add_argument("--connections", type=int, default=None, help="default 32 (CPU case), 256 (GPU case)")
+    p.add_argument("--workers", default=None, help="comma-separated worker counts (default: see the cases)")
+    p.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
+    args = p.parse_args()
+    cores = os.cpu_count() or 1
+    device = os.environ.get("MHA_DEVICE", "auto")
+    env = {"MHA_TORCH_THREADS": str(args.torch_threads), "MHA_GRPC_PORT": "0", "MHA_DECODE_PROCESSES": "0"}
+    if args.gpu:
+        env["MHA_DTYPE"] = "bfloat16"
+        body, path, conns = v2_binary_body(), "/v2/models/mha/infer", args.connections or 256
+        counts = [int(w) for w in args.workers.split(",")] if args.workers else list(range(1, cores + 1))
+    else:
+        body, path, conns = b64_body(), "/attend", args.connections or 32
+        dflt = default_workers(device)
+        counts = [int(w) for w in args.workers.split(",")] if args.workers else sorted({1, dflt, 2})
+    print(
+        f"{cores} cores, device {device}, {'v2 binary bf16' if args.gpu else 'base64 /attend float32'} {SHAPE}, "
+        f"{conns} connections, {args.seconds:g} s per row, default MHA_WORKERS here: {default_workers(device)}"
+    )
+    if args.gpu:
+        ceiling = forward_ceiling(env, 32, min(args.seconds, 5))
+        print(f"forward pass alone, batches of 32: {ceiling:,.0f} req/s")
+    rows = []
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-procs-"))
+    for w in counts:
+        server = Server({**env, "MHA_WORKERS": str(w)}, log_dir / f"w{w}.log")
+        try:
+            wrk(server.url + path, body, conns, min(2, args.seconds), 2)  # warm-up
+            time.sleep(0.5)
+            rows.append((w, wrk(server.url + path, body, conns, args.seconds, 2)))
+        finally:
+            server.stop()
+    base = rows[0][1]["rps"]
+    print("| MHA_WORKERS | mode | req/s | x single | p50 ms | p99 ms | p99/p50 | errors |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for w, r in rows:
+        mode = "single process" if w == 1 else f"{w} front ends + model process"
+        tag = " (default)" if w == default_workers(device) else ""
+        print(
+            f"| {w}{tag} | {mode} | {r['rps']:,.0f} | {r['rps'] / base:.2f}x | {r['p50']:.1f} | {r['p99']:.1f} | "
+            f"{r['p99'] / r['p50']:.2f} | {r['err']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""EngineClient: the batcher's interface in a front-end process, served by the model process.
+
+It has the same ``infer(inp, *, deadline, abandoned) -> Result`` as ``service.batcher.Batcher``
+and raises the same exceptions (Overloaded with its retry-after, DeadlineExceeded, ShuttingDown,
+ClientGone, RequestTooLarge), so the routes need not know which one they talk to. Requests
+submitted in the same turn of the event loop cross in one message; a caller that leaves sends a
+cancel, so the model process drops the request before compute. When the model process goes away
+(its socket disconnects, or its heartbeat stops) every pending request fails at once with
+``EngineUnavailable`` (a 503), and so does every later one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
+
+from service.batcher import ClientGone, DeadlineExceeded, Overloaded, RequestTooLarge, Result, ShuttingDown
+from service.messages import AttendInput, Outcome, control, decode_outcomes, encode_requests
+
+log = logging.getLogger("mha_serve.engine")
+
+HEARTBEAT_S = 0.25  # how often the front end pings the model process
+LOST_AFTER_S = 3.0  # no heartbeat for this long: the model process is gone (a hang, not only a crash)
+ANSWER_SLACK_S = 1.0  # past a request's deadline, the front end stops waiting for the engine's own answer
+
+
+class EngineUnavailable(ShuttingDown):
+    """The model process is gone: 503, at once."""
+
+
+class EngineError(RuntimeError):
+    """The forward failed for this request in the model process (answered as a 500 with an error id)."""
+
+
+def _error(o: Outcome) -> Exception:
+    kind = o.error
+    if kind == "overloaded":
+        return Overloaded(o.message, o.retry_after_s)
+    if kind == "too_large":
+        return RequestTooLarge(o.message)
+    if kind == "deadline":
+        return DeadlineExceeded(o.message)
+    if kind == "shutting_down":
+        return ShuttingDown(o.message)
+    if kind == "client_gone":
+        return ClientGone(o.message)
+    return EngineError(o.message)
+
+
+class EngineClient:
+    def __init__(self, address: str, *, on_ready: Callable[[bool], None] | None = None) -> None:
+        self.address = address
+        self._on_ready = on_ready or (lambda ready: None)
+        self._ctx = zmq.asyncio.Context()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._pending: dict[int, asyncio.Future] = {}
+        self._outbox: list[tuple[int, AttendInput, float, str | None, int]] = []
+        self._flush_scheduled = False
+        self._next_id = 0
+        self._tasks: list[asyncio.Task] = []
+        self._info: asyncio.Future | None = None
+        self._last_beat = 0.0
+        self._engine_ready = False
+        self._queue = (0, 0)
+        self._lost: str | None = None
+        self._accepting = True
+        self._stopping: asyncio.Future | None = None
+        self._parent = os.getppid()
+        self.forward_running = False  # the forward runs in the model process (service.cli asks the batcher)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Connect, and return the model process's description (model info, config, device)."""
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
+        sock.connect(self.address)
+        self._sock = sock
+        loop = asyncio.get_running_loop()
+        self._info = loop.create_future()
+        self._last_beat = time.monotonic()
+        self._tasks = [
+            asyncio.create_task(self._read(), name="mha-engine-read"),
+            asyncio.create_task(self._watch(monitor), name="mha-engine-monitor"),
+        ]
+        sock.send_multipart(control("hello", pid=os.getpid()))
+        info = await asyncio.wait_for(self._info, timeout_s)
+        self._tasks.append(asyncio.create_task(self._heartbeat(), name="mha-engine-heartbeat"))
+        return info
+
+    @property
+    def running(self) -> bool:
+        return self._accepting and self._lost is None and self._engine_ready
+
+    @property
+    def lost(self) -> str | None:
+        """Why the model process is considered gone, or None."""
+        return self._lost
+
+    def queue_depth(self) -> tuple[int, int]:
+        """The model process's queue (requests, tokens), as of its last heartbeat."""
+        return self._queue
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Wait up to ``grace_s`` for the answers still pending, then fail the rest and disconnect."""
+        self._accepting = False
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(grace_s))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace_s: float) -> None:
+        deadline = time.monotonic() + grace_s
+        while self._pending and time.monotonic() < deadline and self._lost is None:
+            await asyncio.sleep(0.02)
+        if self._pending:
+            self._cancel(list(self._pending))
+        self._fail_all(ShuttingDown("the server is shutting down before this request could finish"))
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._sock is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.disable_monitor()
+            self._sock.close(linger=0)
+        self._ctx.destroy(linger=0)
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def infer(
+        self, inp: AttendInput, *, deadline: float, abandoned: Awaitable[Any] | None = None, priority: int = 0
+    ) -> Result:
+        try:
+            if self._lost is not None:
+                raise EngineUnavailable(f"the model process is unavailable ({self._lost})")
+            if not self._accepting:
+                raise ShuttingDown("the batcher is not running")
+        except Exception:
+            if asyncio.iscoroutine(abandoned):
+                abandoned.close()
+            raise
+        from service.observability import request_id_var  # (imported here: no import circle)
+
+        rid = self._next_id
+        self._next_id += 1
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        self._outbox.append((rid, inp, deadline, request_id_var.get(), priority))
+        if not self._flush_scheduled:  # everything submitted in this turn of the loop goes in one message
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        gone = asyncio.ensure_future(abandoned) if abandoned is not None else None
+        waiters = {fut} if gone is None else {fut, gone}
+        try:
+            done, _ = await asyncio.wait(
+                waiters,
+                timeout=max(0.0, deadline - time.monotonic()) + ANSWER_SLACK_S,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            if gone is not None and not gone.done():
+                gone.cancel()
+            if not fut.done():  # left before the answer: the model process drops it before compute
+                self._pending.pop(rid, None)
+                fut.cancel()
+                self._cancel([rid])
+        if fut in done:
+            return fut.result()
+        if gone is not None and gone in done:
+            raise ClientGone("the client went away")
+        raise DeadlineExceeded("the request's deadline passed and the model process did not answer")
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        items, self._outbox = self._outbox, []
+        items = [it for it in items if it[0] in self._pending]  # not those cancelled meanwhile
+        if items and self._sock is not None and self._lost is None:
+            self._sock.send_multipart(encode_requests(items), copy=False)
+
+    def _cancel(self, ids: list[int]) -> None:
+        if self._sock is not None and self._lost is None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.send_multipart(control("cancel", ids=ids))
+
+    def _fail_all(self, exc: Exception) -> None:
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # retrieved: a caller that left must not log "never retrieved"
+
+    def _gone(self, why: str) -> None:
+        if self._lost is not None:
+            return
+        self._lost = why
+        log.error("the model process is unavailable (%s): answering 503", why)
+        self._fail_all(EngineUnavailable(f"the model process is unavailable ({why})"))
+        if self._info is not None and not self._info.done():
+            self._info.set_exception(EngineUnavailable(why))
+        self._on_ready(False)
+
+    # -- tasks ---------------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        sock = self._sock
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            header = orjson.loads(frames[0].bytes)
+            kind = header["t"]
+            if kind == "res":
+                for o in decode_outcomes(header, frames[1:]):
+                    fut = self._pending.pop(o.id, None)
+                    if fut is None or fut.done():
+                        continue
+                    if o.error is None:
+                        fut.set_result(Result(o.output, o.queue_s, o.compute_s, o.batch_requests, o.batch_sequences))
+                    else:
+                        fut.set_exception(_error(o))
+            elif kind in ("hb", "info"):
+                self._last_beat = time.monotonic()
+                self._queue = tuple(header["queue"])
+                ready = bool(header["ready"])
+                if ready != self._engine_ready:
+                    self._engine_ready = ready
+                    self._on_ready(ready and self._lost is None)
+                if kind == "info" and self._info is not None and not self._info.done():
+                    self._info.set_result(header)
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        try:
+            while True:
+                event = await recv_monitor_message(monitor)
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    self._gone("its socket closed")
+        finally:
+            monitor.close(linger=0)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            if self._lost is None:
+                self._sock.send_multipart(control("ping"))
+                if time.monotonic() - self._last_beat > LOST_AFTER_S:
+                    self._gone(f"no heartbeat for {LOST_AFTER_S:g} s")
+            if os.getppid() != self._parent:  # the supervisor died (kill -9): leave, do not serve orphaned
+                log.error("the parent process is gone: shutting down")
+                signal.raise_signal(signal.SIGTERM)
+                return

@@ -1,0 +1,211 @@
+"""The model process: one per device. Owns the runner, the batcher and the device; speaks zmq.
+
+It binds a ROUTER socket; each front-end process connects a DEALER. Requests arrive in batches
+(``service.messages``), each goes through the batcher with its absolute deadline and a cancel
+future (a ``cancel`` message sets it, so a request whose client left is dropped before compute),
+and its outcome, a result or a typed error, goes back to its front end; the outcomes ready in the
+same turn of the event loop share one message. Every ``ping`` is answered with a heartbeat that
+carries readiness and the queue depth.
+
+Signals are ignored: the parent tells it to stop (an Event) once the front ends have drained, and
+it exits 0; if the parent dies, it stops too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import signal
+from typing import Any
+
+import orjson
+import zmq
+import zmq.asyncio
+
+from service.batcher import ClientGone, DeadlineExceeded, Overloaded, RequestTooLarge, ShuttingDown
+from service.messages import AttendInput, Outcome, control, decode_requests, encode_outcomes
+from service.settings import Settings
+
+log = logging.getLogger("mha_serve.engine")
+
+
+def _outcome_of(rid: int, exc: BaseException) -> Outcome:
+    if isinstance(exc, Overloaded):
+        return Outcome(rid, error="overloaded", message=str(exc), retry_after_s=exc.retry_after_s)
+    if isinstance(exc, RequestTooLarge):
+        return Outcome(rid, error="too_large", message=str(exc))
+    if isinstance(exc, DeadlineExceeded):
+        return Outcome(rid, error="deadline", message=str(exc))
+    if isinstance(exc, ShuttingDown):
+        return Outcome(rid, error="shutting_down", message=str(exc))
+    if isinstance(exc, ClientGone):
+        return Outcome(rid, error="client_gone", message=str(exc))
+    return Outcome(rid, error="error", message=f"{type(exc).__name__}: {exc}")
+
+
+class Engine:
+    def __init__(self, settings: Settings, address: str) -> None:
+        self.settings = settings
+        self.address = address
+        self.batcher: Any = None
+        self.info: dict[str, Any] = {}
+        self._ctx = zmq.asyncio.Context()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._cancels: dict[tuple[bytes, int], asyncio.Future] = {}
+        self._replies: dict[bytes, list[Outcome]] = {}
+        self._flush_scheduled = False
+        self._tasks: set[asyncio.Task] = set()
+        self._stop = asyncio.Event()
+
+    async def load(self) -> None:
+        """Load and warm the model, start the batcher (the same wiring as the single-process app)."""
+        from service.app import batch_limits, model_description
+        from service.batcher import Batcher
+        from service.metrics import Metrics
+        from service.runner import Runner, is_out_of_memory
+
+        s = self.settings
+        runner = await asyncio.to_thread(Runner.from_settings, s)
+        if s.warmup:
+            await asyncio.to_thread(runner.warmup)
+        self.info = {"model_info": model_description(s, runner), "config": runner.config.to_dict()}
+        self.batcher = Batcher(
+            runner.run,
+            batch_limits(s),
+            observer=Metrics(),  # written to PROMETHEUS_MULTIPROC_DIR: the front ends' /metrics reads them
+            is_oom=is_out_of_memory,
+            weights_of=runner.weights_elements,
+            depth=runner.depth,
+        )
+        await self.batcher.start()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.bind(self.address)
+        gc.collect()
+        gc.freeze()
+        log.info("model process ready: %s on %s (%s)", s.model_name, runner.device, runner.checksum)
+
+    def _status(self) -> dict[str, Any]:
+        return {"ready": bool(self.batcher.running), "queue": list(self.batcher.queue_depth())}
+
+    async def serve(self) -> None:
+        sock = self._sock
+        recv = asyncio.create_task(self._recv_loop(sock))
+        stop = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({recv, stop}, return_when=asyncio.FIRST_COMPLETED)
+        recv.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await recv
+
+    async def _recv_loop(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            peer = frames[0].bytes
+            header = orjson.loads(frames[1].bytes)
+            kind = header["t"]
+            if kind == "req":
+                for rid, inp, deadline, request_id, priority in decode_requests(header, frames[2:]):
+                    t = asyncio.create_task(self._one(peer, rid, inp, deadline, request_id, priority))
+                    self._tasks.add(t)
+                    t.add_done_callback(self._tasks.discard)
+            elif kind == "cancel":
+                for rid in header["ids"]:
+                    fut = self._cancels.get((peer, rid))
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
+            elif kind == "ping":
+                sock.send_multipart([peer, *control("hb", **self._status())])
+            elif kind == "hello":
+                log.info("front end %s connected", header.get("pid"))
+                sock.send_multipart([peer, *control("info", **self.info, **self._status())])
+
+    async def _one(
+        self, peer: bytes, rid: int, inp: AttendInput, deadline: float, request_id: str | None, priority: int
+    ) -> None:
+        from service.observability import request_id_var
+
+        request_id_var.set(request_id)  # the engine's log lines carry the front end's request id
+        cancel = asyncio.get_running_loop().create_future()
+        self._cancels[(peer, rid)] = cancel
+        try:
+            extra = {"priority": priority} if priority else {}  # (a batcher with priority levels takes it)
+            res = await self.batcher.infer(inp, deadline=deadline, abandoned=cancel, **extra)
+            outcome = Outcome(rid, res.output, res.queue_s, res.compute_s, res.batch_requests, res.batch_sequences)
+        except ClientGone:
+            return  # the front end cancelled it: nobody waits for an answer
+        except Exception as e:  # typed back to the front end, which maps it to the error table
+            if not isinstance(e, Overloaded | DeadlineExceeded | ShuttingDown | RequestTooLarge):
+                log.warning("request failed in the model process: %r", e)
+            outcome = _outcome_of(rid, e)
+        finally:
+            self._cancels.pop((peer, rid), None)
+        self._replies.setdefault(peer, []).append(outcome)
+        if not self._flush_scheduled:  # the outcomes of one batch go back in one message per front end
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        replies, self._replies = self._replies, {}
+        for peer, outcomes in replies.items():
+            with contextlib.suppress(zmq.ZMQError):  # that front end is gone
+                self._sock.send_multipart([peer, *encode_outcomes(outcomes)], copy=False)
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Finish what is queued within ``grace_s`` (its answers still go out), then close."""
+        if self.batcher is not None:
+            await self.batcher.stop(grace_s=grace_s)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=0.5)
+        self._flush()
+        self._stop.set()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=100)
+        self._ctx.destroy(linger=0)
+
+
+async def _amain(settings: Settings, address: str, ready: Any, stop: Any) -> int:
+    engine = Engine(settings, address)
+    await engine.load()
+    ready.set()
+    parent = os.getppid()
+
+    async def until_told() -> None:
+        while not stop.is_set():
+            if os.getppid() != parent:
+                log.error("the parent process is gone: stopping the model process")
+                break
+            await asyncio.sleep(0.1)
+        # The front ends have drained (or are gone): whatever is left has nobody waiting for it.
+        await engine.shutdown(0.0)
+
+    stopper = asyncio.create_task(until_told())
+    await engine.serve()
+    await stopper
+    engine.close()
+    log.info("model process stopped")
+    return -1 if engine.batcher.forward_running else 0
+
+
+def main(address: str, ready: Any, stop: Any) -> None:
+    """The model process's entry point (a multiprocessing "spawn" target): settings from MHA_*.
+
+    It stops when the parent sets ``stop`` (after the front ends drained) or dies, not on signals:
+    a Ctrl-C or a SIGTERM sent to the whole process group must not cut off the front ends' drain.
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    settings = Settings()
+    from service.observability import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
+    code = asyncio.run(_amain(settings, address, ready, stop))
+    logging.shutdown()
+    if code == -1:  # a forward ran past the grace: leave without finalising under a running torch op
+        os._exit(0)
+    raise SystemExit(code)

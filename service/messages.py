@@ -1,0 +1,176 @@
+"""The small typed messages between the front end and the engine (no torch here).
+
+``AttendInput``/``AttendOutput``/``BatchStats`` are what the batcher and the runner exchange in one
+process; ``encode_*``/``decode_*`` carry them between processes as zmq multipart messages: one
+small orjson header with the control fields, then each array's buffer as its own frame (sent with
+``copy=False``, received as zero-copy views), never pickled. Several requests or results travel in
+one message when several are ready at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+
+@dataclass(frozen=True)
+class AttendInput:
+    """One request, decoded and validated against the model."""
+
+    x: np.ndarray  # (B, T, E) float32 or float16
+    lengths: np.ndarray | None = None  # (B,) int64 in 1..T
+    mask: np.ndarray | None = None  # (T, T) or (B, T, T) bool, True = may attend
+    causal: bool = True
+    need_weights: bool = False
+    heads: tuple[int, ...] | None = None  # weights of these heads (all when None)
+    fault: str | None = None  # tests only (settings.fault_injection): "raise" or "stall:<ms>"
+    trace: object | None = None  # the request span's context when tracing is on (service/tracing.py); not in key
+
+    @property
+    def batch(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def key(self) -> tuple:
+        """Requests with the same key can share a forward pass."""
+        return (self.causal, self.need_weights, self.mask is not None)
+
+
+@dataclass
+class AttendOutput:
+    output: np.ndarray  # (B, T, E) float32
+    weights: np.ndarray | None  # (B, len(heads), T, T) float32
+
+
+@dataclass
+class BatchStats:
+    sequences: int = 0
+    padded_tokens: int = 0
+    real_tokens: int = 0
+    compute_s: float = 0.0
+    weights_elements: int = 0  # attention-weight elements computed (each request's own heads only)
+    extra: dict = field(default_factory=dict)
+
+
+# -- across the process boundary -------------------------------------------------------------
+
+ERROR_KINDS = ("overloaded", "too_large", "deadline", "shutting_down", "client_gone", "error")
+
+
+def _array_meta(a: np.ndarray) -> list:
+    return [list(a.shape), a.dtype.str]
+
+
+def _array(frame: Any, meta: list) -> np.ndarray:
+    shape, dtype = meta
+    buf = frame.buffer if hasattr(frame, "buffer") else frame  # a zmq.Frame (zero-copy) or bytes
+    return np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape)
+
+
+def _frames_of(*arrays: np.ndarray | None) -> list:
+    return [np.ascontiguousarray(a) for a in arrays if a is not None]
+
+
+def encode_requests(items: list[tuple[int, AttendInput, float, str | None, int]]) -> list:
+    """[(id, input, deadline, request id, priority)] -> [header, x, lengths?, mask?, x, ...] (arrays as buffers)."""
+    heads, frames = [], []
+    for rid, inp, deadline, request_id, priority in items:
+        arrays = _frames_of(inp.x, inp.lengths, inp.mask)
+        heads.append(
+            {
+                "id": rid,
+                "x": _array_meta(arrays[0]),
+                "lengths": _array_meta(arrays[1]) if inp.lengths is not None else None,
+                "mask": _array_meta(arrays[-1]) if inp.mask is not None else None,
+                "causal": inp.causal,
+                "need_weights": inp.need_weights,
+                "heads": list(inp.heads) if inp.heads is not None else None,
+                "fault": inp.fault,
+                "deadline": deadline,  # time.monotonic(): CLOCK_MONOTONIC is one clock for the whole host
+                "request_id": request_id,
+                "priority": priority,  # the batcher's level (0: the default)
+            }
+        )
+        frames.extend(arrays)
+    return [orjson.dumps({"t": "req", "items": heads}), *frames]
+
+
+def decode_requests(header: dict, frames: list) -> list[tuple[int, AttendInput, float, str | None, int]]:
+    out, i = [], 0
+    for h in header["items"]:
+        x = _array(frames[i], h["x"])
+        i += 1
+        lengths = mask = None
+        if h["lengths"] is not None:
+            lengths = _array(frames[i], h["lengths"])
+            i += 1
+        if h["mask"] is not None:
+            mask = _array(frames[i], h["mask"])
+            i += 1
+        heads = tuple(h["heads"]) if h["heads"] is not None else None
+        inp = AttendInput(x, lengths, mask, h["causal"], h["need_weights"], heads, h["fault"])
+        out.append((h["id"], inp, h["deadline"], h.get("request_id"), h.get("priority", 0)))
+    return out
+
+
+@dataclass
+class Outcome:
+    """One request's answer from the engine: an output with its timings, or a typed error."""
+
+    id: int
+    output: AttendOutput | None = None
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+    batch_requests: int = 0
+    batch_sequences: int = 0
+    error: str | None = None  # one of ERROR_KINDS
+    message: str = ""
+    retry_after_s: float = 0.0
+
+
+def encode_outcomes(items: list[Outcome]) -> list:
+    heads, frames = [], []
+    for o in items:
+        if o.output is None:
+            heads.append({"id": o.id, "error": o.error, "message": o.message, "retry_after_s": o.retry_after_s})
+            continue
+        arrays = _frames_of(o.output.output, o.output.weights)
+        heads.append(
+            {
+                "id": o.id,
+                "out": _array_meta(arrays[0]),
+                "weights": _array_meta(arrays[1]) if o.output.weights is not None else None,
+                "t": [o.queue_s, o.compute_s, o.batch_requests, o.batch_sequences],
+            }
+        )
+        frames.extend(arrays)
+    return [orjson.dumps({"t": "res", "items": heads}), *frames]
+
+
+def decode_outcomes(header: dict, frames: list) -> list[Outcome]:
+    out, i = [], 0
+    for h in header["items"]:
+        if "error" in h:
+            out.append(Outcome(h["id"], error=h["error"], message=h["message"], retry_after_s=h["retry_after_s"]))
+            continue
+        output = _array(frames[i], h["out"])
+        i += 1
+        weights = None
+        if h["weights"] is not None:
+            weights = _array(frames[i], h["weights"])
+            i += 1
+        q, c, br, bs = h["t"]
+        out.append(Outcome(h["id"], AttendOutput(output, weights), q, c, br, bs))
+    return out
+
+
+def control(kind: str, **fields: Any) -> list:
+    """A message without arrays: hello, info, ping, heartbeat, cancel."""
+    return [orjson.dumps({"t": kind, **fields})]

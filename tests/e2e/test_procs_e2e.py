@@ -1,0 +1,296 @@
+"""MHA_WORKERS=2: front-end processes feed one model process (service/engine/); promises across the boundary."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from mha_core import MHAConfig, MultiHeadAttention
+
+from .conftest import start_server
+
+WORKERS = {"MHA_WORKERS": "2", "MHA_FAULT_INJECTION": "true"}
+X = [[[0.25] * 32] * 4]  # one sequence of 4 tokens
+
+
+def pids(server) -> tuple[int, list[int]]:
+    """(model process, live front ends) from the server's log and /proc."""
+    log = server.log()
+    engine = int(re.search(r"model process (\d+) starting", log).group(1))
+    fronts = [int(p) for p in re.findall(r"front end (\d+) connected", log)]
+    return engine, [p for p in fronts if os.path.exists(f"/proc/{p}") and _alive(p)]
+
+
+def _alive(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ")[1][0] != "Z"
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for t in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{t}/children") as f:
+            out += [int(k) for k in f.read().split()]
+    return out
+
+
+def metric(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            if line.startswith(name + "{") and not line.startswith(name + "{"):
+                continue
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def sample(text: str, name: str, labels: str) -> float:
+    m = re.search(rf"^{re.escape(name)}\{{{re.escape(labels)}\}} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+@pytest.fixture
+def procs(tmp_path):
+    s = start_server(tmp_path, WORKERS)
+    try:
+        yield s
+    finally:
+        s.stop(signal.SIGKILL)
+
+
+def test_front_ends_import_no_torch_and_answer_the_module(procs):
+    engine, fronts = pids(procs)
+    assert len(fronts) == 2, procs.log()
+    mha = MultiHeadAttention.from_seed(MHAConfig(4, 32, 8, 64), seed=0).eval()
+    xs = [np.random.default_rng(i).standard_normal((1, 3 + i, 32)).astype(np.float32) for i in range(16)]
+
+    async def go():
+        async with httpx.AsyncClient(base_url=procs.url, timeout=30) as c:
+            return await asyncio.gather(*(c.post("/attend", json={"x": x.tolist()}) for x in xs))
+
+    for x, r in zip(xs, asyncio.run(go()), strict=True):
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.array(r.json()["output"]), mha(torch.from_numpy(x)).output.numpy(), atol=1e-5)
+    rss = {}
+    for pid in [engine, *fronts]:
+        with open(f"/proc/{pid}/maps") as f:
+            maps = f.read()
+        with open(f"/proc/{pid}/status") as f:
+            rss[pid] = int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1)) // 1024
+        assert ("libtorch" in maps) == (pid == engine), f"process {pid} (model process {engine})"
+    print(f"resident MiB: model process {rss[engine]}, front ends {[rss[p] for p in fronts]}")
+
+
+def test_v2_and_grpc_go_through_the_model_process(procs):
+    import tritonclient.grpc as grpcclient
+
+    x = np.random.default_rng(0).standard_normal((1, 5, 32)).astype(np.float32)
+    mha = MultiHeadAttention.from_seed(MHAConfig(4, 32, 8, 64), seed=0).eval()
+    want = mha(torch.from_numpy(x)).output.numpy()
+    body = {"inputs": [{"name": "x", "shape": [1, 5, 32], "datatype": "FP32", "data": x.ravel().tolist()}]}
+    r = httpx.post(procs.url + "/v2/models/mha/infer", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    out = next(o for o in r.json()["outputs"] if o["name"] == "output")
+    np.testing.assert_allclose(np.array(out["data"]).reshape(1, 5, 32), want, atol=1e-5)
+    import tritonclient.http as httpclient
+
+    hc = httpclient.InferenceServerClient(procs.url.removeprefix("http://"))
+    hin = httpclient.InferInput("x", [1, 5, 32], "FP32")
+    hin.set_data_from_numpy(x, binary_data=True)  # the v2 binary extension: raw bytes after the JSON header
+    res = hc.infer("mha", [hin], outputs=[httpclient.InferRequestedOutput("output", binary_data=True)])
+    np.testing.assert_allclose(res.as_numpy("output"), want, atol=1e-5)
+    hc.close()
+    for _ in range(4):  # each connection may land on either front end: both serve gRPC on the one port
+        client = grpcclient.InferenceServerClient(procs.grpc_url)
+        inp = grpcclient.InferInput("x", [1, 5, 32], "FP32")
+        inp.set_data_from_numpy(x)
+        res = client.infer("mha", [inp], outputs=[grpcclient.InferRequestedOutput("output")])
+        np.testing.assert_allclose(res.as_numpy("output"), want, atol=1e-5)
+        client.close()
+
+
+def test_overload_deadline_fault_and_request_ids_cross_the_boundary(tmp_path):
+    s = start_server(tmp_path, {**WORKERS, "MHA_MAX_QUEUE_REQUESTS": "2", "MHA_MAX_BATCH_SIZE": "1"})
+    try:
+
+        async def go():
+            async with httpx.AsyncClient(base_url=s.url, timeout=30) as c:
+                stall = {"x-mha-fault": "stall:800"}
+                busy = [asyncio.create_task(c.post("/attend", json={"x": X}, headers=stall)) for _ in range(6)]
+                await asyncio.sleep(0.3)  # all six submitted: one computing, two queued, three refused
+                late = await c.post("/attend", json={"x": X, "timeout_ms": 200})
+                rs = await asyncio.gather(*busy)
+                fault = await c.post("/attend", json={"x": X}, headers={"x-mha-fault": "raise", "x-request-id": "r-42"})
+                ok = await c.post("/attend", json={"x": X})
+                return rs, late, fault, ok
+
+        rs, late, fault, ok = asyncio.run(go())
+        statuses = sorted(r.status_code for r in rs)
+        assert 429 in statuses and 200 in statuses, statuses  # the model process's queue bound (1 running + 2)
+        for r in rs:
+            if r.status_code == 429:
+                assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["type"] == "overloaded"
+        assert late.status_code in (429, 504), late.text
+        if late.status_code == 504:
+            assert late.json()["error"]["type"] == "deadline_exceeded"
+        assert fault.status_code == 500 and fault.json()["error"]["type"] == "internal_error", fault.text
+        assert fault.headers["x-request-id"] == "r-42"
+        assert ok.status_code == 200
+        log = s.log()
+        # the model process logged the failure with the front end's request id
+        assert re.search(r'"logger": "mha_serve.engine".*"request_id": "r-42"', log), log[-3000:]
+    finally:
+        s.stop(signal.SIGKILL)
+
+
+def test_deadline_is_kept_by_the_model_process(procs):
+    t0 = time.monotonic()
+    r = httpx.post(
+        procs.url + "/attend", json={"x": X, "timeout_ms": 300}, headers={"x-mha-fault": "stall:1500"}, timeout=30
+    )
+    assert r.status_code == 504 and r.json()["error"]["type"] == "deadline_exceeded", r.text
+    assert time.monotonic() - t0 < 1.2
+
+
+def test_a_client_that_leaves_is_never_computed_and_metrics_add_up(procs):
+    async def go():
+        async with httpx.AsyncClient(base_url=procs.url, timeout=30) as c:
+            hold = asyncio.create_task(c.post("/attend", json={"x": X}, headers={"x-mha-fault": "stall:1200"}))
+            await asyncio.sleep(0.3)
+            async with httpx.AsyncClient(base_url=procs.url, timeout=0.3) as quick:
+                with pytest.raises(httpx.ReadTimeout):  # leaves while queued behind the stalled batch
+                    await quick.post("/attend", json={"x": [[[0.5] * 32] * 7]})
+            await hold
+            n = 40
+            rs = await asyncio.gather(*(c.post("/attend", json={"x": X}) for _ in range(n)))  # across both workers
+            assert all(r.status_code == 200 for r in rs)
+            await asyncio.sleep(0.5)
+            return n, (await c.get("/metrics")).text
+
+    n, text = asyncio.run(go())
+    assert sample(text, "mha_requests_total", 'route="/attend",status="200"') == n + 1, text
+    assert sample(text, "mha_requests_dropped_total", 'reason="disconnect"') == 1, text
+    # computed: the held request and the n others, 4 tokens each; never the 7 tokens of the one that left
+    assert sample(text, "mha_tokens_total", 'kind="real"') == 4 * (n + 1), text
+    assert metric(text, "mha_requests_in_flight") == 0  # summed over the live front ends (a scrape is not one)
+
+
+def test_readyz_and_503_at_once_when_the_model_process_dies_and_the_service_exits_1(procs):
+    engine, _ = pids(procs)
+
+    async def go():
+        async with httpx.AsyncClient(base_url=procs.url, timeout=30) as c:
+            stall = {"x-mha-fault": "stall:3000"}
+            tasks = [asyncio.create_task(c.post("/attend", json={"x": X}, headers=stall)) for _ in range(12)]
+            await asyncio.sleep(0.5)
+            t0 = time.monotonic()
+            os.kill(engine, signal.SIGKILL)
+            rs = await asyncio.gather(*tasks, return_exceptions=True)
+            answered = time.monotonic() - t0
+            try:
+                ready = (await c.get("/readyz")).status_code
+            except httpx.TransportError:  # the front ends are already stopping
+                ready = "closed"
+            return rs, answered, ready
+
+    rs, answered, ready = asyncio.run(go())
+    statuses = [r.status_code if isinstance(r, httpx.Response) else repr(r) for r in rs]
+    assert statuses == [503] * 12, statuses  # every request accounted for: all answered 503
+    assert answered < 1.0, answered  # at once, not after the stall or a timeout
+    assert all(r.json()["error"]["type"] == "unavailable" for r in rs)
+    assert ready in (503, "closed"), ready
+    assert procs.proc.wait(20) == 1, procs.log()[-3000:]
+
+
+def test_a_dead_front_end_is_replaced_and_the_other_keeps_serving(procs):
+    _, fronts = pids(procs)
+    victim = fronts[0]
+    kids = children(victim)
+
+    async def go():
+        results = []
+        limits = httpx.Limits(max_keepalive_connections=0)  # a fresh connection each: both workers get some
+        async with httpx.AsyncClient(base_url=procs.url, timeout=10, limits=limits) as c:
+
+            async def one():
+                try:
+                    r = await c.post("/attend", json={"x": X}, headers={"x-mha-fault": "stall:20"})
+                    results.append(r.status_code)
+                except httpx.TransportError as e:
+                    results.append(type(e).__name__)
+
+            async def kill_soon():
+                await asyncio.sleep(0.7)
+                os.kill(victim, signal.SIGKILL)  # while requests are in flight on both workers
+
+            killer = asyncio.create_task(kill_soon())
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 4:
+                await asyncio.gather(*(one() for _ in range(8)))
+            await killer
+            return results
+
+    results = asyncio.run(go())
+    ok = results.count(200)
+    lost = [r for r in results if r != 200]
+    print(f"{len(results)} requests: {ok} answered 200, {len(lost)} cut off with the killed front end: {set(lost)}")
+    assert all(r in ("RemoteProtocolError", "ReadError", "ConnectError") for r in lost), lost
+    assert len(lost) <= 8, lost  # at most those on the killed worker's connections at that moment
+    assert ok >= len(results) - 8
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # uvicorn's supervisor starts a replacement
+        _, now = pids(procs)
+        if len(now) == 2 and victim not in now:
+            break
+        time.sleep(0.2)
+    assert len(now) == 2 and victim not in now, procs.log()[-3000:]
+    assert httpx.post(procs.url + "/attend", json={"x": X}, timeout=10).status_code == 200
+    assert kids and not any(os.path.exists(f"/proc/{k}") and _alive(k) for k in kids), kids  # its decode process
+
+
+def test_sigterm_drains_every_process_and_exits_0(tmp_path):
+    grace = 3.0
+    s = start_server(tmp_path, {**WORKERS, "MHA_SHUTDOWN_GRACE_S": str(grace)})
+    engine, fronts = pids(s)
+
+    async def go():
+        async with httpx.AsyncClient(base_url=s.url, timeout=30) as c:
+            tasks = [
+                asyncio.create_task(c.post("/attend", json={"x": X}, headers={"x-mha-fault": "stall:400"}))
+                for _ in range(3)
+            ]
+            await asyncio.sleep(0.3)
+            t0 = time.monotonic()
+            s.proc.send_signal(signal.SIGTERM)
+            rs = await asyncio.gather(*tasks, return_exceptions=True)
+            code = await asyncio.to_thread(s.proc.wait, 30)
+            return rs, code, time.monotonic() - t0
+
+    rs, code, took = asyncio.run(go())
+    assert [getattr(r, "status_code", r) for r in rs] == [200] * 3  # accepted work finished during the grace
+    assert code == 0, s.log()[-3000:]
+    assert took <= grace + 2.0, took
+    for pid in [engine, *fronts]:
+        assert not os.path.exists(f"/proc/{pid}") or not _alive(pid), pid
+    assert "model process stopped" in s.log()
+
+
+def test_engine_process_with_one_worker_keeps_torch_out_of_the_front_end(tmp_path):
+    s = start_server(tmp_path, {"MHA_WORKERS": "1", "MHA_ENGINE": "process", "MHA_GRPC_PORT": "0"})
+    try:
+        _, fronts = pids(s)
+        assert len(fronts) == 1
+        with open(f"/proc/{fronts[0]}/maps") as f:
+            assert "libtorch" not in f.read()
+        r = httpx.post(s.url + "/attend", json={"x": X}, timeout=30)
+        assert r.status_code == 200 and np.array(r.json()["output"]).shape == (1, 4, 32)
+    finally:
+        assert s.stop() == 0

@@ -1,0 +1,84 @@
+"""service.messages: requests and outcomes cross the process boundary as header + zero-copy frames."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import orjson
+
+from service.messages import (
+    AttendInput,
+    AttendOutput,
+    Outcome,
+    decode_outcomes,
+    decode_requests,
+    encode_outcomes,
+    encode_requests,
+)
+from service.settings import default_workers
+
+
+def _split(frames):
+    return orjson.loads(frames[0]), [memoryview(f) for f in frames[1:]]
+
+
+def test_requests_round_trip_several_per_message_without_pickling():
+    rng = np.random.default_rng(0)
+    a = AttendInput(rng.standard_normal((2, 5, 8)).astype(np.float32), lengths=np.array([5, 3]))
+    b = AttendInput(
+        rng.standard_normal((1, 4, 8)).astype(np.float16),
+        mask=np.tril(np.ones((4, 4), bool)),
+        causal=False,
+        need_weights=True,
+        heads=(0, 2),
+        fault="raise",
+    )
+    frames = encode_requests([(7, a, 123.5, "rid-a", 0), (8, b, 124.0, None, 2)])
+    assert len(frames) == 1 + 2 + 2  # header, then x+lengths, x+mask: one frame per array
+    assert frames[1].base is a.x or frames[1] is a.x  # the array itself (no copy) goes to zmq
+    header, bufs = _split(frames)
+    (ia, ra, da, qa, pa), (ib, rb, db, qb, pb) = decode_requests(header, bufs)
+    assert (ia, da, qa, pa, ib, db, qb, pb) == (7, 123.5, "rid-a", 0, 8, 124.0, None, 2)
+    np.testing.assert_array_equal(ra.x, a.x)
+    np.testing.assert_array_equal(ra.lengths, [5, 3])
+    assert ra.mask is None and ra.key == a.key
+    assert rb.x.dtype == np.float16 and rb.mask.dtype == bool
+    np.testing.assert_array_equal(rb.mask, b.mask)
+    assert (rb.causal, rb.need_weights, rb.heads, rb.fault) == (False, True, (0, 2), "raise")
+
+
+def test_outcomes_round_trip_results_and_typed_errors():
+    out = AttendOutput(np.arange(24, dtype=np.float32).reshape(1, 3, 8), np.ones((1, 2, 3, 3), np.float32))
+    frames = encode_outcomes(
+        [
+            Outcome(1, out, queue_s=0.01, compute_s=0.02, batch_requests=3, batch_sequences=4),
+            Outcome(2, error="overloaded", message="queue is full", retry_after_s=2.0),
+            Outcome(3, AttendOutput(out.output, None)),
+        ]
+    )
+    header, bufs = _split(frames)
+    one, two, three = decode_outcomes(header, bufs)
+    np.testing.assert_array_equal(one.output.output, out.output)
+    np.testing.assert_array_equal(one.output.weights, out.weights)
+    assert (one.queue_s, one.compute_s, one.batch_requests, one.batch_sequences) == (0.01, 0.02, 3, 4)
+    assert (two.error, two.message, two.retry_after_s, two.output) == ("overloaded", "queue is full", 2.0, None)
+    assert three.output.weights is None and three.error is None
+
+
+def test_default_workers_rule():
+    assert default_workers("cpu", cores=2) == 1
+    assert default_workers("cpu", cores=32) == 1
+    assert default_workers("cuda", cores=2) == 1
+    assert default_workers("cuda:0", cores=16) == 8
+    assert default_workers("cuda", cores=6) == 5
+
+
+def test_the_front_end_modules_import_no_torch():
+    code = (
+        "import sys, service.app, service.engine.client, service.engine.frontend, service.engine.supervise, "
+        "service.cli; from service.settings import Settings; Settings(); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
