@@ -1,0 +1,157 @@
+"""The hot routes as plain ASGI (service/fastroute.py): the same contract as their FastAPI declarations."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import httpx
+import numpy as np
+import pytest
+
+from service.fastroute import FastRoutes
+from service.v2 import HEADER_LENGTH
+
+INFER = "/v2/models/mha/infer"
+
+
+def b64_body(x: np.ndarray) -> dict:
+    return {"x": {"dtype": "float32", "shape": list(x.shape), "b64": base64.b64encode(x.tobytes()).decode()}}
+
+
+def v2_binary(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    raw = x.astype("<f4").tobytes()
+    head = {
+        "inputs": [
+            {"name": "x", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": len(raw)}}
+        ],
+        "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
+    }
+    h = json.dumps(head).encode()
+    return h + raw, {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(h))}
+
+
+async def test_dispatch_takes_only_hot_posts() -> None:
+    """POSTs on the hot paths go to their handlers with the path's parameters; the rest to the app."""
+    seen: list = []
+
+    async def inner(scope, receive, send) -> None:
+        seen.append(("app", scope["method"], scope["path"]))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def handler(request, **params):
+        from starlette.responses import Response
+
+        seen.append(("hot", request.method, params))
+        return Response(b"hot")
+
+    pattern = r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer"
+    app = FastRoutes(inner, [(r"/attend", handler), (pattern, handler)])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        assert (await c.post("/attend", content=b"{}")).content == b"hot"
+        assert (await c.post("/v2/models/m/versions/7/infer")).content == b"hot"
+        assert (await c.post("/v2/models/m/infer")).content == b"hot"
+        for method, path in [("GET", "/attend"), ("POST", "/attend/heatmap"), ("POST", "/v2/models/a/b/infer")]:
+            assert (await c.request(method, path)).status_code == 204
+    assert seen == [
+        ("hot", "POST", {}),
+        ("hot", "POST", {"name": "m", "version": "7"}),
+        ("hot", "POST", {"name": "m", "version": None}),
+        ("app", "GET", "/attend"),
+        ("app", "POST", "/attend/heatmap"),
+        ("app", "POST", "/v2/models/a/b/infer"),
+    ]
+
+
+async def test_attend_answers_with_headers_and_values(app, client) -> None:
+    x = np.random.default_rng(1).standard_normal((2, 5, 32), dtype=np.float32)
+    r = await client.post("/attend", json=b64_body(x), headers={"x-request-id": "abc-123"})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-request-id"] == "abc-123" and r.headers["x-served-by"] == "test-replica"
+    assert int(r.headers["x-batch-size"]) >= 1 and float(r.headers["x-compute-time-ms"]) >= 0
+    assert "x-queue-time-ms" in r.headers and r.headers["content-type"] == "application/json"
+    out = r.json()["output"]
+    got = np.frombuffer(base64.b64decode(out["b64"]), np.float32).reshape(out["shape"])
+    want = app.state.mha.runner.module(__import__("torch").from_numpy(x)).output.numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "status", "kind"),
+    [
+        (b"{not json", "application/json", 400, "malformed_json"),
+        (b"{}", "text/plain", 415, "unsupported_media_type"),
+        (
+            b'{"x": {"dtype": "float32", "shape": [1, 2, 7], "b64": "AAAA"}}',
+            "application/json",
+            422,
+            "validation_error",
+        ),
+    ],
+)
+async def test_attend_errors_keep_their_shape(client, body, ctype, status, kind) -> None:
+    r = await client.post("/attend", content=body, headers={"content-type": ctype, "x-request-id": "e-1"})
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["type"] == kind and r.json()["error"]["message"]
+    assert r.headers["x-request-id"] == "e-1" and r.headers["x-served-by"] == "test-replica"
+
+
+async def test_other_methods_still_get_405_and_head_probes(client) -> None:
+    r = await client.get("/attend")
+    assert r.status_code == 405 and r.json()["error"]["type"] == "method_not_allowed"
+    r = await client.get(INFER)
+    assert r.status_code == 405 and isinstance(r.json()["error"], str) and "GET" in r.json()["error"]
+    assert (await client.head("/healthz")).status_code == 200
+
+
+async def test_v2_infer_versions_and_errors(app, client) -> None:
+    x = np.random.default_rng(2).standard_normal((1, 4, 32), dtype=np.float32)
+    body, headers = v2_binary(x)
+    for path in (INFER, "/v2/models/mha/versions/1/infer"):
+        r = await client.post(path, content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "application/octet-stream" and r.headers["x-served-by"] == "test-replica"
+        n = int(r.headers[HEADER_LENGTH])
+        got = np.frombuffer(r.content[n:], "<f4").reshape(x.shape)
+        want = app.state.mha.runner.module(__import__("torch").from_numpy(x)).output.numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    r = await client.post("/v2/models/other/infer", content=body, headers=headers)
+    assert r.status_code == 404 and "other" in r.json()["error"]
+    r = await client.post("/v2/models/mha/versions/9/infer", content=body, headers=headers)
+    assert r.status_code == 404 and isinstance(r.json()["error"], str)
+    r = await client.post(INFER, content=body, headers={**headers, HEADER_LENGTH: "x"})
+    assert r.status_code == 400 and "Inference-Header-Content-Length" in r.json()["error"]
+
+
+@pytest.mark.parametrize("settings_kw", [{"fault_injection": True}])
+async def test_internal_errors_are_opaque_500s_with_ids(client) -> None:
+    x = np.random.default_rng(3).standard_normal((1, 4, 32), dtype=np.float32)
+    body, headers = v2_binary(x)
+    r = await client.post(INFER, content=body, headers={**headers, "x-mha-fault": "raise", "x-request-id": "f-2"})
+    assert r.status_code == 500 and re.fullmatch(
+        r"internal error \(id [0-9a-f]{12}\); see the server log", r.json()["error"]
+    )
+    assert r.headers["x-request-id"] == "f-2"
+    r = await client.post("/attend", json=b64_body(x), headers={"x-mha-fault": "raise"})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error"
+
+
+async def test_openapi_keeps_the_hot_routes(client) -> None:
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    assert "422" in paths["/attend"]["post"]["responses"] and "429" in paths["/attend"]["post"]["responses"]
+    for p in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
+        assert set(paths[p]) == {"post"} and "404" in paths[p]["post"]["responses"]
+
+
+async def test_metrics_count_the_hot_routes(client) -> None:
+    x = np.random.default_rng(4).standard_normal((1, 4, 32), dtype=np.float32)
+    body, headers = v2_binary(x)
+    for _ in range(3):
+        assert (await client.post(INFER, content=body, headers=headers)).status_code == 200
+    assert (await client.post("/attend", content=b"{", headers={"content-type": "application/json"})).status_code == 400
+    text = (await client.get("/metrics")).text
+    assert 'mha_requests_total{route="/v2",status="200"} 3.0' in text
+    assert 'mha_requests_total{route="/attend",status="400"} 1.0' in text
+    assert 'mha_request_latency_seconds_count{route="/v2"} 3.0' in text
