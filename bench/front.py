@@ -20,7 +20,7 @@ for the same body (the issue's targets: v2 binary >= 1.0x, base64 >= 0.8x), and 
 per request over this server's: the same ratio for a saturated core, which other processes on a
 shared machine disturb much less than req/s (read it when the servers' core was not theirs alone).
 
-Needs ``wrk`` (Debian/Ubuntu: ``apt-get install wrk``; .ci/run installs it), and ``taskset``.
+Needs ``wrk`` (Debian/Ubuntu: ``apt-get install wrk``) and ``taskset`` (util-linux).
 The machine varies up to 1.5x from run to run: only ratios within one run count.
 
 Usage:
