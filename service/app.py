@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -191,7 +192,7 @@ def create_app(*, settings: Settings) -> FastAPI:
     app.state.mha = state
     _install_error_handlers(app, state)
     v2_router = v2.build_router(state)
-    hot_routes: list = []  # (path regex, handler): filled below, read by FastRoutes on each request
+    hot_routes: list = []  # (path regex, handler, declared route): filled below, before the first request
     app.add_middleware(FastRoutes, routes=hot_routes)  # innermost: the hot POSTs skip FastAPI's own layers
     app.add_middleware(  # its 429/408: its 429/408 get CORS headers, request ids, metrics and access logs
         AdmissionMiddleware,
@@ -325,8 +326,7 @@ def create_app(*, settings: Settings) -> FastAPI:
         except ServiceError as e:
             return _error_response(e)
 
-    hot_routes.append((r"/attend", attend_fast))
-    hot_routes.extend(v2_router.hot_routes)
+    hot_routes.append((r"/attend", attend_fast, "/attend"))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
@@ -345,6 +345,10 @@ def create_app(*, settings: Settings) -> FastAPI:
     app.openapi = openapi
     app.include_router(heatmap.build_router(state))
     app.include_router(v2_router)  # last: it answers every other /v2 path
+    routes = [*app.routes, *v2_router.routes]  # FastAPI wraps an included router: its routes are its own
+    declared = {r.path: r for r in routes if isinstance(r, APIRoute) and "POST" in r.methods}
+    hot_routes.extend(v2_router.hot_routes)
+    hot_routes[:] = [(pattern, handler, declared[template]) for pattern, handler, template in hot_routes]
     return app
 
 

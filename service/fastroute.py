@@ -27,18 +27,23 @@ Handler = Callable[..., Awaitable[Response]]
 
 
 class FastRoutes:
-    def __init__(self, app: Any, routes: list[tuple[str, Handler]]) -> None:
-        """``routes``: (a path regex with named groups for the parameters, its handler), tried in order."""
+    def __init__(self, app: Any, routes: list[tuple[str, Handler, Any]]) -> None:
+        """``routes``: (a path regex with named groups for the parameters, its handler, the declared route),
+        tried in order. The declared route goes into ``scope["route"]`` as the router would put it there
+        (tracing names the request's span after its path template)."""
         self.app = app
-        self.routes = [(re.compile(pattern), handler) for pattern, handler in routes]
+        self.routes = [(re.compile(pattern), handler, route) for pattern, handler, route in routes]
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             path = scope["path"]
-            for pattern, handler in self.routes:
+            for pattern, handler, route in self.routes:
                 m = pattern.fullmatch(path)
                 if m is not None:
-                    response = await handler(Request(scope, receive, send), **m.groupdict())
+                    params = m.groupdict()
+                    scope["route"] = route
+                    scope["path_params"] = {k: v for k, v in params.items() if v is not None}
+                    response = await handler(Request(scope, receive, send), **params)
                     await response(scope, receive, send)
                     return
         await self.app(scope, receive, send)

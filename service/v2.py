@@ -111,7 +111,8 @@ class _V2Route(APIRoute):
 def build_router(state: Any) -> APIRouter:
     """The v2 routes over ``state`` (service.app.AppState): its settings, runner, batcher, limits, stats.
 
-    ``router.hot_routes`` lists the inference route for service.fastroute.FastRoutes.
+    ``router.hot_routes`` lists the inference routes for service.fastroute.FastRoutes: (path regex, handler,
+    path template).
     Its last routes answer every other /v2 path (404/405 in the protocol's shape), so include
     this router after any other route under /v2, and before any catch-all mount at "/".
     """
@@ -265,7 +266,14 @@ def build_router(state: Any) -> APIRouter:
 
     # POST .../infer as plain ASGI (service/fastroute.py); the routes above document it and answer
     # what the fast path passes on. Starlette's str parameters match [^/]+, as here.
-    router.hot_routes = [(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer", infer_fast)]
+    router.hot_routes = [
+        (r"/v2/models/(?P<name>[^/]+)/infer", infer_fast, "/v2/models/{name}/infer"),
+        (
+            r"/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)/infer",
+            infer_fast,
+            "/v2/models/{name}/versions/{version}/infer",
+        ),
+    ]
     routes = list(router.routes)
 
     async def no_route(request: Request, path: str = "") -> Response:

@@ -45,10 +45,12 @@ async def test_dispatch_takes_only_hot_posts() -> None:
         from starlette.responses import Response
 
         seen.append(("hot", request.method, params))
+        assert request.scope["route"] == ("attend-route" if request.url.path == "/attend" else "v2-route")
+        assert request.path_params == {k: v for k, v in params.items() if v is not None}
         return Response(b"hot")
 
     pattern = r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer"
-    app = FastRoutes(inner, [(r"/attend", handler), (pattern, handler)])
+    app = FastRoutes(inner, [(r"/attend", handler, "attend-route"), (pattern, handler, "v2-route")])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         assert (await c.post("/attend", content=b"{}")).content == b"hot"
         assert (await c.post("/v2/models/m/versions/7/infer")).content == b"hot"
