@@ -18,12 +18,11 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import __version__, grpc_server, heatmap, tracing, v2
+from service import __version__, fastroute, grpc_server, heatmap, tracing, v2
 from service.admission import Admission, AdmissionMiddleware
 from service.batcher import Batcher, BatcherObserver, BatchLimits
 from service.decode import Limits
 from service.errors import INFERENCE_ERRORS, InternalErrors, ServiceError, error_responses
-from service.fastroute import FastRoutes
 from service.httputil import infer, internal_error, read_body, require_ready, timing_headers
 from service.metrics import Metrics
 from service.observability import ApiKeys, ObserveMiddleware
@@ -192,9 +191,8 @@ def create_app(*, settings: Settings) -> FastAPI:
     app.state.mha = state
     _install_error_handlers(app, state)
     v2_router = v2.build_router(state)
-    hot_routes: list = []  # (path regex, handler, declared route): filled below, before the first request
-    app.add_middleware(FastRoutes, routes=hot_routes)  # innermost: the hot POSTs skip FastAPI's own layers
-    app.add_middleware(  # its 429/408: its 429/408 get CORS headers, request ids, metrics and access logs
+    hot_routes: list = []  # (path regex, handler, declared route): filled below; see fastroute.install
+    app.add_middleware(  # innermost: its 429/408: its 429/408 get CORS headers, request ids, metrics and access logs
         AdmissionMiddleware,
         admission=Admission(settings.max_inflight_requests, settings.max_inflight_bytes),
         max_body_bytes=settings.max_body_bytes,
@@ -349,6 +347,7 @@ def create_app(*, settings: Settings) -> FastAPI:
     declared = {r.path: r for r in routes if isinstance(r, APIRoute) and "POST" in r.methods}
     hot_routes.extend(v2_router.hot_routes)
     hot_routes[:] = [(pattern, handler, declared[template]) for pattern, handler, template in hot_routes]
+    fastroute.install(app, hot_routes)  # the hot POSTs skip FastAPI's own layers, not ours
     return app
 
 

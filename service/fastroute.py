@@ -1,14 +1,15 @@
 """The hot inference routes, dispatched as plain ASGI: the framework's per-request cost left out.
 
 Front-bound (a small model, or a GPU), a request's CPU was mostly FastAPI's and Starlette's:
-exception and exit-stack middlewares, the router's match over every route (v2's included router
-matches each of its routes), dependency solving and the endpoint wrapper, about four times a
-bare FastAPI route. ``FastRoutes`` is the innermost middleware: a POST whose path matches a hot
-route goes straight to that route's handler; everything else (other methods, other paths) goes
-on to FastAPI as before, so HEAD/GET answer 405, and /docs, OpenAPI and the other routes do not
-change. The hot routes stay declared on the FastAPI app for the OpenAPI schema (and as the
-fallback), and the middlewares outside this one (request ids, metrics, access log, CORS, 500s,
-admission) still wrap them.
+error, telemetry, body-limit, exception and exit-stack middlewares, the router's match over every
+route (v2's included router matches each of its routes), dependency solving and the endpoint
+wrapper, about four times a bare FastAPI route. ``install(app, routes)`` makes the app's middleware
+stack a dispatcher: a POST whose path matches a hot route goes through the app's own middlewares
+(request ids, metrics, access log, CORS, 500s, admission: the same classes and arguments, so the
+same state) straight to that route's handler; everything else (other methods, other paths) goes to
+the stack FastAPI builds, unchanged, so HEAD/GET answer 405 and /docs, OpenAPI and the other routes
+do not change. The hot routes stay declared on the FastAPI app: the OpenAPI schema documents them,
+and ``scope["route"]`` is their declared route, as the router would set it.
 
 A handler takes the Starlette ``Request`` and the path's parameters, and returns a ``Response``;
 it maps its own errors to responses (the route's error shape), as its FastAPI declaration does.
@@ -26,12 +27,29 @@ from starlette.responses import Response
 Handler = Callable[..., Awaitable[Response]]
 
 
+_MATCH = "mha.fastroute"  # scope key: the matched (handler, parameters), from the dispatcher to the endpoint
+
+
+def install(app: Any, routes: list[tuple[str, Handler, Any]]) -> None:
+    """Dispatch ``routes`` (path regex with named groups, handler, declared route) through ``app``'s own
+    middlewares only. ``routes`` is read when the stack is built (the first request or the lifespan)."""
+    build_standard = app.build_middleware_stack
+
+    def build() -> Any:
+        hot: Any = _Endpoint()
+        for cls, args, kwargs in reversed(app.user_middleware):
+            hot = cls(hot, *args, **kwargs)
+        return FastRoutes(build_standard(), hot, routes)
+
+    app.build_middleware_stack = build
+
+
 class FastRoutes:
-    def __init__(self, app: Any, routes: list[tuple[str, Handler, Any]]) -> None:
-        """``routes``: (a path regex with named groups for the parameters, its handler, the declared route),
-        tried in order. The declared route goes into ``scope["route"]`` as the router would put it there
-        (tracing names the request's span after its path template)."""
-        self.app = app
+    """The dispatcher: hot POSTs to ``hot`` (the user middlewares over the handler), the rest to ``standard``."""
+
+    def __init__(self, standard: Any, hot: Any, routes: list[tuple[str, Handler, Any]]) -> None:
+        self.standard = standard
+        self.hot = hot
         self.routes = [(re.compile(pattern), handler, route) for pattern, handler, route in routes]
 
     async def __call__(self, scope, receive, send) -> None:
@@ -43,7 +61,13 @@ class FastRoutes:
                     params = m.groupdict()
                     scope["route"] = route
                     scope["path_params"] = {k: v for k, v in params.items() if v is not None}
-                    response = await handler(Request(scope, receive, send), **params)
-                    await response(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
+                    scope[_MATCH] = handler, params
+                    return await self.hot(scope, receive, send)
+        await self.standard(scope, receive, send)
+
+
+class _Endpoint:
+    async def __call__(self, scope, receive, send) -> None:
+        handler, params = scope[_MATCH]
+        response = await handler(Request(scope, receive, send), **params)
+        await response(scope, receive, send)

@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.fastroute import FastRoutes
+from service.fastroute import install
 from service.v2 import HEADER_LENGTH
 
 INFER = "/v2/models/mha/infer"
@@ -33,37 +33,53 @@ def v2_binary(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
 
 
 async def test_dispatch_takes_only_hot_posts() -> None:
-    """POSTs on the hot paths go to their handlers with the path's parameters; the rest to the app."""
+    """Hot POSTs go through the app's own middlewares to their handlers, with the path's parameters and the
+    declared route in the scope; other methods and paths go through FastAPI's stack to its router."""
+    from fastapi import FastAPI
+    from starlette.responses import Response
+
     seen: list = []
 
-    async def inner(scope, receive, send) -> None:
-        seen.append(("app", scope["method"], scope["path"]))
-        await send({"type": "http.response.start", "status": 204, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
+    class Tag:  # a user middleware: it must wrap both kinds of request
+        def __init__(self, app, *, tag: bytes) -> None:
+            self.app, self.tag = app, tag
+
+        async def __call__(self, scope, receive, send) -> None:
+            async def tagged(message) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", []), (b"x-tag", self.tag)]
+                await send(message)
+
+            await self.app(scope, receive, tagged)
+
+    app = FastAPI()
+    app.add_middleware(Tag, tag=b"t1")
+
+    @app.api_route("/{rest:path}", methods=["GET", "POST"])
+    async def routed(rest: str) -> Response:
+        seen.append(("router", rest))
+        return Response(b"router")
 
     async def handler(request, **params):
-        from starlette.responses import Response
-
-        seen.append(("hot", request.method, params))
-        assert request.scope["route"] == ("attend-route" if request.url.path == "/attend" else "v2-route")
-        assert request.path_params == {k: v for k, v in params.items() if v is not None}
+        seen.append(("hot", params, request.scope["route"], request.path_params))
         return Response(b"hot")
 
     pattern = r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer"
-    app = FastRoutes(inner, [(r"/attend", handler, "attend-route"), (pattern, handler, "v2-route")])
+    install(app, [(r"/attend", handler, "attend-route"), (pattern, handler, "v2-route")])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-        assert (await c.post("/attend", content=b"{}")).content == b"hot"
-        assert (await c.post("/v2/models/m/versions/7/infer")).content == b"hot"
-        assert (await c.post("/v2/models/m/infer")).content == b"hot"
+        for path in ("/attend", "/v2/models/m/versions/7/infer", "/v2/models/m/infer"):
+            r = await c.post(path, content=b"{}")
+            assert r.content == b"hot" and r.headers["x-tag"] == "t1"
         for method, path in [("GET", "/attend"), ("POST", "/attend/heatmap"), ("POST", "/v2/models/a/b/infer")]:
-            assert (await c.request(method, path)).status_code == 204
+            r = await c.request(method, path)
+            assert r.content == b"router" and r.headers["x-tag"] == "t1"
     assert seen == [
-        ("hot", "POST", {}),
-        ("hot", "POST", {"name": "m", "version": "7"}),
-        ("hot", "POST", {"name": "m", "version": None}),
-        ("app", "GET", "/attend"),
-        ("app", "POST", "/attend/heatmap"),
-        ("app", "POST", "/v2/models/a/b/infer"),
+        ("hot", {}, "attend-route", {}),
+        ("hot", {"name": "m", "version": "7"}, "v2-route", {"name": "m", "version": "7"}),
+        ("hot", {"name": "m", "version": None}, "v2-route", {"name": "m"}),
+        ("router", "attend"),
+        ("router", "attend/heatmap"),
+        ("router", "v2/models/a/b/infer"),
     ]
 
 
