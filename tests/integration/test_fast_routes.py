@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -173,3 +174,44 @@ async def test_metrics_count_the_hot_routes(client) -> None:
     assert 'mha_requests_total{route="/v2",status="200"} 3.0' in text
     assert 'mha_requests_total{route="/attend",status="400"} 1.0' in text
     assert 'mha_request_latency_seconds_count{route="/v2"} 3.0' in text
+
+
+@pytest.mark.parametrize("settings_kw", [{"fault_injection": True, "max_batch_size": 1}])
+@pytest.mark.parametrize("path", [INFER, "/attend"])
+async def test_a_client_gone_while_queued_is_never_computed(app, client, path) -> None:
+    """Behind a stalled forward, a request whose client disconnects leaves the queue uncomputed."""
+    x = np.random.default_rng(5).standard_normal((1, 4, 32), dtype=np.float32)
+    if path == INFER:
+        body, headers = v2_binary(x)
+    else:
+        body, headers = json.dumps(b64_body(x)).encode(), {"content-type": "application/json"}
+    stalled = asyncio.create_task(client.post(path, content=body, headers={**headers, "x-mha-fault": "stall:400"}))
+    await asyncio.sleep(0.15)  # the stall computes; the next request queues behind it
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    gone, sent = asyncio.Event(), []
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message) -> None:
+        sent.append(message)
+
+    raw = [(k.lower().encode(), v.encode()) for k, v in {**headers, "content-length": str(len(body))}.items()]
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": raw,
+        "client": ("127.0.0.1", 1), "server": ("test", 80),
+    }  # fmt: skip
+    task = asyncio.create_task(app(scope, receive, send))
+    await asyncio.sleep(0.05)
+    assert app.state.mha.batcher.queue_depth()[0] == 1  # queued behind the stall
+    gone.set()
+    await asyncio.wait_for(task, 5)
+    assert app.state.mha.batcher.queue_depth() == (0, 0)  # left the queue at once
+    assert (await stalled).status_code == 200
+    text = (await client.get("/metrics")).text
+    assert 'mha_requests_dropped_total{reason="disconnect"} 1.0' in text
+    assert "mha_batch_size_requests_count 1.0" in text  # only the stalled request was computed
