@@ -5,8 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test soak lint format serve bench bench-service bench-tracing bench-procs bench-gpu docker-test \
-	docker-build-cuda protos perf-analyzer bench-protocols
+.PHONY: help setup test soak lint format serve bench bench-service bench-tracing bench-procs bench-front bench-gpu \
+	docker-test docker-build-cuda protos perf-analyzer bench-protocols
 
 help:  ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ bench-service: $(STAMP)  ## HTTP benchmark with wrk (bench/service.py; needs the
 
 bench-tracing: $(STAMP)  ## what tracing costs: off, on, sampled-out and the code before it, front-bound (bench/tracing.py)
 	$(PY) bench/tracing.py
+
+bench-front: $(STAMP)  ## one front-end process's cost per request, against FastAPI/ASGI echoes and main (bench/front.py; needs wrk)
+	$(PY) bench/front.py
 
 docker-test: $(STAMP)  ## build the Docker image offline, run it and a 2-replica compose stack behind nginx (docker/ci.sh; root)
 	bash docker/ci.sh

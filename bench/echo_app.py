@@ -1,4 +1,5 @@
-"""The HTTP floor for bench/service.py: a bare ASGI app that answers a POST with its own body.
+"""The HTTP floors of bench/service.py and bench/front.py: ``app``, a bare ASGI app that answers a POST
+with its own body, and ``fastapi_app``, the same as one bare FastAPI route.
 
 No framework, no codec, no copies beyond joining the received chunks: what is left is uvicorn,
 uvloop, httptools and the socket. Any GET answers 200 ``ok`` (readiness).
@@ -8,6 +9,8 @@ uvloop, httptools and the socket. Any GET answers 200 ``ok`` (readiness).
 """
 
 from __future__ import annotations
+
+from fastapi import FastAPI, Request, Response  # fastapi_app's (annotations are resolved at module level)
 
 
 async def app(scope, receive, send) -> None:
@@ -38,3 +41,25 @@ async def app(scope, receive, send) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+def _fastapi_app():
+    """The framework floor for bench/front.py: one bare FastAPI route that answers a POST with its own body.
+
+    ``uvicorn bench.echo_app:fastapi_app``: the cost of FastAPI's request/response machinery, with no
+    middleware, model, codec or check.
+    """
+    fa = FastAPI()
+
+    @fa.post("/echo")
+    async def echo(request: Request) -> Response:
+        return Response(await request.body(), media_type="application/octet-stream")
+
+    @fa.get("/")
+    async def ok() -> Response:
+        return Response(b"ok")
+
+    return fa
+
+
+fastapi_app = _fastapi_app()

@@ -96,7 +96,7 @@ class AdmissionMiddleware:
             if body_done:
                 return await receive()  # after the body: the disconnect watch, unbounded
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+                message = await _within(receive, deadline)
             except asyncio.TimeoutError:
                 raise ServiceError(
                     "request_timeout",
@@ -115,6 +115,18 @@ class AdmissionMiddleware:
             await self.app(scope, guarded_receive, send)
         finally:
             self.admission.release(held)
+
+
+if hasattr(asyncio, "timeout_at"):  # Python 3.11+: a timer on this task, no task and future per receive
+
+    async def _within(receive, deadline: float) -> dict:
+        async with asyncio.timeout_at(deadline):
+            return await receive()
+
+else:  # pragma: no cover (Python 3.10)
+
+    async def _within(receive, deadline: float) -> dict:
+        return await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
 
 
 def _content_length(scope) -> int | None:

@@ -14,10 +14,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mha_core import MHAConfig
-from service import __version__, grpc_server, heatmap, tracing, v2
+from service import __version__, fastroute, grpc_server, heatmap, tracing, v2
 from service.admission import Admission, AdmissionMiddleware
 from service.batcher import Batcher, BatcherObserver, BatchLimits
 from service.decode import Limits
@@ -227,7 +228,9 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
     )
     app.state.mha = state
     _install_error_handlers(app, state)
-    app.add_middleware(  # innermost: its 429/408 get CORS headers, request ids, metrics and access logs
+    v2_router = v2.build_router(state)
+    hot_routes: list = []  # (path regex, handler, declared route): filled below; see fastroute.install
+    app.add_middleware(  # innermost: its 429/408: its 429/408 get CORS headers, request ids, metrics and access logs
         AdmissionMiddleware,
         admission=Admission(settings.max_inflight_requests, settings.max_inflight_bytes),
         max_body_bytes=settings.max_body_bytes,
@@ -355,6 +358,15 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
         )
         return Response(payload, media_type="application/json", headers=timing_headers(res))
 
+    async def attend_fast(request: Request) -> Response:
+        """POST /attend through FastRoutes: errors answer as the ServiceError handler does."""
+        try:
+            return await attend(request)
+        except ServiceError as e:
+            return _error_response(e)
+
+    hot_routes.append((r"/attend", attend_fast, "/attend"))
+
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
@@ -371,7 +383,12 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
 
     app.openapi = openapi
     app.include_router(heatmap.build_router(state))
-    app.include_router(v2.build_router(state))  # last: it answers every other /v2 path
+    app.include_router(v2_router)  # last: it answers every other /v2 path
+    routes = [*app.routes, *v2_router.routes]  # FastAPI wraps an included router: its routes are its own
+    declared = {r.path: r for r in routes if isinstance(r, APIRoute) and "POST" in r.methods}
+    hot_routes.extend(v2_router.hot_routes)
+    hot_routes[:] = [(pattern, handler, declared[template]) for pattern, handler, template in hot_routes]
+    fastroute.install(app, hot_routes)  # the hot POSTs skip FastAPI's own layers, not ours
     return app
 
 

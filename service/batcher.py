@@ -341,24 +341,38 @@ class Batcher:
             if asyncio.iscoroutine(abandoned):
                 abandoned.close()  # never awaited: close it quietly
             raise
-        waiters: set[asyncio.Future] = {pending.future}
         gone = asyncio.ensure_future(abandoned) if abandoned is not None else None
+        # The first of result, client gone and deadline wakes one waiter: what asyncio.wait does, without
+        # its sets, extra coroutine and per-call closures (a tenth of a front-bound request's CPU).
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+
+        def wake(_: Any = None) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        pending.future.add_done_callback(wake)
         if gone is not None:
-            waiters.add(gone)
+            gone.add_done_callback(wake)
+        timer = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()), wake)
         try:
-            done, _ = await asyncio.wait(
-                waiters, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
-            )
+            await waiter
+            answered = pending.future.done()
+            left = gone is not None and gone.done()
         except asyncio.CancelledError:
             if not pending.future.done():
                 self._obs.dropped("cancelled")
             raise
         finally:
-            if gone is not None and not gone.done():
-                gone.cancel()
+            timer.cancel()
+            pending.future.remove_done_callback(wake)
+            if gone is not None:
+                gone.remove_done_callback(wake)
+                if not gone.done():
+                    gone.cancel()
             if not pending.future.done():
                 self._abandon(pending)
-        if pending.future in done:
+        if answered:
             try:
                 result = pending.future.result()  # raises the runner's or the batcher's error
             except DeadlineExceeded:
@@ -368,7 +382,7 @@ class Batcher:
                 self._obs.dropped("late")
                 raise DeadlineExceeded("the request's deadline passed while it was computing")
             return result
-        if gone is not None and gone in done:
+        if left:
             self._obs.dropped("disconnect")
             raise ClientGone("the client went away")
         if pending.started:  # answered at the deadline; the batch's compute goes on without it

@@ -28,6 +28,7 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("req
 access_log = logging.getLogger("mha_serve.access")
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_ENCODER = json.JSONEncoder(default=str)
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
@@ -53,7 +54,7 @@ class JsonFormatter(logging.Formatter):
                 out[k] = v
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+        return _ENCODER.encode(out)  # json.dumps(out, default=str), without building an encoder a line
 
 
 def configure_logging(level: str, fmt: str) -> None:
@@ -62,6 +63,10 @@ def configure_logging(level: str, fmt: str) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # Neither format prints the caller's file, line, thread or process: do not look them up for every record
+    # (the logging HOWTO's "Optimization"); the access log writes one record a request.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -112,6 +117,16 @@ class ObserveMiddleware:
         self.open = self.OPEN if protect_metrics else self.OPEN | {"/metrics"}
         self.access_log = access_log_enabled
         self.tracing = tracing
+        self._counted: dict[tuple[str, int], tuple[Any, Any]] = {}  # (route, status) -> metric children
+
+    def _children(self, route: str, status: int) -> tuple[Any, Any]:
+        """The request counter's and the latency histogram's children: ``labels()`` locks and checks on each call."""
+        key = (route, status)
+        children = self._counted.get(key)
+        if children is None:
+            children = self.metrics.requests.labels(route, str(status)), self.metrics.latency.labels(route)
+            self._counted[key] = children
+        return children
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -152,8 +167,9 @@ class ObserveMiddleware:
             if inference:
                 self.metrics.in_flight.dec()
             route = path if path in self.ROUTES else ("/v2" if path.startswith("/v2") else "other")
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(elapsed)
+            count, latency = self._children(route, status)
+            count.inc()
+            latency.observe(elapsed)
             if self.access_log:
                 access_log.info(
                     "%s %s %d",

@@ -86,6 +86,18 @@ def _error_response(err: ServiceError) -> JSONResponse:
     return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
 
 
+async def _answer(request: Request, handler: Callable[..., Coroutine[Any, Any, Response]], *args: Any) -> Response:
+    """``handler(request, *args)``, its errors in the protocol's shape (StarletteHTTPException: FastAPI's)."""
+    try:
+        return await handler(request, *args)
+    except ServiceError as e:
+        return _error_response(e)
+    except StarletteHTTPException:
+        raise
+    except Exception as e:
+        return _error_response(internal_error(e, request))
+
+
 class _V2Route(APIRoute):
     """Errors of v2 routes answer the protocol's ``{"error": "..."}``, not /attend's object."""
 
@@ -93,14 +105,7 @@ class _V2Route(APIRoute):
         handler = super().get_route_handler()
 
         async def route(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except ServiceError as e:
-                return _error_response(e)
-            except StarletteHTTPException:
-                raise
-            except Exception as e:
-                return _error_response(internal_error(e, request))
+            return await _answer(request, handler)
 
         return route
 
@@ -108,6 +113,8 @@ class _V2Route(APIRoute):
 def build_router(state: Any) -> APIRouter:
     """The v2 routes over ``state`` (service.app.AppState): its settings, runner, batcher, limits, stats.
 
+    ``router.hot_routes`` lists the inference routes for service.fastroute.FastRoutes: (path regex, handler,
+    path template).
     Its last routes answer every other /v2 path (404/405 in the protocol's shape), so include
     this router after any other route under /v2, and before any catch-all mount at "/".
     """
@@ -258,6 +265,20 @@ def build_router(state: Any) -> APIRouter:
         },
     }
     add("/infer", infer, "POST", with_request=True, **inf)
+
+    async def infer_fast(request: Request, name: str, version: str | None = None) -> Response:
+        return await _answer(request, infer, name, version)
+
+    # POST .../infer as plain ASGI (service/fastroute.py); the routes above document it and answer
+    # what the fast path passes on. Starlette's str parameters match [^/]+, as here.
+    router.hot_routes = [
+        (r"/v2/models/(?P<name>[^/]+)/infer", infer_fast, "/v2/models/{name}/infer"),
+        (
+            r"/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)/infer",
+            infer_fast,
+            "/v2/models/{name}/versions/{version}/infer",
+        ),
+    ]
     routes = list(router.routes)
 
     async def no_route(request: Request, path: str = "") -> Response:

@@ -1,0 +1,236 @@
+"""Front-bound: what one front-end process costs per request, against the framework floors, in one run.
+
+A small model (E=64, H=4, T=16, x = [1, 16, 64] float32) makes compute negligible, so req/s measures
+the HTTP path: routing, middlewares, checks, the batcher's futures, metrics, access log, codecs
+(issue 11, "Front-bound, the GPU-like case"). Every server is a real uvicorn (uvloop, httptools)
+pinned to core 0, one torch thread; ``wrk -t1`` and this driver are pinned to core 1.
+
+Servers, all started at once (an idle one costs no CPU):
+  asgi-echo      bench/echo_app.py:app, raw ASGI answering a POST with its body
+  fastapi-echo   bench/echo_app.py:fastapi_app, one bare FastAPI route doing the same
+  main, main-nolog        mha-serve from the merge-base of HEAD and main (``--baseline REF``), extracted
+                          with ``git archive`` into a temporary folder; JSON access log on / off
+  branch, branch-nolog    mha-serve from this checkout; access log on / off
+Variants: ``v2-binary`` (POST /v2/models/mha/infer, Triton's binary tensor extension) and ``base64``
+(POST /attend); the echo servers echo each variant's body. Each (server, variant) cell runs once per
+round for ``--duration`` s at ``--concurrency`` connections, after the servers went idle, the order
+of servers rotating between rounds; the table gives each cell's median over the rounds: req/s, server
+CPU ms per request (utime + stime deltas from /proc/<pid>/stat), p50/p99, req/s over the fastapi-echo's
+for the same body (the issue's targets: v2 binary >= 1.0x, base64 >= 0.8x), and the fastapi-echo's CPU
+per request over this server's: the same ratio for a saturated core, which other processes on a
+shared machine disturb much less than req/s (read it when the servers' core was not theirs alone).
+
+Needs ``wrk`` (Debian/Ubuntu: ``apt-get install wrk``) and ``taskset`` (util-linux).
+The machine varies up to 1.5x from run to run: only ratios within one run count.
+
+Usage:
+  .venv/bin/python bench/front.py [--rounds 1] [--duration 5] [--concurrency 64] [--baseline REF|none]
+                                  [--out bench/out]
+Outputs OUT/front.md and OUT/front.json. About 2 minutes a round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.service import (  # noqa: E402  (process and measurement helpers)
+    SERVER_CORE,
+    free_port,
+    http,
+    proc_cpu_s,
+    stop_process,
+    wait_idle,
+    wait_ready,
+)
+from bench.tracing import SHAPE, SMALL_MODEL, Variant, baseline_tree, run_wrk  # noqa: E402
+
+
+@dataclass
+class Srv:
+    name: str
+    kind: str  # "echo" | "service"
+    argv: list[str]
+    env: dict
+    src: Path
+    proc: subprocess.Popen | None = None
+    base: str = ""
+
+
+@dataclass
+class Cell:
+    server: str
+    variant: str
+    rps: float
+    cpu_ms_per_req: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def variants() -> list[Variant]:
+    x = np.random.default_rng(0).standard_normal(SHAPE, dtype=np.float32)
+    raw = x.astype("<f4").tobytes()
+    inp = {"name": "x", "shape": list(SHAPE), "datatype": "FP32", "parameters": {"binary_data_size": len(raw)}}
+    out = {"name": "output", "parameters": {"binary_data": True}}
+    header = json.dumps({"inputs": [inp], "outputs": [out]}).encode()
+    b64 = json.dumps({"x": {"dtype": "float32", "shape": list(SHAPE), "b64": base64.b64encode(raw).decode()}})
+    v2_headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+    return [
+        Variant("v2-binary", "/v2/models/mha/infer", header + raw, v2_headers),
+        Variant("base64", "/attend", b64.encode(), {"Content-Type": "application/json"}),
+    ]
+
+
+def servers(baseline: Path | None) -> list[Srv]:
+    py = sys.executable
+    uv = [py, "-m", "uvicorn", "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
+    out = [
+        Srv("asgi-echo", "echo", [*uv, "bench.echo_app:app"], {}, ROOT),
+        Srv("fastapi-echo", "echo", [*uv, "bench.echo_app:fastapi_app"], {}, ROOT),
+    ]
+    trees = ([("main", baseline)] if baseline else []) + [("branch", ROOT)]
+    for name, src in trees:
+        for suffix, log in (("", "true"), ("-nolog", "false")):
+            env = {**SMALL_MODEL, "MHA_ACCESS_LOG": log, "MHA_LOG_LEVEL": "info", "MHA_GRPC_PORT": "0"}  # HTTP only
+            out.append(Srv(name + suffix, "service", [py, "-m", "service.cli"], env, src))
+    return out
+
+
+def start(srv: Srv, logs: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MHA_"))}
+    env.update(srv.env, PYTHONPATH=str(srv.src), PYTHONUNBUFFERED="1")
+    argv = [*srv.argv, "--host", "127.0.0.1", "--port", str(port)]
+    log = open(logs / f"{srv.name}.log", "wb")  # noqa: SIM115 (the child holds it; closed at exit)
+    srv.proc = subprocess.Popen(
+        ["taskset", "-c", str(SERVER_CORE), *argv],
+        cwd=srv.src,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: stop_process stops it as a whole
+    )
+    srv.base = f"http://127.0.0.1:{port}"
+
+
+def measure(srv: Srv, v: Variant, body_file: Path, args, procs: list) -> Cell:
+    path = v.path if srv.kind == "service" else "/echo"
+    status, _, _ = http("POST", srv.base + path, v.body, v.headers)
+    if status != 200:
+        raise RuntimeError(f"{srv.name} {v.name}: probe answered {status}")
+    wait_idle(procs, srv.base, "/healthz" if srv.kind == "service" else "/")
+    cpu0 = proc_cpu_s(srv.proc.pid)
+    r = run_wrk(srv.base + path, v, args.concurrency, args.duration, body_file)
+    cpu = proc_cpu_s(srv.proc.pid) - cpu0
+    n = max(1, r["requests"])
+    errors = sum(r[k] for k in ("err_connect", "err_read", "err_write", "err_status", "err_timeout"))
+    return Cell(srv.name, v.name, r["requests"] / (r["duration_us"] / 1e6), 1e3 * cpu / n, r["p50_us"] / 1e3,
+                r["p99_us"] / 1e3, errors)  # fmt: skip
+
+
+def median_cells(cells: list[Cell]) -> list[Cell]:
+    keys = list(dict.fromkeys((c.server, c.variant) for c in cells))
+    out = []
+    for s, v in keys:
+        cs = [c for c in cells if (c.server, c.variant) == (s, v)]
+        med = {f: statistics.median([getattr(c, f) for c in cs]) for f in ("rps", "cpu_ms_per_req", "p50_ms", "p99_ms")}
+        out.append(Cell(s, v, errors=sum(c.errors for c in cs), **med))
+    return out
+
+
+def table(cells: list[Cell]) -> str:
+    floor = {c.variant: c for c in cells if c.server == "fastapi-echo"}
+    rows = [
+        "| server | variant | req/s | server CPU ms/req | p50 ms | p99 ms | req/s x fastapi-echo "
+        "| CPU/req: fastapi-echo's / this | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    nan = float("nan")
+    for c in cells:
+        f = floor.get(c.variant)
+        ratio = c.rps / f.rps if f else nan
+        per_core = f.cpu_ms_per_req / c.cpu_ms_per_req if f and c.cpu_ms_per_req > 0 else nan
+        rows.append(
+            f"| {c.server} | {c.variant} | {c.rps:,.0f} | {c.cpu_ms_per_req:.3f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} "
+            f"| {ratio:.2f}x | {per_core:.2f}x | {c.errors} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--baseline", default="auto", help="git ref of the 'main' servers (default: merge-base)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    args = ap.parse_args()
+    for tool in ("wrk", "taskset"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found: apt-get install {'wrk' if tool == 'wrk' else 'util-linux'}")
+    os.sched_setaffinity(0, {1})  # this driver beside wrk, off the servers' core
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="mha-front-"))
+    baseline, commit = None, "none"
+    if args.baseline != "none":
+        baseline = tmp / "baseline"
+        baseline.mkdir()
+        commit = baseline_tree(args.baseline, baseline)
+    vs = variants()
+    bodies = {}
+    for v in vs:
+        bodies[v.name] = tmp / f"{v.name}.body"
+        bodies[v.name].write_bytes(v.body)
+    srvs = servers(baseline)
+    try:
+        logs = args.out / "front-logs"
+        logs.mkdir(exist_ok=True)
+        for s in srvs:
+            start(s, logs)
+        for s in srvs:
+            wait_ready(s.proc, s.base, "/readyz" if s.kind == "service" else "/")
+        procs = [s.proc for s in srvs]
+        cells: list[Cell] = []
+        for rnd in range(args.rounds):
+            order = srvs[rnd % len(srvs) :] + srvs[: rnd % len(srvs)]
+            for s in order:
+                for v in vs:
+                    cells.append(measure(s, v, bodies[v.name], args, procs))
+                    c = cells[-1]
+                    print(f"round {rnd + 1} {s.name:14} {v.name:10} {c.rps:8,.0f} req/s {c.cpu_ms_per_req:.3f} ms/req",
+                          flush=True)  # fmt: skip
+    finally:
+        for s in srvs:
+            if s.proc is not None:
+                stop_process(s.proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+    order = {s.name: i for i, s in enumerate(srvs)}
+    med = sorted(median_cells(cells), key=lambda c: (c.variant != "v2-binary", order[c.server]))
+    head = (
+        f"Front-bound, x {list(SHAPE)} float32, c={args.concurrency}, {args.duration:g} s x {args.rounds} round(s) "
+        f"(median), servers on core {SERVER_CORE}, wrk on the other; main = {commit}; {time.strftime('%F %T')}"
+    )
+    report = head + "\n\n" + table(med) + "\n"
+    print("\n" + report)
+    (args.out / "front.md").write_text(report)
+    (args.out / "front.json").write_text(json.dumps({"baseline": commit, "cells": [asdict(c) for c in cells]}))
+
+
+if __name__ == "__main__":
+    main()

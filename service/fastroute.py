@@ -1,0 +1,73 @@
+"""The hot inference routes, dispatched as plain ASGI: the framework's per-request cost left out.
+
+Front-bound (a small model, or a GPU), a request's CPU was mostly FastAPI's and Starlette's:
+error, telemetry, body-limit, exception and exit-stack middlewares, the router's match over every
+route (v2's included router matches each of its routes), dependency solving and the endpoint
+wrapper, about four times a bare FastAPI route. ``install(app, routes)`` makes the app's middleware
+stack a dispatcher: a POST whose path matches a hot route goes through the app's own middlewares
+(request ids, metrics, access log, CORS, 500s, admission: the same classes and arguments, so the
+same state) straight to that route's handler; everything else (other methods, other paths) goes to
+the stack FastAPI builds, unchanged, so HEAD/GET answer 405 and /docs, OpenAPI and the other routes
+do not change. The hot routes stay declared on the FastAPI app: the OpenAPI schema documents them,
+and ``scope["route"]`` is their declared route, as the router would set it.
+
+A handler takes the Starlette ``Request`` and the path's parameters, and returns a ``Response``;
+it maps its own errors to responses (the route's error shape), as its FastAPI declaration does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+Handler = Callable[..., Awaitable[Response]]
+
+
+_MATCH = "mha.fastroute"  # scope key: the matched (handler, parameters), from the dispatcher to the endpoint
+
+
+def install(app: Any, routes: list[tuple[str, Handler, Any]]) -> None:
+    """Dispatch ``routes`` (path regex with named groups, handler, declared route) through ``app``'s own
+    middlewares only. ``routes`` is read when the stack is built (the first request or the lifespan)."""
+    build_standard = app.build_middleware_stack
+
+    def build() -> Any:
+        hot: Any = _Endpoint()
+        for cls, args, kwargs in reversed(app.user_middleware):
+            hot = cls(hot, *args, **kwargs)
+        return FastRoutes(build_standard(), hot, routes)
+
+    app.build_middleware_stack = build
+
+
+class FastRoutes:
+    """The dispatcher: hot POSTs to ``hot`` (the user middlewares over the handler), the rest to ``standard``."""
+
+    def __init__(self, standard: Any, hot: Any, routes: list[tuple[str, Handler, Any]]) -> None:
+        self.standard = standard
+        self.hot = hot
+        self.routes = [(re.compile(pattern), handler, route) for pattern, handler, route in routes]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            for pattern, handler, route in self.routes:
+                m = pattern.fullmatch(path)
+                if m is not None:
+                    params = m.groupdict()
+                    scope["route"] = route
+                    scope["path_params"] = {k: v for k, v in params.items() if v is not None}
+                    scope[_MATCH] = handler, params
+                    return await self.hot(scope, receive, send)
+        await self.standard(scope, receive, send)
+
+
+class _Endpoint:
+    async def __call__(self, scope, receive, send) -> None:
+        handler, params = scope[_MATCH]
+        response = await handler(Request(scope, receive, send), **params)
+        await response(scope, receive, send)
