@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service import batcher as here  # noqa: E402
-from service.runner import AttendInput, AttendOutput, BatchStats  # noqa: E402
+from service.messages import AttendInput, AttendOutput, BatchStats  # noqa: E402
 
 X = np.zeros((1, 4, 2), np.float32)
 

@@ -20,10 +20,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mha_core import MHAConfig
 from service import __version__, fastroute, grpc_server, heatmap, tracing, v2
 from service.admission import Admission, AdmissionMiddleware
-from service.batcher import Batcher, BatcherObserver, BatchLimits
+from service.batcher import Batcher, BatchLimits
 from service.decode import Limits
 from service.errors import INFERENCE_ERRORS, InternalErrors, ServiceError, error_responses
 from service.httputil import infer, internal_error, read_body, require_ready, timing_headers
+from service.messages import BatcherObserver
 from service.metrics import Metrics, exposition
 from service.observability import ApiKeys, ObserveMiddleware
 from service.offload import Offload
@@ -112,16 +113,6 @@ class EngineModel:
     device: str
 
 
-def model_description(settings: Settings, runner: Any) -> dict[str, Any]:
-    return {
-        "name": settings.model_name,
-        **runner.config.to_dict(),
-        "dtype": str(runner.dtype).removeprefix("torch."),
-        "device": str(runner.device),
-        "checksum": runner.checksum,
-    }
-
-
 def create_app(*, settings: Settings, engine_address: str | None = None) -> FastAPI:
     """The app; with ``engine_address``, a front-end process whose batcher is the model process there."""
     state = AppState(settings=settings, metrics=Metrics())
@@ -150,7 +141,11 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
         state.batcher = client
 
     async def load_model() -> None:
-        from service.runner import Runner, is_out_of_memory  # imports torch: never in a front-end process
+        from service.runner import (
+            Runner,
+            is_out_of_memory,
+            model_description,
+        )  # imports torch: never in a front-end process
 
         runner = await asyncio.to_thread(Runner.from_settings, settings)
         if settings.warmup:
@@ -179,7 +174,7 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
             observer = state.tracing.observe_batches(observer)
         state.batcher = Batcher(
             runner.run,
-            batch_limits(settings),
+            BatchLimits.from_settings(settings),
             observer=observer,
             is_oom=is_out_of_memory,
             weights_of=runner.weights_elements,
@@ -287,7 +282,7 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
         return {
             **state.model_info,
             "replica_id": s.replica_id,
-            "batching": batch_limits(s).__dict__,
+            "batching": BatchLimits.from_settings(s).__dict__,
             "limits": {
                 "max_body_bytes": s.max_body_bytes,
                 "max_request_batch": s.max_request_batch,
@@ -402,22 +397,6 @@ def _warn_shared_admission(s: Settings) -> None:
             s.max_inflight_requests,
             need,
         )
-
-
-def batch_limits(s: Settings) -> BatchLimits:
-    return BatchLimits(
-        max_batch_size=s.max_batch_size,
-        max_batch_tokens=s.max_batch_tokens,
-        max_wait_ms=s.max_wait_ms,
-        max_padding_ratio=s.max_padding_ratio,
-        max_queue_requests=s.max_queue_requests,
-        max_queue_tokens=s.max_queue_tokens,
-        oom_cooldown_s=s.oom_cooldown_s,
-        max_batch_weights_elements=s.max_batch_weights_elements,
-        priority_levels=s.priority_levels,
-        default_priority_level=s.default_priority_level,
-        priority_oldest_every=s.priority_oldest_every,
-    )
 
 
 def _error_response(err: ServiceError) -> JSONResponse:

@@ -31,11 +31,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from service import grpc_wire, oip
-from service.batcher import Result
 from service.decode import check_priority
 from service.errors import ERROR_STATUS, ServiceError
 from service.httputil import run_batcher
-from service.messages import AttendInput
+from service.messages import AttendInput, Result
 from service.observability import ApiKeys
 from service.tracing import stage
 from service.triton_proto import grpc_service_pb2 as pb

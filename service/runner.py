@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import numpy as np
 import torch
 
 from mha_core import MHAConfig, MultiHeadAttention, read_checkpoint
-from service.messages import AttendInput, AttendOutput, BatchStats  # re-exported: their old home
+from service.messages import AttendInput, AttendOutput, BatchStats
 from service.settings import Settings, parse_buckets
 from service.staging import CudaGraphs, Slot, Staging
 
@@ -39,6 +40,17 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise RuntimeError(f"device {name!r} was asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
     return dev
+
+
+def model_description(settings: Settings, runner: Runner) -> dict[str, Any]:
+    """What /v1/model and the engine's hello report about the loaded model."""
+    return {
+        "name": settings.model_name,
+        **runner.config.to_dict(),
+        "dtype": str(runner.dtype).removeprefix("torch."),
+        "device": str(runner.device),
+        "checksum": runner.checksum,
+    }
 
 
 class Runner:

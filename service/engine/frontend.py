@@ -18,7 +18,7 @@ ADDRESS_ENV = "MHA_ENGINE_ADDRESS"
 
 def create_front_app() -> FastAPI:
     from service.app import create_app
-    from service.observability import configure_logging
+    from service.logs import configure_logging
     from service.settings import Settings
 
     settings = Settings()

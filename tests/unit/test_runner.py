@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from mha_core import MHAConfig, MultiHeadAttention
-from service.runner import AttendInput, Runner, resolve_dtype
-from service.settings import Settings
-from service.staging import parse_buckets, pick_bucket
+from service.messages import AttendInput
+from service.runner import Runner, resolve_dtype
+from service.settings import Settings, parse_buckets
+from service.staging import pick_bucket
 from tests.devices import SKIP_REASON, test_device, tol
 
 CFG = MHAConfig(num_heads=4, emb_size=32, head_size=8, max_seq_len=64)
