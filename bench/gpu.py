@@ -59,9 +59,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.weights_memory import measure as weights_allocations  # noqa: E402
 from mha_core import MHAConfig, MultiHeadAttention  # noqa: E402
-from service.codecs import bf16_to_f32, f32_to_bf16  # noqa: E402
+from service.engine.runner import Runner  # noqa: E402
+from service.frontend.codecs import bf16_to_f32, f32_to_bf16  # noqa: E402
 from service.messages import AttendInput  # noqa: E402
-from service.runner import Runner  # noqa: E402
 
 E, H, D = 512, 8, 64
 CORE_SHAPES = [(1, 128), (32, 128), (8, 1024), (4, 4096)]

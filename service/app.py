@@ -1,4 +1,7 @@
-"""create_app(settings=...): wires Settings -> runner -> batcher -> routes. No torch math here."""
+"""create_app(settings=...): wires Settings -> the engine (in-process batcher) or the engine client -> routes.
+
+The one module that imports both sides (service/frontend/ and service/engine/). No torch math here.
+"""
 
 from __future__ import annotations
 
@@ -18,19 +21,20 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mha_core import MHAConfig
-from service import __version__, fastroute, grpc_server, heatmap, tracing, v2
-from service.admission import Admission, AdmissionMiddleware
-from service.batcher import Batcher, BatchLimits
-from service.decode import Limits
+from service import __version__, tracing
+from service.engine.batcher import Batcher, BatchLimits
 from service.errors import INFERENCE_ERRORS, InternalErrors, ServiceError, error_responses
-from service.httputil import infer, internal_error, read_body, require_ready, timing_headers
+from service.frontend import fastroute, grpc_server, heatmap, v2
+from service.frontend.admission import Admission, AdmissionMiddleware
+from service.frontend.decode import Limits
+from service.frontend.httputil import infer, internal_error, read_body, require_ready, timing_headers
+from service.frontend.observability import ApiKeys, ObserveMiddleware
+from service.frontend.offload import Offload
+from service.frontend.schemas import AttendRequest, AttendResponse, ModelDescription
+from service.frontend.stats import ModelStats
 from service.messages import BatcherObserver
 from service.metrics import Metrics, exposition
-from service.observability import ApiKeys, ObserveMiddleware
-from service.offload import Offload
-from service.schemas import AttendRequest, AttendResponse, ModelDescription
 from service.settings import Settings
-from service.stats import ModelStats
 from service.tracing import Tracing, stage
 
 log = logging.getLogger("mha_serve")
@@ -141,7 +145,7 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
         state.batcher = client
 
     async def load_model() -> None:
-        from service.runner import (
+        from service.engine.runner import (
             Runner,
             is_out_of_memory,
             model_description,

@@ -110,6 +110,8 @@ class Result:
 
 # -- across the process boundary -------------------------------------------------------------
 
+ADDRESS_ENV = "MHA_ENGINE_ADDRESS"  # the model process's zmq address, as the supervisor hands it to front ends
+
 ERROR_KINDS = ("overloaded", "too_large", "deadline", "shutting_down", "client_gone", "error")
 
 

@@ -1,6 +1,6 @@
 """EngineClient: the batcher's interface in a front-end process, served by the model process.
 
-It has the same ``infer(inp, *, deadline, abandoned) -> Result`` as ``service.batcher.Batcher``
+It has the same ``infer(inp, *, deadline, abandoned) -> Result`` as ``service.engine.batcher.Batcher``
 and raises the same exceptions (Overloaded with its retry-after, DeadlineExceeded, ShuttingDown,
 ClientGone, RequestTooLarge), so the routes need not know which one they talk to. Requests
 submitted in the same turn of the event loop cross in one message; a caller that leaves sends a

@@ -72,9 +72,9 @@ class Engine:
 
     async def load(self) -> None:
         """Load and warm the model, start the batcher (the same wiring as the single-process app)."""
-        from service.batcher import Batcher, BatchLimits
+        from service.engine.batcher import Batcher, BatchLimits
+        from service.engine.runner import Runner, is_out_of_memory, model_description
         from service.metrics import Metrics
-        from service.runner import Runner, is_out_of_memory, model_description
 
         s = self.settings
         runner = await asyncio.to_thread(Runner.from_settings, s)

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
+from service.frontend.observability import ApiKeys
 from service.logs import JsonFormatter, request_id_var
-from service.observability import ApiKeys
 
 X = {"x": [[[0.25] * 32] * 3]}
 

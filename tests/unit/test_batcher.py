@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, BatchLimits
+from service.engine.batcher import Batcher, BatchLimits
 from service.messages import (
     AttendInput,
     AttendOutput,

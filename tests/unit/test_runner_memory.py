@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mha_core import MHAConfig, MultiHeadAttention
+from service.engine.runner import Runner
 from service.messages import AttendInput
-from service.runner import Runner
 
 CFG = MHAConfig(num_heads=8, emb_size=32, head_size=4, max_seq_len=64, causal=True)
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from starlette.requests import Request
 
-from service import codecs
 from service.errors import ServiceError
+from service.frontend import codecs
 from service.messages import (
     AttendInput,
     ClientGone,

@@ -13,7 +13,7 @@ import signal
 
 from fastapi import FastAPI
 
-ADDRESS_ENV = "MHA_ENGINE_ADDRESS"
+from service.messages import ADDRESS_ENV
 
 
 def create_front_app() -> FastAPI:

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from mha_core import MHAConfig, MultiHeadAttention, read_checkpoint
+from service.engine.staging import CudaGraphs, Slot, Staging
 from service.messages import AttendInput, AttendOutput, BatchStats
 from service.settings import Settings, parse_buckets
-from service.staging import CudaGraphs, Slot, Staging
 
 log = logging.getLogger("mha_serve.runner")
 
@@ -75,7 +75,7 @@ class Runner:
             raise ValueError(f"the model's {', '.join(bad)} hold values that {dtype} cannot represent; use float32")
         self.config: MHAConfig = module.config
         self.checksum = checksum
-        # Host <-> device copies and CUDA graphs (service/staging.py). depth: batches in flight at
+        # Host <-> device copies and CUDA graphs (service/engine/staging.py). depth: batches in flight at
         # once; the batcher runs that many worker threads, so the next batch uploads under this one.
         cuda = device.type == "cuda"
         self.depth = 2 if cuda and pipeline else 1
