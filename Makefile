@@ -52,8 +52,8 @@ bench-front: $(STAMP)  ## one front-end process's cost per request, against Fast
 docker-test: $(STAMP)  ## build the Docker image offline, run it and a 2-replica compose stack behind nginx (docker/ci.sh; root)
 	bash docker/ci.sh
 
-PROTO_DIR := service/triton_proto
-protos: $(STAMP)  ## regenerate the gRPC modules in service/triton_proto from Triton's vendored .proto files
+PROTO_DIR := service/frontend/triton_proto
+protos: $(STAMP)  ## regenerate the gRPC modules in service/frontend/triton_proto from Triton's vendored .proto files
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[protos]'
 	$(PY) -m grpc_tools.protoc -I $(PROTO_DIR) --python_out=$(PROTO_DIR) --pyi_out=$(PROTO_DIR) \
 		--grpc_python_out=$(PROTO_DIR) $(PROTO_DIR)/model_config.proto $(PROTO_DIR)/grpc_service.proto

@@ -32,26 +32,36 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mha_core import MHAConfig  # noqa: E402
-from service import codecs  # noqa: E402
-from service import decode as here  # noqa: E402
+from service.frontend import codecs  # noqa: E402
+from service.frontend import decode as here  # noqa: E402
 
 MODULES = ("errors", "schemas", "codecs", "decode")  # the decoding stack; runner and mha_core are shared
 
 
+def _show(rev: str, name: str) -> str:
+    """The module's source at ``rev``: under service/frontend/ (errors.py: service/), or flat under service/ before."""
+    for folder in ("service/frontend", "service"):
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{rev}:{folder}/{name}.py"], capture_output=True, text=True
+        )
+        if out.returncode == 0:
+            return out.stdout
+    raise SystemExit(f"{name}.py not found at {rev}")
+
+
 def load_baseline(rev: str):
-    """``service.decode`` of ``rev``, with its own codecs/schemas/errors, as package ``baseline_service``."""
+    """``service.frontend.decode`` of ``rev``, with its own codecs/schemas/errors, as package ``baseline_service``."""
     tmp = tempfile.mkdtemp(prefix="mha-bench-")
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     pkg = Path(tmp) / "baseline_service"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     for name in MODULES:
-        src = subprocess.run(
-            ["git", "-C", str(ROOT), "show", f"{rev}:service/{name}.py"], check=True, capture_output=True, text=True
-        ).stdout
+        src = _show(rev, name)
         for m in MODULES:
-            src = src.replace(f"from service.{m} import", f"from baseline_service.{m} import")
-            src = src.replace(f"from service import {m}", f"from baseline_service import {m}")
+            for pkg_name in ("service.frontend", "service"):  # today's layout, then the flat one of older revisions
+                src = src.replace(f"from {pkg_name}.{m} import", f"from baseline_service.{m} import")
+                src = src.replace(f"from {pkg_name} import {m}", f"from baseline_service import {m}")
         (pkg / f"{name}.py").write_text(src)
     sys.path.insert(0, str(pkg.parent))
     spec = importlib.util.find_spec("baseline_service.decode")

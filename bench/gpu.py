@@ -59,8 +59,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.weights_memory import measure as weights_allocations  # noqa: E402
 from mha_core import MHAConfig, MultiHeadAttention  # noqa: E402
-from service.codecs import bf16_to_f32, f32_to_bf16  # noqa: E402
-from service.runner import AttendInput, Runner  # noqa: E402
+from service.engine.runner import Runner  # noqa: E402
+from service.frontend.codecs import bf16_to_f32, f32_to_bf16  # noqa: E402
+from service.messages import AttendInput  # noqa: E402
 
 E, H, D = 512, 8, 64
 CORE_SHAPES = [(1, 128), (32, 128), (8, 1024), (4, 4096)]
@@ -314,7 +315,7 @@ def make_items(batch: int) -> list[AttendInput]:
 
 def runner_rps(dev: torch.device, *, batch: int, seconds: float, pinned=True, pipeline=True, graphs: str = "") -> float:
     """Requests per second through Runner.run, `depth` batches in flight as the batcher keeps them."""
-    from service.staging import parse_buckets
+    from service.settings import parse_buckets
 
     module = MultiHeadAttention.from_seed(MHAConfig(H, E, D, 1024), 0)
     runner = Runner(

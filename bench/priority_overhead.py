@@ -26,8 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service import batcher as here  # noqa: E402
-from service.runner import AttendInput, AttendOutput, BatchStats  # noqa: E402
+from service.engine import batcher as here  # noqa: E402
+from service.messages import AttendInput, AttendOutput, BatchStats  # noqa: E402
 
 X = np.zeros((1, 4, 2), np.float32)
 
@@ -38,7 +38,11 @@ def run(items: list[AttendInput]):
 
 
 def load_baseline(rev: str):
-    src = subprocess.run(["git", "show", f"{rev}:service/batcher.py"], cwd=ROOT, check=True, capture_output=True)
+    show = ["git", "show", f"{rev}:service/engine/batcher.py"]
+    src = subprocess.run(show, cwd=ROOT, capture_output=True)
+    if src.returncode != 0:  # a revision before the engine/frontend layout: the batcher lived at service/batcher.py
+        show[-1] = f"{rev}:service/batcher.py"
+        src = subprocess.run(show, cwd=ROOT, check=True, capture_output=True)
     path = Path(tempfile.mkdtemp()) / "batcher_baseline.py"
     path.write_bytes(src.stdout)
     spec = importlib.util.spec_from_file_location("batcher_baseline", path)
@@ -77,7 +81,7 @@ async def amain(baseline) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--baseline", default="main", help="git revision whose service/batcher.py to compare with")
+    ap.add_argument("--baseline", default="main", help="git revision whose service/engine/batcher.py to compare with")
     args = ap.parse_args()
     asyncio.run(amain(load_baseline(args.baseline)))
 

@@ -90,7 +90,8 @@ def forward_ceiling(env: dict[str, str], batch: int, seconds: float) -> float:
     code = f"""
 import time, numpy as np
 from service.settings import Settings
-from service.runner import Runner, AttendInput
+from service.messages import AttendInput
+from service.engine.runner import Runner
 r = Runner.from_settings(Settings())
 r.warmup()
 x = np.random.default_rng(0).standard_normal({SHAPE}).astype(np.float32)

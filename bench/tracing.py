@@ -300,9 +300,8 @@ def off_path_us(n: int = 200_000) -> dict[str, float]:
     import timeit
 
     from service import tracing
-    from service.batcher import BatcherObserver
+    from service.messages import BatcherObserver, BatchStats
     from service.metrics import Metrics
-    from service.runner import BatchStats
 
     m, obs, stats = Metrics(), BatcherObserver(), BatchStats(1, 16, 16, 0.001)
 

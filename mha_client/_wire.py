@@ -1,6 +1,6 @@
 """Tensors <-> the JSON wire format of mha-serve. numpy only: the client must not need the service.
 
-Two encodings of a tensor (the same as ``service/codecs.py``, which the unit tests check):
+Two encodings of a tensor (the same as ``service/frontend/codecs.py``, which the unit tests check):
 - ``lists``: nested lists of numbers (or of true/false for a mask);
 - ``base64``: ``{"dtype", "shape", "b64"}``, base64 of the little-endian, row-major bytes;
   ``bfloat16`` is the upper 16 bits of a float32, ``bool`` one byte per element.

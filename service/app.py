@@ -1,4 +1,7 @@
-"""create_app(settings=...): wires Settings -> runner -> batcher -> routes. No torch math here."""
+"""create_app(settings=...): wires Settings -> the engine (in-process batcher) or the engine client -> routes.
+
+The one module that imports both sides (service/frontend/ and service/engine/). No torch math here.
+"""
 
 from __future__ import annotations
 
@@ -18,18 +21,20 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mha_core import MHAConfig
-from service import __version__, fastroute, grpc_server, heatmap, tracing, v2
-from service.admission import Admission, AdmissionMiddleware
-from service.batcher import Batcher, BatcherObserver, BatchLimits
-from service.decode import Limits
+from service import __version__, tracing
+from service.engine.batcher import Batcher, BatchLimits
 from service.errors import INFERENCE_ERRORS, InternalErrors, ServiceError, error_responses
-from service.httputil import infer, internal_error, read_body, require_ready, timing_headers
+from service.frontend import fastroute, grpc_server, heatmap, v2
+from service.frontend.admission import Admission, AdmissionMiddleware
+from service.frontend.decode import Limits
+from service.frontend.httputil import infer, internal_error, read_body, require_ready, timing_headers
+from service.frontend.observability import ApiKeys, ObserveMiddleware
+from service.frontend.offload import Offload
+from service.frontend.schemas import AttendRequest, AttendResponse, ModelDescription
+from service.frontend.stats import ModelStats
+from service.messages import BatcherObserver
 from service.metrics import Metrics, exposition
-from service.observability import ApiKeys, ObserveMiddleware
-from service.offload import Offload
-from service.schemas import AttendRequest, AttendResponse, ModelDescription
 from service.settings import Settings
-from service.stats import ModelStats
 from service.tracing import Tracing, stage
 
 log = logging.getLogger("mha_serve")
@@ -112,16 +117,6 @@ class EngineModel:
     device: str
 
 
-def model_description(settings: Settings, runner: Any) -> dict[str, Any]:
-    return {
-        "name": settings.model_name,
-        **runner.config.to_dict(),
-        "dtype": str(runner.dtype).removeprefix("torch."),
-        "device": str(runner.device),
-        "checksum": runner.checksum,
-    }
-
-
 def create_app(*, settings: Settings, engine_address: str | None = None) -> FastAPI:
     """The app; with ``engine_address``, a front-end process whose batcher is the model process there."""
     state = AppState(settings=settings, metrics=Metrics())
@@ -150,7 +145,11 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
         state.batcher = client
 
     async def load_model() -> None:
-        from service.runner import Runner, is_out_of_memory  # imports torch: never in a front-end process
+        from service.engine.runner import (
+            Runner,
+            is_out_of_memory,
+            model_description,
+        )  # imports torch: never in a front-end process
 
         runner = await asyncio.to_thread(Runner.from_settings, settings)
         if settings.warmup:
@@ -179,7 +178,7 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
             observer = state.tracing.observe_batches(observer)
         state.batcher = Batcher(
             runner.run,
-            batch_limits(settings),
+            BatchLimits.from_settings(settings),
             observer=observer,
             is_oom=is_out_of_memory,
             weights_of=runner.weights_elements,
@@ -287,7 +286,7 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
         return {
             **state.model_info,
             "replica_id": s.replica_id,
-            "batching": batch_limits(s).__dict__,
+            "batching": BatchLimits.from_settings(s).__dict__,
             "limits": {
                 "max_body_bytes": s.max_body_bytes,
                 "max_request_batch": s.max_request_batch,
@@ -402,22 +401,6 @@ def _warn_shared_admission(s: Settings) -> None:
             s.max_inflight_requests,
             need,
         )
-
-
-def batch_limits(s: Settings) -> BatchLimits:
-    return BatchLimits(
-        max_batch_size=s.max_batch_size,
-        max_batch_tokens=s.max_batch_tokens,
-        max_wait_ms=s.max_wait_ms,
-        max_padding_ratio=s.max_padding_ratio,
-        max_queue_requests=s.max_queue_requests,
-        max_queue_tokens=s.max_queue_tokens,
-        oom_cooldown_s=s.oom_cooldown_s,
-        max_batch_weights_elements=s.max_batch_weights_elements,
-        priority_levels=s.priority_levels,
-        default_priority_level=s.default_priority_level,
-        priority_oldest_every=s.priority_oldest_every,
-    )
 
 
 def _error_response(err: ServiceError) -> JSONResponse:

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         print("mha-serve: invalid settings:\n" + "\n".join(lines), file=sys.stderr)
         return 2
-    from service.observability import configure_logging
+    from service.logs import configure_logging
     from service.settings import default_workers
 
     if settings.engine == "inprocess" and (settings.workers or 1) > 1:

@@ -94,7 +94,7 @@ def status_descriptions(*types: str) -> dict[int, str]:
 
 def error_responses(*types: str) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses=`` for a route, built from the same table the handlers use."""
-    from service.schemas import ErrorBody
+    from service.frontend.schemas import ErrorBody
 
     return {status: {"model": ErrorBody, "description": d} for status, d in status_descriptions(*types).items()}
 

@@ -1,7 +1,9 @@
 """The small typed messages between the front end and the engine (no torch here).
 
 ``AttendInput``/``AttendOutput``/``BatchStats`` are what the batcher and the runner exchange in one
-process; ``encode_*``/``decode_*`` carry them between processes as zmq multipart messages: one
+process; ``Result``, the typed refusals (``Overloaded``, ``DeadlineExceeded``...) and the
+``BatcherObserver`` hooks are what a front end gets from, or gives to, either batcher (the in-process
+one or the engine client); ``encode_*``/``decode_*`` carry them between processes as zmq multipart messages: one
 small orjson header with the control fields, then each array's buffer as its own frame (sent with
 ``copy=False``, received as zero-copy views), never pickled. Several requests or results travel in
 one message when several are ready at once.
@@ -59,7 +61,56 @@ class BatchStats:
     extra: dict = field(default_factory=dict)
 
 
+# -- the batcher's outcomes and hooks (the in-process batcher and the engine client raise the same) --
+
+
+class Overloaded(Exception):
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+class ShuttingDown(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+class RequestTooLarge(Exception):
+    """The request alone is over a per-batch limit: no batch could ever run it."""
+
+
+class BatcherObserver:
+    """Hooks for metrics; the default does nothing."""
+
+    def queue_changed(self, requests: int, tokens: int) -> None: ...
+    def level_queue_changed(self, level: int, requests: int, tokens: int) -> None: ...  # priority_levels > 1
+    def batch_done(self, requests: int, stats: BatchStats, queue_waits_s: list[float]) -> None: ...
+    def dropped(self, reason: str) -> None: ...
+    def batch_failed(self, requests: int) -> None: ...
+    def limits_scaled(self, scale: float) -> None: ...
+    def batch_finished(self, inputs: list[AttendInput], started_monotonic: float, stats: BatchStats) -> None:
+        """After batch_done, with the members' inputs: tracing draws the batch's forward span here."""
+
+
+@dataclass
+class Result:
+    output: AttendOutput
+    queue_s: float
+    compute_s: float
+    batch_requests: int
+    batch_sequences: int
+
+
 # -- across the process boundary -------------------------------------------------------------
+
+ADDRESS_ENV = "MHA_ENGINE_ADDRESS"  # the model process's zmq address, as the supervisor hands it to front ends
 
 ERROR_KINDS = ("overloaded", "too_large", "deadline", "shutting_down", "client_gone", "error")
 

@@ -19,8 +19,7 @@ import os
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from service.batcher import BatcherObserver
-from service.messages import BatchStats
+from service.messages import BatcherObserver, BatchStats
 
 _DRAIN_ALPHA = 0.2  # weight of the newest batch in the drain-rate average
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)

@@ -1,6 +1,6 @@
 """EngineClient: the batcher's interface in a front-end process, served by the model process.
 
-It has the same ``infer(inp, *, deadline, abandoned) -> Result`` as ``service.batcher.Batcher``
+It has the same ``infer(inp, *, deadline, abandoned) -> Result`` as ``service.engine.batcher.Batcher``
 and raises the same exceptions (Overloaded with its retry-after, DeadlineExceeded, ShuttingDown,
 ClientGone, RequestTooLarge), so the routes need not know which one they talk to. Requests
 submitted in the same turn of the event loop cross in one message; a caller that leaves sends a
@@ -25,8 +25,19 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
-from service.batcher import ClientGone, DeadlineExceeded, Overloaded, RequestTooLarge, Result, ShuttingDown
-from service.messages import AttendInput, Outcome, control, decode_outcomes, encode_requests
+from service.messages import (
+    AttendInput,
+    ClientGone,
+    DeadlineExceeded,
+    Outcome,
+    Overloaded,
+    RequestTooLarge,
+    Result,
+    ShuttingDown,
+    control,
+    decode_outcomes,
+    encode_requests,
+)
 
 log = logging.getLogger("mha_serve.engine")
 
@@ -153,7 +164,7 @@ class EngineClient:
             if asyncio.iscoroutine(abandoned):
                 abandoned.close()
             raise
-        from service.observability import request_id_var  # (imported here: no import circle)
+        from service.logs import request_id_var  # (imported here: no import circle)
 
         rid = self._next_id
         self._next_id += 1

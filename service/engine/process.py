@@ -25,8 +25,18 @@ import orjson
 import zmq
 import zmq.asyncio
 
-from service.batcher import ClientGone, DeadlineExceeded, Overloaded, RequestTooLarge, ShuttingDown
-from service.messages import AttendInput, Outcome, control, decode_requests, encode_outcomes
+from service.messages import (
+    AttendInput,
+    ClientGone,
+    DeadlineExceeded,
+    Outcome,
+    Overloaded,
+    RequestTooLarge,
+    ShuttingDown,
+    control,
+    decode_requests,
+    encode_outcomes,
+)
 from service.settings import Settings
 
 log = logging.getLogger("mha_serve.engine")
@@ -62,10 +72,9 @@ class Engine:
 
     async def load(self) -> None:
         """Load and warm the model, start the batcher (the same wiring as the single-process app)."""
-        from service.app import batch_limits, model_description
-        from service.batcher import Batcher
+        from service.engine.batcher import Batcher, BatchLimits
+        from service.engine.runner import Runner, is_out_of_memory, model_description
         from service.metrics import Metrics
-        from service.runner import Runner, is_out_of_memory
 
         s = self.settings
         runner = await asyncio.to_thread(Runner.from_settings, s)
@@ -74,7 +83,7 @@ class Engine:
         self.info = {"model_info": model_description(s, runner), "config": runner.config.to_dict()}
         self.batcher = Batcher(
             runner.run,
-            batch_limits(s),
+            BatchLimits.from_settings(s),
             observer=Metrics(),  # written to PROMETHEUS_MULTIPROC_DIR: the front ends' /metrics reads them
             is_oom=is_out_of_memory,
             weights_of=runner.weights_elements,
@@ -125,7 +134,7 @@ class Engine:
     async def _one(
         self, peer: bytes, rid: int, inp: AttendInput, deadline: float, request_id: str | None, priority: int
     ) -> None:
-        from service.observability import request_id_var
+        from service.logs import request_id_var
 
         request_id_var.set(request_id)  # the engine's log lines carry the front end's request id
         cancel = asyncio.get_running_loop().create_future()
@@ -201,7 +210,7 @@ def main(address: str, ready: Any, stop: Any) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     settings = Settings()
-    from service.observability import configure_logging
+    from service.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
     code = asyncio.run(_amain(settings, address, ready, stop))

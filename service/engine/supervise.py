@@ -29,7 +29,7 @@ import time
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
-from service.engine.frontend import ADDRESS_ENV
+from service.messages import ADDRESS_ENV
 from service.settings import Settings
 
 log = logging.getLogger("mha_serve")
@@ -75,7 +75,7 @@ def _run(settings: Settings, workers: int, address: str) -> int:
         return 1 if failed else 0
 
     config = uvicorn.Config(
-        "service.engine.frontend:create_front_app",
+        "service.frontend.worker:create_front_app",
         factory=True,
         host=settings.host,
         port=settings.port,

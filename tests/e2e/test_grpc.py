@@ -19,8 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from mha_core import MHAConfig, MultiHeadAttention
-from service.triton_proto import grpc_service_pb2 as pb
-from service.triton_proto import grpc_service_pb2_grpc as pb_grpc
+from service.frontend.triton_proto import grpc_service_pb2 as pb
+from service.frontend.triton_proto import grpc_service_pb2_grpc as pb_grpc
 
 from .conftest import Server, start_server
 

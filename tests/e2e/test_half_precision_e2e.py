@@ -24,7 +24,7 @@ import orjson
 import pytest
 import torch
 
-from service.codecs import bf16_to_f32, f32_to_bf16
+from service.frontend.codecs import bf16_to_f32, f32_to_bf16
 from tests.reference import SeedMHA, naive_attention
 
 from .conftest import start_server

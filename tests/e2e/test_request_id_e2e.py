@@ -21,7 +21,7 @@ from .conftest import start_server
 # decoding raise an exception no handler expects, as a bug would.
 SITECUSTOMIZE = textwrap.dedent(
     """
-    import service.decode as _d
+    import service.frontend.decode as _d
 
     _orig = _d.decode_attend
 

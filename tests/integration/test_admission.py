@@ -8,7 +8,7 @@ import httpx
 import orjson
 import pytest
 
-from service.admission import Admission
+from service.frontend.admission import Admission
 
 BODY = orjson.dumps({"x": [[[0.5] * 32] * 4]})  # about 600 bytes
 STALL = {"x-mha-fault": "stall:400"}

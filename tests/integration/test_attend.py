@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.codecs import bf16_to_f32, f32_to_bf16
+from service.frontend.codecs import bf16_to_f32, f32_to_bf16
 
 rng = np.random.default_rng()
 

@@ -13,7 +13,7 @@ from asgi_lifespan import LifespanManager
 
 from mha_core import MHAConfig, MultiHeadAttention
 from service.app import create_app
-from service.codecs import bf16_to_f32, f32_to_bf16
+from service.frontend.codecs import bf16_to_f32, f32_to_bf16
 from service.settings import Settings
 from tests.devices import tol
 from tests.integration.conftest import TINY

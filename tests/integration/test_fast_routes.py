@@ -1,4 +1,4 @@
-"""The hot routes as plain ASGI (service/fastroute.py): the same contract as their FastAPI declarations."""
+"""The hot routes as plain ASGI (service/frontend/fastroute.py): the same contract as their FastAPI declarations."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import httpx
 import numpy as np
 import pytest
 
-from service.fastroute import install
-from service.v2 import HEADER_LENGTH
+from service.frontend.fastroute import install
+from service.frontend.v2 import HEADER_LENGTH
 
 INFER = "/v2/models/mha/infer"
 

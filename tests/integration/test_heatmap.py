@@ -16,9 +16,9 @@ from asgi_lifespan import LifespanManager
 pytest.importorskip("matplotlib")
 import matplotlib.image as mpimg
 
-import service.heatmap as heatmap_module
+import service.frontend.heatmap as heatmap_module
 from service.app import create_app
-from service.heatmap import HEATMAP_MAX_HEADS, HEATMAP_MAX_T, build_router
+from service.frontend.heatmap import HEATMAP_MAX_HEADS, HEATMAP_MAX_T, build_router
 from service.settings import Settings
 from tests.integration.conftest import TINY
 
@@ -201,7 +201,7 @@ async def test_the_body_is_parsed_once(client: httpx.AsyncClient, monkeypatch) -
         calls.append(len(data))
         return real(data)
 
-    monkeypatch.setattr("service.decode.orjson.loads", counting)
+    monkeypatch.setattr("service.frontend.decode.orjson.loads", counting)
     r = await client.post("/attend/heatmap", json=body(heads=[1]))
     assert r.status_code == 200, r.text
     assert len(calls) == 1

@@ -16,10 +16,10 @@ import torch
 from asgi_lifespan import LifespanManager
 
 from mha_core import MHAConfig, MultiHeadAttention, save_checkpoint
-from service import codecs
 from service.app import create_app
+from service.engine.runner import Runner
 from service.errors import ServiceError
-from service.runner import Runner
+from service.frontend import codecs
 from service.settings import Settings
 
 from .conftest import TINY

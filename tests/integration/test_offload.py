@@ -9,7 +9,7 @@ import numpy as np
 import orjson
 from asgi_lifespan import LifespanManager
 
-import service.offload_worker
+import service.frontend.offload_worker
 from service.app import create_app
 from service.settings import Settings
 
@@ -64,7 +64,7 @@ def test_the_decode_processes_import_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, service.offload_worker, service.cli; print('torch' in sys.modules)"
+    code = "import sys, service.frontend.offload_worker, service.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
-    assert service.offload_worker.ready()
+    assert service.frontend.offload_worker.ready()

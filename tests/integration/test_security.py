@@ -7,7 +7,8 @@ import logging
 
 import pytest
 
-from service.observability import ApiKeys, JsonFormatter, request_id_var
+from service.frontend.observability import ApiKeys
+from service.logs import JsonFormatter, request_id_var
 
 X = {"x": [[[0.25] * 32] * 3]}
 

@@ -15,8 +15,8 @@ import torch
 from asgi_lifespan import LifespanManager
 
 from service.app import create_app
-from service.codecs import bf16_to_f32, f32_to_bf16
-from service.runner import Runner
+from service.engine.runner import Runner
+from service.frontend.codecs import bf16_to_f32, f32_to_bf16
 from service.settings import Settings
 
 from .conftest import TINY

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from google.protobuf import json_format
 
-from service.triton_proto import grpc_service_pb2 as pb
-from service.triton_proto import model_config_pb2 as mc
+from service.frontend.triton_proto import grpc_service_pb2 as pb
+from service.frontend.triton_proto import model_config_pb2 as mc
 
 from .test_v2 import INFER, request
 

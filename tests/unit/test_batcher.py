@@ -9,17 +9,18 @@ import time
 import numpy as np
 import pytest
 
-from service.batcher import (
-    Batcher,
+from service.engine.batcher import Batcher, BatchLimits
+from service.messages import (
+    AttendInput,
+    AttendOutput,
     BatcherObserver,
-    BatchLimits,
+    BatchStats,
     ClientGone,
     DeadlineExceeded,
     Overloaded,
     RequestTooLarge,
     ShuttingDown,
 )
-from service.runner import AttendInput, AttendOutput, BatchStats
 
 
 class FakeRunner:

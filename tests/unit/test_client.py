@@ -22,7 +22,7 @@ from mha_client import (
 )
 from mha_client._wire import decode_tensor, encode_tensor
 from mha_client.client import build_attend_body, parse_retry_after
-from service import codecs
+from service.frontend import codecs
 
 MODEL = {"name": "mha", "num_heads": 2, "emb_size": 4, "head_size": 2, "max_seq_len": 8, "causal": True}
 

@@ -9,8 +9,8 @@ import orjson
 import pytest
 import torch
 
-from service import codecs
 from service.errors import ServiceError
+from service.frontend import codecs
 
 
 def test_lists_round_trip_is_exact_for_float32():

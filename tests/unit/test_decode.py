@@ -9,8 +9,8 @@ import orjson
 import pytest
 
 from mha_core import MHAConfig
-from service.decode import Limits, decode_attend
 from service.errors import ServiceError
+from service.frontend.decode import Limits, decode_attend
 
 CFG = MHAConfig(num_heads=4, emb_size=8, head_size=2, max_seq_len=6)
 LIMITS = Limits(max_request_batch=3, max_weights_elements=200, default_timeout_ms=1000, max_timeout_ms=5000)

@@ -1,4 +1,4 @@
-"""gRPC messages -> the protocol's request (service/grpc_wire.py), and the status table."""
+"""gRPC messages -> the protocol's request (service/frontend/grpc_wire.py), and the status table."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from mha_core import MHAConfig
-from service.decode import Limits
 from service.errors import ERROR_STATUS, ServiceError
-from service.grpc_server import GRPC_STATUS
-from service.grpc_wire import decode_infer, encode_infer
-from service.triton_proto import grpc_service_pb2 as pb
+from service.frontend.decode import Limits
+from service.frontend.grpc_server import GRPC_STATUS
+from service.frontend.grpc_wire import decode_infer, encode_infer
+from service.frontend.triton_proto import grpc_service_pb2 as pb
 
 CFG = MHAConfig(4, 32, 8, 64)
 LIMITS = Limits(8, 1 << 20, 30000, 60000)

@@ -79,7 +79,7 @@ def test_probes_resources_and_security(name: str) -> None:
     assert c["livenessProbe"]["grpc"] == {
         "port": grpc_port,
         "service": "live",
-    }  # grpc.health.v1 (service/grpc_server.py)
+    }  # grpc.health.v1 (service/frontend/grpc_server.py)
     for probe in ("readinessProbe", "startupProbe"):
         assert c[probe]["httpGet"]["port"] in ("http", port), probe
 

@@ -76,9 +76,13 @@ def test_default_workers_rule():
 
 
 def test_the_front_end_modules_import_no_torch():
+    """Every module of service/frontend/, the shared top level and the engine's client side, loaded together."""
     code = (
-        "import sys, service.app, service.engine.client, service.engine.frontend, service.engine.supervise, "
-        "service.cli; from service.settings import Settings; Settings(); "
+        "import sys, importlib, pkgutil, service.frontend as f; "
+        "[importlib.import_module(m.name) for m in pkgutil.walk_packages(f.__path__, 'service.frontend.')]; "
+        "import service.app, service.cli, service.messages, service.logs, service.metrics, service.tracing, "
+        "service.errors, service.engine.client, service.engine.supervise; "
+        "from service.settings import Settings; Settings(); "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, BatcherObserver, BatchLimits, Overloaded
-from service.runner import AttendInput, AttendOutput, BatchStats
+from service.engine.batcher import Batcher, BatchLimits
+from service.messages import AttendInput, AttendOutput, BatcherObserver, BatchStats, Overloaded
 
 HIGH, LOW = 1.0, 2.0  # x's value marks the request's class in the runner's log
 

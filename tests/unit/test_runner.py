@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from mha_core import MHAConfig, MultiHeadAttention
-from service.runner import AttendInput, Runner, resolve_dtype
-from service.settings import Settings
-from service.staging import parse_buckets, pick_bucket
+from service.engine.runner import Runner, resolve_dtype
+from service.engine.staging import pick_bucket
+from service.messages import AttendInput
+from service.settings import Settings, parse_buckets
 from tests.devices import SKIP_REASON, test_device, tol
 
 CFG = MHAConfig(num_heads=4, emb_size=32, head_size=8, max_seq_len=64)
@@ -141,7 +142,7 @@ def test_cuda_graphs_replay_and_equal_the_eager_forward(dtype, rng_seed):
 
 
 def test_a_huge_batch_gets_a_one_off_unpinned_buffer_not_a_pinned_one_kept_forever():
-    from service.staging import MAX_PINNED_BYTES, _Buffer
+    from service.engine.staging import MAX_PINNED_BYTES, _Buffer
 
     buf = _Buffer(torch.float32, pinned=True)
     big = buf.view((MAX_PINNED_BYTES // 4 + 1,))
@@ -152,7 +153,7 @@ def test_staging_never_hands_out_more_slots_than_its_depth():
     """A third batch waits until one of two in flight gives its slot (and buffers) back."""
     import threading
 
-    from service.staging import Staging
+    from service.engine.staging import Staging
 
     st = Staging(torch.device("cpu"), depth=2)
     got = []

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mha_core import MHAConfig, MultiHeadAttention
-from service.runner import AttendInput, Runner
+from service.engine.runner import Runner
+from service.messages import AttendInput
 
 CFG = MHAConfig(num_heads=8, emb_size=32, head_size=4, max_seq_len=64, causal=True)
 

@@ -11,10 +11,17 @@ from typing import Any
 
 from starlette.requests import Request
 
-from service import codecs
-from service.batcher import ClientGone, DeadlineExceeded, Overloaded, RequestTooLarge, Result, ShuttingDown
 from service.errors import ServiceError
-from service.messages import AttendInput
+from service.frontend import codecs
+from service.messages import (
+    AttendInput,
+    ClientGone,
+    DeadlineExceeded,
+    Overloaded,
+    RequestTooLarge,
+    Result,
+    ShuttingDown,
+)
 
 log = logging.getLogger("mha_serve")
 

@@ -1,9 +1,9 @@
 """The Open Inference Protocol (KServe v2 / Triton), apart from its transports.
 
-HTTP (service/v2.py) and gRPC (service/grpc_server.py) decode their own wire formats into numpy
+HTTP (service/frontend/v2.py) and gRPC (service/frontend/grpc_server.py) decode their own wire formats into numpy
 tensors and plain parameter values, and both build the request here, so that the checks and the
 messages are the same on both: ``plan_request`` checks names, datatypes and shapes and hands the
-arrays to ``service.decode.check_input``, the check every route shares. The model's metadata,
+arrays to ``service.frontend.decode.check_input``, the check every route shares. The model's metadata,
 its configuration (Triton's model_config.proto, in JSON form) and the server metadata are built
 here too, once, and each transport writes them in its own encoding.
 """
@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from service import __version__, codecs
-from service.decode import check_input
+from service import __version__
 from service.errors import ServiceError, validation
+from service.frontend import codecs
+from service.frontend.decode import check_input
 
 VERSION = "1"
 # binary_tensor_data: HTTP's raw tensors; model_configuration, statistics: the config and stats routes

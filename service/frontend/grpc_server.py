@@ -2,7 +2,7 @@
 
 It runs on the app's event loop, started and stopped by the app's lifespan (``start`` /
 ``GrpcServer.stop``), and feeds the same batcher as HTTP: requests from both share batches,
-the queue bound and the deadlines. Requests are checked by service/oip.py, as /v2 HTTP's are,
+the queue bound and the deadlines. Requests are checked by service/frontend/oip.py, as /v2 HTTP's are,
 so the messages are the same; errors map from the one error table (``GRPC_STATUS``, keyed by
 service.errors' types).
 
@@ -30,16 +30,15 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from service import grpc_wire, oip
-from service.batcher import Result
-from service.decode import check_priority
 from service.errors import ERROR_STATUS, ServiceError
-from service.httputil import run_batcher
-from service.messages import AttendInput
-from service.observability import ApiKeys
+from service.frontend import grpc_wire, oip
+from service.frontend.decode import check_priority
+from service.frontend.httputil import run_batcher
+from service.frontend.observability import ApiKeys
+from service.frontend.triton_proto import grpc_service_pb2 as pb
+from service.frontend.triton_proto import grpc_service_pb2_grpc as pb_grpc
+from service.messages import AttendInput, Result
 from service.tracing import stage
-from service.triton_proto import grpc_service_pb2 as pb
-from service.triton_proto import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger("mha_serve.grpc")
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from service.batcher import BatcherObserver
-from service.messages import BatchStats
+from service.messages import BatcherObserver, BatchStats
 
 _NS = 1_000_000_000
 _PHASES = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")

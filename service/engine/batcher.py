@@ -48,48 +48,27 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from service.messages import AttendInput, AttendOutput, BatchStats
+from service.messages import (
+    AttendInput,
+    AttendOutput,
+    BatcherObserver,
+    BatchStats,
+    ClientGone,
+    DeadlineExceeded,
+    Overloaded,
+    RequestTooLarge,
+    Result,
+    ShuttingDown,
+)
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 log = logging.getLogger("mha_serve.batcher")
 
 RunFn = Callable[[list[AttendInput]], tuple[list[AttendOutput], BatchStats]]
-
-
-class Overloaded(Exception):
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class DeadlineExceeded(Exception):
-    pass
-
-
-class ShuttingDown(Exception):
-    pass
-
-
-class ClientGone(Exception):
-    pass
-
-
-class RequestTooLarge(Exception):
-    """The request alone is over a per-batch limit: no batch could ever run it."""
-
-
-class BatcherObserver:
-    """Hooks for metrics; the default does nothing."""
-
-    def queue_changed(self, requests: int, tokens: int) -> None: ...
-    def level_queue_changed(self, level: int, requests: int, tokens: int) -> None: ...  # priority_levels > 1
-    def batch_done(self, requests: int, stats: BatchStats, queue_waits_s: list[float]) -> None: ...
-    def dropped(self, reason: str) -> None: ...
-    def batch_failed(self, requests: int) -> None: ...
-    def limits_scaled(self, scale: float) -> None: ...
-    def batch_finished(self, inputs: list[AttendInput], started_monotonic: float, stats: BatchStats) -> None:
-        """After batch_done, with the members' inputs: tracing draws the batch's forward span here."""
 
 
 @dataclass(frozen=True)
@@ -123,14 +102,21 @@ class BatchLimits:
         if self.max_padding_ratio < 1:
             raise ValueError(f"max_padding_ratio must be >= 1, got {self.max_padding_ratio}")
 
-
-@dataclass
-class Result:
-    output: AttendOutput
-    queue_s: float
-    compute_s: float
-    batch_requests: int
-    batch_sequences: int
+    @classmethod
+    def from_settings(cls, s: Settings) -> BatchLimits:
+        return cls(
+            max_batch_size=s.max_batch_size,
+            max_batch_tokens=s.max_batch_tokens,
+            max_wait_ms=s.max_wait_ms,
+            max_padding_ratio=s.max_padding_ratio,
+            max_queue_requests=s.max_queue_requests,
+            max_queue_tokens=s.max_queue_tokens,
+            oom_cooldown_s=s.oom_cooldown_s,
+            max_batch_weights_elements=s.max_batch_weights_elements,
+            priority_levels=s.priority_levels,
+            default_priority_level=s.default_priority_level,
+            priority_oldest_every=s.priority_oldest_every,
+        )
 
 
 @dataclass(eq=False)

@@ -11,10 +11,10 @@ import orjson
 from pydantic import ValidationError
 
 from mha_core import MHAConfig
-from service import codecs
 from service.errors import ServiceError, validation
+from service.frontend import codecs
+from service.frontend.schemas import AttendRequest, TensorB64
 from service.messages import AttendInput
-from service.schemas import AttendRequest, TensorB64
 
 MAX_JSON_DEPTH = 1024  # orjson's fixed limit; /attend needs 4
 
@@ -66,7 +66,7 @@ def format_validation_error(e: ValidationError, prefix: str = "") -> str:
 
 def decode_tensor(value: Any, name: str, ndims: tuple[int, ...], *, boolean: bool = False) -> tuple[np.ndarray, str]:
     """Either encoding -> (array, encoding name, wire dtype)."""
-    if isinstance(value, np.ndarray):  # nested lists already decoded off the event loop (service.offload)
+    if isinstance(value, np.ndarray):  # nested lists already decoded off the event loop (service.frontend.offload)
         return value, "lists"
     if isinstance(value, dict):
         try:
@@ -205,7 +205,7 @@ def encode_attend(output: np.ndarray, weights: np.ndarray | None, req: DecodedRe
 
 def attend_body(output: np.ndarray, weights: np.ndarray | None, req: DecodedRequest, model: dict) -> dict:
     """The response object before serialisation (orjson, OPT_SERIALIZE_NUMPY); large ones are written
-    by the decode processes (service.offload)."""
+    by the decode processes (service.frontend.offload)."""
     return {
         "output": codecs.encode(output, req.encoding, req.dtype, "output"),
         "weights": None if weights is None else codecs.encode(weights, req.encoding, req.dtype, "weights"),

@@ -30,8 +30,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service.settings import parse_buckets as parse_buckets  # re-exported: it moved next to its setting
-
 
 def pick_bucket(buckets: list[tuple[int, int]], n: int, t: int) -> tuple[int, int] | None:
     """The smallest bucket (fewest padded tokens) that holds n sequences of length t, or None."""

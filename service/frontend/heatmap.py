@@ -22,9 +22,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
 from mha_client.plot import render_heatmaps
-from service.decode import decode_object, parse_json
 from service.errors import INFERENCE_ERRORS, ServiceError, error_responses, validation
-from service.httputil import disconnected, infer, read_body, require_ready, timing_headers
+from service.frontend.decode import decode_object, parse_json
+from service.frontend.httputil import disconnected, infer, read_body, require_ready, timing_headers
 from service.tracing import stage
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ list responses of that size. The loop then only copies bytes and arrays across a
 Everything smaller stays inline: no per-request cost on the fast path. ``bench/stall.py``
 measures both ways in one run.
 
-The pool uses "spawn" and its worker module (service.offload_worker) imports no torch.
+The pool uses "spawn" and its worker module (service.frontend.offload_worker) imports no torch.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import numpy as np
 import orjson
 
 from mha_core import MHAConfig
-from service import offload_worker
-from service.decode import DecodedRequest, Limits, attend_body, decode_attend, decode_object
 from service.errors import ServiceError
+from service.frontend import offload_worker
+from service.frontend.decode import DecodedRequest, Limits, attend_body, decode_attend, decode_object
 
 log = logging.getLogger("mha_serve.offload")
 

@@ -7,11 +7,11 @@
     GET  /v2/models/{name}[/versions/1]         model metadata
     GET  /v2/models/{name}[/versions/1]/ready   200, or 503 while not ready
     GET  /v2/models/{name}[/versions/1]/config  Triton's model configuration (what perf_analyzer reads)
-    GET  /v2/models/{name}[/versions/1]/stats   Triton's statistics extension (service/stats.py)
+    GET  /v2/models/{name}[/versions/1]/stats   Triton's statistics extension (service/frontend/stats.py)
     POST /v2/repository/index                   the one model and its state
     POST /v2/models/{name}[/versions/1]/infer   inference, through the same batcher as /attend
 
-The protocol itself (tensors, parameters, config, metadata) is in service/oip.py, shared with gRPC.
+The protocol itself (tensors, parameters, config, metadata) is in service/frontend/oip.py, shared with gRPC.
 
 Contract of ``infer``:
 - Inputs: ``x`` FP32|FP16|BF16 [B, T, E]; optional ``lengths`` INT32|INT64 [B] or [B, 1]; optional
@@ -58,11 +58,11 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from service import codecs, oip
-from service.decode import check_priority, parse_json
 from service.errors import INFERENCE_ERRORS, ServiceError, status_descriptions, validation
-from service.httputil import infer as run_inference
-from service.httputil import internal_error, read_limited, timing_headers
+from service.frontend import codecs, oip
+from service.frontend.decode import check_priority, parse_json
+from service.frontend.httputil import infer as run_inference
+from service.frontend.httputil import internal_error, read_limited, timing_headers
 from service.tracing import stage
 
 log = logging.getLogger("mha_serve.v2")
@@ -113,7 +113,7 @@ class _V2Route(APIRoute):
 def build_router(state: Any) -> APIRouter:
     """The v2 routes over ``state`` (service.app.AppState): its settings, runner, batcher, limits, stats.
 
-    ``router.hot_routes`` lists the inference routes for service.fastroute.FastRoutes: (path regex, handler,
+    ``router.hot_routes`` lists the inference routes for service.frontend.fastroute.FastRoutes: (path regex, handler,
     path template).
     Its last routes answer every other /v2 path (404/405 in the protocol's shape), so include
     this router after any other route under /v2, and before any catch-all mount at "/".
@@ -269,7 +269,7 @@ def build_router(state: Any) -> APIRouter:
     async def infer_fast(request: Request, name: str, version: str | None = None) -> Response:
         return await _answer(request, infer, name, version)
 
-    # POST .../infer as plain ASGI (service/fastroute.py); the routes above document it and answer
+    # POST .../infer as plain ASGI (service/frontend/fastroute.py); the routes above document it and answer
     # what the fast path passes on. Starlette's str parameters match [^/]+, as here.
     router.hot_routes = [
         (r"/v2/models/(?P<name>[^/]+)/infer", infer_fast, "/v2/models/{name}/infer"),

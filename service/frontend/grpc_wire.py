@@ -1,4 +1,4 @@
-"""Triton's gRPC messages <-> the protocol's tensors and parameters (service/oip.py). Pure functions.
+"""Triton's gRPC messages <-> the protocol's tensors and parameters (service/frontend/oip.py). Pure functions.
 
 The checks and messages of a request are oip's (and so /v2 HTTP's): this module only reads the
 tensors out of ``raw_input_contents`` or the typed ``contents``, and writes the outputs into
@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 from google.protobuf import json_format
 
-from service import oip
 from service.errors import validation
-from service.triton_proto import grpc_service_pb2 as pb
-from service.triton_proto import model_config_pb2 as mc
+from service.frontend import oip
+from service.frontend.triton_proto import grpc_service_pb2 as pb
+from service.frontend.triton_proto import model_config_pb2 as mc
 
 # datatype -> (typed contents field, numpy dtype); FP16 and BF16 have none: raw bytes only.
 _TYPED = {

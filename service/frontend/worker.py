@@ -13,12 +13,12 @@ import signal
 
 from fastapi import FastAPI
 
-ADDRESS_ENV = "MHA_ENGINE_ADDRESS"
+from service.messages import ADDRESS_ENV
 
 
 def create_front_app() -> FastAPI:
     from service.app import create_app
-    from service.observability import configure_logging
+    from service.logs import configure_logging
     from service.settings import Settings
 
     settings = Settings()

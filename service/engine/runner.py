@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import numpy as np
 import torch
 
 from mha_core import MHAConfig, MultiHeadAttention, read_checkpoint
-from service.messages import AttendInput, AttendOutput, BatchStats  # re-exported: their old home
+from service.engine.staging import CudaGraphs, Slot, Staging
+from service.messages import AttendInput, AttendOutput, BatchStats
 from service.settings import Settings, parse_buckets
-from service.staging import CudaGraphs, Slot, Staging
 
 log = logging.getLogger("mha_serve.runner")
 
@@ -41,6 +42,17 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def model_description(settings: Settings, runner: Runner) -> dict[str, Any]:
+    """What /v1/model and the engine's hello report about the loaded model."""
+    return {
+        "name": settings.model_name,
+        **runner.config.to_dict(),
+        "dtype": str(runner.dtype).removeprefix("torch."),
+        "device": str(runner.device),
+        "checksum": runner.checksum,
+    }
+
+
 class Runner:
     """The model on its device. ``run`` is called from one worker thread at a time."""
 
@@ -63,7 +75,7 @@ class Runner:
             raise ValueError(f"the model's {', '.join(bad)} hold values that {dtype} cannot represent; use float32")
         self.config: MHAConfig = module.config
         self.checksum = checksum
-        # Host <-> device copies and CUDA graphs (service/staging.py). depth: batches in flight at
+        # Host <-> device copies and CUDA graphs (service/engine/staging.py). depth: batches in flight at
         # once; the batcher runs that many worker threads, so the next batch uploads under this one.
         cuda = device.type == "cuda"
         self.depth = 2 if cuda and pipeline else 1

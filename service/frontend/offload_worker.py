@@ -1,4 +1,4 @@
-"""What the decode processes run (service.offload): parse JSON lists into arrays, write JSON.
+"""What the decode processes run (service.frontend.offload): parse JSON lists into arrays, write JSON.
 
 Imported in the worker processes, so it imports neither torch nor the app: numpy, orjson and
 the codecs only (a worker starts in ~0.4 s and takes ~60 MB).
@@ -11,8 +11,8 @@ from typing import Any
 
 import orjson
 
-from service import codecs
 from service.errors import ServiceError
+from service.frontend import codecs
 
 # /attend's list tensors and their allowed ranks; everything else is checked by the event loop's side.
 LIST_TENSORS = (("x", (3,), False), ("attn_mask", (2, 3), True))

@@ -1,0 +1,158 @@
+"""service/'s layout shows the design: two sides, the messages between them, dependencies one way.
+
+Parsed with ``ast`` (nothing is imported): the engine imports neither the front end nor the wiring
+(``service.app``); the front end never imports the engine (it reaches the model only through
+``state.batcher``, which ``service.app`` wires); and module-level imports among service modules
+have no cycle. Imports inside functions (lazy, for torch or start-up order) and under
+``if TYPE_CHECKING:`` count for the first two rules, not for the cycles.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICE = ROOT / "service"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(SERVICE.rglob("*.py"))}
+
+
+def _targets(node: ast.Import | ast.ImportFrom, here: str, is_pkg: bool, known: set[str]) -> set[str]:
+    """The service modules an import statement names (``from pkg import mod`` names ``pkg.mod``)."""
+    if isinstance(node, ast.Import):
+        return {a.name for a in node.names}
+    base = node.module or ""
+    if node.level:  # relative: from the package of ``here``
+        pkg = here.split(".")
+        pkg = pkg[: len(pkg) - node.level + (1 if is_pkg else 0)]
+        base = ".".join([*pkg, *([base] if base else [])])
+    out = {base}
+    out |= {f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in known}
+    return out
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"
+    )
+
+
+def imports(path: Path, known: set[str], *, top_level_only: bool) -> set[str]:
+    """The service modules ``path`` imports: all of them, or only those run when the module loads."""
+    here = module_name(path)
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+
+    def visit(nodes: list[ast.stmt]) -> None:
+        for node in nodes:
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                found.update(
+                    t
+                    for t in _targets(node, here, path.name == "__init__.py", known)
+                    if t == "service" or t.startswith("service.")
+                )
+            elif top_level_only:
+                if isinstance(node, ast.If) and not _is_type_checking(node):
+                    visit(node.body)
+                    visit(node.orelse)
+                elif isinstance(node, ast.Try):
+                    visit(node.body)
+                    for h in node.handlers:
+                        visit(h.body)
+                    visit(node.orelse)
+                    visit(node.finalbody)
+                elif isinstance(node, ast.With):
+                    visit(node.body)
+
+    if top_level_only:
+        visit(tree.body)
+    else:
+        visit([n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)])
+    return found
+
+
+def _names(targets: set[str], prefix: str) -> set[str]:
+    return {t for t in targets if t == prefix or t.startswith(prefix + ".")}
+
+
+def test_the_engine_imports_neither_the_front_end_nor_the_wiring():
+    known = set(modules())
+    bad = {
+        name: sorted(
+            _names(imports(path, known, top_level_only=False), "service.frontend")
+            | _names(imports(path, known, top_level_only=False), "service.app")
+        )
+        for name, path in modules().items()
+        if name.startswith("service.engine")
+    }
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_the_front_end_never_imports_the_engine():
+    """Not even ``service.engine.client``: front-end modules reach the model through ``state.batcher``."""
+    known = set(modules())
+    bad = {
+        name: sorted(_names(imports(path, known, top_level_only=False), "service.engine"))
+        for name, path in modules().items()
+        if name.startswith("service.frontend")
+    }
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as a path that ends where it starts, or None (depth-first, three colours)."""
+    colour = dict.fromkeys(graph, 0)  # 0 unseen, 1 on the stack, 2 done
+    stack: list[str] = []
+
+    def dfs(n: str) -> list[str] | None:
+        colour[n] = 1
+        stack.append(n)
+        for m in sorted(graph[n]):
+            if colour[m] == 1:
+                return [*stack[stack.index(m) :], m]
+            if colour[m] == 0 and (found := dfs(m)) is not None:
+                return found
+        stack.pop()
+        colour[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if colour[n] == 0 and (found := dfs(n)) is not None:
+            return found
+    return None
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module-level imports among service modules; importing ``a.b.c`` also runs ``a`` and ``a.b``."""
+    mods = modules()
+    known = set(mods)
+    graph: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        edges: set[str] = set()
+        for t in imports(path, known, top_level_only=True):
+            parts = t.split(".")
+            edges |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)} & known
+        graph[name] = edges - {name}
+    return graph
+
+
+def test_module_level_imports_have_no_cycle():
+    graph = import_graph()
+    assert len(graph) > 30 and graph["service.app"], "the graph was built from nothing"
+    assert _cycle(graph) is None
+
+
+def test_the_cycle_finder_finds_one():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
