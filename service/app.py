@@ -346,14 +346,8 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
         except ServiceError:
             state.stats.request_failed(time.monotonic() - started)
             raise
-        done = time.monotonic()
         state.stats.request_done(
-            sequences=dec.input.batch,
-            total_s=done - started,
-            queue_s=res.queue_s,
-            compute_s=res.compute_s,
-            input_s=decoded - started,
-            output_s=done - answered,
+            sequences=dec.input.batch, started=started, decoded=decoded, answered=answered, res=res
         )
         return Response(payload, media_type="application/json", headers=timing_headers(res))
 

@@ -212,15 +212,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         except ServiceError:
             state.stats.request_failed(time.monotonic() - started)
             raise
-        done = time.monotonic()
-        state.stats.request_done(
-            sequences=inp.batch,
-            total_s=done - started,
-            queue_s=res.queue_s,
-            compute_s=res.compute_s,
-            input_s=decoded - started,
-            output_s=done - answered,
-        )
+        state.stats.request_done(sequences=inp.batch, started=started, decoded=decoded, answered=answered, res=res)
         return resp
 
     async def _infer(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from service.messages import BatcherObserver, BatchStats
+from service.messages import BatcherObserver, BatchStats, Result
 
 _NS = 1_000_000_000
 _PHASES = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
@@ -49,15 +49,16 @@ class ModelStats(BatcherObserver):
 
     # -- the inference routes -------------------------------------------------------------------
 
-    def request_done(
-        self, *, sequences: int, total_s: float, queue_s: float, compute_s: float, input_s: float, output_s: float
-    ) -> None:
+    def request_done(self, *, sequences: int, started: float, decoded: float, answered: float, res: Result) -> None:
+        """A request answered: ``started``, ``decoded`` and ``answered`` are its monotonic times on arrival,
+        once its tensors were checked, and once its result came back; encoding ends now."""
+        done = time.monotonic()
         p = self.phases
-        p["success"].add(total_s)
-        p["queue"].add(queue_s)
-        p["compute_input"].add(input_s)
-        p["compute_infer"].add(compute_s)
-        p["compute_output"].add(output_s)
+        p["success"].add(done - started)
+        p["queue"].add(res.queue_s)
+        p["compute_input"].add(decoded - started)
+        p["compute_infer"].add(res.compute_s)
+        p["compute_output"].add(done - answered)
         self.inference_count += sequences
         self.last_inference_ms = int(time.time() * 1000)
 

@@ -198,15 +198,7 @@ def build_router(state: Any) -> APIRouter:
         except ServiceError:
             state.stats.request_failed(time.monotonic() - started)
             raise
-        done = time.monotonic()
-        state.stats.request_done(
-            sequences=inp.batch,
-            total_s=done - started,
-            queue_s=res.queue_s,
-            compute_s=res.compute_s,
-            input_s=decoded - started,
-            output_s=done - answered,
-        )
+        state.stats.request_done(sequences=inp.batch, started=started, decoded=decoded, answered=answered, res=res)
         headers = timing_headers(res)
         if header_len is None:
             return Response(payload, media_type="application/json", headers=headers)
