@@ -3,41 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import numpy as np
 import pytest
 
 from service.engine.batcher import Batcher, BatchLimits
-from service.messages import AttendInput, AttendOutput, BatcherObserver, BatchStats, Overloaded
+from service.messages import AttendInput, BatcherObserver, Overloaded
+from tests.fakes import FakeRunner as Runner  # its order/flat: x[0,0,0] marks the request
 
 HIGH, LOW = 1.0, 2.0  # x's value marks the request's class in the runner's log
-
-
-class Runner:
-    """Records x[0,0,0] of each request in the order they reach the model; fixed compute time."""
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.order: list[list[float]] = []
-        self.gate = threading.Event()
-        self.gate.set()
-        self.started = threading.Event()
-        self.delay = delay
-
-    def __call__(self, items: list[AttendInput]):
-        self.started.set()
-        self.gate.wait(5)
-        time.sleep(self.delay)
-        self.order.append([float(it.x[0, 0, 0]) for it in items])
-        n = sum(it.batch for it in items)
-        T = max(it.seq_len for it in items)
-        real = sum(it.batch * it.seq_len for it in items)
-        return [AttendOutput(it.x, None) for it in items], BatchStats(n, n * T, real, self.delay + 1e-4)
-
-    @property
-    def flat(self) -> list[float]:
-        return [v for batch in self.order for v in batch]
 
 
 def inp(value: float, T: int = 4) -> AttendInput:
