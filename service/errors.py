@@ -138,10 +138,10 @@ class InternalErrors:
             await send({"type": "http.response.body", "body": body})
 
 
-def log_internal_error(exc: BaseException, method: str, path: str) -> ServiceError:
+def log_internal_error(exc: BaseException, method: str, path: str, logger: logging.Logger = log) -> ServiceError:
     """Log ``exc`` with its traceback and a fresh error id; the caller gets the id, nothing of the internals."""
     error_id = uuid.uuid4().hex[:12]
-    log.error(
+    logger.error(
         "internal error %s on %s %s: %r",
         error_id,
         method,

@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,7 +29,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from service.errors import ERROR_STATUS, ServiceError
+from service.errors import ERROR_STATUS, ServiceError, log_internal_error
 from service.frontend import grpc_wire, oip
 from service.frontend.decode import check_priority
 from service.frontend.httputil import run_batcher
@@ -78,24 +77,11 @@ def _rpc(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         except ServiceError as e:
             err = e
         except Exception as e:
-            err = internal_error(e, fn.__name__)
+            err = log_internal_error(e, "gRPC", fn.__name__, log)
         trailers = tuple((k, v) for k, v in err.headers.items() if k == "retry-after")
         await context.abort(GRPC_STATUS[err.type], err.message, trailing_metadata=trailers)
 
     return handler
-
-
-def internal_error(exc: BaseException, method: str) -> ServiceError:
-    error_id = uuid.uuid4().hex[:12]
-    log.error(
-        "internal error %s on gRPC %s: %r",
-        error_id,
-        method,
-        exc,
-        exc_info=(type(exc), exc, exc.__traceback__),
-        extra={"error_id": error_id},
-    )
-    return ServiceError("internal_error", f"internal error (id {error_id}); see the server log")
 
 
 class Servicer(pb_grpc.GRPCInferenceServiceServicer):

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
-import uuid
 from collections.abc import Awaitable
 from typing import Any
 
 from starlette.requests import Request
 
-from service.errors import ServiceError
+from service.errors import ServiceError, log_internal_error
 from service.frontend import codecs
 from service.messages import (
     AttendInput,
@@ -22,8 +20,6 @@ from service.messages import (
     Result,
     ShuttingDown,
 )
-
-log = logging.getLogger("mha_serve")
 
 
 def require_ready(state: Any) -> None:
@@ -79,17 +75,7 @@ async def disconnected(request: Request) -> None:
 
 def internal_error(exc: BaseException, request: Request) -> ServiceError:
     """Log ``exc`` with a fresh error id; the caller gets the id and nothing of the internals."""
-    error_id = uuid.uuid4().hex[:12]
-    log.error(
-        "internal error %s on %s %s: %r",
-        error_id,
-        request.method,
-        request.url.path,
-        exc,
-        exc_info=(type(exc), exc, exc.__traceback__),
-        extra={"error_id": error_id},
-    )
-    return ServiceError("internal_error", f"internal error (id {error_id}); see the server log")
+    return log_internal_error(exc, request.method, request.url.path)
 
 
 async def infer(
