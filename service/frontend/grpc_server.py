@@ -32,7 +32,7 @@ from grpc_health.v1._async import HealthServicer
 from service.errors import ERROR_STATUS, ServiceError, log_internal_error
 from service.frontend import grpc_wire, oip
 from service.frontend.decode import check_priority
-from service.frontend.httputil import run_batcher
+from service.frontend.httputil import require_ready, run_batcher
 from service.frontend.observability import ApiKeys
 from service.frontend.triton_proto import grpc_service_pb2 as pb
 from service.frontend.triton_proto import grpc_service_pb2_grpc as pb_grpc
@@ -94,12 +94,6 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
     def _ready(self) -> bool:
         s = self.state
         return s.ready and not s.draining and s.batcher is not None
-
-    def _require_ready(self) -> None:
-        if self.state.draining:
-            raise ServiceError("unavailable", "the server is shutting down")
-        if not self._ready():
-            raise ServiceError("unavailable", "the model is not ready yet")
 
     @_rpc
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
@@ -181,7 +175,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         state = self.state
         oip.check_model(request.model_name, request.model_version, self.name)
         try:
-            self._require_ready()
+            require_ready(self.state)
             left = context.time_remaining()
             with stage(state.tracing, "decode"):
                 plan = grpc_wire.decode_infer(request, None if left is None else left * 1000)

@@ -23,9 +23,10 @@ from service.messages import (
 
 
 def require_ready(state: Any) -> None:
+    """503 unless the model is ready and the server is not draining (every route and transport)."""
     if state.draining:
         raise ServiceError("unavailable", "the server is shutting down")
-    if not state.ready:
+    if not state.ready or state.runner is None or state.batcher is None:
         raise ServiceError("unavailable", "the model is not ready yet")
 
 

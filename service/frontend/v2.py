@@ -62,7 +62,7 @@ from service.errors import INFERENCE_ERRORS, ServiceError, status_descriptions, 
 from service.frontend import codecs, oip
 from service.frontend.decode import check_priority, parse_json
 from service.frontend.httputil import infer as run_inference
-from service.frontend.httputil import internal_error, read_limited, timing_headers
+from service.frontend.httputil import internal_error, read_limited, require_ready, timing_headers
 from service.tracing import stage
 
 log = logging.getLogger("mha_serve.v2")
@@ -124,12 +124,6 @@ def build_router(state: Any) -> APIRouter:
     def check_model(name: str, version: str | None = None) -> None:
         oip.check_model(name, version, settings.model_name)
 
-    def require_ready() -> None:
-        if state.draining:
-            raise ServiceError("unavailable", "the server is shutting down")
-        if not state.ready or state.runner is None or state.batcher is None:
-            raise ServiceError("unavailable", "the model is not ready yet")
-
     async def server_metadata() -> dict[str, Any]:
         return oip.server_metadata()
 
@@ -144,7 +138,7 @@ def build_router(state: Any) -> APIRouter:
         "/health/ready", summary="Readiness: 200 when ready, else 503 (HEAD too)", responses=_responses("unavailable")
     )
     async def ready() -> dict[str, bool]:
-        require_ready()
+        require_ready(state)
         return {"ready": True}
 
     router.add_api_route("/health/live", live, methods=["HEAD"], include_in_schema=False)
@@ -172,14 +166,14 @@ def build_router(state: Any) -> APIRouter:
 
     def model_ready(name: str, version: str | None) -> dict[str, Any]:
         check_model(name, version)
-        require_ready()
+        require_ready(state)
         return {"name": name, "ready": True}
 
     async def infer(request: Request, name: str, version: str | None) -> Response:
         started = time.monotonic()
         check_model(name, version)
         try:
-            require_ready()
+            require_ready(state)
             body = await _read_body(request, settings.max_body_bytes)
             with stage(state.tracing, "decode"):
                 req = _decode(body, request.headers.get(HEADER_LENGTH))
