@@ -76,30 +76,17 @@ cleanup() {
     exit "$rc"
 }
 trap cleanup EXIT
+# shellcheck source=docker/common.sh
+source "$ROOT/docker/common.sh"
 trap 'exit 130' INT TERM
 
 # -- 1. docker ----------------------------------------------------------------------------------------
 step_start tools
-apt_pkgs=()
-command -v dockerd >/dev/null || apt_pkgs+=(docker.io)
-command -v iptables >/dev/null || apt_pkgs+=(iptables)
-command -v debootstrap >/dev/null || apt_pkgs+=(debootstrap)
+compose_pkg=()
 if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null; then
-    apt_pkgs+=(docker-compose)
+    compose_pkg=(docker-compose)
 fi
-if [ ${#apt_pkgs[@]} -gt 0 ]; then
-    [ "$(id -u)" = 0 ] || die "missing ${apt_pkgs[*]} and not root to install them"
-    log "apt-get install ${apt_pkgs[*]}"
-    apt-get update -q >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${apt_pkgs[@]}" >/dev/null
-fi
-if ! docker info >/dev/null 2>&1; then
-    log "starting dockerd (log: $CACHE/dockerd.log)"
-    dockerd >"$CACHE/dockerd.log" 2>&1 &
-    DOCKERD_PID=$!
-    for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
-    docker info >/dev/null 2>&1 || { tail -20 "$CACHE/dockerd.log"; die "dockerd did not come up"; }
-fi
+ensure_docker "${compose_pkg[@]}"
 if docker compose version >/dev/null 2>&1; then COMPOSE_BIN=(docker compose); else COMPOSE_BIN=(docker-compose); fi
 COMPOSE=("${COMPOSE_BIN[@]}" -p "$PROJECT" -f "$ROOT/docker/compose.yaml")
 [ -x "$PY" ] || { log "no $PY: make setup"; make setup >/dev/null; }
@@ -112,8 +99,6 @@ step_end tools
 
 # -- 2. base image: Debian rootfs with python3, imported -------------------------------------------
 step_start base-image
-# shellcheck source=docker/base-image.sh
-source "$ROOT/docker/base-image.sh"
 ensure_base_image
 step_end base-image
 

@@ -1,10 +1,36 @@
-# docker/base-image.sh: the local base image that docker/ci.sh and docker/cuda.sh build on (no registry
+# docker/common.sh: what docker/ci.sh and docker/cuda.sh both need. Source it, then call:
+#
+# ensure_docker [PACKAGE...]: the Debian packages docker, iptables, debootstrap (and the extra ones
+# named) installed when missing, and dockerd started when none answers; its pid goes into DOCKERD_PID,
+# which the caller's cleanup stops. Needs CACHE and the caller's log and die.
+#
+# ensure_base_image: the local base image both build on (no registry
 # is reachable here): debootstrap a Debian rootfs with python3 from the Debian mirror this machine's apt
 # uses, and `docker import` it as $BASE_IMAGE. The rootfs tarball is cached in $CACHE under a key of the
 # suite, the packages and the mirror, and the image carries that key, so either script reuses the other's.
 #
-# Source it, then call ensure_base_image; it needs SUITE, CACHE, BASE_IMAGE and the caller's log and die.
+# It needs SUITE, CACHE, BASE_IMAGE and the caller's log and die.
 # Environment: MHA_CI_DEBIAN_MIRROR (default: the mirror of /etc/apt's sources).
+
+ensure_docker() {
+    local apt_pkgs=("$@")
+    command -v dockerd >/dev/null || apt_pkgs+=(docker.io)
+    command -v iptables >/dev/null || apt_pkgs+=(iptables)
+    command -v debootstrap >/dev/null || apt_pkgs+=(debootstrap)
+    if [ ${#apt_pkgs[@]} -gt 0 ]; then
+        [ "$(id -u)" = 0 ] || die "missing ${apt_pkgs[*]} and not root to install them"
+        log "apt-get install ${apt_pkgs[*]}"
+        apt-get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${apt_pkgs[@]}" >/dev/null
+    fi
+    if ! docker info >/dev/null 2>&1; then
+        log "starting dockerd (log: $CACHE/dockerd.log)"
+        dockerd >"$CACHE/dockerd.log" 2>&1 &
+        DOCKERD_PID=$!
+        for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+        docker info >/dev/null 2>&1 || { tail -20 "$CACHE/dockerd.log"; die "dockerd did not come up"; }
+    fi
+}
 
 ensure_base_image() {
 local mirror INCLUDE base_key tarball rootfs
