@@ -11,6 +11,10 @@ Servers, all started at once (an idle one costs no CPU):
   main, main-nolog        mha-serve from the merge-base of HEAD and main (``--baseline REF``), extracted
                           with ``git archive`` into a temporary folder; JSON access log on / off
   branch, branch-nolog    mha-serve from this checkout; access log on / off
+  *-split, *-split-nolog  the same trees with ``MHA_ENGINE=process``: one front-end process on core 0, the
+                          model process moved to the other core once ready (the issue's set-up: "one
+                          front-end process pinned to one core, the model process and the load generator
+                          on the other"); its CPU column is the front end's alone
 Variants: ``v2-binary`` (POST /v2/models/mha/infer, Triton's binary tensor extension) and ``base64``
 (POST /attend); the echo servers echo each variant's body. Each (server, variant) cell runs once per
 round for ``--duration`` s at ``--concurrency`` connections, after the servers went idle, the order
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -50,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.service import (  # noqa: E402  (process and measurement helpers)
+    CLIENT_CORE,
     SERVER_CORE,
     free_port,
     http,
@@ -70,6 +76,7 @@ class Srv:
     src: Path
     proc: subprocess.Popen | None = None
     base: str = ""
+    model_pid: int | None = None  # split mode: the model process, off the front end's core
 
 
 @dataclass
@@ -97,7 +104,7 @@ def variants() -> list[Variant]:
     ]
 
 
-def servers(baseline: Path | None) -> list[Srv]:
+def servers(baseline: Path | None, modes: list[str]) -> list[Srv]:
     py = sys.executable
     uv = [py, "-m", "uvicorn", "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
     out = [
@@ -106,10 +113,60 @@ def servers(baseline: Path | None) -> list[Srv]:
     ]
     trees = ([("main", baseline)] if baseline else []) + [("branch", ROOT)]
     for name, src in trees:
-        for suffix, log in (("", "true"), ("-nolog", "false")):
-            env = {**SMALL_MODEL, "MHA_ACCESS_LOG": log, "MHA_LOG_LEVEL": "info", "MHA_GRPC_PORT": "0"}  # HTTP only
-            out.append(Srv(name + suffix, "service", [py, "-m", "service.cli"], env, src))
+        for mode in modes:
+            for suffix, log in (("", "true"), ("-nolog", "false")):
+                env = {**SMALL_MODEL, "MHA_ACCESS_LOG": log, "MHA_LOG_LEVEL": "info", "MHA_GRPC_PORT": "0"}  # HTTP only
+                if mode == "split":
+                    env["MHA_ENGINE"] = "process"
+                label = name + ("-split" if mode == "split" else "") + suffix
+                out.append(Srv(label, "service", [py, "-m", "service.cli"], env, src))
     return out
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid``'s children, grandchildren, ... (from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            parents.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def pin_model_process(srv: Srv) -> None:
+    """Split mode: move the model process (the one descendant that loaded torch), all its threads, to the
+    load generator's core, leaving the front end alone on the servers' core."""
+    for pid in descendants(srv.proc.pid):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                torch = "libtorch" in f.read()
+        except OSError:
+            continue
+        if torch:
+            srv.model_pid = pid
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(tid), {CLIENT_CORE})
+            return
+    raise RuntimeError(f"{srv.name}: no model process found under pid {srv.proc.pid}")
+
+
+def front_cpu_s(srv: Srv) -> float:
+    """CPU seconds of the server's processes on the servers' core: all of them, less the model process."""
+    total = 0.0
+    for pid in [srv.proc.pid, *descendants(srv.proc.pid)]:
+        if pid != srv.model_pid:
+            with contextlib.suppress(OSError):
+                total += proc_cpu_s(pid)
+    return total
 
 
 def start(srv: Srv, logs: Path) -> None:
@@ -135,9 +192,9 @@ def measure(srv: Srv, v: Variant, body_file: Path, args, procs: list) -> Cell:
     if status != 200:
         raise RuntimeError(f"{srv.name} {v.name}: probe answered {status}")
     wait_idle(procs, srv.base, "/healthz" if srv.kind == "service" else "/")
-    cpu0 = proc_cpu_s(srv.proc.pid)
+    cpu0 = front_cpu_s(srv)
     r = run_wrk(srv.base + path, v, args.concurrency, args.duration, body_file)
-    cpu = proc_cpu_s(srv.proc.pid) - cpu0
+    cpu = front_cpu_s(srv) - cpu0
     n = max(1, r["requests"])
     errors = sum(r[k] for k in ("err_connect", "err_read", "err_write", "err_status", "err_timeout"))
     return Cell(srv.name, v.name, r["requests"] / (r["duration_us"] / 1e6), 1e3 * cpu / n, r["p50_us"] / 1e3,
@@ -179,6 +236,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--baseline", default="auto", help="git ref of the 'main' servers (default: merge-base)")
+    ap.add_argument("--modes", default="single,split", help="mha-serve modes: single (one process), split")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     args = ap.parse_args()
     for tool in ("wrk", "taskset"):
@@ -197,7 +255,7 @@ def main() -> None:
     for v in vs:
         bodies[v.name] = tmp / f"{v.name}.body"
         bodies[v.name].write_bytes(v.body)
-    srvs = servers(baseline)
+    srvs = servers(baseline, args.modes.split(","))
     try:
         logs = args.out / "front-logs"
         logs.mkdir(exist_ok=True)
@@ -205,6 +263,8 @@ def main() -> None:
             start(s, logs)
         for s in srvs:
             wait_ready(s.proc, s.base, "/readyz" if s.kind == "service" else "/")
+            if s.env.get("MHA_ENGINE") == "process":
+                pin_model_process(s)
         procs = [s.proc for s in srvs]
         cells: list[Cell] = []
         for rnd in range(args.rounds):
