@@ -110,6 +110,9 @@ class Result:
 
 # -- across the process boundary -------------------------------------------------------------
 
+# A request still waiting this long starts watching its caller (``abandoned`` given as a function): a client
+# that leaves is noticed from then on, and a quick answer never pays for a watcher task.
+WATCH_AFTER_S = 0.05
 ADDRESS_ENV = "MHA_ENGINE_ADDRESS"  # the model process's zmq address, as the supervisor hands it to front ends
 
 ERROR_KINDS = ("overloaded", "too_large", "deadline", "shutting_down", "client_gone", "error")

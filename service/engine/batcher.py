@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from service.messages import (
+    WATCH_AFTER_S,
     AttendInput,
     AttendOutput,
     BatcherObserver,
@@ -311,11 +312,19 @@ class Batcher:
                 self._obs.level_queue_changed(i + 1, len(self._queues[i]), self._level_tokens[i])
 
     async def infer(
-        self, inp: AttendInput, *, deadline: float, abandoned: Awaitable[Any] | None = None, priority: int = 0
+        self,
+        inp: AttendInput,
+        *,
+        deadline: float,
+        abandoned: Awaitable[Any] | Callable[[], Awaitable[Any]] | None = None,
+        priority: int = 0,
     ) -> Result:
         """Queue ``inp`` and wait for its result, its deadline (monotonic) or ``abandoned``.
 
         ``priority``: 1 (the highest) .. ``priority_levels``; 0 = ``default_priority_level``.
+        ``abandoned`` completes when the caller leaves: an awaitable is watched at once; a function
+        returning one is called, and its awaitable watched, only if the request is still waiting after
+        WATCH_AFTER_S (a quick answer starts no task: a tenth of a front-bound request's CPU).
 
         However the wait ends (result, deadline, client gone, this task cancelled), a request
         still queued leaves the queue at once: it is never computed, and its requests and tokens
@@ -327,7 +336,8 @@ class Batcher:
             if asyncio.iscoroutine(abandoned):
                 abandoned.close()  # never awaited: close it quietly
             raise
-        gone = asyncio.ensure_future(abandoned) if abandoned is not None else None
+        lazy = abandoned if callable(abandoned) else None
+        gone = asyncio.ensure_future(abandoned) if abandoned is not None and lazy is None else None
         # The first of result, client gone and deadline wakes one waiter: what asyncio.wait does, without
         # its sets, extra coroutine and per-call closures (a tenth of a front-bound request's CPU).
         loop = asyncio.get_running_loop()
@@ -337,10 +347,22 @@ class Batcher:
             if not waiter.done():
                 waiter.set_result(None)
 
+        def late() -> None:  # still waiting after WATCH_AFTER_S: watch the caller from now on
+            nonlocal gone, timer
+            if waiter.done():
+                return
+            gone = asyncio.ensure_future(lazy())
+            gone.add_done_callback(wake)
+            timer = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()), wake)
+
         pending.future.add_done_callback(wake)
         if gone is not None:
             gone.add_done_callback(wake)
-        timer = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()), wake)
+        left = deadline - time.monotonic()
+        if lazy is not None and WATCH_AFTER_S < left:
+            timer = loop.call_at(loop.time() + WATCH_AFTER_S, late)
+        else:
+            timer = loop.call_at(loop.time() + max(0.0, left), wake)
         try:
             await waiter
             answered = pending.future.done()

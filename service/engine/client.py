@@ -25,7 +25,9 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
+from service.logs import request_id_var
 from service.messages import (
+    WATCH_AFTER_S,
     AttendInput,
     ClientGone,
     DeadlineExceeded,
@@ -44,6 +46,7 @@ log = logging.getLogger("mha_serve.engine")
 HEARTBEAT_S = 0.25  # how often the front end pings the model process
 LOST_AFTER_S = 3.0  # no heartbeat for this long: the model process is gone (a hang, not only a crash)
 ANSWER_SLACK_S = 1.0  # past a request's deadline, the front end stops waiting for the engine's own answer
+SWEEP_S = 0.01  # how often waiting requests are checked for their deadline and for watching their caller
 
 
 class EngineUnavailable(ShuttingDown):
@@ -75,7 +78,8 @@ class EngineClient:
         self._on_ready = on_ready or (lambda ready: None)
         self._ctx = zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
-        self._pending: dict[int, asyncio.Future] = {}
+        self._pending: dict[int, list] = {}  # id -> [answer, abandoned, give up at, watch from, watch]
+        self._sweeping: asyncio.TimerHandle | None = None
         self._outbox: list[tuple[int, AttendInput, float, str | None, int]] = []
         self._flush_scheduled = False
         self._next_id = 0
@@ -153,7 +157,12 @@ class EngineClient:
     # -- requests ------------------------------------------------------------------------
 
     async def infer(
-        self, inp: AttendInput, *, deadline: float, abandoned: Awaitable[Any] | None = None, priority: int = 0
+        self,
+        inp: AttendInput,
+        *,
+        deadline: float,
+        abandoned: Awaitable[Any] | Callable[[], Awaitable[Any]] | None = None,
+        priority: int = 0,
     ) -> Result:
         try:
             if self._lost is not None:
@@ -164,36 +173,63 @@ class EngineClient:
             if asyncio.iscoroutine(abandoned):
                 abandoned.close()
             raise
-        from service.logs import request_id_var  # (imported here: no import circle)
-
+        loop = asyncio.get_running_loop()
         rid = self._next_id
         self._next_id += 1
-        fut = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
+        fut = loop.create_future()
+        now = time.monotonic()
+        # [answer, abandoned, give up at, watch the caller from, the watch]: the sweep (``_sweep``), not a
+        # timer or a task per request, ends the wait at the deadline and starts watching the caller of a
+        # request still waiting after WATCH_AFTER_S (an awaitable ``abandoned`` is watched at once).
+        wait = [fut, abandoned, deadline + ANSWER_SLACK_S, now + WATCH_AFTER_S, None]
+        self._pending[rid] = wait
+        if abandoned is not None and not callable(abandoned):
+            self._watch_caller(wait, abandoned)
         self._outbox.append((rid, inp, deadline, request_id_var.get(), priority))
         if not self._flush_scheduled:  # everything submitted in this turn of the loop goes in one message
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-        gone = asyncio.ensure_future(abandoned) if abandoned is not None else None
-        waiters = {fut} if gone is None else {fut, gone}
+            loop.call_soon(self._flush)
+        if self._sweeping is None:
+            self._sweeping = loop.call_later(SWEEP_S, self._sweep)
         try:
-            done, _ = await asyncio.wait(
-                waiters,
-                timeout=max(0.0, deadline - time.monotonic()) + ANSWER_SLACK_S,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            return await fut
         finally:
+            gone = wait[4]
             if gone is not None and not gone.done():
                 gone.cancel()
-            if not fut.done():  # left before the answer: the model process drops it before compute
-                self._pending.pop(rid, None)
-                fut.cancel()
+            if self._pending.pop(rid, None) is not None:  # left before the answer: dropped before compute
+                if not fut.done():
+                    fut.cancel()
                 self._cancel([rid])
-        if fut in done:
-            return fut.result()
-        if gone is not None and gone in done:
-            raise ClientGone("the client went away")
-        raise DeadlineExceeded("the request's deadline passed and the model process did not answer")
+
+    def _watch_caller(self, wait: list, abandoned: Awaitable[Any]) -> None:
+        fut = wait[0]
+
+        def left(gone: asyncio.Future) -> None:
+            if not gone.cancelled() and not fut.done():
+                fut.set_exception(ClientGone("the client went away"))
+
+        wait[4] = asyncio.ensure_future(abandoned)
+        wait[4].add_done_callback(left)
+
+    def _sweep(self) -> None:
+        """Every SWEEP_S while requests wait: end the waits past their deadline (the model process answers
+        those itself; this is for one that does not), and watch the callers of those waiting long."""
+        self._sweeping = None
+        if not self._pending:
+            return
+        now = time.monotonic()
+        for wait in list(self._pending.values()):
+            fut = wait[0]
+            if fut.done():
+                continue
+            if now >= wait[2]:
+                fut.set_exception(
+                    DeadlineExceeded("the request's deadline passed and the model process did not answer")
+                )
+            elif wait[4] is None and wait[1] is not None and now >= wait[3]:
+                self._watch_caller(wait, wait[1]())
+        self._sweeping = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -209,7 +245,7 @@ class EngineClient:
 
     def _fail_all(self, exc: Exception) -> None:
         pending, self._pending = self._pending, {}
-        for fut in pending.values():
+        for fut, *_ in pending.values():
             if not fut.done():
                 fut.set_exception(exc)
                 fut.exception()  # retrieved: a caller that left must not log "never retrieved"
@@ -234,9 +270,10 @@ class EngineClient:
             kind = header["t"]
             if kind == "res":
                 for o in decode_outcomes(header, frames[1:]):
-                    fut = self._pending.pop(o.id, None)
-                    if fut is None or fut.done():
+                    wait = self._pending.pop(o.id, None)
+                    if wait is None or wait[0].done():
                         continue
+                    fut = wait[0]
                     if o.error is None:
                         fut.set_result(Result(o.output, o.queue_s, o.compute_s, o.batch_requests, o.batch_sequences))
                     else:

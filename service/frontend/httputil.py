@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
 
 from service.errors import ServiceError, log_internal_error
 from service.frontend import codecs
@@ -47,22 +48,43 @@ async def read_limited(request: Request, limit: int) -> bytes | bytearray:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ServiceError("payload_too_large", f"the body is {declared} bytes, more than max_body_bytes {limit}")
+    receive = request.receive  # the ASGI messages as they come: no async generator per chunk (request.stream())
+    message = await receive()
+    if message["type"] != "http.request":
+        raise ClientDisconnect()
+    body = message.get("body", b"")
+    if not message.get("more_body", False):  # the usual case: the whole body in one message
+        if len(body) > limit:
+            raise ServiceError("payload_too_large", f"the body exceeds max_body_bytes {limit}")
+        return body
     if declared is not None and declared.isdigit() and int(declared) > 65536:
         buf, pos = bytearray(int(declared)), 0
-        async for chunk in request.stream():
-            end = pos + len(chunk)
+        while True:
+            end = pos + len(body)
             if end > len(buf):  # the server enforces Content-Length; never trust it twice
                 raise ServiceError("malformed_json", f"the body is longer than its Content-Length {declared}")
-            buf[pos:end] = chunk
+            buf[pos:end] = body
             pos = end
+            if not message.get("more_body", False):
+                break
+            message = await receive()
+            if message["type"] != "http.request":
+                raise ClientDisconnect()
+            body = message.get("body", b"")
         del buf[pos:]
         return buf
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
+    while True:
+        size += len(body)
         if size > limit:
             raise ServiceError("payload_too_large", f"the body exceeds max_body_bytes {limit}")
-        chunks.append(chunk)
+        chunks.append(body)
+        if not message.get("more_body", False):
+            break
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnect()
+        body = message.get("body", b"")
     return b"".join(chunks)
 
 
@@ -95,7 +117,7 @@ async def infer(
             inp,
             deadline=started + timeout_s,
             timeout_s=timeout_s,
-            abandoned=disconnected(request),
+            abandoned=lambda: disconnected(request),  # watched only if the answer is not quick
             priority=priority,
         )
     except ServiceError:
@@ -110,7 +132,7 @@ async def run_batcher(
     *,
     deadline: float,
     timeout_s: float,
-    abandoned: Awaitable[Any] | None,
+    abandoned: Awaitable[Any] | Callable[[], Awaitable[Any]] | None,
     priority: int = 0,
 ) -> Result | None:
     """The batcher's infer with its outcomes mapped to the error table, for every transport (HTTP, gRPC).
@@ -149,3 +171,21 @@ def timing_headers(res: Result) -> dict[str, str]:
         "x-compute-time-ms": f"{res.compute_s * 1000:.3f}",
         "x-batch-size": str(res.batch_requests),
     }
+
+
+class Answer(Response):
+    """A 200 of the inference routes, its raw headers built at once: content-length, content-type, the
+    timing headers, and ``extra``. (Response's own header handling is a tenth of a small request.)"""
+
+    def __init__(self, body: bytes, content_type: bytes, res: Result, extra: tuple = ()) -> None:
+        self.status_code = 200
+        self.body = body
+        self.background = None
+        self.raw_headers = [
+            (b"content-length", b"%d" % len(body)),
+            (b"content-type", content_type),
+            (b"x-queue-time-ms", b"%.3f" % (res.queue_s * 1000)),
+            (b"x-compute-time-ms", b"%.3f" % (res.compute_s * 1000)),
+            (b"x-batch-size", b"%d" % res.batch_requests),
+            *extra,
+        ]
