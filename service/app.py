@@ -27,7 +27,7 @@ from service.errors import INFERENCE_ERRORS, InternalErrors, ServiceError, error
 from service.frontend import fastroute, grpc_server, heatmap, v2
 from service.frontend.admission import Admission, AdmissionMiddleware
 from service.frontend.decode import Limits
-from service.frontend.httputil import infer, internal_error, read_body, require_ready, timing_headers
+from service.frontend.httputil import Answer, infer, internal_error, read_body, require_ready
 from service.frontend.observability import ApiKeys, ObserveMiddleware
 from service.frontend.offload import Offload
 from service.frontend.schemas import AttendRequest, AttendResponse, ModelDescription
@@ -219,7 +219,7 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
                 await asyncio.to_thread(state.tracing.shutdown)  # exports the spans still buffered
             log.info("stopped")
 
-    app = FastAPI(
+    app = fastroute.App(
         title="mha-serve",
         version=__version__,
         summary="Multi-head attention over HTTP, with dynamic batching.",
@@ -349,7 +349,7 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
         state.stats.request_done(
             sequences=dec.input.batch, started=started, decoded=decoded, answered=answered, res=res
         )
-        return Response(payload, media_type="application/json", headers=timing_headers(res))
+        return Answer(payload, b"application/json", res)
 
     async def attend_fast(request: Request) -> Response:
         """POST /attend through FastRoutes: errors answer as the ServiceError handler does."""

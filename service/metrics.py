@@ -15,7 +15,9 @@ drain rate and limit scale are the model process's latest values.
 
 from __future__ import annotations
 
+import asyncio
 import os
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -23,6 +25,46 @@ from service.messages import BatcherObserver, BatchStats
 
 _DRAIN_ALPHA = 0.2  # weight of the newest batch in the drain-rate average
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class RequestTally:
+    """The HTTP requests' metrics, as the middleware counts them: the in-flight gauge and the request
+    counters are written once per turn of the event loop (``flush``, scheduled by the first change),
+    not once per request: each write takes a lock, and with several processes writes a shared file.
+    The latency histogram is observed per request (it has no batched form)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.in_flight = 0  # inference requests being handled in this process
+        self._written = 0
+        self._counts: dict[tuple[str, int], int] = {}
+        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}  # labels() locks and checks on each call
+        self._scheduled = False
+
+    def schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def done(self, route: str, status: int, elapsed_s: float) -> None:
+        key = (route, status)
+        children = self._children.get(key)
+        if children is None:
+            children = self.metrics.requests.labels(route, str(status)), self.metrics.latency.labels(route)
+            self._children[key] = children
+        children[1].observe(elapsed_s)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        self.schedule()
+
+    def flush(self) -> None:
+        """Write what was counted since the last flush (and before any later request, a scrape included)."""
+        self._scheduled = False
+        if self.in_flight != self._written:
+            self._written = self.in_flight
+            self.metrics.in_flight.set(self.in_flight)
+        counts, self._counts = self._counts, {}
+        for key, n in counts.items():
+            self._children[key][0].inc(n)
 
 
 class Metrics(BatcherObserver):
@@ -44,6 +86,7 @@ class Metrics(BatcherObserver):
             multiprocess_mode="livesum",
             registry=r,
         )
+        self.tally = RequestTally(self)
         self.tokens = Counter(
             "mha_tokens", "Tokens through forward passes: real (requested) and padded (computed)", ["kind"], registry=r
         )

@@ -21,6 +21,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -44,6 +45,21 @@ def install(app: Any, routes: list[tuple[str, Handler, Any]]) -> None:
     app.build_middleware_stack = build
 
 
+class App(FastAPI):
+    """FastAPI, whose hot POSTs skip ``FastAPI.__call__`` and ``Starlette.__call__`` too (FastAPI's native
+    telemetry check, the root path, the lazy stack): ``scope["app"]`` is set, as Starlette sets it, and the
+    request goes straight to the dispatcher's hot stack. Everything else is FastAPI's, unchanged."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        stack = self.middleware_stack
+        if type(stack) is FastRoutes and not self.root_path and scope["type"] == "http" and scope["method"] == "POST":
+            match = stack.match(scope)
+            if match is not None:
+                scope["app"] = self
+                return await stack.hot(scope, receive, send)
+        await super().__call__(scope, receive, send)
+
+
 class FastRoutes:
     """The dispatcher: hot POSTs to ``hot`` (the user middlewares over the handler), the rest to ``standard``."""
 
@@ -52,17 +68,22 @@ class FastRoutes:
         self.hot = hot
         self.routes = [(re.compile(pattern), handler, route) for pattern, handler, route in routes]
 
+    def match(self, scope) -> bool | None:
+        """True, with the route's handler and parameters in ``scope``, when a hot route takes this POST."""
+        path = scope["path"]
+        for pattern, handler, route in self.routes:
+            m = pattern.fullmatch(path)
+            if m is not None:
+                params = m.groupdict()
+                scope["route"] = route
+                scope["path_params"] = {k: v for k, v in params.items() if v is not None}
+                scope[_MATCH] = handler, params
+                return True
+        return None
+
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            path = scope["path"]
-            for pattern, handler, route in self.routes:
-                m = pattern.fullmatch(path)
-                if m is not None:
-                    params = m.groupdict()
-                    scope["route"] = route
-                    scope["path_params"] = {k: v for k, v in params.items() if v is not None}
-                    scope[_MATCH] = handler, params
-                    return await self.hot(scope, receive, send)
+        if scope["type"] == "http" and scope["method"] == "POST" and self.match(scope):
+            return await self.hot(scope, receive, send)
         await self.standard(scope, receive, send)
 
 

@@ -61,8 +61,8 @@ from starlette.routing import Match
 from service.errors import INFERENCE_ERRORS, ServiceError, status_descriptions, validation
 from service.frontend import codecs, oip
 from service.frontend.decode import check_priority, parse_json
+from service.frontend.httputil import Answer, internal_error, read_limited, require_ready
 from service.frontend.httputil import infer as run_inference
-from service.frontend.httputil import internal_error, read_limited, require_ready, timing_headers
 from service.tracing import stage
 
 log = logging.getLogger("mha_serve.v2")
@@ -193,11 +193,11 @@ def build_router(state: Any) -> APIRouter:
             state.stats.request_failed(time.monotonic() - started)
             raise
         state.stats.request_done(sequences=inp.batch, started=started, decoded=decoded, answered=answered, res=res)
-        headers = timing_headers(res)
         if header_len is None:
-            return Response(payload, media_type="application/json", headers=headers)
-        headers["Inference-Header-Content-Length"] = str(header_len)
-        return Response(payload, media_type="application/octet-stream", headers=headers)
+            return Answer(payload, b"application/json", res)
+        return Answer(
+            payload, b"application/octet-stream", res, ((b"inference-header-content-length", b"%d" % header_len),)
+        )
 
     def versioned(fn: Callable[..., Any], *, with_request: bool = False) -> tuple[Callable, Callable]:
         """(handler of /models/{name}/..., handler of /models/{name}/versions/{version}/...)."""
