@@ -201,8 +201,9 @@ def baseline_tree(ref: str, into: Path) -> str:
 
 
 def start(srv: Srv, logs: Path) -> None:
-    """On core 0, configured by SMALL_MODEL and its own env alone (no MHA_/OTEL_ variable of the shell)."""
-    env = {**SMALL_MODEL, **srv.env}
+    """On core 0, configured by SMALL_MODEL and its own env alone (no MHA_/OTEL_ variable of the shell). HTTP
+    only: the servers run side by side, and each would take the default gRPC port."""
+    env = {**SMALL_MODEL, "MHA_GRPC_PORT": "0", **srv.env}
     drop = ("OTEL_", "MHA_")
     s = Server(env, logs / f"{srv.name}.log", srv.src, core=SERVER_CORE, defaults={}, drop_env=drop, wait=False)
     srv.proc, srv.base = s.proc, s.url
