@@ -43,6 +43,10 @@ Outputs: OUT/service.md (table, floors, targets, notes), OUT/service.json (every
 (throughput and p99 against concurrency, log-x), OUT/logs/*.log (server logs), OUT/bodies/* (request bodies).
 With defaults the run takes about 7-8 minutes (32 runs of 10 s), with --quick about 3.
 
+Code: this file says what runs (servers, variants) and runs it; bench/harness.py starts and stops the servers,
+pins cores, counts CPU and runs wrk (for every benchmark); bench/measure.py measures t_row and each cell, checks
+the responses and derives the floors; bench/report.py writes the table, targets, notes, plot and files.
+
 Usage:
   .venv/bin/python bench/service.py [--quick] [--concurrency 1,8,32,64] [--duration S] [--out bench/out]
                                     [--only base64,lists] [--quiet-budget S]
