@@ -54,7 +54,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.service import (  # noqa: E402  (process and measurement helpers)
+from bench.harness import (  # noqa: E402  (process and measurement helpers)
     CLIENT_CORE,
     SERVER_CORE,
     free_port,

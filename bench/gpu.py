@@ -31,13 +31,10 @@ correctness row still runs pytest (all its cases skip) and the allocation rows s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -57,6 +54,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import Server, run_wrk, wrk_errors  # noqa: E402
 from bench.weights_memory import measure as weights_allocations  # noqa: E402
 from mha_core import MHAConfig, MultiHeadAttention  # noqa: E402
 from service.engine.runner import Runner  # noqa: E402
@@ -409,12 +407,6 @@ def paths(
 # -- the service ----------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def v2_body() -> tuple[bytes, int]:
     x = np.random.default_rng(0).standard_normal((1, 128, E), dtype=np.float32)
     raw = f32_to_bf16(x).tobytes()
@@ -429,51 +421,19 @@ def v2_body() -> tuple[bytes, int]:
     return header + raw, len(header)
 
 
-def start_server(device: str, env_extra: dict, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def start_server(device: str, env_extra: dict, log: Path) -> Server:
+    """mha-serve sized for a GPU host: bf16, batches up to 256, deep queues, no access log."""
     env = {
-        **os.environ,
         "MHA_DEVICE": device,
         "MHA_DTYPE": "bfloat16",
         "MHA_MAX_BATCH_SIZE": "256",
         "MHA_MAX_BATCH_TOKENS": str(256 * 128),
         "MHA_MAX_QUEUE_REQUESTS": "8192",
         "MHA_MAX_QUEUE_TOKENS": str(8192 * 128),
-        "MHA_ACCESS_LOG": "false",
-        "MHA_LOG_LEVEL": "warning",
         "MHA_SHUTDOWN_GRACE_S": "2",
-        "PYTHONPATH": str(ROOT),
         **env_extra,
     }
-    code = "import sys; from service.cli import main; sys.exit(main())"
-    argv = [sys.executable, "-c", code, "--host", "127.0.0.1", "--port", str(port)]
-    f = open(log, "wb")  # noqa: SIM115 (closed with the process)
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    proc._log = f  # type: ignore[attr-defined]
-    base = f"http://127.0.0.1:{port}"
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 180:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mha-serve exited with {proc.returncode}: {log.read_text()[-800:]}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(base + "/readyz", timeout=2) as r:
-            if r.status == 200:
-                return proc, base
-        time.sleep(0.3)
-    stop_server(proc)
-    raise RuntimeError("mha-serve not ready within 180 s")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-    proc._log.close()  # type: ignore[attr-defined]
+    return Server(env, log, defaults={"MHA_ACCESS_LOG": "false", "MHA_LOG_LEVEL": "warning"})
 
 
 def check_once(base: str, body: bytes, hlen: int) -> None:
@@ -490,24 +450,11 @@ def check_once(base: str, body: bytes, hlen: int) -> None:
 
 
 def wrk_rps(url: str, body_path: Path, hlen: int, conc: int, seconds: float, threads: int) -> tuple[float, str]:
-    env = {
-        **os.environ,
-        "BODY_FILE": str(body_path),
-        "CONTENT_TYPE": "application/octet-stream",
-        "WRK_HEADERS": f"Inference-Header-Content-Length: {hlen}",
-    }
-    lua = ROOT / "bench" / "wrk" / "post_body.lua"
-    argv = ["wrk", f"-t{threads}", f"-c{conc}", f"-d{seconds:g}s", "--timeout", "30s", "-s", str(lua), url]
-    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + 60)
-    for line in r.stdout.splitlines():
-        if line.startswith("WRK_JSON "):
-            d = json.loads(line[9:])
-            errors = sum(d[k] for k in ("err_connect", "err_read", "err_write", "err_status", "err_timeout"))
-            ok = d["requests"] - errors
-            return ok / (
-                d["duration_us"] / 1e6
-            ), f"p50 {d['p50_us'] / 1000:.1f} ms, p99 {d['p99_us'] / 1000:.1f} ms, {errors} errors"
-    raise RuntimeError(f"wrk gave no WRK_JSON line: {r.stdout[-500:]} {r.stderr[-500:]}")
+    headers = {"Inference-Header-Content-Length": str(hlen)}
+    d = run_wrk(url, body_path, "application/octet-stream", headers, conc, seconds, threads=threads, core=None)
+    errors = wrk_errors(d)
+    detail = f"p50 {d['p50_us'] / 1000:.1f} ms, p99 {d['p99_us'] / 1000:.1f} ms, {errors} errors"
+    return (d["requests"] - errors) / (d["duration_us"] / 1e6), detail
 
 
 def py_rps(base: str, body_path: Path, hlen: int, conc: int, seconds: float, procs: int) -> tuple[float, str]:
@@ -561,7 +508,8 @@ def service(
             for c in concs:
                 table.skip("service", f"c={c}, {name}", "skipped: time budget")
             continue
-        proc, base = start_server(device, extra, tmp / "server.log")
+        server = start_server(device, extra, tmp / "server.log")
+        base = server.url
         try:
             check_once(base, body, hlen)
             url = base + "/v2/models/mha/infer"
@@ -595,7 +543,7 @@ def service(
                         "",
                     )
         finally:
-            stop_server(proc)
+            server.stop(15)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

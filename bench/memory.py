@@ -29,8 +29,9 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _serve import ROOT, Server, lists_body
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.harness import ROOT, Server
+from bench.measure import lists_body
 
 
 def run(server: Server, body: bytes, clients: int) -> dict:

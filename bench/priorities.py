@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -39,10 +38,10 @@ import httpx
 import numpy as np
 import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _serve import ROOT, Server, percentile
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.harness import CLIENT_CORE, ROOT, SERVER_CORE, Server, pin_all_threads
+from bench.measure import percentile
 
-SERVER_CORE, CLIENT_CORE = 0, 1
 INFER = "/v2/models/mha/infer"
 
 
@@ -150,10 +149,6 @@ async def run_config(url: str, levels: int, args, capacity: float | None) -> dic
         "p99_ratio": f["p99_ms"] / u["p99_ms"],
         "client_core_share": client_cpu,
     }
-
-
-def pin_all_threads(pid: int, core: int) -> None:
-    subprocess.run(["taskset", "-apc", str(core), str(pid)], check=True, capture_output=True)
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._serve import Server
+from bench.harness import Server
 from mha_client._wire import f32_to_bf16
 from service.settings import default_workers
 

@@ -26,8 +26,8 @@ import httpx
 import numpy as np
 import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _serve import ROOT, Server
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.harness import ROOT, Server
 
 
 async def load_then_sigterm(server: Server, clients: int) -> tuple[float, int, collections.Counter]:

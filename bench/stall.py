@@ -23,8 +23,9 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _serve import Server, lists_body, percentile
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.harness import Server
+from bench.measure import lists_body, percentile
 
 POLLER = r"""
 import http.client, json, os, sys, time

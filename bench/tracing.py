@@ -62,11 +62,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.service import (  # noqa: E402  (the service benchmark's process and measurement helpers)
+from bench import harness  # noqa: E402
+from bench.harness import (  # noqa: E402  (the benchmarks' process and measurement helpers)
     CLIENT_CORE,
-    LUA,
     SERVER_CORE,
-    free_port,
+    Server,
     http,
     main_thread_cpu_s,
     proc_cpu_s,
@@ -126,7 +126,6 @@ class Srv:
     src: Path  # the source tree it runs from
     proc: subprocess.Popen | None = None
     base: str = ""
-    log: object = None
 
 
 @dataclass
@@ -202,22 +201,12 @@ def baseline_tree(ref: str, into: Path) -> str:
 
 
 def start(srv: Srv, logs: Path) -> None:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MHA_"))}
-    env.update(SMALL_MODEL)
-    env.update(srv.env)
-    env["PYTHONPATH"] = str(srv.src)
-    env["PYTHONUNBUFFERED"] = "1"
-    srv.log = open(logs / f"{srv.name}.log", "wb")  # noqa: SIM115 (closed at the end)
-    srv.proc = subprocess.Popen(
-        ["taskset", "-c", str(SERVER_CORE), sys.executable, "-m", "service.cli", "--port", str(port)],
-        cwd=srv.src,
-        env=env,
-        stdout=srv.log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    srv.base = f"http://127.0.0.1:{port}"
+    """On core 0, configured by SMALL_MODEL and its own env alone (no MHA_/OTEL_ variable of the shell). HTTP
+    only: the servers run side by side, and each would take the default gRPC port."""
+    env = {**SMALL_MODEL, "MHA_GRPC_PORT": "0", **srv.env}
+    drop = ("OTEL_", "MHA_")
+    s = Server(env, logs / f"{srv.name}.log", srv.src, core=SERVER_CORE, defaults={}, drop_env=drop, wait=False)
+    srv.proc, srv.base = s.proc, s.url
 
 
 # -- load generators ------------------------------------------------------------------------------
@@ -225,19 +214,7 @@ def start(srv: Srv, logs: Path) -> None:
 
 def run_wrk(url: str, v: Variant, conc: int, duration: float, body_file: Path) -> dict:
     headers = {k: val for k, val in v.headers.items() if k != "Content-Type"}
-    env = {
-        **os.environ,
-        "BODY_FILE": str(body_file),
-        "CONTENT_TYPE": v.headers["Content-Type"],
-        "WRK_HEADERS": "|".join(f"{k}: {val}" for k, val in headers.items()),
-    }
-    argv = ["taskset", "-c", str(CLIENT_CORE), "wrk", "-t1", f"-c{conc}", f"-d{duration:g}s", "--timeout", "30s"]
-    argv += ["--latency", "-s", str(LUA), url]
-    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=duration + 60)
-    for line in r.stdout.splitlines():
-        if line.startswith("WRK_JSON "):
-            return json.loads(line[len("WRK_JSON ") :])
-    raise RuntimeError(f"wrk gave no WRK_JSON line (rc {r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return harness.run_wrk(url, body_file, v.headers["Content-Type"], headers, conc, duration, timeout_extra_s=60)
 
 
 def run_asyncio(url: str, v: Variant, conc: int, duration: float) -> dict:
@@ -473,8 +450,6 @@ def main() -> None:
         for s in servers:
             if s.proc is not None:
                 stop_process(s.proc)
-            if s.log is not None:
-                s.log.close()
         shutil.rmtree(tmp, ignore_errors=True)
         sink.close()
     rep.exported = {"posts": sink.posts, "bytes": sink.bytes}
