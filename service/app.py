@@ -31,7 +31,7 @@ from service.frontend.httputil import infer, internal_error, read_body, require_
 from service.frontend.observability import ApiKeys, ObserveMiddleware
 from service.frontend.offload import Offload
 from service.frontend.schemas import AttendRequest, AttendResponse, ModelDescription
-from service.frontend.stats import ModelStats
+from service.frontend.stats import ModelStats, SharedModelStats
 from service.messages import BatcherObserver
 from service.metrics import Metrics, exposition
 from service.settings import Settings
@@ -142,6 +142,7 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
             priority_levels=settings.priority_levels,
         )
         state.front_end = True
+        state.stats = SharedModelStats()  # the service's totals: the model process and every front end add to them
         state.batcher = client
 
     async def load_model() -> None:

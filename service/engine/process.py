@@ -74,7 +74,18 @@ class Engine:
         """Load and warm the model, start the batcher (the same wiring as the single-process app)."""
         from service.engine.batcher import Batcher, BatchLimits
         from service.engine.runner import Runner, is_out_of_memory, model_description
-        from service.metrics import Metrics
+        from service.metrics import Metrics, TritonCounters
+
+        class EngineObserver(Metrics):
+            """The metrics, and Triton's per-batch statistics, which every front end's stats route reads."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.triton = TritonCounters()
+
+            def batch_done(self, requests: int, stats: Any, queue_waits_s: list[float]) -> None:
+                super().batch_done(requests, stats, queue_waits_s)
+                self.triton.batch_done(requests, stats, queue_waits_s)
 
         s = self.settings
         runner = await asyncio.to_thread(Runner.from_settings, s)
@@ -84,7 +95,7 @@ class Engine:
         self.batcher = Batcher(
             runner.run,
             BatchLimits.from_settings(s),
-            observer=Metrics(),  # written to PROMETHEUS_MULTIPROC_DIR: the front ends' /metrics reads them
+            observer=EngineObserver(),  # written to PROMETHEUS_MULTIPROC_DIR: the front ends' /metrics reads them
             is_oom=is_out_of_memory,
             weights_of=runner.weights_elements,
             depth=runner.depth,

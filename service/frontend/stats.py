@@ -10,7 +10,9 @@ Two sources, as in Triton:
   unpads inside that time, so a batch's compute_input and compute_output count executions with
   0 ns.
 
-Everything runs on the event loop: plain integers, no locks.
+Everything runs on the event loop: plain integers, no locks. With several processes (a model
+process and its front ends) ``SharedModelStats`` keeps them instead, in
+``service.metrics.TritonCounters``: one model, one set of statistics, whichever front end answers.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from typing import Any
 
 from service.messages import BatcherObserver, BatchStats, Result
+from service.metrics import TritonCounters
 
 _NS = 1_000_000_000
 _PHASES = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
@@ -94,3 +97,55 @@ class ModelStats(BatcherObserver):
             ],
             "memory_usage": [],
         }
+
+
+class SharedModelStats(ModelStats):
+    """A front-end process's statistics: the service's totals over every process (TritonCounters).
+
+    Its routes add the per-request part; the model process adds the per-batch part; ``model_stats``
+    reads the sum of all of them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counters = TritonCounters()
+
+    def request_done(self, *, sequences: int, started: float, decoded: float, answered: float, res: Result) -> None:
+        done = time.monotonic()
+        c = self.counters
+        ns = c.phase_ns
+        c.success.inc()
+        ns["success"].inc(max(0, int((done - started) * _NS)))
+        ns["queue"].inc(max(0, int(res.queue_s * _NS)))
+        ns["compute_input"].inc(max(0, int((decoded - started) * _NS)))
+        ns["compute_infer"].inc(max(0, int(res.compute_s * _NS)))
+        ns["compute_output"].inc(max(0, int((done - answered) * _NS)))
+        c.inferences.inc(sequences)
+        c.last_ms.set(int(time.time() * 1000))
+
+    def request_failed(self, total_s: float) -> None:
+        self.counters.fail.inc()
+        self.counters.phase_ns["fail"].inc(max(0, int(total_s * _NS)))
+
+    def batch_done(self, requests: int, stats: BatchStats, queue_waits_s: list[float]) -> None:
+        self.counters.batch_done(requests, stats, queue_waits_s)  # (the model process's batcher calls it)
+
+    def model_stats(self, name: str, version: str) -> dict[str, Any]:
+        t = TritonCounters.totals()
+
+        def one(key: str, label: str = "") -> int:
+            return int(t.get(key, {}).get(label, 0))
+
+        done = one("success")
+        self.phases = {p: _Duration() for p in _PHASES}
+        for phase, d in self.phases.items():
+            d.count = one("fail") if phase == "fail" else done if phase in ("success", *TritonCounters.PHASES) else 0
+            d.ns = one("ns", phase)
+        self.inference_count = one("inferences")
+        self.execution_count = one("executions")
+        self.last_inference_ms = one("last_ms")
+        self.batches = {}
+        for size, count in t.get("batches", {}).items():
+            d = self.batches[int(size)] = _Duration()
+            d.count, d.ns = int(count), one("batch_ns", size)
+        return super().model_stats(name, version)
