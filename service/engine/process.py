@@ -7,6 +7,9 @@ and its outcome, a result or a typed error, goes back to its front end; the outc
 same turn of the event loop share one message. Every ``ping`` is answered with a heartbeat that
 carries readiness and the queue depth.
 
+Its event loop stamps a shared ``beat`` value every BEAT_S, so that the parent can tell a hung
+process (alive, silent) from a busy one: the forward runs in the batcher's thread, never on the loop.
+
 Signals are ignored: the parent tells it to stop (an Event) once the front ends have drained, and
 it exits 0; if the parent dies, it stops too.
 """
@@ -19,6 +22,7 @@ import gc
 import logging
 import os
 import signal
+import time
 from typing import Any
 
 import orjson
@@ -189,9 +193,24 @@ class Engine:
         self._ctx.destroy(linger=0)
 
 
-async def _amain(settings: Settings, address: str, ready: Any, stop: Any) -> int:
+BEAT_S = 0.1  # how often the event loop stamps ``beat`` for the parent's hang watch
+
+
+async def _beat(beat: Any) -> None:
+    """Stamp ``beat`` (shared memory) from the event loop that answers the front ends' heartbeats: while
+    it runs, the parent sees the model process answer; a forward pass in its thread does not stop it."""
+    while True:
+        beat.value = time.monotonic()  # CLOCK_MONOTONIC: one clock for the whole host
+        await asyncio.sleep(BEAT_S)
+
+
+async def _amain(settings: Settings, address: str, ready: Any, stop: Any, beat: Any = None) -> int:
     engine = Engine(settings, address)
     await engine.load()
+    beating = None
+    if beat is not None:
+        beat.value = time.monotonic()  # before ``ready``: the parent's watch starts then
+        beating = asyncio.create_task(_beat(beat))
     ready.set()
     parent = os.getppid()
 
@@ -207,14 +226,17 @@ async def _amain(settings: Settings, address: str, ready: Any, stop: Any) -> int
     stopper = asyncio.create_task(until_told())
     await engine.serve()
     await stopper
+    if beating is not None:
+        beating.cancel()
     engine.close()
     log.info("model process stopped")
     return -1 if engine.batcher.forward_running else 0
 
 
-def main(address: str, ready: Any, stop: Any) -> None:
+def main(address: str, ready: Any, stop: Any, beat: Any = None) -> None:
     """The model process's entry point (a multiprocessing "spawn" target): settings from MHA_*.
 
+    ``beat`` (a shared double) is stamped by its event loop every BEAT_S: the parent's hang watch.
     It stops when the parent sets ``stop`` (after the front ends drained) or dies, not on signals:
     a Ctrl-C or a SIGTERM sent to the whole process group must not cut off the front ends' drain.
     """
@@ -224,7 +246,7 @@ def main(address: str, ready: Any, stop: Any) -> None:
     from service.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
-    code = asyncio.run(_amain(settings, address, ready, stop))
+    code = asyncio.run(_amain(settings, address, ready, stop, beat))
     logging.shutdown()
     if code == -1:  # a forward ran past the grace: leave without finalising under a running torch op
         os._exit(0)

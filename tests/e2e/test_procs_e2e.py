@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -359,3 +360,50 @@ def test_triton_statistics_are_the_services_totals_whichever_front_end_answers(p
         g = client.get_inference_statistics("mha", as_json=True)["model_stats"][0]
         client.close()
         assert int(g["inference_count"]) == 2 * sent and int(g["execution_count"]) == batches, g
+
+
+def test_a_hung_model_process_is_killed_and_the_service_exits_1(tmp_path):
+    hang_s, grace = 2.0, 2.0
+    s = start_server(tmp_path, {**WORKERS, "MHA_ENGINE_HANG_S": str(hang_s), "MHA_SHUTDOWN_GRACE_S": str(grace)})
+    engine, _ = pids(s)
+    try:
+
+        async def go():
+            async with httpx.AsyncClient(base_url=s.url, timeout=30) as c:
+                assert (await c.post("/attend", json={"x": X})).status_code == 200
+                os.kill(engine, signal.SIGSTOP)  # alive, but silent: a hang, not a crash
+                t0 = time.monotonic()
+                rs = await asyncio.gather(*(c.post("/attend", json={"x": X}) for _ in range(4)), return_exceptions=True)
+                answered = time.monotonic() - t0
+                code = await asyncio.to_thread(s.proc.wait, 30)
+                return rs, answered, code, time.monotonic() - t0
+
+        rs, answered, code, exited = asyncio.run(go())
+        statuses = [r.status_code if isinstance(r, httpx.Response) else repr(r) for r in rs]
+        assert statuses == [503] * 4, statuses  # pending requests: 503, never a hang
+        assert all(r.json()["error"]["type"] == "unavailable" for r in rs)
+        assert answered < hang_s + 1.0, answered  # at the latest once the parent killed it
+        assert code == 1, s.log()[-3000:]
+        assert exited < hang_s + grace + 3.0, exited
+        assert "has not answered for" in s.log()
+        assert not os.path.exists(f"/proc/{engine}") or not _alive(engine)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(engine, signal.SIGCONT)
+        s.stop(signal.SIGKILL)
+
+
+def test_a_forward_longer_than_the_hang_bound_is_not_a_hang(tmp_path):
+    # the forward runs in the batcher's thread: the model process's event loop keeps answering heartbeats
+    # (a stall past the front ends' LOST_AFTER_S too) and stamping the parent's beat
+    from service.engine.client import LOST_AFTER_S
+
+    stall_ms = int((LOST_AFTER_S + 0.5) * 1000)
+    s = start_server(tmp_path, {**WORKERS, "MHA_ENGINE_HANG_S": "1"})
+    try:
+        r = httpx.post(s.url + "/attend", json={"x": X}, headers={"x-mha-fault": f"stall:{stall_ms}"}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert httpx.post(s.url + "/attend", json={"x": X}, timeout=10).status_code == 200
+        assert s.proc.poll() is None and "has not answered" not in s.log()
+    finally:
+        assert s.stop() == 0
