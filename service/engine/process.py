@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -65,6 +66,7 @@ class Engine:
         self.settings = settings
         self.address = address
         self.batcher: Any = None
+        self.tracing: Any = None  # service.tracing.Tracing when OTEL_TRACES_EXPORTER turns it on
         self.info: dict[str, Any] = {}
         self._ctx = zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
@@ -76,6 +78,7 @@ class Engine:
 
     async def load(self) -> None:
         """Load and warm the model, start the batcher (the same wiring as the single-process app)."""
+        from service import __version__, tracing
         from service.engine.batcher import Batcher, BatchLimits
         from service.engine.runner import Runner, is_out_of_memory, model_description
         from service.metrics import Metrics, TritonCounters
@@ -96,10 +99,14 @@ class Engine:
         if s.warmup:
             await asyncio.to_thread(runner.warmup)
         self.info = {"model_info": model_description(s, runner), "config": runner.config.to_dict()}
+        observer: Any = EngineObserver()  # written to PROMETHEUS_MULTIPROC_DIR: the front ends' /metrics reads them
+        self.tracing = tracing.from_env(service_version=__version__, replica_id=s.replica_id)
+        if self.tracing is not None:  # the forward span of each batch, a child of its first traced request's span
+            observer = self.tracing.observe_batches(observer)
         self.batcher = Batcher(
             runner.run,
             BatchLimits.from_settings(s),
-            observer=EngineObserver(),  # written to PROMETHEUS_MULTIPROC_DIR: the front ends' /metrics reads them
+            observer=observer,
             is_oom=is_out_of_memory,
             weights_of=runner.weights_elements,
             depth=runner.depth,
@@ -132,6 +139,9 @@ class Engine:
             kind = header["t"]
             if kind == "req":
                 for rid, inp, deadline, request_id, priority in decode_requests(header, frames[2:]):
+                    if inp.trace is not None:  # the front end's request span: the forward span's parent
+                        remote = self.tracing.remote_span_context(inp.trace) if self.tracing is not None else None
+                        inp = dataclasses.replace(inp, trace=remote)
                     t = asyncio.create_task(self._one(peer, rid, inp, deadline, request_id, priority))
                     self._tasks.add(t)
                     t.add_done_callback(self._tasks.discard)
@@ -191,6 +201,8 @@ class Engine:
         if self._sock is not None:
             self._sock.close(linger=100)
         self._ctx.destroy(linger=0)
+        if self.tracing is not None:
+            self.tracing.shutdown()  # exports the spans still buffered
 
 
 BEAT_S = 0.1  # how often the event loop stamps ``beat`` for the parent's hang watch
