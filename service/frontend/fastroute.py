@@ -11,6 +11,10 @@ the stack FastAPI builds, unchanged, so HEAD/GET answer 405 and /docs, OpenAPI a
 do not change. The hot routes stay declared on the FastAPI app: the OpenAPI schema documents them,
 and ``scope["route"]`` is their declared route, as the router would set it.
 
+FastAPI's outermost ServerErrorMiddleware is not on this path: an exception that escapes the app's own
+middlewares (InternalErrors catches those raised inside it) is answered by ``errors.answer_escaped``,
+the same JSON 500 with the request id, logged once, instead of uvicorn's plain-text 500.
+
 A handler takes the Starlette ``Request`` and the path's parameters, and returns a ``Response``;
 it maps its own errors to responses (the route's error shape), as its FastAPI declaration does.
 """
@@ -23,6 +27,8 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
+
+from service.errors import answer_escaped
 
 Handler = Callable[..., Awaitable[Response]]
 
@@ -62,7 +68,10 @@ class FastRoutes:
                     scope["route"] = route
                     scope["path_params"] = {k: v for k, v in params.items() if v is not None}
                     scope[_MATCH] = handler, params
-                    return await self.hot(scope, receive, send)
+                    try:
+                        return await self.hot(scope, receive, send)
+                    except Exception as exc:  # from a middleware outside InternalErrors: still the JSON 500
+                        return await answer_escaped(scope, send, exc)
         await self.standard(scope, receive, send)
 
 
