@@ -23,14 +23,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mha_core import MHAConfig
 from service import __version__, tracing
 from service.engine.batcher import Batcher, BatchLimits
-from service.errors import INFERENCE_ERRORS, InternalErrors, ServiceError, error_responses
+from service.errors import INFERENCE_ERRORS, InternalErrors, ServiceError
 from service.frontend import fastroute, grpc_server, heatmap, v2
 from service.frontend.admission import Admission, AdmissionMiddleware
 from service.frontend.decode import Limits
 from service.frontend.httputil import infer, internal_error, read_body, require_ready, timing_headers
 from service.frontend.observability import ApiKeys, ObserveMiddleware
 from service.frontend.offload import Offload
-from service.frontend.schemas import AttendRequest, AttendResponse, ModelDescription
+from service.frontend.schemas import AttendRequest, AttendResponse, ModelDescription, error_responses
 from service.frontend.stats import ModelStats, SharedModelStats
 from service.messages import BatcherObserver
 from service.metrics import Metrics, exposition

@@ -93,13 +93,6 @@ def status_descriptions(*types: str) -> dict[int, str]:
     return out
 
 
-def error_responses(*types: str) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses=`` for a route, built from the same table the handlers use."""
-    from service.frontend.schemas import ErrorBody
-
-    return {status: {"model": ErrorBody, "description": d} for status, d in status_descriptions(*types).items()}
-
-
 class InternalErrors:
     """ASGI middleware: an exception that escapes a route becomes the one opaque 500, logged once.
 
