@@ -148,16 +148,15 @@ def encode_requests(items: list[tuple[int, AttendInput, float, str | None, int]]
                 "deadline": deadline,  # time.monotonic(): CLOCK_MONOTONIC is one clock for the whole host
                 "request_id": request_id,
                 "priority": priority,  # the batcher's level (0: the default)
-                "trace": _trace_carrier(inp.trace),  # W3C traceparent/tracestate when traced, else None
             }
         )
+        if inp.trace is not None:  # the request span's context, as W3C traceparent/tracestate
+            heads[-1]["trace"] = _trace_carrier(inp.trace)
         frames.extend(arrays)
     return [orjson.dumps({"t": "req", "items": heads}), *frames]
 
 
-def _trace_carrier(span_context: Any) -> dict[str, str] | None:
-    if span_context is None:
-        return None
+def _trace_carrier(span_context: Any) -> dict[str, str]:
     from service.tracing import carrier_of  # tracing is on: OpenTelemetry is loaded already
 
     return carrier_of(span_context)

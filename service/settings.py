@@ -214,7 +214,7 @@ class Settings(BaseSettings):
     )
     engine_hang_s: float = Field(
         10.0,
-        gt=0,
+        ge=0.5,
         description="With a model process (MHA_WORKERS >= 2 or MHA_ENGINE=process): if its event loop, which "
         "answers the front ends' heartbeats, is silent this long, it is hung: the parent kills it and the service "
         "exits 1, as when it dies. A long forward pass runs in its own thread and does not count.",

@@ -399,7 +399,7 @@ def test_a_forward_longer_than_the_hang_bound_is_not_a_hang(tmp_path):
     from service.engine.client import LOST_AFTER_S
 
     stall_ms = int((LOST_AFTER_S + 0.5) * 1000)
-    s = start_server(tmp_path, {**WORKERS, "MHA_ENGINE_HANG_S": "1"})
+    s = start_server(tmp_path, {**WORKERS, "MHA_ENGINE_HANG_S": "1.5"})
     try:
         r = httpx.post(s.url + "/attend", json={"x": X}, headers={"x-mha-fault": f"stall:{stall_ms}"}, timeout=30)
         assert r.status_code == 200, r.text
