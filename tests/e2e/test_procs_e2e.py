@@ -379,6 +379,7 @@ def test_a_hung_model_process_is_killed_and_the_service_exits_1(tmp_path):
                 return rs, answered, code, time.monotonic() - t0
 
         rs, answered, code, exited = asyncio.run(go())
+        print(f"hung model process: 503s after {answered:.2f} s, the service exited {code} after {exited:.2f} s")
         statuses = [r.status_code if isinstance(r, httpx.Response) else repr(r) for r in rs]
         assert statuses == [503] * 4, statuses  # pending requests: 503, never a hang
         assert all(r.json()["error"]["type"] == "unavailable" for r in rs)
