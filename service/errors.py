@@ -10,6 +10,8 @@ from typing import Any
 import orjson
 from starlette.requests import ClientDisconnect
 
+from service.logs import request_id_var
+
 log = logging.getLogger("mha_serve")
 
 ERROR_STATUS: dict[str, int] = {
@@ -141,8 +143,6 @@ async def answer_escaped(scope, send, exc: Exception) -> None:
     response had started (then the server refuses a second start, and the log line is all there is)."""
     if isinstance(exc, ClientDisconnect):
         return
-    from service.logs import request_id_var
-
     rid = request_id_var.get() or uuid.uuid4().hex  # the request-id middleware's, unless it failed before setting it
     token = request_id_var.set(rid)
     try:
