@@ -23,15 +23,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mha_core import MHAConfig
 from service import __version__, tracing
 from service.engine.batcher import Batcher, BatchLimits
-from service.errors import INFERENCE_ERRORS, InternalErrors, ServiceError, error_responses
+from service.errors import INFERENCE_ERRORS, InternalErrors, ServiceError
 from service.frontend import fastroute, grpc_server, heatmap, v2
 from service.frontend.admission import Admission, AdmissionMiddleware
 from service.frontend.decode import Limits
 from service.frontend.httputil import Answer, infer, internal_error, read_body, require_ready
 from service.frontend.observability import ApiKeys, ObserveMiddleware
 from service.frontend.offload import Offload
-from service.frontend.schemas import AttendRequest, AttendResponse, ModelDescription
-from service.frontend.stats import ModelStats
+from service.frontend.schemas import AttendRequest, AttendResponse, ModelDescription, error_responses
+from service.frontend.stats import ModelStats, SharedModelStats
 from service.messages import BatcherObserver
 from service.metrics import Metrics, exposition
 from service.settings import Settings
@@ -142,6 +142,7 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
             priority_levels=settings.priority_levels,
         )
         state.front_end = True
+        state.stats = SharedModelStats()  # the service's totals: the model process and every front end add to them
         state.batcher = client
 
     async def load_model() -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from typing import Any
 
 import orjson
 from starlette.requests import ClientDisconnect
+
+from service.logs import request_id_var
 
 log = logging.getLogger("mha_serve")
 
@@ -92,13 +95,6 @@ def status_descriptions(*types: str) -> dict[int, str]:
     return out
 
 
-def error_responses(*types: str) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses=`` for a route, built from the same table the handlers use."""
-    from service.frontend.schemas import ErrorBody
-
-    return {status: {"model": ErrorBody, "description": d} for status, d in status_descriptions(*types).items()}
-
-
 class InternalErrors:
     """ASGI middleware: an exception that escapes a route becomes the one opaque 500, logged once.
 
@@ -129,13 +125,32 @@ class InternalErrors:
             err = log_internal_error(exc, scope.get("method", ""), scope.get("path", ""))
             if started:  # too late for a status: uvicorn closes the connection of an unfinished response
                 return
-            if scope.get("path", "").startswith("/v2"):  # the Open Inference Protocol's error shape
-                body = orjson.dumps({"error": err.message})
-            else:
-                body = orjson.dumps(err.body())
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            await send({"type": "http.response.start", "status": err.status, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            await _send_error(scope, send, err, [])
+
+
+async def _send_error(scope, send, err: ServiceError, headers: list) -> None:
+    v2 = scope.get("path", "").startswith("/v2")  # the Open Inference Protocol's error shape
+    body = orjson.dumps({"error": err.message} if v2 else err.body())
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def answer_escaped(scope, send, exc: Exception) -> None:
+    """An exception that escaped every middleware of a hot route (service/frontend/fastroute.py runs them
+    without Starlette's ServerErrorMiddleware): raised by a middleware outside InternalErrors, so not yet
+    logged. Logged once here, and answered as InternalErrors does, with the request's id, unless the
+    response had started (then the server refuses a second start, and the log line is all there is)."""
+    if isinstance(exc, ClientDisconnect):
+        return
+    rid = request_id_var.get() or uuid.uuid4().hex  # the request-id middleware's, unless it failed before setting it
+    token = request_id_var.set(rid)
+    try:
+        err = log_internal_error(exc, scope.get("method", ""), scope.get("path", ""))
+    finally:
+        request_id_var.reset(token)
+    with contextlib.suppress(Exception):  # RuntimeError from uvicorn when the response had started
+        await _send_error(scope, send, err, [(b"x-request-id", rid.encode())])
 
 
 def log_internal_error(exc: BaseException, method: str, path: str, logger: logging.Logger = log) -> ServiceError:

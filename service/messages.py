@@ -30,6 +30,7 @@ class AttendInput:
     heads: tuple[int, ...] | None = None  # weights of these heads (all when None)
     fault: str | None = None  # tests only (settings.fault_injection): "raise" or "stall:<ms>"
     trace: object | None = None  # the request span's context when tracing is on (service/tracing.py); not in key
+    # (decoded in the model process: its W3C carrier, which the model process turns back into a context)
 
     @property
     def batch(self) -> int:
@@ -152,8 +153,16 @@ def encode_requests(items: list[tuple[int, AttendInput, float, str | None, int]]
                 "priority": priority,  # the batcher's level (0: the default)
             }
         )
+        if inp.trace is not None:  # the request span's context, as W3C traceparent/tracestate
+            heads[-1]["trace"] = _trace_carrier(inp.trace)
         frames.extend(arrays)
     return [orjson.dumps({"t": "req", "items": heads}), *frames]
+
+
+def _trace_carrier(span_context: Any) -> dict[str, str]:
+    from service.tracing import carrier_of  # tracing is on: OpenTelemetry is loaded already
+
+    return carrier_of(span_context)
 
 
 def decode_requests(header: dict, frames: list) -> list[tuple[int, AttendInput, float, str | None, int]]:
@@ -169,7 +178,7 @@ def decode_requests(header: dict, frames: list) -> list[tuple[int, AttendInput, 
             mask = _array(frames[i], h["mask"])
             i += 1
         heads = tuple(h["heads"]) if h["heads"] is not None else None
-        inp = AttendInput(x, lengths, mask, h["causal"], h["need_weights"], heads, h["fault"])
+        inp = AttendInput(x, lengths, mask, h["causal"], h["need_weights"], heads, h["fault"], h.get("trace"))
         out.append((h["id"], inp, h["deadline"], h.get("request_id"), h.get("priority", 0)))
     return out
 

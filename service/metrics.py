@@ -191,12 +191,74 @@ class Metrics(BatcherObserver):
         self.limit_scale.set(scale)
 
 
+class TritonCounters(BatcherObserver):
+    """Triton's statistics (service/frontend/stats.py) with several processes: prometheus_client
+    multiprocess counters, so that every process adds to one total.
+
+    Each process writes its own values to PROMETHEUS_MULTIPROC_DIR (memory-mapped files, as the
+    metrics above): the model process the per-batch part (``batch_done``: executions and batch
+    sizes), each front end the per-request part (its routes' ``request_done``/``request_failed``).
+    ``totals()``, in whichever front end answers the stats request, merges every process's values
+    at once (no message, no lag), dead front ends' included. They are not metrics: /metrics leaves
+    them out (``exposition``).
+    """
+
+    PREFIX = "mha_triton_stats_"
+    PHASES = ("queue", "compute_input", "compute_infer", "compute_output")  # each success adds one to all
+
+    def __init__(self) -> None:
+        r = CollectorRegistry()  # its own: the names must not reach an app's /metrics registry
+        p = self.PREFIX
+        self.ns = Counter(p + "ns", "Nanoseconds by phase (success, fail, queue, compute_*)", ["phase"], registry=r)
+        self.fail = Counter(p + "fail", "Failed requests", registry=r)
+        self.success = Counter(p + "success", "Answered requests (and the count of each phase)", registry=r)
+        self.inferences = Counter(p + "inferences", "Sequences answered", registry=r)
+        self.executions = Counter(p + "executions", "Forward passes", registry=r)
+        self.batch_ns = Counter(p + "batch_ns", "Forward nanoseconds by batch size", ["size"], registry=r)
+        self.batches = Counter(p + "batches", "Forward passes by batch size (sequences)", ["size"], registry=r)
+        self.last_ms = Gauge(p + "last_ms", "Last answer, ms since the epoch", multiprocess_mode="max", registry=r)
+        self.phase_ns = {ph: self.ns.labels(ph) for ph in ("success", "fail", *self.PHASES)}
+
+    def batch_done(self, requests: int, stats: BatchStats, queue_waits_s: list[float]) -> None:
+        if stats.sequences < 1:
+            return  # a lone request that failed: nothing was executed
+        self.executions.inc()
+        size = str(stats.sequences)
+        self.batches.labels(size).inc()
+        self.batch_ns.labels(size).inc(max(0, int(stats.compute_s * 1e9)))
+
+    @classmethod
+    def totals(cls) -> dict[str, dict[str, float]]:
+        """{sample name (the ``_total`` left off): {label value or "": value}} summed over every process."""
+        from prometheus_client import multiprocess
+
+        out: dict[str, dict[str, float]] = {}
+        for family in multiprocess.MultiProcessCollector(None).collect():
+            if not family.name.startswith(cls.PREFIX):
+                continue
+            for sample in family.samples:
+                label = next(iter(sample.labels.values()), "")
+                name = sample.name.removeprefix(cls.PREFIX).removesuffix("_total")
+                out.setdefault(name, {})[label] = sample.value
+        return out
+
+
+class _WithoutTritonStats:
+    """A collector: every process's merged values but Triton's statistics (TritonCounters)."""
+
+    def __init__(self, inner: object) -> None:
+        self._inner = inner
+
+    def collect(self):
+        return [f for f in self._inner.collect() if not f.name.startswith(TritonCounters.PREFIX)]
+
+
 def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
     """The text exposition: this app's registry, or, in multiprocess mode, every process's values merged."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 
         merged = CollectorRegistry()
-        multiprocess.MultiProcessCollector(merged)
+        merged.register(_WithoutTritonStats(multiprocess.MultiProcessCollector(None)))
         return generate_latest(merged), CONTENT_TYPE_LATEST
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -212,6 +212,13 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(
         20.0, ge=0, description="On SIGTERM, how long accepted work may take to finish before it is failed."
     )
+    engine_hang_s: float = Field(
+        10.0,
+        ge=0.5,
+        description="With a model process (MHA_WORKERS >= 2 or MHA_ENGINE=process): if its event loop, which "
+        "answers the front ends' heartbeats, is silent this long, it is hung: the parent kills it and the service "
+        "exits 1, as when it dies. A long forward pass runs in its own thread and does not count.",
+    )
 
     @field_validator("device")
     @classmethod

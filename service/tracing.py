@@ -19,7 +19,10 @@ and under it ``decode``, ``queue`` (the time the request waited for its batch, d
 batcher's figures) and ``encode``. Per batch: one ``forward`` span, with a link to the request span
 of every member and the batch's size and padding as attributes. It is parented to the request span
 of the first sampled member, so that request's trace shows it in place; the others reach it through
-the links.
+the links. With a model process (MHA_WORKERS >= 2), each request's span context crosses with it as
+W3C ``traceparent``/``tracestate`` (``carrier_of``), and the model process, with its own SDK and the
+same OTEL_* settings, draws the forward spans (the resource's ``process.pid`` tells the processes
+apart).
 """
 
 from __future__ import annotations
@@ -99,6 +102,17 @@ def stage(tracing: Tracing | None, name: str):
     return tracing.tracer.start_as_current_span(name)
 
 
+def carrier_of(span_context: Any) -> dict[str, str]:
+    """A span's context as W3C ``traceparent`` (and ``tracestate``) headers: how a request's context
+    crosses to the model process (service/messages.py), whose forward span becomes its child."""
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    carrier: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(carrier, trace.set_span_in_context(trace.NonRecordingSpan(span_context)))
+    return carrier
+
+
 def _wall_ns(monotonic_s: float) -> int:
     """A time.monotonic() reading as epoch nanoseconds (spans carry wall-clock times)."""
     return int(monotonic_s * 1e9) + (time.time_ns() - time.monotonic_ns())
@@ -115,7 +129,9 @@ class Tracing:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         self._context, self._propagate, self._trace = context, propagate, trace
-        resource = Resource.create({"service.version": service_version, "service.instance.id": replica_id})
+        resource = Resource.create(
+            {"service.version": service_version, "service.instance.id": replica_id, "process.pid": os.getpid()}
+        )  # process.pid: with a model process and front ends, which process drew a span
         if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
             resource = resource.merge(Resource({"service.name": "mha-serve"}))  # OTEL_SERVICE_NAME unset
         self.provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER(_ARG)
@@ -146,6 +162,13 @@ class Tracing:
         """The caller's context from W3C ``traceparent``/``tracestate`` (and baggage) in lower-case
         header names; reusable for gRPC metadata, which is a mapping of the same names."""
         return self._propagate.extract(carrier)
+
+    def remote_span_context(self, carrier: Mapping[str, str]) -> Any:
+        """The span context a front end sent with a request (``carrier_of``), or None if it is not valid."""
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        ctx = self._trace.get_current_span(TraceContextTextMapPropagator().extract(carrier)).get_span_context()
+        return ctx if ctx.is_valid else None
 
     def current_span_context(self) -> Any:
         """The active span's context, to ride with a request through the batcher (AttendInput.trace);

@@ -7,6 +7,9 @@ and its outcome, a result or a typed error, goes back to its front end; the outc
 same turn of the event loop share one message. Every ``ping`` is answered with a heartbeat that
 carries readiness and the queue depth.
 
+Its event loop stamps a shared ``beat`` value every BEAT_S, so that the parent can tell a hung
+process (alive, silent) from a busy one: the forward runs in the batcher's thread, never on the loop.
+
 Signals are ignored: the parent tells it to stop (an Event) once the front ends have drained, and
 it exits 0; if the parent dies, it stops too.
 """
@@ -15,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
 import signal
+import time
 from typing import Any
 
 import orjson
@@ -61,6 +66,7 @@ class Engine:
         self.settings = settings
         self.address = address
         self.batcher: Any = None
+        self.tracing: Any = None  # service.tracing.Tracing when OTEL_TRACES_EXPORTER turns it on
         self.info: dict[str, Any] = {}
         self._ctx = zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
@@ -72,19 +78,35 @@ class Engine:
 
     async def load(self) -> None:
         """Load and warm the model, start the batcher (the same wiring as the single-process app)."""
+        from service import __version__, tracing
         from service.engine.batcher import Batcher, BatchLimits
         from service.engine.runner import Runner, is_out_of_memory, model_description
-        from service.metrics import Metrics
+        from service.metrics import Metrics, TritonCounters
+
+        class EngineObserver(Metrics):
+            """The metrics, and Triton's per-batch statistics, which every front end's stats route reads."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.triton = TritonCounters()
+
+            def batch_done(self, requests: int, stats: Any, queue_waits_s: list[float]) -> None:
+                super().batch_done(requests, stats, queue_waits_s)
+                self.triton.batch_done(requests, stats, queue_waits_s)
 
         s = self.settings
         runner = await asyncio.to_thread(Runner.from_settings, s)
         if s.warmup:
             await asyncio.to_thread(runner.warmup)
         self.info = {"model_info": model_description(s, runner), "config": runner.config.to_dict()}
+        observer: Any = EngineObserver()  # written to PROMETHEUS_MULTIPROC_DIR: the front ends' /metrics reads them
+        self.tracing = tracing.from_env(service_version=__version__, replica_id=s.replica_id)
+        if self.tracing is not None:  # the forward span of each batch, a child of its first traced request's span
+            observer = self.tracing.observe_batches(observer)
         self.batcher = Batcher(
             runner.run,
             BatchLimits.from_settings(s),
-            observer=Metrics(),  # written to PROMETHEUS_MULTIPROC_DIR: the front ends' /metrics reads them
+            observer=observer,
             is_oom=is_out_of_memory,
             weights_of=runner.weights_elements,
             depth=runner.depth,
@@ -117,6 +139,9 @@ class Engine:
             kind = header["t"]
             if kind == "req":
                 for rid, inp, deadline, request_id, priority in decode_requests(header, frames[2:]):
+                    if inp.trace is not None:  # the front end's request span: the forward span's parent
+                        remote = self.tracing.remote_span_context(inp.trace) if self.tracing is not None else None
+                        inp = dataclasses.replace(inp, trace=remote)
                     t = asyncio.create_task(self._one(peer, rid, inp, deadline, request_id, priority))
                     self._tasks.add(t)
                     t.add_done_callback(self._tasks.discard)
@@ -176,11 +201,28 @@ class Engine:
         if self._sock is not None:
             self._sock.close(linger=100)
         self._ctx.destroy(linger=0)
+        if self.tracing is not None:
+            self.tracing.shutdown()  # exports the spans still buffered
 
 
-async def _amain(settings: Settings, address: str, ready: Any, stop: Any) -> int:
+BEAT_S = 0.1  # how often the event loop stamps ``beat`` for the parent's hang watch
+
+
+async def _beat(beat: Any) -> None:
+    """Stamp ``beat`` (shared memory) from the event loop that answers the front ends' heartbeats: while
+    it runs, the parent sees the model process answer; a forward pass in its thread does not stop it."""
+    while True:
+        beat.value = time.monotonic()  # CLOCK_MONOTONIC: one clock for the whole host
+        await asyncio.sleep(BEAT_S)
+
+
+async def _amain(settings: Settings, address: str, ready: Any, stop: Any, beat: Any = None) -> int:
     engine = Engine(settings, address)
     await engine.load()
+    beating = None
+    if beat is not None:
+        beat.value = time.monotonic()  # before ``ready``: the parent's watch starts then
+        beating = asyncio.create_task(_beat(beat))
     ready.set()
     parent = os.getppid()
 
@@ -196,14 +238,17 @@ async def _amain(settings: Settings, address: str, ready: Any, stop: Any) -> int
     stopper = asyncio.create_task(until_told())
     await engine.serve()
     await stopper
+    if beating is not None:
+        beating.cancel()
     engine.close()
     log.info("model process stopped")
     return -1 if engine.batcher.forward_running else 0
 
 
-def main(address: str, ready: Any, stop: Any) -> None:
+def main(address: str, ready: Any, stop: Any, beat: Any = None) -> None:
     """The model process's entry point (a multiprocessing "spawn" target): settings from MHA_*.
 
+    ``beat`` (a shared double) is stamped by its event loop every BEAT_S: the parent's hang watch.
     It stops when the parent sets ``stop`` (after the front ends drained) or dies, not on signals:
     a Ctrl-C or a SIGTERM sent to the whole process group must not cut off the front ends' drain.
     """
@@ -213,7 +258,7 @@ def main(address: str, ready: Any, stop: Any) -> None:
     from service.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
-    code = asyncio.run(_amain(settings, address, ready, stop))
+    code = asyncio.run(_amain(settings, address, ready, stop, beat))
     logging.shutdown()
     if code == -1:  # a forward ran past the grace: leave without finalising under a running torch op
         os._exit(0)

@@ -9,6 +9,8 @@
 - If the model process dies, the front ends answer 503 at once (their socket to it closes), and
   this process stops them and exits 1, so that the orchestrator restarts the whole service with
   a fresh model process (a restart in place would hide a crash loop and lose the device state).
+- If it hangs (alive, but its event loop has not stamped the shared ``beat`` for
+  MHA_ENGINE_HANG_S), this process kills it, and the same follows.
 - SIGTERM: uvicorn's supervisor passes it to the front ends, which drain within one
   MHA_SHUTDOWN_GRACE_S; then the model process, idle by then, is told to stop (it ignores signals,
   so that one sent to the whole process group cannot cut the front ends' drain short). Exit 0 when
@@ -58,7 +60,8 @@ def _run(settings: Settings, workers: int, address: str) -> int:
 
     ctx = multiprocessing.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
-    engine = ctx.Process(target=process.main, args=(address, ready, stop), name="mha-model")
+    beat = ctx.Value("d", 0.0, lock=False)  # the model process's event loop stamps it (time.monotonic())
+    engine = ctx.Process(target=process.main, args=(address, ready, stop, beat), name="mha-model")
     early: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):  # a signal while the model loads: stop it, exit 0
         signal.signal(sig, lambda s, f: early.append(s))
@@ -89,7 +92,8 @@ def _run(settings: Settings, workers: int, address: str) -> int:
     supervisor = Multiprocess(config, sockets=[sock])
     crashed = threading.Event()
     done = threading.Event()
-    watcher = threading.Thread(target=_watch, args=(engine, supervisor, crashed, done), daemon=True)
+    hang = (beat, settings.engine_hang_s)
+    watcher = threading.Thread(target=_watch, args=(engine, supervisor, crashed, done, hang), daemon=True)
     watcher.start()
     log.info("serving on http://%s:%d with %d front-end processes", settings.host, sock.getsockname()[1], workers)
     supervisor.run()  # returns after SIGTERM/SIGINT, once every front end has exited
@@ -106,12 +110,26 @@ def _run(settings: Settings, workers: int, address: str) -> int:
     return 0
 
 
-def _watch(engine, supervisor: Multiprocess, crashed: threading.Event, done: threading.Event) -> None:
-    """The model process's death stops the service; a dead front end's live gauges leave the merge."""
+def _watch(
+    engine, supervisor: Multiprocess, crashed: threading.Event, done: threading.Event, hang: tuple | None = None
+) -> None:
+    """The model process's death, or hang, stops the service; a dead front end's live gauges leave the merge."""
     from prometheus_client import multiprocess
 
     seen: dict[int, object] = {}
     while not done.is_set():
+        if hang is not None and engine.is_alive():
+            beat, hang_s = hang
+            silent = time.monotonic() - beat.value
+            if silent > hang_s and not done.is_set():
+                log.error(
+                    "the model process %d has not answered for %.1f s (MHA_ENGINE_HANG_S=%g): killing it",
+                    engine.pid,
+                    silent,
+                    hang_s,
+                )
+                engine.kill()  # SIGKILL ends a stopped process too; its socket closes: the front ends answer 503
+                engine.join(5)
         if not engine.is_alive():
             if not done.is_set():
                 crashed.set()

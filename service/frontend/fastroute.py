@@ -11,6 +11,10 @@ the stack FastAPI builds, unchanged, so HEAD/GET answer 405 and /docs, OpenAPI a
 do not change. The hot routes stay declared on the FastAPI app: the OpenAPI schema documents them,
 and ``scope["route"]`` is their declared route, as the router would set it.
 
+FastAPI's outermost ServerErrorMiddleware is not on this path: an exception that escapes the app's own
+middlewares (InternalErrors catches those raised inside it) is answered by ``errors.answer_escaped``,
+the same JSON 500 with the request id, logged once, instead of uvicorn's plain-text 500.
+
 A handler takes the Starlette ``Request`` and the path's parameters, and returns a ``Response``;
 it maps its own errors to responses (the route's error shape), as its FastAPI declaration does.
 """
@@ -24,6 +28,8 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
+
+from service.errors import answer_escaped
 
 Handler = Callable[..., Awaitable[Response]]
 
@@ -56,7 +62,7 @@ class App(FastAPI):
             match = stack.match(scope)
             if match is not None:
                 scope["app"] = self
-                return await stack.hot(scope, receive, send)
+                return await stack.call_hot(scope, receive, send)
         await super().__call__(scope, receive, send)
 
 
@@ -81,9 +87,16 @@ class FastRoutes:
                 return True
         return None
 
+    async def call_hot(self, scope, receive, send) -> None:
+        """A matched POST through the hot stack."""
+        try:
+            return await self.hot(scope, receive, send)
+        except Exception as exc:  # from a middleware outside InternalErrors: still the JSON 500
+            return await answer_escaped(scope, send, exc)
+
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and self.match(scope):
-            return await self.hot(scope, receive, send)
+            return await self.call_hot(scope, receive, send)
         await self.standard(scope, receive, send)
 
 

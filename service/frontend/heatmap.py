@@ -22,9 +22,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
 from mha_client.plot import render_heatmaps
-from service.errors import INFERENCE_ERRORS, ServiceError, error_responses, validation
+from service.errors import INFERENCE_ERRORS, ServiceError, validation
 from service.frontend.decode import decode_object, parse_json
 from service.frontend.httputil import disconnected, infer, read_body, require_ready, timing_headers
+from service.frontend.schemas import error_responses
 from service.tracing import stage
 
 if TYPE_CHECKING:

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, WithJsonSchema
 
+from service.errors import status_descriptions
+
 _NUMBER_LISTS = {
     "type": "array",
     "description": "nested lists of numbers, row-major",
@@ -96,6 +98,11 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+def error_responses(*types: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` for a route, built from the same table the handlers use (service.errors)."""
+    return {status: {"model": ErrorBody, "description": d} for status, d in status_descriptions(*types).items()}
 
 
 class BatchingInfo(BaseModel):

@@ -10,15 +10,19 @@ Two sources, as in Triton:
   unpads inside that time, so a batch's compute_input and compute_output count executions with
   0 ns.
 
-Everything runs on the event loop: plain integers, no locks.
+Everything runs on the event loop: plain integers, no locks. With several processes (a model
+process and its front ends) ``SharedModelStats`` keeps them instead, in
+``service.metrics.TritonCounters``: one model, one set of statistics, whichever front end answers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 from service.messages import BatcherObserver, BatchStats, Result
+from service.metrics import TritonCounters
 
 _NS = 1_000_000_000
 _PHASES = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
@@ -94,3 +98,72 @@ class ModelStats(BatcherObserver):
             ],
             "memory_usage": [],
         }
+
+
+class SharedModelStats(ModelStats):
+    """A front-end process's statistics: the service's totals over every process (TritonCounters).
+
+    Its routes add the per-request part, as ModelStats does, and what they added goes to the shared
+    counters once per turn of the event loop (a batch's answers arrive in one message, so under
+    load one write serves many requests; a write costs about 1 us); the model process adds the
+    per-batch part; ``model_stats`` reads the sum over every process.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counters = TritonCounters()
+        self._published: dict[str, int] = {}  # what the shared counters already hold of this process's figures
+        self._publish_scheduled = False
+
+    def request_done(self, *, sequences: int, started: float, decoded: float, answered: float, res: Result) -> None:
+        super().request_done(sequences=sequences, started=started, decoded=decoded, answered=answered, res=res)
+        self._schedule()
+
+    def request_failed(self, total_s: float) -> None:
+        super().request_failed(total_s)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._publish_scheduled:
+            self._publish_scheduled = True
+            asyncio.get_running_loop().call_soon(self._publish)
+
+    def _publish(self) -> None:
+        self._publish_scheduled = False
+        c, p, seen = self.counters, self.phases, self._published
+
+        def add(key: str, value: int, counter: Any) -> None:
+            delta = value - seen.get(key, 0)
+            if delta:
+                counter.inc(delta)
+                seen[key] = value
+
+        add("success", p["success"].count, c.success)
+        add("fail", p["fail"].count, c.fail)
+        for phase, counter in c.phase_ns.items():
+            add(phase + "_ns", p[phase].ns, counter)
+        add("inferences", self.inference_count, c.inferences)
+        if self.last_inference_ms != seen.get("last_ms"):
+            c.last_ms.set(self.last_inference_ms)
+            seen["last_ms"] = self.last_inference_ms
+
+    def model_stats(self, name: str, version: str) -> dict[str, Any]:
+        if self._publish_scheduled:  # this process's own latest figures first
+            self._publish()
+        t = TritonCounters.totals()
+
+        def one(key: str, label: str = "") -> int:
+            return int(t.get(key, {}).get(label, 0))
+
+        view = ModelStats()
+        done = one("success")
+        for phase, d in view.phases.items():
+            d.count = one("fail") if phase == "fail" else done if phase in ("success", *TritonCounters.PHASES) else 0
+            d.ns = one("ns", phase)
+        view.inference_count = one("inferences")
+        view.execution_count = one("executions")
+        view.last_inference_ms = one("last_ms")
+        for size, count in t.get("batches", {}).items():
+            d = view.batches[int(size)] = _Duration()
+            d.count, d.ns = int(count), one("batch_ns", size)
+        return view.model_stats(name, version)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -292,5 +293,118 @@ def test_engine_process_with_one_worker_keeps_torch_out_of_the_front_end(tmp_pat
             assert "libtorch" not in f.read()
         r = httpx.post(s.url + "/attend", json={"x": X}, timeout=30)
         assert r.status_code == 200 and np.array(r.json()["output"]).shape == (1, 4, 32)
+    finally:
+        assert s.stop() == 0
+
+
+def _served_by(front: int) -> float:
+    """/attend requests this front end answered, from its own file of Prometheus' multiprocess values."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    with open(f"/proc/{front}/environ", "rb") as f:
+        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    path = os.path.join(env[b"PROMETHEUS_MULTIPROC_DIR"].decode(), f"counter_{front}.db")
+    if not os.path.exists(path):
+        return 0.0
+    total = 0.0
+    for key, value, *_ in MmapedDict.read_all_values_from_file(path):
+        if '"mha_requests_total"' in key and '"/attend"' in key:
+            total += value
+    return total
+
+
+def test_triton_statistics_are_the_services_totals_whichever_front_end_answers(procs):
+    import tritonclient.grpc as grpcclient
+
+    _, fronts = pids(procs)
+    assert len(fronts) == 2
+    x2 = [[[0.25] * 32] * 4] * 2  # two sequences a request
+    sent = 0
+
+    async def burst():
+        async def one():  # a new connection each: either front end may accept it
+            async with httpx.AsyncClient(base_url=procs.url, timeout=30) as c:
+                return await c.post("/attend", json={"x": x2})
+
+        return await asyncio.gather(*(one() for _ in range(6)))
+
+    for _ in range(20):  # until both front ends answered some
+        rs = asyncio.run(burst())
+        assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+        sent += len(rs)
+        if all(_served_by(f) > 0 for f in fronts):
+            break
+    served = [_served_by(f) for f in fronts]
+    assert all(n > 0 for n in served) and sum(served) == sent, served
+    bad = httpx.post(procs.url + "/attend", json={"x": [[[0.25] * 31]]}, timeout=30)  # wrong E: one failure
+    assert bad.status_code == 422
+
+    text = httpx.get(procs.url + "/metrics", timeout=10).text
+    batches = metric(text, "mha_batch_size_sequences_count")
+    sequences = metric(text, "mha_batch_size_sequences_sum")
+    assert "mha_triton_stats" not in text  # the shared statistics are not metrics
+    assert sequences == 2 * sent and 1 <= batches <= sent, (sequences, batches)
+    for _ in range(4):  # a new connection each: both front ends answer the same totals
+        got = httpx.get(procs.url + "/v2/models/mha/stats", timeout=10).json()["model_stats"][0]
+        inf = got["inference_stats"]
+        assert inf["success"]["count"] == sent and inf["fail"]["count"] == 1, (served, got)
+        assert got["inference_count"] == 2 * sent and got["execution_count"] == batches, (served, got)
+        for phase in ("queue", "compute_input", "compute_infer", "compute_output"):
+            assert inf[phase]["count"] == sent and inf[phase]["ns"] > 0, phase
+        assert inf["success"]["ns"] > inf["compute_infer"]["ns"] // sent
+        sizes = {b["batch_size"]: b["compute_infer"]["count"] for b in got["batch_stats"]}
+        assert sum(sizes.values()) == batches and sum(k * v for k, v in sizes.items()) == sequences, sizes
+        assert got["last_inference"] > 1_700_000_000_000
+    for _ in range(2):  # gRPC's ModelStatistics: the same totals
+        client = grpcclient.InferenceServerClient(procs.grpc_url)
+        g = client.get_inference_statistics("mha", as_json=True)["model_stats"][0]
+        client.close()
+        assert int(g["inference_count"]) == 2 * sent and int(g["execution_count"]) == batches, g
+
+
+def test_a_hung_model_process_is_killed_and_the_service_exits_1(tmp_path):
+    hang_s, grace = 2.0, 2.0
+    s = start_server(tmp_path, {**WORKERS, "MHA_ENGINE_HANG_S": str(hang_s), "MHA_SHUTDOWN_GRACE_S": str(grace)})
+    engine, _ = pids(s)
+    try:
+
+        async def go():
+            async with httpx.AsyncClient(base_url=s.url, timeout=30) as c:
+                assert (await c.post("/attend", json={"x": X})).status_code == 200
+                os.kill(engine, signal.SIGSTOP)  # alive, but silent: a hang, not a crash
+                t0 = time.monotonic()
+                rs = await asyncio.gather(*(c.post("/attend", json={"x": X}) for _ in range(4)), return_exceptions=True)
+                answered = time.monotonic() - t0
+                code = await asyncio.to_thread(s.proc.wait, 30)
+                return rs, answered, code, time.monotonic() - t0
+
+        rs, answered, code, exited = asyncio.run(go())
+        print(f"hung model process: 503s after {answered:.2f} s, the service exited {code} after {exited:.2f} s")
+        statuses = [r.status_code if isinstance(r, httpx.Response) else repr(r) for r in rs]
+        assert statuses == [503] * 4, statuses  # pending requests: 503, never a hang
+        assert all(r.json()["error"]["type"] == "unavailable" for r in rs)
+        assert answered < hang_s + 1.0, answered  # at the latest once the parent killed it
+        assert code == 1, s.log()[-3000:]
+        assert exited < hang_s + grace + 3.0, exited
+        assert "has not answered for" in s.log()
+        assert not os.path.exists(f"/proc/{engine}") or not _alive(engine)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(engine, signal.SIGCONT)
+        s.stop(signal.SIGKILL)
+
+
+def test_a_forward_longer_than_the_hang_bound_is_not_a_hang(tmp_path):
+    # the forward runs in the batcher's thread: the model process's event loop keeps answering heartbeats
+    # (a stall past the front ends' LOST_AFTER_S too) and stamping the parent's beat
+    from service.engine.client import LOST_AFTER_S
+
+    stall_ms = int((LOST_AFTER_S + 0.5) * 1000)
+    s = start_server(tmp_path, {**WORKERS, "MHA_ENGINE_HANG_S": "1.5"})
+    try:
+        r = httpx.post(s.url + "/attend", json={"x": X}, headers={"x-mha-fault": f"stall:{stall_ms}"}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert httpx.post(s.url + "/attend", json={"x": X}, timeout=10).status_code == 200
+        assert s.proc.poll() is None and "has not answered" not in s.log()
     finally:
         assert s.stop() == 0

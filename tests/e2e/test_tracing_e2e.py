@@ -35,6 +35,7 @@ class Receiver:
     def __init__(self) -> None:
         self.spans: list[trace_pb2.Span] = []
         self.resources: list[dict] = []
+        self.pids: dict[bytes, int] = {}  # span id -> the process.pid of its resource
         self.posts = 0
         self.lock = threading.Lock()
         receiver = self
@@ -49,8 +50,10 @@ class Receiver:
                     receiver.posts += 1
                     for rs in req.resource_spans:
                         receiver.resources.append({a.key: a.value.string_value for a in rs.resource.attributes})
+                        pid = next((a.value.int_value for a in rs.resource.attributes if a.key == "process.pid"), 0)
                         for ss in rs.scope_spans:
                             receiver.spans.extend(ss.spans)
+                            receiver.pids.update((s.span_id, pid) for s in ss.spans)
                 out = pb.ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200 if self.path == "/v1/traces" else 404)
                 self.send_header("content-type", "application/x-protobuf")
@@ -377,5 +380,34 @@ def test_a_grpc_call_is_traced_like_an_http_request(tmp_path, receiver):
         (err,) = [s for s in spans if s.name == name and s.trace_id.hex() != trace_id]
         assert _attrs(err)["rpc.grpc.status_code"] == 3  # INVALID_ARGUMENT: the caller's error, not the span's
         assert err.status.code != trace_pb2.Status.STATUS_CODE_ERROR
+    finally:
+        server.stop()
+
+
+def test_the_forward_span_crosses_to_the_model_process(tmp_path, receiver):
+    """MHA_WORKERS=2: the request's context crosses with it; the model process draws the forward span."""
+    from .test_procs_e2e import pids
+
+    server = start_server(tmp_path, _otel_env(receiver, MHA_WORKERS="2"))
+    try:
+        engine, fronts = pids(server)
+        tp, trace_id, caller = _traceparent()
+        headers = {"traceparent": tp, "tracestate": "vendor=abc", "content-type": "application/json"}
+        r = httpx.post(server.url + "/attend", content=_attend_body(2, 5), headers=headers, timeout=30)
+        assert r.status_code == 200, r.text
+        spans = _wait_spans(receiver, lambda ss: {"forward", "encode"} <= {s.name for s in ss})
+        ours = [s for s in spans if s.trace_id.hex() == trace_id]
+        assert {s.name for s in ours} == {"POST /attend", "decode", "queue", "forward", "encode"}, ours
+        (req,) = [s for s in ours if s.kind == trace_pb2.Span.SPAN_KIND_SERVER]
+        (fwd,) = [s for s in ours if s.name == "forward"]
+        assert req.parent_span_id.hex() == caller
+        assert fwd.parent_span_id == req.span_id  # its parent chain reaches the HTTP span, then the caller
+        assert [(link.trace_id, link.span_id) for link in fwd.links] == [(req.trace_id, req.span_id)]
+        assert fwd.trace_state == "vendor=abc"  # tracestate crossed too
+        assert receiver.pids[fwd.span_id] == engine and receiver.pids[req.span_id] in fronts
+        assert {receiver.pids[s.span_id] for s in ours if s.name != "forward"} == {receiver.pids[req.span_id]}
+        assert req.start_time_unix_nano <= fwd.start_time_unix_nano <= fwd.end_time_unix_nano
+        assert fwd.end_time_unix_nano <= req.end_time_unix_nano + CLOCK_SLACK_NS
+        assert _attrs(fwd)["mha.batch.sequences"] == 2 and _attrs(fwd)["mha.batch.real_tokens"] == 10
     finally:
         server.stop()

@@ -215,3 +215,54 @@ async def test_a_client_gone_while_queued_is_never_computed(app, client, path) -
     text = (await client.get("/metrics")).text
     assert 'mha_requests_dropped_total{reason="disconnect"} 1.0' in text
     assert "mha_batch_size_requests_count 1.0" in text  # only the stalled request was computed
+
+
+class _Broken:
+    """A metrics child whose inc raises: an exception inside ObserveMiddleware, outside InternalErrors."""
+
+    def inc(self, *a) -> None:
+        raise RuntimeError("metric store broke: secret detail")
+
+    def dec(self, *a) -> None:
+        pass
+
+
+async def test_an_exception_in_an_outer_middleware_is_still_our_json_500(app, client, monkeypatch, caplog) -> None:
+    """FastRoutes skips Starlette's ServerErrorMiddleware: an exception raised by the request-id middleware
+    itself (outside InternalErrors) is our opaque JSON 500, with the request id, logged once."""
+    import logging
+
+    monkeypatch.setattr(app.state.mha.metrics, "in_flight", _Broken())
+    x = np.zeros((1, 3, 32), np.float32)
+    body, headers = v2_binary(x)
+    for path, kw, shape in (("/attend", {"json": b64_body(x)}, dict), (INFER, {"content": body}, str)):
+        caplog.clear()
+        extra = headers if path == INFER else {}
+        r = await client.post(path, headers={**extra, "x-request-id": "broken-7"}, **kw)
+        assert r.status_code == 500 and r.headers["content-type"] == "application/json", r.text
+        assert r.headers["x-request-id"] == "broken-7"
+        error = r.json()["error"]
+        message = error["message"] if shape is dict else error
+        assert isinstance(error, shape) and message.startswith("internal error (id ") and "secret" not in message
+        if shape is dict:
+            assert error["type"] == "internal_error"
+        error_id = message.split("(id ")[1].split(")")[0]
+        records = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+        assert len(records) == 1, records  # once
+        assert records[0].error_id == error_id and "secret detail" in records[0].exc_text
+        assert records[0].getMessage().startswith(f"internal error {error_id} on POST {path}")
+
+
+async def test_an_exception_after_the_answer_is_logged_once_and_the_answer_stands(app, client, monkeypatch, caplog):
+    import logging
+
+    from service.frontend.observability import ObserveMiddleware
+
+    def broken(self, route, status):
+        raise RuntimeError("late")
+
+    monkeypatch.setattr(ObserveMiddleware, "_children", broken)  # in its finally: the response is out
+    r = await client.post("/attend", json=b64_body(np.zeros((1, 3, 32), np.float32)))
+    assert r.status_code == 200 and "output" in r.json() and r.headers["x-batch-size"] == "1"
+    records = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert len(records) == 1 and "late" in records[0].exc_text

@@ -110,6 +110,19 @@ def test_the_front_end_never_imports_the_engine():
     assert {k: v for k, v in bad.items() if v} == {}
 
 
+def test_the_shared_modules_import_neither_side():
+    """service/'s top-level modules but the wiring (app, cli) are what both sides share: errors, messages,
+    metrics, tracing, logs, settings. They import neither side, not even lazily."""
+    known = set(modules())
+    bad = {
+        name: sorted(_names(targets, "service.frontend") | _names(targets, "service.engine"))
+        for name, path in modules().items()
+        if name.count(".") == 1 and name not in ("service.app", "service.cli")
+        for targets in [imports(path, known, top_level_only=False)]
+    }
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """One cycle of ``graph`` as a path that ends where it starts, or None (depth-first, three colours)."""
     colour = dict.fromkeys(graph, 0)  # 0 unseen, 1 on the stack, 2 done

@@ -54,6 +54,7 @@ def test_defaults_and_environment(monkeypatch):
         ),
         ({"max_queue_tokens": 4096}, "max_batch_tokens (32768) must be <= max_queue_tokens (4096)"),
         ({"max_inflight_bytes": 1 << 20}, "max_body_bytes (67108864) must be <= max_inflight_bytes (1048576)"),
+        ({"engine_hang_s": 0.1}, "Input should be greater than or equal to 0.5"),
     ],
 )
 def test_invalid_settings(kw, message):

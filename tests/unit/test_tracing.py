@@ -134,3 +134,38 @@ def test_propagation_from_a_header_mapping_as_grpc_metadata_would_give_it() -> N
         assert decode.parent.span_id == server.context.span_id
     finally:
         tracing.shutdown()
+
+
+def test_a_request_span_context_crosses_the_process_boundary_in_the_request_message() -> None:
+    """The front end sends its request span's context with the request (messages.encode_requests); the model
+    process's Tracing turns it back into a remote context: its forward span is that span's child."""
+    import numpy as np
+    import orjson
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from service.messages import AttendInput, BatchStats, decode_requests, encode_requests
+
+    front = from_env(service_version="0", replica_id="r", environ={"OTEL_TRACES_EXPORTER": "console"})
+    engine = from_env(service_version="0", replica_id="r", environ={"OTEL_TRACES_EXPORTER": "console"})
+    memory = InMemorySpanExporter()
+    engine.provider.add_span_processor(SimpleSpanProcessor(memory))
+    try:
+        carrier = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "k=v"}
+        rs = front.start_server_span("POST /attend", carrier, {})
+        ctx = front.current_span_context()
+        rs.finish()
+        x = np.zeros((1, 2, 4), np.float32)
+        frames = encode_requests([(1, AttendInput(x, trace=ctx), 1.0, None, 0), (2, AttendInput(x), 1.0, None, 0)])
+        (_, traced, *_), (_, plain, *_) = decode_requests(orjson.loads(frames[0]), frames[1:])
+        assert plain.trace is None
+        remote = engine.remote_span_context(traced.trace)
+        assert (remote.trace_id, remote.span_id, remote.is_remote) == (ctx.trace_id, ctx.span_id, True)
+        assert engine.remote_span_context({"traceparent": "garbage"}) is None
+        engine.batch_finished([AttendInput(x, trace=remote)], 0.0, BatchStats(sequences=1, real_tokens=2))
+        (fwd,) = memory.get_finished_spans()
+        assert fwd.parent.span_id == ctx.span_id and fwd.context.trace_id == ctx.trace_id
+        assert fwd.context.trace_state.to_header() == "k=v"
+    finally:
+        front.shutdown()
+        engine.shutdown()
