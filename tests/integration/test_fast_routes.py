@@ -217,14 +217,10 @@ async def test_a_client_gone_while_queued_is_never_computed(app, client, path) -
     assert "mha_batch_size_requests_count 1.0" in text  # only the stalled request was computed
 
 
-class _Broken:
-    """A metrics child whose inc raises: an exception inside ObserveMiddleware, outside InternalErrors."""
-
-    def inc(self, *a) -> None:
-        raise RuntimeError("metric store broke: secret detail")
-
-    def dec(self, *a) -> None:
-        pass
+def _broken_schedule() -> None:
+    """The request tally's first call on a request raises: an exception inside ObserveMiddleware, outside
+    InternalErrors."""
+    raise RuntimeError("metric store broke: secret detail")
 
 
 async def test_an_exception_in_an_outer_middleware_is_still_our_json_500(app, client, monkeypatch, caplog) -> None:
@@ -232,7 +228,7 @@ async def test_an_exception_in_an_outer_middleware_is_still_our_json_500(app, cl
     itself (outside InternalErrors) is our opaque JSON 500, with the request id, logged once."""
     import logging
 
-    monkeypatch.setattr(app.state.mha.metrics, "in_flight", _Broken())
+    monkeypatch.setattr(app.state.mha.metrics.tally, "schedule", _broken_schedule)
     x = np.zeros((1, 3, 32), np.float32)
     body, headers = v2_binary(x)
     for path, kw, shape in (("/attend", {"json": b64_body(x)}, dict), (INFER, {"content": body}, str)):
@@ -256,12 +252,10 @@ async def test_an_exception_in_an_outer_middleware_is_still_our_json_500(app, cl
 async def test_an_exception_after_the_answer_is_logged_once_and_the_answer_stands(app, client, monkeypatch, caplog):
     import logging
 
-    from service.frontend.observability import ObserveMiddleware
-
-    def broken(self, route, status):
+    def broken(route, status, elapsed_s):
         raise RuntimeError("late")
 
-    monkeypatch.setattr(ObserveMiddleware, "_children", broken)  # in its finally: the response is out
+    monkeypatch.setattr(app.state.mha.metrics.tally, "done", broken)  # in its finally: the response is out
     r = await client.post("/attend", json=b64_body(np.zeros((1, 3, 32), np.float32)))
     assert r.status_code == 200 and "output" in r.json() and r.headers["x-batch-size"] == "1"
     records = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
