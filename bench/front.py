@@ -57,8 +57,10 @@ sys.path.insert(0, str(ROOT))
 from bench.harness import (  # noqa: E402  (process and measurement helpers)
     CLIENT_CORE,
     SERVER_CORE,
+    children,
     free_port,
     http,
+    pin_all_threads,
     proc_cpu_s,
     stop_process,
     wait_idle,
@@ -123,29 +125,10 @@ def servers(baseline: Path | None, modes: list[str]) -> list[Srv]:
     return out
 
 
-def descendants(pid: int) -> list[int]:
-    """``pid``'s children, grandchildren, ... (from /proc)."""
-    parents: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            parents.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        kids = parents.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out
-
-
 def pin_model_process(srv: Srv) -> None:
     """Split mode: move the model process (the one descendant that loaded torch), all its threads, to the
     load generator's core, leaving the front end alone on the servers' core."""
-    for pid in descendants(srv.proc.pid):
+    for pid in children(srv.proc.pid):
         try:
             with open(f"/proc/{pid}/maps") as f:
                 torch = "libtorch" in f.read()
@@ -153,8 +136,7 @@ def pin_model_process(srv: Srv) -> None:
             continue
         if torch:
             srv.model_pid = pid
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                os.sched_setaffinity(int(tid), {CLIENT_CORE})
+            pin_all_threads(pid, CLIENT_CORE)
             return
     raise RuntimeError(f"{srv.name}: no model process found under pid {srv.proc.pid}")
 
@@ -162,7 +144,7 @@ def pin_model_process(srv: Srv) -> None:
 def front_cpu_s(srv: Srv) -> float:
     """CPU seconds of the server's processes on the servers' core: all of them, less the model process."""
     total = 0.0
-    for pid in [srv.proc.pid, *descendants(srv.proc.pid)]:
+    for pid in [srv.proc.pid, *children(srv.proc.pid)]:
         if pid != srv.model_pid:
             with contextlib.suppress(OSError):
                 total += proc_cpu_s(pid)

@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import Server
+from bench.harness import Server, children, proc_cpu_s
 from mha_client._wire import f32_to_bf16
 from service.settings import default_workers
 
@@ -131,28 +131,38 @@ def main() -> None:
         f"{cores} cores, device {device}, {'v2 binary bf16' if args.gpu else 'base64 /attend float32'} {SHAPE}, "
         f"{conns} connections, {args.seconds:g} s per row, default MHA_WORKERS here: {default_workers(device)}"
     )
-    if args.gpu:
-        ceiling = forward_ceiling(env, 32, min(args.seconds, 5))
-        print(f"forward pass alone, batches of 32: {ceiling:,.0f} req/s")
+    # The forward pass's own ceiling, with the server's torch threads: what no front end can exceed.
+    ceiling = forward_ceiling(env, 32, min(args.seconds, 5))
+    print(f"forward pass alone, batches of 32, {args.torch_threads} torch thread(s): {ceiling:,.0f} req/s")
     rows = []
     log_dir = Path(tempfile.mkdtemp(prefix="bench-procs-"))
-    for w in counts:
-        server = Server({**env, "MHA_WORKERS": str(w)}, log_dir / f"w{w}.log")
+    # Row 1 is single-process mode; with one worker the split (one front end + the model process) runs too.
+    configs = [(w, "inprocess" if w == 1 else "process") for w in counts]
+    if 1 in counts and not args.gpu:
+        configs.insert(configs.index((1, "inprocess")) + 1, (1, "process"))
+    for w, engine in configs:
+        server = Server({**env, "MHA_WORKERS": str(w), "MHA_ENGINE": engine}, log_dir / f"w{w}-{engine}.log")
         try:
             wrk(server.url + path, body, conns, min(2, args.seconds), 2)  # warm-up
             time.sleep(0.5)
-            rows.append((w, wrk(server.url + path, body, conns, args.seconds, 2)))
+            pids = [server.proc.pid, *children(server.proc.pid)]
+            cpu0 = sum(proc_cpu_s(p) for p in pids)
+            r = wrk(server.url + path, body, conns, args.seconds, 2)
+            r["cpu_ms"] = 1e3 * (sum(proc_cpu_s(p) for p in pids) - cpu0) / max(1.0, r["rps"] * args.seconds)
+            rows.append((w, engine, r))
         finally:
             server.stop()
-    base = rows[0][1]["rps"]
-    print("| MHA_WORKERS | mode | req/s | x single | p50 ms | p99 ms | p99/p50 | errors |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
-    for w, r in rows:
-        mode = "single process" if w == 1 else f"{w} front ends + model process"
-        tag = " (default)" if w == default_workers(device) else ""
+    base = rows[0][2]["rps"]
+    print("| MHA_WORKERS | mode | req/s | x single | x forward ceiling | server CPU ms/req | p50 ms | p99 ms "
+          "| p99/p50 | errors |")  # fmt: skip
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| | forward pass alone | {ceiling:,.0f} | {ceiling / base:.2f}x | 1.00x | | | | | |")
+    for w, engine, r in rows:
+        mode = "single process" if engine == "inprocess" else f"{w} front end(s) + model process"
+        tag = " (default)" if w == default_workers(device) and engine == "inprocess" else ""
         print(
-            f"| {w}{tag} | {mode} | {r['rps']:,.0f} | {r['rps'] / base:.2f}x | {r['p50']:.1f} | {r['p99']:.1f} | "
-            f"{r['p99'] / r['p50']:.2f} | {r['err']} |"
+            f"| {w}{tag} | {mode} | {r['rps']:,.0f} | {r['rps'] / base:.2f}x | {r['rps'] / ceiling:.2f}x "
+            f"| {r['cpu_ms']:.2f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['p99'] / r['p50']:.2f} | {r['err']} |"
         )
 
 

@@ -109,23 +109,16 @@ class InternalErrors:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = False
-
-        async def send_wrapper(message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, send)
         except ClientDisconnect:  # the client left while its body was read: nobody to answer, nothing broke
             return
         except Exception as exc:
             err = log_internal_error(exc, scope.get("method", ""), scope.get("path", ""))
-            if started:  # too late for a status: uvicorn closes the connection of an unfinished response
-                return
-            await _send_error(scope, send, err, [])
+            # No send wrapper watches for the response's start (two calls a request): if it had started, the
+            # server refuses this second start (uvicorn: RuntimeError) and closes the unfinished response.
+            with contextlib.suppress(Exception):
+                await _send_error(scope, send, err, [])
 
 
 async def _send_error(scope, send, err: ServiceError, headers: list) -> None:

@@ -27,6 +27,7 @@ import orjson
 from service.errors import ServiceError
 
 INFERENCE_PATH = re.compile(r"/attend(/heatmap)?|/v2/models/[^/]+(/versions/[^/]+)?/infer")
+HOT_MATCH = "mha.fastroute"  # the scope key FastRoutes sets on the hot inference POSTs it dispatches
 RETRY_AFTER_S = 1  # bodies in flight drain in well under a second
 
 
@@ -80,7 +81,10 @@ class AdmissionMiddleware:
         self.reads = _Reads()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or not INFERENCE_PATH.fullmatch(scope["path"]):
+        hot = HOT_MATCH in scope  # a hot route (service/frontend/fastroute.py): an inference POST already
+        if not hot and (
+            scope["type"] != "http" or scope["method"] != "POST" or not INFERENCE_PATH.fullmatch(scope["path"])
+        ):
             return await self.app(scope, receive, send)
         declared = _content_length(scope)
         # A body declared over max_body_bytes is answered 413 by the route without being read.

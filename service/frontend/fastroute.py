@@ -30,11 +30,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from service.errors import answer_escaped
+from service.frontend.admission import HOT_MATCH
 
 Handler = Callable[..., Awaitable[Response]]
 
 
-_MATCH = "mha.fastroute"  # scope key: the matched (handler, parameters), from the dispatcher to the endpoint
+_MATCH = HOT_MATCH  # scope key: the matched (handler, parameters), from the dispatcher to the endpoint
 
 
 def install(app: Any, routes: list[tuple[str, Handler, Any]]) -> None:

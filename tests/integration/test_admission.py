@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import orjson
@@ -75,3 +76,52 @@ async def test_a_declared_body_over_max_body_bytes_is_still_413(client):
     r = await client.post("/attend", content=b"x" * 10, headers={"content-length": str(1 << 40)})
     assert r.status_code == 413
     assert httpx.codes(r.status_code) == httpx.codes.REQUEST_ENTITY_TOO_LARGE
+
+
+async def test_a_body_read_past_its_deadline_is_408_and_other_reads_and_cancels_are_untouched():
+    """The body-read deadline is swept (no timer per read): an overdue read gets the 408 within the
+    deadline plus one sweep; a read still in time goes on; a cancel from elsewhere stays a cancel."""
+    from service.errors import ServiceError
+    from service.frontend.admission import Admission, AdmissionMiddleware, _Reads
+
+    seen: dict[str, object] = {}
+
+    async def app(scope, receive, send):
+        try:
+            seen[scope["path"]] = await receive()
+        except ServiceError as e:
+            seen[scope["path"]] = e
+            raise
+
+    mw = AdmissionMiddleware(app, admission=Admission(10, 1 << 20), max_body_bytes=1 << 20, body_read_timeout_s=0.2)
+    never = asyncio.Event()
+
+    async def trickle():  # a body that never arrives
+        await never.wait()
+        return {}
+
+    async def late_body():  # a body that arrives in time
+        await asyncio.sleep(0.1)
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    def scope(path):
+        return {"type": "http", "method": "POST", "path": path, "headers": [(b"content-length", b"2")]}
+
+    t0 = time.monotonic()
+    stuck = asyncio.create_task(mw(scope("/attend"), trickle, None))
+    fine = asyncio.create_task(mw(scope("/v2/models/mha/infer"), late_body, None))
+    other = asyncio.create_task(mw(scope("/attend/heatmap"), trickle, None))
+    await asyncio.sleep(0.05)
+    other.cancel()  # someone else's cancel: not a timeout
+    with pytest.raises(asyncio.CancelledError):
+        await other
+    with pytest.raises(ServiceError) as e:
+        await stuck
+    waited = time.monotonic() - t0
+    assert e.value.status == 408 and e.value.headers.get("connection") == "close"
+    assert 0.2 <= waited <= 0.2 + _Reads.SWEEP_S + 0.2, waited
+    await fine
+    assert seen["/v2/models/mha/infer"] == {"type": "http.request", "body": b"{}", "more_body": False}
+    assert not isinstance(seen.get("/attend/heatmap"), ServiceError)
+    assert mw.admission.requests == 0 and mw.admission.bytes == 0  # every slot given back
+    assert mw.reads.deadlines == {} and mw.reads.overdue == set()

@@ -176,6 +176,47 @@ async def test_abandoned_request_is_dropped_before_compute(make):
         await b.stop()
 
 
+async def test_a_watch_given_as_a_function_starts_only_for_a_request_still_waiting(make):
+    """``abandoned`` as a function: a quick answer never calls it (no watcher task per request); a request
+    still queued after WATCH_AFTER_S calls it, and a caller gone then is dropped before compute."""
+    from service.messages import WATCH_AFTER_S
+
+    b, runner = await make()
+    calls = []
+
+    def watch_never():
+        calls.append("quick")
+        return asyncio.get_running_loop().create_future()
+
+    res = await b.infer(inp(value=2.0), deadline=far(), abandoned=watch_never)
+    np.testing.assert_array_equal(res.output.output, np.full((1, 4, 2), 4.0))
+    assert calls == []  # answered before WATCH_AFTER_S: the function was never called
+
+    runner.gate.clear()
+    first = asyncio.create_task(b.infer(inp(), deadline=far()))
+    await asyncio.to_thread(runner.started.wait, 2)
+    gone = asyncio.get_running_loop().create_future()
+    started_at = []
+
+    def watch_gone():
+        started_at.append(time.monotonic())
+        return gone
+
+    t0 = time.monotonic()
+    leaving = asyncio.create_task(b.infer(inp(value=9.0), deadline=far(), abandoned=watch_gone))
+    await asyncio.sleep(WATCH_AFTER_S / 2)
+    assert started_at == []  # not yet
+    await asyncio.sleep(WATCH_AFTER_S)
+    assert len(started_at) == 1 and started_at[0] - t0 >= WATCH_AFTER_S * 0.9
+    gone.set_result(None)
+    with pytest.raises(ClientGone):
+        await leaving
+    assert b.queue_depth() == (0, 0)  # its slot freed at once
+    runner.gate.set()
+    await first
+    assert all(it.x[0, 0, 0] != 9.0 for batch in runner.batches for it in batch)
+
+
 async def test_bounded_queue_answers_overloaded_at_once(make):
     b, runner = await make(max_queue_requests=2, max_queue_tokens=1000)
     runner.gate.clear()

@@ -17,7 +17,9 @@ def call(app, path: str) -> list[dict]:
     async def receive():
         return {"type": "http.request", "body": b""}
 
-    async def send(message):
+    async def send(message):  # as an ASGI server does (uvicorn, h11): a second start is refused
+        if message["type"] == "http.response.start" and any(m["type"] == message["type"] for m in sent):
+            raise RuntimeError("Expected ASGI message 'http.response.body', but got 'http.response.start'.")
         sent.append(message)
 
     asyncio.run(InternalErrors(app)({"type": "http", "method": "POST", "path": path}, receive, send))
@@ -42,6 +44,8 @@ def test_an_escaped_exception_is_one_opaque_500_in_the_route_shape(caplog):
 
 
 def test_after_the_response_started_nothing_more_is_sent(caplog):
+    """No send wrapper watches for the start: the 500's start is refused by the server and nothing more
+    goes out; the error is logged once."""
     async def half(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": []})
         raise ValueError("late")
