@@ -73,7 +73,9 @@ def decode_tensor(value: Any, name: str, ndims: tuple[int, ...], *, boolean: boo
             env = TensorB64.model_validate(value)
         except ValidationError as e:
             raise validation(format_validation_error(e, name)) from e
-        arr, dtype = codecs.decode_b64(env.model_dump(), name, ndims, boolean=boolean)
+        arr, dtype = codecs.decode_b64(
+            {"dtype": env.dtype, "shape": env.shape, "b64": env.b64}, name, ndims, boolean=boolean
+        )
         return arr, dtype
     return codecs.decode_lists(value, name, ndims, boolean=boolean), "lists"
 

@@ -77,7 +77,7 @@ class ObserveMiddleware:
             self.tally.flush()  # what this turn counted, before it is read
         headers = dict(scope["headers"])
         rid = headers.get(b"x-request-id", b"").decode("latin-1")
-        if not _SAFE_ID.fullmatch(rid):
+        if not rid or not _SAFE_ID.fullmatch(rid):
             rid = os.urandom(16).hex()  # as random as uuid4().hex, a quarter of its cost
         token = request_id_var.set(rid)
         extra = [(b"x-served-by", self.served_by), (b"x-request-id", rid.encode())]
