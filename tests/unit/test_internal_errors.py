@@ -46,6 +46,7 @@ def test_an_escaped_exception_is_one_opaque_500_in_the_route_shape(caplog):
 def test_after_the_response_started_nothing_more_is_sent(caplog):
     """No send wrapper watches for the start: the 500's start is refused by the server and nothing more
     goes out; the error is logged once."""
+
     async def half(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": []})
         raise ValueError("late")
