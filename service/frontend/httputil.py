@@ -23,6 +23,15 @@ from service.messages import (
 )
 
 
+def header(request: Request, name: bytes) -> str | None:
+    """The first value of header ``name`` (lower-case bytes), or None. Starlette's ``request.headers.get``
+    raises and catches a KeyError for every header that is absent (a microsecond each, on the hot routes)."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
 def require_ready(state: Any) -> None:
     """503 unless the model is ready and the server is not draining (every route and transport)."""
     if state.draining:
@@ -33,7 +42,7 @@ def require_ready(state: Any) -> None:
 
 async def read_body(request: Request, limit: int) -> bytes:
     """A JSON body (415 for another content-type), refusing (413) anything over ``limit`` bytes."""
-    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    ctype = (header(request, b"content-type") or "application/json").split(";")[0].strip().lower()
     if ctype not in ("application/json", ""):
         raise ServiceError("unsupported_media_type", f"content-type must be application/json, got {ctype!r}")
     return await read_limited(request, limit)
@@ -45,7 +54,7 @@ async def read_limited(request: Request, limit: int) -> bytes | bytearray:
     With a Content-Length the body is copied into one buffer of that size as it arrives, so a
     large body takes its size in memory once, not twice (chunks, then their join).
     """
-    declared = request.headers.get("content-length")
+    declared = header(request, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ServiceError("payload_too_large", f"the body is {declared} bytes, more than max_body_bytes {limit}")
     receive = request.receive  # the ASGI messages as they come: no async generator per chunk (request.stream())

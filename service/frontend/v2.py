@@ -61,7 +61,7 @@ from starlette.routing import Match
 from service.errors import INFERENCE_ERRORS, ServiceError, status_descriptions, validation
 from service.frontend import codecs, oip
 from service.frontend.decode import check_priority, parse_json
-from service.frontend.httputil import Answer, internal_error, read_limited, require_ready
+from service.frontend.httputil import Answer, header, internal_error, read_limited, require_ready
 from service.frontend.httputil import infer as run_inference
 from service.tracing import stage
 
@@ -69,6 +69,7 @@ log = logging.getLogger("mha_serve.v2")
 
 VERSION = oip.VERSION
 HEADER_LENGTH = "inference-header-content-length"
+HEADER_LENGTH_RAW = HEADER_LENGTH.encode()
 _METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "TRACE", "CONNECT"]
 
 INFER_ERRORS = ("not_found", *INFERENCE_ERRORS)
@@ -176,7 +177,7 @@ def build_router(state: Any) -> APIRouter:
             require_ready(state)
             body = await _read_body(request, settings.max_body_bytes)
             with stage(state.tracing, "decode"):
-                req = _decode(body, request.headers.get(HEADER_LENGTH))
+                req = _decode(body, header(request, HEADER_LENGTH_RAW))
                 inp, timeout_s = req.check(config=state.runner.config, limits=state.limits)
                 priority = check_priority(req.priority, state.limits)
             decoded = time.monotonic()
@@ -284,7 +285,7 @@ def build_router(state: Any) -> APIRouter:
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, inflated if gzip/deflate; 413 beyond ``limit`` bytes, before parsing."""
     body = await read_limited(request, limit)
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    encoding = (header(request, b"content-encoding") or "identity").strip().lower()
     if encoding in ("identity", ""):
         return body
     if encoding not in ("gzip", "deflate"):
