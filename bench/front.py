@@ -30,7 +30,8 @@ The machine varies up to 1.5x from run to run: only ratios within one run count.
 Usage:
   .venv/bin/python bench/front.py [--rounds 1] [--duration 5] [--concurrency 64] [--baseline REF|none]
                                   [--out bench/out]
-Outputs OUT/front.md and OUT/front.json. About 2 minutes a round.
+Outputs OUT/front.md and OUT/front.json (the table, then PASS/FAIL lines for the issue's targets: v2 binary
+>= 1.0x and base64 >= 0.8x of the fastapi-echo, for this checkout's split front end). About 3 minutes a round.
 """
 
 from __future__ import annotations
@@ -212,6 +213,21 @@ def table(cells: list[Cell]) -> str:
     return "\n".join(rows)
 
 
+TARGETS = {"v2-binary": 1.0, "base64": 0.8}  # issue 11: one front-end process against the bare FastAPI echo
+
+
+def targets(cells: list[Cell]) -> str:
+    """The issue's targets, for this checkout's split front end (access log on and off)."""
+    floor = {c.variant: c for c in cells if c.server == "fastapi-echo"}
+    lines = ["", "Targets (req/s of one front-end process, MHA_ENGINE=process, over the fastapi-echo's):"]
+    for c in cells:
+        if c.server in ("branch-split", "branch-split-nolog") and c.variant in floor:
+            ratio, want = c.rps / floor[c.variant].rps, TARGETS[c.variant]
+            verdict = "PASS" if ratio >= want else "FAIL"
+            lines.append(f"- {verdict} {c.server} {c.variant}: {ratio:.2f}x (target >= {want:.1f}x)")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=1)
@@ -268,7 +284,7 @@ def main() -> None:
         f"Front-bound, x {list(SHAPE)} float32, c={args.concurrency}, {args.duration:g} s x {args.rounds} round(s) "
         f"(median), servers on core {SERVER_CORE}, wrk on the other; main = {commit}; {time.strftime('%F %T')}"
     )
-    report = head + "\n\n" + table(med) + "\n"
+    report = head + "\n\n" + table(med) + "\n" + targets(med) + "\n"
     print("\n" + report)
     (args.out / "front.md").write_text(report)
     (args.out / "front.json").write_text(json.dumps({"baseline": commit, "cells": [asdict(c) for c in cells]}))
