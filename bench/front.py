@@ -19,7 +19,8 @@ Variants: ``v2-binary`` (POST /v2/models/mha/infer, Triton's binary tensor exten
 (POST /attend); the echo servers echo each variant's body. Each (server, variant) cell runs once per
 round for ``--duration`` s at ``--concurrency`` connections, after the servers went idle, the order
 of servers rotating between rounds; the table gives each cell's median over the rounds: req/s, server
-CPU ms per request (utime + stime deltas from /proc/<pid>/stat), p50/p99, req/s over the fastapi-echo's
+CPU ms per request (utime + stime deltas from /proc/<pid>/stat; split mode: the front end's, and the
+model process's in a column of its own), p50/p99, req/s over the fastapi-echo's
 for the same body (the issue's targets: v2 binary >= 1.0x, base64 >= 0.8x), and the fastapi-echo's CPU
 per request over this server's: the same ratio for a saturated core, which other processes on a
 shared machine disturb much less than req/s (read it when the servers' core was not theirs alone).
@@ -91,6 +92,7 @@ class Cell:
     p50_ms: float
     p99_ms: float
     errors: int
+    model_cpu_ms_per_req: float = float("nan")  # split mode: the model process (off the servers' core)
 
 
 def variants() -> list[Variant]:
@@ -176,12 +178,14 @@ def measure(srv: Srv, v: Variant, body_file: Path, args, procs: list) -> Cell:
         raise RuntimeError(f"{srv.name} {v.name}: probe answered {status}")
     wait_idle(procs, srv.base, "/healthz" if srv.kind == "service" else "/")
     cpu0 = front_cpu_s(srv)
+    model0 = proc_cpu_s(srv.model_pid) if srv.model_pid else 0.0
     r = run_wrk(srv.base + path, v, args.concurrency, args.duration, body_file)
     cpu = front_cpu_s(srv) - cpu0
+    model = proc_cpu_s(srv.model_pid) - model0 if srv.model_pid else float("nan")
     n = max(1, r["requests"])
     errors = sum(r[k] for k in ("err_connect", "err_read", "err_write", "err_status", "err_timeout"))
     return Cell(srv.name, v.name, r["requests"] / (r["duration_us"] / 1e6), 1e3 * cpu / n, r["p50_us"] / 1e3,
-                r["p99_us"] / 1e3, errors)  # fmt: skip
+                r["p99_us"] / 1e3, errors, 1e3 * model / n)  # fmt: skip
 
 
 def median_cells(cells: list[Cell]) -> list[Cell]:
@@ -189,7 +193,8 @@ def median_cells(cells: list[Cell]) -> list[Cell]:
     out = []
     for s, v in keys:
         cs = [c for c in cells if (c.server, c.variant) == (s, v)]
-        med = {f: statistics.median([getattr(c, f) for c in cs]) for f in ("rps", "cpu_ms_per_req", "p50_ms", "p99_ms")}
+        fields = ("rps", "cpu_ms_per_req", "p50_ms", "p99_ms", "model_cpu_ms_per_req")
+        med = {f: statistics.median([getattr(c, f) for c in cs]) for f in fields}
         out.append(Cell(s, v, errors=sum(c.errors for c in cs), **med))
     return out
 
@@ -198,17 +203,18 @@ def table(cells: list[Cell]) -> str:
     floor = {c.variant: c for c in cells if c.server == "fastapi-echo"}
     rows = [
         "| server | variant | req/s | server CPU ms/req | p50 ms | p99 ms | req/s x fastapi-echo "
-        "| CPU/req: fastapi-echo's / this | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU/req: fastapi-echo's / this | model process CPU ms/req | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     nan = float("nan")
     for c in cells:
         f = floor.get(c.variant)
         ratio = c.rps / f.rps if f else nan
         per_core = f.cpu_ms_per_req / c.cpu_ms_per_req if f and c.cpu_ms_per_req > 0 else nan
+        model = "" if c.model_cpu_ms_per_req != c.model_cpu_ms_per_req else f"{c.model_cpu_ms_per_req:.3f}"  # NaN: none
         rows.append(
             f"| {c.server} | {c.variant} | {c.rps:,.0f} | {c.cpu_ms_per_req:.3f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} "
-            f"| {ratio:.2f}x | {per_core:.2f}x | {c.errors} |"
+            f"| {ratio:.2f}x | {per_core:.2f}x | {model} | {c.errors} |"
         )
     return "\n".join(rows)
 
