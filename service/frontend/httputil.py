@@ -55,31 +55,26 @@ async def read_limited(request: Request, limit: int) -> bytes | bytearray:
     large body takes its size in memory once, not twice (chunks, then their join).
     """
     declared = header(request, b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    length = int(declared) if declared is not None and declared.isdigit() else None
+    if length is not None and length > limit:
         raise ServiceError("payload_too_large", f"the body is {declared} bytes, more than max_body_bytes {limit}")
     receive = request.receive  # the ASGI messages as they come: no async generator per chunk (request.stream())
-    message = await receive()
-    if message["type"] != "http.request":
-        raise ClientDisconnect()
-    body = message.get("body", b"")
-    if not message.get("more_body", False):  # the usual case: the whole body in one message
+    body, more = await _chunk(receive)
+    if not more:  # the usual case: the whole body in one message
         if len(body) > limit:
             raise ServiceError("payload_too_large", f"the body exceeds max_body_bytes {limit}")
         return body
-    if declared is not None and declared.isdigit() and int(declared) > 65536:
-        buf, pos = bytearray(int(declared)), 0
+    if length is not None and length > 65536:
+        buf, pos = bytearray(length), 0
         while True:
             end = pos + len(body)
-            if end > len(buf):  # the server enforces Content-Length; never trust it twice
+            if end > length:  # the server enforces Content-Length; never trust it twice
                 raise ServiceError("malformed_json", f"the body is longer than its Content-Length {declared}")
             buf[pos:end] = body
             pos = end
-            if not message.get("more_body", False):
+            if not more:
                 break
-            message = await receive()
-            if message["type"] != "http.request":
-                raise ClientDisconnect()
-            body = message.get("body", b"")
+            body, more = await _chunk(receive)
         del buf[pos:]
         return buf
     chunks, size = [], 0
@@ -88,13 +83,18 @@ async def read_limited(request: Request, limit: int) -> bytes | bytearray:
         if size > limit:
             raise ServiceError("payload_too_large", f"the body exceeds max_body_bytes {limit}")
         chunks.append(body)
-        if not message.get("more_body", False):
+        if not more:
             break
-        message = await receive()
-        if message["type"] != "http.request":
-            raise ClientDisconnect()
-        body = message.get("body", b"")
+        body, more = await _chunk(receive)
     return b"".join(chunks)
+
+
+async def _chunk(receive) -> tuple[bytes, bool]:
+    """The next piece of the body and whether more follows; ClientDisconnect if the client left instead."""
+    message = await receive()
+    if message["type"] != "http.request":
+        raise ClientDisconnect()
+    return message.get("body", b""), message.get("more_body", False)
 
 
 async def disconnected(request: Request) -> None:
