@@ -24,7 +24,7 @@ from fastapi.responses import HTMLResponse, Response
 from mha_client.plot import render_heatmaps
 from service.errors import INFERENCE_ERRORS, ServiceError, validation
 from service.frontend.decode import decode_object, parse_json
-from service.frontend.httputil import disconnected, infer, read_body, require_ready, timing_headers
+from service.frontend.httputil import Answer, disconnected, infer, read_body, require_ready
 from service.frontend.schemas import error_responses
 from service.tracing import stage
 
@@ -125,15 +125,8 @@ def build_router(state: AppState) -> APIRouter:
             )
         if png is None:
             return Response(status_code=499)
-        return Response(
-            png,
-            media_type="image/png",
-            headers={
-                **timing_headers(res),
-                "x-render-time-ms": f"{render_s * 1000:.3f}",
-                "cache-control": "no-store",
-            },
-        )
+        extra = ((b"x-render-time-ms", b"%.3f" % (render_s * 1000)), (b"cache-control", b"no-store"))
+        return Answer(png, b"image/png", res, extra)
 
     return router
 

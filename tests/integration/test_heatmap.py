@@ -65,7 +65,7 @@ async def test_heatmap_is_a_png_with_timing_headers(client: httpx.AsyncClient) -
     assert r.content.startswith(b"\x89PNG\r\n\x1a\n")
     for name in ("x-queue-time-ms", "x-compute-time-ms", "x-render-time-ms"):
         assert float(r.headers[name]) >= 0
-    assert r.headers["x-batch-size"] == "1"
+    assert r.headers["x-batch-size"] == "1" and r.headers["cache-control"] == "no-store"
     assert r.headers["x-served-by"] == TINY["replica_id"]
     img = mpimg.imread(io.BytesIO(r.content), format="png")
     assert img[..., :3].std() > 0.1  # not blank
