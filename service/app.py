@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mha_core import MHAConfig
 from service import __version__, tracing
-from service.engine.batcher import Batcher, BatchLimits
+from service.engine.batcher import BatchLimits
 from service.errors import INFERENCE_ERRORS, InternalErrors, ServiceError
 from service.frontend import fastroute, grpc_server, heatmap, v2
 from service.frontend.admission import Admission, AdmissionMiddleware
@@ -146,11 +146,7 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
         state.batcher = client
 
     async def load_model() -> None:
-        from service.engine.runner import (
-            Runner,
-            is_out_of_memory,
-            model_description,
-        )  # imports torch: never in a front-end process
+        from service.engine.runner import Runner, batcher_for, model_description  # torch: never in a front end
 
         runner = await asyncio.to_thread(Runner.from_settings, settings)
         if settings.warmup:
@@ -177,14 +173,7 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
         observer = _Observers(state.metrics, state.stats)
         if state.tracing is not None:  # plus the forward span of each batch
             observer = state.tracing.observe_batches(observer)
-        state.batcher = Batcher(
-            runner.run,
-            BatchLimits.from_settings(settings),
-            observer=observer,
-            is_oom=is_out_of_memory,
-            weights_of=runner.weights_elements,
-            depth=runner.depth,
-        )
+        state.batcher = batcher_for(runner, settings, observer)
         await state.batcher.start()
 
     @asynccontextmanager

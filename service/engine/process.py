@@ -79,8 +79,7 @@ class Engine:
     async def load(self) -> None:
         """Load and warm the model, start the batcher (the same wiring as the single-process app)."""
         from service import __version__, tracing
-        from service.engine.batcher import Batcher, BatchLimits
-        from service.engine.runner import Runner, is_out_of_memory, model_description
+        from service.engine.runner import Runner, batcher_for, model_description
         from service.metrics import Metrics, TritonCounters
 
         class EngineObserver(Metrics):
@@ -103,14 +102,7 @@ class Engine:
         self.tracing = tracing.from_env(service_version=__version__, replica_id=s.replica_id)
         if self.tracing is not None:  # the forward span of each batch, a child of its first traced request's span
             observer = self.tracing.observe_batches(observer)
-        self.batcher = Batcher(
-            runner.run,
-            BatchLimits.from_settings(s),
-            observer=observer,
-            is_oom=is_out_of_memory,
-            weights_of=runner.weights_elements,
-            depth=runner.depth,
-        )
+        self.batcher = batcher_for(runner, s, observer)
         await self.batcher.start()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)

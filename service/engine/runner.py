@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from mha_core import MHAConfig, MultiHeadAttention, read_checkpoint
+from service.engine.batcher import Batcher, BatchLimits
 from service.engine.staging import CudaGraphs, Slot, Staging
-from service.messages import AttendInput, AttendOutput, BatchStats
+from service.messages import AttendInput, AttendOutput, BatcherObserver, BatchStats
 from service.settings import Settings, parse_buckets
 
 log = logging.getLogger("mha_serve.runner")
@@ -40,6 +41,19 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise RuntimeError(f"device {name!r} was asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
     return dev
+
+
+def batcher_for(runner: Runner, settings: Settings, observer: BatcherObserver) -> Batcher:
+    """The batcher in front of ``runner`` (its forward, out-of-memory test, weights size and batches in
+    flight) with the settings' limits: one wiring for the single-process app and the model process."""
+    return Batcher(
+        runner.run,
+        BatchLimits.from_settings(settings),
+        observer=observer,
+        is_oom=is_out_of_memory,
+        weights_of=runner.weights_elements,
+        depth=runner.depth,
+    )
 
 
 def model_description(settings: Settings, runner: Runner) -> dict[str, Any]:
