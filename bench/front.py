@@ -59,8 +59,8 @@ sys.path.insert(0, str(ROOT))
 from bench.harness import (  # noqa: E402  (process and measurement helpers)
     CLIENT_CORE,
     SERVER_CORE,
+    Server,
     children,
-    free_port,
     http,
     pin_all_threads,
     proc_cpu_s,
@@ -155,20 +155,20 @@ def front_cpu_s(srv: Srv) -> float:
 
 
 def start(srv: Srv, logs: Path) -> None:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MHA_"))}
-    env.update(srv.env, PYTHONPATH=str(srv.src), PYTHONUNBUFFERED="1")
-    argv = [*srv.argv, "--host", "127.0.0.1", "--port", str(port)]
-    log = open(logs / f"{srv.name}.log", "wb")  # noqa: SIM115 (the child holds it; closed at exit)
-    srv.proc = subprocess.Popen(
-        ["taskset", "-c", str(SERVER_CORE), *argv],
-        cwd=srv.src,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: stop_process stops it as a whole
+    """Start ``srv`` on the servers' core, configured by its own env alone (the shell's MHA_/OTEL_ dropped);
+    ``wait_ready`` each afterwards, so that they start side by side."""
+    server = Server(
+        srv.env,
+        logs / f"{srv.name}.log",
+        srv.src,
+        argv=srv.argv,
+        core=SERVER_CORE,
+        ready_path="/readyz" if srv.kind == "service" else "/",
+        defaults={},
+        drop_env=("OTEL_", "MHA_"),
+        wait=False,
     )
-    srv.base = f"http://127.0.0.1:{port}"
+    srv.proc, srv.base = server.proc, server.url
 
 
 def measure(srv: Srv, v: Variant, body_file: Path, args, procs: list) -> Cell:
