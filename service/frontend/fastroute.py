@@ -59,11 +59,9 @@ class App(FastAPI):
 
     async def __call__(self, scope, receive, send) -> None:
         stack = self.middleware_stack
-        if type(stack) is FastRoutes and not self.root_path and scope["type"] == "http" and scope["method"] == "POST":
-            match = stack.match(scope)
-            if match is not None:
-                scope["app"] = self
-                return await stack.call_hot(scope, receive, send)
+        if type(stack) is FastRoutes and not self.root_path and stack.match(scope):
+            scope["app"] = self
+            return await stack.call_hot(scope, receive, send)
         await super().__call__(scope, receive, send)
 
 
@@ -75,8 +73,11 @@ class FastRoutes:
         self.hot = hot
         self.routes = [(re.compile(pattern), handler, route) for pattern, handler, route in routes]
 
-    def match(self, scope) -> bool | None:
-        """True, with the route's handler and parameters in ``scope``, when a hot route takes this POST."""
+    def match(self, scope) -> bool:
+        """True, with the route's handler and parameters in ``scope``, when a hot route takes this request (an
+        HTTP POST to one of their paths)."""
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return False
         path = scope["path"]
         for pattern, handler, route in self.routes:
             m = pattern.fullmatch(path)
@@ -86,7 +87,7 @@ class FastRoutes:
                 scope["path_params"] = {k: v for k, v in params.items() if v is not None}
                 scope[_MATCH] = handler, params
                 return True
-        return None
+        return False
 
     async def call_hot(self, scope, receive, send) -> None:
         """A matched POST through the hot stack."""
@@ -96,7 +97,7 @@ class FastRoutes:
             return await answer_escaped(scope, send, exc)
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and self.match(scope):
+        if self.match(scope):
             return await self.call_hot(scope, receive, send)
         await self.standard(scope, receive, send)
 
