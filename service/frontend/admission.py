@@ -86,7 +86,7 @@ class AdmissionMiddleware:
             scope["type"] != "http" or scope["method"] != "POST" or not INFERENCE_PATH.fullmatch(scope["path"])
         ):
             return await self.app(scope, receive, send)
-        declared = _content_length(scope)
+        declared = content_length(scope)
         # A body declared over max_body_bytes is answered 413 by the route without being read.
         held = declared if declared is not None and declared <= self.max_body_bytes else 0
         try:
@@ -172,7 +172,8 @@ class _Reads:
             self.sweeping = asyncio.get_running_loop().call_later(self.SWEEP_S, self._sweep)
 
 
-def _content_length(scope) -> int | None:
+def content_length(scope) -> int | None:
+    """The declared Content-Length, or None (absent, or not a plain non-negative integer)."""
     for name, value in scope["headers"]:
         if name == b"content-length":
             return int(value) if value.isdigit() else None

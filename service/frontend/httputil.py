@@ -12,6 +12,7 @@ from starlette.responses import Response
 
 from service.errors import ServiceError, log_internal_error
 from service.frontend import codecs
+from service.frontend.admission import content_length
 from service.messages import (
     AttendInput,
     ClientGone,
@@ -54,10 +55,9 @@ async def read_limited(request: Request, limit: int) -> bytes | bytearray:
     With a Content-Length the body is copied into one buffer of that size as it arrives, so a
     large body takes its size in memory once, not twice (chunks, then their join).
     """
-    declared = header(request, b"content-length")
-    length = int(declared) if declared is not None and declared.isdigit() else None
+    length = content_length(request.scope)
     if length is not None and length > limit:
-        raise ServiceError("payload_too_large", f"the body is {declared} bytes, more than max_body_bytes {limit}")
+        raise ServiceError("payload_too_large", f"the body is {length} bytes, more than max_body_bytes {limit}")
     receive = request.receive  # the ASGI messages as they come: no async generator per chunk (request.stream())
     body, more = await _chunk(receive)
     if not more:  # the usual case: the whole body in one message
@@ -69,7 +69,7 @@ async def read_limited(request: Request, limit: int) -> bytes | bytearray:
         while True:
             end = pos + len(body)
             if end > length:  # the server enforces Content-Length; never trust it twice
-                raise ServiceError("malformed_json", f"the body is longer than its Content-Length {declared}")
+                raise ServiceError("malformed_json", f"the body is longer than its Content-Length {length}")
             buf[pos:end] = body
             pos = end
             if not more:
