@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from starlette.requests import ClientDisconnect
 
-from service.logs import request_id_var
+from service.logs import new_request_id, request_id_var
 
 log = logging.getLogger("mha_serve")
 
@@ -136,7 +136,7 @@ async def answer_escaped(scope, send, exc: Exception) -> None:
     response had started (then the server refuses a second start, and the log line is all there is)."""
     if isinstance(exc, ClientDisconnect):
         return
-    rid = request_id_var.get() or uuid.uuid4().hex  # the request-id middleware's, unless it failed before setting it
+    rid = request_id_var.get() or new_request_id()  # the request-id middleware's, unless it failed before setting it
     token = request_id_var.set(rid)
     try:
         err = log_internal_error(exc, scope.get("method", ""), scope.get("path", ""))

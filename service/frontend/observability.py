@@ -11,14 +11,13 @@ runs, so log lines carry its ``trace_id``.
 from __future__ import annotations
 
 import hmac
-import os
 import re
 import time
 
 import orjson
 
 from service import tracing
-from service.logs import access_log, request_id_var
+from service.logs import access_log, new_request_id, request_id_var
 from service.metrics import Metrics
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -78,7 +77,7 @@ class ObserveMiddleware:
         headers = dict(scope["headers"])
         rid = headers.get(b"x-request-id", b"").decode("latin-1")
         if not rid or not _SAFE_ID.fullmatch(rid):
-            rid = os.urandom(16).hex()  # as random as uuid4().hex, a quarter of its cost
+            rid = new_request_id()
         token = request_id_var.set(rid)
         extra = [(b"x-served-by", self.served_by), (b"x-request-id", rid.encode())]
         status = 500
