@@ -28,21 +28,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import Server, children, proc_cpu_s
+from bench.harness import Server, children, proc_cpu_s, run_wrk, wrk_errors
 from mha_client._wire import f32_to_bf16
 from service.settings import default_workers
 
-LUA = Path(__file__).resolve().parent / "wrk" / "post_body.lua"
 SHAPE = (1, 128, 512)
 
 
-def b64_body() -> tuple[bytes, str, str]:
+def b64_body() -> tuple[bytes, str, dict[str, str]]:
     x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
     body = {"x": {"dtype": "float32", "shape": list(SHAPE), "b64": base64.b64encode(x.tobytes()).decode()}}
-    return json.dumps(body).encode(), "application/json", ""
+    return json.dumps(body).encode(), "application/json", {}
 
 
-def v2_binary_body() -> tuple[bytes, str, str]:
+def v2_binary_body() -> tuple[bytes, str, dict[str, str]]:
     x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
     raw = f32_to_bf16(x).tobytes()
     header = json.dumps(
@@ -53,35 +52,23 @@ def v2_binary_body() -> tuple[bytes, str, str]:
             "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
         }
     ).encode()
-    return header + raw, "application/octet-stream", f"Inference-Header-Content-Length: {len(header)}"
+    return header + raw, "application/octet-stream", {"Inference-Header-Content-Length": str(len(header))}
 
 
-def wrk(url: str, body: tuple[bytes, str, str], connections: int, seconds: float, threads: int) -> dict:
+def wrk(url: str, body: tuple[bytes, str, dict[str, str]], connections: int, seconds: float, threads: int) -> dict:
+    """harness.run_wrk, unpinned (server and wrk share the cores), on a temporary body file."""
     data, ctype, headers = body
     with tempfile.NamedTemporaryFile(suffix=".body", delete=False) as f:
         f.write(data)
-    env = {**os.environ, "BODY_FILE": f.name, "CONTENT_TYPE": ctype, "WRK_HEADERS": headers}
-    cmd = [
-        "wrk",
-        f"-t{threads}",
-        f"-c{connections}",
-        f"-d{max(1, round(seconds))}s",
-        "--timeout",
-        "30s",
-        "-s",
-        str(LUA),
-        url,
-    ]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-    os.unlink(f.name)
-    line = next(x for x in out.splitlines() if x.startswith("WRK_JSON "))
-    r = json.loads(line.removeprefix("WRK_JSON "))
-    errors = r["err_connect"] + r["err_read"] + r["err_write"] + r["err_status"] + r["err_timeout"]
+    try:
+        r = run_wrk(url, Path(f.name), ctype, headers, connections, max(1, round(seconds)), threads=threads, core=None)
+    finally:
+        os.unlink(f.name)
     return {
         "rps": r["requests"] / (r["duration_us"] / 1e6),
         "p50": r["p50_us"] / 1e3,
         "p99": r["p99_us"] / 1e3,
-        "err": errors,
+        "err": wrk_errors(r),
     }
 
 
@@ -159,7 +146,8 @@ def main() -> None:
     print(f"| | forward pass alone | {ceiling:,.0f} | {ceiling / base:.2f}x | 1.00x | | | | | |")
     for w, engine, r in rows:
         mode = "single process" if engine == "inprocess" else f"{w} front end(s) + model process"
-        tag = " (default)" if w == default_workers(device) and engine == "inprocess" else ""
+        default = w == default_workers(device) and (engine == "inprocess") == (w == 1)  # 1: one process
+        tag = " (default)" if default else ""
         print(
             f"| {w}{tag} | {mode} | {r['rps']:,.0f} | {r['rps'] / base:.2f}x | {r['rps'] / ceiling:.2f}x "
             f"| {r['cpu_ms']:.2f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['p99'] / r['p50']:.2f} | {r['err']} |"
