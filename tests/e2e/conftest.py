@@ -14,7 +14,14 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from mha_core import MHAConfig, MultiHeadAttention
+
 TINY_ENV = {"MHA_NUM_HEADS": "4", "MHA_EMB_SIZE": "32", "MHA_HEAD_SIZE": "8", "MHA_MAX_SEQ_LEN": "64"}
+
+
+def builtin_model() -> MultiHeadAttention:
+    """What ``start_server``'s server builds with no checkpoint (TINY_ENV, seed 0): the reference answers."""
+    return MultiHeadAttention.from_seed(MHAConfig(4, 32, 8, 64), seed=0).eval()
 
 
 def free_port() -> int:

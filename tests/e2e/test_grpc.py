@@ -18,11 +18,11 @@ import tritonclient.grpc.aio as tga
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from mha_core import MHAConfig, MultiHeadAttention
+from mha_core import MultiHeadAttention
 from service.frontend.triton_proto import grpc_service_pb2 as pb
 from service.frontend.triton_proto import grpc_service_pb2_grpc as pb_grpc
 
-from .conftest import Server, start_server
+from .conftest import Server, builtin_model, start_server
 
 rng = np.random.default_rng()
 NP = {"FP32": np.float32, "FP16": np.float16, "BF16": ml_dtypes.bfloat16}
@@ -46,8 +46,7 @@ def client(server) -> Iterator[tg.InferenceServerClient]:
 
 @pytest.fixture(scope="module")
 def mha() -> MultiHeadAttention:
-    """What the server builds with no checkpoint (seed 0)."""
-    return MultiHeadAttention.from_seed(MHAConfig(4, 32, 8, 64), seed=0).eval()
+    return builtin_model()
 
 
 def stats(server: Server) -> dict:

@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from mha_core import MHAConfig, MultiHeadAttention
-
-from .conftest import start_server
+from .conftest import builtin_model, start_server
 
 WORKERS = {"MHA_WORKERS": "2", "MHA_FAULT_INJECTION": "true"}
 X = [[[0.25] * 32] * 4]  # one sequence of 4 tokens
@@ -70,7 +68,7 @@ def procs(tmp_path):
 def test_front_ends_import_no_torch_and_answer_the_module(procs):
     engine, fronts = pids(procs)
     assert len(fronts) == 2, procs.log()
-    mha = MultiHeadAttention.from_seed(MHAConfig(4, 32, 8, 64), seed=0).eval()
+    mha = builtin_model()
     xs = [np.random.default_rng(i).standard_normal((1, 3 + i, 32)).astype(np.float32) for i in range(16)]
 
     async def go():
@@ -94,7 +92,7 @@ def test_v2_and_grpc_go_through_the_model_process(procs):
     import tritonclient.grpc as grpcclient
 
     x = np.random.default_rng(0).standard_normal((1, 5, 32)).astype(np.float32)
-    mha = MultiHeadAttention.from_seed(MHAConfig(4, 32, 8, 64), seed=0).eval()
+    mha = builtin_model()
     want = mha(torch.from_numpy(x)).output.numpy()
     body = {"inputs": [{"name": "x", "shape": [1, 5, 32], "datatype": "FP32", "data": x.ravel().tolist()}]}
     r = httpx.post(procs.url + "/v2/models/mha/infer", json=body, timeout=30)

@@ -15,14 +15,9 @@ import torch
 
 from mha_core import MHAConfig, MultiHeadAttention, save_checkpoint
 
-from .conftest import start_server
+from .conftest import builtin_model, start_server
 
 rng = np.random.default_rng()
-
-
-def builtin_model() -> MultiHeadAttention:
-    """What the server builds with no checkpoint (seed 0): two replicas agree."""
-    return MultiHeadAttention.from_seed(MHAConfig(4, 32, 8, 64), seed=0).eval()
 
 
 def test_concurrent_requests_over_http_match_the_module(server):

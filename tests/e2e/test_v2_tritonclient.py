@@ -11,9 +11,9 @@ import torch
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from mha_core import MHAConfig, MultiHeadAttention
+from mha_core import MultiHeadAttention
 
-from .conftest import Server, start_server
+from .conftest import Server, builtin_model, start_server
 
 rng = np.random.default_rng()
 
@@ -36,8 +36,7 @@ def client(server) -> Iterator[triton.InferenceServerClient]:
 
 @pytest.fixture(scope="module")
 def mha() -> MultiHeadAttention:
-    """What the server builds with no checkpoint (seed 0)."""
-    return MultiHeadAttention.from_seed(MHAConfig(4, 32, 8, 64), seed=0).eval()
+    return builtin_model()
 
 
 NP = {"FP32": np.float32, "FP16": np.float16, "BF16": ml_dtypes.bfloat16}
