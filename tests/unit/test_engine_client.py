@@ -1,0 +1,128 @@
+"""service.engine.client.EngineClient against a scripted model process (a zmq ROUTER in the test):
+the wait's safety-net deadline, and the caller watched only once an answer is not quick."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import orjson
+import pytest
+import zmq
+import zmq.asyncio
+
+from service.engine import client as client_mod
+from service.engine.client import EngineClient
+from service.messages import (
+    WATCH_AFTER_S,
+    AttendInput,
+    AttendOutput,
+    ClientGone,
+    DeadlineExceeded,
+    Outcome,
+    control,
+    decode_requests,
+    encode_outcomes,
+)
+
+
+class FakeEngine:
+    """Answers hello with info, records requests and cancels, answers a request only when told to."""
+
+    def __init__(self, address: str) -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(address)
+        self.requests: dict[int, tuple[bytes, AttendInput]] = {}
+        self.cancelled: list[int] = []
+        self.task = asyncio.create_task(self.run())
+
+    async def run(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart(copy=False)
+            peer, header = frames[0].bytes, orjson.loads(frames[1].bytes)
+            if header["t"] == "hello":
+                await self.sock.send_multipart([peer, *control("info", ready=True, queue=[0, 0])])
+            elif header["t"] == "ping":
+                await self.sock.send_multipart([peer, *control("hb", ready=True, queue=[0, 0])])
+            elif header["t"] == "req":
+                for rid, inp, *_ in decode_requests(header, frames[2:]):
+                    self.requests[rid] = (peer, inp)
+            elif header["t"] == "cancel":
+                self.cancelled += header["ids"]
+
+    async def answer(self, rid: int) -> None:
+        peer, inp = self.requests[rid]
+        out = Outcome(rid, AttendOutput(np.asarray(inp.x) * 2, None), 0.001, 0.002, 1, 1)
+        await self.sock.send_multipart([peer, *encode_outcomes([out])])
+
+    async def close(self) -> None:
+        self.task.cancel()
+        self.sock.close(linger=0)
+        self.ctx.destroy(linger=0)
+
+
+async def until(cond, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+async def pair(tmp_path):
+    engine = FakeEngine(f"ipc://{tmp_path}/engine.sock")
+    client = EngineClient(f"ipc://{tmp_path}/engine.sock")
+    await client.start(timeout_s=5)
+    yield engine, client
+    await client.stop()
+    await engine.close()
+
+
+def x(value: float) -> AttendInput:
+    return AttendInput(np.full((1, 2, 4), value, np.float32))
+
+
+async def test_a_quick_answer_never_calls_the_watch_and_a_slow_one_calls_it_after_watch_after_s(pair):
+    engine, client = pair
+    calls: list[float] = []
+
+    def watch():
+        calls.append(time.monotonic())
+        return asyncio.get_running_loop().create_future()  # the caller stays
+
+    quick = asyncio.create_task(client.infer(x(1.0), deadline=time.monotonic() + 30, abandoned=watch))
+    await until(lambda: 0 in engine.requests)
+    await engine.answer(0)
+    res = await quick
+    np.testing.assert_array_equal(res.output.output, np.full((1, 2, 4), 2.0, np.float32))
+    assert calls == []  # answered before WATCH_AFTER_S: no watcher
+
+    gone = asyncio.get_running_loop().create_future()
+
+    def watch_gone():
+        calls.append(time.monotonic())
+        return gone
+
+    t0 = time.monotonic()
+    slow = asyncio.create_task(client.infer(x(3.0), deadline=time.monotonic() + 30, abandoned=watch_gone))
+    await until(lambda: 1 in engine.requests)
+    await until(lambda: calls, timeout_s=2)
+    assert calls[0] - t0 >= WATCH_AFTER_S * 0.9  # watched from WATCH_AFTER_S on, within a sweep
+    gone.set_result(None)  # the caller leaves: ClientGone, and the model process is told to drop it
+    with pytest.raises(ClientGone):
+        await slow
+    await until(lambda: engine.cancelled == [1])
+
+
+async def test_a_model_process_that_never_answers_ends_the_wait_after_the_deadline_and_slack(pair, monkeypatch):
+    engine, client = pair
+    monkeypatch.setattr(client_mod, "ANSWER_SLACK_S", 0.1)
+    t0 = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match="did not answer"):
+        await client.infer(x(1.0), deadline=t0 + 0.2)
+    waited = time.monotonic() - t0
+    assert 0.3 <= waited <= 0.3 + client_mod.SWEEP_S + 0.2, waited
+    await until(lambda: engine.cancelled == [0])  # and it is told to drop it
