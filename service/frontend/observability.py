@@ -17,7 +17,7 @@ import time
 import orjson
 
 from service import tracing
-from service.logs import access_log, new_request_id, request_id_var
+from service.logs import access, new_request_id, request_id_var
 from service.metrics import Metrics
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -112,18 +112,7 @@ class ObserveMiddleware:
             route = path if path in self.ROUTES else ("/v2" if path.startswith("/v2") else "other")
             tally.done(route, status, elapsed)
             if self.access_log:
-                access_log.info(
-                    "%s %s %d",
-                    scope["method"],
-                    path,
-                    status,
-                    extra={
-                        "method": scope["method"],
-                        "path": path,
-                        "status": status,
-                        "duration_ms": round(elapsed * 1000, 3),
-                    },
-                )
+                access(scope["method"], path, status, elapsed, rid)
             if span is not None:
                 span.end(scope, status, rid)
             request_id_var.reset(token)

@@ -1,12 +1,17 @@
-"""service.logs: the buffered standard-error handler and the formatter's timestamp."""
+"""service.logs: the buffered standard-error handler, the formatter's timestamp, and access lines written
+straight to the handler."""
 
 from __future__ import annotations
 
+import calendar
 import json
 import logging
 import time
 
-from service.logs import ACCESS_LOGGER, BufferedStderr, JsonFormatter
+import pytest
+
+from service import logs
+from service.logs import ACCESS_LOGGER, BufferedStderr, JsonFormatter, request_id_var
 
 
 def record(name: str, msg: str, level: int = logging.INFO) -> logging.LogRecord:
@@ -41,3 +46,88 @@ def test_the_timestamp_is_the_records_own_to_the_millisecond():
         rec.created, rec.msecs = created, (created - int(created)) * 1000
         want = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(rec.msecs):03d}Z"
         assert json.loads(fmt.format(rec))["ts"] == want
+
+
+@pytest.fixture
+def json_logging(capfd):
+    """``configure()`` for one test: the root logger as it was afterwards."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logs._direct
+    yield
+    for handler in root.handlers:
+        if isinstance(handler, BufferedStderr):
+            handler.close()
+    root.handlers[:], logs._direct = saved[0], saved[2]
+    root.setLevel(saved[1])
+
+
+def configure() -> BufferedStderr:
+    """configure_logging("info", "json") inside the test (on the fd 2 that capfd captures then), its handler
+    alone on the root logger (pytest adds its own capture handler after the fixtures run)."""
+    logs.configure_logging("info", "json")
+    root = logging.getLogger()
+    handler = next(h for h in root.handlers if isinstance(h, BufferedStderr))
+    root.handlers[:] = [handler]
+    return handler
+
+
+def written(handler, capfd) -> list[dict]:
+    handler.flush()
+    return [json.loads(line) for line in capfd.readouterr().err.splitlines()]
+
+
+def test_an_access_line_written_directly_is_the_line_logging_writes(json_logging, capfd):
+    handler = configure()
+    token = request_id_var.set("rid-1")
+    try:
+        logs.access("POST", "/attend", 200, 0.0012345, "rid-1")  # the direct path
+        handler.addFilter(lambda r: True)  # a filter: the record goes through logging
+        logs.access("POST", "/attend", 200, 0.0012345, "rid-1")
+    finally:
+        request_id_var.reset(token)
+    direct, logged = written(handler, capfd)
+    want = {
+        "level": "info",
+        "logger": ACCESS_LOGGER,
+        "msg": "POST /attend 200",
+        "request_id": "rid-1",
+        "method": "POST",
+        "path": "/attend",
+        "status": 200,
+        "duration_ms": 1.234,
+    }
+    assert list(direct) == ["ts", *want] and list(logged) == ["ts", *want]  # the same fields, in one order
+    assert {k: v for k, v in direct.items() if k != "ts"} == want == {k: v for k, v in logged.items() if k != "ts"}
+    for line in (direct, logged):
+        assert abs(time.time() - calendar.timegm(time.strptime(line["ts"][:19], "%Y-%m-%dT%H:%M:%S"))) < 5
+
+
+def test_access_lines_go_through_logging_when_another_handler_listens(json_logging, capfd, caplog):
+    handler = configure()
+    logging.getLogger().addHandler(caplog.handler)  # another handler: a test's, or a user's set-up
+    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
+        logs.access("POST", "/v2/models/mha/infer", 429, 0.5, "rid-2")
+    (rec,) = [r for r in caplog.records if r.name == ACCESS_LOGGER]
+    assert (rec.getMessage(), rec.status, rec.path, rec.duration_ms) == (
+        "POST /v2/models/mha/infer 429",
+        429,
+        "/v2/models/mha/infer",
+        500.0,
+    )
+    assert [line["status"] for line in written(handler, capfd)] == [429]  # and the service's handler too
+
+
+def test_no_access_line_below_the_loggers_level(json_logging, capfd):
+    handler = configure()
+    access_logger = logging.getLogger(ACCESS_LOGGER)
+    access_logger.setLevel(logging.WARNING)
+    try:
+        logs.access("POST", "/attend", 200, 0.001, "rid-3")
+    finally:
+        access_logger.setLevel(logging.NOTSET)
+    logs.access("POST", "/attend", 201, 0.001, "rid-4")
+    assert [line["status"] for line in written(handler, capfd)] == [201]
+
+
+def test_what_orjson_cannot_write_is_written_by_the_standard_encoder():
+    assert json.loads(logs.dumps_line({"big": 2**70, "obj": object})) == {"big": 2**70, "obj": str(object)}
