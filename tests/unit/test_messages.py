@@ -1,4 +1,5 @@
-"""service.messages: requests and outcomes cross the process boundary as header + zero-copy frames."""
+"""service.messages: requests and outcomes cross the process boundary as a header, one frame for the small
+arrays, and a zero-copy frame for each large one."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import numpy as np
 import orjson
 
+from service import messages
 from service.messages import (
     AttendInput,
     AttendOutput,
@@ -35,12 +37,15 @@ def test_requests_round_trip_several_per_message_without_pickling():
         heads=(0, 2),
         fault="raise",
     )
-    frames = encode_requests([(7, a, 123.5, "rid-a", 0), (8, b, 124.0, None, 2)])
-    assert len(frames) == 1 + 2 + 2  # header, then x+lengths, x+mask: one frame per array
-    assert frames[1].base is a.x or frames[1] is a.x  # the array itself (no copy) goes to zmq
+    big = AttendInput(rng.standard_normal((1, 128, 512)).astype(np.float32))  # 256 KiB: a frame of its own
+    frames = encode_requests([(7, a, 123.5, "rid-a", 0), (8, b, 124.0, None, 2), (9, big, 125.0, "rid-c", 0)])
+    assert len(frames) == 1 + 1 + 1  # header, the small arrays packed in one frame, the large one
+    assert len(frames[1]) == 320 + 16 + 64 + 16  # a.x, a.lengths, b.x (float16), b.mask: each at a 16-byte offset
+    assert frames[2] is big.x  # the array itself (no copy) goes to zmq
     header, bufs = _split(frames)
-    (ia, ra, da, qa, pa), (ib, rb, db, qb, pb) = decode_requests(header, bufs)
-    assert (ia, da, qa, pa, ib, db, qb, pb) == (7, 123.5, "rid-a", 0, 8, 124.0, None, 2)
+    (ia, ra, da, qa, pa), (ib, rb, db, qb, pb), (ic, rc, *_) = decode_requests(header, bufs)
+    assert (ia, da, qa, pa, ib, db, qb, pb, ic) == (7, 123.5, "rid-a", 0, 8, 124.0, None, 2, 9)
+    np.testing.assert_array_equal(rc.x, big.x)
     np.testing.assert_array_equal(ra.x, a.x)
     np.testing.assert_array_equal(ra.lengths, [5, 3])
     assert ra.mask is None and ra.key == a.key
@@ -58,6 +63,7 @@ def test_outcomes_round_trip_results_and_typed_errors():
             Outcome(3, AttendOutput(out.output, None)),
         ]
     )
+    assert len(frames) == 2  # the header, and every array in one frame
     header, bufs = _split(frames)
     one, two, three = decode_outcomes(header, bufs)
     np.testing.assert_array_equal(one.output.output, out.output)
@@ -65,6 +71,25 @@ def test_outcomes_round_trip_results_and_typed_errors():
     assert (one.queue_s, one.compute_s, one.batch_requests, one.batch_sequences) == (0.01, 0.02, 3, 4)
     assert (two.error, two.message, two.retry_after_s, two.output) == ("overloaded", "queue is full", 2.0, None)
     assert three.output.weights is None and three.error is None
+
+
+def test_packed_arrays_keep_their_values_dtypes_and_alignment():
+    arrays = [
+        np.arange(5, dtype=np.float32).reshape(1, 5),  # 20 bytes: the next one starts at 32
+        np.zeros((0, 3), np.float32),
+        np.array([3, 1, 2], np.int64),
+        np.array([[True, False, True]]),
+        np.arange(7, dtype=np.float16),
+        np.ones((1, 128, 128), np.float32),  # 64 KiB: PACK_BELOW, a frame of its own
+    ]
+    pack = messages._Packer()
+    metas = [pack.add(a) for a in arrays]
+    frames = pack.frames()
+    assert [m[2:] for m in metas] == [[0, 0], [0, 32], [0, 32], [0, 64], [0, 80], [1, 0]]
+    for a, meta in zip(arrays, metas, strict=True):
+        b = messages._array([bytes(frames[0]), frames[1]], meta)
+        assert b.dtype == a.dtype and b.shape == a.shape
+        np.testing.assert_array_equal(b, a)
 
 
 def test_default_workers_rule():
