@@ -6,7 +6,6 @@ The one module that imports both sides (service/frontend/ and service/engine/). 
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -21,7 +20,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mha_core import MHAConfig
-from service import __version__, tracing
+from service import __version__, heap, tracing
 from service.engine.batcher import BatchLimits
 from service.errors import INFERENCE_ERRORS, InternalErrors, ServiceError
 from service.frontend import fastroute, grpc_server, heatmap, v2
@@ -193,8 +192,7 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
                 await state.batcher.stop()
                 state.offload.close()
                 raise
-        gc.collect()
-        gc.freeze()  # start-up objects leave the GC's view: full passes over them made the tails
+        heap.settle()  # start-up objects leave the collector's view; the young generation is collected less often
         state.ready = engine_address is None or state.batcher.running
         info = state.model_info
         log.info("ready: %s on %s (%s)", settings.model_name, info["device"], info["checksum"])

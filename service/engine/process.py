@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import gc
 import logging
 import os
 import signal
@@ -30,6 +29,7 @@ import orjson
 import zmq
 import zmq.asyncio
 
+from service import heap
 from service.messages import (
     AttendInput,
     ClientGone,
@@ -107,8 +107,7 @@ class Engine:
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(self.address)
-        gc.collect()
-        gc.freeze()
+        heap.settle()
         log.info("model process ready: %s on %s (%s)", s.model_name, runner.device, runner.checksum)
 
     def _status(self) -> dict[str, Any]:
