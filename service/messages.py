@@ -121,6 +121,11 @@ ERROR_KINDS = ("overloaded", "too_large", "deadline", "shutting_down", "client_g
 
 
 PACK_BELOW = 1 << 16  # arrays under 64 KiB cross packed together in one frame a message; larger ones in their own
+# Both sockets' ``copy_threshold``: pyzmq sends a frame under it by copying it, and a larger one without a copy,
+# handing the buffer's release to its garbage-collector thread (a Python thread woken per frame, that takes
+# the GIL). Sent and received on one core: a 64 KiB frame cost 24 us copied against 31 us zero-copy, 256 KiB
+# 50 against 53 us, 1 MiB 355 against 125 us. pyzmq's default is 64 KiB: a batch's packed frame is often more.
+COPY_BELOW = 256 << 10
 _PAD = bytes(16)
 
 

@@ -27,6 +27,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from service.logs import request_id_var
 from service.messages import (
+    COPY_BELOW,
     WATCH_AFTER_S,
     AttendInput,
     ClientGone,
@@ -99,6 +100,7 @@ class EngineClient:
     async def start(self, timeout_s: float = 60.0) -> dict[str, Any]:
         """Connect, and return the model process's description (model info, config, device)."""
         sock = self._ctx.socket(zmq.DEALER)
+        sock.copy_threshold = COPY_BELOW
         sock.setsockopt(zmq.LINGER, 0)
         monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
         sock.connect(self.address)

@@ -31,6 +31,7 @@ import zmq.asyncio
 
 from service import heap
 from service.messages import (
+    COPY_BELOW,
     AttendInput,
     ClientGone,
     DeadlineExceeded,
@@ -105,6 +106,7 @@ class Engine:
         self.batcher = batcher_for(runner, s, observer)
         await self.batcher.start()
         self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.copy_threshold = COPY_BELOW
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(self.address)
         heap.settle()
