@@ -159,7 +159,8 @@ class Engine:
         self._cancels[(peer, rid)] = cancel
         try:
             extra = {"priority": priority} if priority else {}  # (a batcher with priority levels takes it)
-            res = await self.batcher.infer(inp, deadline=deadline, abandoned=cancel, **extra)
+            # Watched only if still waiting after WATCH_AFTER_S (the front end cancels a request only after that).
+            res = await self.batcher.infer(inp, deadline=deadline, abandoned=lambda: cancel, **extra)
             outcome = Outcome(rid, res.output, res.queue_s, res.compute_s, res.batch_requests, res.batch_sequences)
         except ClientGone:
             return  # the front end cancelled it: nobody waits for an answer
