@@ -88,6 +88,44 @@ class RequestTooLarge(Exception):
     """The request alone is over a per-batch limit: no batch could ever run it."""
 
 
+class NumericOverflow(Exception):
+    """This request's result holds NaN or Inf: its computation overflowed the model's dtype (a 422, not a fault).
+
+    The runner checks each batch's results once and fails only the requests whose own values are
+    non-finite; every transport answers it as ``numeric_overflow`` with this message.
+    """
+
+
+# largest finite value of each float dtype (bfloat16: float32's exponent, 8 bits of mantissa)
+DTYPE_MAX = {"float32": float(np.finfo(np.float32).max), "float16": 65504.0, "bfloat16": 3.3895313892515355e38}
+
+
+def overflow_of(tensors: dict[str, np.ndarray | None], x: np.ndarray, model_dtype: str) -> NumericOverflow | None:
+    """One request's computed tensors (float32, on the host): the overflow to answer, or None if all are finite.
+
+    Every input is finite and within the model dtype's range (checked at decode), and the weights are
+    finite (checked at start-up), so a non-finite result means that the computation overflowed: the
+    q/k/v and output projections and the attention scores multiply the input's magnitudes, and can
+    leave a half-precision range that the input itself fits in.
+    """
+    for name, arr in tensors.items():
+        if arr is None or not arr.size:
+            continue
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if not bad:
+            continue
+        largest = float(np.max(np.abs(x))) if x.size else 0.0
+        advice = "send smaller values"
+        if model_dtype != "float32":
+            advice += ", or serve a float32 model (MHA_DTYPE=float32)"
+        return NumericOverflow(
+            f"the model's {model_dtype} computation overflowed: {name} has {bad} non-finite value(s) of "
+            f"{arr.size}. The largest |x| in this request is {largest:g}; the projections and attention scores "
+            f"grow with it past {model_dtype}'s range (largest finite {DTYPE_MAX[model_dtype]:g}). {advice}"
+        )
+    return None
+
+
 class BatcherObserver:
     """Hooks for metrics; the default does nothing."""
 
@@ -117,7 +155,7 @@ class Result:
 WATCH_AFTER_S = 0.05
 ADDRESS_ENV = "MHA_ENGINE_ADDRESS"  # the model process's zmq address, as the supervisor hands it to front ends
 
-ERROR_KINDS = ("overloaded", "too_large", "deadline", "shutting_down", "client_gone", "error")
+ERROR_KINDS = ("overloaded", "too_large", "deadline", "shutting_down", "client_gone", "numeric_overflow", "error")
 
 
 PACK_BELOW = 1 << 16  # arrays under 64 KiB cross packed together in one frame a message; larger ones in their own

@@ -30,7 +30,8 @@ Contract:
 - A request that could never fit one batch (more than ``max_batch_tokens`` tokens, or weights
   over ``max_batch_weights_elements``) is refused at submit with :class:`RequestTooLarge`.
 - If a batch's forward raises, its requests are retried one by one, so only the failing
-  request gets the error; the batcher keeps running.
+  request gets the error; the batcher keeps running. A result that is an exception (the runner's
+  ``NumericOverflow``: that request's own values overflowed) fails that request alone, unretried.
 - ``start``/``stop`` are explicit; ``stop`` finishes pending work within a grace period and
   fails whatever is left, never leaving a request hanging; it returns once every task it
   started (dispatch, running batch, timer) is done. The forward runs in a daemon thread, so a
@@ -69,7 +70,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mha_serve.batcher")
 
-RunFn = Callable[[list[AttendInput]], tuple[list[AttendOutput], BatchStats]]
+# One result per input, in order; an exception in a request's place fails that request alone (the runner's
+# NumericOverflow), the others are answered.
+RunFn = Callable[[list[AttendInput]], tuple[list[AttendOutput | BaseException], BatchStats]]
 
 
 @dataclass(frozen=True)

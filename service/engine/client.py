@@ -32,6 +32,7 @@ from service.messages import (
     AttendInput,
     ClientGone,
     DeadlineExceeded,
+    NumericOverflow,
     Outcome,
     Overloaded,
     RequestTooLarge,
@@ -70,6 +71,8 @@ def _error(o: Outcome) -> Exception:
         return ShuttingDown(o.message)
     if kind == "client_gone":
         return ClientGone(o.message)
+    if kind == "numeric_overflow":
+        return NumericOverflow(o.message)
     return EngineError(o.message)
 
 

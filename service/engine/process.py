@@ -35,6 +35,7 @@ from service.messages import (
     AttendInput,
     ClientGone,
     DeadlineExceeded,
+    NumericOverflow,
     Outcome,
     Overloaded,
     RequestTooLarge,
@@ -59,6 +60,8 @@ def _outcome_of(rid: int, exc: BaseException) -> Outcome:
         return Outcome(rid, error="shutting_down", message=str(exc))
     if isinstance(exc, ClientGone):
         return Outcome(rid, error="client_gone", message=str(exc))
+    if isinstance(exc, NumericOverflow):  # the request's own overflow: its message is the answer (422)
+        return Outcome(rid, error="numeric_overflow", message=str(exc))
     return Outcome(rid, error="error", message=f"{type(exc).__name__}: {exc}")
 
 
@@ -165,7 +168,7 @@ class Engine:
         except ClientGone:
             return  # the front end cancelled it: nobody waits for an answer
         except Exception as e:  # typed back to the front end, which maps it to the error table
-            if not isinstance(e, Overloaded | DeadlineExceeded | ShuttingDown | RequestTooLarge):
+            if not isinstance(e, Overloaded | DeadlineExceeded | ShuttingDown | RequestTooLarge | NumericOverflow):
                 log.warning("request failed in the model process: %r", e)
             outcome = _outcome_of(rid, e)
         finally:

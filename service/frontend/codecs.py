@@ -28,11 +28,11 @@ except ImportError:  # pragma: no cover - the stdlib path below stays the refere
 
 from mha_client._wire import bf16_to_f32, f32_to_bf16  # one implementation for client and server
 from service.errors import ServiceError, validation
+from service.messages import DTYPE_MAX  # the model side's overflow message (service/engine/runner.py) uses it too
 
 __all__ = [
     "all_finite",
     "bf16_to_f32",
-    "check_computed",
     "check_finite",
     "decode_b64",
     "decode_lists",
@@ -44,8 +44,6 @@ __all__ = [
 ]
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
-# largest finite value of each float dtype (bfloat16: float32's exponent, 8 bits of mantissa)
-DTYPE_MAX = {"float32": float(np.finfo(np.float32).max), "float16": 65504.0, "bfloat16": 3.3895313892515355e38}
 _NUMPY = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "bool": np.dtype("u1")}
 
 
@@ -273,30 +271,6 @@ def all_finite(arr: np.ndarray) -> bool:
     return bool(np.isfinite(arr).all()) if arr.size else True
 
 
-def check_computed(tensors: dict[str, np.ndarray | None], x: np.ndarray, model_dtype: str) -> None:
-    """The model's results, before any encoding: a non-finite value is an overflow, never a 200.
-
-    Every input is finite and within the model dtype's range (``check_input``), and the weights are
-    finite (checked at start-up), so a non-finite result means that the computation overflowed: the
-    q/k/v and output projections and the attention scores multiply the input's magnitudes, and can
-    leave a half-precision range that the input itself fits in.
-    """
-    for name, arr in tensors.items():
-        if arr is None or all_finite(arr):
-            continue
-        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-        largest = float(np.max(np.abs(x))) if x.size else 0.0
-        advice = "send smaller values"
-        if model_dtype != "float32":
-            advice += ", or serve a float32 model (MHA_DTYPE=float32)"
-        raise ServiceError(
-            "numeric_overflow",
-            f"the model's {model_dtype} computation overflowed: {name} has {bad} non-finite value(s) of "
-            f"{arr.size}. The largest |x| in this request is {largest:g}; the projections and attention scores "
-            f"grow with it past {model_dtype}'s range (largest finite {DTYPE_MAX[model_dtype]:g}). {advice}",
-        )
-
-
 def to_wire(arr: np.ndarray, dtype: str, name: str) -> np.ndarray:
     """float32 results -> a contiguous array of the wire dtype's values (bfloat16: its bits as uint16).
 
@@ -304,7 +278,7 @@ def to_wire(arr: np.ndarray, dtype: str, name: str) -> np.ndarray:
     naming the tensor, never an Inf or a NaN on the wire.
     """
     if dtype == "float32":
-        return np.ascontiguousarray(arr, dtype=_NUMPY["float32"])  # what the model computed: check_computed saw it
+        return np.ascontiguousarray(arr, dtype=_NUMPY["float32"])  # what the model computed: the runner checked it
     if dtype == "bfloat16":
         out = f32_to_bf16(arr).astype("<u2", copy=False)
         bits, inf = out, 0x7F80

@@ -20,6 +20,7 @@ from service.messages import (
     AttendOutput,
     ClientGone,
     DeadlineExceeded,
+    NumericOverflow,
     Outcome,
     control,
     decode_requests,
@@ -57,6 +58,11 @@ class FakeEngine:
         peer, inp = self.requests[rid]
         out = Outcome(rid, AttendOutput(np.asarray(inp.x) * 2, None), 0.001, 0.002, 1, 1)
         await self.sock.send_multipart([peer, *encode_outcomes([out])])
+
+    async def send(self, outcomes: list[Outcome]) -> None:
+        """Several outcomes in one message, as the model process sends a batch's."""
+        peer = self.requests[outcomes[0].id][0]
+        await self.sock.send_multipart([peer, *encode_outcomes(outcomes)])
 
     async def close(self) -> None:
         self.task.cancel()
@@ -126,3 +132,22 @@ async def test_a_model_process_that_never_answers_ends_the_wait_after_the_deadli
     waited = time.monotonic() - t0
     assert 0.3 <= waited <= 0.3 + client_mod.SWEEP_S + 0.2, waited
     await until(lambda: engine.cancelled == [0])  # and it is told to drop it
+
+
+async def test_a_numeric_overflow_crosses_the_boundary_typed_with_its_message_and_the_rest_of_the_batch_answers(pair):
+    """The model process's own mapping (process._outcome_of) -> one message -> the client's typed error."""
+    from service.engine.process import _outcome_of
+
+    engine, client = pair
+    message = "the model's float16 computation overflowed: output has 3 non-finite value(s) of 8. (...)"
+    waits = [asyncio.ensure_future(client.infer(x(v), deadline=time.monotonic() + 5)) for v in (1.0, 2.0)]
+    await until(lambda: len(engine.requests) == 2)
+    (ok_id, ok_inp), (bad_id, _) = sorted((rid, inp) for rid, (_, inp) in engine.requests.items())
+    overflow = _outcome_of(bad_id, NumericOverflow(message))
+    assert (overflow.error, overflow.message) == ("numeric_overflow", message)
+    result = Outcome(ok_id, AttendOutput(np.asarray(ok_inp.x) * 2, None), 0.001, 0.002, 2, 2)
+    await engine.send([result, overflow])
+    ok, bad = await asyncio.gather(*waits, return_exceptions=True)
+    assert type(bad) is NumericOverflow and str(bad) == message
+    np.testing.assert_array_equal(ok.output.output, np.full((1, 2, 4), 2.0, np.float32))
+    assert ok.batch_requests == 2
