@@ -215,6 +215,7 @@ class Batcher:
         self.limits = limits
         self._obs = observer or BatcherObserver()
         self._nlevels = limits.priority_levels
+        self._queue_publish = False  # a _publish_queue is scheduled
         self._default_level = (limits.default_priority_level or limits.priority_levels) - 1
         self._oldest_every = limits.priority_oldest_every
         self._since_oldest = 0  # batches since one took the oldest queued request (priority_levels > 1)
@@ -286,7 +287,7 @@ class Batcher:
             q.clear()
         self._queued = self._queued_tokens = 0
         self._level_tokens = [0] * self._nlevels
-        self._queue_changed()
+        self._queue_changed(now=True)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -308,10 +309,21 @@ class Batcher:
         """(requests, tokens) queued at each priority level, the highest (1) first."""
         return [(len(q), t) for q, t in zip(self._queues, self._level_tokens, strict=True)]
 
-    def _queue_changed(self, level: int | None = None) -> None:
+    def _queue_changed(self, *, now: bool = False) -> None:
+        """The queue's depth changed: the observer hears it once per turn of the event loop (in several
+        processes a gauge's write is a memory-mapped file's, about 1 us; a turn queues a whole message of
+        requests, and takes a batch), or ``now``."""
+        if now:
+            self._publish_queue()
+        elif not self._queue_publish:
+            self._queue_publish = True
+            asyncio.get_running_loop().call_soon(self._publish_queue)
+
+    def _publish_queue(self) -> None:
+        self._queue_publish = False
         self._obs.queue_changed(self._queued, self._queued_tokens)
         if self._nlevels > 1:
-            for i in range(self._nlevels) if level is None else (level,):
+            for i in range(self._nlevels):
                 self._obs.level_queue_changed(i + 1, len(self._queues[i]), self._level_tokens[i])
 
     async def infer(
@@ -413,7 +425,7 @@ class Batcher:
             self._queued -= 1
             self._queued_tokens -= p.tokens
             self._level_tokens[p.level] -= p.tokens
-            self._queue_changed(p.level)
+            self._queue_changed()
         if not self._queued and not self._busy:
             self._idle.set()
 
@@ -452,7 +464,7 @@ class Batcher:
         self._queued += 1
         self._queued_tokens += pending.tokens
         self._level_tokens[level] += pending.tokens
-        self._queue_changed(level)
+        self._queue_changed()
         self._wakeup.set()
         return pending
 
@@ -593,7 +605,7 @@ class Batcher:
             self._level_tokens[level] -= sum(p.tokens for p in chosen if p.level == level)
         self._queued -= len(chosen)
         self._queued_tokens -= real
-        self._queue_changed(None if len(levels) > 1 else anchor.level)
+        self._queue_changed()
         return chosen
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
