@@ -90,14 +90,14 @@ class ObserveMiddleware:
             tally.in_flight += 1
             tally.schedule()
 
-        async def send_wrapper(message):
+        def send_wrapper(message):  # returns send's awaitable: no coroutine of its own (two calls a request)
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), *extra]
             if span is not None and span.recording:
                 span.sent(message)
-            await send(message)
+            return send(message)
 
         try:
             needs_key = self.keys and path not in self.open and scope["method"] != "OPTIONS"  # CORS preflight: no key

@@ -46,6 +46,9 @@ class _Duration:
 class ModelStats(BatcherObserver):
     def __init__(self) -> None:
         self.phases = {p: _Duration() for p in _PHASES}
+        p = self.phases
+        self._success, self._queue, self._input = p["success"], p["queue"], p["compute_input"]
+        self._infer, self._output = p["compute_infer"], p["compute_output"]
         self.inference_count = 0
         self.execution_count = 0
         self.last_inference_ms = 0
@@ -57,12 +60,17 @@ class ModelStats(BatcherObserver):
         """A request answered: ``started``, ``decoded`` and ``answered`` are its monotonic times on arrival,
         once its tensors were checked, and once its result came back; encoding ends now."""
         done = time.monotonic()
-        p = self.phases
-        p["success"].add(done - started)
-        p["queue"].add(res.queue_s)
-        p["compute_input"].add(decoded - started)
-        p["compute_infer"].add(res.compute_s)
-        p["compute_output"].add(done - answered)
+        # _Duration.add, inlined: five calls a request were a twelfth of a small request's own Python
+        for d, seconds in (
+            (self._success, done - started),
+            (self._queue, res.queue_s),
+            (self._input, decoded - started),
+            (self._infer, res.compute_s),
+            (self._output, done - answered),
+        ):
+            d.count += 1
+            if seconds > 0:
+                d.ns += int(seconds * _NS)
         self.inference_count += sequences
         self.last_inference_ms = int(time.time() * 1000)
 
