@@ -536,8 +536,7 @@ class Batcher:
                 if now >= p.deadline:
                     expired = True
                 elif p.watch is not None and p.arrived <= watch_before:
-                    watch, p.watch = p.watch, None
-                    watch()
+                    _start_watch(p)
         if expired:
             self._purge()
         waiting = False
@@ -549,8 +548,7 @@ class Batcher:
                 continue
             waiting = True
             if p.watch is not None and p.arrived <= watch_before:
-                watch, p.watch = p.watch, None
-                watch()
+                _start_watch(p)
         if waiting or self._queued:
             self._sweeping = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep)
         elif not self._busy:
@@ -761,6 +759,14 @@ class Batcher:
             except Exception as e:
                 results.append(e)
         return results, total
+
+
+def _start_watch(p: _Pending) -> None:
+    watch, p.watch = p.watch, None
+    try:
+        watch()
+    except Exception:  # a caller's bug must not stop the sweep (and with it every deadline)
+        log.exception("a request's watch raised")
 
 
 def _resolve(fut: asyncio.Future, value: Result | BaseException) -> None:

@@ -287,3 +287,20 @@ async def test_a_done_that_raises_does_not_stop_the_batcher(make):
     b.submit(inp(value=3.0), deadline=far(), done=ok)
     await ok.wait()
     assert float(ok.calls[0].output.output[0, 0, 0]) == 6.0
+
+
+async def test_a_watch_that_raises_does_not_stop_the_sweep(make):
+    b, runner, obs = await make()
+    first = await _hold(b, runner)
+
+    def broken_watch():
+        raise RuntimeError("caller bug")
+
+    b.submit(inp(value=2.0), deadline=far(), done=Answers(), watch=broken_watch)
+    doomed = Answers(runner)
+    b.submit(inp(value=3.0), deadline=time.monotonic() + WATCH_AFTER_S + 0.05, done=doomed)
+    await doomed.wait()
+    assert doomed.held == [True] and isinstance(doomed.calls[0], DeadlineExceeded)  # the sweep went on
+    assert obs.drops == ["deadline"]
+    runner.gate.set()
+    await first.wait()
