@@ -1,4 +1,8 @@
-"""The dynamic request batcher: queue, grouping, deadlines, futures. Knows no HTTP.
+"""The dynamic request batcher: queue, grouping, deadlines, answers. Knows no HTTP.
+
+Two entry points, one implementation: ``submit`` queues a request and calls its ``done`` callback once
+with the outcome (no task, future or timer per request: the model process's path), and ``cancel``
+drops it; ``infer`` is ``submit`` awaited, for callers in tasks (the single-process routes).
 
 Contract:
 - Every request waits in a bounded queue (requests and tokens); past the bound ``submit``
@@ -25,8 +29,9 @@ Contract:
   from requests that queued behind a running batch may wait until its oldest request has
   waited that long, or the batch is full, to grow.
 - The forward pass runs in one worker thread; the event loop never blocks on torch.
-- A request past its deadline, or whose caller went away or was cancelled, is dropped before
-  compute, and its queue slot (requests and tokens) is released at once, however it ended.
+- A request whose caller went away or was cancelled is dropped before compute, and its queue slot
+  (requests and tokens) is released at once. One past its deadline is too, within SWEEP_S (10 ms):
+  one sweep every SWEEP_S while requests wait checks every deadline, not a timer per request.
 - A request that could never fit one batch (more than ``max_batch_tokens`` tokens, or weights
   over ``max_batch_weights_elements``) is refused at submit with :class:`RequestTooLarge`.
 - If a batch's forward raises, its requests are retried one by one, so only the failing
@@ -34,7 +39,7 @@ Contract:
   ``NumericOverflow``: that request's own values overflowed) fails that request alone, unretried.
 - ``start``/``stop`` are explicit; ``stop`` finishes pending work within a grace period and
   fails whatever is left, never leaving a request hanging; it returns once every task it
-  started (dispatch, running batch, timer) is done. The forward runs in a daemon thread, so a
+  started (dispatch, running batch, timers) is done. The forward runs in a daemon thread, so a
   forward still running when the grace is spent cannot hold the process's exit.
 """
 
@@ -48,7 +53,8 @@ import queue
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from service.messages import (
@@ -73,6 +79,10 @@ log = logging.getLogger("mha_serve.batcher")
 # One result per input, in order; an exception in a request's place fails that request alone (the runner's
 # NumericOverflow), the others are answered.
 RunFn = Callable[[list[AttendInput]], tuple[list[AttendOutput | BaseException], BatchStats]]
+# Called once with a request's Result or its error (see Batcher.submit).
+Done = Callable[[Result | BaseException], Any]
+
+SWEEP_S = 0.01  # while requests wait, how often the sweep checks their deadlines and starts watching their callers
 
 
 @dataclass(frozen=True)
@@ -123,21 +133,48 @@ class BatchLimits:
         )
 
 
-@dataclass(eq=False)
 class _Pending:
-    input: AttendInput
-    future: asyncio.Future
-    arrived: float
-    deadline: float
-    queued_behind_batch: bool
-    weights: int = 0  # attention-weight elements this request computes
-    level: int = 0  # priority level - 1: index of its queue (0 = the highest)
-    tokens: int = field(init=False)
-    abandoned: bool = False
-    started: bool = False
+    """One request: queued, then computing, then answered once through ``done`` (unless cancelled first).
 
-    def __post_init__(self) -> None:
-        self.tokens = self.input.batch * self.input.seq_len
+    A plain class with slots, not a dataclass: one is made per request on the model process's hot path.
+    """
+
+    __slots__ = (
+        "arrived",
+        "deadline",
+        "done",
+        "input",
+        "level",
+        "queued_behind_batch",
+        "settled",
+        "started",
+        "tokens",
+        "watch",
+        "weights",
+    )
+
+    def __init__(
+        self,
+        inp: AttendInput,
+        done: Done,
+        arrived: float,
+        deadline: float,
+        queued_behind_batch: bool,
+        weights: int = 0,  # attention-weight elements this request computes
+        level: int = 0,  # priority level - 1: index of its queue (0 = the highest)
+        watch: Callable[[], Any] | None = None,
+    ) -> None:
+        self.input = inp
+        self.done = done
+        self.arrived = arrived
+        self.deadline = deadline
+        self.queued_behind_batch = queued_behind_batch
+        self.weights = weights
+        self.level = level
+        self.watch = watch  # called once by the sweep if still unanswered WATCH_AFTER_S after arrival
+        self.tokens = inp.batch * inp.seq_len
+        self.settled = False  # answered or cancelled: ``done`` is never called (again)
+        self.started = False
 
 
 class _ForwardThreads:
@@ -232,6 +269,7 @@ class Batcher:
         self._batch_task: asyncio.Task | None = None
         self._batch_tasks: set[asyncio.Task] = set()
         self._timer: asyncio.TimerHandle | None = None
+        self._sweeping: asyncio.TimerHandle | None = None  # the next _sweep, while requests wait
         self._worker: _ForwardThreads | None = None
         self._stopping: asyncio.Future | None = None
         self._drain_tokens_per_s = 0.0
@@ -282,7 +320,7 @@ class Batcher:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout=min(left, 0.05))
         for p in [*(p for q in self._queues for p in q), *self._inflight]:
-            _fail(p, ShuttingDown("the server is shutting down before this request could finish"))
+            self._answer(p, ShuttingDown("the server is shutting down before this request could finish"))
         for q in self._queues:
             q.clear()
         self._queued = self._queued_tokens = 0
@@ -291,6 +329,9 @@ class Batcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._sweeping is not None:
+            self._sweeping.cancel()
+            self._sweeping = None
         tasks = [t for t in (self._task, *self._batch_tasks) if t is not None and not t.done()]
         for t in tasks:
             t.cancel()
@@ -339,97 +380,77 @@ class Batcher:
         ``priority``: 1 (the highest) .. ``priority_levels``; 0 = ``default_priority_level``.
         ``abandoned`` completes when the caller leaves: an awaitable is watched at once; a function
         returning one is called, and its awaitable watched, only if the request is still waiting after
-        WATCH_AFTER_S (a quick answer starts no task: a tenth of a front-bound request's CPU).
+        WATCH_AFTER_S (by the sweep, within SWEEP_S of it: a quick answer starts no task).
 
         However the wait ends (result, deadline, client gone, this task cancelled), a request
         still queued leaves the queue at once: it is never computed, and its requests and tokens
-        stop counting against the queue's bounds.
+        stop counting against the queue's bounds. Built on :meth:`submit`: its errors, deadline
+        rules and drop counts are this method's; a caller gone raises ClientGone, and this task
+        cancelled counts the request as dropped("cancelled").
         """
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        gone: asyncio.Future | None = None
+        p: _Pending | None = None
+
+        def left(_: Any = None) -> None:  # the caller went away before the answer
+            if not answer.done():
+                self.cancel(p, "disconnect")
+                answer.set_exception(ClientGone("the client went away"))
+
+        def watch() -> None:  # still waiting after WATCH_AFTER_S: watch the caller from now on
+            nonlocal gone
+            gone = asyncio.ensure_future(abandoned())
+            gone.add_done_callback(left)
+
+        lazy = callable(abandoned)
         try:
-            pending = self._submit(inp, deadline, priority)
+            p = self.submit(
+                inp, deadline=deadline, priority=priority, done=partial(_resolve, answer), watch=watch if lazy else None
+            )
         except Exception:
             if asyncio.iscoroutine(abandoned):
                 abandoned.close()  # never awaited: close it quietly
             raise
-        lazy = abandoned if callable(abandoned) else None
-        gone = asyncio.ensure_future(abandoned) if abandoned is not None and lazy is None else None
-        # The first of result, client gone and deadline wakes one waiter: what asyncio.wait does, without
-        # its sets, extra coroutine and per-call closures (a tenth of a front-bound request's CPU).
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-
-        def wake(_: Any = None) -> None:
-            if not waiter.done():
-                waiter.set_result(None)
-
-        def late() -> None:  # still waiting after WATCH_AFTER_S: watch the caller from now on
-            nonlocal gone, timer
-            if waiter.done():
-                return
-            gone = asyncio.ensure_future(lazy())
-            gone.add_done_callback(wake)
-            timer = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()), wake)
-
-        pending.future.add_done_callback(wake)
-        if gone is not None:
-            gone.add_done_callback(wake)
-        left = deadline - time.monotonic()
-        if lazy is not None and WATCH_AFTER_S < left:
-            timer = loop.call_at(loop.time() + WATCH_AFTER_S, late)
-        else:
-            timer = loop.call_at(loop.time() + max(0.0, left), wake)
+        if abandoned is not None and not lazy:
+            gone = asyncio.ensure_future(abandoned)
+            gone.add_done_callback(left)
         try:
-            await waiter
-            answered = pending.future.done()
-            left = gone is not None and gone.done()
+            return await answer
         except asyncio.CancelledError:
-            if not pending.future.done():
-                self._obs.dropped("cancelled")
+            if not p.settled:
+                self.cancel(p, "cancelled")
             raise
         finally:
-            timer.cancel()
-            pending.future.remove_done_callback(wake)
-            if gone is not None:
-                gone.remove_done_callback(wake)
-                if not gone.done():
-                    gone.cancel()
-            if not pending.future.done():
-                self._abandon(pending)
-        if answered:
-            try:
-                result = pending.future.result()  # raises the runner's or the batcher's error
-            except DeadlineExceeded:
-                self._obs.dropped("deadline")
-                raise
-            if time.monotonic() > deadline:
-                self._obs.dropped("late")
-                raise DeadlineExceeded("the request's deadline passed while it was computing")
-            return result
-        if left:
-            self._obs.dropped("disconnect")
-            raise ClientGone("the client went away")
-        if pending.started:  # answered at the deadline; the batch's compute goes on without it
-            self._obs.dropped("late")
-            raise DeadlineExceeded("the request's deadline passed while it was computing")
-        self._obs.dropped("deadline")
-        raise DeadlineExceeded("the request's deadline passed while it was queued")
+            if gone is not None and not gone.done():
+                gone.remove_done_callback(left)
+                gone.cancel()
 
-    def _abandon(self, p: _Pending) -> None:
-        """Its caller stopped waiting: release its queue slot now (a started one computes on, unanswered)."""
-        p.abandoned = True
-        p.future.cancel()
-        if p.started:
-            return
-        with contextlib.suppress(ValueError):  # already purged
-            self._queues[p.level].remove(p)
-            self._queued -= 1
-            self._queued_tokens -= p.tokens
-            self._level_tokens[p.level] -= p.tokens
-            self._queue_changed()
-        if not self._queued and not self._busy:
-            self._idle.set()
+    def submit(
+        self,
+        inp: AttendInput,
+        *,
+        deadline: float,
+        done: Done,
+        priority: int = 0,
+        watch: Callable[[], Any] | None = None,
+    ) -> _Pending:
+        """Queue ``inp``; ``done(result_or_error)`` is called exactly once, from the event loop, never from here.
 
-    def _submit(self, inp: AttendInput, deadline: float, priority: int = 0) -> _Pending:
+        The callback path: no task, future or timer per request (the model process's per-request cost).
+        Raises at once, and never calls ``done``: Overloaded (queue full), RequestTooLarge, ShuttingDown,
+        ValueError (priority out of range). Then ``done`` gets one of:
+        - the Result; or the runner's error for this request (its NumericOverflow, or what the forward raised
+          when the batch was retried one by one);
+        - DeadlineExceeded "... while it was queued" (dropped "deadline": never computed, its slot
+          released), or "... while it was computing" (dropped "late": at the deadline, or when a result
+          comes after it; the batch computes on without it);
+        - ShuttingDown from ``stop``.
+        Deadlines and ``watch`` are checked by a sweep every SWEEP_S while any request waits, and at each
+        batch's formation: a deadline is noticed within SWEEP_S (plus the event loop's latency).
+        ``watch`` (optional) is called once if the request is still unanswered WATCH_AFTER_S after submit.
+        Returns the handle for :meth:`cancel`.
+        """
         if not self._accepting:
             raise ShuttingDown("the batcher is not running")
         if not 0 <= priority <= self._nlevels:
@@ -457,16 +478,81 @@ class Batcher:
                 f"{lim.max_queue_requests} requests, {lim.max_queue_tokens} tokens)",
                 self._retry_after(level),
             )
-        now = time.monotonic()
-        fut = asyncio.get_running_loop().create_future()
-        pending = _Pending(inp, fut, now, deadline, self._busy, weights, level=level)
+        pending = _Pending(inp, done, time.monotonic(), deadline, self._busy, weights, level, watch)
         q.append(pending)
         self._queued += 1
-        self._queued_tokens += pending.tokens
-        self._level_tokens[level] += pending.tokens
+        self._queued_tokens += tokens
+        self._level_tokens[level] += tokens
         self._queue_changed()
         self._wakeup.set()
+        if self._sweeping is None:
+            self._sweeping = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep)
         return pending
+
+    def cancel(self, p: _Pending, reason: str = "disconnect") -> None:
+        """Its caller left (counted as dropped ``reason``): ``done`` is never called. A request still queued
+        leaves the queue now, never computed, and releases its slot; one computing finishes unanswered."""
+        if p.settled:
+            return
+        p.settled = True
+        self._obs.dropped(reason)
+        if p.started:
+            return
+        with contextlib.suppress(ValueError):  # already purged
+            self._queues[p.level].remove(p)
+            self._unqueued(p)
+        if not self._queued and not self._busy:
+            self._idle.set()
+
+    def _unqueued(self, p: _Pending) -> None:
+        self._queued -= 1
+        self._queued_tokens -= p.tokens
+        self._level_tokens[p.level] -= p.tokens
+        self._queue_changed()
+
+    def _answer(self, p: _Pending, value: Result | BaseException, drop: str | None = None) -> None:
+        """Settle ``p`` once: count ``drop`` if given, then call its ``done``."""
+        if p.settled:
+            return
+        p.settled = True
+        if drop is not None:
+            self._obs.dropped(drop)
+        try:
+            p.done(value)
+        except Exception:  # a caller's bug must not stop the batcher or the other answers
+            log.exception("a request's done callback raised")
+
+    def _sweep(self) -> None:
+        """Every SWEEP_S while requests wait: a queued request past its deadline leaves the queue (its slot
+        released) with DeadlineExceeded, a computing one is answered "late"; a request still unanswered
+        WATCH_AFTER_S after arrival has its ``watch`` called. What EngineClient._sweep does for the front end:
+        one timer for all the requests, not one each."""
+        self._sweeping = None
+        now = time.monotonic()
+        watch_before = now - WATCH_AFTER_S
+        expired = False
+        for q in self._queues:
+            for p in q:
+                if now >= p.deadline:
+                    expired = True
+                elif p.watch is not None and p.arrived <= watch_before:
+                    _start_watch(p)
+        if expired:
+            self._purge()
+        waiting = False
+        for p in self._inflight:
+            if p.settled:
+                continue
+            if now >= p.deadline:
+                self._answer(p, DeadlineExceeded("the request's deadline passed while it was computing"), "late")
+                continue
+            waiting = True
+            if p.watch is not None and p.arrived <= watch_before:
+                _start_watch(p)
+        if waiting or self._queued:
+            self._sweeping = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep)
+        elif not self._busy:
+            self._idle.set()
 
     def _retry_after(self, level: int = 0) -> float:
         """Seconds to drain the tokens queued at ``level`` and above (what runs before a new request there)."""
@@ -525,10 +611,10 @@ class Batcher:
         for level, queue_ in enumerate(self._queues):
             keep = []
             for p in queue_:
-                if p.abandoned or p.future.done():
+                if p.settled:
                     pass  # its caller stopped waiting and counted why
                 elif now >= p.deadline:
-                    _fail(p, DeadlineExceeded("the request's deadline passed while it was queued"))
+                    self._answer(p, DeadlineExceeded("the request's deadline passed while it was queued"), "deadline")
                 else:
                     keep.append(p)
                     continue
@@ -627,11 +713,16 @@ class Batcher:
                     self._obs.batch_failed(len(batch))
                     log.warning("batch of %d failed (%r); retrying its requests one by one", len(batch), e)
                     results, stats = await self._run_one_by_one(batch)
+            now = time.monotonic()
             for p, wait, res in zip(batch, waits, results, strict=True):
+                if p.settled:
+                    continue  # cancelled, or answered "late" by the sweep
                 if isinstance(res, BaseException):
-                    _fail(p, res)
-                elif not p.future.done():
-                    p.future.set_result(Result(res, wait, stats.compute_s, len(batch), stats.sequences))
+                    self._answer(p, res)
+                elif now > p.deadline:
+                    self._answer(p, DeadlineExceeded("the request's deadline passed while it was computing"), "late")
+                else:
+                    self._answer(p, Result(res, wait, stats.compute_s, len(batch), stats.sequences))
             self._obs.batch_done(len(batch), stats, waits)
             self._obs.batch_finished([p.input for p in batch], started, stats)
             if stats.compute_s > 0:
@@ -640,9 +731,9 @@ class Batcher:
                 self._drain_tokens_per_s = (
                     rate if self._drain_tokens_per_s == 0 else (a * rate + (1 - a) * self._drain_tokens_per_s)
                 )
-        except BaseException as e:  # never leave a batch's futures hanging
+        except BaseException as e:  # never leave a batch's requests unanswered
             for p in batch:
-                _fail(p, e if isinstance(e, Exception) else ShuttingDown("the server is shutting down"))
+                self._answer(p, e if isinstance(e, Exception) else ShuttingDown("the server is shutting down"))
             if not isinstance(e, Exception):
                 raise
         finally:
@@ -670,7 +761,19 @@ class Batcher:
         return results, total
 
 
-def _fail(p: _Pending, exc: BaseException) -> None:
-    if not p.future.done():
-        p.future.set_exception(exc)
-        p.future.exception()  # mark retrieved: a caller that left must not log "never retrieved"
+def _start_watch(p: _Pending) -> None:
+    watch, p.watch = p.watch, None
+    try:
+        watch()
+    except Exception:  # a caller's bug must not stop the sweep (and with it every deadline)
+        log.exception("a request's watch raised")
+
+
+def _resolve(fut: asyncio.Future, value: Result | BaseException) -> None:
+    """``infer``'s ``done``: hand the answer to its waiting task (unless that task was cancelled)."""
+    if fut.done():
+        return
+    if isinstance(value, BaseException):
+        fut.set_exception(value)
+    else:
+        fut.set_result(value)

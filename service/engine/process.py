@@ -1,10 +1,11 @@
 """The model process: one per device. Owns the runner, the batcher and the device; speaks zmq.
 
 It binds a ROUTER socket; each front-end process connects a DEALER. Requests arrive in batches
-(``service.messages``), each goes through the batcher with its absolute deadline and a cancel
-future (a ``cancel`` message sets it, so a request whose client left is dropped before compute),
-and its outcome, a result or a typed error, goes back to its front end; the outcomes ready in the
-same turn of the event loop share one message. Every ``ping`` is answered with a heartbeat that
+(``service.messages``), each goes to the batcher's callback path (``Batcher.submit``: no task, future
+or timer per request) with its absolute deadline; a ``cancel`` message cancels it (its client left: a
+request still queued is dropped before compute, one computing goes unanswered). Its outcome, a result
+or a typed error, goes back to its front end; the outcomes ready in the same turn of the event loop
+share one message. Every ``ping`` is answered with a heartbeat that
 carries readiness and the queue depth.
 
 Its event loop stamps a shared ``beat`` value every BEAT_S, so that the parent can tell a hung
@@ -23,6 +24,7 @@ import logging
 import os
 import signal
 import time
+from functools import partial
 from typing import Any
 
 import orjson
@@ -30,15 +32,16 @@ import zmq
 import zmq.asyncio
 
 from service import heap
+from service.logs import request_id_var
 from service.messages import (
     COPY_BELOW,
-    AttendInput,
     ClientGone,
     DeadlineExceeded,
     NumericOverflow,
     Outcome,
     Overloaded,
     RequestTooLarge,
+    Result,
     ShuttingDown,
     control,
     decode_requests,
@@ -74,10 +77,9 @@ class Engine:
         self.info: dict[str, Any] = {}
         self._ctx = zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
-        self._cancels: dict[tuple[bytes, int], asyncio.Future] = {}
+        self._pending: dict[tuple[bytes, int], Any] = {}  # (front end, id) -> the batcher's handle, until answered
         self._replies: dict[bytes, list[Outcome]] = {}
         self._flush_scheduled = False
-        self._tasks: set[asyncio.Task] = set()
         self._stop = asyncio.Event()
 
     async def load(self) -> None:
@@ -134,46 +136,46 @@ class Engine:
             header = orjson.loads(frames[1].bytes)
             kind = header["t"]
             if kind == "req":
+                submit, pending = self.batcher.submit, self._pending
                 for rid, inp, deadline, request_id, priority in decode_requests(header, frames[2:]):
                     if inp.trace is not None:  # the front end's request span: the forward span's parent
                         remote = self.tracing.remote_span_context(inp.trace) if self.tracing is not None else None
                         inp = dataclasses.replace(inp, trace=remote)
-                    t = asyncio.create_task(self._one(peer, rid, inp, deadline, request_id, priority))
-                    self._tasks.add(t)
-                    t.add_done_callback(self._tasks.discard)
+                    done = partial(self._answer, peer, rid, request_id)
+                    try:
+                        pending[(peer, rid)] = submit(inp, deadline=deadline, priority=priority, done=done)
+                    except Exception as e:  # refused at submit (overloaded, too large, shutting down): answered now
+                        done(e)
             elif kind == "cancel":
+                cancel = self.batcher.cancel
                 for rid in header["ids"]:
-                    fut = self._cancels.get((peer, rid))
-                    if fut is not None and not fut.done():
-                        fut.set_result(None)
+                    handle = self._pending.pop((peer, rid), None)
+                    if handle is not None:  # still unanswered: its client left
+                        cancel(handle, "disconnect")
             elif kind == "ping":
                 sock.send_multipart([peer, *control("hb", **self._status())])
             elif kind == "hello":
                 log.info("front end %s connected", header.get("pid"))
                 sock.send_multipart([peer, *control("info", **self.info, **self._status())])
 
-    async def _one(
-        self, peer: bytes, rid: int, inp: AttendInput, deadline: float, request_id: str | None, priority: int
-    ) -> None:
-        from service.logs import request_id_var
-
-        request_id_var.set(request_id)  # the engine's log lines carry the front end's request id
-        cancel = asyncio.get_running_loop().create_future()
-        self._cancels[(peer, rid)] = cancel
-        try:
-            extra = {"priority": priority} if priority else {}  # (a batcher with priority levels takes it)
-            # Watched only if still waiting after WATCH_AFTER_S (the front end cancels a request only after that).
-            res = await self.batcher.infer(inp, deadline=deadline, abandoned=lambda: cancel, **extra)
+    def _answer(self, peer: bytes, rid: int, request_id: str | None, res: Result | BaseException) -> None:
+        """A request's ``done``: its outcome joins its front end's next message (one per turn of the loop)."""
+        self._pending.pop((peer, rid), None)
+        if isinstance(res, Result):
             outcome = Outcome(rid, res.output, res.queue_s, res.compute_s, res.batch_requests, res.batch_sequences)
-        except ClientGone:
-            return  # the front end cancelled it: nobody waits for an answer
-        except Exception as e:  # typed back to the front end, which maps it to the error table
-            if not isinstance(e, Overloaded | DeadlineExceeded | ShuttingDown | RequestTooLarge | NumericOverflow):
-                log.warning("request failed in the model process: %r", e)
-            outcome = _outcome_of(rid, e)
-        finally:
-            self._cancels.pop((peer, rid), None)
-        self._replies.setdefault(peer, []).append(outcome)
+        else:  # typed back to the front end, which maps it to the error table
+            if not isinstance(res, Overloaded | DeadlineExceeded | ShuttingDown | RequestTooLarge | NumericOverflow):
+                token = request_id_var.set(request_id)  # the log line carries the front end's request id
+                try:
+                    log.warning("request failed in the model process: %r", res)
+                finally:
+                    request_id_var.reset(token)
+            outcome = _outcome_of(rid, res)
+        replies = self._replies.get(peer)
+        if replies is None:
+            self._replies[peer] = [outcome]
+        else:
+            replies.append(outcome)
         if not self._flush_scheduled:  # the outcomes of one batch go back in one message per front end
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -188,9 +190,7 @@ class Engine:
     async def shutdown(self, grace_s: float) -> None:
         """Finish what is queued within ``grace_s`` (its answers still go out), then close."""
         if self.batcher is not None:
-            await self.batcher.stop(grace_s=grace_s)
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=0.5)
+            await self.batcher.stop(grace_s=grace_s)  # answers (ShuttingDown) whatever it could not finish
         self._flush()
         self._stop.set()
 
