@@ -408,9 +408,10 @@ class HeaderPlans:
     Clients (perf_analyzer, tritonclient, pipelines) send the same header bytes request after request;
     only the tensors differ. The key is the header's exact bytes; a plan serves a body of the length it
     was made for, and the model and limits it was made against. Remembered: headers of at most
-    ``max_header_bytes`` whose every input is binary (JSON data varies), once a request with them was
-    decoded and checked without error (so a bad header is refused with its message every time); past
-    ``capacity`` the least recently used goes. One per app, used from the event loop's thread only.
+    ``max_header_bytes`` whose every input is binary (JSON data varies), the second time a request with
+    them is decoded and checked without error (so a bad header is refused with its message every time,
+    and a client that sends a new request id each time pays a set insertion, not a plan per request);
+    past ``capacity`` the least recently used goes. One per app, used from the event loop's thread only.
     """
 
     def __init__(
@@ -420,6 +421,7 @@ class HeaderPlans:
         self.capacity = capacity
         self.max_header_bytes = max_header_bytes
         self._plans: OrderedDict[bytes, Plan] = OrderedDict()
+        self._seen: OrderedDict[bytes, None] = OrderedDict()  # headers that passed once, the latest ``capacity``
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -441,10 +443,16 @@ class HeaderPlans:
         inp, timeout_s = req.check(config=config, limits=limits)
         priority = check_priority(req.priority, limits)
         if key is not None and layout is not None:
-            self._plans[key] = _plan(req, inp, timeout_s, priority, layout, size, config, limits, self.model_name)
-            self._plans.move_to_end(key)
-            if len(self._plans) > self.capacity:
-                self._plans.popitem(last=False)
+            if key in self._seen:  # the second time: worth a plan
+                del self._seen[key]
+                self._plans[key] = _plan(req, inp, timeout_s, priority, layout, size, config, limits, self.model_name)
+                self._plans.move_to_end(key)
+                if len(self._plans) > self.capacity:
+                    self._plans.popitem(last=False)
+            else:
+                self._seen[key] = None
+                if len(self._seen) > self.capacity:
+                    self._seen.popitem(last=False)
         return req, inp, timeout_s, priority
 
 

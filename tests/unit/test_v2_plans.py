@@ -49,6 +49,12 @@ def today(raw: bytes, hl: str | None, limits: Limits = LIMITS):
     return v2.HeaderPlans("mha", capacity=0).decode(raw, hl, CFG, limits)
 
 
+def learn(plans: v2.HeaderPlans, raw: bytes, hl: str, limits: Limits = LIMITS) -> None:
+    """Decode a good request twice: a header is remembered the second time it passes."""
+    for _ in range(2):
+        plans.decode(raw, hl, CFG, limits)
+
+
 def error(fn, *args) -> tuple[str, str]:
     with pytest.raises(ServiceError) as e:
         fn(*args)
@@ -130,7 +136,9 @@ def test_a_repeated_header_decodes_each_body_as_today(case):
     first = make_inputs(spec)
     raw, hl = body(first, head)
     assert_same(plans.decode(raw, hl, CFG, LIMITS), today(raw, hl))
-    assert len(plans) == 1
+    assert len(plans) == 0  # seen once
+    assert_same(plans.decode(raw, hl, CFG, LIMITS), today(raw, hl))
+    assert len(plans) == 1  # twice: remembered
     for _ in range(3):  # the same header bytes, other tensor values
         inputs = make_inputs(spec)
         raw2, hl2 = body(inputs, head)
@@ -161,7 +169,7 @@ def test_a_repeated_header_decodes_each_body_as_today(case):
 def test_hits_share_no_state():
     spec, head, _ = CASES["bf16, lengths [B, 1], shared mask, both outputs binary, every parameter"]
     plans = v2.HeaderPlans("mha", capacity=8)
-    plans.decode(*body(make_inputs(spec), head), CFG, LIMITS)
+    learn(plans, *body(make_inputs(spec), head))
     a, b = make_inputs(spec), make_inputs(spec)
     _, one, _, _ = plans.decode(*body(a, head), CFG, LIMITS)
     _, two, _, _ = plans.decode(*body(b, head), CFG, LIMITS)
@@ -191,7 +199,7 @@ def faulty(kind: str) -> tuple[bytes, str]:
 )
 def test_value_faults_on_a_known_header_name_the_same_first_fault(kind):
     plans = v2.HeaderPlans("mha", capacity=8)
-    plans.decode(*faulty("good"), CFG, LIMITS)
+    learn(plans, *faulty("good"))
     raw, hl = faulty(kind)
     want = error(today, raw, hl)
     assert want[0] == "validation_error"
@@ -204,7 +212,7 @@ def test_half_precision_range_is_checked_on_a_hit():
     limits = Limits(3, 10_000, 1000, 5000, dtype="float16")
     plans = v2.HeaderPlans("mha", capacity=8)
     x = rng.standard_normal((1, 4, 8)).astype(np.float32)
-    plans.decode(*body([("x", "FP32", x)]), CFG, limits)
+    learn(plans, *body([("x", "FP32", x)]), limits)
     x[0, 3, 5] = 1e5
     raw, hl = body([("x", "FP32", x)])
     assert error(plans.decode, raw, hl, CFG, limits) == error(today, raw, hl, limits)
@@ -225,14 +233,14 @@ def test_a_bad_header_is_never_remembered():
     assert error(plans.decode, raw, hl, CFG, LIMITS) == error(today, raw, hl)
     assert len(plans) == 0
     x[0, 0, 0] = 1.0
-    plans.decode(*body([("x", "FP32", x)]), CFG, LIMITS)
+    learn(plans, *body([("x", "FP32", x)]))
     assert len(plans) == 1
 
 
 def test_the_same_header_with_another_body_length_is_refused_as_today():
     plans = v2.HeaderPlans("mha", capacity=8)
     raw, hl = body([("x", "FP32", rng.standard_normal((1, 4, 8)).astype(np.float32))])
-    plans.decode(raw, hl, CFG, LIMITS)
+    learn(plans, raw, hl)
     for bad in (raw[:-4], raw + b"\0\0\0\0"):
         want = error(today, bad, hl)
         assert "add up to 128 bytes" in want[1]
@@ -270,9 +278,9 @@ def test_headers_of_the_same_length_are_not_confused(a, b):
         raws.append(with_outputs(raw, hl, binary) if binary else (raw, hl))
     (ra, ha), (rb, hb) = raws
     assert len(ra) == len(rb) and ha == hb and ra[: int(ha)] != rb[: int(hb)]
-    plans.decode(ra, ha, CFG, LIMITS)
+    learn(plans, ra, ha)
     assert type(plans.decode(ra, ha, CFG, LIMITS)[0]) is v2.Plan  # remembered
-    for raw, hl in ((rb, hb), (rb, hb), (ra, ha)):
+    for raw, hl in ((rb, hb), (rb, hb), (rb, hb), (ra, ha)):
         got, want = plans.decode(raw, hl, CFG, LIMITS), today(raw, hl)
         assert_same(got, want)
         tensors = outputs_for(got[1], 4)
@@ -282,7 +290,8 @@ def test_headers_of_the_same_length_are_not_confused(a, b):
 def test_a_plan_serves_only_the_model_and_limits_it_was_made_against():
     plans = v2.HeaderPlans("mha", capacity=8)
     raw, hl = body([("x", "FP32", rng.standard_normal((2, 4, 8)).astype(np.float32))])
-    plans.decode(raw, hl, CFG, LIMITS)
+    learn(plans, raw, hl)
+    assert len(plans) == 1
     one_sequence = Limits(1, 10_000, 1000, 5000)
     want = error(today, raw, hl, one_sequence)
     assert "more than the per-request limit max_request_batch 1" in want[1]
@@ -301,14 +310,27 @@ def test_the_plans_stay_bounded_and_the_least_recently_used_goes():
     def hit(i: int) -> bool:
         return type(send(i)) is v2.Plan
 
-    assert [hit(i) for i in (0, 1, 2, 3)] == [False] * 4
+    for i in range(4):
+        assert [hit(i), hit(i)] == [False, False]  # seen, then remembered
     assert hit(0)  # r0 is now the most recently used: r1 the least
-    assert not hit(4)  # r1 goes
+    assert [hit(4), hit(4)] == [False, False]  # r4 remembered, r1 goes
     assert hit(0) and hit(2) and not hit(1)
     for i in range(5, 13):  # more distinct headers than the capacity
-        assert send(i).id == f"r{i}"
+        assert send(i).id == f"r{i}" and send(i).id == f"r{i}"
         assert len(plans) == 4
     assert [hit(i) for i in (9, 10, 11, 12)] == [True] * 4
+
+
+def test_headers_seen_once_make_no_plans():
+    """A client that sends a new request id each time: no plan per request, and the record stays bounded."""
+    plans = v2.HeaderPlans("mha", capacity=4)
+    x = rng.standard_normal((1, 4, 8)).astype(np.float32)
+    for i in range(20):
+        raw, hl = body([("x", "FP32", x)], {"id": f"unique-{i}"})
+        assert type(plans.decode(raw, hl, CFG, LIMITS)[0]) is not v2.Plan
+    assert len(plans) == 0 and len(plans._seen) == 4
+    assert type(plans.decode(raw, hl, CFG, LIMITS)[0]) is not v2.Plan  # the latest, seen twice: remembered
+    assert len(plans) == 1 and type(plans.decode(raw, hl, CFG, LIMITS)[0]) is v2.Plan
 
 
 def test_what_is_not_remembered():
