@@ -170,10 +170,7 @@ def check_input(
     if lengths is not None:
         if len(lengths) != B:
             raise validation(f"lengths has {len(lengths)} entries, but x has B = {B} sequences")
-        for b, n in enumerate(lengths):
-            if not 1 <= n <= T:
-                raise validation(f"lengths[{b}] = {n} is out of range 1..{T}")
-        lengths = np.asarray(lengths, dtype=np.int64)
+        lengths = lengths_in_range(lengths, T)
 
     if mask is not None and list(mask.shape) not in ([T, T], [B, T, T]):
         raise validation(f"attn_mask must have shape [{T}, {T}] or [{B}, {T}, {T}], got {list(mask.shape)}")
@@ -199,6 +196,14 @@ def check_input(
     timeout = min(timeout_ms or limits.default_timeout_ms, limits.max_timeout_ms)
     causal = config.causal if causal is None else causal
     return AttendInput(x, lengths, mask, causal, need_weights, heads), timeout / 1000
+
+
+def lengths_in_range(lengths: Sequence[int] | np.ndarray, T: int) -> np.ndarray:
+    """The values of ``lengths`` (its length already checked) in 1..T, as int64."""
+    for b, n in enumerate(lengths):
+        if not 1 <= n <= T:
+            raise validation(f"lengths[{b}] = {n} is out of range 1..{T}")
+    return np.asarray(lengths, dtype=np.int64)
 
 
 def encode_attend(output: np.ndarray, weights: np.ndarray | None, req: DecodedRequest, model: dict) -> bytes:

@@ -251,13 +251,18 @@ def plan_request(
         raise validation(f"input 'lengths' must have shape [B] or [B, 1], got {list(lengths.shape)}")
     mask = tensors.get("attn_mask")
     if mask is not None:
-        if mask.size and mask.max() > 1:
-            raise validation("attn_mask bool bytes must be 0 or 1")
-        mask = mask.astype(np.bool_)
+        mask = bool_mask(mask)
     check = functools.partial(
         check_input, x, lengths, mask, causal=causal, need_weights=want_weights, heads=heads, timeout_ms=timeout_ms
     )
     return InferPlan(check, x_type, outputs, rid, priority)
+
+
+def bool_mask(mask: np.ndarray) -> np.ndarray:
+    """A BOOL input's bytes (0 or 1, else a 422) -> a bool array of its own."""
+    if mask.size and mask.max() > 1:
+        raise validation("attn_mask bool bytes must be 0 or 1")
+    return mask.astype(np.bool_)
 
 
 def parse_outputs(value: Any, binary_default: bool) -> list[tuple[str, bool]]:

@@ -46,7 +46,9 @@ import logging
 import math
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -60,9 +62,10 @@ from starlette.routing import Match
 
 from service.errors import INFERENCE_ERRORS, ServiceError, status_descriptions, validation
 from service.frontend import codecs, oip
-from service.frontend.decode import check_priority, parse_json
+from service.frontend.decode import Limits, check_priority, lengths_in_range, parse_json
 from service.frontend.httputil import Answer, header, internal_error, read_limited, require_ready
 from service.frontend.httputil import infer as run_inference
+from service.messages import AttendInput
 from service.tracing import stage
 
 log = logging.getLogger("mha_serve.v2")
@@ -121,6 +124,7 @@ def build_router(state: Any) -> APIRouter:
     """
     settings = state.settings
     router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"], route_class=_V2Route)
+    plans = HeaderPlans(settings.model_name, PLAN_CACHE_SIZE)  # recent binary requests' headers, checked
 
     def check_model(name: str, version: str | None = None) -> None:
         oip.check_model(name, version, settings.model_name)
@@ -177,9 +181,9 @@ def build_router(state: Any) -> APIRouter:
             require_ready(state)
             body = await _read_body(request, settings.max_body_bytes)
             with stage(state.tracing, "decode"):
-                req = _decode(body, header(request, HEADER_LENGTH_RAW))
-                inp, timeout_s = req.check(config=state.runner.config, limits=state.limits)
-                priority = check_priority(req.priority, state.limits)
+                req, inp, timeout_s, priority = plans.decode(
+                    body, header(request, HEADER_LENGTH_RAW), state.runner.config, state.limits
+                )
             decoded = time.monotonic()
             res = await run_inference(
                 state, inp, started=started, timeout_s=timeout_s, request=request, priority=priority
@@ -324,9 +328,188 @@ def _header_length(raw: str | None, size: int) -> int:
     return n
 
 
-def _decode(body: bytes, header_length: str | None) -> oip.InferPlan:
-    """bytes -> arrays (checked against the model later, by ``check_input``) + answer plan."""
-    hl = _header_length(header_length, len(body))
+# -- the plans of repeated headers --------------------------------------------------------------
+
+PLAN_CACHE_SIZE = 64  # distinct headers remembered per app: a client repeats one, perf_analyzer a few
+PLAN_MAX_HEADER_BYTES = 2048  # longer headers are parsed and checked every time
+
+
+@dataclass(frozen=True, slots=True)
+class _Place:
+    """Where one binary input lies in the body, and the shape the model takes it in."""
+
+    dtype: np.dtype  # of its wire bytes (BF16: uint16)
+    offset: int
+    shape: tuple[int, ...]
+    count: int
+
+    def view(self, body: bytes | bytearray) -> np.ndarray:
+        return np.frombuffer(body, self.dtype, self.count, self.offset).reshape(self.shape)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What one JSON header decides for a body of ``size`` bytes, against one model and its limits.
+
+    Made from a request that passed every check, so every check that reads no tensor value passes
+    again for the same header bytes and body length; what is left is in ``input``. Immutable: the
+    requests that share it share nothing else. ``datatype``, ``outputs`` and ``id`` answer as an
+    oip.InferPlan's do.
+    """
+
+    config: Any  # MHAConfig, compared by identity (one per app's lifespan)
+    limits: Limits
+    size: int
+    x: _Place
+    lengths: _Place | None
+    mask: _Place | None
+    datatype: str
+    outputs: tuple[tuple[str, bool], ...]
+    id: str | None
+    causal: bool
+    need_weights: bool
+    heads: tuple[int, ...] | None
+    timeout_s: float
+    priority: int
+    model_name: str
+    # every output binary: the response's JSON header for outputs of these shapes (what the model returns
+    # for this input; checked per response, and any other shape is written as _encode always writes it)
+    answer: bytes | None
+    answer_for: tuple[tuple[str, tuple[int, ...]], ...]  # (output name, shape) in the order asked for
+
+    def input(self, body: bytes | bytearray) -> AttendInput:
+        """This body's tensors (zero-copy views, as oip.from_bytes makes) and the checks that read values,
+        in the order oip.plan_request and decode.check_input run them (the mask's bytes, x finite and in
+        range, the lengths' values), so that a request with several faults is told the same first one."""
+        x = self.x.view(body)
+        if self.datatype == "BF16":
+            x = codecs.bf16_to_f32(x)
+        mask = None if self.mask is None else oip.bool_mask(self.mask.view(body))
+        codecs.check_finite(x, "x", self.limits.dtype)
+        if x.dtype != np.float32:
+            x = x.astype(np.float32)
+        lengths = None if self.lengths is None else lengths_in_range(self.lengths.view(body), x.shape[1])
+        return AttendInput(x, lengths, mask, self.causal, self.need_weights, self.heads)
+
+    def encode(self, tensors: dict[str, np.ndarray | None]) -> tuple[bytes, int] | None:
+        """The response with the JSON header written once, when every output has its expected shape; else None."""
+        blobs = []
+        for name, shape in self.answer_for:
+            arr = tensors[name]
+            if arr is None or arr.shape != shape:
+                return None
+            blobs.append(memoryview(oip.to_wire(arr, self.datatype, name)))  # the same overflow check, in order
+        return b"".join([self.answer, *blobs]), len(self.answer)
+
+
+class HeaderPlans:
+    """v2 requests whose JSON header was seen before skip its parse and every check that reads no tensor value.
+
+    Clients (perf_analyzer, tritonclient, pipelines) send the same header bytes request after request;
+    only the tensors differ. The key is the header's exact bytes; a plan serves a body of the length it
+    was made for, and the model and limits it was made against. Remembered: headers of at most
+    ``max_header_bytes`` whose every input is binary (JSON data varies), the second time a request with
+    them is decoded and checked without error (so a bad header is refused with its message every time,
+    and a client that sends a new request id each time pays a set insertion, not a plan per request);
+    past ``capacity`` the least recently used goes. One per app, used from the event loop's thread only.
+    """
+
+    def __init__(
+        self, model_name: str, capacity: int = PLAN_CACHE_SIZE, max_header_bytes: int = PLAN_MAX_HEADER_BYTES
+    ) -> None:
+        self.model_name = model_name
+        self.capacity = capacity
+        self.max_header_bytes = max_header_bytes
+        self._plans: OrderedDict[bytes, Plan] = OrderedDict()
+        self._seen: OrderedDict[bytes, None] = OrderedDict()  # headers that passed once, the latest ``capacity``
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def decode(
+        self, body: bytes | bytearray, header_length: str | None, config: Any, limits: Limits
+    ) -> tuple[oip.InferPlan | Plan, AttendInput, float, int]:
+        """One request's (answer plan, checked input, timeout in s, priority), as _decode and its checks give."""
+        size = len(body)
+        hl = _header_length(header_length, size)
+        key = None
+        if hl <= self.max_header_bytes and self.capacity > 0:
+            key = bytes(body[:hl])
+            plan = self._plans.get(key)
+            if plan is not None and plan.size == size and plan.config is config and plan.limits is limits:
+                self._plans.move_to_end(key)
+                return plan, plan.input(body), plan.timeout_s, plan.priority
+        req, layout = _decode(body, hl)
+        inp, timeout_s = req.check(config=config, limits=limits)
+        priority = check_priority(req.priority, limits)
+        if key is not None and layout is not None:
+            if key in self._seen:  # the second time: worth a plan
+                del self._seen[key]
+                self._plans[key] = _plan(req, inp, timeout_s, priority, layout, size, config, limits, self.model_name)
+                self._plans.move_to_end(key)
+                if len(self._plans) > self.capacity:
+                    self._plans.popitem(last=False)
+            else:
+                self._seen[key] = None
+                if len(self._seen) > self.capacity:
+                    self._seen.popitem(last=False)
+        return req, inp, timeout_s, priority
+
+
+def _plan(
+    req: oip.InferPlan,
+    inp: AttendInput,
+    timeout_s: float,
+    priority: int,
+    layout: dict[str, tuple[np.dtype, int]],
+    size: int,
+    config: Any,
+    limits: Limits,
+    model_name: str,
+) -> Plan:
+    """The Plan of a request that passed: the places from its layout, the rest from what its checks made."""
+
+    def place(name: str, arr: np.ndarray | None) -> _Place | None:
+        if arr is None:
+            return None
+        dtype, offset = layout[name]
+        return _Place(dtype, offset, arr.shape, arr.size)
+
+    x = place("x", inp.x)
+    assert x is not None
+    outputs = tuple(req.outputs)
+    B, T, _ = inp.x.shape
+    expected = {"output": inp.x.shape, "weights": (B, len(inp.heads) if inp.heads else config.num_heads, T, T)}
+    answer_for = tuple((name, expected[name]) for name, _ in outputs)
+    answer = None
+    if all(binary for _, binary in outputs):
+        itemsize = oip.FLOAT[req.datatype].itemsize  # what oip.to_wire writes
+        entries = [_binary_output(n, req.datatype, shape, math.prod(shape) * itemsize) for n, shape in answer_for]
+        answer = _response_header(model_name, req.id, entries)
+    return Plan(
+        config=config,
+        limits=limits,
+        size=size,
+        x=x,
+        lengths=place("lengths", inp.lengths),
+        mask=place("attn_mask", inp.mask),
+        datatype=req.datatype,
+        outputs=outputs,
+        id=req.id,
+        causal=inp.causal,
+        need_weights=inp.need_weights,
+        heads=inp.heads,
+        timeout_s=timeout_s,
+        priority=priority,
+        model_name=model_name,
+        answer=answer,
+        answer_for=answer_for,
+    )
+
+
+def _decode(body: bytes, hl: int) -> tuple[oip.InferPlan, dict[str, tuple[np.dtype, int]] | None]:
+    """bytes -> arrays (checked against the model later, by ``check_input``) + answer plan, and the
+    place of each input in the body (name -> (numpy dtype, offset)) when every input is binary."""
     view = memoryview(body)
     head = parse_json(view[:hl])
     if not isinstance(head, dict):
@@ -335,14 +518,17 @@ def _decode(body: bytes, header_length: str | None) -> oip.InferPlan:
     if rid is not None and not isinstance(rid, str):
         raise validation(f"id must be a string, got {type(rid).__name__}")
     params = oip.as_dict(head.get("parameters"), "parameters")
-    tensors, x_type = _inputs(head.get("inputs"), view, hl)
+    tensors, x_type, layout = _inputs(head.get("inputs"), view, hl)
     binary_default = oip.parse_bool(params.get("binary_data_output"), "binary_data_output", False)
     outputs = oip.parse_outputs(head.get("outputs"), binary_default)
-    return oip.plan_request(tensors, x_type, params, outputs, rid)
+    return oip.plan_request(tensors, x_type, params, outputs, rid), layout
 
 
-def _inputs(value: Any, body: memoryview, hl: int) -> tuple[dict[str, np.ndarray], str]:
-    """The input tensors, decoded and shaped (floats in their wire dtype, BF16 as uint16 bits)."""
+def _inputs(
+    value: Any, body: memoryview, hl: int
+) -> tuple[dict[str, np.ndarray], str, dict[str, tuple[np.dtype, int]] | None]:
+    """The input tensors, decoded and shaped (floats in their wire dtype, BF16 as uint16 bits), x's
+    datatype, and where each input lies in the body when every one is binary (else None)."""
     if not isinstance(value, list) or not value:
         raise validation("inputs must be a non-empty list of tensors")
     specs = []
@@ -377,16 +563,20 @@ def _inputs(value: Any, body: memoryview, hl: int) -> tuple[dict[str, np.ndarray
         raise validation("input 'x' is required")
 
     tensors: dict[str, np.ndarray] = {}
+    layout: dict[str, tuple[np.dtype, int]] | None = {}
     x_type = "FP32"
     for name, dtype_name, shape, start, data in specs:
         if start is not None:
             arr = oip.from_bytes(name, dtype_name, shape, body, start, data, f"binary_data_size {data}")
+            if layout is not None:
+                layout[name] = (arr.dtype, start)
         else:
             arr = _from_json(data, name, dtype_name, shape, math.prod(shape))
+            layout = None
         if name == "x":
             x_type = dtype_name
         tensors[name] = arr
-    return tensors, x_type
+    return tensors, x_type, layout
 
 
 def _from_json(data: Any, name: str, dtype_name: str, shape: list[int], count: int) -> np.ndarray:
@@ -422,25 +612,37 @@ def _from_json(data: Any, name: str, dtype_name: str, shape: list[int], count: i
 # -- encode_response --------------------------------------------------------------------------
 
 
-def _encode(req: oip.InferPlan, model_name: str, tensors: dict[str, np.ndarray | None]) -> tuple[bytes, int | None]:
+def _encode(
+    req: oip.InferPlan | Plan, model_name: str, tensors: dict[str, np.ndarray | None]
+) -> tuple[bytes, int | None]:
     """(body, JSON header length when any output is binary, else None)."""
+    if type(req) is Plan and req.answer is not None and req.model_name == model_name:
+        answered = req.encode(tensors)
+        if answered is not None:
+            return answered
     outputs, blobs = [], []
     dt = req.datatype
     for name, binary in req.outputs:
         arr = tensors[name]
-        entry: dict[str, Any] = {"name": name, "datatype": dt, "shape": list(arr.shape)}
         if binary:
             wire = oip.to_wire(arr, dt, name)
-            entry["parameters"] = {"binary_data_size": wire.nbytes}
+            outputs.append(_binary_output(name, dt, arr.shape, wire.nbytes))
             blobs.append(wire)
         else:
-            entry["data"] = oip.to_json(arr, dt, name)
-        outputs.append(entry)
-    resp: dict[str, Any] = {"model_name": model_name, "model_version": VERSION}
-    if req.id is not None:
-        resp["id"] = req.id
-    resp["outputs"] = outputs
-    header = orjson.dumps(resp, option=orjson.OPT_SERIALIZE_NUMPY)
+            outputs.append({"name": name, "datatype": dt, "shape": list(arr.shape), "data": oip.to_json(arr, dt, name)})
+    header = _response_header(model_name, req.id, outputs)
     if not blobs:
         return header, None
     return b"".join([header, *(memoryview(b) for b in blobs)]), len(header)
+
+
+def _binary_output(name: str, datatype: str, shape: tuple[int, ...], nbytes: int) -> dict[str, Any]:
+    return {"name": name, "datatype": datatype, "shape": list(shape), "parameters": {"binary_data_size": nbytes}}
+
+
+def _response_header(model_name: str, rid: str | None, outputs: list[dict[str, Any]]) -> bytes:
+    resp: dict[str, Any] = {"model_name": model_name, "model_version": VERSION}
+    if rid is not None:
+        resp["id"] = rid
+    resp["outputs"] = outputs
+    return orjson.dumps(resp, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -398,3 +398,114 @@ async def test_a_failing_forward_is_an_opaque_500_and_the_server_keeps_serving(m
         assert r.json()["error"].startswith("internal error (id ") and "secret" not in r.text
         _, got = parse(await client.post(INFER, content=X_BIN, headers=X_HDR))
         assert got["output"].shape == (1, 3, 32)
+
+
+# -- repeated headers (service.frontend.v2.HeaderPlans) ---------------------------------------------
+
+
+def _header(body: bytes, headers: dict[str, str]) -> bytes:
+    return body[: int(headers["inference-header-content-length"])]
+
+
+async def test_a_repeated_header_answers_each_request_with_its_own_values(app, client):
+    first = None
+    for _ in range(4):  # the same JSON header every time; only the tensors differ
+        x = rng.standard_normal((2, 5, 32)).astype(np.float32)
+        lengths = rng.integers(1, 6, 2).astype(np.int32)
+        body, headers = request(
+            [("x", "FP32", x, True), ("lengths", "INT32", lengths, True)],
+            [("output", True), ("weights", True)],
+            id="same",
+            parameters={"heads": [1, 3], "causal": False},
+        )
+        first = first or _header(body, headers)
+        assert _header(body, headers) == first
+        head, got = parse(await client.post(INFER, content=body, headers=headers))
+        assert head["id"] == "same" and [o["shape"] for o in head["outputs"]] == [[2, 5, 32], [2, 2, 5, 5]]
+        want, want_w = direct(app, x, lengths=lengths.tolist(), need_weights=True, heads=[1, 3], causal=False)
+        np.testing.assert_allclose(got["output"], want, atol=1e-5)
+        np.testing.assert_allclose(got["weights"], want_w, atol=1e-5)
+
+
+async def test_a_bad_request_gets_the_same_message_whether_its_header_is_known_or_not(client):
+    x = rng.standard_normal((1, 4, 32)).astype(np.float32)
+    bad_header = request([("x", "FP32", x, True)], [("output", True)], parameters={"heads": [0]})
+    answers = [await client.post(INFER, content=bad_header[0], headers=bad_header[1]) for _ in range(2)]
+    assert [r.status_code for r in answers] == [422, 422]
+    assert (
+        answers[0].json()
+        == answers[1].json()
+        == {"error": "parameters.heads selects weights: it needs the 'weights' output in outputs"}
+    )
+    # value faults: told the same before the header is known (first) and after (two good requests taught it)
+    nan = x.copy()
+    nan[0, 2, 7] = np.nan
+    mask = np.ones((4, 4), np.uint8)
+    mask[1, 2] = 2
+    for faulty, message in (
+        ([("x", "FP32", nan, True)], "x contains 1 non-finite value(s) (NaN or Inf), the first at [0, 2, 7]"),
+        ([("x", "FP32", nan, True), ("attn_mask", "BOOL", mask, True)], "attn_mask bool bytes must be 0 or 1"),
+    ):
+        body, headers = request(faulty)
+        good = request([(n, d, x if n == "x" else np.ones((4, 4), bool), b) for n, d, _, b in faulty])
+        assert _header(*good) == _header(body, headers)
+        for send in (body, good[0], good[0], body):
+            r = await client.post(INFER, content=send, headers=headers)
+            if send is body:
+                assert r.status_code == 422 and r.json() == {"error": message}
+            else:
+                assert r.status_code == 200
+
+
+def _respaced(body: bytes, headers: dict[str, str], old: bytes, new: bytes) -> tuple[bytes, dict[str, str]]:
+    """The request with ``old`` in its JSON header replaced by ``new``."""
+    header = _header(body, headers)
+    assert header.count(old) == 1
+    respaced = header.replace(old, new)
+    return respaced + body[len(header) :], {**headers, "inference-header-content-length": str(len(respaced))}
+
+
+async def test_headers_that_differ_in_one_place_are_not_confused(app, client):
+    """Same header length, same body length: a plan looked up by the lengths alone would answer wrongly."""
+    a = rng.standard_normal((1, 4, 32)).astype(np.float32)
+    b = rng.standard_normal((2, 2, 32)).astype(np.float32)
+    one = request([("x", "FP32", a, True)], [("output", True)], id="a")
+    two = request([("x", "FP32", b, True)], [("output", True)], id="a")
+    three = _respaced(*request([("x", "FP32", a, True)], [("output", True)], id="b"), b"true}", b"false}")
+    one = _respaced(*one, b"true}", b"true }")  # JSON allows the space: now as long as "false"
+    two = _respaced(*two, b"true}", b"true }")
+    assert len({len(r[0]) for r in (one, two, three)}) == 1
+    assert len({_header(*r) for r in (one, two, three)}) == 3
+    for _ in range(3):  # seen, remembered, answered from the plans
+        for (body, headers), x, rid, binary in ((one, a, "a", True), (two, b, "a", True), (three, a, "b", False)):
+            r = await client.post(INFER, content=body, headers=headers)
+            head, got = parse(r)
+            assert head["id"] == rid and head["outputs"][0]["shape"] == list(x.shape)
+            assert ("inference-header-content-length" in r.headers) is binary
+            np.testing.assert_allclose(got["output"], direct(app, x)[0], atol=1e-5)
+
+
+async def test_the_remembered_headers_stay_bounded(app, monkeypatch):
+    from service.frontend import v2
+
+    made = []
+
+    class Spy(v2.HeaderPlans):
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            super().__init__(*args, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(v2, "PLAN_CACHE_SIZE", 4)
+    monkeypatch.setattr(v2, "HeaderPlans", Spy)
+    small = create_app(settings=Settings(**TINY))
+    transport = httpx.ASGITransport(app=small)
+    async with LifespanManager(small), httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        (plans,) = made
+        for n, i in enumerate(range(10)):  # more distinct headers than the capacity, each sent twice
+            for _ in range(2):
+                x = rng.standard_normal((1, 3, 32)).astype(np.float32)
+                body, headers = request([("x", "FP32", x, True)], [("output", True)], id=f"r{i}")
+                head, got = parse(await client.post(INFER, content=body, headers=headers))
+                assert head["id"] == f"r{i}"
+                np.testing.assert_allclose(got["output"], direct(small, x)[0], atol=1e-5)
+            assert len(plans) == min(n + 1, 4)
