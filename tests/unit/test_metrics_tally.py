@@ -1,0 +1,83 @@
+"""service.metrics: the request tally writes once per turn, and a turn's latencies observed together are
+what ``observe`` of each would have written (the test that catches a prometheus_client change of the
+Histogram internals ``observe_all`` relies on)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+from service.metrics import _LATENCY, Metrics, observe_all
+
+# bounds themselves (observe counts v <= bound in that bucket), between them, zero, beyond the last finite one
+VALUES = [0.0, 0.001, 0.0010001, 0.0025, 0.004, 0.05, 0.05, 0.7, 2.5, 29.9, 30.0, 31.0, 1e9, 0.0003]
+
+
+def exposition(fill) -> list[str]:
+    registry = CollectorRegistry()
+    h = Histogram("lat", "latency", ["route"], buckets=_LATENCY, registry=registry)
+    fill(h.labels("/v2"))
+    return [ln for ln in generate_latest(registry).decode().splitlines() if "_created" not in ln]
+
+
+def test_observe_all_writes_what_observe_of_each_writes():
+    def each(child):
+        for v in VALUES:
+            child.observe(v)
+
+    want = exposition(each)
+    assert 'lat_bucket{le="0.001",route="/v2"} 3.0' in want  # 0.0, 0.001 and 0.0003: the bound is inclusive
+    assert 'lat_bucket{le="+Inf",route="/v2"} 14.0' in want
+    assert exposition(lambda child: observe_all(child, VALUES)) == want
+    assert exposition(lambda child: observe_all(child, VALUES[:1])) == exposition(lambda c: c.observe(VALUES[0]))
+
+
+def test_observe_all_in_multiprocess_mode_matches_observe(tmp_path):
+    """The same in prometheus_client's multiprocess mode (memory-mapped values), read through its collector."""
+    code = textwrap.dedent(
+        f"""
+        import os
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = {str(tmp_path)!r}
+        from prometheus_client import CollectorRegistry, Histogram, generate_latest, multiprocess
+        from service.metrics import _LATENCY, observe_all
+        values = {VALUES!r}
+        a = Histogram("each", "x", ["route"], buckets=_LATENCY, registry=None).labels("/v2")
+        b = Histogram("together", "x", ["route"], buckets=_LATENCY, registry=None).labels("/v2")
+        for v in values:
+            a.observe(v)
+        observe_all(b, values)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        text = generate_latest(registry).decode()
+        lines = lambda name: sorted(ln.replace(name, "X") for ln in text.splitlines() if ln.startswith(name + "_"))
+        assert lines("each") == lines("together") and len(lines("each")) == len(_LATENCY) + 3, text
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_the_tally_writes_a_turns_requests_once_the_turn_ends():
+    async def go():
+        m = Metrics()
+        tally = m.tally
+        tally.in_flight = 2
+        for route, status, s in (("/attend", 200, 0.002), ("/attend", 200, 0.03), ("/v2", 429, 0.0001)):
+            tally.done(route, status, s)
+        before = generate_latest(m.registry).decode()
+        await asyncio.sleep(0)  # the end of the turn
+        return before, generate_latest(m.registry).decode()
+
+    before, after = asyncio.run(go())
+    assert 'mha_requests_total{route="/attend",status="200"}' not in before  # nothing written yet
+    assert 'mha_requests_total{route="/attend",status="200"} 2.0' in after
+    assert 'mha_requests_total{route="/v2",status="429"} 1.0' in after
+    assert 'mha_request_latency_seconds_bucket{le="0.0025",route="/attend"} 1.0' in after
+    assert 'mha_request_latency_seconds_bucket{le="0.05",route="/attend"} 2.0' in after
+    assert 'mha_request_latency_seconds_sum{route="/attend"} 0.032' in after
+    assert "mha_requests_in_flight 2.0" in after
