@@ -6,6 +6,7 @@ from __future__ import annotations
 import calendar
 import json
 import logging
+import os
 import time
 
 import pytest
@@ -131,3 +132,17 @@ def test_no_access_line_below_the_loggers_level(json_logging, capfd):
 
 def test_what_orjson_cannot_write_is_written_by_the_standard_encoder():
     assert json.loads(logs.dumps_line({"big": 2**70, "obj": object})) == {"big": 2**70, "obj": str(object)}
+
+
+def test_request_ids_are_32_hex_digits_unique_and_not_shared_with_a_forked_child():
+    ids = [logs.new_request_id() for _ in range(1000)]  # several refills
+    assert len(set(ids)) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids are its own draw, not what the parent holds ahead
+        os.write(write, "".join(logs.new_request_id() for _ in range(3)).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 200).decode()
+    parent = "".join(logs.new_request_id() for _ in range(3))
+    assert len(child) == 96 and child != parent
