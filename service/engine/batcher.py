@@ -144,8 +144,11 @@ class _Pending:
         "deadline",
         "done",
         "input",
+        "key",
         "level",
         "queued_behind_batch",
+        "seq_len",
+        "seqs",
         "settled",
         "started",
         "tokens",
@@ -172,7 +175,10 @@ class _Pending:
         self.weights = weights
         self.level = level
         self.watch = watch  # called once by the sweep if still unanswered WATCH_AFTER_S after arrival
-        self.tokens = inp.batch * inp.seq_len
+        # read once here, not per look by the batch selection (properties of the input, each a call)
+        self.seqs, self.seq_len = inp.x.shape[:2]
+        self.tokens = self.seqs * self.seq_len
+        self.key = inp.key
         self.settled = False  # answered or cancelled: ``done`` is never called (again)
         self.started = False
 
@@ -457,7 +463,8 @@ class Batcher:
             raise ValueError(f"priority {priority} is out of range 0..{self._nlevels}")
         level = priority - 1 if priority else self._default_level
         lim = self.limits
-        tokens = inp.batch * inp.seq_len
+        B, T = inp.x.shape[:2]
+        tokens = B * T
         if tokens > lim.max_batch_tokens:
             raise RequestTooLarge(
                 f"x has B={inp.batch} x T={inp.seq_len} = {tokens} tokens, more than max_batch_tokens "
@@ -600,8 +607,8 @@ class Batcher:
         oldest = self._anchor()
         if wait <= 0 or not oldest.queued_behind_batch:
             return 0.0
-        same = [p for q in self._queues for p in q if p.input.key == oldest.input.key]
-        if sum(p.input.batch for p in same) >= self._effective_limits()[0]:
+        same = [p for q in self._queues for p in q if p.key == oldest.key]
+        if sum(p.seqs for p in same) >= self._effective_limits()[0]:
             return 0.0
         return max(0.0, oldest.arrived + wait - time.monotonic())
 
@@ -661,34 +668,37 @@ class Batcher:
         max_size, max_tokens = self._effective_limits()
         anchor = self._anchor()
         oldest = None if self._nlevels == 1 else min((q[0] for q in self._queues if q), key=lambda p: p.arrived)
-        key = anchor.input.key
+        key = anchor.key
         chosen = [anchor]
-        seqs, T, real, weights = anchor.input.batch, anchor.input.seq_len, anchor.tokens, anchor.weights
+        seqs, T, real, weights = anchor.seqs, anchor.seq_len, anchor.tokens, anchor.weights
         rest = self._queues[0] if self._nlevels == 1 else [p for q in self._queues for p in q]
         for p in rest:
             if p is anchor:
                 continue
             if seqs >= max_size:
                 break
-            if p.input.key != key or seqs + p.input.batch > max_size:
+            if p.key != key or seqs + p.seqs > max_size:
                 continue
-            T2 = max(T, p.input.seq_len)
-            padded = (seqs + p.input.batch) * T2
+            T2 = T if T >= p.seq_len else p.seq_len
+            padded = (seqs + p.seqs) * T2
             if padded > max_tokens or padded > lim.max_padding_ratio * (real + p.tokens):
                 continue
             if weights + p.weights > lim.max_batch_weights_elements:
                 continue
             chosen.append(p)
-            seqs, T, real, weights = seqs + p.input.batch, T2, real + p.tokens, weights + p.weights
+            seqs, T, real, weights = seqs + p.seqs, T2, real + p.tokens, weights + p.weights
         for p in chosen:
             p.started = True
         if oldest is not None:
             self._since_oldest = 0 if oldest.started else self._since_oldest + 1
-        taken = {id(p) for p in chosen}
-        levels = {p.level for p in chosen}
-        for level in levels:
-            self._queues[level] = [p for p in self._queues[level] if id(p) not in taken]
-            self._level_tokens[level] -= sum(p.tokens for p in chosen if p.level == level)
+        if self._nlevels == 1:
+            q = self._queues[0]
+            self._queues[0] = [] if len(chosen) == len(q) else [p for p in q if not p.started]  # often all of it
+            self._level_tokens[0] -= real
+        else:
+            for level in {p.level for p in chosen}:
+                self._queues[level] = [p for p in self._queues[level] if not p.started]
+                self._level_tokens[level] -= sum(p.tokens for p in chosen if p.level == level)
         self._queued -= len(chosen)
         self._queued_tokens -= real
         self._queue_changed()
@@ -739,8 +749,11 @@ class Batcher:
         finally:
             self._running -= 1
             self._busy = self._running > 0
-            done = {id(p) for p in batch}
-            self._inflight = [p for p in self._inflight if id(p) not in done]
+            if not self._running:  # the only batch in flight: _inflight is this batch
+                self._inflight = []
+            else:
+                done = {id(p) for p in batch}
+                self._inflight = [p for p in self._inflight if id(p) not in done]
             self._wakeup.set()
             if not self._queued and not self._busy:
                 self._idle.set()

@@ -199,7 +199,11 @@ class Runner:
         mask = np.ones((N, T, T), dtype=np.bool_) if first.mask is not None else None
         xn = x.numpy()  # fill through numpy views: no per-item tensor wrappers
         row = 0
-        for it in items:
+        uniform = mask is None and all(it.seq_len == T and it.lengths is None for it in items)
+        if uniform:  # the common batch (one T, no lengths or mask): one copy for all, not three slice writes each
+            np.concatenate([it.x for it in items], out=xn)
+            lengths[:] = T
+        for it in () if uniform else items:
             b, t = it.batch, it.seq_len
             xn[row : row + b, :t] = it.x
             xn[row : row + b, t:] = 0.0
@@ -219,7 +223,7 @@ class Runner:
         else:
             res = self.module(
                 x,
-                lengths=torch.from_numpy(lengths),
+                lengths=None if uniform else torch.from_numpy(lengths),  # no padding: skip the module's lengths checks
                 attn_mask=None if mask is None else torch.from_numpy(mask),
                 causal=first.causal,
             )

@@ -477,6 +477,7 @@ async def test_depth_two_keeps_two_batches_in_flight_and_each_answer_is_its_own(
         assert running[0] == 2
         gate.set()
         results = await asyncio.gather(*tasks)
+        assert b._inflight == [] and b.queue_depth() == (0, 0) and b.queue_depth_by_level() == [(0, 0)]
     finally:
         await b.stop(grace_s=5)
     assert peak[0] == 2

@@ -111,3 +111,14 @@ def test_the_front_end_modules_import_no_torch():
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_non_contiguous_array_crosses_as_its_values():
+    """A view (an output cut to its own T, a transposed input) is packed as a contiguous copy of its values."""
+    base = np.arange(2 * 6 * 4, dtype=np.float32).reshape(2, 6, 4)
+    views = [base[:, :3], base.transpose(0, 2, 1), base[::2]]
+    frames = encode_outcomes([Outcome(i, AttendOutput(v, None)) for i, v in enumerate(views)])
+    header, bufs = _split(frames)
+    for o, v in zip(decode_outcomes(header, bufs), views, strict=True):
+        assert o.output.output.shape == v.shape
+        np.testing.assert_array_equal(o.output.output, v)

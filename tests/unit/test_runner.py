@@ -41,6 +41,11 @@ def expected(ref, it: AttendInput, dtype) -> tuple[np.ndarray, np.ndarray | None
 def batch_of(key: str) -> list[AttendInput]:
     """Requests of one batch key, with mixed B, T, lengths (and masks or heads where the key has them)."""
     items = []
+    if key == "uniform":  # one T, no lengths or mask: packed in one copy, run without lengths; float16 x cast too
+        return [
+            AttendInput(rng.standard_normal((b, 12, CFG.emb_size)).astype(np.float16 if b == 2 else np.float32))
+            for b in (1, 2, 1, 3)
+        ]
     for b, t in ((1, 9), (2, 30), (1, 64), (3, 1)):
         x = rng.standard_normal((b, t, CFG.emb_size)).astype(np.float32)
         lengths = rng.integers(1, t + 1, size=b) if t > 1 and b > 1 else None
@@ -55,7 +60,7 @@ def batch_of(key: str) -> list[AttendInput]:
     return items
 
 
-@pytest.mark.parametrize("key", ["plain", "weights", "mask"])
+@pytest.mark.parametrize("key", ["plain", "weights", "mask", "uniform"])
 def test_batch_equals_reference_each_alone(device_dtype, key, rng_seed):
     runner, ref = make_runner(device_dtype)
     dtype = device_dtype[1]
@@ -63,6 +68,9 @@ def test_batch_equals_reference_each_alone(device_dtype, key, rng_seed):
     for _ in range(2):  # the second pass reuses the staging buffers
         outs, stats = runner.run(items)
         assert stats.sequences == sum(it.batch for it in items)
+        assert stats.real_tokens == sum(
+            it.batch * it.seq_len if it.lengths is None else it.lengths.sum() for it in items
+        )
         for it, out in zip(items, outs, strict=True):
             want, want_w = expected(ref, it, dtype)
             assert out.output.dtype == np.float32 and out.output.shape == want.shape

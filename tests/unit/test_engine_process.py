@@ -1,0 +1,135 @@
+"""The model process's socket loop (service/engine/process.py Engine.serve) with a fake batcher: it reads its
+zmq socket through the FD, which is edge-triggered, so every message must still be read and answered when
+arrivals, heartbeats and answers interleave (a lost edge would leave requests unanswered: a hang)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import orjson
+import zmq
+import zmq.asyncio
+
+from service.engine.process import DRAIN_MAX, Engine
+from service.messages import AttendInput, AttendOutput, Result, control, decode_outcomes, encode_requests
+from service.settings import Settings
+
+
+class AnswerNextTurn:
+    """A batcher that answers each request on the next turn of the loop with x * 2 (or refuses priority 9)."""
+
+    running = True
+
+    def __init__(self) -> None:
+        self.submitted = 0
+
+    def submit(self, inp, *, deadline, done, priority=0):
+        if priority == 9:
+            raise ValueError("priority 9 is out of range 0..1")
+        self.submitted += 1
+        asyncio.get_running_loop().call_soon(done, Result(AttendOutput(inp.x * 2, None), 0.0, 0.0, 1, 1))
+        return object()
+
+    def cancel(self, handle, reason="disconnect"):
+        pass
+
+    def queue_depth(self) -> tuple[int, int]:
+        return (0, 0)
+
+
+async def test_every_request_is_answered_while_arrivals_pings_and_answers_interleave(tmp_path):
+    address = f"ipc://{tmp_path}/engine.sock"
+    engine = Engine(Settings(), address)
+    engine.batcher = AnswerNextTurn()
+    engine._sock = engine._ctx.socket(zmq.ROUTER)
+    engine._sock.bind(address)
+    serving = asyncio.create_task(engine.serve())
+    ctx = zmq.asyncio.Context()
+    dealers = [ctx.socket(zmq.DEALER) for _ in range(3)]  # three front ends
+    try:
+        for d in dealers:
+            d.connect(address)
+        values: dict[tuple[int, int], float] = {}
+        got: dict[tuple[int, int], np.ndarray] = {}
+        beats = [0, 0, 0]
+        refused: list[str] = []
+
+        async def read(i: int, d: zmq.asyncio.Socket) -> None:
+            while True:
+                frames = await d.recv_multipart(copy=False)
+                header = orjson.loads(frames[0].bytes)
+                if header["t"] == "hb":
+                    beats[i] += 1
+                    continue
+                for o in decode_outcomes(header, frames[1:]):
+                    if o.error is not None:
+                        refused.append(o.message)
+                    else:
+                        got[(i, o.id)] = o.output.output.copy()
+
+        readers = [asyncio.create_task(read(i, d)) for i, d in enumerate(dealers)]
+        rid = 0
+        for burst in range(60):  # bursts larger than DRAIN_MAX messages, answers flowing back meanwhile
+            for i, d in enumerate(dealers):
+                for _ in range(DRAIN_MAX // 20 + burst % 3):
+                    items = []
+                    for _ in range(1 + rid % 3):
+                        rid += 1
+                        values[(i, rid)] = float(rid)
+                        items.append((rid, AttendInput(np.full((1, 2, 4), float(rid), np.float32)), 1e12, None, 0))
+                    await d.send_multipart(encode_requests(items))
+                if burst % 7 == 0:
+                    await d.send_multipart(control("ping"))
+            await asyncio.sleep(0 if burst % 2 else 0.001)
+        await dealers[0].send_multipart(
+            encode_requests([(0, AttendInput(np.zeros((1, 2, 4), np.float32)), 1e12, None, 9)])
+        )
+        deadline = time.monotonic() + 10
+        while (len(got) < len(values) or not refused) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert len(got) == len(values), f"{len(values) - len(got)} of {len(values)} requests never answered"
+        for key, v in values.items():
+            np.testing.assert_array_equal(got[key], np.full((1, 2, 4), 2 * v, np.float32))
+        assert refused == ["ValueError: priority 9 is out of range 0..1"]  # answered at once, typed
+        assert beats == [9, 9, 9]  # every ping answered, to its own front end
+        assert engine._pending == {}  # every answered request forgotten
+        for r in readers:
+            r.cancel()
+    finally:
+        engine._stop.set()
+        await asyncio.wait_for(serving, 5)
+        for d in dealers:
+            d.close(linger=0)
+        ctx.destroy(linger=0)
+        engine.close()
+
+
+async def test_a_backlog_longer_than_one_drain_is_read_on_without_a_new_arrival(tmp_path):
+    """Messages that send nothing back (cancels of requests already answered) fill several drains; the ping
+    behind them is still answered, with no further message to raise the FD again."""
+    address = f"ipc://{tmp_path}/engine.sock"
+    engine = Engine(Settings(), address)
+    engine.batcher = AnswerNextTurn()
+    engine._sock = engine._ctx.socket(zmq.ROUTER)
+    engine._sock.bind(address)
+    ctx = zmq.asyncio.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(address)
+    serving = None
+    try:
+        for i in range(3 * DRAIN_MAX):  # queued before the engine reads at all
+            await dealer.send_multipart(control("cancel", ids=[i]))
+        await dealer.send_multipart(control("ping"))
+        await asyncio.sleep(0.05)
+        serving = asyncio.create_task(engine.serve())
+        frames = await asyncio.wait_for(dealer.recv_multipart(), 5)
+        assert orjson.loads(frames[0])["t"] == "hb"
+    finally:
+        engine._stop.set()
+        if serving is not None:
+            await asyncio.wait_for(serving, 5)
+        dealer.close(linger=0)
+        ctx.destroy(linger=0)
+        engine.close()
