@@ -69,6 +69,8 @@ def decode_tensor(value: Any, name: str, ndims: tuple[int, ...], *, boolean: boo
     if isinstance(value, np.ndarray):  # nested lists already decoded off the event loop (service.frontend.offload)
         return value, "lists"
     if isinstance(value, dict):
+        if _plain_b64(value):  # what TensorB64 would accept unchanged: its copy is not needed
+            return codecs.decode_b64(value, name, ndims, boolean=boolean)
         try:
             env = TensorB64.model_validate(value)
         except ValidationError as e:
@@ -88,33 +90,90 @@ def decode_object(obj: Any, config: MHAConfig, limits: Limits) -> DecodedRequest
     """decode_attend after the JSON parse (which may have run elsewhere: heatmap, the decode processes)."""
     if not isinstance(obj, dict):
         raise validation(f"the body must be a JSON object, got {type(obj).__name__}")
-    try:
-        req = AttendRequest.model_validate(obj)
-    except ValidationError as e:
-        raise validation(format_validation_error(e)) from e
-    return to_input(req, config, limits)
+    fields = _plain_request(obj)
+    if fields is None:  # anything unusual, valid or not, goes through pydantic: its values and its messages
+        try:
+            req = AttendRequest.model_validate(obj)
+        except ValidationError as e:
+            raise validation(format_validation_error(e)) from e
+        fields = dict(req)
+    return _to_input(fields, config, limits)
+
+
+_DEFAULTS = {name: f.default for name, f in AttendRequest.model_fields.items() if not f.is_required()}
+_FIELD_TYPES = {  # field -> the exact JSON types that AttendRequest keeps as they are
+    "lengths": (list, type(None)),
+    "causal": (bool, type(None)),
+    "return_weights": (bool,),
+    "heads": (list, type(None)),
+    "timeout_ms": (float, type(None)),
+    "response_encoding": (str, type(None)),
+    "priority": (int, type(None)),
+}
+_ENCODINGS = (None, "lists", "base64")
+_B64_KEYS = frozenset(TensorB64.model_fields)
+
+
+def _plain_request(obj: dict) -> dict | None:
+    """The request's fields without a pydantic pass (~3 us), when the body holds only what AttendRequest would
+    take unchanged: known fields, each of its exact type (ints for the int lists, no booleans for numbers).
+    None for anything else (an int timeout_ms included: pydantic makes it a float), which pydantic then
+    validates as before, with the same values and messages."""
+    if "x" not in obj:
+        return None
+    types = _FIELD_TYPES
+    for key, value in obj.items():
+        if key == "x" or key == "attn_mask":
+            continue  # any JSON: decode_tensor checks them
+        allowed = types.get(key)
+        if allowed is None or type(value) not in allowed:
+            return None
+        if type(value) is list and not all(type(v) is int for v in value):
+            return None
+    if obj.get("response_encoding") not in _ENCODINGS:
+        return None
+    return _DEFAULTS | obj
+
+
+def _plain_b64(value: dict) -> bool:
+    """Whether TensorB64 would take ``value`` unchanged: its three keys, two strings and a list of ints."""
+    if value.keys() != _B64_KEYS:
+        return False
+    shape = value["shape"]
+    return (
+        type(value["dtype"]) is str
+        and type(value["b64"]) is str
+        and type(shape) is list
+        and all(type(d) is int for d in shape)
+    )
 
 
 def to_input(req: AttendRequest, config: MHAConfig, limits: Limits) -> DecodedRequest:
-    if req.timeout_ms is not None and not req.timeout_ms > 0:  # cheap checks before the tensor
-        raise validation(f"timeout_ms must be > 0, got {req.timeout_ms:g}")
-    priority = check_priority(req.priority, limits)
-    x, wire = decode_tensor(req.x, "x", (3,))
+    return _to_input(dict(req), config, limits)
+
+
+def _to_input(req: dict[str, Any], config: MHAConfig, limits: Limits) -> DecodedRequest:
+    """An AttendRequest's fields (every one, defaults included) -> the checked input."""
+    timeout_ms = req["timeout_ms"]
+    if timeout_ms is not None and not timeout_ms > 0:  # cheap checks before the tensor
+        raise validation(f"timeout_ms must be > 0, got {timeout_ms:g}")
+    priority = check_priority(req["priority"], limits)
+    x, wire = decode_tensor(req["x"], "x", (3,))
     mask = None
-    if req.attn_mask is not None:
-        mask, _ = decode_tensor(req.attn_mask, "attn_mask", (2, 3), boolean=True)
+    if req["attn_mask"] is not None:
+        mask, _ = decode_tensor(req["attn_mask"], "attn_mask", (2, 3), boolean=True)
     inp, timeout_s = check_input(
         x,
-        req.lengths,
+        req["lengths"],
         mask,
-        causal=req.causal,
-        need_weights=req.return_weights,
-        heads=req.heads,
-        timeout_ms=req.timeout_ms,
+        causal=req["causal"],
+        need_weights=req["return_weights"],
+        heads=req["heads"],
+        timeout_ms=timeout_ms,
         config=config,
         limits=limits,
     )
-    encoding = req.response_encoding or ("lists" if wire == "lists" else "base64")
+    encoding = req["response_encoding"] or ("lists" if wire == "lists" else "base64")
     dtype = "float32" if wire == "lists" else wire
     return DecodedRequest(inp, encoding, dtype, timeout_s, priority)
 
@@ -207,7 +266,24 @@ def lengths_in_range(lengths: Sequence[int] | np.ndarray, T: int) -> np.ndarray:
 
 
 def encode_attend(output: np.ndarray, weights: np.ndarray | None, req: DecodedRequest, model: dict) -> bytes:
-    return orjson.dumps(attend_body(output, weights, req, model), option=orjson.OPT_SERIALIZE_NUMPY)
+    """The response's bytes: ``orjson.dumps(attend_body(...))``; base64 ones written by hand, the same bytes."""
+    if req.encoding == "lists":
+        return orjson.dumps(attend_body(output, weights, req, model), option=orjson.OPT_SERIALIZE_NUMPY)
+    out = codecs.encode_b64_json(output, req.dtype, "output")
+    w = b"null" if weights is None else codecs.encode_b64_json(weights, req.dtype, "weights")
+    return b'{"output":%s,"weights":%s,"model":%s}' % (out, w, _model_json(model))
+
+
+_model_cache: list = [None, b""]  # (the model description, its JSON): the same object on every request
+
+
+def _model_json(model: dict) -> bytes:
+    """``orjson.dumps(model)``, written once per model description (state.model_info is never changed in place)."""
+    cache = _model_cache
+    if cache[0] is not model:
+        cache[1] = orjson.dumps(model)
+        cache[0] = model
+    return cache[1]
 
 
 def attend_body(output: np.ndarray, weights: np.ndarray | None, req: DecodedRequest, model: dict) -> dict:
