@@ -266,27 +266,24 @@ def lengths_in_range(lengths: Sequence[int] | np.ndarray, T: int) -> np.ndarray:
 
 
 def encode_attend(output: np.ndarray, weights: np.ndarray | None, req: DecodedRequest, model: dict) -> bytes:
-    """The response's bytes: ``orjson.dumps(attend_body(...))``; base64 ones written by hand, the same bytes."""
-    if req.encoding == "lists":
-        return orjson.dumps(attend_body(output, weights, req, model), option=orjson.OPT_SERIALIZE_NUMPY)
-    out = codecs.encode_b64_json(output, req.dtype, "output")
-    w = b"null" if weights is None else codecs.encode_b64_json(weights, req.dtype, "weights")
-    return b'{"output":%s,"weights":%s,"model":%s}' % (out, w, _model_json(model))
+    return orjson.dumps(attend_body(output, weights, req, _model_json(model)), option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-_model_cache: list = [None, b""]  # (the model description, its JSON): the same object on every request
+_model_cache: list = [None, None]  # [the model description, its JSON]: the same object on every request
 
 
-def _model_json(model: dict) -> bytes:
-    """``orjson.dumps(model)``, written once per model description (state.model_info is never changed in place)."""
+def _model_json(model: dict) -> orjson.Fragment:
+    """``model`` as JSON written once per model description (state.model_info, never changed in place)."""
     cache = _model_cache
     if cache[0] is not model:
-        cache[1] = orjson.dumps(model)
+        cache[1] = orjson.Fragment(orjson.dumps(model))
         cache[0] = model
     return cache[1]
 
 
-def attend_body(output: np.ndarray, weights: np.ndarray | None, req: DecodedRequest, model: dict) -> dict:
+def attend_body(
+    output: np.ndarray, weights: np.ndarray | None, req: DecodedRequest, model: dict | orjson.Fragment
+) -> dict:
     """The response object before serialisation (orjson, OPT_SERIALIZE_NUMPY); large ones are written
     by the decode processes (service.frontend.offload)."""
     return {
