@@ -24,7 +24,15 @@ import numpy as np
 from mha_core import MHAConfig
 from service.errors import ServiceError
 from service.frontend import offload_worker
-from service.frontend.decode import DecodedRequest, Limits, attend_body, decode_attend, decode_object, encode_attend
+from service.frontend.decode import (
+    BodyPlans,
+    DecodedRequest,
+    Limits,
+    attend_body,
+    decode_attend,
+    decode_object,
+    encode_attend,
+)
 
 log = logging.getLogger("mha_serve.offload")
 
@@ -35,6 +43,7 @@ _LIST_COMMAS = 1024  # a lists body has a comma every few bytes; a base64 one a 
 class Offload:
     def __init__(self, processes: int, min_bytes: int) -> None:
         self.min_bytes = min_bytes
+        self.plans = BodyPlans()  # repeated base64 bodies: the parse and the checks of fields done once
         self._pool: ProcessPoolExecutor | None = None
         if processes > 0:
             ctx = multiprocessing.get_context("spawn")  # no fork of a process that runs torch threads
@@ -81,7 +90,7 @@ class Offload:
         None when the body goes to the pool (then await ``decode_attend``)."""
         if self._wants(body):
             return None
-        return decode_attend(body, config, limits)
+        return self.plans.decode(body, config, limits)
 
     async def encode_attend(
         self, output: np.ndarray, weights: np.ndarray | None, req: DecodedRequest, model: dict
