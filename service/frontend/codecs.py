@@ -186,7 +186,7 @@ def decode_b64(obj: dict, name: str, ndims: Sequence[int], *, boolean: bool = Fa
     if len(shape) not in ndims:
         want = " or ".join(str(n) for n in ndims)
         raise validation(f"{name}.shape must have {want} dimensions, got {shape}")
-    if min(shape) < 0:  # shape has 2 or 3 entries here
+    if shape and min(shape) < 0:
         raise validation(f"{name}.shape must not be negative, got {shape}")
     npdtype = _NUMPY[dtype]
     count = math.prod(shape)  # Python ints: a shape like [2**32, 2**32, 1] cannot wrap around
