@@ -186,7 +186,7 @@ def decode_b64(obj: dict, name: str, ndims: Sequence[int], *, boolean: bool = Fa
     if len(shape) not in ndims:
         want = " or ".join(str(n) for n in ndims)
         raise validation(f"{name}.shape must have {want} dimensions, got {shape}")
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         raise validation(f"{name}.shape must not be negative, got {shape}")
     npdtype = _NUMPY[dtype]
     count = math.prod(shape)  # Python ints: a shape like [2**32, 2**32, 1] cannot wrap around
@@ -299,8 +299,8 @@ def to_wire(arr: np.ndarray, dtype: str, name: str) -> np.ndarray:
 def encode_b64(arr: np.ndarray, dtype: str, name: str = "output") -> dict[str, Any]:
     """array -> ``{"dtype","shape","b64"}`` in the given wire dtype."""
     raw = np.ascontiguousarray(arr, dtype=np.uint8) if dtype == "bool" else to_wire(arr, dtype, name)
-    if pybase64 is not None:
-        text = pybase64.b64encode_as_string(memoryview(raw).cast("B"))
+    if pybase64 is not None:  # takes the contiguous array's buffer as it is (a cast to bytes costs half as much again)
+        text = pybase64.b64encode_as_string(raw)
     else:
         text = binascii.b2a_base64(memoryview(raw).cast("B"), newline=False).decode("ascii")
     return {"dtype": dtype, "shape": list(arr.shape), "b64": text}

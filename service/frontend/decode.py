@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +71,8 @@ def decode_tensor(value: Any, name: str, ndims: tuple[int, ...], *, boolean: boo
     if isinstance(value, np.ndarray):  # nested lists already decoded off the event loop (service.frontend.offload)
         return value, "lists"
     if isinstance(value, dict):
+        if _plain_b64(value):  # what TensorB64 would accept unchanged: its copy is not needed
+            return codecs.decode_b64(value, name, ndims, boolean=boolean)
         try:
             env = TensorB64.model_validate(value)
         except ValidationError as e:
@@ -88,33 +92,90 @@ def decode_object(obj: Any, config: MHAConfig, limits: Limits) -> DecodedRequest
     """decode_attend after the JSON parse (which may have run elsewhere: heatmap, the decode processes)."""
     if not isinstance(obj, dict):
         raise validation(f"the body must be a JSON object, got {type(obj).__name__}")
-    try:
-        req = AttendRequest.model_validate(obj)
-    except ValidationError as e:
-        raise validation(format_validation_error(e)) from e
-    return to_input(req, config, limits)
+    fields = _plain_request(obj)
+    if fields is None:  # anything unusual, valid or not, goes through pydantic: its values and its messages
+        try:
+            req = AttendRequest.model_validate(obj)
+        except ValidationError as e:
+            raise validation(format_validation_error(e)) from e
+        fields = dict(req)
+    return _to_input(fields, config, limits)
+
+
+_DEFAULTS = {name: f.default for name, f in AttendRequest.model_fields.items() if not f.is_required()}
+_FIELD_TYPES = {  # field -> the exact JSON types that AttendRequest keeps as they are
+    "lengths": (list, type(None)),
+    "causal": (bool, type(None)),
+    "return_weights": (bool,),
+    "heads": (list, type(None)),
+    "timeout_ms": (float, type(None)),
+    "response_encoding": (str, type(None)),
+    "priority": (int, type(None)),
+}
+_ENCODINGS = (None, "lists", "base64")
+_B64_KEYS = frozenset(TensorB64.model_fields)
+
+
+def _plain_request(obj: dict) -> dict | None:
+    """The request's fields without a pydantic pass (~1.5 us), when the body holds only what AttendRequest would
+    take unchanged: known fields, each of its exact type (ints for the int lists, no booleans for numbers).
+    None for anything else (an int timeout_ms included: pydantic makes it a float), which pydantic then
+    validates as before, with the same values and messages."""
+    if "x" not in obj:
+        return None
+    types = _FIELD_TYPES
+    for key, value in obj.items():
+        if key == "x" or key == "attn_mask":
+            continue  # any JSON: decode_tensor checks them
+        allowed = types.get(key)
+        if allowed is None or type(value) not in allowed:
+            return None
+        if type(value) is list and not all(type(v) is int for v in value):
+            return None
+    if obj.get("response_encoding") not in _ENCODINGS:
+        return None
+    return _DEFAULTS | obj
+
+
+def _plain_b64(value: dict) -> bool:
+    """Whether TensorB64 would take ``value`` unchanged: its three keys, two strings and a list of ints."""
+    if value.keys() != _B64_KEYS:
+        return False
+    shape = value["shape"]
+    return (
+        type(value["dtype"]) is str
+        and type(value["b64"]) is str
+        and type(shape) is list
+        and all(type(d) is int for d in shape)
+    )
 
 
 def to_input(req: AttendRequest, config: MHAConfig, limits: Limits) -> DecodedRequest:
-    if req.timeout_ms is not None and not req.timeout_ms > 0:  # cheap checks before the tensor
-        raise validation(f"timeout_ms must be > 0, got {req.timeout_ms:g}")
-    priority = check_priority(req.priority, limits)
-    x, wire = decode_tensor(req.x, "x", (3,))
+    return _to_input(dict(req), config, limits)
+
+
+def _to_input(req: dict[str, Any], config: MHAConfig, limits: Limits) -> DecodedRequest:
+    """An AttendRequest's fields (every one, defaults included) -> the checked input."""
+    timeout_ms = req["timeout_ms"]
+    if timeout_ms is not None and not timeout_ms > 0:  # cheap checks before the tensor
+        raise validation(f"timeout_ms must be > 0, got {timeout_ms:g}")
+    priority = check_priority(req["priority"], limits)
+    x, wire = decode_tensor(req["x"], "x", (3,))
     mask = None
-    if req.attn_mask is not None:
-        mask, _ = decode_tensor(req.attn_mask, "attn_mask", (2, 3), boolean=True)
+    if req["attn_mask"] is not None:
+        mask, _ = decode_tensor(req["attn_mask"], "attn_mask", (2, 3), boolean=True)
     inp, timeout_s = check_input(
         x,
-        req.lengths,
+        req["lengths"],
         mask,
-        causal=req.causal,
-        need_weights=req.return_weights,
-        heads=req.heads,
-        timeout_ms=req.timeout_ms,
+        causal=req["causal"],
+        need_weights=req["return_weights"],
+        heads=req["heads"],
+        timeout_ms=timeout_ms,
         config=config,
         limits=limits,
     )
-    encoding = req.response_encoding or ("lists" if wire == "lists" else "base64")
+    encoding = req["response_encoding"] or ("lists" if wire == "lists" else "base64")
     dtype = "float32" if wire == "lists" else wire
     return DecodedRequest(inp, encoding, dtype, timeout_s, priority)
 
@@ -206,11 +267,162 @@ def lengths_in_range(lengths: Sequence[int] | np.ndarray, T: int) -> np.ndarray:
     return np.asarray(lengths, dtype=np.int64)
 
 
+# -- the plans of repeated bodies ------------------------------------------------------------------
+
+PLAN_CACHE_SIZE = 64  # distinct bodies (all but x's base64 text) remembered per app, as v2's headers
+PLAN_MAX_BYTES = 2048  # bodies with more than this around x's base64 text are decoded in full every time
+_B64_VALUE = re.compile(rb'"b64"[ \t\n\r]*:[ \t\n\r]*"')
+
+
+@dataclass(frozen=True, slots=True)
+class _BodyPlan:
+    """What a base64 /attend body decides apart from x's base64 text, made from one that passed every check."""
+
+    config: Any  # MHAConfig, compared by identity (one per app's lifespan)
+    limits: Limits
+    x: dict[str, Any]  # x's dtype and shape (its b64 is this request's)
+    lengths: np.ndarray | None
+    mask: np.ndarray | None
+    causal: bool
+    need_weights: bool
+    heads: tuple[int, ...] | None
+    encoding: str
+    timeout_s: float
+    priority: int
+
+    def decode(self, text: bytes) -> DecodedRequest:
+        """This text's x with the checks that read it, in the order the full decode runs them."""
+        x, dtype = codecs.decode_b64({**self.x, "b64": text}, "x", (3,))
+        codecs.check_finite(x, "x", self.limits.dtype)
+        if x.dtype != np.float32:
+            x = x.astype(np.float32)
+        lengths = None if self.lengths is None else self.lengths.copy()  # each request its own arrays
+        mask = None if self.mask is None else self.mask.copy()
+        inp = AttendInput(x, lengths, mask, self.causal, self.need_weights, self.heads)
+        return DecodedRequest(inp, self.encoding, dtype, self.timeout_s, self.priority)
+
+
+class BodyPlans:
+    """Base64 /attend bodies that differ from one seen before only in x's base64 text skip the JSON parse
+    and every check that reads no tensor value.
+
+    A client sends the same fields request after request; only the tensor differs. The key is the
+    body's exact bytes before and after x's base64 text. Base64 holds no quote or backslash, so a text
+    that decodes as strict base64 between the same bytes makes the same JSON with only that string
+    changed: the checks that read x's values (its base64, its length, finiteness and range) run as
+    always, and any failure is decoded again in full, so every request gets the same answer and
+    the same error message either way. Remembered, as v2's headers: bodies whose only ``"b64"`` is
+    x's, with no backslash around it and at most ``max_bytes`` around it, the second time one is decoded
+    without error; past ``capacity`` the least recently used goes. One per app, used from the event
+    loop's thread only.
+    """
+
+    def __init__(self, capacity: int = PLAN_CACHE_SIZE, max_bytes: int = PLAN_MAX_BYTES) -> None:
+        self.capacity = capacity
+        self.max_bytes = max_bytes
+        self._plans: OrderedDict[tuple[bytes, bytes], _BodyPlan] = OrderedDict()
+        self._seen: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()  # passed once, the latest ``capacity``
+        self._never: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()  # passed, but cannot have a plan
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def decode(self, body: bytes | bytearray, config: MHAConfig, limits: Limits) -> DecodedRequest:
+        """``decode_attend(body, config, limits)``, from a plan when one fits."""
+        found = self._split(body)
+        if found is None:
+            return decode_attend(body, config, limits)
+        key, start, end = found
+        plan = self._plans.get(key)
+        if plan is not None and plan.config is config and plan.limits is limits:
+            try:
+                dec = plan.decode(body[start:end])
+            except ServiceError:
+                dec = None  # decoded in full below: its message, as the full decode words it
+            if dec is not None:
+                self._plans.move_to_end(key)
+                return dec
+        dec = decode_attend(body, config, limits)
+        if key in self._never:
+            return dec
+        if plan is None and key not in self._seen:
+            self._remember(self._seen, key, None)
+            return dec
+        self._seen.pop(key, None)  # the second time (or a plan of another model): worth a plan
+        plan = _body_plan(body, key, body[start:end], dec, config, limits)
+        if plan is None:  # what decides it lies in the key: not looked at again
+            self._remember(self._never, key, None)
+        else:
+            self._remember(self._plans, key, plan)
+        return dec
+
+    def _remember(self, table: OrderedDict, key: tuple[bytes, bytes], value: Any) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        if len(table) > self.capacity:
+            table.popitem(last=False)
+
+    def _split(self, body: bytes | bytearray) -> tuple[tuple[bytes, bytes], int, int] | None:
+        """((the bytes before the first base64 text, those after it), where the text starts, where it ends)."""
+        if self.capacity < 1 or type(body) is not bytes:
+            return None
+        at = body.find(b'"b64"')  # a plain search, fast over the long lists bodies that have none
+        m = None if at < 0 else _B64_VALUE.match(body, at)
+        if m is None:
+            return None
+        start = m.end()
+        end = body.find(b'"', start)
+        if end < 0 or len(body) - (end - start) > self.max_bytes:
+            return None
+        return (body[:start], body[end:]), start, end
+
+
+def _body_plan(
+    body: bytes, key: tuple[bytes, bytes], text: bytes, dec: DecodedRequest, config: MHAConfig, limits: Limits
+) -> _BodyPlan | None:
+    """The plan of a body that passed, when x's base64 text is the only thing that may change in it."""
+    before, after = key
+    if b"\\" in before or b"\\" in after or body.count(b'"b64"') != 1:  # one literal "b64" key: x's
+        return None
+    obj = orjson.loads(body)
+    x = obj.get("x")
+    if type(x) is not dict or x.get("b64") != text.decode("ascii", "replace") or isinstance(obj.get("attn_mask"), dict):
+        return None
+    inp = dec.input
+    return _BodyPlan(
+        config=config,
+        limits=limits,
+        x={"dtype": x["dtype"], "shape": x["shape"]},
+        lengths=None if inp.lengths is None else inp.lengths.copy(),  # not the arrays of the request in flight
+        mask=None if inp.mask is None else inp.mask.copy(),
+        causal=inp.causal,
+        need_weights=inp.need_weights,
+        heads=inp.heads,
+        encoding=dec.encoding,
+        timeout_s=dec.timeout_s,
+        priority=dec.priority,
+    )
+
+
 def encode_attend(output: np.ndarray, weights: np.ndarray | None, req: DecodedRequest, model: dict) -> bytes:
-    return orjson.dumps(attend_body(output, weights, req, model), option=orjson.OPT_SERIALIZE_NUMPY)
+    return orjson.dumps(attend_body(output, weights, req, _model_json(model)), option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def attend_body(output: np.ndarray, weights: np.ndarray | None, req: DecodedRequest, model: dict) -> dict:
+_model_cache: list = [None, None]  # [the model description, its JSON]: the same object on every request
+
+
+def _model_json(model: dict) -> orjson.Fragment:
+    """``model`` as JSON written once per model description (state.model_info, never changed in place)."""
+    cache = _model_cache
+    if cache[0] is not model:
+        cache[1] = orjson.Fragment(orjson.dumps(model))
+        cache[0] = model
+    return cache[1]
+
+
+def attend_body(
+    output: np.ndarray, weights: np.ndarray | None, req: DecodedRequest, model: dict | orjson.Fragment
+) -> dict:
     """The response object before serialisation (orjson, OPT_SERIALIZE_NUMPY); large ones are written
     by the decode processes (service.frontend.offload)."""
     return {

@@ -43,10 +43,18 @@ def require_ready(state: Any) -> None:
 
 async def read_body(request: Request, limit: int) -> bytes:
     """A JSON body (415 for another content-type), refusing (413) anything over ``limit`` bytes."""
-    ctype = (header(request, b"content-type") or "application/json").split(";")[0].strip().lower()
+    for key, value in request.scope["headers"]:  # header(), without decoding the usual value
+        if key == b"content-type":
+            if value != b"application/json":
+                _check_json(value.decode("latin-1"))
+            break
+    return await read_limited(request, limit)
+
+
+def _check_json(value: str) -> None:
+    ctype = value.split(";")[0].strip().lower()
     if ctype not in ("application/json", ""):
         raise ServiceError("unsupported_media_type", f"content-type must be application/json, got {ctype!r}")
-    return await read_limited(request, limit)
 
 
 async def read_limited(request: Request, limit: int) -> bytes | bytearray:

@@ -20,12 +20,19 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
-import orjson
 
 from mha_core import MHAConfig
 from service.errors import ServiceError
 from service.frontend import offload_worker
-from service.frontend.decode import DecodedRequest, Limits, attend_body, decode_attend, decode_object
+from service.frontend.decode import (
+    BodyPlans,
+    DecodedRequest,
+    Limits,
+    attend_body,
+    decode_attend,
+    decode_object,
+    encode_attend,
+)
 
 log = logging.getLogger("mha_serve.offload")
 
@@ -36,6 +43,7 @@ _LIST_COMMAS = 1024  # a lists body has a comma every few bytes; a base64 one a 
 class Offload:
     def __init__(self, processes: int, min_bytes: int) -> None:
         self.min_bytes = min_bytes
+        self.plans = BodyPlans()  # repeated base64 bodies: the parse and the checks of fields done once
         self._pool: ProcessPoolExecutor | None = None
         if processes > 0:
             ctx = multiprocessing.get_context("spawn")  # no fork of a process that runs torch threads
@@ -77,11 +85,29 @@ class Offload:
         del body
         return decode_object(value, config, limits)
 
+    def decode_now(self, body: bytes, config: MHAConfig, limits: Limits) -> DecodedRequest | None:
+        """``decode_attend`` when it would run on the loop (base64 and small bodies), with no coroutine;
+        None when the body goes to the pool (then await ``decode_attend``)."""
+        if self._wants(body):
+            return None
+        return self.plans.decode(body, config, limits)
+
     async def encode_attend(
         self, output: np.ndarray, weights: np.ndarray | None, req: DecodedRequest, model: dict
     ) -> bytes:
+        payload = self.encode_now(output, weights, req, model)
+        if payload is not None:
+            return payload
         obj = attend_body(output, weights, req, model)
-        elements = output.size + (0 if weights is None else weights.size)
-        if self._pool is None or req.encoding != "lists" or elements * 8 < self.min_bytes:  # ~8+ bytes a number
-            return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
         return await asyncio.wrap_future(self._pool.submit(offload_worker.dumps, obj))
+
+    def encode_now(
+        self, output: np.ndarray, weights: np.ndarray | None, req: DecodedRequest, model: dict
+    ) -> bytes | None:
+        """``encode_attend`` when it would run on the loop (base64 always; lists when small), with no
+        coroutine; None when the response is written in the pool (then await ``encode_attend``)."""
+        if self._pool is not None and req.encoding == "lists":
+            elements = output.size + (0 if weights is None else weights.size)
+            if elements * 8 >= self.min_bytes:  # ~8+ bytes a number
+                return None
+        return encode_attend(output, weights, req, model)

@@ -221,3 +221,21 @@ async def test_not_ready_is_503():
         assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable"
         r = await c.post("/attend", json={"x": [[[0.0] * 32]]})
         assert r.status_code == 503
+
+
+async def test_repeated_base64_bodies_answer_each_its_own_x(app, client):
+    """Bodies that differ only in x's base64 text are decoded from a plan after the second (BodyPlans):
+    each still answers for its own x, and a bad one gets the full decode's error."""
+    fields = {"lengths": [7, 3], "return_weights": True, "heads": [1], "timeout_ms": 5000.0}
+    for _ in range(4):
+        x = rng.standard_normal((2, 7, 32)).astype(np.float32)
+        r = await client.post("/attend", json={"x": b64(x), **fields})
+        assert r.status_code == 200, r.text
+        want, want_w = direct(app, x, lengths=[7, 3], need_weights=True, heads=[1])
+        np.testing.assert_allclose(from_b64(r.json()["output"]), want, atol=1e-6)
+        np.testing.assert_allclose(from_b64(r.json()["weights"]), want_w, atol=1e-6)
+    assert len(app.state.mha.offload.plans) == 1
+    x[1, 2, 3] = np.nan
+    r = await client.post("/attend", json={"x": b64(x), **fields})
+    assert r.status_code == 422
+    assert r.json()["error"]["message"] == "x contains 1 non-finite value(s) (NaN or Inf), the first at [1, 2, 3]"

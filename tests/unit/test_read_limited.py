@@ -8,7 +8,7 @@ import pytest
 from starlette.requests import ClientDisconnect, Request
 
 from service.errors import ServiceError
-from service.frontend.httputil import read_limited
+from service.frontend.httputil import read_body, read_limited
 
 
 def read(chunks: list[bytes], *, content_length: int | None, limit: int = 1 << 20, gone: bool = False):
@@ -61,3 +61,35 @@ def test_a_client_gone_mid_body_is_a_disconnect():
         read([b"x" * 70_000, b"y"], content_length=70_001, gone=True)
     with pytest.raises(ClientDisconnect):
         read([b"a", b"b"], content_length=None, gone=True)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [],
+        [(b"content-type", b"application/json")],
+        [(b"content-type", b"Application/JSON; charset=utf-8")],
+        [(b"content-type", b"")],
+        [(b"content-type", b"application/json"), (b"content-type", b"text/plain")],  # the first one counts
+    ],
+)
+def test_read_body_takes_json_and_no_content_type(headers):
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    request = Request({"type": "http", "method": "POST", "path": "/attend", "headers": headers}, receive)
+    assert asyncio.run(read_body(request, 100)) == b"{}"
+
+
+@pytest.mark.parametrize("ctype", [b"text/plain", b"application/x-www-form-urlencoded; charset=utf-8"])
+def test_read_body_refuses_other_content_types(ctype):
+    async def receive():
+        raise AssertionError("the body is not read")
+
+    headers = [(b"content-type", ctype)]
+    request = Request({"type": "http", "method": "POST", "path": "/attend", "headers": headers}, receive)
+    with pytest.raises(ServiceError) as e:
+        asyncio.run(read_body(request, 100))
+    want = ctype.decode().split(";")[0]
+    assert e.value.status == 415
+    assert e.value.body()["error"]["message"] == f"content-type must be application/json, got {want!r}"
