@@ -17,6 +17,7 @@ from mha_core import MHAConfig
 from service.errors import ServiceError
 from service.frontend import codecs, decode
 from service.frontend.decode import DecodedRequest, Limits, attend_body, decode_attend, encode_attend
+from tests.unit.test_body_plans import same as same_request  # values equal, not only shapes
 
 CFG = MHAConfig(num_heads=4, emb_size=8, head_size=2, max_seq_len=6)
 LIMITS = Limits(
@@ -109,18 +110,6 @@ def reference(monkeypatch):
             return decode_attend(body, CFG, LIMITS)
 
     return slow
-
-
-def same_request(a: DecodedRequest, b: DecodedRequest) -> None:
-    assert (a.encoding, a.dtype, a.timeout_s, a.priority) == (b.encoding, b.dtype, b.timeout_s, b.priority)
-    ia, ib = a.input, b.input
-    assert (ia.causal, ia.need_weights, ia.heads) == (ib.causal, ib.need_weights, ib.heads)
-    for name in ("x", "lengths", "mask"):
-        va, vb = getattr(ia, name), getattr(ib, name)
-        assert (va is None) == (vb is None)
-        if va is not None:
-            assert va.dtype == vb.dtype and va.shape == vb.shape
-            assert np.array_equal(va, vb)
 
 
 @pytest.mark.parametrize("body", VALID, ids=range(len(VALID)))
