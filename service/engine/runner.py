@@ -12,7 +12,15 @@ import torch
 from mha_core import MHAConfig, MultiHeadAttention, read_checkpoint
 from service.engine.batcher import Batcher, BatchLimits
 from service.engine.staging import CudaGraphs, Slot, Staging
-from service.messages import AttendInput, AttendOutput, BatcherObserver, BatchStats, NumericOverflow, overflow_of
+from service.messages import (
+    AttendInput,
+    AttendOutput,
+    BatcherObserver,
+    BatchStats,
+    NumericOverflow,
+    all_finite,
+    overflow_of,
+)
 from service.settings import Settings, parse_buckets
 
 log = logging.getLogger("mha_serve.runner")
@@ -230,7 +238,7 @@ class Runner:
             (out,) = self.staging.download(slot, [res.output])
             del res
         del x, y
-        finite = _all_finite(out)  # once per batch, on the host copy (numpy: measured 10x cheaper than torch on a CPU)
+        finite = all_finite(out)  # once per batch, on the host copy (numpy: measured 10x cheaper than torch on a CPU)
         if len(items) == 1:
             results = [AttendOutput(out[:, : first.seq_len], None)]
         else:
@@ -269,7 +277,7 @@ class Runner:
             out, weights = self.staging.download(slot, [res.output, res.weights])
             del res
             result = AttendOutput(out, weights)
-            finite = _all_finite(out) and _all_finite(weights)
+            finite = all_finite(out) and (weights is None or all_finite(weights))
             results.append(result if finite else self._overflows([it], [result])[0])
             b, t = it.batch, it.seq_len
             stats.sequences += b
@@ -284,11 +292,6 @@ class Runner:
             overflow_of({"output": r.output, "weights": r.weights}, it.x, self.dtype_name) or r
             for it, r in zip(items, results, strict=True)
         ]
-
-
-def _all_finite(arr: np.ndarray | None) -> bool:
-    """No NaN or Inf: one ufunc and one reduce (5 us for 64K float32, against 50 to 100 for torch.isfinite)."""
-    return arr is None or bool(np.isfinite(arr).all())
 
 
 class InjectedFault(RuntimeError):
