@@ -58,6 +58,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from service.errors import INFERENCE_ERRORS, ServiceError, status_descriptions, validation
@@ -96,7 +97,7 @@ async def _answer(request: Request, handler: Callable[..., Coroutine[Any, Any, R
         return await handler(request, *args)
     except ServiceError as e:
         return _error_response(e)
-    except StarletteHTTPException:
+    except (StarletteHTTPException, ClientDisconnect):  # FastAPI's; nobody to answer (InternalErrors: silent)
         raise
     except Exception as e:
         return _error_response(internal_error(e, request))
@@ -174,9 +175,14 @@ def build_router(state: Any) -> APIRouter:
         require_ready(state)
         return {"name": name, "ready": True}
 
-    async def infer(request: Request, name: str, version: str | None) -> Response:
+    async def infer(request: Request, name: str, version: str | None = None) -> Response:
+        """POST .../infer, its errors answered here in the protocol's shape, as ``_answer`` would (the hot path
+        calls this directly: a coroutine less a request)."""
         started = time.monotonic()
-        check_model(name, version)
+        try:
+            check_model(name, version)
+        except ServiceError as e:
+            return _error_response(e)
         try:
             require_ready(state)
             body = await _read_body(request, settings.max_body_bytes)
@@ -194,9 +200,13 @@ def build_router(state: Any) -> APIRouter:
             tensors = {"output": res.output.output, "weights": res.output.weights}
             with stage(state.tracing, "encode"):
                 payload, header_len = _encode(req, settings.model_name, tensors)
-        except ServiceError:
+        except ServiceError as e:
             state.stats.request_failed(time.monotonic() - started)
+            return _error_response(e)
+        except (StarletteHTTPException, ClientDisconnect):  # FastAPI's; nobody to answer (InternalErrors: silent)
             raise
+        except Exception as e:
+            return _error_response(internal_error(e, request))
         state.stats.request_done(sequences=inp.batch, started=started, decoded=decoded, answered=answered, res=res)
         if header_len is None:
             return Answer(payload, b"application/json", res)
@@ -257,16 +267,13 @@ def build_router(state: Any) -> APIRouter:
     }
     add("/infer", infer, "POST", with_request=True, **inf)
 
-    async def infer_fast(request: Request, name: str, version: str | None = None) -> Response:
-        return await _answer(request, infer, name, version)
-
     # POST .../infer as plain ASGI (service/frontend/fastroute.py); the routes above document it and answer
     # what the fast path passes on. Starlette's str parameters match [^/]+, as here.
     router.hot_routes = [
-        (r"/v2/models/(?P<name>[^/]+)/infer", infer_fast, "/v2/models/{name}/infer"),
+        (r"/v2/models/(?P<name>[^/]+)/infer", infer, "/v2/models/{name}/infer"),
         (
             r"/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)/infer",
-            infer_fast,
+            infer,
             "/v2/models/{name}/versions/{version}/infer",
         ),
     ]

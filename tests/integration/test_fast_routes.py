@@ -260,3 +260,36 @@ async def test_an_exception_after_the_answer_is_logged_once_and_the_answer_stand
     assert r.status_code == 200 and "output" in r.json() and r.headers["x-batch-size"] == "1"
     records = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
     assert len(records) == 1 and "late" in records[0].exc_text
+
+
+@pytest.mark.parametrize("path", [INFER, "/attend"])
+async def test_a_client_gone_mid_body_is_not_an_internal_error(app, client, path, caplog) -> None:
+    """A client that disconnects while its body is read gets nothing (nobody is there) and logs no internal
+    error on either hot route; the next request is served."""
+    import logging
+
+    x = np.random.default_rng(6).standard_normal((1, 4, 32), dtype=np.float32)
+    if path == INFER:
+        body, headers = v2_binary(x)
+    else:
+        body, headers = json.dumps(b64_body(x)).encode(), {"content-type": "application/json"}
+    messages = [{"type": "http.request", "body": body[:10], "more_body": True}, {"type": "http.disconnect"}]
+    sent: list = []
+
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    async def send(message) -> None:
+        sent.append(message)
+
+    raw = [(k.lower().encode(), v.encode()) for k, v in {**headers, "content-length": str(len(body))}.items()]
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": raw,
+        "client": ("127.0.0.1", 1), "server": ("test", 80),
+    }  # fmt: skip
+    caplog.set_level(logging.INFO)
+    await asyncio.wait_for(app(scope, receive, send), 5)
+    assert sent == [] and not messages
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert (await client.post(path, content=body, headers=headers)).status_code == 200
