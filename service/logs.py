@@ -93,6 +93,14 @@ def dumps_line(out: dict[str, Any]) -> str:
         return _ENCODER.encode(out)
 
 
+def _dumps_line_bytes(out: dict[str, Any]) -> bytes:
+    """``dumps_line(out)`` and the newline, as UTF-8."""
+    try:
+        return orjson.dumps(out, default=str, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE)
+    except (TypeError, orjson.JSONEncodeError):
+        return (_ENCODER.encode(out) + "\n").encode("utf-8", "replace")
+
+
 class BufferedStderr(logging.StreamHandler):
     """Standard error through a 64 KiB buffer: access-log lines are written within FLUSH_S (by a daemon
     thread), when the buffer fills, with the next other record, or at exit (``logging.shutdown``); every
@@ -108,8 +116,12 @@ class BufferedStderr(logging.StreamHandler):
             super().__init__()
             self._own = False
         else:
-            super().__init__(io.TextIOWrapper(io.BufferedWriter(raw, 1 << 16), encoding="utf-8", errors="replace"))
+            # write_through: a text write goes to the buffer at once, so access lines written to it as bytes
+            # (``write_access``) keep their order among the other records.
+            buffered = io.BufferedWriter(raw, 1 << 16)
+            super().__init__(io.TextIOWrapper(buffered, encoding="utf-8", errors="replace", write_through=True))
             self._own = True
+        self._bytes = buffered if self._own else None
         self._dirty = False
         threading.Thread(target=self._flusher, name="mha-log-flush", daemon=True).start()
 
@@ -126,14 +138,19 @@ class BufferedStderr(logging.StreamHandler):
         except Exception:
             self.handleError(record)
 
-    def write_access(self, line: str) -> None:
-        """An access line formatted already (``access``): buffered, as ``emit`` buffers an access record."""
-        with self.lock:
-            try:
-                self.stream.write(line + self.terminator)
-                self._dirty = True
-            except Exception:
-                self.handleError(logging.makeLogRecord({"name": ACCESS_LOGGER, "msg": line}))
+    def write_access(self, line: bytes) -> None:
+        """An access line formatted already, UTF-8 with its newline (``access``): buffered, as ``emit`` buffers an
+        access record. Straight into the binary buffer, whose own lock makes the write whole (no text layer to
+        encode it again, no handler lock: 0.4 of a line's 2.1 us)."""
+        try:
+            if self._bytes is not None:
+                self._bytes.write(line)
+            else:
+                with self.lock:
+                    self.stream.write(line.decode("utf-8", "replace"))
+            self._dirty = True
+        except Exception:
+            self.handleError(logging.makeLogRecord({"name": ACCESS_LOGGER, "msg": line.decode("utf-8", "replace")}))
 
     def close(self) -> None:
         """Write what is buffered, and close the duplicate of descriptor 2 (``logging.shutdown`` calls this)."""
@@ -166,7 +183,7 @@ def access(method: str, path: str, status: int, elapsed_s: float, rid: str | Non
             created, (created - int(created)) * 1000, "info", ACCESS_LOGGER, f"{method} {path} {status}", rid
         )
         out["method"], out["path"], out["status"], out["duration_ms"] = method, path, status, round(elapsed_s * 1e3, 3)
-        handler.write_access(dumps_line(out))
+        handler.write_access(_dumps_line_bytes(out))
     elif access_log.isEnabledFor(logging.INFO):
         access_log.info(
             "%s %s %d",
