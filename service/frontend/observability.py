@@ -17,6 +17,7 @@ import time
 import orjson
 
 from service import tracing
+from service.frontend.admission import HOT_MATCH
 from service.logs import access, new_request_id, request_id_var
 from service.metrics import Metrics
 
@@ -62,6 +63,7 @@ class ObserveMiddleware:
         self.metrics = metrics
         self.served_by = replica_id.encode("latin-1", "replace")
         self.keys = api_keys
+        self.keyed = bool(api_keys)  # read per request: ApiKeys.__bool__ is a Python call
         self.open = self.OPEN if protect_metrics else self.OPEN | {"/metrics"}
         self.access_log = access_log_enabled
         self.tracing = tracing
@@ -84,7 +86,9 @@ class ObserveMiddleware:
         span = None if self.tracing is None or path in self.UNTRACED else self.tracing.start_request(scope)
         if span is not None and span.recording:
             receive = span.wrap_receive(receive)
-        inference = path in self.INFERENCE or (path.startswith("/v2/models/") and path.endswith("/infer"))
+        inference = (  # a hot route's POST (service/frontend/fastroute.py) is one; the match says so already
+            HOT_MATCH in scope or path in self.INFERENCE or (path.startswith("/v2/models/") and path.endswith("/infer"))
+        )
         tally = self.tally
         if inference:
             tally.in_flight += 1
@@ -100,7 +104,7 @@ class ObserveMiddleware:
             return send(message)
 
         try:
-            needs_key = self.keys and path not in self.open and scope["method"] != "OPTIONS"  # CORS preflight: no key
+            needs_key = self.keyed and path not in self.open and scope["method"] != "OPTIONS"  # CORS preflight: no key
             if needs_key and not self.keys.check(headers.get(b"authorization")):
                 await self._unauthorized(path, send_wrapper)
             else:
