@@ -52,12 +52,17 @@ class JsonFormatter(logging.Formatter):
 
     _second = -1
     _stamp = ""
+    _ms = (-1, -1)
+    _ts_ms = ""
 
     def _ts(self, created: float, msecs: float) -> str:
-        second = int(created)
+        second, ms = int(created), int(msecs)
+        if (second, ms) == self._ms:  # the same millisecond as the last line (busy: several lines a millisecond)
+            return self._ts_ms
         if second != self._second:  # the date and time, formatted once a second
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._stamp}.{int(msecs):03d}Z"
+        self._ms, self._ts_ms = (second, ms), f"{self._stamp}.{ms:03d}Z"
+        return self._ts_ms
 
     def head(self, created: float, msecs: float, level: str, name: str, msg: str, rid: str | None) -> dict[str, Any]:
         """The fields every line starts with, in their order."""

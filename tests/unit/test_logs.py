@@ -43,7 +43,17 @@ def test_access_lines_wait_briefly_and_every_other_record_is_written_at_once(cap
 def test_the_timestamp_is_the_records_own_to_the_millisecond():
     fmt = JsonFormatter()
     rec = record("mha_serve", "x")
-    for created in (1796065651.2366958, 1796065651.9994, 1796065652.0001):  # the cached second changes
+    # the cached second changes, and the cached millisecond: repeated, then another in the same second, then the
+    # same millisecond of another second
+    for created in (
+        1796065651.2366958,
+        1796065651.2369,
+        1796065651.9994,
+        1796065652.0001,
+        1796065652.0009,
+        1796065652.0011,
+        1796065653.0011,
+    ):
         rec.created, rec.msecs = created, (created - int(created)) * 1000
         want = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(rec.msecs):03d}Z"
         assert json.loads(fmt.format(rec))["ts"] == want
