@@ -7,6 +7,7 @@ needs no front-end module to log. The HTTP middleware that sets ``request_id_var
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import io
 import json
@@ -64,12 +65,16 @@ class JsonFormatter(logging.Formatter):
         self._ms, self._ts_ms = (second, ms), f"{self._stamp}.{ms:03d}Z"
         return self._ts_ms
 
-    def head(self, created: float, msecs: float, level: str, name: str, msg: str, rid: str | None) -> dict[str, Any]:
-        """The fields every line starts with, in their order."""
+    def head(
+        self, created: float, msecs: float, level: str, name: str, msg: str, rid: str | None, ids: Any = ()
+    ) -> dict[str, Any]:
+        """The fields every line starts with, in their order; ``ids`` the (trace_id, span_id) it was written under
+        (None: none), the current span's when not given."""
         out: dict[str, Any] = {"ts": self._ts(created, msecs), "level": level, "logger": name, "msg": msg}
         if rid:
             out["request_id"] = rid
-        ids = tracing.current_ids()
+        if ids == ():
+            ids = tracing.current_ids()
         if ids is not None:
             out["trace_id"], out["span_id"] = ids
         return out
@@ -106,11 +111,28 @@ def _dumps_line_bytes(out: dict[str, Any]) -> bytes:
         return (_ENCODER.encode(out) + "\n").encode("utf-8", "replace")
 
 
+def _access_line(fmt: logging.Formatter | None, entry: tuple) -> bytes:
+    """An access line's JSON, as ``logging`` would write its record (JsonFormatter), UTF-8 with its newline."""
+    created, method, path, status, elapsed_s, rid, ids = entry
+    if type(fmt) is not JsonFormatter:  # (the handler's formatter was replaced after the line was made)
+        fmt = JsonFormatter()
+    out = fmt.head(
+        created, (created - int(created)) * 1000, "info", ACCESS_LOGGER, f"{method} {path} {status}", rid, ids
+    )
+    out["method"], out["path"], out["status"], out["duration_ms"] = method, path, status, round(elapsed_s * 1e3, 3)
+    return _dumps_line_bytes(out)
+
+
 class BufferedStderr(logging.StreamHandler):
     """Standard error through a 64 KiB buffer: access-log lines are written within FLUSH_S (by a daemon
     thread), when the buffer fills, with the next other record, or at exit (``logging.shutdown``); every
     other record is written at once. A write a line was a system call a request. A process killed with
-    SIGKILL loses at most FLUSH_S of access lines."""
+    SIGKILL loses at most FLUSH_S of access lines.
+
+    Access lines of the direct path (``access``) made on an event loop are formatted together at the end of
+    its turn (``add_access``): one request's line cost 5 us formatted among the request's other work and
+    under 2 us formatted with the turn's other lines. Another record written on that thread writes them
+    first, so the order holds."""
 
     FLUSH_S = 0.1
 
@@ -128,10 +150,15 @@ class BufferedStderr(logging.StreamHandler):
             self._own = True
         self._bytes = buffered if self._own else None
         self._dirty = False
+        self._pending: list[tuple] = []  # this turn's access lines: (created, method, path, status, s, rid, ids)
+        self._drain_loop: asyncio.AbstractEventLoop | None = None  # the loop whose turn's end writes them
+        self._owner = 0  # its thread (``threading.get_ident``)
         threading.Thread(target=self._flusher, name="mha-log-flush", daemon=True).start()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
+            if self._pending and threading.get_ident() == self._owner:  # the turn's access lines come first
+                self.write_pending()
             self.stream.write(self.format(record) + self.terminator)
             if record.name != ACCESS_LOGGER:
                 self.stream.flush()
@@ -157,12 +184,40 @@ class BufferedStderr(logging.StreamHandler):
         except Exception:
             self.handleError(logging.makeLogRecord({"name": ACCESS_LOGGER, "msg": line.decode("utf-8", "replace")}))
 
+    def add_access(self, entry: tuple) -> None:
+        """An access line's fields (``access``): on an event loop, kept for the end of its turn; elsewhere (no loop,
+        or another running loop holds this turn's lines) written now."""
+        loop = asyncio._get_running_loop()  # (asyncio's own cheap check, without get_running_loop's raise)
+        if loop is not None:
+            if self._drain_loop is loop:
+                self._pending.append(entry)
+                return
+            if self._drain_loop is None or not self._drain_loop.is_running():
+                if self._pending:  # kept by a loop that stopped before its turn ended
+                    self.write_pending()
+                self._drain_loop, self._owner = loop, threading.get_ident()
+                self._pending.append(entry)
+                loop.call_soon(self.write_pending)
+                return
+        self.write_access(_access_line(self.formatter, entry))
+
+    def write_pending(self) -> None:
+        """Write the access lines kept so far (the end of a turn, another record, or close)."""
+        self._drain_loop = None
+        entries, self._pending = self._pending, []
+        if entries:
+            fmt = self.formatter
+            self.write_access(b"".join([_access_line(fmt, e) for e in entries]))
+
     def close(self) -> None:
         """Write what is buffered, and close the duplicate of descriptor 2 (``logging.shutdown`` calls this)."""
         with self.lock:
-            self.flush()
-            if self._own and not self.stream.closed:
-                self.stream.close()
+            if not self.stream.closed:  # (closed already: a second close)
+                if self._pending:
+                    self.write_pending()
+                self.flush()
+                if self._own:
+                    self.stream.close()
         super().close()
 
     def _flusher(self) -> None:
@@ -183,12 +238,7 @@ def access(method: str, path: str, status: int, elapsed_s: float, rid: str | Non
     small request's 15 us of access logging). Any other set-up gets the record through ``logging``."""
     handler = _direct
     if handler is not None and _direct_ok(handler):
-        created = time.time()
-        out = handler.formatter.head(
-            created, (created - int(created)) * 1000, "info", ACCESS_LOGGER, f"{method} {path} {status}", rid
-        )
-        out["method"], out["path"], out["status"], out["duration_ms"] = method, path, status, round(elapsed_s * 1e3, 3)
-        handler.write_access(_dumps_line_bytes(out))
+        handler.add_access((time.time(), method, path, status, elapsed_s, rid, tracing.current_ids()))
     elif access_log.isEnabledFor(logging.INFO):
         access_log.info(
             "%s %s %d",

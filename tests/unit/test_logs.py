@@ -3,10 +3,12 @@ straight to the handler."""
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import json
 import logging
 import os
+import threading
 import time
 
 import pytest
@@ -111,6 +113,86 @@ def test_an_access_line_written_directly_is_the_line_logging_writes(json_logging
     assert {k: v for k, v in direct.items() if k != "ts"} == want == {k: v for k, v in logged.items() if k != "ts"}
     for line in (direct, logged):
         assert abs(time.time() - calendar.timegm(time.strptime(line["ts"][:19], "%Y-%m-%dT%H:%M:%S"))) < 5
+
+
+def test_access_lines_made_on_an_event_loop_are_written_at_the_end_of_its_turn_in_order(json_logging, capfd):
+    """On a loop, the direct path keeps a turn's lines and writes them together when the turn ends: the same
+    lines (fields, order, each its own time and request id), before any other record of that thread, and what
+    is still kept when the handler closes."""
+    handler = configure()
+
+    async def turn() -> tuple[list[dict], list[dict], list[dict]]:
+        logs.access("POST", "/attend", 200, 0.001, "rid-a")
+        time.sleep(0.002)  # the second line's own millisecond
+        logs.access("POST", "/v2/models/mha/infer", 429, 0.5, "rid-b")
+        kept = written(handler, capfd)  # nothing yet: kept for the end of the turn
+        await asyncio.sleep(0)
+        at_end = written(handler, capfd)
+        logs.access("POST", "/attend", 201, 0.002, "rid-c")
+        logging.getLogger("mha_serve").warning("after the access line")  # written after it, not before
+        ordered = written(handler, capfd)
+        logs.access("POST", "/attend", 202, 0.003, "rid-d")
+        return kept, at_end, ordered
+
+    kept, at_end, ordered = asyncio.run(turn())
+    assert kept == []
+    assert [(x["request_id"], x["status"], x["path"], x["duration_ms"]) for x in at_end] == [
+        ("rid-a", 200, "/attend", 1.0),
+        ("rid-b", 429, "/v2/models/mha/infer", 500.0),
+    ]
+    assert at_end[0]["ts"] < at_end[1]["ts"] and list(at_end[0]) == list(at_end[1])  # own times; the same fields
+    assert [(x["logger"], x.get("request_id")) for x in ordered] == [(ACCESS_LOGGER, "rid-c"), ("mha_serve", None)]
+    assert [x["request_id"] for x in written(handler, capfd)] == ["rid-d"]  # asyncio.run's last turns wrote it
+
+
+def test_access_lines_kept_by_a_loop_that_stopped_are_written_by_the_next_line_or_at_close(json_logging, capfd):
+    handler = configure()
+    loop = asyncio.new_event_loop()
+    try:
+        _line_then_stop(loop, "rid-1")  # the loop stops before the turn that would write the line: kept
+        assert written(handler, capfd) == []
+        other = asyncio.new_event_loop()
+        try:  # another loop's first line writes the stopped loop's first, and keeps its own for its turn
+            other.run_until_complete(_two_turns("rid-2"))
+        finally:
+            other.close()
+        assert [x["request_id"] for x in written(handler, capfd)] == ["rid-1", "rid-2"]
+        _line_then_stop(loop, "rid-3")
+    finally:
+        loop.close()
+    assert written(handler, capfd) == []
+    handler.close()  # logging.shutdown at exit: what is kept is written
+    assert [json.loads(line)["request_id"] for line in capfd.readouterr().err.splitlines()] == ["rid-3"]
+
+
+def _line_then_stop(loop: asyncio.AbstractEventLoop, rid: str) -> None:
+    loop.call_soon(logs.access, "POST", "/attend", 200, 0.001, rid)
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+
+
+async def _two_turns(rid: str) -> None:
+    logs.access("POST", "/attend", 200, 0.001, rid)
+    await asyncio.sleep(0)
+
+
+def test_access_lines_of_another_loops_thread_are_written_at_once(json_logging, capfd):
+    """Two event loops (threads): the lines kept belong to the first; the other's are written at once, none lost."""
+    handler = configure()
+
+    async def other() -> None:
+        logs.access("POST", "/attend", 200, 0.001, "rid-other")
+
+    async def first() -> list[str]:
+        logs.access("POST", "/attend", 200, 0.001, "rid-first")
+        worker = threading.Thread(target=asyncio.run, args=(other(),))
+        worker.start()
+        worker.join()
+        now = [x["request_id"] for x in written(handler, capfd)]
+        await asyncio.sleep(0)
+        return now + [x["request_id"] for x in written(handler, capfd)]
+
+    assert asyncio.run(first()) == ["rid-other", "rid-first"]
 
 
 def test_access_lines_go_through_logging_when_another_handler_listens(json_logging, capfd, caplog):
