@@ -199,12 +199,7 @@ async def test_a_client_gone_while_queued_is_never_computed(app, client, path) -
     async def send(message) -> None:
         sent.append(message)
 
-    raw = [(k.lower().encode(), v.encode()) for k, v in {**headers, "content-length": str(len(body))}.items()]
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": raw,
-        "client": ("127.0.0.1", 1), "server": ("test", 80),
-    }  # fmt: skip
+    scope = _post_scope(path, headers, body)
     task = asyncio.create_task(app(scope, receive, send))
     await asyncio.sleep(0.05)
     assert app.state.mha.batcher.queue_depth()[0] == 1  # queued behind the stall
@@ -282,14 +277,19 @@ async def test_a_client_gone_mid_body_is_not_an_internal_error(app, client, path
     async def send(message) -> None:
         sent.append(message)
 
-    raw = [(k.lower().encode(), v.encode()) for k, v in {**headers, "content-length": str(len(body))}.items()]
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": raw,
-        "client": ("127.0.0.1", 1), "server": ("test", 80),
-    }  # fmt: skip
+    scope = _post_scope(path, headers, body)
     caplog.set_level(logging.INFO)
     await asyncio.wait_for(app(scope, receive, send), 5)
     assert sent == [] and not messages
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     assert (await client.post(path, content=body, headers=headers)).status_code == 200
+
+
+def _post_scope(path: str, headers: dict, body: bytes) -> dict:
+    """An HTTP POST's ASGI scope, as uvicorn makes it, for calling the app directly."""
+    raw = [(k.lower().encode(), v.encode()) for k, v in {**headers, "content-length": str(len(body))}.items()]
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": raw,
+        "client": ("127.0.0.1", 1), "server": ("test", 80),
+    }  # fmt: skip
