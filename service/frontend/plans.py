@@ -61,10 +61,9 @@ class Sightings(Recent[K, None]):
     earned its plan."""
 
     def second(self, key: K) -> bool:
-        """Record that a request with ``key`` passed every check: True the second time (the key is then
-        forgotten here: its plan takes over), False the first (the key is recorded, and past ``capacity``
-        the oldest record goes). A key is not refreshed here: it is recorded once, then either earns its
-        plan or ages out."""
+        """Record that a request with ``key`` passed every check: True the second time (the key then leaves
+        the record: its plan takes over), False the first (the key joins the record, and past ``capacity`` the
+        oldest record goes)."""
         entries = self._entries
         if key in entries:
             del entries[key]
