@@ -81,23 +81,32 @@ class RequestTally:
 
 
 def observe_all(histogram: Any, values: list[float]) -> None:
-    """``histogram.observe(v)`` for each of ``values``, with the same bucket counts and sum, in one write
-    per bucket touched and one for the sum (each ``observe`` writes two values: in multiprocess mode two
-    memory-mapped writes, about 1 us each). Relies on prometheus_client's Histogram keeping its upper
-    bounds, sum and per-bucket values as ``_upper_bounds``, ``_sum`` and ``_buckets`` (since 0.4;
-    tests/unit/test_metrics_tally.py compares with ``observe`` to catch a change); otherwise ``observe``
-    each."""
+    """``histogram.observe(v)`` for each of ``values``, with the same bucket counts, count and sum (the same
+    float: added in observe's order), in one write per bucket touched and one for the sum (each ``observe``
+    writes two values: in multiprocess mode two memory-mapped writes, about 1 us each). The sum is read and
+    written back, not incremented: each histogram must have one writer thread, as both callers' do (the
+    event loop's: the request tally, the batch observer). Relies on prometheus_client's Histogram keeping
+    its upper bounds, sum and per-bucket values as ``_upper_bounds``, ``_sum`` and ``_buckets`` (since
+    0.4; tests/unit/test_metrics_tally.py compares with ``observe`` to catch a change); otherwise
+    ``observe`` each."""
     bounds = getattr(histogram, "_upper_bounds", None)
     buckets = getattr(histogram, "_buckets", None)
     total = getattr(histogram, "_sum", None)
-    if len(values) == 1 or bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+    if len(values) < 2 or bounds is None or buckets is None or not hasattr(total, "set") or len(bounds) != len(buckets):
         for v in values:
             histogram.observe(v)
         return
     counts = [0] * len(bounds)
+    s = total.get()
     for v in values:
+        s += v
         counts[bisect_left(bounds, v)] += 1  # the first bound >= v, as observe picks (the last is +Inf)
-    total.inc(sum(values))
+    if s != s:  # a NaN among them, which observe counts in no bucket (bisect put it in the first)
+        counts = [0] * len(bounds)
+        for v in values:
+            if v == v:
+                counts[bisect_left(bounds, v)] += 1
+    total.set(s)
     for i, n in enumerate(counts):
         if n:
             buckets[i].inc(n)
@@ -208,8 +217,7 @@ class Metrics(BatcherObserver):
         if stats.real_tokens:
             self.padding_ratio.observe(stats.padded_tokens / stats.real_tokens)
         self.compute.observe(stats.compute_s)
-        for w in queue_waits_s:
-            self.queue_wait.observe(w)
+        observe_all(self.queue_wait, queue_waits_s)  # one write per bucket touched, not two per request
         self._real_tokens.inc(stats.real_tokens)
         self._padded_tokens.inc(stats.padded_tokens)
         if stats.compute_s > 0 and stats.real_tokens:

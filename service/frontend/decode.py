@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +14,7 @@ from pydantic import ValidationError
 from mha_core import MHAConfig
 from service.errors import ServiceError, validation
 from service.frontend import codecs
+from service.frontend.plans import Recent, Sightings
 from service.frontend.schemas import AttendRequest, TensorB64
 from service.messages import AttendInput
 
@@ -313,16 +313,16 @@ class BodyPlans:
     always, and any failure is decoded again in full, so every request gets the same answer and
     the same error message either way. Remembered, as v2's headers: bodies whose only ``"b64"`` is
     x's, with no backslash around it and at most ``max_bytes`` around it, the second time one is decoded
-    without error; past ``capacity`` the least recently used goes. One per app, used from the event
-    loop's thread only.
+    without error; past ``capacity`` the least recently used goes (the tables of service.frontend.plans).
+    One per app, used from the event loop's thread only.
     """
 
     def __init__(self, capacity: int = PLAN_CACHE_SIZE, max_bytes: int = PLAN_MAX_BYTES) -> None:
         self.capacity = capacity
         self.max_bytes = max_bytes
-        self._plans: OrderedDict[tuple[bytes, bytes], _BodyPlan] = OrderedDict()
-        self._seen: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()  # passed once, the latest ``capacity``
-        self._never: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()  # passed, but cannot have a plan
+        self._plans: Recent[tuple[bytes, bytes], _BodyPlan] = Recent(capacity)
+        self._seen: Sightings[tuple[bytes, bytes]] = Sightings(capacity)  # passed once, the latest ``capacity``
+        self._never: Recent[tuple[bytes, bytes], None] = Recent(capacity)  # passed, but cannot have a plan
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -340,27 +340,19 @@ class BodyPlans:
             except ServiceError:
                 dec = None  # decoded in full below: its message, as the full decode words it
             if dec is not None:
-                self._plans.move_to_end(key)
+                self._plans.use(key)
                 return dec
         dec = decode_attend(body, config, limits)
         if key in self._never:
             return dec
-        if plan is None and key not in self._seen:
-            self._remember(self._seen, key, None)
+        if plan is None and not self._seen.second(key):  # a plan the second time, or now to replace a stale one
             return dec
-        self._seen.pop(key, None)  # the second time (or a plan of another model): worth a plan
         plan = _body_plan(body, key, body[start:end], dec, config, limits)
         if plan is None:  # what decides it lies in the key: not looked at again
-            self._remember(self._never, key, None)
+            self._never.put(key, None)
         else:
-            self._remember(self._plans, key, plan)
+            self._plans.put(key, plan)
         return dec
-
-    def _remember(self, table: OrderedDict, key: tuple[bytes, bytes], value: Any) -> None:
-        table[key] = value
-        table.move_to_end(key)
-        if len(table) > self.capacity:
-            table.popitem(last=False)
 
     def _split(self, body: bytes | bytearray) -> tuple[tuple[bytes, bytes], int, int] | None:
         """((the bytes before the first base64 text, those after it), where the text starts, where it ends)."""

@@ -46,7 +46,6 @@ import logging
 import math
 import time
 import zlib
-from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +65,7 @@ from service.frontend import codecs, oip
 from service.frontend.decode import Limits, check_priority, lengths_in_range, parse_json
 from service.frontend.httputil import Answer, header, internal_error, read_limited, require_ready
 from service.frontend.httputil import infer as run_inference
+from service.frontend.plans import Recent, Sightings
 from service.messages import AttendInput
 from service.tracing import stage
 
@@ -418,7 +418,8 @@ class HeaderPlans:
     ``max_header_bytes`` whose every input is binary (JSON data varies), the second time a request with
     them is decoded and checked without error (so a bad header is refused with its message every time,
     and a client that sends a new request id each time pays a set insertion, not a plan per request);
-    past ``capacity`` the least recently used goes. One per app, used from the event loop's thread only.
+    past ``capacity`` the least recently used goes (the tables of service.frontend.plans). One per app, used from
+    the event loop's thread only.
     """
 
     def __init__(
@@ -427,8 +428,8 @@ class HeaderPlans:
         self.model_name = model_name
         self.capacity = capacity
         self.max_header_bytes = max_header_bytes
-        self._plans: OrderedDict[bytes, Plan] = OrderedDict()
-        self._seen: OrderedDict[bytes, None] = OrderedDict()  # headers that passed once, the latest ``capacity``
+        self._plans: Recent[bytes, Plan] = Recent(capacity)
+        self._seen: Sightings[bytes] = Sightings(capacity)  # headers that passed once, the latest ``capacity``
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -444,22 +445,13 @@ class HeaderPlans:
             key = bytes(body[:hl])
             plan = self._plans.get(key)
             if plan is not None and plan.size == size and plan.config is config and plan.limits is limits:
-                self._plans.move_to_end(key)
+                self._plans.use(key)
                 return plan, plan.input(body), plan.timeout_s, plan.priority
         req, layout = _decode(body, hl)
         inp, timeout_s = req.check(config=config, limits=limits)
         priority = check_priority(req.priority, limits)
-        if key is not None and layout is not None:
-            if key in self._seen:  # the second time: worth a plan
-                del self._seen[key]
-                self._plans[key] = _plan(req, inp, timeout_s, priority, layout, size, config, limits, self.model_name)
-                self._plans.move_to_end(key)
-                if len(self._plans) > self.capacity:
-                    self._plans.popitem(last=False)
-            else:
-                self._seen[key] = None
-                if len(self._seen) > self.capacity:
-                    self._seen.popitem(last=False)
+        if key is not None and layout is not None and self._seen.second(key):  # the second time: worth a plan
+            self._plans.put(key, _plan(req, inp, timeout_s, priority, layout, size, config, limits, self.model_name))
         return req, inp, timeout_s, priority
 
 

@@ -5,7 +5,9 @@ arrivals, heartbeats and answers interleave (a lost edge would leave requests un
 from __future__ import annotations
 
 import asyncio
+import select
 import time
+from functools import partial
 
 import numpy as np
 import orjson
@@ -131,5 +133,97 @@ async def test_a_backlog_longer_than_one_drain_is_read_on_without_a_new_arrival(
         if serving is not None:
             await asyncio.wait_for(serving, 5)
         dealer.close(linger=0)
+        ctx.destroy(linger=0)
+        engine.close()
+
+
+class HoldFirst:
+    """A batcher that holds the first request's ``done`` for the test to call, and answers the others on the next
+    turn of the loop with x * 2."""
+
+    running = True
+
+    def __init__(self) -> None:
+        self.held: list = []
+        self.submitted = 0
+
+    def submit(self, inp, *, deadline, done, priority=0):
+        self.submitted += 1
+        result = Result(AttendOutput(inp.x * 2, None), 0.0, 0.0, 1, 1)
+        if self.submitted == 1:
+            self.held.append(partial(done, result))
+        else:
+            asyncio.get_running_loop().call_soon(done, result)
+        return object()
+
+    def cancel(self, handle, reason="disconnect"):
+        pass
+
+    def queue_depth(self) -> tuple[int, int]:
+        return (0, 0)
+
+
+async def test_a_request_that_arrives_as_an_answer_is_sent_is_still_read(tmp_path):
+    """zmq's FD is edge-triggered: a send outside a drain processes the socket's pending commands, and so consumes
+    the edge that a message arriving just before it raised. The engine looks at EVENTS after such a send; without
+    that, the message would wait, unread, for the next arrival (here: for ever).
+
+    Made deterministic: front end A's request is answered after A has gone (its answer is dropped, so no traffic
+    back raises the FD again), and the send of that answer (the flush, call_soon from ``done``) runs right after a
+    callback, in the same turn of asyncio's loop and after its select, that sends front end B's request and waits
+    until it has reached the engine's socket (the FD readable: polled, not read)."""
+    address = f"ipc://{tmp_path}/engine.sock"
+    engine = Engine(Settings(), address)
+    batcher = engine.batcher = HoldFirst()
+    engine._sock = engine._ctx.socket(zmq.ROUTER)
+    engine._sock.bind(address)
+    fd = engine._sock.getsockopt(zmq.FD)
+    serving = asyncio.create_task(engine.serve())
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)  # plain sockets: b sends from inside a loop callback
+    for d in (a, b):
+        d.connect(address)
+    answers: dict[int, np.ndarray] = {}
+
+    def request(rid: int) -> list:
+        return encode_requests([(rid, AttendInput(np.full((1, 2, 4), float(rid), np.float32)), 1e12, None, 0)])
+
+    def readable() -> bool:
+        return bool(select.select([fd], [], [], 0)[0])
+
+    def arrive_now() -> None:
+        """Runs just before the flush: B's request reaches the engine's socket, and its edge is raised."""
+        b.send_multipart(request(2))
+        assert select.select([fd], [], [], 5)[0], "request 2 never reached the engine's socket"
+        time.sleep(0.01)  # past zmq's throttle of command processing on send (about a millisecond)
+
+    try:
+        a.send_multipart(request(1))
+        deadline = time.monotonic() + 3
+        while not batcher.held and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert batcher.held, "request 1 never reached the batcher"
+        a.close(linger=0)  # front end A goes while its request is computing
+        await asyncio.sleep(0.05)  # the engine reads the disconnect (its drain ends at EAGAIN): nothing is waiting
+        while readable() and time.monotonic() < deadline + 3:
+            await asyncio.sleep(0.01)
+        assert not readable()
+        asyncio.get_running_loop().call_soon(arrive_now)
+        batcher.held.pop()()  # request 1 answered: its flush, a send outside a drain, runs after arrive_now
+        deadline = time.monotonic() + 3
+        while 2 not in answers and time.monotonic() < deadline:
+            while b.poll(0):
+                frames = b.recv_multipart(copy=False)
+                for o in decode_outcomes(orjson.loads(frames[0].bytes), frames[1:]):
+                    answers[o.id] = o.output.output.copy()
+            await asyncio.sleep(0.005)
+        assert list(answers) == [2], "front end B's request was never read"
+        np.testing.assert_array_equal(answers[2], np.full((1, 2, 4), 4.0, np.float32))
+        assert batcher.submitted == 2 and engine._pending == {}
+    finally:
+        engine._stop.set()
+        await asyncio.wait_for(serving, 5)
+        for d in (a, b):
+            d.close(linger=0)
         ctx.destroy(linger=0)
         engine.close()

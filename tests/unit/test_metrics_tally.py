@@ -5,12 +5,14 @@ Histogram internals ``observe_all`` relies on)."""
 from __future__ import annotations
 
 import asyncio
+import random
 import subprocess
 import sys
 import textwrap
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
+from service.messages import BatchStats
 from service.metrics import _LATENCY, Metrics, observe_all
 
 # bounds themselves (observe counts v <= bound in that bucket), between them, zero, beyond the last finite one
@@ -34,6 +36,80 @@ def test_observe_all_writes_what_observe_of_each_writes():
     assert 'lat_bucket{le="+Inf",route="/v2"} 14.0' in want
     assert exposition(lambda child: observe_all(child, VALUES)) == want
     assert exposition(lambda child: observe_all(child, VALUES[:1])) == exposition(lambda c: c.observe(VALUES[0]))
+
+
+def test_observe_all_counts_a_nan_in_no_bucket_as_observe_does():
+    values = [0.002, float("nan"), 0.3, float("inf")]
+
+    def each(child):
+        for v in values:
+            child.observe(v)
+
+    want = exposition(each)
+    assert 'lat_bucket{le="0.001",route="/v2"} 0.0' in want and 'lat_sum{route="/v2"} NaN' in want
+    assert exposition(lambda child: observe_all(child, values)) == want
+
+
+def batches() -> list[list[float]]:
+    """Queue waits of successive batches: the bounds themselves and between them, then ordinary waits (whose
+    float sum depends on the order of the additions), a lone request, and a batch with none."""
+    rng = random.Random(11)
+    waits = [[rng.expovariate(200.0) for _ in range(n)] for n in (32, 7, 64, 3)]
+    return [VALUES, *waits[:2], [0.0042], [], *waits[2:]]
+
+
+def test_the_batch_observer_writes_queue_waits_as_observe_of_each_would():
+    """batch_done observes a batch's queue waits together (observe_all): the same buckets, count and sum,
+    the same float, as one ``observe`` per request, batch after batch."""
+    m = Metrics()
+    registry = CollectorRegistry()
+    each = Histogram(
+        "mha_queue_wait_seconds", "Time a request waited before compute", buckets=_LATENCY, registry=registry
+    )
+    for waits in batches():
+        m.batch_done(max(1, len(waits)), BatchStats(sequences=len(waits), compute_s=0.003), waits)
+        for w in waits:
+            each.observe(w)
+
+    def lines(reg: CollectorRegistry) -> list[str]:
+        text = generate_latest(reg).decode()
+        return [ln for ln in text.splitlines() if ln.startswith("mha_queue_wait_seconds_") and "_created" not in ln]
+
+    want = lines(registry)
+    n = sum(len(w) for w in batches())
+    assert f"mha_queue_wait_seconds_count {float(n)}" in want and len(want) == len(_LATENCY) + 3
+    assert lines(m.registry) == want
+
+
+def test_the_batch_observer_in_multiprocess_mode_matches_observe(tmp_path):
+    """The same with memory-mapped values (the model process's case), read through the multiprocess collector."""
+    code = textwrap.dedent(
+        f"""
+        import os
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = {str(tmp_path)!r}
+        from prometheus_client import CollectorRegistry, Histogram, generate_latest, multiprocess
+        from service.messages import BatchStats
+        from service.metrics import _LATENCY, Metrics
+        m = Metrics()
+        each = Histogram("each_wait", "x", buckets=_LATENCY, registry=None)
+        n = 0
+        for waits in {batches()!r}:
+            m.batch_done(max(1, len(waits)), BatchStats(sequences=len(waits), compute_s=0.003), waits)
+            for w in waits:
+                each.observe(w)
+            n += len(waits)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        text = generate_latest(registry).decode()
+        lines = lambda name: sorted(ln.replace(name, "X") for ln in text.splitlines() if ln.startswith(name + "_"))
+        want = lines("each_wait")
+        assert f"X_count {{float(n)}}" in want and len(want) == len(_LATENCY) + 3, text
+        assert lines("mha_queue_wait_seconds") == want, (lines("mha_queue_wait_seconds"), want)
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
 
 
 def test_observe_all_in_multiprocess_mode_matches_observe(tmp_path):
