@@ -223,3 +223,21 @@ async def test_the_model_process_going_away_fails_waiting_requests_at_once_and_s
     loop = asyncio.get_running_loop()
     assert [loop.remove_reader(fd) for fd in fds] == [False, False]  # neither was still registered
     assert client._sock is None and client._monitor is None
+
+
+async def test_a_start_that_times_out_leaves_no_reader_on_the_loop_and_no_socket_open(tmp_path, monkeypatch):
+    loop = asyncio.get_running_loop()
+    added: list[int] = []
+    add_reader = loop.add_reader
+
+    def recording_add_reader(fd, callback, *args):
+        added.append(fd)
+        return add_reader(fd, callback, *args)
+
+    monkeypatch.setattr(loop, "add_reader", recording_add_reader)
+    client = EngineClient(f"ipc://{tmp_path}/nobody.sock")  # no model process there
+    with pytest.raises(TimeoutError):
+        await client.start(timeout_s=0.2)
+    assert len(added) == 2
+    assert [loop.remove_reader(fd) for fd in added] == [False, False]
+    assert client._sock is None and client._ctx.closed
