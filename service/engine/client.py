@@ -114,14 +114,14 @@ class EngineClient:
         sock.setsockopt(zmq.SNDHWM, SNDHWM)
         monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._sock, self._monitor = sock, monitor
-        for s, read in ((sock, self._drain), (monitor, self._watch)):
-            fd = s.getsockopt(zmq.FD)
-            loop.add_reader(fd, read)
-            self._fds.append(fd)
-        sock.connect(self.address)
         self._info = loop.create_future()
         self._last_beat = time.monotonic()
         try:
+            for s, read in ((sock, self._drain), (monitor, self._watch)):
+                fd = s.getsockopt(zmq.FD)
+                loop.add_reader(fd, read)
+                self._fds.append(fd)
+            sock.connect(self.address)
             self._send(control("hello", pid=os.getpid()))
             self._watch()  # a socket's FD is raised only once it was read until EAGAIN: arm both
             self._schedule_drain()

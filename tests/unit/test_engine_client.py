@@ -241,3 +241,10 @@ async def test_a_start_that_times_out_leaves_no_reader_on_the_loop_and_no_socket
     assert len(added) == 2
     assert [loop.remove_reader(fd) for fd in added] == [False, False]
     assert client._sock is None and client._ctx.closed
+
+
+async def test_a_start_on_a_bad_address_raises_zmqs_error_and_leaves_nothing_open():
+    client = EngineClient("nosuch://engine")
+    with pytest.raises(zmq.ZMQError):
+        await client.start(timeout_s=1)
+    assert client._sock is None and client._fds == [] and client._ctx.closed
