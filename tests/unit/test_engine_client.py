@@ -13,7 +13,7 @@ import zmq
 import zmq.asyncio
 
 from service.engine import client as client_mod
-from service.engine.client import EngineClient
+from service.engine.client import EngineClient, EngineUnavailable
 from service.messages import (
     WATCH_AFTER_S,
     AttendInput,
@@ -31,13 +31,22 @@ from service.messages import (
 class FakeEngine:
     """Answers hello with info, records requests and cancels, answers a request only when told to."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, rcvhwm: int = 1000) -> None:
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self.sock.bind(address)
         self.requests: dict[int, tuple[bytes, AttendInput]] = {}
+        self.arrived: list[int] = []  # request ids in the order they came
         self.cancelled: list[int] = []
+        self.task = asyncio.create_task(self.run())
+
+    def pause(self) -> None:
+        """Stop reading: the front end's messages pile up in zmq's queues, then in its own."""
+        self.task.cancel()
+
+    def resume(self) -> None:
         self.task = asyncio.create_task(self.run())
 
     async def run(self) -> None:
@@ -51,6 +60,7 @@ class FakeEngine:
             elif header["t"] == "req":
                 for rid, inp, *_ in decode_requests(header, frames[2:]):
                     self.requests[rid] = (peer, inp)
+                    self.arrived.append(rid)
             elif header["t"] == "cancel":
                 self.cancelled += header["ids"]
 
@@ -151,3 +161,90 @@ async def test_a_numeric_overflow_crosses_the_boundary_typed_with_its_message_an
     assert type(bad) is NumericOverflow and str(bad) == message
     np.testing.assert_array_equal(ok.output.output, np.full((1, 2, 4), 2.0, np.float32))
     assert ok.batch_requests == 2
+
+
+async def test_messages_that_zmq_does_not_take_yet_wait_and_go_later_in_order_with_none_lost(tmp_path, monkeypatch):
+    """A model process that stops reading fills zmq's queues (a tiny SNDHWM and RCVHWM, 1 MiB requests, one
+    message each): the client's sends raise zmq.Again, and its backlog keeps those messages, and a cancel
+    behind them, until there is room again; then they all arrive, in order, and are answered."""
+    monkeypatch.setattr(client_mod, "SNDHWM", 1)
+    address = f"ipc://{tmp_path}/engine.sock"
+    engine = FakeEngine(address, rcvhwm=1)
+    client = EngineClient(address)
+    waits = []
+    try:
+        await client.start(timeout_s=5)
+        engine.pause()
+        n, row = 12, 1 << 18  # 12 requests of 1 MiB: more than the sockets' buffers between the two processes
+        for i in range(n):
+            inp = AttendInput(np.full((1, 1, row), float(i), np.float32))
+            waits.append(asyncio.ensure_future(client.infer(inp, deadline=time.monotonic() + 30)))
+            await until(lambda i=i: i in client._pending and not client._outbox)  # flushed alone: one message each
+        assert len(client._backlog) >= 2, "zmq took every message: the test did not reach the backlog"
+        waits[n - 1].cancel()  # its cancel waits behind the request it cancels
+        await asyncio.sleep(0.05)
+        assert engine.arrived == list(range(len(engine.arrived))) and len(engine.arrived) < n - 1
+        engine.resume()
+        await until(lambda: len(engine.arrived) == n and engine.cancelled == [n - 1])
+        assert engine.arrived == list(range(n))  # nothing lost, nothing reordered
+        assert not client._backlog
+        for i in range(n - 1):
+            np.testing.assert_array_equal(engine.requests[i][1].x, np.full((1, 1, row), float(i), np.float32))
+            await engine.answer(i)
+        for i in range(n - 1):
+            res = await waits[i]
+            np.testing.assert_array_equal(res.output.output, np.full((1, 1, row), 2.0 * i, np.float32))
+    finally:
+        for w in waits:
+            w.cancel()
+        await client.stop()
+        await engine.close()
+
+
+async def test_the_model_process_going_away_fails_waiting_requests_at_once_and_stop_leaves_nothing_on_the_loop(
+    tmp_path,
+):
+    address = f"ipc://{tmp_path}/engine.sock"
+    engine = FakeEngine(address)
+    client = EngineClient(address)
+    await client.start(timeout_s=5)
+    fds = list(client._fds)
+    assert len(fds) == 2  # the socket's and its monitor's
+    wait = asyncio.ensure_future(client.infer(x(1.0), deadline=time.monotonic() + 30))
+    await until(lambda: 0 in engine.requests)
+    t0 = time.monotonic()
+    await engine.close()  # its socket closes, as when the model process dies
+    with pytest.raises(EngineUnavailable, match="its socket closed"):
+        await wait
+    assert time.monotonic() - t0 < 1.0
+    with pytest.raises(EngineUnavailable):
+        await client.infer(x(2.0), deadline=time.monotonic() + 30)
+    await client.stop()
+    loop = asyncio.get_running_loop()
+    assert [loop.remove_reader(fd) for fd in fds] == [False, False]  # neither was still registered
+    assert client._sock is None and client._monitor is None
+
+
+async def test_a_start_that_times_out_leaves_no_reader_on_the_loop_and_no_socket_open(tmp_path, monkeypatch):
+    loop = asyncio.get_running_loop()
+    added: list[int] = []
+    add_reader = loop.add_reader
+
+    def recording_add_reader(fd, callback, *args):
+        added.append(fd)
+        return add_reader(fd, callback, *args)
+
+    monkeypatch.setattr(loop, "add_reader", recording_add_reader)
+    client = EngineClient(f"ipc://{tmp_path}/nobody.sock")  # no model process there
+    with pytest.raises(TimeoutError):
+        await client.start(timeout_s=0.2)
+    assert len(added) == 2
+    assert [loop.remove_reader(fd) for fd in added] == [False, False]
+    assert client._sock is None and client._ctx.closed
+
+
+async def test_a_start_on_a_bad_address_raises_zmqs_error_and_leaves_nothing_open():
+    client = EngineClient("nosuch://engine")
+    with pytest.raises(zmq.ZMQError):
+        await client.start(timeout_s=1)
+    assert client._sock is None and client._fds == [] and client._ctx.closed

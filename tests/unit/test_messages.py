@@ -88,7 +88,8 @@ def test_packed_arrays_keep_their_values_dtypes_and_alignment():
     assert [m[2:] for m in metas] == [[0, 0], [0, 32], [0, 32], [0, 64], [0, 80], [1, 0]]
     for a, meta in zip(arrays, metas, strict=True):
         b = messages._array([bytes(frames[0]), frames[1]], meta)
-        assert b.dtype == a.dtype and b.shape == a.shape
+        assert b.dtype == a.dtype and b.shape == a.shape and b.flags.c_contiguous
+        assert not b.flags.owndata  # a view of its frame, not a copy
         np.testing.assert_array_equal(b, a)
 
 
