@@ -11,11 +11,13 @@ one message when several are ready at once.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
+import zmq
 
 
 @dataclass(frozen=True)
@@ -346,6 +348,26 @@ def decode_outcomes(header: dict, frames: list) -> list[Outcome]:
             Outcome(rid, AttendOutput(_array(frames, o), None if w is None else _array(frames, w)), q, c, br, bs)
         )
     return out
+
+
+DRAIN_MAX = 64  # messages a side handles in one turn of its event loop before the loop's other callbacks run
+
+
+def read_waiting(sock: zmq.Socket, handle: Any, what: str) -> bool:
+    """Receive and ``handle`` the messages waiting on a plain zmq socket read through its FD (both sides): NOBLOCK,
+    without a copy, at most DRAIN_MAX. True when that limit stopped it (more may wait: read again after the
+    loop's other callbacks), False at EAGAIN. A message ``handle`` fails on is logged, as ``what``, and the
+    reading goes on."""
+    for _ in range(DRAIN_MAX):
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        try:
+            handle(frames)
+        except Exception:  # one bad message must not stop the reading
+            logging.getLogger("mha_serve.engine").exception("%s could not be handled", what)
+    return True
 
 
 def control(kind: str, **fields: Any) -> list:

@@ -41,6 +41,7 @@ from service.messages import (
     control,
     decode_outcomes,
     encode_requests,
+    read_waiting,
 )
 
 log = logging.getLogger("mha_serve.engine")
@@ -338,16 +339,7 @@ class EngineClient:
                 self._gone(f"sending to it failed: {e}")
                 return
             backlog.popleft()
-        for _ in range(DRAIN_MAX):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
-            try:
-                self._handle(frames)
-            except Exception:  # one bad message must not stop the reading
-                log.exception("a message from the model process could not be handled")
-        else:
+        if read_waiting(sock, self._handle, "a message from the model process"):
             self._schedule_drain()
             return
         if backlog:  # room may have come while reading, its edge spent by the receive
@@ -406,5 +398,4 @@ class EngineClient:
                 return
 
 
-DRAIN_MAX = 64  # messages handled in one turn of the event loop before the routes' callbacks run
 SNDHWM = 1000  # zmq's default: messages queued towards the model process before a send raises zmq.Again

@@ -45,6 +45,7 @@ from service.messages import (
     control,
     decode_requests,
     encode_outcomes,
+    read_waiting,
 )
 from service.settings import Settings
 
@@ -140,16 +141,8 @@ class Engine:
         sock = self._sock
         if sock is None or sock.closed:  # (a drain scheduled by the last answers, after close)
             return
-        for _ in range(DRAIN_MAX):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                self._handle(frames)
-            except Exception:  # one bad message must not stop the model process's reading
-                log.exception("a message from a front end could not be handled")
-        self._schedule_drain()
+        if read_waiting(sock, self._handle, "a message from a front end"):
+            self._schedule_drain()
 
     def _schedule_drain(self) -> None:
         if not self._drain_scheduled:
@@ -238,7 +231,6 @@ class Engine:
             self.tracing.shutdown()  # exports the spans still buffered
 
 
-DRAIN_MAX = 64  # messages handled in one turn of the event loop before the others' callbacks run
 BEAT_S = 0.1  # how often the event loop stamps ``beat`` for the parent's hang watch
 
 

@@ -14,8 +14,8 @@ import orjson
 import zmq
 import zmq.asyncio
 
-from service.engine.process import DRAIN_MAX, Engine
-from service.messages import AttendInput, AttendOutput, Result, control, decode_outcomes, encode_requests
+from service.engine.process import Engine
+from service.messages import DRAIN_MAX, AttendInput, AttendOutput, Result, control, decode_outcomes, encode_requests
 from service.settings import Settings
 
 
@@ -137,30 +137,20 @@ async def test_a_backlog_longer_than_one_drain_is_read_on_without_a_new_arrival(
         engine.close()
 
 
-class HoldFirst:
+class HoldFirst(AnswerNextTurn):
     """A batcher that holds the first request's ``done`` for the test to call, and answers the others on the next
     turn of the loop with x * 2."""
 
-    running = True
-
     def __init__(self) -> None:
+        super().__init__()
         self.held: list = []
-        self.submitted = 0
 
     def submit(self, inp, *, deadline, done, priority=0):
-        self.submitted += 1
-        result = Result(AttendOutput(inp.x * 2, None), 0.0, 0.0, 1, 1)
-        if self.submitted == 1:
-            self.held.append(partial(done, result))
-        else:
-            asyncio.get_running_loop().call_soon(done, result)
-        return object()
-
-    def cancel(self, handle, reason="disconnect"):
-        pass
-
-    def queue_depth(self) -> tuple[int, int]:
-        return (0, 0)
+        if self.submitted == 0:
+            self.submitted += 1
+            self.held.append(partial(done, Result(AttendOutput(inp.x * 2, None), 0.0, 0.0, 1, 1)))
+            return object()
+        return super().submit(inp, deadline=deadline, done=done, priority=priority)
 
 
 async def test_a_request_that_arrives_as_an_answer_is_sent_is_still_read(tmp_path):
