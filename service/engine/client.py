@@ -47,7 +47,7 @@ from service.messages import (
 log = logging.getLogger("mha_serve.engine")
 
 HEARTBEAT_S = 0.25  # how often the front end pings the model process
-LOST_AFTER_S = 3.0  # no heartbeat for this long: the model process is gone (a hang, not only a crash)
+LOST_AFTER_S = 3.0  # no heartbeat for this long: the model process is unavailable (503) until it is heard again
 ANSWER_SLACK_S = 1.0  # past a request's deadline, the front end stops waiting for the engine's own answer
 SWEEP_S = 0.01  # how often waiting requests are checked for their deadline and for watching their caller
 
@@ -99,6 +99,7 @@ class EngineClient:
         self._engine_ready = False
         self._queue = (0, 0)
         self._lost: str | None = None
+        self._silent = False  # lost only because its heartbeat stopped: hearing it again brings it back
         self._accepting = True
         self._stopping: asyncio.Future | None = None
         self._parent = os.getppid()
@@ -273,10 +274,17 @@ class EngineClient:
                 fut.set_exception(exc)
                 fut.exception()  # retrieved: a caller that left must not log "never retrieved"
 
-    def _gone(self, why: str) -> None:
+    def _gone(self, why: str, *, silent: bool = False) -> None:
+        """The model process is unavailable: every waiting request fails with a 503 at once, and so does every
+        later one. For good when its socket closed (it died; the supervisor stops the service) or broke; while
+        ``silent`` (no heartbeat for LOST_AFTER_S, its socket still open) only until it is heard again: a stall
+        that ends before the supervisor's MHA_ENGINE_HANG_S (which kills it) must not leave this front end
+        answering 503 for ever beside a model process that serves again."""
         if self._lost is not None:
+            if self._silent and not silent:  # silent, then its socket closed: for good
+                self._lost, self._silent = why, False
             return
-        self._lost = why
+        self._lost, self._silent = why, silent
         log.error("the model process is unavailable (%s): answering 503", why)
         self._backlog.clear()  # nobody waits for those any more
         self._fail_all(EngineUnavailable(f"the model process is unavailable ({why})"))
@@ -363,6 +371,11 @@ class EngineClient:
             self._last_beat = time.monotonic()
             self._queue = tuple(header["queue"])
             ready = bool(header["ready"])
+            if self._silent:  # heard again after a silence: serving again
+                self._lost, self._silent = None, False
+                log.warning("the model process answers again: serving")
+                self._engine_ready = ready
+                self._on_ready(ready)
             if ready != self._engine_ready:
                 self._engine_ready = ready
                 self._on_ready(ready and self._lost is None)
@@ -385,13 +398,13 @@ class EngineClient:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
-            if self._lost is None:
+            if self._lost is None or self._silent:  # (silent: pinged on, to hear it again)
                 if self._backlog:  # a ping would only wait behind them: try them again instead (a safety net
                     self._schedule_drain()  # for an FD edge missed: a backlog is never left to wait on one)
                 else:
                     self._send(control("ping"))
-                if time.monotonic() - self._last_beat > LOST_AFTER_S:
-                    self._gone(f"no heartbeat for {LOST_AFTER_S:g} s")
+                if self._lost is None and time.monotonic() - self._last_beat > LOST_AFTER_S:
+                    self._gone(f"no heartbeat for {LOST_AFTER_S:g} s", silent=True)
             if os.getppid() != self._parent:  # the supervisor died (kill -9): leave, do not serve orphaned
                 log.error("the parent process is gone: shutting down")
                 signal.raise_signal(signal.SIGTERM)

@@ -394,6 +394,36 @@ def test_a_hung_model_process_is_killed_and_the_service_exits_1(tmp_path):
         s.stop(signal.SIGKILL)
 
 
+def test_a_stall_shorter_than_the_hang_bound_answers_503_then_serves_again(tmp_path):
+    """The model process silent past the front ends' LOST_AFTER_S but back before MHA_ENGINE_HANG_S: 503 while it
+    is silent, then every front end serves again (not 503 for ever beside a model process that is fine)."""
+    from service.engine.client import LOST_AFTER_S
+
+    s = start_server(tmp_path, {**WORKERS, "MHA_ENGINE_HANG_S": str(LOST_AFTER_S + 6)})
+    engine, _ = pids(s)
+    try:
+        assert httpx.post(s.url + "/attend", json={"x": X}, timeout=10).status_code == 200
+        os.kill(engine, signal.SIGSTOP)
+        try:
+            time.sleep(LOST_AFTER_S + 1.0)
+            during = [httpx.post(s.url + "/attend", json={"x": X}, timeout=10) for _ in range(4)]
+        finally:
+            os.kill(engine, signal.SIGCONT)
+        assert [r.status_code for r in during] == [503] * 4, [r.text for r in during]
+        assert all(r.json()["error"]["type"] == "unavailable" for r in during)
+        deadline = time.monotonic() + 5
+        while httpx.get(s.url + "/readyz", timeout=5).status_code != 200:  # each front end hears it again
+            assert time.monotonic() < deadline, s.log()[-3000:]
+            time.sleep(0.05)
+        after = [httpx.post(s.url + "/attend", json={"x": X}, timeout=10) for _ in range(6)]  # a connection each
+        assert [r.status_code for r in after] == [200] * 6, [r.text for r in after]
+        want = after[0].json()["output"]
+        assert all(r.json()["output"] == want for r in after)  # the same answer from either front end
+        assert s.proc.poll() is None and "answers again" in s.log()
+    finally:
+        assert s.stop() == 0
+
+
 def test_a_forward_longer_than_the_hang_bound_is_not_a_hang(tmp_path):
     # the forward runs in the batcher's thread: the model process's event loop keeps answering heartbeats
     # (a stall past the front ends' LOST_AFTER_S too) and stamping the parent's beat

@@ -248,3 +248,41 @@ async def test_a_start_on_a_bad_address_raises_zmqs_error_and_leaves_nothing_ope
     with pytest.raises(zmq.ZMQError):
         await client.start(timeout_s=1)
     assert client._sock is None and client._fds == [] and client._ctx.closed
+
+
+async def test_a_silent_model_process_is_unavailable_until_it_is_heard_again(pair, monkeypatch):
+    """No heartbeat for LOST_AFTER_S: waiting and new requests fail at once (503); when it answers again (a stall
+    shorter than the supervisor's MHA_ENGINE_HANG_S), the front end serves again instead of answering 503 for ever."""
+    engine, client = pair
+    monkeypatch.setattr(client_mod, "HEARTBEAT_S", 0.02)
+    monkeypatch.setattr(client_mod, "LOST_AFTER_S", 0.3)
+    engine.pause()  # stalled: reads nothing, answers no ping
+    waiting = asyncio.create_task(client.infer(x(1.0), deadline=time.monotonic() + 30))
+    await until(lambda: client.lost is not None, timeout_s=3)
+    assert "no heartbeat" in client.lost and not client.running
+    with pytest.raises(EngineUnavailable):
+        await waiting
+    with pytest.raises(EngineUnavailable):
+        await client.infer(x(2.0), deadline=time.monotonic() + 30)
+    engine.resume()
+    await until(lambda: client.lost is None and client.running, timeout_s=3)
+    again = asyncio.create_task(client.infer(x(3.0), deadline=time.monotonic() + 30))
+    await until(lambda: 1 in engine.requests)
+    await engine.answer(1)
+    np.testing.assert_array_equal((await again).output.output, np.full((1, 2, 4), 6.0, np.float32))
+
+
+async def test_a_socket_that_closes_during_a_silence_leaves_it_unavailable_for_good(pair, monkeypatch):
+    engine, client = pair
+    monkeypatch.setattr(client_mod, "HEARTBEAT_S", 0.02)
+    monkeypatch.setattr(client_mod, "LOST_AFTER_S", 0.3)
+    engine.pause()
+    await until(lambda: client.lost is not None, timeout_s=3)
+    await engine.close()  # the supervisor killed the stalled process: its socket closes
+    await until(lambda: client.lost == "its socket closed", timeout_s=3)
+    replacement = FakeEngine(client.address)  # even a peer at the same address is not taken for it
+    try:
+        await asyncio.sleep(0.3)
+        assert client.lost == "its socket closed" and not client.running
+    finally:
+        await replacement.close()
