@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test soak lint format serve bench bench-service bench-tracing bench-procs bench-front bench-gpu \
+.PHONY: help setup test soak lint format serve bench bench-service bench-tracing bench-procs bench-front bench-app-cpu bench-gpu \
 	docker-test docker-build-cuda protos perf-analyzer bench-protocols
 
 help:  ## show this help
@@ -48,6 +48,9 @@ bench-tracing: $(STAMP)  ## what tracing costs: off, on, sampled-out and the cod
 
 bench-front: $(STAMP)  ## one front-end process's cost per request, against FastAPI/ASGI echoes and main (bench/front.py; needs wrk)
 	$(PY) bench/front.py
+
+bench-app-cpu: $(STAMP)  ## the app's own CPU a request, in-process, beside a bare FastAPI route (bench/app_cpu.py; to 0.3 us)
+	taskset -c 0 $(PY) bench/app_cpu.py 2>/dev/null
 
 docker-test: $(STAMP)  ## build the Docker image offline, run it and a 2-replica compose stack behind nginx (docker/ci.sh; root)
 	bash docker/ci.sh
