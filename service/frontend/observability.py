@@ -76,8 +76,13 @@ class ObserveMiddleware:
         path = scope["path"]
         if path == "/metrics":
             self.tally.flush()  # what this turn counted, before it is read
-        headers = dict(scope["headers"])
-        rid = headers.get(b"x-request-id", b"").decode("latin-1")
+        given = authorization = None
+        for name, value in scope["headers"]:  # the last of each counts, as in a dict of them
+            if name == b"x-request-id":
+                given = value
+            elif name == b"authorization":
+                authorization = value
+        rid = given.decode("latin-1") if given else ""
         if not rid or not _SAFE_ID.fullmatch(rid):
             rid = new_request_id()
         token = request_id_var.set(rid)
@@ -105,7 +110,7 @@ class ObserveMiddleware:
 
         try:
             needs_key = self.keyed and path not in self.open and scope["method"] != "OPTIONS"  # CORS preflight: no key
-            if needs_key and not self.keys.check(headers.get(b"authorization")):
+            if needs_key and not self.keys.check(authorization):
                 await self._unauthorized(path, send_wrapper)
             else:
                 await self.app(scope, receive, send_wrapper)

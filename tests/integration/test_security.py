@@ -66,6 +66,21 @@ async def test_cors_when_configured(client):
     assert "access-control-allow-origin" not in r.headers
 
 
+@pytest.mark.parametrize("settings_kw", [{"api_keys": "k-one"}])
+async def test_of_repeated_request_id_and_authorization_headers_the_last_counts(client):
+    r = await client.post(
+        "/attend",
+        json=X,
+        headers=[("x-request-id", "first-1"), ("authorization", "Bearer wrong"), ("x-request-id", "second-2"),
+                 ("authorization", "Bearer k-one")],
+    )  # fmt: skip
+    assert r.status_code == 200 and r.headers["x-request-id"] == "second-2"
+    r = await client.post(
+        "/attend", json=X, headers=[("authorization", "Bearer k-one"), ("authorization", "Bearer wrong")]
+    )
+    assert r.status_code == 401
+
+
 async def test_request_id_is_echoed_or_generated(client, caplog):
     caplog.set_level(logging.INFO, logger="mha_serve.access")
     r = await client.post("/attend", json=X, headers={"x-request-id": "abc-123"})
