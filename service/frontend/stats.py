@@ -145,10 +145,10 @@ class SharedModelStats(ModelStats):
         self._published: dict[str, int] = {}  # what the shared counters already hold of this process's figures
         self._publish_scheduled = False
 
-    def request_done(self, *, sequences: int, started: float, decoded: float, answered: float, res: Result) -> None:
-        super().request_done(sequences=sequences, started=started, decoded=decoded, answered=answered, res=res)
-        if not self._publish_scheduled:
-            self._schedule()
+    def add_done(self) -> None:
+        """The turn's answers, added, go to the shared counters at once (once a turn, as they are added)."""
+        super().add_done()
+        self._publish()
 
     def request_failed(self, total_s: float) -> None:
         super().request_failed(total_s)
@@ -161,8 +161,6 @@ class SharedModelStats(ModelStats):
 
     def _publish(self) -> None:
         self._publish_scheduled = False
-        if self._done:  # (scheduled before the publish: added already, unless the loop stopped in between)
-            self.add_done()
         c, p, seen = self.counters, self.phases, self._published
 
         def add(key: str, value: int, counter: Any) -> None:
@@ -181,7 +179,9 @@ class SharedModelStats(ModelStats):
             seen["last_ms"] = self.last_inference_ms
 
     def model_stats(self, name: str, version: str) -> dict[str, Any]:
-        if self._publish_scheduled:  # this process's own latest figures first
+        if self._done:  # this process's own latest figures first
+            self.add_done()
+        if self._publish_scheduled:
             self._publish()
         t = TritonCounters.totals()
 
