@@ -95,12 +95,18 @@ async def _answer(request: Request, handler: Callable[..., Coroutine[Any, Any, R
     """``handler(request, *args)``, its errors in the protocol's shape (StarletteHTTPException: FastAPI's)."""
     try:
         return await handler(request, *args)
-    except ServiceError as e:
-        return _error_response(e)
-    except (StarletteHTTPException, ClientDisconnect):  # FastAPI's; nobody to answer (InternalErrors: silent)
-        raise
     except Exception as e:
-        return _error_response(internal_error(e, request))
+        return _error_of(e, request)
+
+
+def _error_of(exc: Exception, request: Request) -> Response:
+    """A v2 route's exception in the protocol's shape: a ServiceError's own, any other an opaque 500; FastAPI's
+    StarletteHTTPException and a ClientDisconnect (nobody to answer; InternalErrors keeps it silent) go on."""
+    if isinstance(exc, ServiceError):
+        return _error_response(exc)
+    if isinstance(exc, (StarletteHTTPException, ClientDisconnect)):
+        raise exc
+    return _error_response(internal_error(exc, request))
 
 
 class _V2Route(APIRoute):
@@ -176,8 +182,8 @@ def build_router(state: Any) -> APIRouter:
         return {"name": name, "ready": True}
 
     async def infer(request: Request, name: str, version: str | None = None) -> Response:
-        """POST .../infer, its errors answered here in the protocol's shape, as ``_answer`` would (the hot path
-        calls this directly: a coroutine less a request)."""
+        """POST .../infer, its errors answered here in the protocol's shape (``_error_of``, as ``_answer`` does: the
+        hot path calls this directly, a coroutine less a request)."""
         started = time.monotonic()
         try:
             check_model(name, version)
@@ -200,13 +206,10 @@ def build_router(state: Any) -> APIRouter:
             tensors = {"output": res.output.output, "weights": res.output.weights}
             with stage(state.tracing, "encode"):
                 payload, header_len = _encode(req, settings.model_name, tensors)
-        except ServiceError as e:
-            state.stats.request_failed(time.monotonic() - started)
-            return _error_response(e)
-        except (StarletteHTTPException, ClientDisconnect):  # FastAPI's; nobody to answer (InternalErrors: silent)
-            raise
         except Exception as e:
-            return _error_response(internal_error(e, request))
+            if isinstance(e, ServiceError):
+                state.stats.request_failed(time.monotonic() - started)
+            return _error_of(e, request)
         state.stats.request_done(sequences=inp.batch, started=started, decoded=decoded, answered=answered, res=res)
         if header_len is None:
             return Answer(payload, b"application/json", res)
