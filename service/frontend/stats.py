@@ -54,7 +54,6 @@ class ModelStats(BatcherObserver):
         self.last_inference_ms = 0
         self.batches: dict[int, _Duration] = {}
         self._done: list[tuple] = []  # answered requests not yet added: (done, started, decoded, answered, res, n)
-        self._add_scheduled = False
 
     # -- the inference routes -------------------------------------------------------------------
 
@@ -63,17 +62,15 @@ class ModelStats(BatcherObserver):
         once its tensors were checked, and once its result came back; encoding ends now. Added to the figures
         at the end of the event loop's turn, with the turn's other requests (``add_done``), or when read."""
         self._done.append((time.monotonic(), started, decoded, answered, res, sequences))
-        if not self._add_scheduled:
+        if len(self._done) == 1:  # the first since the last add: add them at the end of this turn
             loop = asyncio._get_running_loop()
             if loop is None:
                 self.add_done()
             else:
-                self._add_scheduled = True
                 loop.call_soon(self.add_done)
 
     def add_done(self) -> None:
         """Add the requests answered since the last call to the figures."""
-        self._add_scheduled = False
         done, self._done = self._done, []
         if not done:
             return
