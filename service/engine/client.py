@@ -303,20 +303,25 @@ class EngineClient:
     # bound the wait.
 
     def _send(self, frames: list) -> None:
-        sock = self._sock
-        if sock is None:  # stopped: nothing can be waiting for an answer
+        if self._sock is None:  # stopped: nothing can be waiting for an answer
             return
-        if self._backlog:  # behind the messages still waiting: order is kept
-            self._backlog.append(frames)
-        else:
+        self._backlog.append(frames)  # behind the messages still waiting: order is kept
+        if self._send_backlog():
+            self._look()
+
+    def _send_backlog(self) -> bool:
+        """Send the backlog's messages, in order, until zmq takes no more; False if the socket broke."""
+        sock, backlog = self._sock, self._backlog
+        while backlog:
             try:
-                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                sock.send_multipart(backlog[0], zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                self._backlog.append(frames)
+                break
             except zmq.ZMQError as e:  # the socket is unusable (it is not closed before _stop)
                 self._gone(f"sending to it failed: {e}")
-                return
-        self._look()
+                return False
+            backlog.popleft()
+        return True
 
     def _look(self) -> None:
         """After a send, or a drain that leaves a backlog: drain again if a message or room waits (the edge that
@@ -337,20 +342,12 @@ class EngineClient:
         sock = self._sock
         if sock is None:  # (a drain scheduled before _stop)
             return
-        backlog = self._backlog
-        while backlog:
-            try:
-                sock.send_multipart(backlog[0], zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
-            except zmq.ZMQError as e:
-                self._gone(f"sending to it failed: {e}")
-                return
-            backlog.popleft()
+        if not self._send_backlog():
+            return
         if read_waiting(sock, self._handle, "a message from the model process"):
             self._schedule_drain()
             return
-        if backlog:  # room may have come while reading, its edge spent by the receive
+        if self._backlog:  # room may have come while reading, its edge spent by the receive
             self._look()
 
     def _handle(self, frames: list) -> None:
