@@ -97,18 +97,16 @@ class JsonFormatter(logging.Formatter):
 
 
 def dumps_line(out: dict[str, Any]) -> str:
-    try:
-        return orjson.dumps(out, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
-    except (TypeError, orjson.JSONEncodeError):  # an integer beyond 64 bits, say: the standard encoder writes it
-        return _ENCODER.encode(out)
+    return _dumps_line_bytes(out)[:-1].decode()
 
 
 def _dumps_line_bytes(out: dict[str, Any]) -> bytes:
-    """``dumps_line(out)`` and the newline, as UTF-8."""
+    """One JSON line and its newline, UTF-8: orjson's, or the standard encoder's (ASCII) for what orjson cannot
+    write (an integer beyond 64 bits, say)."""
     try:
         return orjson.dumps(out, default=str, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE)
     except (TypeError, orjson.JSONEncodeError):
-        return (_ENCODER.encode(out) + "\n").encode("utf-8", "replace")
+        return (_ENCODER.encode(out) + "\n").encode()
 
 
 def _access_line(fmt: logging.Formatter | None, entry: tuple) -> bytes:
