@@ -11,7 +11,7 @@ core; CPU time (``time.process_time``), median of ``--reps``.
     taskset -c 0 .venv/bin/python bench/app_cpu.py --profile v2   # cProfile of one variant instead
 
 What it leaves out is the same for every row: uvicorn's HTTP parsing and writes, the kernel, the crossing to
-the model process (its Python is in ``EngineClient``, which the fake engine replaces).
+the model process (its Python is in ``MPClient``, which the fake engine replaces).
 """
 
 from __future__ import annotations
@@ -36,13 +36,16 @@ AT_ONCE = 16  # requests in flight together (one turn's worth, as a batch's answ
 
 
 class NextTurnEngine:
-    """The batcher's interface, answering every request with its input on the next turn of the loop."""
+    """An engine client (service.engine_api) answering every request with its input on the next turn of the
+    loop; the model's description and statistics are ``real``'s."""
 
-    running = True
+    ready = True
     forward_running = False
 
-    def __init__(self) -> None:
+    def __init__(self, real) -> None:
         from service.messages import AttendOutput, Result
+
+        self.model, self.stats = real.model, real.stats
 
         self._result = lambda x: Result(AttendOutput(x.copy(), None), 0.001, 0.001, AT_ONCE, AT_ONCE)
 
@@ -143,7 +146,8 @@ async def measure(variant: str, access_log: bool, n: int, reps: int, profile: bo
     app = create_app(settings=Settings(**MODEL, access_log=access_log, grpc_port=0, warmup=False))
     inbox, lifespan = await started(app)
     state = app.state.mha
-    real, state.batcher = state.batcher, NextTurnEngine()
+    real = state.engine
+    state.engine = NextTurnEngine(real)
     try:
         if profile:
             import cProfile
@@ -157,7 +161,7 @@ async def measure(variant: str, access_log: bool, n: int, reps: int, profile: bo
             return float("nan"), set()
         return await per_request_us(app, case, n, reps)
     finally:
-        state.batcher = real
+        state.engine = real
         await inbox.put({"type": "lifespan.shutdown"})
         await lifespan
 

@@ -1,6 +1,8 @@
-"""create_app(settings=...): wires Settings -> the engine (in-process batcher) or the engine client -> routes.
+"""create_app(settings=...): wires Settings -> an engine client -> routes.
 
-The one module that imports both sides (service/frontend/ and service/engine/). No torch math here.
+The one module that imports both sides (service/frontend/ and service/engine/): it picks the engine
+client (in process, or the model process's over zmq) and hands it to the routes, which know it only
+by its interface (``service.engine_api.EngineClient``). No torch math here.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,9 +21,9 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mha_core import MHAConfig
 from service import __version__, heap, tracing
 from service.engine.batcher import BatchLimits
+from service.engine_api import EngineClient, Statistics
 from service.errors import INFERENCE_ERRORS, InternalErrors, ServiceError
 from service.frontend import fastroute, grpc_server, heatmap, v2
 from service.frontend.admission import Admission, AdmissionMiddleware
@@ -30,8 +32,6 @@ from service.frontend.httputil import Answer, infer, internal_error, read_body, 
 from service.frontend.observability import ApiKeys, ObserveMiddleware
 from service.frontend.offload import Offload
 from service.frontend.schemas import AttendRequest, AttendResponse, ModelDescription, error_responses
-from service.frontend.stats import ModelStats, SharedModelStats
-from service.messages import BatcherObserver
 from service.metrics import Metrics, exposition
 from service.settings import Settings
 from service.tracing import Tracing, stage
@@ -43,8 +43,7 @@ log = logging.getLogger("mha_serve")
 class AppState:
     settings: Settings
     metrics: Metrics
-    runner: Any = None  # the Runner, or in a front-end process the model process's description (EngineModel)
-    batcher: Any = None  # the Batcher, or in a front-end process an EngineClient (service/engine/client.py)
+    engine: EngineClient | None = None  # the model, whatever the mode: set by the lifespan
     ready: bool = False
     draining: bool = False
     model_info: dict | None = None
@@ -53,10 +52,13 @@ class AppState:
     shutdown_deadline: float | None = None  # monotonic: the signal's time + shutdown_grace_s
     drain: asyncio.Future | None = None
     offload: Offload | None = None
-    stats: ModelStats = field(default_factory=ModelStats)
     grpc: grpc_server.GrpcServer | None = None
-    front_end: bool = False  # a front-end process of several (MHA_WORKERS >= 2): the model is elsewhere
+    shares_port: bool = False  # one of several front-end processes that serve the same ports
     tracing: Tracing | None = None  # None unless OTEL_TRACES_EXPORTER turns tracing on (service/tracing.py)
+
+    @property
+    def stats(self) -> Statistics:
+        return self.engine.stats
 
     def begin_shutdown(self) -> None:
         """Refuse new work now, and drain accepted work by one deadline measured from this call.
@@ -73,7 +75,7 @@ class AppState:
             self.loop.call_soon_threadsafe(self._start_drain)
 
     def _start_drain(self) -> None:
-        if self.drain is not None or self.batcher is None:
+        if self.drain is not None or self.engine is None:
             return
         grace = self.settings.shutdown_grace_s
         # Fail what is left a little before the deadline, so that its 503s are written, and the
@@ -82,105 +84,41 @@ class AppState:
         reserve = min(1.5, 0.25 * grace)
         left = max(0.0, self.shutdown_deadline - time.monotonic() - reserve)
         grpc_stop = self.grpc.stop(left) if self.grpc is not None else asyncio.sleep(0)
-        self.drain = asyncio.gather(grpc_stop, self.batcher.stop(grace_s=left))
-
-
-class _Observers(BatcherObserver):
-    """The batcher's one observer, fanned out to the Prometheus metrics and Triton's statistics.
-
-    Every hook of BatcherObserver is forwarded (set below), so a new hook cannot be forgotten here.
-    """
-
-    def __init__(self, *observers: BatcherObserver) -> None:
-        self._observers = observers
-
-
-def _fan_out(name: str) -> Any:
-    def hook(self: _Observers, *args: Any) -> None:
-        for o in self._observers:
-            getattr(o, name)(*args)
-
-    hook.__name__ = name
-    return hook
-
-
-for _hook in [n for n in vars(BatcherObserver) if not n.startswith("_")]:
-    setattr(_Observers, _hook, _fan_out(_hook))
-
-
-@dataclass(frozen=True)
-class EngineModel:
-    """What a front-end process knows of the model, from the model process: the routes read these."""
-
-    config: MHAConfig
-    device: str
+        self.drain = asyncio.gather(grpc_stop, self.engine.stop(grace_s=left))
 
 
 def create_app(*, settings: Settings, engine_address: str | None = None) -> FastAPI:
     """The app; with ``engine_address``, a front-end process whose batcher is the model process there."""
-    state = AppState(settings=settings, metrics=Metrics())
+    state = AppState(settings=settings, metrics=Metrics(), shares_port=engine_address is not None)
     state.tracing = tracing.from_env(service_version=__version__, replica_id=settings.replica_id)
 
-    async def connect_engine() -> None:
-        from service.engine.client import EngineClient
+    def engine_ready(ready: bool) -> None:  # (during start-up: the lifespan sets it when it is done)
+        if state.model_info is not None:
+            state.ready = ready and not state.draining
 
-        def on_ready(ready: bool) -> None:
-            if state.batcher is client:
-                state.ready = ready and not state.draining
+    async def start_engine() -> None:
+        if engine_address is not None:
+            from service.engine.client import MPClient
 
-        client = EngineClient(engine_address, on_ready=on_ready)
-        info = await client.start()
-        state.model_info = info["model_info"]
-        state.runner = EngineModel(MHAConfig(**info["config"]), state.model_info["device"])
+            state.engine = MPClient(engine_address, on_ready=engine_ready)
+        else:
+            from service.engine.inproc import InprocClient
+
+            state.engine = InprocClient(settings, metrics=state.metrics, tracing=state.tracing, on_ready=engine_ready)
+        model = await state.engine.start()
+        state.model_info = model.info
         state.limits = Limits(
             settings.max_request_batch,
             settings.max_weights_elements,
             settings.default_timeout_ms,
             settings.max_timeout_ms,
-            dtype=state.model_info["dtype"],
+            dtype=model.dtype,  # the dtype in use (MHA_DTYPE=auto resolved by the device)
             priority_levels=settings.priority_levels,
         )
-        state.front_end = True
-        state.stats = SharedModelStats()  # the service's totals: the model process and every front end add to them
-        state.batcher = client
-
-    async def load_model() -> None:
-        from service.engine.runner import Runner, batcher_for, model_description  # torch: never in a front end
-
-        runner = await asyncio.to_thread(Runner.from_settings, settings)
-        if settings.warmup:
-            await asyncio.to_thread(runner.warmup)
-        cfg = runner.config
-        if settings.max_request_batch * cfg.max_seq_len > settings.max_batch_tokens:
-            log.warning(
-                "max_request_batch x the model's max_seq_len (%d x %d) is over max_batch_tokens (%d): requests "
-                "over max_batch_tokens get 422",
-                settings.max_request_batch,
-                cfg.max_seq_len,
-                settings.max_batch_tokens,
-            )
-        state.runner = runner
-        state.model_info = model_description(settings, runner)
-        state.limits = Limits(
-            settings.max_request_batch,
-            settings.max_weights_elements,
-            settings.default_timeout_ms,
-            settings.max_timeout_ms,
-            dtype=state.model_info["dtype"],  # the dtype in use (MHA_DTYPE=auto resolved by the device)
-            priority_levels=settings.priority_levels,
-        )
-        observer = _Observers(state.metrics, state.stats)
-        if state.tracing is not None:  # plus the forward span of each batch
-            observer = state.tracing.observe_batches(observer)
-        state.batcher = batcher_for(runner, settings, observer)
-        await state.batcher.start()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if engine_address is not None:
-            await connect_engine()
-        else:
-            await load_model()
+        await start_engine()
         _warn_shared_admission(settings)
         state.offload = Offload(settings.decode_processes, settings.offload_min_bytes)
         await state.offload.start()
@@ -189,11 +127,11 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
             try:
                 state.grpc = await grpc_server.start(state)
             except Exception:
-                await state.batcher.stop()
+                await state.engine.stop()
                 state.offload.close()
                 raise
         heap.settle()  # start-up objects leave the collector's view; the young generation is collected less often
-        state.ready = engine_address is None or state.batcher.running
+        state.ready = state.engine.ready
         info = state.model_info
         log.info("ready: %s on %s (%s)", settings.model_name, info["device"], info["checksum"])
         try:
@@ -319,9 +257,9 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
         offload = state.offload
         try:
             with stage(state.tracing, "decode"):  # inline when it can be: no coroutine for work that never awaits
-                dec = offload.decode_now(body, state.runner.config, state.limits)
+                dec = offload.decode_now(body, state.engine.model.config, state.limits)
                 if dec is None:
-                    dec = await offload.decode_attend(body, state.runner.config, state.limits)
+                    dec = await offload.decode_attend(body, state.engine.model.config, state.limits)
             del body
             decoded = time.monotonic()
             res = await infer(

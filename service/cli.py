@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     server = _Server(config, app)
     server.run()
     code = 0 if server.started else 1
-    batcher = app.state.mha.batcher
-    if batcher is not None and batcher.forward_running:
+    engine = app.state.mha.engine
+    if engine is not None and engine.forward_running:
         # A forward ran past the grace (its requests were answered 503). It cannot be interrupted,
         # and finalising the interpreter under a running torch op can abort the process: leave now.
         logging.getLogger("mha_serve").warning("a forward pass was still running at exit; not waiting for it")

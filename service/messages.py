@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
+from typing import Any, ClassVar
 
 import numpy as np
 import orjson
@@ -67,34 +68,87 @@ class BatchStats:
 # -- the batcher's outcomes and hooks (the in-process batcher and the engine client raise the same) --
 
 
-class Overloaded(Exception):
+class ErrorKind(str, Enum):
+    """Why the engine did not answer a request with a result: the one enum of the engine's failures.
+
+    Its values are error types of ``service.errors.ERROR_STATUS`` (CLIENT_GONE aside: nobody waits for
+    that answer), so each edge (HTTP, gRPC) maps a failure to its status once, by its kind; it crosses
+    the process boundary as its value.
+    """
+
+    OVERLOADED = "overloaded"
+    VALIDATION = "validation_error"  # the request alone is over a per-batch limit
+    DEADLINE = "deadline_exceeded"
+    UNAVAILABLE = "unavailable"  # shutting down, or the model process is gone
+    NUMERIC_OVERFLOW = "numeric_overflow"
+    INTERNAL = "internal_error"  # the forward failed for this request
+    CLIENT_GONE = "client_gone"  # the caller went away: nobody is answered
+
+
+class EngineFailure(Exception):
+    """A request the engine answers with a failure of ``kind`` instead of a result."""
+
+    kind: ClassVar[ErrorKind] = ErrorKind.INTERNAL
+    retry_after_s: float = 0.0
+
+
+class Overloaded(EngineFailure):
+    kind = ErrorKind.OVERLOADED
+
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
 
-class DeadlineExceeded(Exception):
-    pass
+class DeadlineExceeded(EngineFailure):
+    kind = ErrorKind.DEADLINE
 
 
-class ShuttingDown(Exception):
-    pass
+class ShuttingDown(EngineFailure):
+    kind = ErrorKind.UNAVAILABLE
 
 
-class ClientGone(Exception):
-    pass
+class ClientGone(EngineFailure):
+    kind = ErrorKind.CLIENT_GONE
 
 
-class RequestTooLarge(Exception):
+class RequestTooLarge(EngineFailure):
     """The request alone is over a per-batch limit: no batch could ever run it."""
 
+    kind = ErrorKind.VALIDATION
 
-class NumericOverflow(Exception):
+
+class NumericOverflow(EngineFailure):
     """This request's result holds NaN or Inf: its computation overflowed the model's dtype (a 422, not a fault).
 
     The runner checks each batch's results once and fails only the requests whose own values are
     non-finite; every transport answers it as ``numeric_overflow`` with this message.
     """
+
+    kind = ErrorKind.NUMERIC_OVERFLOW
+
+
+class EngineError(EngineFailure):
+    """The forward failed for this request in the model process (answered as a 500 with an error id)."""
+
+    kind = ErrorKind.INTERNAL
+
+
+_FAILURE_OF_KIND: dict[str, type[EngineFailure]] = {
+    c.kind.value: c
+    for c in (Overloaded, DeadlineExceeded, ShuttingDown, ClientGone, RequestTooLarge, NumericOverflow, EngineError)
+}
+
+
+def failure_of(kind: str, message: str, retry_after_s: float = 0.0) -> EngineFailure:
+    """A failure that crossed the process boundary as its kind's value, raised again as its class."""
+    cls = _FAILURE_OF_KIND.get(kind, EngineError)
+    return Overloaded(message, retry_after_s) if cls is Overloaded else cls(message)
+
+
+def kind_of(exc: BaseException) -> ErrorKind:
+    """The kind a failure crosses the process boundary as: INTERNAL for anything not an EngineFailure."""
+    return exc.kind if isinstance(exc, EngineFailure) else ErrorKind.INTERNAL
 
 
 # largest finite value of each float dtype (bfloat16: float32's exponent, 8 bits of mantissa)
@@ -163,8 +217,6 @@ class Result:
 # that leaves is noticed from then on, and a quick answer never pays for a watcher task.
 WATCH_AFTER_S = 0.05
 ADDRESS_ENV = "MHA_ENGINE_ADDRESS"  # the model process's zmq address, as the supervisor hands it to front ends
-
-ERROR_KINDS = ("overloaded", "too_large", "deadline", "shutting_down", "client_gone", "numeric_overflow", "error")
 
 
 PACK_BELOW = 1 << 16  # arrays under 64 KiB cross packed together in one frame a message; larger ones in their own
@@ -308,7 +360,7 @@ class Outcome:
     compute_s: float = 0.0
     batch_requests: int = 0
     batch_sequences: int = 0
-    error: str | None = None  # one of ERROR_KINDS
+    error: str | None = None  # an ErrorKind's value
     message: str = ""
     retry_after_s: float = 0.0
 

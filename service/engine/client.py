@@ -1,8 +1,8 @@
-"""EngineClient: the batcher's interface in a front-end process, served by the model process.
+"""MPClient: the engine client of a front-end process, served by the model process over zmq.
 
-It has the same ``infer(inp, *, deadline, abandoned) -> Result`` as ``service.engine.batcher.Batcher``
-and raises the same exceptions (Overloaded with its retry-after, DeadlineExceeded, ShuttingDown,
-ClientGone, RequestTooLarge), so the routes need not know which one they talk to. Requests
+It is the ``service.engine_api.EngineClient`` interface, as ``InprocClient`` is in one process: the
+same ``infer(inp, *, deadline, abandoned, priority) -> Result``, the same typed failures (each crosses
+as its ``ErrorKind``), readiness, statistics and stop, so the routes need not know which one they talk to. Requests
 submitted in the same turn of the event loop cross in one message; a caller that leaves sends a
 cancel, so the model process drops the request before compute. When the model process goes away
 (its socket disconnects, or its heartbeat stops) every pending request fails at once with
@@ -25,6 +25,8 @@ import orjson
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from mha_core import MHAConfig
+from service.engine_api import EngineModel
 from service.logs import request_id_var
 from service.messages import (
     COPY_BELOW,
@@ -32,17 +34,15 @@ from service.messages import (
     AttendInput,
     ClientGone,
     DeadlineExceeded,
-    NumericOverflow,
-    Outcome,
-    Overloaded,
-    RequestTooLarge,
     Result,
     ShuttingDown,
     control,
     decode_outcomes,
     encode_requests,
+    failure_of,
     read_waiting,
 )
+from service.stats import SharedModelStats
 
 log = logging.getLogger("mha_serve.engine")
 
@@ -56,30 +56,11 @@ class EngineUnavailable(ShuttingDown):
     """The model process is gone: 503, at once."""
 
 
-class EngineError(RuntimeError):
-    """The forward failed for this request in the model process (answered as a 500 with an error id)."""
-
-
-def _error(o: Outcome) -> Exception:
-    kind = o.error
-    if kind == "overloaded":
-        return Overloaded(o.message, o.retry_after_s)
-    if kind == "too_large":
-        return RequestTooLarge(o.message)
-    if kind == "deadline":
-        return DeadlineExceeded(o.message)
-    if kind == "shutting_down":
-        return ShuttingDown(o.message)
-    if kind == "client_gone":
-        return ClientGone(o.message)
-    if kind == "numeric_overflow":
-        return NumericOverflow(o.message)
-    return EngineError(o.message)
-
-
-class EngineClient:
+class MPClient:
     def __init__(self, address: str, *, on_ready: Callable[[bool], None] | None = None) -> None:
         self.address = address
+        self.model: EngineModel | None = None
+        self.stats = SharedModelStats()  # the service's totals: the model process and every front end add to them
         self._on_ready = on_ready or (lambda ready: None)
         self._ctx = zmq.Context()
         self._sock: zmq.Socket | None = None  # a plain DEALER, read when its FD says so (see _drain)
@@ -107,8 +88,8 @@ class EngineClient:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    async def start(self, timeout_s: float = 60.0) -> dict[str, Any]:
-        """Connect, and return the model process's description (model info, config, device)."""
+    async def start(self, timeout_s: float = 60.0) -> EngineModel:
+        """Connect, and return the model process's description of its model."""
         loop = self._loop = asyncio.get_running_loop()
         sock = self._ctx.socket(zmq.DEALER)
         sock.copy_threshold = COPY_BELOW
@@ -132,10 +113,11 @@ class EngineClient:
             await self.stop()  # nothing left registered on the loop, no socket left open
             raise
         self._heartbeat_task = asyncio.create_task(self._heartbeat(), name="mha-engine-heartbeat")
-        return info
+        self.model = EngineModel(MHAConfig(**info["config"]), info["model_info"])
+        return self.model
 
     @property
-    def running(self) -> bool:
+    def ready(self) -> bool:
         return self._accepting and self._lost is None and self._engine_ready
 
     @property
@@ -363,7 +345,7 @@ class EngineClient:
                 if o.error is None:
                     fut.set_result(Result(o.output, o.queue_s, o.compute_s, o.batch_requests, o.batch_sequences))
                 else:
-                    fut.set_exception(_error(o))
+                    fut.set_exception(failure_of(o.error, o.message, o.retry_after_s))
         elif kind in ("hb", "info"):
             self._last_beat = time.monotonic()
             self._queue = tuple(header["queue"])

@@ -34,17 +34,13 @@ from service import heap
 from service.logs import request_id_var
 from service.messages import (
     COPY_BELOW,
-    ClientGone,
-    DeadlineExceeded,
-    NumericOverflow,
+    ErrorKind,
     Outcome,
-    Overloaded,
-    RequestTooLarge,
     Result,
-    ShuttingDown,
     control,
     decode_requests,
     encode_outcomes,
+    kind_of,
     read_waiting,
 )
 from service.settings import Settings
@@ -53,19 +49,10 @@ log = logging.getLogger("mha_serve.engine")
 
 
 def _outcome_of(rid: int, exc: BaseException) -> Outcome:
-    if isinstance(exc, Overloaded):
-        return Outcome(rid, error="overloaded", message=str(exc), retry_after_s=exc.retry_after_s)
-    if isinstance(exc, RequestTooLarge):
-        return Outcome(rid, error="too_large", message=str(exc))
-    if isinstance(exc, DeadlineExceeded):
-        return Outcome(rid, error="deadline", message=str(exc))
-    if isinstance(exc, ShuttingDown):
-        return Outcome(rid, error="shutting_down", message=str(exc))
-    if isinstance(exc, ClientGone):
-        return Outcome(rid, error="client_gone", message=str(exc))
-    if isinstance(exc, NumericOverflow):  # the request's own overflow: its message is the answer (422)
-        return Outcome(rid, error="numeric_overflow", message=str(exc))
-    return Outcome(rid, error="error", message=f"{type(exc).__name__}: {exc}")
+    """A failure as it crosses to the front end: its kind's value, its message and its retry-after."""
+    kind = kind_of(exc)
+    message = str(exc) if kind is not ErrorKind.INTERNAL else f"{type(exc).__name__}: {exc}"
+    return Outcome(rid, error=kind.value, message=message, retry_after_s=getattr(exc, "retry_after_s", 0.0))
 
 
 class Engine:
@@ -84,9 +71,10 @@ class Engine:
         self._stop = asyncio.Event()
 
     async def load(self) -> None:
-        """Load and warm the model, start the batcher (the same wiring as the single-process app)."""
+        """Load and warm the model and start the batcher: the one-process mode's engine (InprocClient), whose
+        batcher this process feeds through its callback path (``submit``/``cancel``)."""
         from service import __version__, tracing
-        from service.engine.runner import Runner, batcher_for, model_description
+        from service.engine.inproc import InprocClient
         from service.metrics import Metrics, TritonCounters
 
         class EngineObserver(Metrics):
@@ -101,22 +89,18 @@ class Engine:
                 self.triton.batch_done(requests, stats, queue_waits_s)
 
         s = self.settings
-        runner = await asyncio.to_thread(Runner.from_settings, s)
-        if s.warmup:
-            await asyncio.to_thread(runner.warmup)
-        self.info = {"model_info": model_description(s, runner), "config": runner.config.to_dict()}
-        observer: Any = EngineObserver()  # written to PROMETHEUS_MULTIPROC_DIR: the front ends' /metrics reads them
+        # the metrics are written to PROMETHEUS_MULTIPROC_DIR: the front ends' /metrics reads them
         self.tracing = tracing.from_env(service_version=__version__, replica_id=s.replica_id)
-        if self.tracing is not None:  # the forward span of each batch, a child of its first traced request's span
-            observer = self.tracing.observe_batches(observer)
-        self.batcher = batcher_for(runner, s, observer)
-        await self.batcher.start()
+        engine = InprocClient(s, metrics=EngineObserver(), tracing=self.tracing)
+        model = await engine.start()
+        self.batcher = engine.batcher
+        self.info = {"model_info": model.info, "config": model.config.to_dict()}
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.copy_threshold = COPY_BELOW
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(self.address)
         heap.settle()
-        log.info("model process ready: %s on %s (%s)", s.model_name, runner.device, runner.checksum)
+        log.info("model process ready: %s on %s (%s)", s.model_name, model.device, model.info["checksum"])
 
     def _status(self) -> dict[str, Any]:
         return {"ready": bool(self.batcher.running), "queue": list(self.batcher.queue_depth())}
@@ -194,7 +178,7 @@ class Engine:
         if isinstance(res, Result):
             outcome = Outcome(rid, res.output, res.queue_s, res.compute_s, res.batch_requests, res.batch_sequences)
         else:  # typed back to the front end, which maps it to the error table
-            if not isinstance(res, Overloaded | DeadlineExceeded | ShuttingDown | RequestTooLarge | NumericOverflow):
+            if kind_of(res) is ErrorKind.INTERNAL:
                 token = request_id_var.set(request_id)  # the log line carries the front end's request id
                 try:
                     log.warning("request failed in the model process: %r", res)

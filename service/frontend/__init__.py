@@ -1,7 +1,7 @@
 """The front end: HTTP (/attend, the v2 protocol, the heatmap page) and gRPC, decoding and encoding.
 
-Front-end modules reach the model only through ``state.batcher`` (the in-process ``Batcher`` or the
-``EngineClient``, wired by ``service.app``) with the types of ``service.messages``; none imports
+Front-end modules reach the model only through ``state.engine``, an engine client
+(``service.engine_api.EngineClient``, wired by ``service.app``) with the types of ``service.messages``; none imports
 ``service.engine`` (tests/unit/test_layout.py). ``worker`` is a front-end worker process's entry
 (``MHA_WORKERS`` >= 2); it imports no torch.
 """

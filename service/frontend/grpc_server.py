@@ -93,7 +93,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _ready(self) -> bool:
         s = self.state
-        return s.ready and not s.draining and s.batcher is not None
+        return s.ready and not s.draining and s.engine is not None
 
     @_rpc
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
@@ -179,7 +179,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             left = context.time_remaining()
             with stage(state.tracing, "decode"):
                 plan = grpc_wire.decode_infer(request, None if left is None else left * 1000)
-                inp, timeout_s = plan.check(config=state.runner.config, limits=state.limits)
+                inp, timeout_s = plan.check(config=state.engine.model.config, limits=state.limits)
                 priority = check_priority(plan.priority, state.limits)
             decoded = time.monotonic()
             res = await self._infer(
@@ -232,9 +232,9 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         return res
 
     def _runner(self) -> Any:
-        if self.state.runner is None:
+        if self.state.engine is None or self.state.engine.model is None:
             raise ServiceError("unavailable", "the model is still loading")
-        return self.state.runner
+        return self.state.engine.model
 
 
 class _Health(HealthServicer):
@@ -298,7 +298,7 @@ async def start(state: Any) -> GrpcServer:
         options=[
             ("grpc.max_receive_message_length", s.max_body_bytes),
             ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 1 if state.front_end else 0),  # front-end processes share the port
+            ("grpc.so_reuseport", 1 if state.shares_port else 0),  # front-end processes share the port
         ],
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(state), server)

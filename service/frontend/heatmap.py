@@ -88,7 +88,7 @@ def build_router(state: AppState) -> APIRouter:
         del body
         if isinstance(obj, dict):  # weights are the point: heads need not come with return_weights
             obj["return_weights"] = True
-        cfg = state.runner.config
+        cfg = state.engine.model.config
         with stage(state.tracing, "decode"):
             dec = decode_object(obj, cfg, state.limits)
         del obj

@@ -37,7 +37,7 @@ def require_ready(state: Any) -> None:
     """503 unless the model is ready and the server is not draining (every route and transport)."""
     if state.draining:
         raise ServiceError("unavailable", "the server is shutting down")
-    if not state.ready or state.runner is None or state.batcher is None:
+    if not state.ready or state.engine is None or not state.engine.ready:
         raise ServiceError("unavailable", "the model is not ready yet")
 
 
@@ -168,7 +168,7 @@ async def run_batcher(
         if ctx is not None:
             inp = dataclasses.replace(inp, trace=ctx)
     try:
-        res = await state.batcher.infer(inp, deadline=deadline, abandoned=abandoned, priority=priority)
+        res = await state.engine.infer(inp, deadline=deadline, abandoned=abandoned, priority=priority)
     except Overloaded as e:
         raise ServiceError("overloaded", str(e), headers={"retry-after": str(int(e.retry_after_s))}) from e
     except RequestTooLarge as e:

@@ -162,15 +162,16 @@ def build_router(state: Any) -> APIRouter:
 
     def metadata(name: str, version: str | None) -> dict[str, Any]:
         check_model(name, version)
-        if state.runner is None:
+        if state.engine is None or state.engine.model is None:
             raise ServiceError("unavailable", "the model is still loading")
-        return oip.model_metadata(settings.model_name, state.runner.config)
+        return oip.model_metadata(settings.model_name, state.engine.model.config)
 
     def config(name: str, version: str | None) -> dict[str, Any]:
         check_model(name, version)
-        if state.runner is None:
+        model = state.engine.model if state.engine is not None else None
+        if model is None:
             raise ServiceError("unavailable", "the model is still loading")
-        return oip.model_config(settings.model_name, state.runner.config, settings, str(state.runner.device))
+        return oip.model_config(settings.model_name, model.config, settings, model.device)
 
     def stats(name: str, version: str | None) -> dict[str, Any]:
         check_model(name, version)
@@ -194,7 +195,7 @@ def build_router(state: Any) -> APIRouter:
             body = await _read_body(request, settings.max_body_bytes)
             with stage(state.tracing, "decode"):
                 req, inp, timeout_s, priority = plans.decode(
-                    body, header(request, HEADER_LENGTH_RAW), state.runner.config, state.limits
+                    body, header(request, HEADER_LENGTH_RAW), state.engine.model.config, state.limits
                 )
             decoded = time.monotonic()
             res = await run_inference(

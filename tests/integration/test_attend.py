@@ -15,7 +15,7 @@ rng = np.random.default_rng()
 
 
 def module(app):
-    return app.state.mha.runner.module
+    return app.state.mha.engine.runner.module
 
 
 def direct(app, x, **kw):

@@ -93,7 +93,7 @@ async def test_attend_answers_with_headers_and_values(app, client) -> None:
     assert "x-queue-time-ms" in r.headers and r.headers["content-type"] == "application/json"
     out = r.json()["output"]
     got = np.frombuffer(base64.b64decode(out["b64"]), np.float32).reshape(out["shape"])
-    want = app.state.mha.runner.module(__import__("torch").from_numpy(x)).output.numpy()
+    want = app.state.mha.engine.runner.module(__import__("torch").from_numpy(x)).output.numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -134,7 +134,7 @@ async def test_v2_infer_versions_and_errors(app, client) -> None:
         assert r.headers["content-type"] == "application/octet-stream" and r.headers["x-served-by"] == "test-replica"
         n = int(r.headers[HEADER_LENGTH])
         got = np.frombuffer(r.content[n:], "<f4").reshape(x.shape)
-        want = app.state.mha.runner.module(__import__("torch").from_numpy(x)).output.numpy()
+        want = app.state.mha.engine.runner.module(__import__("torch").from_numpy(x)).output.numpy()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     r = await client.post("/v2/models/other/infer", content=body, headers=headers)
     assert r.status_code == 404 and "other" in r.json()["error"]
@@ -202,10 +202,10 @@ async def test_a_client_gone_while_queued_is_never_computed(app, client, path) -
     scope = _post_scope(path, headers, body)
     task = asyncio.create_task(app(scope, receive, send))
     await asyncio.sleep(0.05)
-    assert app.state.mha.batcher.queue_depth()[0] == 1  # queued behind the stall
+    assert app.state.mha.engine.batcher.queue_depth()[0] == 1  # queued behind the stall
     gone.set()
     await asyncio.wait_for(task, 5)
-    assert app.state.mha.batcher.queue_depth() == (0, 0)  # left the queue at once
+    assert app.state.mha.engine.batcher.queue_depth() == (0, 0)  # left the queue at once
     assert (await stalled).status_code == 200
     text = (await client.get("/metrics")).text
     assert 'mha_requests_dropped_total{reason="disconnect"} 1.0' in text

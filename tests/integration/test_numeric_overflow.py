@@ -98,7 +98,7 @@ async def test_float16_overflow_inside_the_model_is_a_clear_422_in_every_encodin
     app, client = half_client
     x = np.full((1, 4, 32), 60000.0, dtype=np.float32)
     with torch.inference_mode():
-        res = app.state.mha.runner.module(torch.from_numpy(x).half())
+        res = app.state.mha.engine.runner.module(torch.from_numpy(x).half())
     assert not torch.isfinite(res.output).all()  # the premise: float16 overflows on this input
     for route, status, kind, message in await every_route(client, x):
         assert status == 422, (route, status, message)
@@ -168,7 +168,7 @@ async def test_a_fully_masked_query_row_returns_the_projection_bias(app, client)
     r = await client.post("/attend", json={"x": x.tolist(), "attn_mask": mask.tolist(), "return_weights": True})
     assert r.status_code == 200, r.text
     out, weights = np.array(r.json()["output"]), np.array(r.json()["weights"])
-    bias = app.state.mha.runner.module.proj.bias.detach().numpy()
+    bias = app.state.mha.engine.runner.module.proj.bias.detach().numpy()
     np.testing.assert_array_equal(out[0, 2].astype(np.float32), bias)  # exactly: JSON carries float32 exactly
     assert np.all(weights[0, :, 2] == 0) and not np.allclose(out[0, 1], bias)
 

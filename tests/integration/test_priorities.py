@@ -15,16 +15,16 @@ LEVELS = {"priority_levels": 3, "fault_injection": True, "max_batch_size": 1}
 
 
 def spy(app) -> list[int]:
-    """Record the priority each request hands to the batcher."""
-    batcher = app.state.mha.batcher
+    """Record the priority each request hands to the engine."""
+    engine = app.state.mha.engine
     seen: list[int] = []
-    real = batcher.infer
+    real = engine.infer
 
     async def infer(inp, **kw):
         seen.append(kw["priority"])
         return await real(inp, **kw)
 
-    batcher.infer = infer
+    engine.infer = infer
     return seen
 
 

@@ -114,7 +114,7 @@ async def test_unexpected_error_is_opaque_500_with_an_id_in_the_log(app, client,
     def broken(items):
         raise RuntimeError("secret internals /etc/passwd")
 
-    monkeypatch.setattr(app.state.mha.batcher, "_run_fn", broken)
+    monkeypatch.setattr(app.state.mha.engine.batcher, "_run_fn", broken)
     r = await client.post("/attend", json=X, headers={"x-request-id": "req-500"})
     assert r.status_code == 500
     msg = r.json()["error"]["message"]

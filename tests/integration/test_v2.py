@@ -28,7 +28,7 @@ WIRE = {"FP32": "<f4", "FP16": "<f2", "BF16": "<u2", "INT32": "<i4", "INT64": "<
 
 def direct(app, x, **kw):
     """The module run alone on this request: the reference for every response."""
-    res = app.state.mha.runner.module(torch.from_numpy(np.asarray(x, np.float32)), **kw)
+    res = app.state.mha.engine.runner.module(torch.from_numpy(np.asarray(x, np.float32)), **kw)
     return res.output.numpy(), None if res.weights is None else res.weights.numpy()
 
 

@@ -30,7 +30,7 @@ def test_the_fake_engine_answers_with_the_requests_tensor() -> None:
         path, body, headers = app_cpu.bodies()[variant]
         app = create_app(settings=Settings(**app_cpu.MODEL, grpc_port=0, warmup=False))
         inbox, lifespan = await app_cpu.started(app)
-        app.state.mha.batcher = app_cpu.NextTurnEngine()
+        app.state.mha.engine = app_cpu.NextTurnEngine(app.state.mha.engine)
         sent: list[bytes] = []
 
         async def receive() -> dict:

@@ -1,4 +1,4 @@
-"""service.engine.client.EngineClient against a scripted model process (a zmq ROUTER in the test):
+"""service.engine.client.MPClient against a scripted model process (a zmq ROUTER in the test):
 the wait's safety-net deadline, and the caller watched only once an answer is not quick."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import zmq
 import zmq.asyncio
 
 from service.engine import client as client_mod
-from service.engine.client import EngineClient, EngineUnavailable
+from service.engine.client import EngineUnavailable, MPClient
 from service.messages import (
     WATCH_AFTER_S,
     AttendInput,
@@ -26,6 +26,10 @@ from service.messages import (
     decode_requests,
     encode_outcomes,
 )
+
+MODEL_CONFIG = {"num_heads": 2, "emb_size": 8, "head_size": 4, "max_seq_len": 4}
+MODEL_INFO = {"name": "mha", **MODEL_CONFIG, "dtype": "float32", "device": "cpu", "checksum": "0"}
+INFO = {"config": MODEL_CONFIG, "model_info": MODEL_INFO}  # what the model process says of its model
 
 
 class FakeEngine:
@@ -54,7 +58,7 @@ class FakeEngine:
             frames = await self.sock.recv_multipart(copy=False)
             peer, header = frames[0].bytes, orjson.loads(frames[1].bytes)
             if header["t"] == "hello":
-                await self.sock.send_multipart([peer, *control("info", ready=True, queue=[0, 0])])
+                await self.sock.send_multipart([peer, *control("info", ready=True, queue=[0, 0], **INFO)])
             elif header["t"] == "ping":
                 await self.sock.send_multipart([peer, *control("hb", ready=True, queue=[0, 0])])
             elif header["t"] == "req":
@@ -90,7 +94,7 @@ async def until(cond, timeout_s: float = 5.0) -> None:
 @pytest.fixture
 async def pair(tmp_path):
     engine = FakeEngine(f"ipc://{tmp_path}/engine.sock")
-    client = EngineClient(f"ipc://{tmp_path}/engine.sock")
+    client = MPClient(f"ipc://{tmp_path}/engine.sock")
     await client.start(timeout_s=5)
     yield engine, client
     await client.stop()
@@ -170,7 +174,7 @@ async def test_messages_that_zmq_does_not_take_yet_wait_and_go_later_in_order_wi
     monkeypatch.setattr(client_mod, "SNDHWM", 1)
     address = f"ipc://{tmp_path}/engine.sock"
     engine = FakeEngine(address, rcvhwm=1)
-    client = EngineClient(address)
+    client = MPClient(address)
     waits = []
     try:
         await client.start(timeout_s=5)
@@ -206,7 +210,7 @@ async def test_the_model_process_going_away_fails_waiting_requests_at_once_and_s
 ):
     address = f"ipc://{tmp_path}/engine.sock"
     engine = FakeEngine(address)
-    client = EngineClient(address)
+    client = MPClient(address)
     await client.start(timeout_s=5)
     fds = list(client._fds)
     assert len(fds) == 2  # the socket's and its monitor's
@@ -235,7 +239,7 @@ async def test_a_start_that_times_out_leaves_no_reader_on_the_loop_and_no_socket
         return add_reader(fd, callback, *args)
 
     monkeypatch.setattr(loop, "add_reader", recording_add_reader)
-    client = EngineClient(f"ipc://{tmp_path}/nobody.sock")  # no model process there
+    client = MPClient(f"ipc://{tmp_path}/nobody.sock")  # no model process there
     with pytest.raises(TimeoutError):
         await client.start(timeout_s=0.2)
     assert len(added) == 2
@@ -244,7 +248,7 @@ async def test_a_start_that_times_out_leaves_no_reader_on_the_loop_and_no_socket
 
 
 async def test_a_start_on_a_bad_address_raises_zmqs_error_and_leaves_nothing_open():
-    client = EngineClient("nosuch://engine")
+    client = MPClient("nosuch://engine")
     with pytest.raises(zmq.ZMQError):
         await client.start(timeout_s=1)
     assert client._sock is None and client._fds == [] and client._ctx.closed
@@ -259,13 +263,13 @@ async def test_a_silent_model_process_is_unavailable_until_it_is_heard_again(pai
     engine.pause()  # stalled: reads nothing, answers no ping
     waiting = asyncio.create_task(client.infer(x(1.0), deadline=time.monotonic() + 30))
     await until(lambda: client.lost is not None, timeout_s=3)
-    assert "no heartbeat" in client.lost and not client.running
+    assert "no heartbeat" in client.lost and not client.ready
     with pytest.raises(EngineUnavailable):
         await waiting
     with pytest.raises(EngineUnavailable):
         await client.infer(x(2.0), deadline=time.monotonic() + 30)
     engine.resume()
-    await until(lambda: client.lost is None and client.running, timeout_s=3)
+    await until(lambda: client.lost is None and client.ready, timeout_s=3)
     again = asyncio.create_task(client.infer(x(3.0), deadline=time.monotonic() + 30))
     await until(lambda: 1 in engine.requests)
     await engine.answer(1)
@@ -283,6 +287,6 @@ async def test_a_socket_that_closes_during_a_silence_leaves_it_unavailable_for_g
     replacement = FakeEngine(client.address)  # even a peer at the same address is not taken for it
     try:
         await asyncio.sleep(0.3)
-        assert client.lost == "its socket closed" and not client.running
+        assert client.lost == "its socket closed" and not client.ready
     finally:
         await replacement.close()

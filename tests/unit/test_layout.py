@@ -2,7 +2,7 @@
 
 Parsed with ``ast`` (nothing is imported): the engine imports neither the front end nor the wiring
 (``service.app``); the front end never imports the engine (it reaches the model only through
-``state.batcher``, which ``service.app`` wires); and module-level imports among service modules
+``state.engine``, the engine client that ``service.app`` wires); and module-level imports among service modules
 have no cycle. Imports inside functions (lazy, for torch or start-up order) and under
 ``if TYPE_CHECKING:`` count for the first two rules, not for the cycles.
 """
@@ -100,7 +100,7 @@ def test_the_engine_imports_neither_the_front_end_nor_the_wiring():
 
 
 def test_the_front_end_never_imports_the_engine():
-    """Not even ``service.engine.client``: front-end modules reach the model through ``state.batcher``."""
+    """Not even ``service.engine.client``: front-end modules reach the model through ``state.engine``."""
     known = set(modules())
     bad = {
         name: sorted(_names(imports(path, known, top_level_only=False), "service.engine"))

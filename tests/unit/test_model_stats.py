@@ -1,4 +1,4 @@
-"""Triton's per-request statistics (service.frontend.stats.ModelStats): a turn's answers are added together at its
+"""Triton's per-request statistics (service.stats.ModelStats): a turn's answers are added together at its
 end, or when read, with the figures a request-by-request sum gives."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from service.frontend.stats import ModelStats
 from service.messages import AttendOutput, Result
+from service.stats import ModelStats
 
 NS = 1_000_000_000
 

@@ -1,0 +1,122 @@
+"""InprocClient: the engine client of the one-process mode, over the batcher's callback path.
+
+It loads the runner (torch) and starts the batcher in this process; ``infer`` is the batcher's own
+(``Batcher.infer``: ``submit`` with a future as its ``done``). What the routes see of it is the
+``service.engine_api.EngineClient`` interface, the same as the model process's client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from mha_core import MHAConfig
+from service.engine_api import Abandoned, EngineModel
+from service.messages import AttendInput, BatcherObserver, Result
+from service.stats import ModelStats
+
+if TYPE_CHECKING:
+    from service.engine.batcher import Batcher
+    from service.engine.runner import Runner
+    from service.settings import Settings
+
+log = logging.getLogger("mha_serve")
+
+
+class _Observers(BatcherObserver):
+    """The batcher's one observer, fanned out (the Prometheus metrics, Triton's statistics).
+
+    Every hook of BatcherObserver is forwarded (set below), so a new hook cannot be forgotten here.
+    """
+
+    def __init__(self, *observers: BatcherObserver) -> None:
+        self._observers = observers
+
+
+def _fan_out(name: str) -> Any:
+    def hook(self: _Observers, *args: Any) -> None:
+        for o in self._observers:
+            getattr(o, name)(*args)
+
+    hook.__name__ = name
+    return hook
+
+
+for _hook in [n for n in vars(BatcherObserver) if not n.startswith("_")]:
+    setattr(_Observers, _hook, _fan_out(_hook))
+
+
+class InprocClient:
+    """The runner and the batcher in this process, behind the engine client interface."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        metrics: BatcherObserver | None = None,
+        tracing: Any = None,
+        on_ready: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.model: EngineModel | None = None
+        self.stats = ModelStats()
+        self.runner: Runner | None = None
+        self.batcher: Batcher | None = None
+        self._metrics = metrics
+        self._tracing = tracing
+        self._on_ready = on_ready or (lambda ready: None)
+
+    async def start(self) -> EngineModel:
+        from service.engine.runner import Runner, batcher_for, model_description  # torch: never in a front end
+
+        s = self.settings
+        runner = await asyncio.to_thread(Runner.from_settings, s)
+        if s.warmup:
+            await asyncio.to_thread(runner.warmup)
+        cfg = runner.config
+        if s.max_request_batch * cfg.max_seq_len > s.max_batch_tokens:
+            log.warning(
+                "max_request_batch x the model's max_seq_len (%d x %d) is over max_batch_tokens (%d): requests "
+                "over max_batch_tokens get 422",
+                s.max_request_batch,
+                cfg.max_seq_len,
+                s.max_batch_tokens,
+            )
+        observer: BatcherObserver = _Observers(*(o for o in (self._metrics, self.stats) if o is not None))
+        if self._tracing is not None:  # plus the forward span of each batch
+            observer = self._tracing.observe_batches(observer)
+        self.runner = runner
+        self.batcher = batcher_for(runner, s, observer)
+        await self.batcher.start()
+        self.infer = self.batcher.infer  # the same call: no coroutine of ours around each request
+        self.model = EngineModel(MHAConfig(**cfg.to_dict()), model_description(s, runner))
+        self._on_ready(True)
+        return self.model
+
+    @property
+    def ready(self) -> bool:
+        return self.batcher is not None and self.batcher.running
+
+    @property
+    def forward_running(self) -> bool:
+        return self.batcher is not None and self.batcher.forward_running
+
+    async def infer(
+        self, inp: AttendInput, *, deadline: float, abandoned: Abandoned = None, priority: int = 0
+    ) -> Result:
+        return await self.batcher.infer(inp, deadline=deadline, abandoned=abandoned, priority=priority)
+
+    def queue_depth(self) -> tuple[int, int]:
+        return self.batcher.queue_depth() if self.batcher is not None else (0, 0)
+
+    def stop_accepting(self) -> None:
+        if self.batcher is not None:
+            self.batcher.stop_accepting()
+            self._on_ready(False)
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        if self.batcher is not None:
+            self._on_ready(False)
+            await self.batcher.stop(grace_s=grace_s)
