@@ -31,7 +31,8 @@ Contract:
 - The forward pass runs in one worker thread; the event loop never blocks on torch.
 - A request whose caller went away or was cancelled is dropped before compute, and its queue slot
   (requests and tokens) is released at once. One past its deadline is too, within SWEEP_S (10 ms):
-  one sweep every SWEEP_S while requests wait checks every deadline, not a timer per request.
+  one sweep every SWEEP_S while requests wait checks every deadline, not a timer per request
+  (:class:`service.engine.sweep.Sweep`).
 - A request that could never fit one batch (more than ``max_batch_tokens`` tokens, or weights
   over ``max_batch_weights_elements``) is refused at submit with :class:`RequestTooLarge`.
 - If a batch's forward raises, its requests are retried one by one, so only the failing
@@ -60,6 +61,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from service.engine import policy
+from service.engine.sweep import Sweep
 from service.messages import (
     WATCH_AFTER_S,
     AttendInput,
@@ -279,7 +281,7 @@ class Batcher:
         self._batch_task: asyncio.Task | None = None
         self._batch_tasks: set[asyncio.Task] = set()
         self._timer: asyncio.TimerHandle | None = None
-        self._sweeping: asyncio.TimerHandle | None = None  # the next _sweep, while requests wait
+        self._sweep = Sweep(SWEEP_S, self._check_deadlines)  # while requests wait (SWEEP_S read now: tests patch it)
         self._worker: _ForwardThreads | None = None
         self._stopping: asyncio.Future | None = None
         self._drain_tokens_per_s = 0.0
@@ -339,9 +341,7 @@ class Batcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._sweeping is not None:
-            self._sweeping.cancel()
-            self._sweeping = None
+        self._sweep.cancel()
         tasks = [t for t in (self._task, *self._batch_tasks) if t is not None and not t.done()]
         for t in tasks:
             t.cancel()
@@ -497,8 +497,8 @@ class Batcher:
         if not self._queue_publish:  # (most submits of a turn find it scheduled: no call)
             self._queue_changed()
         self._wakeup.set()
-        if self._sweeping is None:
-            self._sweeping = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep)
+        if not self._sweep.armed:
+            self._sweep.arm()
         return pending
 
     def cancel(self, p: _Pending, reason: str = "disconnect") -> None:
@@ -534,13 +534,10 @@ class Batcher:
         except Exception:  # a caller's bug must not stop the batcher or the other answers
             log.exception("a request's done callback raised")
 
-    def _sweep(self) -> None:
-        """Every SWEEP_S while requests wait: a queued request past its deadline leaves the queue (its slot
-        released) with DeadlineExceeded, a computing one is answered "late"; a request still unanswered
-        WATCH_AFTER_S after arrival has its ``watch`` called. What EngineClient._sweep does for the front end:
-        one timer for all the requests, not one each."""
-        self._sweeping = None
-        now = time.monotonic()
+    def _check_deadlines(self, now: float) -> bool:
+        """The sweep's check, every SWEEP_S while requests wait: a queued request past its deadline leaves the
+        queue (its slot released) with DeadlineExceeded, a computing one is answered "late"; a request still
+        unanswered WATCH_AFTER_S after arrival has its ``watch`` called. Returns whether any still waits."""
         watch_before = now - WATCH_AFTER_S
         expired = False
         for q in self._queues:
@@ -562,9 +559,10 @@ class Batcher:
             if p.watch is not None and p.arrived <= watch_before:
                 _start_watch(p)
         if waiting or self._queued:
-            self._sweeping = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep)
-        elif not self._busy:
+            return True
+        if not self._busy:
             self._idle.set()
+        return False
 
     def _retry_after(self, level: int = 0) -> float:
         return policy.retry_after_s(self._level_tokens, level, self._drain_tokens_per_s)
