@@ -36,8 +36,10 @@ Contract:
 - A request that could never fit one batch (more than ``max_batch_tokens`` tokens, or weights
   over ``max_batch_weights_elements``) is refused at submit with :class:`RequestTooLarge`.
 - If a batch's forward raises, its requests are retried one by one, so only the failing
-  request gets the error; the batcher keeps running. A result that is an exception (the runner's
-  ``NumericOverflow``: that request's own values overflowed) fails that request alone, unretried.
+  request gets the error; the batcher keeps running. A request cancelled or answered meanwhile
+  is not retried, nor one past its deadline (answered DeadlineExceeded, dropped "late"). A result
+  that is an exception (the runner's ``NumericOverflow``: that request's own values overflowed)
+  fails that request alone, unretried.
 - ``start``/``stop`` are explicit; ``stop`` finishes pending work within a grace period and
   fails whatever is left, never leaving a request hanging; it returns once every task it
   started (dispatch, running batch, timers) is done. The forward runs in a daemon thread, so a
@@ -730,9 +732,18 @@ class Batcher:
                 self._idle.set()
 
     async def _run_one_by_one(self, batch: list[_Pending]) -> tuple[list[AttendOutput | BaseException], BatchStats]:
+        """Each request of a failed batch alone, so that only the failing one gets the error. One settled while
+        the batch computed (cancelled, or answered "late" by the sweep) is skipped: nobody waits for it. One past
+        its deadline is answered now instead: its retry would only be thrown away, and retries run in turn, so
+        each is checked when its turn comes."""
         results: list[AttendOutput | BaseException] = []
         total = BatchStats()
         for p in batch:
+            if not p.settled and time.monotonic() >= p.deadline:
+                self._answer(p, DeadlineExceeded("the request's deadline passed while it was computing"), "late")
+            if p.settled:
+                results.append(_SKIPPED)  # never answered: _run_batch skips settled requests
+                continue
             try:
                 (out,), stats = await self._worker.submit(self._run_fn, [p.input])
                 results.append(out)
@@ -743,6 +754,9 @@ class Batcher:
             except Exception as e:
                 results.append(e)
         return results, total
+
+
+_SKIPPED = RuntimeError("not retried: the request was settled before its turn")
 
 
 def _start_watch(p: _Pending) -> None:
