@@ -31,16 +31,22 @@ Contract:
 - The forward pass runs in one worker thread; the event loop never blocks on torch.
 - A request whose caller went away or was cancelled is dropped before compute, and its queue slot
   (requests and tokens) is released at once. One past its deadline is too, within SWEEP_S (10 ms):
-  one sweep every SWEEP_S while requests wait checks every deadline, not a timer per request.
+  one sweep every SWEEP_S while requests wait checks every deadline, not a timer per request
+  (:class:`service.engine.sweep.Sweep`).
 - A request that could never fit one batch (more than ``max_batch_tokens`` tokens, or weights
   over ``max_batch_weights_elements``) is refused at submit with :class:`RequestTooLarge`.
 - If a batch's forward raises, its requests are retried one by one, so only the failing
-  request gets the error; the batcher keeps running. A result that is an exception (the runner's
-  ``NumericOverflow``: that request's own values overflowed) fails that request alone, unretried.
+  request gets the error; the batcher keeps running. A request cancelled or answered meanwhile
+  is not retried, nor one past its deadline (answered DeadlineExceeded, dropped "late"). A result
+  that is an exception (the runner's ``NumericOverflow``: that request's own values overflowed)
+  fails that request alone, unretried.
 - ``start``/``stop`` are explicit; ``stop`` finishes pending work within a grace period and
   fails whatever is left, never leaving a request hanging; it returns once every task it
   started (dispatch, running batch, timers) is done. The forward runs in a daemon thread, so a
   forward still running when the grace is spent cannot hold the process's exit.
+
+The policy (anchor, joining, holding, out-of-memory scaling, retry-after) is pure functions in
+:mod:`service.engine.policy`; this module is their mechanics: queues, sweep, threads and answers.
 """
 
 from __future__ import annotations
@@ -48,7 +54,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import queue
 import threading
 import time
@@ -57,6 +62,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from service.engine import policy
+from service.engine.sweep import Sweep
 from service.messages import (
     WATCH_AFTER_S,
     AttendInput,
@@ -166,6 +173,7 @@ class _Pending:
         weights: int = 0,  # attention-weight elements this request computes
         level: int = 0,  # priority level - 1: index of its queue (0 = the highest)
         watch: Callable[[], Any] | None = None,
+        shape: tuple[int, int] | None = None,  # (B, T) of its x, when the caller has read them already
     ) -> None:
         self.input = inp
         self.done = done
@@ -176,7 +184,7 @@ class _Pending:
         self.level = level
         self.watch = watch  # called once by the sweep if still unanswered WATCH_AFTER_S after arrival
         # read once here, not per look by the batch selection (properties of the input, each a call)
-        self.seqs, self.seq_len = inp.x.shape[:2]
+        self.seqs, self.seq_len = shape or inp.x.shape[:2]
         self.tokens = self.seqs * self.seq_len
         self.key = inp.key
         self.settled = False  # answered or cancelled: ``done`` is never called (again)
@@ -275,7 +283,7 @@ class Batcher:
         self._batch_task: asyncio.Task | None = None
         self._batch_tasks: set[asyncio.Task] = set()
         self._timer: asyncio.TimerHandle | None = None
-        self._sweeping: asyncio.TimerHandle | None = None  # the next _sweep, while requests wait
+        self._sweep = Sweep(SWEEP_S, self._check_deadlines)  # while requests wait (SWEEP_S read now: tests patch it)
         self._worker: _ForwardThreads | None = None
         self._stopping: asyncio.Future | None = None
         self._drain_tokens_per_s = 0.0
@@ -335,9 +343,7 @@ class Batcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._sweeping is not None:
-            self._sweeping.cancel()
-            self._sweeping = None
+        self._sweep.cancel()
         tasks = [t for t in (self._task, *self._batch_tasks) if t is not None and not t.done()]
         for t in tasks:
             t.cancel()
@@ -485,15 +491,16 @@ class Batcher:
                 f"{lim.max_queue_requests} requests, {lim.max_queue_tokens} tokens)",
                 self._retry_after(level),
             )
-        pending = _Pending(inp, done, time.monotonic(), deadline, self._busy, weights, level, watch)
+        pending = _Pending(inp, done, time.monotonic(), deadline, self._busy, weights, level, watch, (B, T))
         q.append(pending)
         self._queued += 1
         self._queued_tokens += tokens
         self._level_tokens[level] += tokens
-        self._queue_changed()
+        if not self._queue_publish:  # (most submits of a turn find it scheduled: no call)
+            self._queue_changed()
         self._wakeup.set()
-        if self._sweeping is None:
-            self._sweeping = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep)
+        if not self._sweep.armed:
+            self._sweep.arm()
         return pending
 
     def cancel(self, p: _Pending, reason: str = "disconnect") -> None:
@@ -529,13 +536,10 @@ class Batcher:
         except Exception:  # a caller's bug must not stop the batcher or the other answers
             log.exception("a request's done callback raised")
 
-    def _sweep(self) -> None:
-        """Every SWEEP_S while requests wait: a queued request past its deadline leaves the queue (its slot
-        released) with DeadlineExceeded, a computing one is answered "late"; a request still unanswered
-        WATCH_AFTER_S after arrival has its ``watch`` called. What EngineClient._sweep does for the front end:
-        one timer for all the requests, not one each."""
-        self._sweeping = None
-        now = time.monotonic()
+    def _check_deadlines(self, now: float) -> bool:
+        """The sweep's check, every SWEEP_S while requests wait: a queued request past its deadline leaves the
+        queue (its slot released) with DeadlineExceeded, a computing one is answered "late"; a request still
+        unanswered WATCH_AFTER_S after arrival has its ``watch`` called. Returns whether any still waits."""
         watch_before = now - WATCH_AFTER_S
         expired = False
         for q in self._queues:
@@ -545,7 +549,7 @@ class Batcher:
                 elif p.watch is not None and p.arrived <= watch_before:
                     _start_watch(p)
         if expired:
-            self._purge()
+            self._purge(now)
         waiting = False
         for p in self._inflight:
             if p.settled:
@@ -557,17 +561,13 @@ class Batcher:
             if p.watch is not None and p.arrived <= watch_before:
                 _start_watch(p)
         if waiting or self._queued:
-            self._sweeping = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep)
-        elif not self._busy:
+            return True
+        if not self._busy:
             self._idle.set()
+        return False
 
     def _retry_after(self, level: int = 0) -> float:
-        """Seconds to drain the tokens queued at ``level`` and above (what runs before a new request there)."""
-        rate = self._drain_tokens_per_s
-        if rate <= 0:
-            return 1.0
-        ahead = self._queued_tokens if self._nlevels == 1 else sum(self._level_tokens[: level + 1])
-        return max(1.0, math.ceil(ahead / rate))
+        return policy.retry_after_s(self._level_tokens, level, self._drain_tokens_per_s)
 
     # -- dispatch ------------------------------------------------------------------------
 
@@ -577,7 +577,7 @@ class Batcher:
             self._wakeup.clear()
             if self._running >= self._depth:
                 continue
-            self._purge()
+            self._purge(time.monotonic())
             if not self._queued:
                 self._idle.set()
                 continue
@@ -604,17 +604,14 @@ class Batcher:
     def _hold_s(self) -> float:
         """How long to let a batch grow before dispatch (0 = now)."""
         wait = self.limits.max_wait_ms / 1000
-        oldest = self._anchor()
-        if wait <= 0 or not oldest.queued_behind_batch:
+        if wait <= 0:
             return 0.0
-        same = [p for q in self._queues for p in q if p.key == oldest.key]
-        if sum(p.seqs for p in same) >= self._effective_limits()[0]:
-            return 0.0
-        return max(0.0, oldest.arrived + wait - time.monotonic())
+        first = policy.anchor(self._queues, self._since_oldest, self._oldest_every)
+        max_size = self._effective_limits()[0]
+        return policy.hold_s(first, self._queues, time.monotonic(), max_wait_s=wait, max_size=max_size)
 
-    def _purge(self) -> None:
+    def _purge(self, now: float) -> None:
         """Drop requests that are abandoned or past their deadline, before they cost compute."""
-        now = time.monotonic()
         for level, queue_ in enumerate(self._queues):
             keep = []
             for p in queue_:
@@ -631,26 +628,18 @@ class Batcher:
             self._queues[level] = keep
         self._queue_changed()
 
-    def _anchor(self) -> _Pending:
-        """The batch's first request: the oldest of the highest level, or every K-th batch the oldest of all."""
-        if self._nlevels == 1:
-            return self._queues[0][0]
-        heads = [q[0] for q in self._queues if q]
-        if self._since_oldest >= self._oldest_every - 1:
-            return min(heads, key=lambda p: p.arrived)
-        return heads[0]
-
     def _effective_limits(self) -> tuple[int, int]:
         """(max_batch_size, max_batch_tokens), halved for a while after each out-of-memory error."""
-        if self._scale < 1 and time.monotonic() >= self._scale_until:
-            self._scale = 1.0
-            log.warning("out-of-memory cool-down over: batch limits back to full size")
-            self._obs.limits_scaled(1.0)
-        lim = self.limits
-        return max(1, int(lim.max_batch_size * self._scale)), max(1, int(lim.max_batch_tokens * self._scale))
+        if self._scale < 1:
+            scale = policy.scale_at(self._scale, self._scale_until, time.monotonic())
+            if scale != self._scale:
+                self._scale = scale
+                log.warning("out-of-memory cool-down over: batch limits back to full size")
+                self._obs.limits_scaled(scale)
+        return policy.scaled_limits(self.limits.max_batch_size, self.limits.max_batch_tokens, self._scale)
 
     def _out_of_memory(self, batch_requests: int) -> None:
-        self._scale = max(self._scale / 2, 1 / 1024)
+        self._scale = policy.scale_after_oom(self._scale)
         self._scale_until = time.monotonic() + self.limits.oom_cooldown_s
         size, tokens = self._effective_limits()
         log.warning(
@@ -663,34 +652,23 @@ class Batcher:
         self._obs.limits_scaled(self._scale)
 
     def _select(self) -> list[_Pending]:
-        """The anchor plus compatible ones (highest level first) that keep the batch within its limits."""
+        """Take the next batch off the queues: the policy's anchor and the requests that join it."""
         lim = self.limits
         max_size, max_tokens = self._effective_limits()
-        anchor = self._anchor()
-        oldest = None if self._nlevels == 1 else min((q[0] for q in self._queues if q), key=lambda p: p.arrived)
-        key = anchor.key
-        chosen = [anchor]
-        seqs, T, real, weights = anchor.seqs, anchor.seq_len, anchor.tokens, anchor.weights
-        rest = self._queues[0] if self._nlevels == 1 else [p for q in self._queues for p in q]
-        for p in rest:
-            if p is anchor:
-                continue
-            if seqs >= max_size:
-                break
-            if p.key != key or seqs + p.seqs > max_size:
-                continue
-            T2 = T if T >= p.seq_len else p.seq_len
-            padded = (seqs + p.seqs) * T2
-            if padded > max_tokens or padded > lim.max_padding_ratio * (real + p.tokens):
-                continue
-            if weights + p.weights > lim.max_batch_weights_elements:
-                continue
-            chosen.append(p)
-            seqs, T, real, weights = seqs + p.seqs, T2, real + p.tokens, weights + p.weights
+        queues = self._queues
+        first = policy.anchor(queues, self._since_oldest, self._oldest_every)
+        chosen, real = policy.join(
+            first,
+            queues,
+            max_size=max_size,
+            max_tokens=max_tokens,
+            max_padding_ratio=lim.max_padding_ratio,
+            max_weights=lim.max_batch_weights_elements,
+        )
+        if self._nlevels > 1:
+            self._since_oldest = policy.since_oldest_after(self._since_oldest, policy.oldest_head(queues), chosen)
         for p in chosen:
             p.started = True
-        if oldest is not None:
-            self._since_oldest = 0 if oldest.started else self._since_oldest + 1
         if self._nlevels == 1:
             q = self._queues[0]
             self._queues[0] = [] if len(chosen) == len(q) else [p for p in q if not p.started]  # often all of it
@@ -735,12 +713,7 @@ class Batcher:
                     self._answer(p, Result(res, wait, stats.compute_s, len(batch), stats.sequences))
             self._obs.batch_done(len(batch), stats, waits)
             self._obs.batch_finished([p.input for p in batch], started, stats)
-            if stats.compute_s > 0:
-                rate = stats.real_tokens / stats.compute_s
-                a = 0.2
-                self._drain_tokens_per_s = (
-                    rate if self._drain_tokens_per_s == 0 else (a * rate + (1 - a) * self._drain_tokens_per_s)
-                )
+            self._drain_tokens_per_s = policy.drain_rate(self._drain_tokens_per_s, stats.real_tokens, stats.compute_s)
         except BaseException as e:  # never leave a batch's requests unanswered
             for p in batch:
                 self._answer(p, e if isinstance(e, Exception) else ShuttingDown("the server is shutting down"))
@@ -759,9 +732,18 @@ class Batcher:
                 self._idle.set()
 
     async def _run_one_by_one(self, batch: list[_Pending]) -> tuple[list[AttendOutput | BaseException], BatchStats]:
+        """Each request of a failed batch alone, so that only the failing one gets the error. One settled while
+        the batch computed (cancelled, or answered "late" by the sweep) is skipped: nobody waits for it. One past
+        its deadline is answered now instead: its retry would only be thrown away, and retries run in turn, so
+        each is checked when its turn comes."""
         results: list[AttendOutput | BaseException] = []
         total = BatchStats()
         for p in batch:
+            if not p.settled and time.monotonic() >= p.deadline:
+                self._answer(p, DeadlineExceeded("the request's deadline passed while it was computing"), "late")
+            if p.settled:
+                results.append(_SKIPPED)  # never answered: _run_batch skips settled requests
+                continue
             try:
                 (out,), stats = await self._worker.submit(self._run_fn, [p.input])
                 results.append(out)
@@ -772,6 +754,9 @@ class Batcher:
             except Exception as e:
                 results.append(e)
         return results, total
+
+
+_SKIPPED = RuntimeError("not retried: the request was settled before its turn")
 
 
 def _start_watch(p: _Pending) -> None:

@@ -4,6 +4,7 @@ per outcome, never for a request refused at submit or cancelled, and a slot is r
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -237,6 +238,46 @@ async def test_one_requests_error_fails_it_alone(make):
     assert isinstance(done[13.0].calls[0], NumericOverflow) and str(done[13.0].calls[0]) == "the output overflowed"
     assert float(done[2.0].calls[0].output.output[0, 0, 0]) == 4.0
     assert obs.drops == []
+
+
+class FailsTogether:
+    """A runner whose batches of several fail (once ``release`` is set) and whose batches of one double x; it
+    records the x[0,0,0] of every input of every call, retries included."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[float]] = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, items):
+        self.calls.append([float(it.x[0, 0, 0]) for it in items])
+        if len(items) > 1:
+            self.started.set()
+            self.release.wait(5)
+            raise RuntimeError("boom")
+        return [AttendOutput(it.x * 2, None) for it in items], BatchStats(len(items))
+
+
+async def test_a_failed_batch_retries_neither_a_cancelled_nor_an_expired_request(make, monkeypatch):
+    monkeypatch.setattr("service.engine.batcher.SWEEP_S", 30.0)  # no sweep: the retry itself must see the deadline
+    runner = FailsTogether()
+    b, _, obs = await make(runner=runner)
+    kept, leaving, expiring = Answers(), Answers(), Answers()
+    b.submit(inp(value=1.0), deadline=far(), done=kept)
+    handle = b.submit(inp(value=2.0), deadline=far(), done=leaving)
+    b.submit(inp(value=3.0), deadline=time.monotonic() + 0.05, done=expiring)
+    await asyncio.to_thread(runner.started.wait, 2)  # the three compute together
+    b.cancel(handle, "cancelled")
+    await asyncio.sleep(0.1)  # the third's deadline passes while its batch computes
+    runner.release.set()  # the batch fails: its requests are retried one by one
+    await kept.wait()
+    await expiring.wait()
+    assert runner.calls == [[1.0, 2.0, 3.0], [1.0]]  # only the request still waiting, still in time, is recomputed
+    assert len(kept.calls) == 1 and float(kept.calls[0].output.output[0, 0, 0]) == 2.0
+    assert leaving.calls == []
+    assert len(expiring.calls) == 1 and isinstance(expiring.calls[0], DeadlineExceeded)
+    assert str(expiring.calls[0]) == "the request's deadline passed while it was computing"
+    assert obs.drops == ["cancelled", "late"]
 
 
 async def test_stop_answers_queued_and_computing_requests_with_shutting_down_once(make):
