@@ -43,13 +43,10 @@ def children(pid: int) -> list[int]:
 
 
 def metric(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            if line.startswith(name + "{") and not line.startswith(name + "{"):
-                continue
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    """The sum of the samples named exactly ``name`` over all their labels (not a longer name that starts so)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name)
 
 
 def sample(text: str, name: str, labels: str) -> float:
@@ -297,8 +294,9 @@ def test_engine_process_with_one_worker_keeps_torch_out_of_the_front_end(tmp_pat
         assert s.stop() == 0
 
 
-def _served_by(front: int) -> float:
-    """/attend requests this front end answered, from its own file of Prometheus' multiprocess values."""
+def _served_by(front: int, status: str | None = None) -> float:
+    """/attend requests this front end answered (with ``status``, or any), from its own file of Prometheus'
+    multiprocess values: which front end answered is not in a response."""
     from prometheus_client.mmap_dict import MmapedDict
 
     with open(f"/proc/{front}/environ", "rb") as f:
@@ -308,7 +306,8 @@ def _served_by(front: int) -> float:
         return 0.0
     total = 0.0
     for key, value, *_ in MmapedDict.read_all_values_from_file(path):
-        if '"mha_requests_total"' in key and '"/attend"' in key:
+        _, name, labels, _ = json.loads(key)
+        if name == "mha_requests_total" and labels.get("route") == "/attend" and status in (None, labels["status"]):
             total += value
     return total
 
@@ -411,9 +410,23 @@ def test_a_stall_shorter_than_the_hang_bound_answers_503_then_serves_again(tmp_p
             os.kill(engine, signal.SIGCONT)
         assert [r.status_code for r in during] == [503] * 4, [r.text for r in during]
         assert all(r.json()["error"]["type"] == "unavailable" for r in during)
-        deadline = time.monotonic() + 5
-        while httpx.get(s.url + "/readyz", timeout=5).status_code != 200:  # each front end hears it again
-            assert time.monotonic() < deadline, s.log()[-3000:]
+        _, fronts = pids(s)
+        assert len(fronts) == 2, s.log()[-3000:]
+        before = {f: _served_by(f, "200") for f in fronts}
+
+        async def burst():  # a new connection each: either front end may accept it
+            async def one():
+                async with httpx.AsyncClient(base_url=s.url, timeout=10) as c:
+                    return (await c.post("/attend", json={"x": X})).status_code
+
+            return await asyncio.gather(*(one() for _ in range(6)))
+
+        seen: list[int] = []
+        deadline = time.monotonic() + 15
+        while not all(_served_by(f, "200") > before[f] for f in fronts):  # until EACH front end answered a 200
+            assert time.monotonic() < deadline, (seen, {f: _served_by(f, "200") - before[f] for f in fronts})
+            seen += asyncio.run(burst())
+            assert set(seen) <= {200, 503}, seen  # a front end that has not heard it again yet: 503
             time.sleep(0.05)
         after = [httpx.post(s.url + "/attend", json={"x": X}, timeout=10) for _ in range(6)]  # a connection each
         assert [r.status_code for r in after] == [200] * 6, [r.text for r in after]

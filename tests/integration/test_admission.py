@@ -9,10 +9,16 @@ import httpx
 import orjson
 import pytest
 
-from service.frontend.admission import Admission
+from service.frontend.admission import Admission, AdmissionMiddleware
 
 BODY = orjson.dumps({"x": [[[0.5] * 32] * 4]})  # about 600 bytes
 STALL = {"x-mha-fault": "stall:400"}
+
+
+def _admission(app) -> Admission:
+    """The app's one Admission (handed to its middleware in create_app)."""
+    (admission,) = [m.kwargs["admission"] for m in app.user_middleware if m.cls is AdmissionMiddleware]
+    return admission
 
 
 async def _hold(client, path="/attend"):
@@ -53,9 +59,11 @@ async def test_past_max_inflight_bytes_is_429_declared_or_streamed(app, client):
     r = await client.post("/attend", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 429, r.text
     assert "and growing; limit max_inflight_bytes 1024" in r.json()["error"]["message"]
+    admission = _admission(app)
+    assert (admission.requests, admission.bytes) == (1, len(BODY))  # the refused ones gave back what they held
     assert (await held).status_code == 200
     assert (await client.post("/attend", content=chunks())).status_code == 200
-    assert app.state.mha is not None
+    assert (admission.requests, admission.bytes) == (0, 0)  # and so did the answered ones, streamed or declared
 
 
 def test_admission_counts_back_to_zero():

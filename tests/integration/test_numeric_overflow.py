@@ -85,11 +85,26 @@ async def test_float16_input_beyond_its_range_is_a_422_before_the_cast(half_clie
         assert kind in (None, "validation_error"), route
         assert "x holds 1 value(s) beyond the range of the model's dtype float16 (|x| <= 65504)" in message, route
         assert "the first 100000 at [0, 2, 7]" in message and message.endswith(ADVICE), route
-    x[0, 2, 7] = 65504.0  # the largest float16 is in range
-    r = await client.post("/attend", json={"x": x.tolist(), "causal": True})
-    assert r.status_code in (200, 422)  # may still overflow in the projections; never null in a 200
-    if r.status_code == 200:
-        assert None not in np.array(r.json()["output"], dtype=object).ravel()
+
+
+@pytest.mark.parametrize("half_client", ["float16"], indirect=True)
+async def test_the_largest_float16_is_in_range_and_the_next_float32_is_not(half_client):
+    """The range check's edge is float16's largest value itself: 65504 is computed (and, on this input, the
+    model's float16 forward stays finite, so the answer is a 200 equal to it), one float32 step above is refused."""
+    app, client = half_client
+    x = np.random.default_rng(7).standard_normal((1, 4, 32)).astype(np.float32)
+    x[0, 2, 7] = 65504.0
+    with torch.inference_mode():
+        want = app.state.mha.runner.module(torch.from_numpy(x).half()).output.float().numpy()
+    assert np.isfinite(want).all()  # the premise: no overflow inside the model, so no 422 of either kind
+    for route, status, _, message in await every_route(client, x):
+        assert status == 200, (route, status, message)
+    r = await client.post("/attend", json={"x": x.tolist()})
+    np.testing.assert_allclose(np.array(r.json()["output"], dtype=np.float32), want, rtol=1e-3, atol=1e-3)
+    x[0, 2, 7] = np.nextafter(np.float32(65504.0), np.float32(np.inf))  # 65504.004: rounds to 65504 in float16
+    for route, status, kind, message in await every_route(client, x):
+        assert status == 422 and kind in (None, "validation_error"), (route, status, message)
+        assert "x holds 1 value(s) beyond the range of the model's dtype float16 (|x| <= 65504)" in message, route
 
 
 @pytest.mark.parametrize("half_client", ["float16"], indirect=True)

@@ -32,6 +32,10 @@ pytestmark = pytest.mark.soak
 SECONDS = float(os.environ.get("SOAK_SECONDS", "60"))
 CONCURRENCY = int(os.environ.get("SOAK_CONCURRENCY", "64"))
 MAX_RSS_GROWTH_MB = 150
+# Past the suite's default: the server's start (start_server waits up to 60 s), the warm-up, SECONDS of
+# traffic, checking every good answer against the module (it grows with SECONDS) and the SIGTERM drain
+# (waited up to 60 s).
+TIMEOUT_S = 180 + 3 * SECONDS
 
 MALFORMED = [
     (b"{", 400),
@@ -134,6 +138,7 @@ async def soak(url: str, seconds: float, concurrency: int, rng_seed: int):
     return outcomes, goods, sent
 
 
+@pytest.mark.timeout(TIMEOUT_S)
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_soak(tmp_path, workers):
     env = {"MHA_FAULT_INJECTION": "true", "MHA_ACCESS_LOG": "false", "MHA_WORKERS": workers}

@@ -1,0 +1,155 @@
+"""The GPU host code of service/engine/staging.py and the runner's graph path on the CPU, with stub streams,
+events and graphs (tests/cuda_stubs.py): the ORDER of copies, waits, forwards and replays. The same code on a
+real device: tests/unit/test_runner.py's device cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mha_core import MHAConfig, MultiHeadAttention
+from service.engine.runner import Runner
+from service.engine.staging import CudaGraphs
+from service.messages import AttendInput
+from tests.cuda_stubs import FakeCuda, RecordingModule, happens_before, host_saw
+
+CFG = MHAConfig(num_heads=4, emb_size=32, head_size=8, max_seq_len=64)
+BUCKETS = [(2, 8), (4, 16)]
+CUDA = torch.device("cuda")
+rng = np.random.default_rng()
+
+
+@pytest.fixture
+def cuda(monkeypatch):
+    with FakeCuda().installed(monkeypatch) as c:
+        yield c
+
+
+def gpu_runner(cuda: FakeCuda, *, pipeline: bool = True, buckets=(), fail: bool = False) -> Runner:
+    with cuda.quiet():  # building the model is not what is tested
+        module = RecordingModule(MultiHeadAttention.from_seed(CFG, seed=3), cuda, fail=fail)
+    return Runner(
+        module, device=CUDA, dtype=torch.float32, checksum="t", pipeline=pipeline, graph_buckets=list(buckets)
+    )
+
+
+def reference(cuda: FakeCuda, it: AttendInput) -> np.ndarray:
+    """The module on the CPU, its ops unrecorded."""
+    lengths = None if it.lengths is None else torch.from_numpy(it.lengths)
+    with cuda.quiet(), torch.inference_mode():
+        ref = MultiHeadAttention.from_seed(CFG, seed=3).eval()
+        return ref(torch.from_numpy(it.x), lengths=lengths, causal=it.causal).output.numpy()
+
+
+def item(n: int, t: int, causal: bool = True) -> AttendInput:
+    return AttendInput(rng.standard_normal((n, t, CFG.emb_size)).astype(np.float32), causal=causal)
+
+
+def kinds(ops, kind):
+    return [o for o in ops if o.kind == kind]
+
+
+def last_read_of(cuda: FakeCuda, op) -> dict:
+    """The host's clock when it last read the buffer ``op`` wrote."""
+    return [h for ptr, h in cuda.host_reads if ptr == op.info["dst"]][-1]
+
+
+def test_the_forward_waits_for_its_upload_and_the_download_for_the_forward(cuda):
+    runner = gpu_runner(cuda)
+    assert runner.depth == 2 and cuda.pinned_requests == 0  # buffers are pinned when first used, not before
+    it = item(2, 5)
+    (res,), _ = runner.run([it])
+    np.testing.assert_allclose(res.output, reference(cuda, it), atol=1e-6)
+
+    (up,) = kinds(cuda.ops, "h2d")
+    (fwd,) = kinds(cuda.ops, "forward")
+    (down,) = kinds(cuda.ops, "copy_")
+    assert up.stream != "compute" and fwd.stream == "compute" and down.stream not in ("compute", up.stream)
+    assert fwd.info["reads"] == up.info["dst"]  # the forward reads what the upload wrote...
+    assert happens_before(up, fwd)  # ...after the compute stream waited for the upload stream's event
+    assert happens_before(fwd, down)  # the download stream waited for the forward
+    assert host_saw(down, last_read_of(cuda, down))  # the host read the copy only after it was done
+    assert cuda.pinned_requests >= 2  # the input and output staging buffers are page-locked
+    # each tensor is kept from reuse by the streams that use it besides the one it was allocated on
+    assert (up.info["dst"], "compute") in cuda.record_streams
+    assert (down.info["src"], down.stream) in cuda.record_streams
+
+
+def test_without_side_streams_everything_is_ordered_on_the_compute_stream(cuda):
+    runner = gpu_runner(cuda, pipeline=False)
+    assert runner.depth == 1
+    it = item(1, 7)
+    (res,), _ = runner.run([it])
+    np.testing.assert_allclose(res.output, reference(cuda, it), atol=1e-6)
+    (up,), (fwd,), (down,) = kinds(cuda.ops, "h2d"), kinds(cuda.ops, "forward"), kinds(cuda.ops, "copy_")
+    assert {up.stream, fwd.stream, down.stream} == {"compute"}
+    assert happens_before(up, fwd) and happens_before(fwd, down)
+    assert host_saw(down, last_read_of(cuda, down))
+
+
+def test_a_second_batch_reuses_the_slot_only_after_the_first_batchs_copies(cuda):
+    runner = gpu_runner(cuda)
+    for _ in range(3):  # depth 2: the third batch is in the first one's slot
+        runner.run([item(1, 4)])
+    ups = kinds(cuda.ops, "h2d")
+    downs = kinds(cuda.ops, "copy_")
+    assert len(ups) == len(downs) == 3
+    # the host had seen the first batch's upload and download done before it packed the third one
+    third = [h for ptr, h in cuda.host_reads if ptr == ups[2].info["src"]][-1]  # the host writing its input
+    assert host_saw(ups[0], third) and host_saw(downs[0], third)
+
+
+def test_a_failed_forward_still_waits_for_its_upload_before_the_slot_is_free(cuda):
+    runner = gpu_runner(cuda, fail=True)
+    with pytest.raises(RuntimeError, match="injected forward failure"):
+        runner.run([item(1, 4)])
+    (up,) = kinds(cuda.ops, "h2d")
+    assert host_saw(up, cuda.host)  # the next batch may overwrite the host buffer the copy read
+
+
+def test_graphs_are_captured_per_bucket_after_a_warm_up_on_a_side_stream(cuda):
+    runner = gpu_runner(cuda, buckets=BUCKETS)
+    runner.graphs.capture()
+    assert runner.graphs.captured == BUCKETS
+    fwds = kinds(cuda.ops, "forward")
+    for n, t in BUCKETS:
+        mine = [o for o in fwds if o.info["shape"] == (n, t, CFG.emb_size)]
+        *warm, capture = mine
+        assert len(warm) == 2 and not any(o.info["capture"] for o in warm) and capture.info["capture"]
+        assert {o.stream for o in warm} != {"compute"}  # warmed up on a side stream...
+        assert all(happens_before(o, capture) for o in warm)  # ...that the capture waited for
+
+
+def test_a_graph_is_replayed_for_a_shape_its_bucket_holds_and_not_for_another(cuda):
+    runner = gpu_runner(cuda, buckets=BUCKETS)
+    runner.graphs.capture()
+    captured = len(cuda.ops)
+
+    a, b = item(1, 5), AttendInput(rng.standard_normal((1, 3, 32)).astype(np.float32))
+    results, _ = runner.run([a, b])  # N=2, T=5 with a shorter row: bucket (2, 8)
+    for it, res in zip((a, b), results, strict=True):
+        np.testing.assert_allclose(res.output, reference(cuda, it), atol=1e-5)
+    ops = cuda.ops[captured:]
+    (up,), (replay,) = kinds(ops, "h2d"), kinds(ops, "replay")
+    assert replay.info["shape"] == (2, 8) and not kinds(ops, "forward")  # one replay, no eager forward
+    into_static, *_, down = kinds(ops, "copy_")
+    assert happens_before(up, into_static) and happens_before(into_static, replay) and happens_before(replay, down)
+    assert host_saw(down, last_read_of(cuda, down))
+    assert runner.graphs.replays == 1
+
+    for it in (item(5, 5), item(1, 17), item(1, 5, causal=False)):  # more rows, longer, not causal: no bucket
+        before = len(cuda.ops)
+        (res,), _ = runner.run([it])
+        np.testing.assert_allclose(res.output, reference(cuda, it), atol=1e-5)
+        assert not kinds(cuda.ops[before:], "replay") and len(kinds(cuda.ops[before:], "forward")) == 1
+    assert runner.graphs.replays == 1
+
+    runner.run([item(4, 16)])  # the larger bucket, exactly
+    assert [o.info["shape"] for o in kinds(cuda.ops, "replay")] == [(2, 8), (4, 16)]
+
+
+def test_a_bucket_longer_than_the_model_is_refused_at_capture(cuda):
+    graphs = CudaGraphs(MultiHeadAttention.from_seed(CFG, seed=0), [(1, 65)], device=CUDA, dtype=torch.float32)
+    with pytest.raises(ValueError, match="CUDA graph bucket 1x65 is longer than max_seq_len 64"):
+        graphs.capture()
