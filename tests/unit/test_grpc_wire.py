@@ -101,13 +101,15 @@ def test_typed_contents_read_from_the_wire_equal_numpys_conversion(rng_seed):
     rng = np.random.default_rng(rng_seed)
     i32 = np.iinfo(np.int32)
     i64 = np.iinfo(np.int64)
-    values = {
-        "FP32": np.concatenate([rng.standard_normal(300), [0.0, -0.0, 3.4e38, -1e-45, np.inf]]).astype(np.float32),
-        "INT32": np.concatenate([rng.integers(i32.min, i32.max, 300), [0, 1, -1, 127, 128, i32.min, i32.max]]),
-        "INT64": np.concatenate([rng.integers(i64.min, i64.max, 300), [0, -1, 2**35, i64.min, i64.max]]),
-        "BOOL": rng.random(307) < 0.5,
-    }
-    for datatype, want in values.items():
+    values = [
+        ("FP32", np.concatenate([rng.standard_normal(300), [0.0, -0.0, 3.4e38, -1e-45, np.inf]]).astype(np.float32)),
+        ("INT32", np.concatenate([rng.integers(i32.min, i32.max, 300), [0, 1, -1, 127, 128, i32.min, i32.max]])),
+        ("INT64", np.concatenate([rng.integers(i64.min, i64.max, 300), [0, -1, 2**35, i64.min, i64.max]])),
+        ("INT64", rng.integers(0, 128, 300)),  # one byte each: read from the wire
+        ("INT32", rng.integers(0, 128, 300)),
+        ("BOOL", rng.random(307) < 0.5),
+    ]
+    for datatype, want in values:
         field, dtype = grpc_wire._TYPED[datatype]
         t = pb.ModelInferRequest.InferInputTensor(name="v", datatype=datatype, shape=[want.size])
         getattr(t.contents, field).extend(want.tolist())
