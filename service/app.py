@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -55,6 +56,17 @@ class AppState:
     grpc: grpc_server.GrpcServer | None = None
     shares_port: bool = False  # one of several front-end processes that serve the same ports
     tracing: Tracing | None = None  # None unless OTEL_TRACES_EXPORTER turns tracing on (service/tracing.py)
+    admission: Admission | None = None  # the inference requests in flight, HTTP's and gRPC's counted together
+    readiness_listeners: list[Callable[[], None]] = field(default_factory=list)  # called when ready or draining change
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Tell the listeners (the gRPC health service) of each change of ``ready`` or ``draining``, wherever it is
+        made. They may be called from a signal handler (begin_shutdown): they only schedule work on the loop."""
+        changed = name in ("ready", "draining") and getattr(self, name, value) != value
+        super().__setattr__(name, value)
+        if changed:
+            for listener in getattr(self, "readiness_listeners", ()):
+                listener()
 
     @property
     def stats(self) -> Statistics:
@@ -155,9 +167,10 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
     _install_error_handlers(app, state)
     v2_router = v2.build_router(state)
     hot_routes: list = []  # (path regex, handler, declared route): filled below; see fastroute.install
+    state.admission = Admission(settings.max_inflight_requests, settings.max_inflight_bytes)
     app.add_middleware(  # innermost: its 429/408: its 429/408 get CORS headers, request ids, metrics and access logs
         AdmissionMiddleware,
-        admission=Admission(settings.max_inflight_requests, settings.max_inflight_bytes),
+        admission=state.admission,
         max_body_bytes=settings.max_body_bytes,
         body_read_timeout_s=settings.body_read_timeout_s,
     )

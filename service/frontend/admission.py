@@ -1,5 +1,8 @@
 """Admission before parsing: bound the inference requests, and their body bytes, in flight.
 
+One ``Admission`` per app counts HTTP's requests (this middleware) and gRPC's ModelInfer calls
+(service.frontend.grpc_server's interceptor) together, against the same two bounds.
+
 A pure ASGI middleware in front of the inference routes (``/attend``, ``/attend/heatmap``,
 ``/v2/models/{name}[/versions/{v}]/infer``). Before a body is read it admits the request
 against two bounds held until the response is sent:
@@ -46,12 +49,17 @@ class Admission:
             raise _overloaded(
                 f"too many requests in flight ({self.requests}; limit max_inflight_requests {self.max_requests})"
             )
+        self.take(nbytes)
+        self.requests += 1
+
+    def take(self, nbytes: int) -> None:
+        """Take ``nbytes`` more for an admitted request whose size is now known (a gRPC message, once read), or
+        raise ServiceError(overloaded)."""
         if self.bytes + nbytes > self.max_bytes:
             raise _overloaded(
                 f"too many body bytes in flight ({self.bytes} + this request's {nbytes}; limit "
                 f"max_inflight_bytes {self.max_bytes})"
             )
-        self.requests += 1
         self.bytes += nbytes
 
     def grow(self, held: int, more: int) -> None:
@@ -64,6 +72,7 @@ class Admission:
         self.bytes += more
 
     def release(self, nbytes: int) -> None:
+        """Give back a request's slot and the ``nbytes`` it holds."""
         self.requests -= 1
         self.bytes -= nbytes
 

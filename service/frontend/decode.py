@@ -46,11 +46,14 @@ def parse_json(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as e:
-        if "depth" in str(e) or "recursion" in str(e):
-            raise ServiceError(
-                "malformed_json", f"the body nests JSON deeper than the limit of {MAX_JSON_DEPTH} levels"
-            ) from e
-        raise ServiceError("malformed_json", f"the body is not valid JSON: {e}") from e
+        raise json_error(str(e)) from e
+
+
+def json_error(reason: str) -> ServiceError:
+    """orjson's reason for refusing a body, as the caller is told it (also for a body parsed in a decode process)."""
+    if "depth" in reason or "recursion" in reason:
+        return ServiceError("malformed_json", f"the body nests JSON deeper than the limit of {MAX_JSON_DEPTH} levels")
+    return ServiceError("malformed_json", f"the body is not valid JSON: {reason}")
 
 
 def format_validation_error(e: ValidationError, prefix: str = "") -> str:

@@ -9,7 +9,13 @@ service.errors' types).
 - The RPC's deadline is the request's deadline (capped as HTTP's timeouts are).
 - A cancelled RPC is dropped before compute: the batcher's ``abandoned`` completes with the RPC.
 - API keys (MHA_API_KEYS) come in ``authorization: Bearer <key>`` metadata; ServerLive,
-  ServerReady and grpc.health.v1 are open, as HTTP's health routes are.
+  ServerReady and grpc.health.v1 are open, as HTTP's health routes are. A call without a good
+  key is refused before its message is read.
+- ModelInfer calls are admitted with HTTP's inference requests, by the same ``Admission``
+  (MHA_MAX_INFLIGHT_REQUESTS before the message is read, MHA_MAX_INFLIGHT_BYTES once its size
+  is known, before it is deserialized): past either, RESOURCE_EXHAUSTED naming the bound.
+- grpc.health.v1 follows readiness as it changes (AppState's readiness listeners), so Watch
+  streams see each change.
 - RESOURCE_EXHAUSTED for an overloaded queue carries ``retry-after`` (seconds) in the trailers.
 - INTERNAL says only "internal error (id ...)"; the log line with that id has the traceback.
 """
@@ -31,6 +37,7 @@ from grpc_health.v1._async import HealthServicer
 
 from service.errors import ERROR_STATUS, ServiceError, log_internal_error
 from service.frontend import grpc_wire, oip
+from service.frontend.admission import Admission
 from service.frontend.decode import check_priority
 from service.frontend.httputil import require_ready, run_batcher
 from service.frontend.observability import ApiKeys
@@ -62,6 +69,7 @@ GRPC_STATUS: dict[str, grpc.StatusCode] = {
 assert set(GRPC_STATUS) == set(ERROR_STATUS), "every error type needs a gRPC status"
 
 _SERVICE = "/inference.GRPCInferenceService/"
+INFER_METHOD = _SERVICE + "ModelInfer"
 OPEN_METHODS = frozenset(
     {_SERVICE + "ServerLive", _SERVICE + "ServerReady", "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"}
 )
@@ -244,37 +252,103 @@ class _Health(HealthServicer):
     def __init__(self, state: Any) -> None:
         super().__init__()
         self._state = state
+        self._loop = asyncio.get_running_loop()
+        self._refreshing: set[asyncio.Task] = set()  # held until done: the loop keeps only weak references
+        state.readiness_listeners.append(self._changed)
 
-    async def _refresh(self) -> None:
+    def _changed(self) -> None:
+        """AppState's readiness listener: may run in a signal handler, so it only schedules the refresh."""
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._schedule_refresh)
+
+    def _schedule_refresh(self) -> None:
+        task = self._loop.create_task(self.refresh())
+        self._refreshing.add(task)
+        task.add_done_callback(self._refreshing.discard)
+
+    async def refresh(self) -> None:
+        """Set the statuses from the app's readiness now (watchers are told of each change)."""
         ok = self._state.ready and not self._state.draining
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", "inference.GRPCInferenceService"):
             await self.set(name, status)
         await self.set("live", health_pb2.HealthCheckResponse.SERVING)
 
-    async def Check(self, request: Any, context: Any) -> Any:
-        await self._refresh()
-        return await super().Check(request, context)
+    def detach(self) -> None:
+        with contextlib.suppress(ValueError):
+            self._state.readiness_listeners.remove(self._changed)
 
 
-class _ApiKeys(grpc.aio.ServerInterceptor):
-    """UNAUTHENTICATED without a good ``authorization: Bearer <key>``, except on the open methods."""
+def _refusal(code: grpc.StatusCode, message: str, trailers: tuple = ()) -> grpc.RpcMethodHandler:
+    """A handler that answers ``code`` without reading the call's message: a request-streaming handler is called
+    before any message arrives, and a unary one only after the whole message is read."""
 
-    def __init__(self, keys: ApiKeys) -> None:
+    async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, message, trailing_metadata=trailers)
+
+    return grpc.stream_unary_rpc_method_handler(refuse)
+
+
+def _retry_after(err: ServiceError) -> tuple:
+    return tuple((k, v) for k, v in err.headers.items() if k == "retry-after")
+
+
+class _Gate(grpc.aio.ServerInterceptor):
+    """What runs before a call's message is read (interceptors run before the request is deserialized):
+
+    - UNAUTHENTICATED without a good ``authorization: Bearer <key>``, except on the open methods;
+    - for ModelInfer, admission with HTTP's inference requests: a slot before the message is read, its
+      bytes once read and before it is deserialized; RESOURCE_EXHAUSTED (with retry-after) past either bound.
+    """
+
+    def __init__(self, keys: ApiKeys, admission: Admission | None) -> None:
         self._keys = keys
-
-        async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(S.UNAUTHENTICATED, "missing or wrong API key: send authorization: Bearer <key>")
-
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._admission = admission
+        self._deny = _refusal(S.UNAUTHENTICATED, "missing or wrong API key: send authorization: Bearer <key>")
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         if details.method in OPEN_METHODS:
             return await continuation(details)
-        auth = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
-        if self._keys.check(auth.encode() if isinstance(auth, str) else auth):
-            return await continuation(details)
-        return self._deny
+        if self._keys:
+            auth = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
+            if not self._keys.check(auth.encode() if isinstance(auth, str) else auth):
+                return self._deny
+        handler = await continuation(details)
+        if details.method != INFER_METHOD or self._admission is None or handler is None:
+            return handler
+        return self._admitted(handler)
+
+    def _admitted(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """ModelInfer as a request-streaming handler, called before its message is read: it takes a slot, reads the
+        message, takes its bytes, deserializes it and answers, and gives both back whatever happens."""
+        admission = self._admission
+        infer, parse = handler.unary_unary, handler.request_deserializer
+
+        async def admitted(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                admission.admit(0)  # its bytes once the message is read: a gRPC call declares no size
+            except ServiceError as e:
+                await context.abort(S.RESOURCE_EXHAUSTED, e.message, trailing_metadata=_retry_after(e))
+            held = 0
+            try:
+                raw = await context.read()
+                if raw is grpc.aio.EOF:
+                    await context.abort(S.INVALID_ARGUMENT, "the call ended before its request message")
+                try:
+                    admission.take(len(raw))
+                except ServiceError as e:
+                    await context.abort(S.RESOURCE_EXHAUSTED, e.message, trailing_metadata=_retry_after(e))
+                held = len(raw)
+                try:
+                    request = parse(raw)
+                except Exception:
+                    await context.abort(S.INVALID_ARGUMENT, "the message is not a ModelInferRequest")
+                del raw
+                return await infer(request, context)
+            finally:
+                admission.release(held)
+
+        return grpc.stream_unary_rpc_method_handler(admitted, response_serializer=handler.response_serializer)
 
 
 @dataclasses.dataclass
@@ -285,6 +359,7 @@ class GrpcServer:
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new RPCs, let those in flight finish within ``grace_s``, then cancel the rest."""
+        self.health.detach()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
 
@@ -294,7 +369,7 @@ async def start(state: Any) -> GrpcServer:
     s = state.settings
     keys = ApiKeys(s.api_key_list)
     server = grpc.aio.server(
-        interceptors=[_ApiKeys(keys)] if keys else None,
+        interceptors=[_Gate(keys, state.admission)],
         options=[
             ("grpc.max_receive_message_length", s.max_body_bytes),
             ("grpc.max_send_message_length", -1),
@@ -303,13 +378,16 @@ async def start(state: Any) -> GrpcServer:
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(state), server)
     health = _Health(state)
+    await health.refresh()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"[{s.host}]:{s.grpc_port}" if ":" in s.host else f"{s.host}:{s.grpc_port}"
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as e:
+        health.detach()
         raise RuntimeError(f"cannot serve gRPC on {address} (MHA_GRPC_PORT): {e}") from e
     if not port:
+        health.detach()
         raise RuntimeError(f"cannot serve gRPC on {address} (MHA_GRPC_PORT): the port is taken")
     await server.start()
     log.info("gRPC on %s", address)

@@ -3,11 +3,12 @@
 orjson and numpy hold the GIL while they parse a body into Python floats and those into an
 array, so a worker thread would stall the event loop just the same: a 54 MB lists request held
 it for ~330 ms, and /healthz and every small request waited. Bodies of at least
-``offload_min_bytes`` that look like number lists (many commas early on; base64 bodies have
-almost none and are cheap to parse) go to a small process pool (``decode_processes``); so do
-list responses of that size. The loop then only copies bytes and arrays across a pipe.
-Everything smaller stays inline: no per-request cost on the fast path. ``bench/stall.py``
-measures both ways in one run.
+``offload_min_bytes`` that hold number lists (/attend's, and v2's JSON ``data``: many commas;
+base64 bodies have almost none and are cheap to parse, see ``many_commas``) go to a small
+process pool (``decode_processes``); so do list responses of that size. The loop then only
+copies bytes and arrays across a pipe. Everything smaller stays inline: no per-request cost on
+the fast path. ``bench/stall.py`` measures both ways in one run. A worker that dies (killed,
+out of memory) breaks the pool: it is replaced at once, and only the request it held fails.
 
 The pool uses "spawn" and its worker module (service.frontend.offload_worker) imports no torch.
 """
@@ -17,7 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 import numpy as np
 
@@ -32,22 +36,46 @@ from service.frontend.decode import (
     decode_attend,
     decode_object,
     encode_attend,
+    json_error,
 )
 
 log = logging.getLogger("mha_serve.offload")
 
-_SNIFF = 65536  # bytes looked at to tell a lists body from a base64 one
+_SNIFF = 65536  # bytes counted at once: a lists body has its commas here, unless led by whitespace
 _LIST_COMMAS = 1024  # a lists body has a comma every few bytes; a base64 one a handful in all
+
+
+def many_commas(body: bytes) -> bool:
+    """Whether ``body`` holds at least _LIST_COMMAS commas anywhere: what makes a JSON body costly to parse
+    is its number of values, and those need commas; whitespace, long strings and base64 have none.
+
+    A lists body answers from its first window; anything else is searched at memchr speed, a small
+    part of what decoding a base64 body costs, so no padding can hide its lists.
+    """
+    n = body.count(b",", 0, _SNIFF)
+    at = _SNIFF - 1
+    while n < _LIST_COMMAS:
+        at = body.find(b",", at + 1)
+        if at < 0:
+            return False
+        n += 1
+    return True
 
 
 class Offload:
     def __init__(self, processes: int, min_bytes: int) -> None:
+        self.processes = processes
         self.min_bytes = min_bytes
         self.plans = BodyPlans()  # repeated base64 bodies: the parse and the checks of fields done once
-        self._pool: ProcessPoolExecutor | None = None
-        if processes > 0:
-            ctx = multiprocessing.get_context("spawn")  # no fork of a process that runs torch threads
-            self._pool = ProcessPoolExecutor(processes, mp_context=ctx, initializer=offload_worker.die_with_parent)
+        self._ctx = multiprocessing.get_context("spawn")  # no fork of a process that runs torch threads
+        self._started = self._ctx.SimpleQueue() if processes > 0 else None  # each worker's pid, as it starts
+        self._pids: set[int] = set()
+        self._pool = self._new_pool() if processes > 0 else None
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            self.processes, mp_context=self._ctx, initializer=offload_worker.started, initargs=(self._started,)
+        )
 
     @property
     def enabled(self) -> bool:
@@ -58,6 +86,14 @@ class Offload:
         if self._pool is not None:
             await asyncio.wrap_future(self._pool.submit(offload_worker.ready))
 
+    def worker_pids(self) -> list[int]:
+        """The pids of the decode processes alive now (started ones only: the pool starts them on demand)."""
+        while self._started is not None and not self._started.empty():
+            self._pids.add(self._started.get())
+        alive = {p.pid for p in multiprocessing.active_children()}  # also reaps the exited ones
+        self._pids &= alive
+        return sorted(self._pids)
+
     def close(self) -> None:
         """Stop the workers at once (called after the drain: no request waits on them any more).
 
@@ -65,30 +101,67 @@ class Offload:
         shutdown), out of the one shutdown grace.
         """
         if self._pool is not None:
-            workers = list(getattr(self._pool, "_processes", {}).values())
+            pids = set(self.worker_pids())
             self._pool.shutdown(wait=False, cancel_futures=True)
-            for p in workers:
-                p.terminate()
+            for p in multiprocessing.active_children():
+                if p.pid in pids:
+                    p.terminate()
             self._pool = None
 
-    def _wants(self, body: bytes) -> bool:
-        return self._pool is not None and len(body) >= self.min_bytes and body.count(b",", 0, _SNIFF) >= _LIST_COMMAS
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in a decode process. A dead worker breaks the whole pool (BrokenProcessPool): the pool is
+        replaced, the request that was in it is answered 503, and the requests after it are served."""
+        pool = self._pool
+        try:
+            future = pool.submit(fn, *args)
+        except BrokenProcessPool:  # broken before this request: it was in no worker, so it runs on the new pool
+            pool = self._replace(pool)
+            future = pool.submit(fn, *args)
+        try:
+            return await asyncio.wrap_future(future)
+        except BrokenProcessPool as e:
+            self._replace(pool)
+            raise ServiceError(
+                "unavailable", "a decode process died while it handled this request; the server replaced it: retry"
+            ) from e
+
+    def _replace(self, broken: ProcessPoolExecutor) -> ProcessPoolExecutor:
+        """The pool in use, a new one in place of ``broken`` if that is still it (the first of the requests that
+        meet a broken pool replaces it; the others use the new one)."""
+        if self._pool is broken:
+            log.warning("a decode process died: its pool is replaced")
+            broken.shutdown(wait=False, cancel_futures=True)  # its other workers are already stopped by the pool
+            self._pool = self._new_pool()
+        return self._pool
+
+    def wants(self, body: bytes) -> bool:
+        """Whether parsing ``body`` goes to the decode processes: a large one with many values."""
+        return self._pool is not None and len(body) >= self.min_bytes and many_commas(body)
+
+    async def parse_v2(self, body: bytes) -> Any:
+        """A v2 JSON body (or header) parsed in a decode process (``wants`` said so), its float and bool ``data``
+        as arrays (service.frontend.v2 takes them as its inline decode makes them)."""
+        return self._parsed(*await self.run(offload_worker.parse_v2, body))
 
     async def decode_attend(self, body: bytes, config: MHAConfig, limits: Limits) -> DecodedRequest:
-        if not self._wants(body):
+        if not self.wants(body):
             return decode_attend(body, config, limits)
-        status, value = await asyncio.wrap_future(self._pool.submit(offload_worker.parse_lists, body))
-        if status == "invalid":
-            return decode_attend(body, config, limits)  # raises the parse error, with its message
+        obj = self._parsed(*await self.run(offload_worker.parse_lists, body))
+        del body
+        return decode_object(obj, config, limits)
+
+    @staticmethod
+    def _parsed(status: str, value: Any) -> Any:
+        if status == "invalid":  # worded as an inline parse words it: the body is parsed once
+            raise json_error(value)
         if status == "error":
             raise ServiceError(*value)
-        del body
-        return decode_object(value, config, limits)
+        return value
 
     def decode_now(self, body: bytes, config: MHAConfig, limits: Limits) -> DecodedRequest | None:
         """``decode_attend`` when it would run on the loop (base64 and small bodies), with no coroutine;
         None when the body goes to the pool (then await ``decode_attend``)."""
-        if self._wants(body):
+        if self.wants(body):
             return None
         return self.plans.decode(body, config, limits)
 
@@ -99,7 +172,7 @@ class Offload:
         if payload is not None:
             return payload
         obj = attend_body(output, weights, req, model)
-        return await asyncio.wrap_future(self._pool.submit(offload_worker.dumps, obj))
+        return await self.run(offload_worker.dumps, obj)
 
     def encode_now(
         self, output: np.ndarray, weights: np.ndarray | None, req: DecodedRequest, model: dict

@@ -65,6 +65,7 @@ from service.frontend import codecs, oip
 from service.frontend.decode import Limits, check_priority, lengths_in_range, parse_json
 from service.frontend.httputil import Answer, header, internal_error, read_limited, require_ready
 from service.frontend.httputil import infer as run_inference
+from service.frontend.offload_worker import V2_RANKS, Failed
 from service.frontend.plans import Recent, Sightings
 from service.messages import AttendInput
 from service.tracing import stage
@@ -193,9 +194,11 @@ def build_router(state: Any) -> APIRouter:
         try:
             require_ready(state)
             body = await _read_body(request, settings.max_body_bytes)
+            header_length = header(request, HEADER_LENGTH_RAW)
             with stage(state.tracing, "decode"):
+                head = await _offloaded_header(state.offload, body, header_length)
                 req, inp, timeout_s, priority = plans.decode(
-                    body, header(request, HEADER_LENGTH_RAW), state.engine.model.config, state.limits
+                    body, header_length, state.engine.model.config, state.limits, head=head
                 )
             decoded = time.monotonic()
             res = await run_inference(
@@ -295,6 +298,16 @@ def build_router(state: Any) -> APIRouter:
 
 
 # -- decode_request ---------------------------------------------------------------------------
+
+
+async def _offloaded_header(offload: Any, body: bytes, header_length: str | None) -> Any:
+    """The JSON header (the whole body without a binary part) parsed in a decode process when it is large and holds
+    lists (service.frontend.offload's rule, as /attend's), else None: parsed inline by ``HeaderPlans.decode``."""
+    if offload is None or not offload.enabled or len(body) < offload.min_bytes:
+        return None
+    hl = _header_length(header_length, len(body))
+    text = body if hl == len(body) else bytes(body[:hl])
+    return await offload.parse_v2(text) if offload.wants(text) else None
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -439,19 +452,20 @@ class HeaderPlans:
         return len(self._plans)
 
     def decode(
-        self, body: bytes | bytearray, header_length: str | None, config: Any, limits: Limits
+        self, body: bytes | bytearray, header_length: str | None, config: Any, limits: Limits, *, head: Any = None
     ) -> tuple[oip.InferPlan | Plan, AttendInput, float, int]:
-        """One request's (answer plan, checked input, timeout in s, priority), as _decode and its checks give."""
+        """One request's (answer plan, checked input, timeout in s, priority), as _decode and its checks give;
+        ``head``: the JSON header already parsed (service.frontend.offload), its data as arrays."""
         size = len(body)
         hl = _header_length(header_length, size)
         key = None
-        if hl <= self.max_header_bytes and self.capacity > 0:
+        if hl <= self.max_header_bytes and self.capacity > 0 and head is None:
             key = bytes(body[:hl])
             plan = self._plans.get(key)
             if plan is not None and plan.size == size and plan.config is config and plan.limits is limits:
                 self._plans.use(key)
                 return plan, plan.input(body), plan.timeout_s, plan.priority
-        req, layout = _decode(body, hl)
+        req, layout = _decode(body, hl, head)
         inp, timeout_s = req.check(config=config, limits=limits)
         priority = check_priority(req.priority, limits)
         if key is not None and layout is not None and self._seen.second(key):  # the second time: worth a plan
@@ -510,11 +524,13 @@ def _plan(
     )
 
 
-def _decode(body: bytes, hl: int) -> tuple[oip.InferPlan, dict[str, tuple[np.dtype, int]] | None]:
+def _decode(body: bytes, hl: int, head: Any = None) -> tuple[oip.InferPlan, dict[str, tuple[np.dtype, int]] | None]:
     """bytes -> arrays (checked against the model later, by ``check_input``) + answer plan, and the
-    place of each input in the body (name -> (numpy dtype, offset)) when every input is binary."""
+    place of each input in the body (name -> (numpy dtype, offset)) when every input is binary.
+    ``head``: the JSON header parsed elsewhere (a decode process), else parsed here."""
     view = memoryview(body)
-    head = parse_json(view[:hl])
+    if head is None:
+        head = parse_json(view[:hl])
     if not isinstance(head, dict):
         raise validation(f"the JSON header must be an object, got {type(head).__name__}")
     rid = head.get("id")
@@ -583,10 +599,14 @@ def _inputs(
 
 
 def _from_json(data: Any, name: str, dtype_name: str, shape: list[int], count: int) -> np.ndarray:
-    if not isinstance(data, list):
+    """``data`` as an array; a float or bool one may come decoded by offload_worker.parse_v2 (an array or a Failed)."""
+    if isinstance(data, Failed):
+        raise data.error()
+    decoded = isinstance(data, np.ndarray)
+    if not decoded and not isinstance(data, list):
         raise validation(f"input {name!r} data must be a list, got {type(data).__name__}")
     if dtype_name in oip.FLOAT:
-        arr = codecs.decode_lists(data, name, range(1, 64))  # float32; flat or nested
+        arr = data if decoded else codecs.decode_lists(data, name, V2_RANKS)  # float32; flat or nested
         if dtype_name == "FP16":
             if arr.size and (big := float(np.max(np.abs(arr)))) > codecs.DTYPE_MAX["float16"]:
                 raise validation(f"input {name!r} is FP16, but holds {big:g}, beyond FP16's 65504; send it as FP32")
@@ -594,7 +614,7 @@ def _from_json(data: Any, name: str, dtype_name: str, shape: list[int], count: i
         elif dtype_name == "BF16":
             arr = codecs.f32_to_bf16(arr)
     elif dtype_name == "BOOL":
-        arr = codecs.decode_lists(data, name, range(1, 64), boolean=True)  # true/false only, as /attend's
+        arr = data if decoded else codecs.decode_lists(data, name, V2_RANKS, boolean=True)  # true/false, as /attend's
     else:
         try:
             arr = np.array(data)

@@ -8,6 +8,7 @@ import pytest
 
 from mha_core import MHAConfig
 from service.errors import ERROR_STATUS, ServiceError
+from service.frontend import grpc_wire
 from service.frontend.decode import Limits
 from service.frontend.grpc_server import GRPC_STATUS
 from service.frontend.grpc_wire import decode_infer, encode_infer
@@ -93,3 +94,51 @@ def test_outputs_are_raw_in_the_datatype_of_x():
         ("output", "FP16", [1, 2, 32]),
     ]
     np.testing.assert_array_equal(np.frombuffer(resp.raw_output_contents[0], "<f2"), np.full(16, 0.25, np.float16))
+
+
+def test_typed_contents_read_from_the_wire_equal_numpys_conversion(rng_seed):
+    """Every datatype with typed contents, with the extremes of each (negatives: ten-byte varints)."""
+    rng = np.random.default_rng(rng_seed)
+    i32 = np.iinfo(np.int32)
+    i64 = np.iinfo(np.int64)
+    values = [
+        ("FP32", np.concatenate([rng.standard_normal(300), [0.0, -0.0, 3.4e38, -1e-45, np.inf]]).astype(np.float32)),
+        ("INT32", np.concatenate([rng.integers(i32.min, i32.max, 300), [0, 1, -1, 127, 128, i32.min, i32.max]])),
+        ("INT64", np.concatenate([rng.integers(i64.min, i64.max, 300), [0, -1, 2**35, i64.min, i64.max]])),
+        ("INT64", rng.integers(0, 128, 300)),  # one byte each: read from the wire
+        ("INT32", rng.integers(0, 128, 300)),
+        ("BOOL", rng.random(307) < 0.5),
+    ]
+    for datatype, want in values:
+        field, dtype = grpc_wire._TYPED[datatype]
+        t = pb.ModelInferRequest.InferInputTensor(name="v", datatype=datatype, shape=[want.size])
+        getattr(t.contents, field).extend(want.tolist())
+        got = grpc_wire._typed(t, [want.size])
+        assert got.dtype == dtype and got.flags.writeable
+        np.testing.assert_array_equal(got, np.array(getattr(t.contents, field), dtype=dtype))
+        np.testing.assert_array_equal(got, want.astype(dtype))
+    empty = pb.ModelInferRequest.InferInputTensor(name="v", datatype="INT64", shape=[0])
+    assert grpc_wire._typed(empty, [0]).shape == (0,)
+
+
+def test_large_typed_contents_are_not_converted_value_by_value():
+    """np.array over the repeated field makes a Python float of each value, on the event loop; the wire read
+    does not. Compared with that conversion on the same machine, in the same test: at least 5 times faster."""
+    import time
+
+    n = 2_000_000
+    t = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[n])
+    t.contents.fp32_contents.extend(np.arange(n, dtype=np.float32).tolist())
+    best = {}
+    for name, fn in (
+        ("wire", lambda: grpc_wire._typed(t, [n])),
+        ("values", lambda: np.array(t.contents.fp32_contents, dtype=np.float32)),
+    ):
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+        best[name] = min(times)
+        assert out[-1] == n - 1
+    assert best["wire"] * 5 < best["values"], best
