@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mha_core import MHAConfig
 from service import __version__, heap, tracing
 from service.engine.batcher import BatchLimits
+from service.engine.liveness import Watchdog
 from service.errors import INFERENCE_ERRORS, InternalErrors, ServiceError
 from service.frontend import fastroute, grpc_server, heatmap, v2
 from service.frontend.admission import Admission, AdmissionMiddleware
@@ -196,9 +197,19 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
         state.ready = engine_address is None or state.batcher.running
         info = state.model_info
         log.info("ready: %s on %s (%s)", settings.model_name, info["device"], info["checksum"])
+        watchdog = None
+        if engine_address is None:  # the forward runs here: a hung one (or loop) turns /readyz 503, then exits
+            watchdog = Watchdog(
+                forward_hang_s=settings.forward_hang_s,
+                loop_hang_s=settings.engine_hang_s,
+                on_hang=lambda: setattr(state, "ready", False),
+            )
+            watchdog.start(state.loop)
         try:
             yield
         finally:
+            if watchdog is not None:
+                watchdog.stop()
             state.begin_shutdown()  # no-op if the signal already began it: one grace, from the signal
             state._start_drain()
             await state.drain
