@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import socket
 import threading
+from typing import ClassVar
 
 import pytest
 
@@ -53,7 +54,7 @@ class FakeContext:
 class FakeSupervisor:
     """uvicorn's Multiprocess as far as the window goes: it takes SIGTERM/SIGINT into its queue when built."""
 
-    runs: list[int] = []
+    runs: ClassVar[list[int]] = []
 
     def __init__(self, config, sockets) -> None:
         self.signal_queue: list[int] = []
