@@ -439,6 +439,8 @@ def test_a_forward_past_the_hang_bound_turns_readyz_503_and_exits_non_zero(tmp_p
         assert r.status_code == 200, r.text
         assert httpx.get(s.url + "/readyz", timeout=5).status_code == 200
         assert s.proc.poll() is None and "hung" not in s.log()
+        with open(f"/proc/{s.proc.pid}/cmdline", "rb") as f:  # ps tells the server from its helpers
+            assert f.read().split(b"\0")[0] == (b"mha-serve" if workers == "1" else b"mha-serve: supervisor")
 
         async def go():
             async with httpx.AsyncClient(base_url=s.url, timeout=30) as c:
