@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 
 import uvicorn
 from pydantic import ValidationError
@@ -22,18 +25,36 @@ class _Server(uvicorn.Server):
     batcher drains until shortly before the deadline and then answers what is left with 503;
     uvicorn's wait for open connections ends at the same deadline (not a grace of its own
     before the batcher's), and the lifespan shutdown finds the batcher already stopped.
+
+    Through uvicorn's public methods only (``capture_signals``, ``handle_exit``, ``shutdown``), so that an
+    upgrade cannot turn the drain off unseen (tests/unit/test_drain_signals.py runs it on the real server).
     """
 
     def __init__(self, config: uvicorn.Config, app) -> None:
         super().__init__(config)
         self._mha_state = app.state.mha
+        self._interrupted = False
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's, but a SIGTERM that drained is a success: it is not raised again at the end (the process
+        exits 0, not -15). A SIGINT is, so that a Ctrl-C still ends as one."""
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+        if self._interrupted:
+            signal.raise_signal(signal.SIGINT)
 
     def handle_exit(self, sig, frame) -> None:
         self._mha_state.begin_shutdown()
+        self._interrupted = self._interrupted or sig == signal.SIGINT
         super().handle_exit(sig, frame)
-        if sig == signal.SIGTERM and sig in self._captured_signals:
-            # A SIGTERM shutdown that drained cleanly is a success: exit 0, not -15.
-            self._captured_signals.remove(sig)
 
     async def shutdown(self, sockets=None) -> None:
         deadline = self._mha_state.shutdown_deadline
@@ -77,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     from service.app import create_app
 
     configure_logging(settings.log_level, settings.log_format)
+    import setproctitle
+
+    setproctitle.setproctitle("mha-serve")  # the one-process server (its decode processes: mha-serve: decode)
     app = create_app(settings=settings)
     config = uvicorn.Config(
         app,

@@ -215,9 +215,21 @@ class Settings(BaseSettings):
     engine_hang_s: float = Field(
         10.0,
         ge=0.5,
-        description="With a model process (MHA_WORKERS >= 2 or MHA_ENGINE=process): if its event loop, which "
-        "answers the front ends' heartbeats, is silent this long, it is hung: the parent kills it and the service "
-        "exits 1, as when it dies. A long forward pass runs in its own thread and does not count.",
+        description="If the event loop of the process that runs the model (the server with one process, else the "
+        "model process) does not turn for this long, it is hung: /readyz turns 503 and the process exits 70, so that "
+        "the orchestrator restarts it (with a model process the service exits 1). A model process frozen whole "
+        "(SIGSTOP) is killed by its parent after this long too. A forward pass runs in its own thread: "
+        "MHA_FORWARD_HANG_S bounds it.",
+    )
+    forward_hang_s: float = Field(
+        60.0,
+        ge=0.5,
+        description="A forward pass running longer than this is hung (a CUDA hang, a deadlock): /readyz turns 503 "
+        "at once and the process that runs the model exits 70, so that the orchestrator restarts the replica (with "
+        "a model process the service exits 1). Chosen from the longest legitimate forward: the default model's "
+        "largest batch (MHA_MAX_BATCH_TOKENS tokens at max_seq_len, every head's weights) on one CPU thread, timed "
+        "as bench/forward_time.py does, times 25 for slower CPUs and noisy neighbours. Raise it if you raise the "
+        "batch limits or max_seq_len, or run on a slower device: keep it well above bench/forward_time.py's figure.",
     )
 
     @field_validator("device")
@@ -280,6 +292,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_body_bytes ({self.max_body_bytes}) must be <= max_inflight_bytes ({self.max_inflight_bytes}), "
                 "or a body at the size limit could never be admitted"
+            )
+        if self.cuda_graphs.strip() and not self.warmup:
+            raise ValueError(
+                f"cuda_graphs ({self.cuda_graphs!r}) needs warmup: the graphs are captured during warm-up, so with "
+                "MHA_WARMUP=false none would be; set MHA_WARMUP=true or unset MHA_CUDA_GRAPHS"
             )
         if self.checkpoint is None:
             cfg = self.model_overrides(with_defaults=True)

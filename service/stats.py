@@ -63,8 +63,9 @@ class ModelStats(BatcherObserver):
         at the end of the event loop's turn, with the turn's other requests (``add_done``), or when read."""
         self._done.append((time.monotonic(), started, decoded, answered, res, sequences))
         if len(self._done) == 1:  # the first since the last add: add them at the end of this turn
-            loop = asyncio._get_running_loop()
-            if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop: add them now
                 self.add_done()
             else:
                 loop.call_soon(self.add_done)

@@ -58,6 +58,8 @@ class InprocClient:
         metrics: BatcherObserver | None = None,
         tracing: Any = None,
         on_ready: Callable[[bool], None] | None = None,
+        beat: Any = None,
+        exit_after_s: float = 1.0,
     ) -> None:
         self.settings = settings
         self.model: EngineModel | None = None
@@ -67,6 +69,11 @@ class InprocClient:
         self._metrics = metrics
         self._tracing = tracing
         self._on_ready = on_ready or (lambda ready: None)
+        # The forward runs in this process: a hung one (or a hung loop) turns it not-ready at once, then ends the
+        # process after ``exit_after_s`` (service/engine/liveness.py); ``beat`` is the supervisor's watch.
+        self._watch_args = {"beat": beat, "exit_after_s": exit_after_s}
+        self._watchdog: Any = None
+        self._hung = False
 
     async def start(self) -> EngineModel:
         from service.engine.runner import Runner, batcher_for, model_description  # torch: never in a front end
@@ -92,12 +99,22 @@ class InprocClient:
         await self.batcher.start()
         self.infer = self.batcher.infer  # the same call: no coroutine of ours around each request
         self.model = EngineModel(MHAConfig(**cfg.to_dict()), model_description(s, runner))
+        from service.engine.liveness import Watchdog
+
+        self._watchdog = Watchdog(
+            forward_hang_s=s.forward_hang_s, loop_hang_s=s.engine_hang_s, on_hang=self._hang, **self._watch_args
+        )
+        self._watchdog.start(asyncio.get_running_loop())
         self._on_ready(True)
         return self.model
 
+    def _hang(self) -> None:  # (the watchdog's thread)
+        self._hung = True
+        self._on_ready(False)
+
     @property
     def ready(self) -> bool:
-        return self.batcher is not None and self.batcher.running
+        return not self._hung and self.batcher is not None and self.batcher.running
 
     @property
     def forward_running(self) -> bool:
@@ -120,3 +137,5 @@ class InprocClient:
         if self.batcher is not None:
             self._on_ready(False)
             await self.batcher.stop(grace_s=grace_s)
+        if self._watchdog is not None:
+            self._watchdog.stop()

@@ -8,11 +8,11 @@ or a typed error, goes back to its front end; the outcomes ready in the same tur
 share one message. Every ``ping`` is answered with a heartbeat that
 carries readiness and the queue depth.
 
-Its event loop stamps a shared ``beat`` value every BEAT_S, so that the parent can tell a hung
-process (alive, silent) from a busy one: the forward runs in the batcher's thread, never on the loop.
+A watchdog thread (service/engine/liveness.py) ends it when a forward pass or its event loop hangs, and
+stamps a shared ``beat`` while it is well, so that the parent can tell a frozen process from a busy one.
 
 Signals are ignored: the parent tells it to stop (an Event) once the front ends have drained, and
-it exits 0; if the parent dies, it stops too.
+it exits 0; if the parent dies, it is killed (PR_SET_PDEATHSIG; elsewhere it sees it and stops).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import multiprocessing
 import os
 import signal
-import time
 from functools import partial
 from typing import Any
 
@@ -59,6 +59,7 @@ class Engine:
     def __init__(self, settings: Settings, address: str) -> None:
         self.settings = settings
         self.address = address
+        self.engine: Any = None  # the InprocClient whose batcher this process feeds
         self.batcher: Any = None
         self.tracing: Any = None  # service.tracing.Tracing when OTEL_TRACES_EXPORTER turns it on
         self.info: dict[str, Any] = {}
@@ -70,7 +71,7 @@ class Engine:
         self._drain_scheduled = False
         self._stop = asyncio.Event()
 
-    async def load(self) -> None:
+    async def load(self, beat: Any = None) -> None:
         """Load and warm the model and start the batcher: the one-process mode's engine (InprocClient), whose
         batcher this process feeds through its callback path (``submit``/``cancel``)."""
         from service import __version__, tracing
@@ -91,9 +92,11 @@ class Engine:
         s = self.settings
         # the metrics are written to PROMETHEUS_MULTIPROC_DIR: the front ends' /metrics reads them
         self.tracing = tracing.from_env(service_version=__version__, replica_id=s.replica_id)
-        engine = InprocClient(s, metrics=EngineObserver(), tracing=self.tracing)
+        # A hung forward or event loop ends this process at once (no probe here to wait for): the front ends see its
+        # socket close and answer 503, and the parent exits 1. Its watchdog stamps ``beat`` for the parent's watch.
+        engine = InprocClient(s, metrics=EngineObserver(), tracing=self.tracing, beat=beat, exit_after_s=0.0)
         model = await engine.start()
-        self.batcher = engine.batcher
+        self.engine, self.batcher = engine, engine.batcher
         self.info = {"model_info": model.info, "config": model.config.to_dict()}
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.copy_threshold = COPY_BELOW
@@ -202,8 +205,8 @@ class Engine:
 
     async def shutdown(self, grace_s: float) -> None:
         """Finish what is queued within ``grace_s`` (its answers still go out), then close."""
-        if self.batcher is not None:
-            await self.batcher.stop(grace_s=grace_s)  # answers (ShuttingDown) whatever it could not finish
+        if self.engine is not None:
+            await self.engine.stop(grace_s=grace_s)  # answers (ShuttingDown) whatever it could not finish
         self._flush()
         self._stop.set()
 
@@ -215,32 +218,24 @@ class Engine:
             self.tracing.shutdown()  # exports the spans still buffered
 
 
-BEAT_S = 0.1  # how often the event loop stamps ``beat`` for the parent's hang watch
-
-
-async def _beat(beat: Any) -> None:
-    """Stamp ``beat`` (shared memory) from the event loop that answers the front ends' heartbeats: while
-    it runs, the parent sees the model process answer; a forward pass in its thread does not stop it."""
-    while True:
-        beat.value = time.monotonic()  # CLOCK_MONOTONIC: one clock for the whole host
-        await asyncio.sleep(BEAT_S)
-
-
 async def _amain(settings: Settings, address: str, ready: Any, stop: Any, beat: Any = None) -> int:
+    from service.engine import liveness
+
     engine = Engine(settings, address)
-    await engine.load()
-    beating = None
-    if beat is not None:
-        beat.value = time.monotonic()  # before ``ready``: the parent's watch starts then
-        beating = asyncio.create_task(_beat(beat))
+    await engine.load(beat)
     ready.set()
-    parent = os.getppid()
+    parent = multiprocessing.parent_process()
+    # The kernel kills this process with its parent; where it cannot be told to, it looks (as it does once for a
+    # parent that died before it was told).
+    watch_parent = not liveness.die_with_parent()
 
     async def until_told() -> None:
+        first = True
         while not stop.is_set():
-            if os.getppid() != parent:
+            if (first or watch_parent) and parent is not None and os.getppid() != parent.pid:
                 log.error("the parent process is gone: stopping the model process")
                 break
+            first = False
             await asyncio.sleep(0.1)
         # The front ends have drained (or are gone): whatever is left has nobody waiting for it.
         await engine.shutdown(0.0)
@@ -248,8 +243,6 @@ async def _amain(settings: Settings, address: str, ready: Any, stop: Any, beat: 
     stopper = asyncio.create_task(until_told())
     await engine.serve()
     await stopper
-    if beating is not None:
-        beating.cancel()
     engine.close()
     log.info("model process stopped")
     return -1 if engine.batcher.forward_running else 0
@@ -269,10 +262,14 @@ def _run(coro: Any) -> Any:
 def main(address: str, ready: Any, stop: Any, beat: Any = None) -> None:
     """The model process's entry point (a multiprocessing "spawn" target): settings from MHA_*.
 
-    ``beat`` (a shared double) is stamped by its event loop every BEAT_S: the parent's hang watch.
+    ``beat`` (a shared double) is stamped by its watchdog (service/engine/liveness.py) while the process is
+    well: the parent's watch for a process frozen whole.
     It stops when the parent sets ``stop`` (after the front ends drained) or dies, not on signals:
     a Ctrl-C or a SIGTERM sent to the whole process group must not cut off the front ends' drain.
     """
+    import setproctitle
+
+    setproctitle.setproctitle("mha-serve: model")  # ps tells the processes apart
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     settings = Settings()

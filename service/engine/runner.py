@@ -11,6 +11,7 @@ import torch
 
 from mha_core import MHAConfig, MultiHeadAttention, read_checkpoint
 from service.engine.batcher import Batcher, BatchLimits
+from service.engine.liveness import FORWARDS
 from service.engine.staging import CudaGraphs, Slot, Staging
 from service.messages import (
     AttendInput,
@@ -183,7 +184,7 @@ class Runner:
         once; only when they hold a non-finite value is each request's own part looked at, so the
         padding of a shorter sequence never counts.
         """
-        with self.staging.slot() as slot:
+        with self.staging.slot() as slot, FORWARDS.timing():  # the hang watch (service/engine/liveness.py)
             t0 = time.perf_counter()
             _inject_faults(items)
             if items[0].need_weights:

@@ -9,8 +9,9 @@
 - If the model process dies, the front ends answer 503 at once (their socket to it closes), and
   this process stops them and exits 1, so that the orchestrator restarts the whole service with
   a fresh model process (a restart in place would hide a crash loop and lose the device state).
-- If it hangs (alive, but its event loop has not stamped the shared ``beat`` for
-  MHA_ENGINE_HANG_S), this process kills it, and the same follows.
+- If a forward pass or its event loop hangs, its watchdog (service/engine/liveness.py) ends it, and
+  the same follows. If it is frozen whole (its watchdog has not stamped the shared ``beat`` for
+  MHA_ENGINE_HANG_S: SIGSTOP), this process kills it, and the same follows.
 - SIGTERM: uvicorn's supervisor passes it to the front ends, which drain within one
   MHA_SHUTDOWN_GRACE_S; then the model process, idle by then, is told to stop (it ignores signals,
   so that one sent to the whole process group cannot cut the front ends' drain short). Exit 0 when
@@ -31,6 +32,7 @@ import time
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
+from service.engine.liveness import HUNG_EXIT
 from service.messages import ADDRESS_ENV
 from service.settings import Settings
 
@@ -38,6 +40,11 @@ log = logging.getLogger("mha_serve")
 
 
 def serve(settings: Settings, workers: int) -> int:
+    import setproctitle
+
+    from service.frontend.worker import RUN_DIR_ENV
+
+    setproctitle.setproctitle("mha-serve: supervisor")  # ps tells the processes apart
     tmp = tempfile.mkdtemp(prefix="mha-serve-")
     metrics_dir = os.path.join(tmp, "metrics")
     os.mkdir(metrics_dir)
@@ -47,6 +54,7 @@ def serve(settings: Settings, workers: int) -> int:
         ADDRESS_ENV: address,
         "MHA_HOST": settings.host,
         "MHA_PORT": str(settings.port),
+        RUN_DIR_ENV: tmp,  # where the front ends claim their numbers
     }
     os.environ.update(env)  # the spawned processes read their settings from the environment
     try:
@@ -60,7 +68,7 @@ def _run(settings: Settings, workers: int, address: str) -> int:
 
     ctx = multiprocessing.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
-    beat = ctx.Value("d", 0.0, lock=False)  # the model process's event loop stamps it (time.monotonic())
+    beat = ctx.Value("d", 0.0, lock=False)  # the model process's watchdog stamps it (time.monotonic())
     engine = ctx.Process(target=process.main, args=(address, ready, stop, beat), name="mha-model")
     early: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):  # a signal while the model loads: stop it, exit 0
@@ -89,7 +97,11 @@ def _run(settings: Settings, workers: int, address: str) -> int:
         access_log=False,
     )
     sock = config.bind_socket()
-    supervisor = Multiprocess(config, sockets=[sock])
+    supervisor = Multiprocess(config, sockets=[sock])  # its handlers queue the signals from here on
+    if early:  # one came after the model was ready, before the supervisor's handlers: stop as while it loads
+        sock.close()
+        _stop_engine(engine, stop)
+        return 0
     crashed = threading.Event()
     done = threading.Event()
     hang = (beat, settings.engine_hang_s)
@@ -102,9 +114,11 @@ def _run(settings: Settings, workers: int, address: str) -> int:
     codes = [p.exitcode for p in supervisor.processes]
     _stop_engine(engine, stop)
     if crashed.is_set():
-        log.error("the model process died (exit code %s): exiting 1", engine.exitcode)
+        how = "hung" if engine.exitcode == HUNG_EXIT else "died"  # (it logged why)
+        log.error("the model process %s (exit code %s): exiting 1", how, engine.exitcode)
         return 1
-    if engine.exitcode != 0 or any(c != 0 for c in codes):
+    # A front end ends by the SIGTERM it drained on (uvicorn raises it again once its server is done).
+    if engine.exitcode != 0 or any(c not in (0, -signal.SIGTERM) for c in codes):
         log.error("exit codes: model process %s, front ends %s", engine.exitcode, codes)
         return 1
     return 0

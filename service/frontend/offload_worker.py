@@ -51,6 +51,9 @@ def die_with_parent() -> None:
     import signal
     import sys
 
+    import setproctitle
+
+    setproctitle.setproctitle("mha-serve: decode")  # (the pool's initializer: the one call at the worker's start)
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

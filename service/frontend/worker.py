@@ -8,12 +8,16 @@ MHA_ENGINE_ADDRESS.
 
 from __future__ import annotations
 
+import fcntl
+import itertools
 import os
 import signal
 
 from fastapi import FastAPI
 
 from service.messages import ADDRESS_ENV
+
+RUN_DIR_ENV = "MHA_RUN_DIR"  # the supervisor's temporary directory (service/engine/supervise.py)
 
 
 def create_front_app() -> FastAPI:
@@ -23,16 +27,45 @@ def create_front_app() -> FastAPI:
 
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
+    _set_title()
     app = create_app(settings=settings, engine_address=os.environ[ADDRESS_ENV])
     _drain_on_signal(app)
     return app
 
 
-def _drain_on_signal(app: FastAPI) -> None:
-    """Make uvicorn's SIGTERM/SIGINT handler begin the one-grace drain first (as service.cli's _Server).
+def _set_title() -> None:
+    """``mha-serve: front N``, N the lowest number no live front end holds (a replacement takes its
+    predecessor's): held by a lock in the supervisor's directory, which the kernel lets go when this process
+    dies, however it dies."""
+    import setproctitle
 
-    uvicorn installs its handler before the lifespan starts; this wraps it at lifespan start-up. A
-    SIGTERM that drained is a success: the worker exits 0 rather than re-raising the signal.
+    folder = os.environ.get(RUN_DIR_ENV)
+    number = _claim_number(folder) if folder else os.getpid()
+    setproctitle.setproctitle(f"mha-serve: front {number}")
+
+
+_held: list = []  # the open lock file: held for the process's life
+
+
+def _claim_number(folder: str) -> int:
+    for n in itertools.count(1):
+        f = open(os.path.join(folder, f"front-{n}.lock"), "w")  # noqa: SIM115 (held open: the lock is the claim)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            continue
+        _held.append(f)
+        return n
+
+
+def _drain_on_signal(app: FastAPI) -> None:
+    """Make SIGTERM/SIGINT begin the one-grace drain (as service.cli's _Server) before uvicorn's handler runs.
+
+    uvicorn's server installs its handler (``signal.signal``) before the lifespan starts; this installs one
+    at lifespan start-up that begins the drain, then calls the handler it found. Only public calls: whatever
+    handler uvicorn installs, it still runs. (uvicorn raises a SIGTERM it handled again once the server is
+    done, so a front end that drained ends by SIGTERM; the supervisor counts that as a clean stop.)
     """
     state = app.state.mha
     router = app.router
@@ -41,20 +74,12 @@ def _drain_on_signal(app: FastAPI) -> None:
     def lifespan(a):
         for sig in (signal.SIGTERM, signal.SIGINT):
             handler = signal.getsignal(sig)
-            server = getattr(handler, "__self__", None)
-            if server is None or not hasattr(server, "_captured_signals"):
+            if not callable(handler):  # SIG_DFL or SIG_IGN: not under a server that stops on signals
                 continue
 
-            def on_signal(s, frame, handler=handler, server=server):
+            def on_signal(s, frame, handler=handler):
                 state.begin_shutdown()
-                deadline = state.shutdown_deadline
-                if deadline is not None:  # uvicorn's wait for connections ends at the same deadline
-                    import time
-
-                    server.config.timeout_graceful_shutdown = max(0.05, deadline - time.monotonic() - 0.1)
                 handler(s, frame)
-                if s == signal.SIGTERM and s in server._captured_signals:
-                    server._captured_signals.remove(s)
 
             signal.signal(sig, on_signal)
         return inner(a)

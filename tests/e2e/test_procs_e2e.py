@@ -437,17 +437,64 @@ def test_a_stall_shorter_than_the_hang_bound_answers_503_then_serves_again(tmp_p
         assert s.stop() == 0
 
 
-def test_a_forward_longer_than_the_hang_bound_is_not_a_hang(tmp_path):
-    # the forward runs in the batcher's thread: the model process's event loop keeps answering heartbeats
-    # (a stall past the front ends' LOST_AFTER_S too) and stamping the parent's beat
+@pytest.mark.parametrize("workers", ["1", "2"], ids=["one_process", "split"])
+def test_a_forward_past_the_hang_bound_turns_readyz_503_and_exits_non_zero(tmp_path, workers):
+    """A forward shorter than MHA_FORWARD_HANG_S (longer than the front ends' LOST_AFTER_S too) is answered and
+    trips nothing; one longer is a hang: /readyz 503 at once, then the service exits non-zero, in both modes."""
     from service.engine.client import LOST_AFTER_S
+    from service.engine.liveness import HUNG_EXIT
 
-    stall_ms = int((LOST_AFTER_S + 0.5) * 1000)
-    s = start_server(tmp_path, {**WORKERS, "MHA_ENGINE_HANG_S": "1.5"})
+    hang_s = LOST_AFTER_S + 2.0
+    s = start_server(tmp_path, {**WORKERS, "MHA_WORKERS": workers, "MHA_FORWARD_HANG_S": str(hang_s)})
     try:
-        r = httpx.post(s.url + "/attend", json={"x": X}, headers={"x-mha-fault": f"stall:{stall_ms}"}, timeout=30)
+        short = {"x-mha-fault": f"stall:{int((LOST_AFTER_S + 0.5) * 1000)}"}
+        r = httpx.post(s.url + "/attend", json={"x": X}, headers=short, timeout=30)
         assert r.status_code == 200, r.text
-        assert httpx.post(s.url + "/attend", json={"x": X}, timeout=10).status_code == 200
-        assert s.proc.poll() is None and "has not answered" not in s.log()
+        assert httpx.get(s.url + "/readyz", timeout=5).status_code == 200
+        assert s.proc.poll() is None and "hung" not in s.log()
+        with open(f"/proc/{s.proc.pid}/cmdline", "rb") as f:  # ps tells the server from its helpers
+            assert f.read().split(b"\0")[0] == (b"mha-serve" if workers == "1" else b"mha-serve: supervisor")
+
+        async def go():
+            async with httpx.AsyncClient(base_url=s.url, timeout=30) as c:
+                stall = {"x-mha-fault": f"stall:{int((hang_s + 10) * 1000)}"}
+                stuck = asyncio.create_task(c.post("/attend", json={"x": X}, headers=stall))
+                t0 = time.monotonic()
+                ready = None
+                while ready is None and time.monotonic() - t0 < hang_s + 5:
+                    try:
+                        if (await c.get("/readyz", timeout=2)).status_code == 503:
+                            ready = 503
+                    except httpx.TransportError:  # (split: the front ends may already be stopping)
+                        ready = "closed"
+                    await asyncio.sleep(0.05)
+                seen = time.monotonic() - t0
+                code = await asyncio.to_thread(s.proc.wait, 20)
+                (answer,) = await asyncio.gather(stuck, return_exceptions=True)
+                return ready, seen, code, time.monotonic() - t0, answer
+
+        ready, seen, code, exited, answer = asyncio.run(go())
+        print(f"workers={workers}: /readyz {ready} after {seen:.2f} s, exit {code} after {exited:.2f} s")
+        assert ready == 503 if workers == "1" else ready in (503, "closed"), ready
+        assert hang_s - 0.2 <= seen < hang_s + 2.0, seen  # once the bound passed, at once
+        assert code == (HUNG_EXIT if workers == "1" else 1), s.log()[-3000:]  # the orchestrator restarts it
+        assert exited < hang_s + 8.0, exited  # not after the stall
+        if isinstance(answer, httpx.Response):  # (one process: cut off by the exit)
+            assert answer.status_code == 503 and answer.json()["error"]["type"] == "unavailable", answer.text
+        assert "hung: a forward pass has run for" in s.log()
     finally:
-        assert s.stop() == 0
+        s.stop(signal.SIGKILL)
+
+
+def test_each_process_is_titled(procs):
+    engine, fronts = pids(procs)
+    decode = [k for f in fronts for k in children(f)]
+
+    def title(pid: int) -> str:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0].decode()
+
+    assert title(procs.proc.pid) == "mha-serve: supervisor"
+    assert title(engine) == "mha-serve: model"
+    assert sorted(title(f) for f in fronts) == ["mha-serve: front 1", "mha-serve: front 2"]
+    assert decode and all(title(k) == "mha-serve: decode" for k in decode), [title(k) for k in decode]

@@ -3,11 +3,15 @@ its staging buffers, and its CUDA graphs where there is a GPU."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
 
 from mha_core import MHAConfig, MultiHeadAttention
+from service.engine.liveness import FORWARDS
 from service.engine.runner import Runner, resolve_dtype
 from service.engine.staging import pick_bucket
 from service.messages import AttendInput
@@ -120,6 +124,33 @@ def test_cuda_graph_buckets_parse_and_pick():
     assert pick_bucket(buckets, 2, 128) == (32, 128)
     assert pick_bucket(buckets, 2, 129) == (8, 1024)
     assert pick_bucket(buckets, 33, 16) is None
+
+
+def test_cuda_graphs_without_warmup_are_refused_at_start_up():
+    # the graphs are captured during warm-up: MHA_WARMUP=false used to capture none, silently
+    with pytest.raises(ValueError, match=r"cuda_graphs \('32x128'\) needs warmup.*MHA_WARMUP=true"):
+        Settings(cuda_graphs="32x128", warmup=False)
+    assert Settings(cuda_graphs="32x128").warmup and Settings(warmup=False).cuda_graphs == ""
+
+
+def test_each_forward_is_timed_for_the_hang_watch():
+    runner, _ = make_runner((torch.device("cpu"), torch.float32))
+    seen = []
+
+    def watch():
+        while t.is_alive():
+            seen.append(FORWARDS.since())
+            time.sleep(0.01)
+
+    t = threading.Thread(
+        target=runner.run, args=([AttendInput(rng.standard_normal((1, 4, 32)).astype(np.float32), fault="stall:300")],)
+    )
+    before = time.monotonic()
+    t.start()
+    watch()
+    stamps = {s for s in seen if s is not None}
+    assert len(stamps) == 1 and before <= stamps.pop() <= before + 0.3  # the forward's start, while it ran
+    assert FORWARDS.since() is None  # and nothing once it returned
 
 
 @pytest.mark.device
