@@ -205,8 +205,9 @@ class Engine:
 
     async def shutdown(self, grace_s: float) -> None:
         """Finish what is queued within ``grace_s`` (its answers still go out), then close."""
-        if self.engine is not None:
-            await self.engine.stop(grace_s=grace_s)  # answers (ShuttingDown) whatever it could not finish
+        engine = self.engine or self.batcher  # (tests feed a batcher of their own)
+        if engine is not None:
+            await engine.stop(grace_s=grace_s)  # answers (ShuttingDown) whatever it could not finish
         self._flush()
         self._stop.set()
 
