@@ -91,7 +91,7 @@ def settings_table() -> str:
             kind += f", {bounds}"
         var = f"{prefix}{name}".upper()
         rows.append(
-            f"| <a id=\"{var.lower()}\"></a>`{var}` | {kind} | {_default(field)} | {_cell(field.description or '')} |"
+            f'| <a id="{var.lower()}"></a>`{var}` | {kind} | {_default(field)} | {_cell(field.description or "")} |'
         )
     return "\n".join(rows)
 
