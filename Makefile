@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test soak lint format serve bench bench-service bench-tracing bench-procs bench-front bench-app-cpu bench-gpu \
-	docker-test docker-build-cuda protos perf-analyzer bench-protocols
+	docker-test docker-build-cuda protos docs docs-serve perf-analyzer bench-protocols
 
 help:  ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n", $$1, $$2}'
@@ -14,10 +14,10 @@ help:  ## show this help
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,bench,docs]'
 	touch $(STAMP)
 
-setup: $(STAMP)  ## create .venv and install the project with its dev extra (CPU torch pinned)
+setup: $(STAMP)  ## create .venv and install the project with its dev, bench and docs extras (CPU torch pinned)
 
 test: $(STAMP)  ## run the whole test suite (sets up on first use)
 	$(PY) -m pytest -q -m "not soak"
@@ -36,6 +36,13 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 
 serve: $(STAMP)  ## run mha-serve on 127.0.0.1:8000 with the built-in default model (sets up on first use)
 	$(VENV)/bin/mha-serve
+
+docs: $(STAMP)  ## build the documentation site into site/ (mkdocs build --strict: a broken link fails)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+DOCS_PORT ?= 8002
+docs-serve: $(STAMP)  ## serve the documentation on 127.0.0.1:DOCS_PORT (default 8002), rebuilt on every change
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve --dev-addr 127.0.0.1:$(DOCS_PORT)
 
 bench: $(STAMP)  ## attention core benchmark (bench/core.py)
 	$(PY) bench/core.py

@@ -162,3 +162,66 @@ def test_gpu_variant_runs_the_image_make_docker_build_cuda_builds() -> None:
     (tag,) = re.findall(r"IMAGE=\$\{MHA_CUDA_IMAGE:-([^}]+)\}", cuda_sh)
     assert _container(_deployment("mha-serve-gpu"))["image"] == tag
     assert _container(_deployment("mha-serve"))["image"] != tag  # the CPU pods keep the small image
+
+
+# -- KServe: docker/k8s/kserve/inferenceservice.yaml against KServe's own CRD schema (tests/data/kserve) --
+
+KSERVE_CRD = K8S.parents[1] / "tests" / "data" / "kserve" / "inferenceservice-v1beta1.json"
+ISVC = K8S / "kserve" / "inferenceservice.yaml"
+
+
+@pytest.fixture(scope="module")
+def kserve_schema() -> tuple[dict, dict]:
+    import json
+
+    from tests.unit.test_k8s_autoscaling import _strict
+
+    crd = json.loads(KSERVE_CRD.read_text())
+    return crd, _strict(crd["openAPIV3Schema"])
+
+
+@pytest.fixture(scope="module")
+def isvc() -> dict:
+    (d,) = [d for d in yaml.safe_load_all(ISVC.read_text()) if d]
+    return d
+
+
+def test_inference_service_is_valid_against_the_kserve_crd(kserve_schema, isvc) -> None:
+    import copy
+
+    jsonschema = pytest.importorskip("jsonschema")
+    crd, schema = kserve_schema
+    assert isvc["apiVersion"] == f"{crd['group']}/{crd['version']}"
+    assert isvc["kind"] == crd["kind"]
+    jsonschema.validate(isvc, schema)
+    # the strict schema refuses what the API server would: a misspelt field, a wrong type
+    bad = copy.deepcopy(isvc)
+    bad["spec"]["predictor"]["minReplica"] = 2
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+    bad = copy.deepcopy(isvc)
+    bad["spec"]["predictor"]["containers"][0]["ports"][0]["containerPort"] = "8080"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def test_inference_service_serves_on_the_port_kserve_routes_to(isvc) -> None:
+    predictor = isvc["spec"]["predictor"]
+    (c,) = predictor["containers"]
+    assert c["name"] == "kserve-container"
+    env = _env(c)
+    port = c["ports"][0]["containerPort"]  # KServe sends traffic to the first port
+    assert env["MHA_HOST"] == "0.0.0.0"
+    assert int(env["MHA_PORT"]) == port
+    assert env["MHA_MODEL_NAME"] == isvc["metadata"]["name"]  # /v2/models/{name} is the InferenceService's
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["port"] == port, probe
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["image"] == _container(_deployment("mha-serve"))["image"]  # the CPU image
+    drain = float(env["MHA_SHUTDOWN_GRACE_S"])
+    pre_stop = float(c["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert predictor["terminationGracePeriodSeconds"] >= pre_stop + drain + 5
+    (pvc,) = _by_kind("PersistentVolumeClaim")
+    vols = {v["name"]: v for v in predictor["volumes"]}
+    assert vols["models"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert predictor["securityContext"]["runAsUser"] == 10001
