@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import json
 import os
 import re
 import signal
+import tempfile
 import time
 
 import httpx
@@ -299,9 +301,9 @@ def _served_by(front: int, status: str | None = None) -> float:
     multiprocess values: which front end answered is not in a response."""
     from prometheus_client.mmap_dict import MmapedDict
 
-    with open(f"/proc/{front}/environ", "rb") as f:
-        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-    path = os.path.join(env[b"PROMETHEUS_MULTIPROC_DIR"].decode(), f"counter_{front}.db")
+    # (not from /proc/PID/environ: setproctitle writes the title over the environment's memory)
+    found = glob.glob(os.path.join(tempfile.gettempdir(), "mha-serve-*", "metrics", f"counter_{front}.db"))
+    path = found[0] if found else ""
     if not os.path.exists(path):
         return 0.0
     total = 0.0
