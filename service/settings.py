@@ -239,7 +239,7 @@ class Settings(BaseSettings):
         "that sequences can never run the process out of memory. Unset: half the GPU memory free once the model is "
         "loaded, or 256 MiB on a CPU (64 sequences of 1,024 tokens of the default model: a token takes "
         "2 x heads x head_size x the dtype's bytes). Raise it when sequences are evicted for memory "
-        "(mha_sequences_evicted_total{reason=\"memory\"}) or steps get 429 with a full cache.",
+        '(mha_sequences_evicted_total{reason="memory"}) or steps get 429 with a full cache.',
     )
     sequence_idle_s: float = Field(
         30.0,

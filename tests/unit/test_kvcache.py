@@ -11,7 +11,11 @@ from service.engine.kvcache import KVCache
 def cache(blocks=4, block_size=4, H=2, D=3) -> KVCache:
     per_block = 2 * block_size * H * D * 4
     return KVCache(
-        num_heads=H, head_size=D, dtype=torch.float32, device=torch.device("cpu"), max_bytes=blocks * per_block + 7,
+        num_heads=H,
+        head_size=D,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        max_bytes=blocks * per_block + 7,
         block_size=block_size,
     )
 
