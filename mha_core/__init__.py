@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         read_checkpoint,
         save_checkpoint,
     )
+    from mha_core.incremental import StepResult, attend_padded, project, step
 
 _LAZY = {
     "AttentionResult": "mha_core.attention",
@@ -33,6 +34,10 @@ _LAZY = {
     "load_checkpoint": "mha_core.checkpoint",
     "read_checkpoint": "mha_core.checkpoint",
     "save_checkpoint": "mha_core.checkpoint",
+    "StepResult": "mha_core.incremental",
+    "attend_padded": "mha_core.incremental",
+    "project": "mha_core.incremental",
+    "step": "mha_core.incremental",
 }
 
 
@@ -51,8 +56,12 @@ __all__ = [
     "LoadedCheckpoint",
     "MHAConfig",
     "MultiHeadAttention",
+    "StepResult",
+    "attend_padded",
     "checksum",
     "load_checkpoint",
+    "project",
     "read_checkpoint",
     "save_checkpoint",
+    "step",
 ]

@@ -201,6 +201,28 @@ class Metrics(BatcherObserver):
         self.batch_failures = Counter(
             "mha_batch_failures", "Batches whose forward raised (then retried one by one)", registry=r
         )
+        self.kv_cache_usage = Gauge(
+            "mha_kv_cache_usage_ratio",
+            "Blocks of the sequences' KV cache held by live sequences / all blocks (MHA_KV_CACHE_BYTES)",
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
+        self.sequences_active = Gauge(
+            "mha_sequences_active", "Live sequences (started, not ended, reaped or evicted)", registry=r
+        )
+        self.evicted_total = Counter(
+            "mha_sequences_evicted",
+            "Sequences dropped before their end: idle (MHA_SEQUENCE_IDLE_S), memory (the cache was full), restart "
+            "(the engine stopped)",
+            ["reason"],
+            registry=r,
+        )
+        self.steps_per_forward = Histogram(
+            "mha_sequence_steps_per_forward",
+            "Sequence steps that shared one forward pass (continuous batching)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
 
     # BatcherObserver
     def queue_changed(self, requests: int, tokens: int) -> None:
@@ -233,6 +255,17 @@ class Metrics(BatcherObserver):
 
     def limits_scaled(self, scale: float) -> None:
         self.limit_scale.set(scale)
+
+    # service.engine.sequences.SequenceObserver, and the step runner's forwards
+    def sequences_changed(self, active: int, cache_usage: float) -> None:
+        self.sequences_active.set(active)
+        self.kv_cache_usage.set(cache_usage)
+
+    def sequences_evicted(self, reason: str, n: int) -> None:
+        self.evicted_total.labels(reason).inc(n)
+
+    def steps_forward(self, steps: int) -> None:
+        self.steps_per_forward.observe(steps)
 
 
 class TritonCounters(BatcherObserver):

@@ -232,6 +232,30 @@ class Settings(BaseSettings):
         "batch limits or max_seq_len, or run on a slower device: keep it well above bench/forward_time.py's figure.",
     )
 
+    kv_cache_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="Bytes of the sequences' key/value cache, allocated once at start-up on the model's device, so "
+        "that sequences can never run the process out of memory. Unset: half the GPU memory free once the model is "
+        "loaded, or 256 MiB on a CPU (64 sequences of 1,024 tokens of the default model: a token takes "
+        "2 x heads x head_size x the dtype's bytes). Raise it when sequences are evicted for memory "
+        '(mha_sequences_evicted_total{reason="memory"}) or steps get 429 with a full cache.',
+    )
+    sequence_idle_s: float = Field(
+        30.0,
+        gt=0,
+        description="A sequence with no step for this long is reaped (its cache freed; its next step without start "
+        "gets the start-required error). Triton's max_sequence_idle_microseconds. Raise it for clients that pause "
+        "between steps (a person typing); lower it to free the cache of abandoned sequences sooner.",
+    )
+    kv_block_size: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Tokens per block of the KV cache. A sequence wastes under one block; larger blocks make the "
+        "block tables shorter. Rarely worth changing.",
+    )
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from mha_core import MHAConfig
@@ -20,6 +21,7 @@ from service.stats import ModelStats
 if TYPE_CHECKING:
     from service.engine.batcher import Batcher
     from service.engine.runner import Runner
+    from service.engine.sequences import Sequences, Step
     from service.settings import Settings
 
 log = logging.getLogger("mha_serve")
@@ -66,6 +68,8 @@ class InprocClient:
         self.stats = ModelStats()
         self.runner: Runner | None = None
         self.batcher: Batcher | None = None
+        self.sequences: Sequences | None = None
+        self._reaper: asyncio.Task | None = None
         self._metrics = metrics
         self._tracing = tracing
         self._on_ready = on_ready or (lambda ready: None)
@@ -95,7 +99,9 @@ class InprocClient:
         if self._tracing is not None:  # plus the forward span of each batch
             observer = self._tracing.observe_batches(observer)
         self.runner = runner
-        self.batcher = batcher_for(runner, s, observer)
+        self.sequences, steps = self._sequences(runner)
+        self.batcher = batcher_for(runner, s, observer, steps)
+        self._reaper = asyncio.create_task(self._reap(), name="mha-sequence-reaper")
         await self.batcher.start()
         self.infer = self.batcher.infer  # the same call: no coroutine of ours around each request
         self.model = EngineModel(MHAConfig(**cfg.to_dict()), model_description(s, runner))
@@ -125,6 +131,48 @@ class InprocClient:
     ) -> Result:
         return await self.batcher.infer(inp, deadline=deadline, abandoned=abandoned, priority=priority)
 
+    async def step(self, step: Step, *, deadline: float, abandoned: Abandoned = None, priority: int = 0) -> Result:
+        """One step of a sequence (service/engine/sequences.py): queued through the same batcher as ``infer``,
+        in its sequence's turn, its k/v kept when it is answered. A method of its own, not a parameter of
+        ``infer``: ``infer`` is the batcher's own call, with nothing of ours around each plain request."""
+        return await self.sequences.run(
+            step, partial(self.batcher.infer, deadline=deadline, abandoned=abandoned, priority=priority)
+        )
+
+    def _sequences(self, runner: Runner) -> tuple[Sequences, Any]:
+        from service.engine.kvcache import KVCache, default_cache_bytes
+        from service.engine.sequences import Sequences
+        from service.engine.steprunner import StepRunner
+
+        s, cfg = self.settings, runner.config
+        cache = KVCache(
+            num_heads=cfg.num_heads,
+            head_size=cfg.head_size,
+            dtype=runner.dtype,
+            device=runner.device,
+            max_bytes=s.kv_cache_bytes or default_cache_bytes(runner.device),
+            block_size=s.kv_block_size,
+        )
+        log.info(
+            "KV cache: %d blocks of %d tokens (%d tokens, %.0f MiB)",
+            cache.num_blocks,
+            cache.block_size,
+            cache.capacity_tokens,
+            cache.num_blocks * cache.block_bytes / 2**20,
+        )
+        metrics = self._metrics if hasattr(self._metrics, "sequences_changed") else None
+        sequences = Sequences(
+            cache, max_seq_len=cfg.max_seq_len, idle_s=s.sequence_idle_s, model_name=s.model_name, observer=metrics
+        )
+        steps = StepRunner(runner, cache, on_forward=metrics.steps_forward if metrics is not None else None)
+        return sequences, steps
+
+    async def _reap(self) -> None:
+        """Idle sequences are reaped at each step too; this catches those of a server with no steps coming."""
+        while True:
+            await asyncio.sleep(min(self.settings.sequence_idle_s / 2, 5.0))
+            self.sequences.reap()
+
     def queue_depth(self) -> tuple[int, int]:
         return self.batcher.queue_depth() if self.batcher is not None else (0, 0)
 
@@ -137,5 +185,10 @@ class InprocClient:
         if self.batcher is not None:
             self._on_ready(False)
             await self.batcher.stop(grace_s=grace_s)
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+        if self.sequences is not None:
+            self.sequences.clear()
         if self._watchdog is not None:
             self._watchdog.stop()

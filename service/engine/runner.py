@@ -52,15 +52,16 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def batcher_for(runner: Runner, settings: Settings, observer: BatcherObserver) -> Batcher:
+def batcher_for(runner: Runner, settings: Settings, observer: BatcherObserver, steps: Any = None) -> Batcher:
     """The batcher in front of ``runner`` (its forward, out-of-memory test, weights size and batches in
-    flight) with the settings' limits: one wiring for the single-process app and the model process."""
+    flight) with the settings' limits: one wiring for the single-process app and the model process.
+    ``steps`` (a service.engine.steprunner.StepRunner) also takes sequence steps through the same batcher."""
     return Batcher(
-        runner.run,
+        runner.run if steps is None else steps.dispatch,
         BatchLimits.from_settings(settings),
         observer=observer,
         is_oom=is_out_of_memory,
-        weights_of=runner.weights_elements,
+        weights_of=runner.weights_elements if steps is None else steps.weights_of,
         depth=runner.depth,
     )
 
