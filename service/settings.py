@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The built-in default model, used when no checkpoint is given.
+RUN_DIR_ENV = "MHA_RUN_DIR"  # the supervisor's temporary directory, where front ends claim their numbers (titles)
 DEFAULT_MODEL = {"num_heads": 8, "emb_size": 512, "head_size": 64, "max_seq_len": 1024, "causal": True}
 
 

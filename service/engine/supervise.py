@@ -42,7 +42,7 @@ log = logging.getLogger("mha_serve")
 def serve(settings: Settings, workers: int) -> int:
     import setproctitle
 
-    from service.frontend.worker import RUN_DIR_ENV
+    from service.settings import RUN_DIR_ENV
 
     setproctitle.setproctitle("mha-serve: supervisor")  # ps tells the processes apart
     tmp = tempfile.mkdtemp(prefix="mha-serve-")

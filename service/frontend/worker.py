@@ -16,8 +16,7 @@ import signal
 from fastapi import FastAPI
 
 from service.messages import ADDRESS_ENV
-
-RUN_DIR_ENV = "MHA_RUN_DIR"  # the supervisor's temporary directory (service/engine/supervise.py)
+from service.settings import RUN_DIR_ENV
 
 
 def create_front_app() -> FastAPI:

@@ -95,7 +95,7 @@ async def test_the_largest_float16_is_in_range_and_the_next_float32_is_not(half_
     x = np.random.default_rng(7).standard_normal((1, 4, 32)).astype(np.float32)
     x[0, 2, 7] = 65504.0
     with torch.inference_mode():
-        want = app.state.mha.runner.module(torch.from_numpy(x).half()).output.float().numpy()
+        want = app.state.mha.engine.runner.module(torch.from_numpy(x).half()).output.float().numpy()
     assert np.isfinite(want).all()  # the premise: no overflow inside the model, so no 422 of either kind
     for route, status, _, message in await every_route(client, x):
         assert status == 200, (route, status, message)
