@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test soak lint format serve bench bench-service bench-tracing bench-procs bench-front bench-app-cpu bench-gpu \
+.PHONY: help setup test soak lint format serve bench bench-report bench-targets bench-core bench-service bench-tracing bench-procs bench-front bench-app-cpu bench-gpu \
 	docker-test docker-build-cuda protos docs docs-serve perf-analyzer bench-protocols
 
 help:  ## show this help
@@ -44,7 +44,17 @@ DOCS_PORT ?= 8002
 docs-serve: $(STAMP)  ## serve the documentation on 127.0.0.1:DOCS_PORT (default 8002), rebuilt on every change
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve --dev-addr 127.0.0.1:$(DOCS_PORT)
 
-bench: $(STAMP)  ## attention core benchmark (bench/core.py)
+BENCH_ARGS ?=
+bench: $(STAMP)  ## the standard benchmark set into bench-results/ (bench/run.py; ~10 min, BENCH_ARGS=--quick ~3; needs wrk)
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+bench-report: $(STAMP)  ## bench-results/ into docs/performance.md and docs/images/bench-*.png (bench/page.py)
+	$(PY) bench/page.py
+
+bench-targets: $(STAMP)  ## issue 20's ratios side by side in one run: no-op GPU case, front-bound, real model (bench/run.py --targets)
+	$(PY) bench/run.py --targets --out bench-results/targets
+
+bench-core: $(STAMP)  ## the forward pass against its floors (bench/core.py)
 	$(PY) bench/core.py
 
 bench-service: $(STAMP)  ## HTTP benchmark with wrk (bench/service.py; needs the wrk package)
@@ -53,7 +63,7 @@ bench-service: $(STAMP)  ## HTTP benchmark with wrk (bench/service.py; needs the
 bench-tracing: $(STAMP)  ## what tracing costs: off, on, sampled-out and the code before it, front-bound (bench/tracing.py)
 	$(PY) bench/tracing.py
 
-bench-front: $(STAMP)  ## one front-end process's cost per request, against FastAPI/ASGI echoes and main (bench/front.py; needs wrk)
+bench-front: $(STAMP)  ## one front-end process's cost per request, against FastAPI/ASGI echoes (bench/front.py; --against REV; needs wrk)
 	$(PY) bench/front.py
 
 bench-app-cpu: $(STAMP)  ## the app's own CPU a request, in-process, beside a bare FastAPI route (bench/app_cpu.py; to 0.3 us)

@@ -8,8 +8,8 @@ pinned to core 0, one torch thread; ``wrk -t1`` and this driver are pinned to co
 Servers, all started at once (an idle one costs no CPU):
   asgi-echo      bench/echo_app.py:app, raw ASGI answering a POST with its body
   fastapi-echo   bench/echo_app.py:fastapi_app, one bare FastAPI route doing the same
-  main, main-nolog        mha-serve from the merge-base of HEAD and main (``--baseline REF``), extracted
-                          with ``git archive`` into a temporary folder; JSON access log on / off
+  against, against-nolog  with ``--against REV``: mha-serve at REV, extracted with ``git archive`` into a
+                          temporary folder (bench/harness.py); JSON access log on / off
   branch, branch-nolog    mha-serve from this checkout; access log on / off
   *-split, *-split-nolog  the same trees with ``MHA_ENGINE=process``: one front-end process on core 0, the
                           model process moved to the other core once ready (the issue's set-up: "one
@@ -29,8 +29,8 @@ Needs ``wrk`` (Debian/Ubuntu: ``apt-get install wrk``) and ``taskset`` (util-lin
 The machine varies up to 1.5x from run to run: only ratios within one run count.
 
 Usage:
-  .venv/bin/python bench/front.py [--rounds 1] [--duration 5] [--concurrency 64] [--baseline REF|none]
-                                  [--out bench/out]
+  .venv/bin/python bench/front.py [--rounds 1] [--duration 5] [--concurrency 64] [--against REV]
+                                  [--out bench-results]
 Outputs OUT/front.md and OUT/front.json (the table, then PASS/FAIL lines for the issue's targets: v2 binary
 >= 1.0x and base64 >= 0.8x of the fastapi-echo, for this checkout's split front end). About 3 minutes a round.
 """
@@ -60,7 +60,9 @@ from bench.harness import (  # noqa: E402  (process and measurement helpers)
     CLIENT_CORE,
     SERVER_CORE,
     Server,
+    add_against,
     children,
+    export_tree,
     http,
     pin_all_threads,
     proc_cpu_s,
@@ -68,7 +70,7 @@ from bench.harness import (  # noqa: E402  (process and measurement helpers)
     wait_idle,
     wait_ready,
 )
-from bench.tracing import SHAPE, SMALL_MODEL, Variant, baseline_tree, run_wrk  # noqa: E402
+from bench.tracing import SHAPE, SMALL_MODEL, Variant, run_wrk  # noqa: E402
 
 
 @dataclass
@@ -116,7 +118,7 @@ def servers(baseline: Path | None, modes: list[str]) -> list[Srv]:
         Srv("asgi-echo", "echo", [*uv, "bench.echo_app:app"], {}, ROOT),
         Srv("fastapi-echo", "echo", [*uv, "bench.echo_app:fastapi_app"], {}, ROOT),
     ]
-    trees = ([("main", baseline)] if baseline else []) + [("branch", ROOT)]
+    trees = ([("against", baseline)] if baseline else []) + [("branch", ROOT)]
     for name, src in trees:
         for mode in modes:
             for suffix, log in (("", "true"), ("-nolog", "false")):
@@ -239,9 +241,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--baseline", default="auto", help="git ref of the 'main' servers (default: merge-base)")
+    add_against(ap)
     ap.add_argument("--modes", default="single,split", help="mha-serve modes: single (one process), split")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench-results")
     args = ap.parse_args()
     for tool in ("wrk", "taskset"):
         if shutil.which(tool) is None:
@@ -250,10 +252,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="mha-front-"))
     baseline, commit = None, "none"
-    if args.baseline != "none":
+    if args.against:
         baseline = tmp / "baseline"
-        baseline.mkdir()
-        commit = baseline_tree(args.baseline, baseline)
+        commit = export_tree(args.against, baseline)
     vs = variants()
     bodies = {}
     for v in vs:
@@ -288,7 +289,7 @@ def main() -> None:
     med = sorted(median_cells(cells), key=lambda c: (c.variant != "v2-binary", order[c.server]))
     head = (
         f"Front-bound, x {list(SHAPE)} float32, c={args.concurrency}, {args.duration:g} s x {args.rounds} round(s) "
-        f"(median), servers on core {SERVER_CORE}, wrk on the other; main = {commit}; {time.strftime('%F %T')}"
+        f"(median), servers on core {SERVER_CORE}, wrk on the other; against = {commit}; {time.strftime('%F %T')}"
     )
     report = head + "\n\n" + table(med) + "\n" + targets(med) + "\n"
     print("\n" + report)

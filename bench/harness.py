@@ -10,10 +10,15 @@ per-core busy time (``core_busy``), ``wait_idle`` (a server still working throug
 that are gone must not pollute the next run), and ``Quiet``, the gate that waits for other processes to leave
 the cores. ``run_wrk`` drives one run of wrk with bench/wrk/post_body.lua, whose ``done()`` prints exact
 percentiles and error counts as one JSON line.
+
+The comparison with an earlier revision is one option, the same in every benchmark that starts mha-serve:
+``--against REV`` (``add_against``) exports REV with ``git archive`` (``export_tree``) and runs it beside this
+checkout, in the same run, with the same settings.
 """
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import contextlib
 import json
@@ -50,6 +55,31 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict | None 
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
+
+
+def add_against(ap: argparse.ArgumentParser) -> None:
+    """The one way a benchmark compares with an earlier revision: ``--against REV`` (none by default)."""
+    ap.add_argument(
+        "--against",
+        metavar="REV",
+        help="also run mha-serve from this git revision (exported with git archive), beside this checkout; "
+        "'merge-base' is the merge-base of HEAD and main",
+    )
+
+
+def export_tree(rev: str, into: Path) -> str:
+    """REV's files (``git archive``) extracted into ``into``; its short commit. ``merge-base``: of HEAD and main."""
+    if rev == "merge-base":
+        rev = git("merge-base", "HEAD", "main")
+    commit = git("rev-parse", "--short", rev)
+    archive = subprocess.run(["git", "archive", commit], cwd=ROOT, capture_output=True, check=True).stdout
+    into.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return commit
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
 
 # -- processes --------------------------------------------------------------------------------------------
@@ -175,6 +205,18 @@ class Server:
     def rss_split(self) -> tuple[int, int]:
         """(the server process, its children together)."""
         return rss(self.proc.pid), sum(rss(pid) for pid in children(self.proc.pid))
+
+
+def model_process(pid: int) -> int | None:
+    """The one descendant of ``pid`` that loaded torch: the model process of ``MHA_ENGINE=process``."""
+    for kid in children(pid):
+        try:
+            with open(f"/proc/{kid}/maps") as f:
+                if "libtorch" in f.read():
+                    return kid
+        except OSError:
+            continue
+    return None
 
 
 # -- CPU, memory, cores -----------------------------------------------------------------------------------

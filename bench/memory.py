@@ -5,8 +5,7 @@ client that gets 429 waits its Retry-After and sends again, as mha_client does. 
 resident memory (its process plus its decode processes, from /proc) is sampled every 10 ms.
 Servers, one after the other, the same default model, one torch thread:
 
-  before     the code of --before (a commit, default f991486, the base of this work), exported to
-             a temporary folder: no admission, parsing on the event loop;
+  against    with ``--against REV``: the code of REV, exported to a temporary folder;
   inline     this code, decode processes off and admission not binding (MHA_MAX_INFLIGHT_BYTES 1 GiB);
   default    this code with its defaults (decode processes; admission at 256 MiB);
   admitted   this code with MHA_MAX_INFLIGHT_BYTES=128 MiB: two 50 MB bodies in flight at a time.
@@ -14,13 +13,13 @@ Servers, one after the other, the same default model, one torch thread:
 Printed: idle and peak RSS, the peak's growth over idle, statuses, 429s, time until all answered.
 Numbers are noisy on a shared 2-core machine; the growth, side by side in one run, is the point.
 
-Usage: .venv/bin/python bench/memory.py [--clients 4] [--before f991486] [--out bench/out]
+Usage: .venv/bin/python bench/memory.py [--clients 4] [--against REV] [--out bench-results]
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
+import json
 import sys
 import tempfile
 import threading
@@ -30,7 +29,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.harness import ROOT, Server
+from bench.harness import ROOT, Server, add_against, export_tree
 from bench.measure import lists_body
 
 
@@ -79,19 +78,18 @@ def run(server: Server, body: bytes, clients: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--before", default="f991486")
-    ap.add_argument("--out", type=Path, default=Path("bench/out"))
+    add_against(ap)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench-results")
     args = ap.parse_args()
     body = lists_body((5, 1000, 512))
     print(f"{args.clients} clients at once, each x [5, 1000, 512] as lists ({len(body) / 1e6:.1f} MB)")
     big = {"MHA_MAX_BODY_BYTES": str(64 << 20)}
     with tempfile.TemporaryDirectory() as tmp:
-        old = Path(tmp) / "before"
-        old.mkdir()
-        archive = subprocess.run(["git", "archive", args.before], cwd=ROOT, capture_output=True, check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
-        configs = [
-            (f"before ({args.before})", big, old),
+        configs = []
+        if args.against:
+            commit = export_tree(args.against, Path(tmp) / "against")
+            configs.append((f"against ({commit})", big, Path(tmp) / "against"))
+        configs += [
             (
                 "inline, admission 1 GiB",
                 {**big, "MHA_DECODE_PROCESSES": "0", "MHA_MAX_INFLIGHT_BYTES": str(1 << 30)},
@@ -107,6 +105,9 @@ def main() -> None:
                 rows.append((name, run(s, body, args.clients)))
             finally:
                 s.stop()
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = {"clients": args.clients, "rows": [{"server": n, **r} for n, r in rows]}
+    (args.out / "memory.json").write_text(json.dumps(doc))
     mb = 1 << 20
     print(
         f"\n{'server':28} {'idle MiB':>9} {'peak MiB':>9} {'growth':>8} {'(main':>6} {'workers)':>8}   "

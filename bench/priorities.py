@@ -19,7 +19,7 @@ as the before. A batch is never pre-empted: a high request waits for the running
 latency is about one running batch plus its own; on a CPU, where batching buys little, a small
 max_batch_size keeps that floor low.
 
-Usage: .venv/bin/python bench/priorities.py [--seq-len 256] [--flood-s 20] [--out bench/out]
+Usage: .venv/bin/python bench/priorities.py [--seq-len 256] [--flood-s 20] [--out bench-results]
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def main() -> None:
     ap.add_argument("--flood-s", type=float, default=20.0)
     ap.add_argument("--rounds", type=int, default=2, help="unloaded and flood phases alternate this many times")
     ap.add_argument("--queue", type=int, default=32, help="MHA_MAX_QUEUE_REQUESTS (per level)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench-results")
     args = ap.parse_args()
     with contextlib.suppress(OSError):
         os.sched_setaffinity(0, {CLIENT_CORE})

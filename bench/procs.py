@@ -8,8 +8,16 @@ at concurrency 32; the server and wrk share this machine's cores. Rows: single-p
     .venv/bin/python bench/procs.py --gpu                 # GPU case: bf16, v2 binary, workers 1..cores,
                                                           # plus the forward pass's own ceiling
     MHA_DEVICE=cpu .venv/bin/python bench/procs.py --gpu --seconds 3   # the GPU command, run on a CPU
+    .venv/bin/python bench/procs.py --noop                # the GPU case on this CPU machine (issue 20)
 
-Every row prints req/s, p50 and p99 (wrk's exact percentiles) and the ratio to single-process mode.
+Every row prints req/s, p50 and p99 (wrk's exact percentiles) and the ratio to single-process mode; the
+floor is the forward pass alone, with the server's torch threads.
+
+--noop: the GPU case measured on a CPU. A forward that returns its input (bench/noop_runner.py, named by
+MHA_RUNNER) leaves only what the service spends around it: 2 front ends + the model process, on both cores,
+serving [1,128,512] bfloat16 v2 binary, against its floor, a bare FastAPI echo of the same body under uvicorn
+with 2 workers on the same cores (targets: >= 0.8x its req/s; the model process's CPU a request, from /proc,
+<= 15 us). The two alternate over --rounds rounds; the medians are judged.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import Server, children, proc_cpu_s, run_wrk, wrk_errors
+from bench.harness import Server, children, model_process, proc_cpu_s, run_wrk, wait_idle, wrk_errors
 from mha_client._wire import f32_to_bf16
 from service.settings import default_workers
 
@@ -72,6 +80,75 @@ def wrk(url: str, body: tuple[bytes, str, dict[str, str]], connections: int, sec
     }
 
 
+NOOP_TARGETS = {"ratio": 0.8, "model_us": 15.0}  # issue 20: x the FastAPI echo; model process CPU a request
+
+
+def noop_case(seconds: float, rounds: int, conns: int, logs: Path) -> dict:
+    """2 front ends with the no-op forward against the FastAPI echo (2 workers), both on both cores."""
+    import statistics
+
+    body = v2_binary_body()
+    env = {
+        "MHA_WORKERS": "2",
+        "MHA_ENGINE": "process",
+        "MHA_RUNNER": "bench.noop_runner:runner",
+        "MHA_DTYPE": "bfloat16",
+        "MHA_GRPC_PORT": "0",
+        "MHA_DECODE_PROCESSES": "0",
+        "MHA_TORCH_THREADS": "1",
+    }
+    uv = [sys.executable, "-m", "uvicorn", "bench.echo_app:fastapi_app", "--workers", "2", "--loop", "uvloop"]
+    uv += ["--http", "httptools", "--no-access-log", "--log-level", "warning"]
+    echo = Server({}, logs / "noop-echo.log", argv=uv, ready_path="/", defaults={}, wait=False)
+    service = Server(env, logs / "noop-service.log", drop_env=("MHA_", "OTEL_"), wait=False)
+    try:
+        echo.wait_ready()
+        service.wait_ready()
+        model = model_process(service.pid)
+        if model is None:
+            raise RuntimeError("no model process under the service")
+        runs: dict[str, list[dict]] = {"echo": [], "service": []}
+        targets = {"echo": (echo, "/echo"), "service": (service, "/v2/models/mha/infer")}
+        for srv, path in targets.values():
+            wrk(srv.url + path, body, conns, 1, 2)  # warm-up
+        for _ in range(rounds):
+            for name, (srv, path) in targets.items():
+                wait_idle([echo.proc, service.proc], srv.url, srv.ready_path)
+                m0 = proc_cpu_s(model)
+                r = wrk(srv.url + path, body, conns, seconds, 2)
+                n = max(1.0, r["rps"] * round(seconds))
+                r["model_us"] = 1e6 * (proc_cpu_s(model) - m0) / n if name == "service" else None
+                runs[name].append(r)
+    finally:
+        echo.stop(10)
+        service.stop(10)
+    med = {k: statistics.median(r["rps"] for r in v) for k, v in runs.items()}
+    model_us = statistics.median(r["model_us"] for r in runs["service"])
+    return {
+        "connections": conns,
+        "seconds": seconds,
+        "runs": runs,
+        "echo_rps": med["echo"],
+        "service_rps": med["service"],
+        "ratio": med["service"] / med["echo"],
+        "model_us_per_request": model_us,
+        "targets": NOOP_TARGETS,
+        "errors": sum(r["err"] for v in runs.values() for r in v),
+    }
+
+
+def print_noop(res: dict) -> None:
+    t = res["targets"]
+    ok_r, ok_m = res["ratio"] >= t["ratio"], res["model_us_per_request"] <= t["model_us"]
+    print("| what | measured | target |\n|---|---:|---:|")
+    print(f"| FastAPI echo, 2 workers | {res['echo_rps']:,.0f} req/s | |")
+    print(f"| 2 front ends + model process, no-op forward | {res['service_rps']:,.0f} req/s | |")
+    print(f"| {'PASS' if ok_r else 'FAIL'} ratio | {res['ratio']:.2f}x | >= {t['ratio']}x |")
+    print(f"| {'PASS' if ok_m else 'FAIL'} model process CPU a request | {res['model_us_per_request']:.1f} us "
+          f"| <= {t['model_us']:g} us |")  # fmt: skip
+    print(f"errors: {res['errors']}")
+
+
 def forward_ceiling(env: dict[str, str], batch: int, seconds: float) -> float:
     """Requests/s of the forward pass alone: batches of ``batch`` x [1,128,512], back to back, in-process."""
     code = f"""
@@ -102,7 +179,18 @@ def main() -> None:
     p.add_argument("--connections", type=int, default=None, help="default 32 (CPU case), 256 (GPU case)")
     p.add_argument("--workers", default=None, help="comma-separated worker counts (default: see the cases)")
     p.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--noop", action="store_true", help="the GPU case on a CPU: a no-op forward against an echo")
+    p.add_argument("--rounds", type=int, default=2, help="--noop: the echo and the service alternate this often")
+    p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
+    if args.noop:
+        logs = Path(tempfile.mkdtemp(prefix="bench-noop-"))
+        res = noop_case(args.seconds, args.rounds, args.connections or 64, logs)
+        print_noop(res)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(res, indent=1))
+        return
     cores = os.cpu_count() or 1
     device = os.environ.get("MHA_DEVICE", "auto")
     env = {"MHA_TORCH_THREADS": str(args.torch_threads), "MHA_GRPC_PORT": "0", "MHA_DECODE_PROCESSES": "0"}
@@ -140,6 +228,11 @@ def main() -> None:
         finally:
             server.stop()
     base = rows[0][2]["rps"]
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"forward_ceiling_rps": ceiling, "connections": conns, "seconds": args.seconds, "gpu": args.gpu}
+        doc["rows"] = [{"workers": w, "engine": e, **r} for w, e, r in rows]
+        args.json.write_text(json.dumps(doc, indent=1))
     print("| MHA_WORKERS | mode | req/s | x single | x forward ceiling | server CPU ms/req | p50 ms | p99 ms "
           "| p99/p50 | errors |")  # fmt: skip
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")

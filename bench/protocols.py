@@ -116,6 +116,7 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,8,32,64")
     p.add_argument("--seconds", type=float, default=6.0, help="perf_analyzer window / wrk duration per cell")
     p.add_argument("--small", action="store_true", help="a front-bound model: E=64, 4 heads, T=16")
+    p.add_argument("--json", type=Path, help="also write the rows (req/s per protocol and concurrency) here")
     a = p.parse_args()
     T, E = (16, 64) if a.small else (128, 512)
     concs = [int(c) for c in a.concurrency.split(",")]
@@ -149,6 +150,8 @@ def main() -> None:
             server.terminate()
             server.wait(30)
     heads = 4 if a.small else 8
+    if a.json:
+        a.json.write_text(json.dumps({"shape": [1, T, E], "heads": heads, "rows": rows}, indent=1))
     print(
         f"\n[1,{T},{E}] fp32, {heads} heads, output + weights; server on core {SERVER_CORE}, load on core {CLIENT_CORE}"
     )

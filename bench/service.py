@@ -48,7 +48,7 @@ pins cores, counts CPU and runs wrk (for every benchmark); bench/measure.py meas
 the responses and derives the floors; bench/report.py writes the table, targets, notes, plot and files.
 
 Usage:
-  .venv/bin/python bench/service.py [--quick] [--concurrency 1,8,32,64] [--duration S] [--out bench/out]
+  .venv/bin/python bench/service.py [--quick] [--concurrency 1,8,32,64] [--duration S] [--out bench-results]
                                     [--only base64,lists] [--quiet-budget S]
 """
 
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, help="seconds per run (default 10, --quick 3)")
     ap.add_argument("--warmup", type=float, help="seconds of warm-up load per variant (default 2, --quick 1)")
     ap.add_argument("--only", help="comma-separated substrings: run only the variants whose name has one")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
+    ap.add_argument("--out", default=str(ROOT / "bench-results"))
     ap.add_argument(
         "--quiet-budget",
         type=float,

@@ -1,4 +1,4 @@
-"""SIGTERM to exit under load: before (the code of --before, default f991486) and after (this code).
+"""SIGTERM to exit under load: this code, and with ``--against REV`` REV's beside it.
 
 Each server (the default model, one torch thread, MHA_SHUTDOWN_GRACE_S=--grace) gets --clients
 requests at once (x [2, 1024, 512] base64, about 5.6 MB each: more queued work than the grace
@@ -6,7 +6,7 @@ can finish), then SIGTERM once they are all read and queued. Printed: seconds fr
 the process's exit, its exit code, and what the clients got (200, 503, 500, or an error such as
 a dropped connection).
 
-Usage: .venv/bin/python bench/shutdown.py [--grace 3] [--clients 40] [--before f991486] [--out bench/out]
+Usage: .venv/bin/python bench/shutdown.py [--grace 3] [--clients 40] [--against REV] [--out bench-results]
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import asyncio
 import base64
 import collections
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ import numpy as np
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.harness import ROOT, Server
+from bench.harness import ROOT, Server, add_against, export_tree
 
 
 async def load_then_sigterm(server: Server, clients: int) -> tuple[float, int, collections.Counter]:
@@ -59,8 +58,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--grace", type=float, default=3.0)
     ap.add_argument("--clients", type=int, default=40)
-    ap.add_argument("--before", default="f991486")
-    ap.add_argument("--out", type=Path, default=Path("bench/out"))
+    add_against(ap)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench-results")
     args = ap.parse_args()
     # One request per forward (MHA_MAX_BATCH_SIZE=2 sequences): a steady backlog longer than the grace.
     env = {"MHA_SHUTDOWN_GRACE_S": str(args.grace), "MHA_LOG_LEVEL": "error", "MHA_MAX_BATCH_SIZE": "2"}
@@ -69,11 +68,11 @@ def main() -> None:
         f"MHA_SHUTDOWN_GRACE_S={args.grace}"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        old = Path(tmp) / "before"
-        old.mkdir()
-        archive = subprocess.run(["git", "archive", args.before], cwd=ROOT, capture_output=True, check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
-        for i, (name, source) in enumerate(((f"before ({args.before})", old), ("after (this code)", ROOT))):
+        trees = [("this code", ROOT)]
+        if args.against:
+            old = Path(tmp) / "against"
+            trees.insert(0, (f"against ({export_tree(args.against, old)})", old))
+        for i, (name, source) in enumerate(trees):
             s = Server(env, args.out / "logs" / f"shutdown-{i}.log", source=source)
             try:
                 elapsed, code, got = asyncio.run(load_then_sigterm(s, args.clients))

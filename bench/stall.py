@@ -9,7 +9,7 @@ latency p50/p99/max idle and during the large requests, and the large request's 
 
 The machine may be shared and is small (2 cores): numbers are noisy, ratios in one run are the point.
 
-Usage: .venv/bin/python bench/stall.py [--requests 3] [--out bench/out]
+Usage: .venv/bin/python bench/stall.py [--requests 3] [--out bench-results]
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ print(json.dumps(out))
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=Path("bench/out"))
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "bench-results")
     args = ap.parse_args()
     body = lists_body((5, 1000, 512))
     print(f"large request: x [5, 1000, 512] as lists, {len(body) / 1e6:.1f} MB; {args.requests} in a row per server")
@@ -61,6 +61,8 @@ def main() -> None:
             f"{name:34} {r['idle_p50']:9.2f} {r['p50']:7.2f} {r['p99']:7.2f} {r['max']:7.2f}   "
             + ", ".join(f"{d:.2f}" for d in r["durations"])
         )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "stall.json").write_text(json.dumps({"rows": [{"server": n, **r} for n, r in rows]}))
     a, b = rows[0][1], rows[1][1]
     print(
         f"\nmax /healthz stall: {a['max']:.0f} ms inline -> {b['max']:.0f} ms with decode processes "

@@ -7,7 +7,7 @@ deployed) pinned to core 0; the load generator and this driver are pinned to cor
 
 Servers, all started at once (an idle one costs no CPU):
   off        no OTEL_* variables: the default; the SDK is never imported
-  baseline   the code before tracing (``--baseline REF``, default: the merge-base of HEAD and main),
+  baseline   the code before tracing (``--against REV``: none by default),
              extracted with ``git archive`` into a temporary folder and run from there; ``none`` skips it
   no-op      OTEL_TRACES_EXPORTER=otlp with OTEL_TRACES_SAMPLER=always_off: every hook runs and
              every span is created, none is recorded or exported (what 0 % sampling costs)
@@ -34,7 +34,7 @@ on one core), so its ratios are diluted; the report says which one ran.
 
 Usage:
   .venv/bin/python bench/tracing.py [--rounds 3] [--duration 5] [--concurrency 64] [--baseline REF|none]
-                                    [--out bench/out]
+                                    [--out bench-results]
 Outputs OUT/tracing.md and OUT/tracing.json. About 2 minutes with the defaults.
 """
 
@@ -185,19 +185,6 @@ def variants() -> list[Variant]:
         ),
         Variant("base64", "/attend", b64.encode(), {"Content-Type": "application/json", **tp}),
     ]
-
-
-def baseline_tree(ref: str, into: Path) -> str:
-    if ref == "auto":
-        ref = subprocess.run(
-            ["git", "merge-base", "HEAD", "main"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", ref], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    archive = subprocess.run(["git", "archive", commit], cwd=ROOT, capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return commit
 
 
 def start(srv: Srv, logs: Path) -> None:
@@ -388,8 +375,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--baseline", default="auto", help="git ref of the code before tracing; 'none' to skip")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
+    harness.add_against(ap)
+    ap.add_argument("--out", default=str(ROOT / "bench-results"))
     ap.add_argument("--load", choices=("auto", "wrk", "asyncio"), default="auto")
     args = ap.parse_args()
     out = Path(args.out)
@@ -402,8 +389,8 @@ def main() -> None:
     otel = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": sink.url}
     servers = [Srv("off", {}, ROOT)]
     baseline = "none"
-    if args.baseline != "none":
-        baseline = baseline_tree(args.baseline, tmp)
+    if args.against:
+        baseline = harness.export_tree(args.against, tmp)
         servers.append(Srv("baseline", {}, tmp))
     servers += [
         Srv("no-op", {**otel, "OTEL_TRACES_SAMPLER": "always_off"}, ROOT),

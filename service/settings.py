@@ -232,6 +232,14 @@ class Settings(BaseSettings):
         "as bench/forward_time.py does, times 25 for slower CPUs and noisy neighbours. Raise it if you raise the "
         "batch limits or max_seq_len, or run on a slower device: keep it well above bench/forward_time.py's figure.",
     )
+    runner: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="For benchmarks only: a factory ``module:function`` that builds the runner from the Settings "
+        "instead of the model (bench/noop_runner.py:runner answers every request with its input, so that a benchmark "
+        "measures the service without the forward pass, as on a GPU host where the device is not the limit). Read "
+        "once at start-up. Leave it unset in production.",
+    )
 
     kv_cache_bytes: int | None = Field(
         None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pkgutil
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -83,7 +84,9 @@ class InprocClient:
         from service.engine.runner import Runner, batcher_for, model_description  # torch: never in a front end
 
         s = self.settings
-        runner = await asyncio.to_thread(Runner.from_settings, s)
+        # MHA_RUNNER (benchmarks): another factory in place of the model's; resolved once, never per request
+        factory = pkgutil.resolve_name(s.runner) if s.runner else Runner.from_settings
+        runner = await asyncio.to_thread(factory, s)
         if s.warmup:
             await asyncio.to_thread(runner.warmup)
         cfg = runner.config
