@@ -5,9 +5,8 @@ collector's view, so that its full passes do not walk them (those made the laten
 youngest generation is collected every GEN0 allocations instead of CPython's default 700: a request
 allocates a few hundred objects, nearly all freed by reference counting when it ends, and with 64
 requests in flight the default collected the young generation every few requests, walking every live
-request's objects each time. At GEN0 = 10,000 a small request's front-end CPU fell about 6% (bench/front.py's
-set-up, v2 binary, one front end: 0.094 to 0.087 ms a request, alternated three times each); the young
-generation holds about a megabyte more at most.
+request's objects each time. At GEN0 = 10,000 a small request's front-end CPU fell measurably (bench/front.py's
+set-up; the figures are in the commit that set it); the young generation holds about a megabyte more at most.
 """
 
 from __future__ import annotations

@@ -370,8 +370,8 @@ def parse_buckets(spec: str) -> list[tuple[int, int]]:
 def default_workers(device: str, cores: int | None = None) -> int:
     """MHA_WORKERS when unset: 1 on a CPU device, min(cores - 1, 8) on a GPU (read without importing torch).
 
-    On a CPU the forward pass uses every core, and a second front end takes them from it (bench/procs.py:
-    on 2 shared cores, 2 workers served 1.04x to 1.12x of one process, for ~200 MiB more). On a GPU the
+    On a CPU the forward pass uses every core, and a second front end takes them from it (bench/procs.py
+    measures it: on 2 cores a second process gained nothing worth its memory). On a GPU the
     device waits on the front end: a front end per free core, up to 8, keeps it fed; the model process
     keeps one core.
     """

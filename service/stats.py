@@ -133,7 +133,7 @@ class SharedModelStats(ModelStats):
 
     Its routes add the per-request part, as ModelStats does, and what they added goes to the shared
     counters once per turn of the event loop (a batch's answers arrive in one message, so under
-    load one write serves many requests; a write costs about 1 us); the model process adds the
+    load one write serves many requests); the model process adds the
     per-batch part; ``model_stats`` reads the sum over every process.
     """
 

@@ -364,7 +364,7 @@ class Batcher:
 
     def _queue_changed(self, *, now: bool = False) -> None:
         """The queue's depth changed: the observer hears it once per turn of the event loop (in several
-        processes a gauge's write is a memory-mapped file's, about 1 us; a turn queues a whole message of
+        processes a gauge's write is a memory-mapped file's; a turn queues a whole message of
         requests, and takes a batch), or ``now``."""
         if now:
             self._publish_queue()

@@ -1,8 +1,8 @@
 """Large JSON-list payloads parsed and written in worker processes, off the event loop.
 
 orjson and numpy hold the GIL while they parse a body into Python floats and those into an
-array, so a worker thread would stall the event loop just the same: a 54 MB lists request held
-it for ~330 ms, and /healthz and every small request waited. Bodies of at least
+array, so a worker thread would stall the event loop just the same: a large lists request held
+it for hundreds of milliseconds, and /healthz and every small request waited. Bodies of at least
 ``offload_min_bytes`` that hold number lists (/attend's, and v2's JSON ``data``: many commas;
 base64 bodies have almost none and are cheap to parse, see ``many_commas``) go to a small
 process pool (``decode_processes``); so do list responses of that size. The loop then only
