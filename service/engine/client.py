@@ -26,6 +26,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from mha_core import MHAConfig
+from service.engine.sweep import Sweep
 from service.engine_api import EngineModel
 from service.logs import request_id_var
 from service.messages import (
@@ -68,7 +69,7 @@ class MPClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fds: list[int] = []  # registered with the loop's add_reader, until _stop
         self._pending: dict[int, list] = {}  # id -> [answer, abandoned, give up at, watch from, watch]
-        self._sweeping: asyncio.TimerHandle | None = None
+        self._sweep = Sweep(SWEEP_S, self._check_waits)  # while requests wait (SWEEP_S read now: tests patch it)
         self._outbox: list[tuple[int, AttendInput, float, str | None, int]] = []
         self._flush_scheduled = False
         self._backlog: deque[list] = deque()  # messages zmq did not take yet (SNDHWM reached), sent first, in order
@@ -146,6 +147,7 @@ class MPClient:
         if self._pending:
             self._cancel(list(self._pending))
         self._fail_all(ShuttingDown("the server is shutting down before this request could finish"))
+        self._sweep.cancel()
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             await asyncio.gather(self._heartbeat_task, return_exceptions=True)
@@ -185,7 +187,7 @@ class MPClient:
         self._next_id += 1
         fut = loop.create_future()
         now = time.monotonic()
-        # [answer, abandoned, give up at, watch the caller from, the watch]: the sweep (``_sweep``), not a
+        # [answer, abandoned, give up at, watch the caller from, the watch]: the sweep (``_check_waits``), not a
         # timer or a task per request, ends the wait at the deadline and starts watching the caller of a
         # request still waiting after WATCH_AFTER_S (an awaitable ``abandoned`` is watched at once).
         wait = [fut, abandoned, deadline + ANSWER_SLACK_S, now + WATCH_AFTER_S, None]
@@ -196,8 +198,8 @@ class MPClient:
         if not self._flush_scheduled:  # everything submitted in this turn of the loop goes in one message
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        if self._sweeping is None:
-            self._sweeping = loop.call_later(SWEEP_S, self._sweep)
+        if not self._sweep.armed:
+            self._sweep.arm()
         try:
             return await fut
         finally:
@@ -219,13 +221,10 @@ class MPClient:
         wait[4] = asyncio.ensure_future(abandoned)
         wait[4].add_done_callback(left)
 
-    def _sweep(self) -> None:
-        """Every SWEEP_S while requests wait: end the waits past their deadline (the model process answers
-        those itself; this is for one that does not), and watch the callers of those waiting long."""
-        self._sweeping = None
-        if not self._pending:
-            return
-        now = time.monotonic()
+    def _check_waits(self, now: float) -> bool:
+        """The sweep's check, every SWEEP_S while requests wait: end the waits past their deadline (the model
+        process answers those itself; this is for one that does not), and watch the callers of those waiting long.
+        Whether any still waits (the sweep stops when none does)."""
         for wait in list(self._pending.values()):
             fut = wait[0]
             if fut.done():
@@ -236,7 +235,7 @@ class MPClient:
                 )
             elif wait[4] is None and wait[1] is not None and now >= wait[3]:
                 self._watch_caller(wait, wait[1]())
-        self._sweeping = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep)
+        return bool(self._pending)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -246,7 +245,7 @@ class MPClient:
             self._send(encode_requests(items))
 
     def _cancel(self, ids: list[int]) -> None:
-        if self._lost is None:
+        if self._lost is None or self._silent:  # (silent: it may read again, and must not compute these then)
             self._send(control("cancel", ids=ids))
 
     def _fail_all(self, exc: Exception) -> None:
@@ -268,8 +267,18 @@ class MPClient:
             return
         self._lost, self._silent = why, silent
         log.error("the model process is unavailable (%s): answering 503", why)
-        self._backlog.clear()  # nobody waits for those any more
-        self._fail_all(EngineUnavailable(f"the model process is unavailable ({why})"))
+        if silent:
+            # It may read again (a stall shorter than MHA_ENGINE_HANG_S): the requests answered 503 now must not be
+            # computed then, ahead of fresh traffic. Their cancel goes behind whatever it has not read yet (zmq's
+            # queue, then the backlog), so it arrives after those requests and before any later one.
+            unsent = {it[0] for it in self._outbox}  # never sent: _flush drops them
+            ids = [rid for rid in self._pending if rid not in unsent]
+            self._fail_all(EngineUnavailable(f"the model process is unavailable ({why})"))
+            if ids:
+                self._send(control("cancel", ids=ids))
+        else:
+            self._backlog.clear()  # it is gone: nobody reads those
+            self._fail_all(EngineUnavailable(f"the model process is unavailable ({why})"))
         if self._info is not None and not self._info.done():
             self._info.set_exception(EngineUnavailable(why))
         self._on_ready(False)
