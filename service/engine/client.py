@@ -21,7 +21,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -33,12 +32,19 @@ from service.messages import (
     COPY_BELOW,
     WATCH_AFTER_S,
     AttendInput,
+    Cancel,
     ClientGone,
     DeadlineExceeded,
+    Heartbeat,
+    Hello,
+    Info,
+    Outcomes,
+    Ping,
     Result,
     ShuttingDown,
-    control,
+    decode,
     decode_outcomes,
+    encode,
     encode_requests,
     failure_of,
     read_waiting,
@@ -106,7 +112,7 @@ class MPClient:
                 loop.add_reader(fd, read)
                 self._fds.append(fd)
             sock.connect(self.address)
-            self._send(control("hello", pid=os.getpid()))
+            self._send(encode(Hello(os.getpid())))
             self._watch()  # a socket's FD is raised only once it was read until EAGAIN: arm both
             self._schedule_drain()
             info = await asyncio.wait_for(self._info, timeout_s)
@@ -114,7 +120,7 @@ class MPClient:
             await self.stop()  # nothing left registered on the loop, no socket left open
             raise
         self._heartbeat_task = asyncio.create_task(self._heartbeat(), name="mha-engine-heartbeat")
-        self.model = EngineModel(MHAConfig(**info["config"]), info["model_info"])
+        self.model = EngineModel(MHAConfig(**info.config), info.model_info)
         return self.model
 
     @property
@@ -246,7 +252,7 @@ class MPClient:
 
     def _cancel(self, ids: list[int]) -> None:
         if self._lost is None or self._silent:  # (silent: it may read again, and must not compute these then)
-            self._send(control("cancel", ids=ids))
+            self._send(encode(Cancel(ids)))
 
     def _fail_all(self, exc: Exception) -> None:
         pending, self._pending = self._pending, {}
@@ -275,7 +281,7 @@ class MPClient:
             ids = [rid for rid in self._pending if rid not in unsent]
             self._fail_all(EngineUnavailable(f"the model process is unavailable ({why})"))
             if ids:
-                self._send(control("cancel", ids=ids))
+                self._send(encode(Cancel(ids)))
         else:
             self._backlog.clear()  # it is gone: nobody reads those
             self._fail_all(EngineUnavailable(f"the model process is unavailable ({why})"))
@@ -342,11 +348,11 @@ class MPClient:
             self._look()
 
     def _handle(self, frames: list) -> None:
-        header = orjson.loads(frames[0].bytes)
-        kind = header["t"]
-        if kind == "res":
+        msg = decode(frames[0].buffer)
+        kind = type(msg)
+        if kind is Outcomes:
             pending = self._pending
-            for o in decode_outcomes(header, frames[1:]):
+            for o in decode_outcomes(msg, frames[1:]):
                 wait = pending.pop(o.id, None)
                 if wait is None or wait[0].done():
                     continue
@@ -355,10 +361,10 @@ class MPClient:
                     fut.set_result(Result(o.output, o.queue_s, o.compute_s, o.batch_requests, o.batch_sequences))
                 else:
                     fut.set_exception(failure_of(o.error, o.message, o.retry_after_s))
-        elif kind in ("hb", "info"):
+        elif kind is Heartbeat or kind is Info:
             self._last_beat = time.monotonic()
-            self._queue = tuple(header["queue"])
-            ready = bool(header["ready"])
+            self._queue = msg.queue
+            ready = msg.ready
             if self._silent:  # heard again after a silence: serving again
                 self._lost, self._silent = None, False
                 log.warning("the model process answers again: serving")
@@ -367,8 +373,8 @@ class MPClient:
             if ready != self._engine_ready:
                 self._engine_ready = ready
                 self._on_ready(ready and self._lost is None)
-            if kind == "info" and self._info is not None and not self._info.done():
-                self._info.set_result(header)
+            if kind is Info and self._info is not None and not self._info.done():
+                self._info.set_result(msg)
 
     def _watch(self) -> None:
         """The monitor's FD callback: the model process's end of the socket closed (it died)."""
@@ -390,7 +396,7 @@ class MPClient:
                 if self._backlog:  # a ping would only wait behind them: try them again instead (a safety net
                     self._schedule_drain()  # for an FD edge missed: a backlog is never left to wait on one)
                 else:
-                    self._send(control("ping"))
+                    self._send(_PING)
                 if self._lost is None and time.monotonic() - self._last_beat > LOST_AFTER_S:
                     self._gone(f"no heartbeat for {LOST_AFTER_S:g} s", silent=True)
             if os.getppid() != self._parent:  # the supervisor died (kill -9): leave, do not serve orphaned
@@ -399,4 +405,5 @@ class MPClient:
                 return
 
 
+_PING = encode(Ping())
 SNDHWM = 1000  # zmq's default: messages queued towards the model process before a send raises zmq.Again

@@ -27,18 +27,24 @@ from collections import deque
 from functools import partial
 from typing import Any
 
-import orjson
 import zmq
 
 from service import heap
 from service.logs import request_id_var
 from service.messages import (
     COPY_BELOW,
+    Cancel,
     ErrorKind,
+    Heartbeat,
+    Hello,
+    Info,
     Outcome,
+    Ping,
+    Requests,
     Result,
-    control,
+    decode,
     decode_requests,
+    encode,
     encode_outcomes,
     kind_of,
     read_waiting,
@@ -114,8 +120,9 @@ class Engine:
         heap.settle()
         log.info("model process ready: %s on %s (%s)", s.model_name, model.device, model.info["checksum"])
 
-    def _status(self) -> dict[str, Any]:
-        return {"ready": bool(self.batcher.running), "queue": list(self.batcher.queue_depth())}
+    def _status(self) -> tuple[bool, tuple[int, int]]:
+        """Readiness and the queue (requests, tokens), as heartbeats and the info carry them."""
+        return bool(self.batcher.running), tuple(self.batcher.queue_depth())
 
     async def serve(self) -> None:
         """Read the socket until told to stop. Not through zmq.asyncio: its future, poller state and callbacks per
@@ -223,11 +230,11 @@ class Engine:
 
     def _handle(self, frames: list) -> None:
         peer = frames[0].bytes
-        header = orjson.loads(frames[1].bytes)
-        kind = header["t"]
-        if kind == "req":
+        msg = decode(frames[1].buffer)
+        kind = type(msg)
+        if kind is Requests:
             submit, pending = self.batcher.submit, self._pending
-            for rid, inp, deadline, request_id, priority in decode_requests(header, frames[2:]):
+            for rid, inp, deadline, request_id, priority in decode_requests(msg, frames[2:]):
                 if inp.trace is not None:  # the front end's request span: the forward span's parent
                     remote = self.tracing.remote_span_context(inp.trace) if self.tracing is not None else None
                     inp = dataclasses.replace(inp, trace=remote)
@@ -236,17 +243,17 @@ class Engine:
                     pending[(peer, rid)] = submit(inp, deadline=deadline, priority=priority, done=done)
                 except Exception as e:  # refused at submit (overloaded, too large, shutting down): answered now
                     done(e)
-        elif kind == "cancel":
+        elif kind is Cancel:
             cancel = self.batcher.cancel
-            for rid in header["ids"]:
+            for rid in msg.ids:
                 handle = self._pending.pop((peer, rid), None)
                 if handle is not None:  # still unanswered: its client left
                     cancel(handle, "disconnect")
-        elif kind == "ping":
-            self._send(peer, control("hb", **self._status()))
-        elif kind == "hello":
-            log.info("front end %s connected", header.get("pid"))
-            self._send(peer, control("info", **self.info, **self._status()))
+        elif kind is Ping:
+            self._send(peer, encode(Heartbeat(*self._status())))
+        elif kind is Hello:
+            log.info("front end %s connected", msg.pid)
+            self._send(peer, encode(Info(*self._status(), **self.info)))
 
     def _answer(self, peer: bytes, rid: int, request_id: str | None, res: Result | BaseException) -> None:
         """A request's ``done``: its outcome joins its front end's next message (one per turn of the loop)."""

@@ -7,7 +7,6 @@ import asyncio
 import time
 
 import numpy as np
-import orjson
 import pytest
 import zmq
 import zmq.asyncio
@@ -19,13 +18,20 @@ from service.messages import (
     WATCH_AFTER_S,
     AttendInput,
     AttendOutput,
+    Cancel,
     ClientGone,
     DeadlineExceeded,
+    Heartbeat,
+    Hello,
+    Info,
     NumericOverflow,
     Outcome,
+    Ping,
+    Requests,
     ShuttingDown,
-    control,
+    decode,
     decode_requests,
+    encode,
     encode_outcomes,
 )
 
@@ -59,19 +65,19 @@ class FakeEngine:
     async def run(self) -> None:
         while True:
             frames = await self.sock.recv_multipart(copy=False)
-            peer, header = frames[0].bytes, orjson.loads(frames[1].bytes)
-            if header["t"] == "hello":
-                await self.sock.send_multipart([peer, *control("info", ready=True, queue=[0, 0], **INFO)])
-            elif header["t"] == "ping":
-                await self.sock.send_multipart([peer, *control("hb", ready=True, queue=[0, 0])])
-            elif header["t"] == "req":
-                for rid, inp, *_ in decode_requests(header, frames[2:]):
+            peer, msg = frames[0].bytes, decode(frames[1].buffer)
+            if isinstance(msg, Hello):
+                await self.sock.send_multipart([peer, *encode(Info(True, (0, 0), **INFO))])
+            elif isinstance(msg, Ping):
+                await self.sock.send_multipart([peer, *encode(Heartbeat(True, (0, 0)))])
+            elif isinstance(msg, Requests):
+                for rid, inp, *_ in decode_requests(msg, frames[2:]):
                     self.requests[rid] = (peer, inp)
                     self.arrived.append(rid)
                     self.events.append(("req", rid))
-            elif header["t"] == "cancel":
-                self.cancelled += header["ids"]
-                self.events += [("cancel", rid) for rid in header["ids"]]
+            elif isinstance(msg, Cancel):
+                self.cancelled += msg.ids
+                self.events += [("cancel", rid) for rid in msg.ids]
 
     async def answer(self, rid: int) -> None:
         peer, inp = self.requests[rid]

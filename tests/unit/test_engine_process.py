@@ -10,13 +10,24 @@ import time
 from functools import partial
 
 import numpy as np
-import orjson
 import zmq
 import zmq.asyncio
 
 from service.engine import process
 from service.engine.process import Engine
-from service.messages import DRAIN_MAX, AttendInput, AttendOutput, Result, control, decode_outcomes, encode_requests
+from service.messages import (
+    DRAIN_MAX,
+    AttendInput,
+    AttendOutput,
+    Cancel,
+    Heartbeat,
+    Ping,
+    Result,
+    decode,
+    decode_outcomes,
+    encode,
+    encode_requests,
+)
 from service.settings import Settings
 
 
@@ -62,11 +73,11 @@ async def test_every_request_is_answered_while_arrivals_pings_and_answers_interl
         async def read(i: int, d: zmq.asyncio.Socket) -> None:
             while True:
                 frames = await d.recv_multipart(copy=False)
-                header = orjson.loads(frames[0].bytes)
-                if header["t"] == "hb":
+                msg = decode(frames[0].buffer)
+                if isinstance(msg, Heartbeat):
                     beats[i] += 1
                     continue
-                for o in decode_outcomes(header, frames[1:]):
+                for o in decode_outcomes(msg, frames[1:]):
                     if o.error is not None:
                         refused.append(o.message)
                     else:
@@ -84,7 +95,7 @@ async def test_every_request_is_answered_while_arrivals_pings_and_answers_interl
                         items.append((rid, AttendInput(np.full((1, 2, 4), float(rid), np.float32)), 1e12, None, 0))
                     await d.send_multipart(encode_requests(items))
                 if burst % 7 == 0:
-                    await d.send_multipart(control("ping"))
+                    await d.send_multipart(encode(Ping()))
             await asyncio.sleep(0 if burst % 2 else 0.001)
         await dealers[0].send_multipart(
             encode_requests([(0, AttendInput(np.zeros((1, 2, 4), np.float32)), 1e12, None, 9)])
@@ -123,12 +134,12 @@ async def test_a_backlog_longer_than_one_drain_is_read_on_without_a_new_arrival(
     serving = None
     try:
         for i in range(3 * DRAIN_MAX):  # queued before the engine reads at all
-            await dealer.send_multipart(control("cancel", ids=[i]))
-        await dealer.send_multipart(control("ping"))
+            await dealer.send_multipart(encode(Cancel([i])))
+        await dealer.send_multipart(encode(Ping()))
         await asyncio.sleep(0.05)
         serving = asyncio.create_task(engine.serve())
         frames = await asyncio.wait_for(dealer.recv_multipart(), 5)
-        assert orjson.loads(frames[0])["t"] == "hb"
+        assert isinstance(decode(frames[0]), Heartbeat)
     finally:
         engine._stop.set()
         if serving is not None:
@@ -205,7 +216,7 @@ async def test_a_request_that_arrives_as_an_answer_is_sent_is_still_read(tmp_pat
         while 2 not in answers and time.monotonic() < deadline:
             while b.poll(0):
                 frames = b.recv_multipart(copy=False)
-                for o in decode_outcomes(orjson.loads(frames[0].bytes), frames[1:]):
+                for o in decode_outcomes(decode(frames[0].buffer), frames[1:]):
                     answers[o.id] = o.output.output.copy()
             await asyncio.sleep(0.005)
         assert list(answers) == [2], "front end B's request was never read"
@@ -260,7 +271,7 @@ async def test_every_answer_reaches_a_front_end_that_does_not_read_for_a_while_i
         while len(got) < n and time.monotonic() < deadline:
             while dealer.poll(0):
                 frames = dealer.recv_multipart(copy=False)
-                for o in decode_outcomes(orjson.loads(frames[0].bytes), frames[1:]):
+                for o in decode_outcomes(decode(frames[0].buffer), frames[1:]):
                     assert o.error is None, o.message
                     np.testing.assert_array_equal(o.output.output, np.full((1, 1, row), 2.0 * o.id, np.float32))
                     got.append(o.id)
