@@ -21,23 +21,30 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from mha_core import MHAConfig
+from service.engine.sweep import Sweep
 from service.engine_api import EngineModel
 from service.logs import request_id_var
 from service.messages import (
     COPY_BELOW,
     WATCH_AFTER_S,
     AttendInput,
+    Cancel,
     ClientGone,
     DeadlineExceeded,
+    Heartbeat,
+    Hello,
+    Info,
+    Outcomes,
+    Ping,
     Result,
     ShuttingDown,
-    control,
+    decode,
     decode_outcomes,
+    encode,
     encode_requests,
     failure_of,
     read_waiting,
@@ -68,7 +75,7 @@ class MPClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fds: list[int] = []  # registered with the loop's add_reader, until _stop
         self._pending: dict[int, list] = {}  # id -> [answer, abandoned, give up at, watch from, watch]
-        self._sweeping: asyncio.TimerHandle | None = None
+        self._sweep = Sweep(SWEEP_S, self._check_waits)  # while requests wait (SWEEP_S read now: tests patch it)
         self._outbox: list[tuple[int, AttendInput, float, str | None, int]] = []
         self._flush_scheduled = False
         self._backlog: deque[list] = deque()  # messages zmq did not take yet (SNDHWM reached), sent first, in order
@@ -105,7 +112,7 @@ class MPClient:
                 loop.add_reader(fd, read)
                 self._fds.append(fd)
             sock.connect(self.address)
-            self._send(control("hello", pid=os.getpid()))
+            self._send(encode(Hello(os.getpid())))
             self._watch()  # a socket's FD is raised only once it was read until EAGAIN: arm both
             self._schedule_drain()
             info = await asyncio.wait_for(self._info, timeout_s)
@@ -113,7 +120,7 @@ class MPClient:
             await self.stop()  # nothing left registered on the loop, no socket left open
             raise
         self._heartbeat_task = asyncio.create_task(self._heartbeat(), name="mha-engine-heartbeat")
-        self.model = EngineModel(MHAConfig(**info["config"]), info["model_info"])
+        self.model = EngineModel(MHAConfig(**info.config), info.model_info)
         return self.model
 
     @property
@@ -146,6 +153,7 @@ class MPClient:
         if self._pending:
             self._cancel(list(self._pending))
         self._fail_all(ShuttingDown("the server is shutting down before this request could finish"))
+        self._sweep.cancel()
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             await asyncio.gather(self._heartbeat_task, return_exceptions=True)
@@ -185,7 +193,7 @@ class MPClient:
         self._next_id += 1
         fut = loop.create_future()
         now = time.monotonic()
-        # [answer, abandoned, give up at, watch the caller from, the watch]: the sweep (``_sweep``), not a
+        # [answer, abandoned, give up at, watch the caller from, the watch]: the sweep (``_check_waits``), not a
         # timer or a task per request, ends the wait at the deadline and starts watching the caller of a
         # request still waiting after WATCH_AFTER_S (an awaitable ``abandoned`` is watched at once).
         wait = [fut, abandoned, deadline + ANSWER_SLACK_S, now + WATCH_AFTER_S, None]
@@ -196,8 +204,8 @@ class MPClient:
         if not self._flush_scheduled:  # everything submitted in this turn of the loop goes in one message
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        if self._sweeping is None:
-            self._sweeping = loop.call_later(SWEEP_S, self._sweep)
+        if not self._sweep.armed:
+            self._sweep.arm()
         try:
             return await fut
         finally:
@@ -219,13 +227,10 @@ class MPClient:
         wait[4] = asyncio.ensure_future(abandoned)
         wait[4].add_done_callback(left)
 
-    def _sweep(self) -> None:
-        """Every SWEEP_S while requests wait: end the waits past their deadline (the model process answers
-        those itself; this is for one that does not), and watch the callers of those waiting long."""
-        self._sweeping = None
-        if not self._pending:
-            return
-        now = time.monotonic()
+    def _check_waits(self, now: float) -> bool:
+        """The sweep's check, every SWEEP_S while requests wait: end the waits past their deadline (the model
+        process answers those itself; this is for one that does not), and watch the callers of those waiting long.
+        Whether any still waits (the sweep stops when none does)."""
         for wait in list(self._pending.values()):
             fut = wait[0]
             if fut.done():
@@ -236,7 +241,7 @@ class MPClient:
                 )
             elif wait[4] is None and wait[1] is not None and now >= wait[3]:
                 self._watch_caller(wait, wait[1]())
-        self._sweeping = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep)
+        return bool(self._pending)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -246,8 +251,8 @@ class MPClient:
             self._send(encode_requests(items))
 
     def _cancel(self, ids: list[int]) -> None:
-        if self._lost is None:
-            self._send(control("cancel", ids=ids))
+        if self._lost is None or self._silent:  # (silent: it may read again, and must not compute these then)
+            self._send(encode(Cancel(ids)))
 
     def _fail_all(self, exc: Exception) -> None:
         pending, self._pending = self._pending, {}
@@ -268,8 +273,18 @@ class MPClient:
             return
         self._lost, self._silent = why, silent
         log.error("the model process is unavailable (%s): answering 503", why)
-        self._backlog.clear()  # nobody waits for those any more
-        self._fail_all(EngineUnavailable(f"the model process is unavailable ({why})"))
+        if silent:
+            # It may read again (a stall shorter than MHA_ENGINE_HANG_S): the requests answered 503 now must not be
+            # computed then, ahead of fresh traffic. Their cancel goes behind whatever it has not read yet (zmq's
+            # queue, then the backlog), so it arrives after those requests and before any later one.
+            unsent = {it[0] for it in self._outbox}  # never sent: _flush drops them
+            ids = [rid for rid in self._pending if rid not in unsent]
+            self._fail_all(EngineUnavailable(f"the model process is unavailable ({why})"))
+            if ids:
+                self._send(encode(Cancel(ids)))
+        else:
+            self._backlog.clear()  # it is gone: nobody reads those
+            self._fail_all(EngineUnavailable(f"the model process is unavailable ({why})"))
         if self._info is not None and not self._info.done():
             self._info.set_exception(EngineUnavailable(why))
         self._on_ready(False)
@@ -333,11 +348,11 @@ class MPClient:
             self._look()
 
     def _handle(self, frames: list) -> None:
-        header = orjson.loads(frames[0].bytes)
-        kind = header["t"]
-        if kind == "res":
+        msg = decode(frames[0].buffer)
+        kind = type(msg)
+        if kind is Outcomes:
             pending = self._pending
-            for o in decode_outcomes(header, frames[1:]):
+            for o in decode_outcomes(msg, frames[1:]):
                 wait = pending.pop(o.id, None)
                 if wait is None or wait[0].done():
                     continue
@@ -346,10 +361,10 @@ class MPClient:
                     fut.set_result(Result(o.output, o.queue_s, o.compute_s, o.batch_requests, o.batch_sequences))
                 else:
                     fut.set_exception(failure_of(o.error, o.message, o.retry_after_s))
-        elif kind in ("hb", "info"):
+        elif kind is Heartbeat or kind is Info:
             self._last_beat = time.monotonic()
-            self._queue = tuple(header["queue"])
-            ready = bool(header["ready"])
+            self._queue = msg.queue
+            ready = msg.ready
             if self._silent:  # heard again after a silence: serving again
                 self._lost, self._silent = None, False
                 log.warning("the model process answers again: serving")
@@ -358,8 +373,8 @@ class MPClient:
             if ready != self._engine_ready:
                 self._engine_ready = ready
                 self._on_ready(ready and self._lost is None)
-            if kind == "info" and self._info is not None and not self._info.done():
-                self._info.set_result(header)
+            if kind is Info and self._info is not None and not self._info.done():
+                self._info.set_result(msg)
 
     def _watch(self) -> None:
         """The monitor's FD callback: the model process's end of the socket closed (it died)."""
@@ -381,7 +396,7 @@ class MPClient:
                 if self._backlog:  # a ping would only wait behind them: try them again instead (a safety net
                     self._schedule_drain()  # for an FD edge missed: a backlog is never left to wait on one)
                 else:
-                    self._send(control("ping"))
+                    self._send(_PING)
                 if self._lost is None and time.monotonic() - self._last_beat > LOST_AFTER_S:
                     self._gone(f"no heartbeat for {LOST_AFTER_S:g} s", silent=True)
             if os.getppid() != self._parent:  # the supervisor died (kill -9): leave, do not serve orphaned
@@ -390,4 +405,5 @@ class MPClient:
                 return
 
 
+_PING = encode(Ping())
 SNDHWM = 1000  # zmq's default: messages queued towards the model process before a send raises zmq.Again

@@ -18,27 +18,33 @@ it exits 0; if the parent dies, it is killed (PR_SET_PDEATHSIG; elsewhere it see
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import multiprocessing
 import os
 import signal
+from collections import deque
 from functools import partial
 from typing import Any
 
-import orjson
 import zmq
 
 from service import heap
 from service.logs import request_id_var
 from service.messages import (
     COPY_BELOW,
+    Cancel,
     ErrorKind,
+    Heartbeat,
+    Hello,
+    Info,
     Outcome,
+    Ping,
+    Requests,
     Result,
-    control,
+    decode,
     decode_requests,
+    encode,
     encode_outcomes,
     kind_of,
     read_waiting,
@@ -46,6 +52,11 @@ from service.messages import (
 from service.settings import Settings
 
 log = logging.getLogger("mha_serve.engine")
+
+HWM = 1000  # the ROUTER's SNDHWM and RCVHWM (zmq's default), in messages per front end; tests set it to 1
+_SENT, _FULL, _GONE = 0, 1, 2  # what became of one message to a front end
+BACKLOG_GRACE_S = 1.0  # at shutdown, how long answers still waiting in a backlog may wait for their front end
+RETRY_S = 0.05  # a peer's backlog is tried again this often while it lasts: a net under the FD's POLLOUT edge
 
 
 def _outcome_of(rid: int, exc: BaseException) -> Outcome:
@@ -67,6 +78,9 @@ class Engine:
         self._sock: zmq.Socket | None = None  # a plain socket, read when its FD says so (see serve)
         self._pending: dict[tuple[bytes, int], Any] = {}  # (front end, id) -> the batcher's handle, until answered
         self._replies: dict[bytes, list[Outcome]] = {}
+        # per front end, the messages zmq did not take yet (its queue to that peer at HWM), sent first, in order
+        self._backlogs: dict[bytes, deque[list]] = {}
+        self._retry: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
         self._drain_scheduled = False
         self._stop = asyncio.Event()
@@ -101,12 +115,14 @@ class Engine:
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.copy_threshold = COPY_BELOW
         self._sock.setsockopt(zmq.LINGER, 0)
+        _configure(self._sock)
         self._sock.bind(self.address)
         heap.settle()
         log.info("model process ready: %s on %s (%s)", s.model_name, model.device, model.info["checksum"])
 
-    def _status(self) -> dict[str, Any]:
-        return {"ready": bool(self.batcher.running), "queue": list(self.batcher.queue_depth())}
+    def _status(self) -> tuple[bool, tuple[int, int]]:
+        """Readiness and the queue (requests, tokens), as heartbeats and the info carry them."""
+        return bool(self.batcher.running), tuple(self.batcher.queue_depth())
 
     async def serve(self) -> None:
         """Read the socket until told to stop. Not through zmq.asyncio: its future, poller state and callbacks per
@@ -123,12 +139,21 @@ class Engine:
             loop.remove_reader(fd)
 
     def _drain(self) -> None:
-        """Handle every message waiting (at most DRAIN_MAX a turn, so that answers and timers still run)."""
+        """Send what waits in the backlogs, then handle every message waiting (at most DRAIN_MAX a turn, so that
+        answers and timers still run)."""
         self._drain_scheduled = False
         sock = self._sock
         if sock is None or sock.closed:  # (a drain scheduled by the last answers, after close)
             return
-        if read_waiting(sock, self._handle, "a message from a front end"):
+        more = read_waiting(sock, self._handle, "a message from a front end")
+        # The reads took in zmq's commands, among them "a peer read: room again", whose FD edge is spent: send what
+        # waits now, and again while that makes progress (each send may take in another such command).
+        while self._backlogs and self._send_backlogs():
+            events = sock.getsockopt(zmq.EVENTS)
+            more = more or bool(events & zmq.POLLIN)
+            if not events & zmq.POLLOUT:
+                break
+        if more:
             self._schedule_drain()
 
     def _schedule_drain(self) -> None:
@@ -136,23 +161,80 @@ class Engine:
             self._drain_scheduled = True
             asyncio.get_running_loop().call_soon(self._drain)
 
-    def _send(self, frames: list) -> None:
-        """Send outside a drain (a ROUTER never blocks: a gone front end's message is dropped), then look for a
-        message whose FD edge the send consumed."""
+    # Nothing is dropped in silence. The ROUTER is ROUTER_MANDATORY: a message to a front end whose queue is at HWM
+    # (its loop busy, not reading) raises EAGAIN instead of vanishing, and waits in that peer's backlog, in order,
+    # until zmq takes it (the FD wakes the drain when the peer reads; RETRY_S is the net under that edge). A message
+    # to a front end that is gone raises EHOSTUNREACH: its backlog is dropped and its requests still pending are
+    # cancelled in the batcher, as its cancels would have done.
+
+    def _send(self, peer: bytes, frames: list) -> None:
+        """Send ``frames`` to ``peer`` without blocking, behind whatever still waits for it; then look for a message
+        whose FD edge the send consumed."""
         sock = self._sock
-        with contextlib.suppress(zmq.ZMQError):  # that front end is gone
-            sock.send_multipart(frames, copy=False)
-        if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        backlog = self._backlogs.get(peer)
+        if backlog is not None:
+            backlog.append(frames)
+        else:
+            self._send_now(sock, peer, frames)
+        events = sock.getsockopt(zmq.EVENTS)
+        if events & zmq.POLLIN or (self._backlogs and events & zmq.POLLOUT):
             self._schedule_drain()
+
+    def _send_now(self, sock: zmq.Socket, peer: bytes, frames: list) -> int:
+        """One message to ``peer``: SENT, FULL (it went to the peer's backlog) or GONE (the peer is)."""
+        try:
+            sock.send_multipart([peer, *frames], zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self._backlogs.setdefault(peer, deque()).append(frames)
+            if self._retry is None:
+                self._retry = asyncio.get_running_loop().call_later(RETRY_S, self._retry_backlogs)
+            return _FULL
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            self._peer_gone(peer)
+            return _GONE
+        return _SENT
+
+    def _send_backlogs(self) -> bool:
+        """Send each peer's backlog, in order, until zmq takes no more of it; whether any message went."""
+        sock, progress = self._sock, False
+        for peer in list(self._backlogs):
+            backlog = self._backlogs.pop(peer)
+            while backlog:
+                sent = self._send_now(sock, peer, backlog.popleft())
+                if sent == _FULL:  # in a new backlog: the rest goes behind it
+                    self._backlogs[peer].extend(backlog)
+                    break
+                progress = True
+                if sent == _GONE:
+                    break
+        return progress
+
+    def _retry_backlogs(self) -> None:
+        self._retry = None
+        if self._backlogs and self._sock is not None and not self._sock.closed:
+            self._schedule_drain()
+            if self._retry is None:
+                self._retry = asyncio.get_running_loop().call_later(RETRY_S, self._retry_backlogs)
+
+    def _peer_gone(self, peer: bytes) -> None:
+        """A front end that went away: nobody reads its answers, and its requests still queued are not computed."""
+        self._backlogs.pop(peer, None)
+        mine = [key for key in self._pending if key[0] == peer]
+        if mine:
+            log.warning("a front end went away with %d request(s) pending: cancelled", len(mine))
+        cancel = self.batcher.cancel
+        for key in mine:
+            cancel(self._pending.pop(key), "disconnect")
 
     def _handle(self, frames: list) -> None:
         peer = frames[0].bytes
-        header = orjson.loads(frames[1].bytes)
-        kind = header["t"]
-        sock = self._sock
-        if kind == "req":
+        msg = decode(frames[1].buffer)
+        kind = type(msg)
+        if kind is Requests:
             submit, pending = self.batcher.submit, self._pending
-            for rid, inp, deadline, request_id, priority in decode_requests(header, frames[2:]):
+            for rid, inp, deadline, request_id, priority in decode_requests(msg, frames[2:]):
                 if inp.trace is not None:  # the front end's request span: the forward span's parent
                     remote = self.tracing.remote_span_context(inp.trace) if self.tracing is not None else None
                     inp = dataclasses.replace(inp, trace=remote)
@@ -161,19 +243,17 @@ class Engine:
                     pending[(peer, rid)] = submit(inp, deadline=deadline, priority=priority, done=done)
                 except Exception as e:  # refused at submit (overloaded, too large, shutting down): answered now
                     done(e)
-        elif kind == "cancel":
+        elif kind is Cancel:
             cancel = self.batcher.cancel
-            for rid in header["ids"]:
+            for rid in msg.ids:
                 handle = self._pending.pop((peer, rid), None)
                 if handle is not None:  # still unanswered: its client left
                     cancel(handle, "disconnect")
-        elif kind == "ping":  # (inside a drain, which reads on until EAGAIN: no edge to look for)
-            with contextlib.suppress(zmq.ZMQError):
-                sock.send_multipart([peer, *control("hb", **self._status())])
-        elif kind == "hello":
-            log.info("front end %s connected", header.get("pid"))
-            with contextlib.suppress(zmq.ZMQError):
-                sock.send_multipart([peer, *control("info", **self.info, **self._status())])
+        elif kind is Ping:
+            self._send(peer, encode(Heartbeat(*self._status())))
+        elif kind is Hello:
+            log.info("front end %s connected", msg.pid)
+            self._send(peer, encode(Info(*self._status(), **self.info)))
 
     def _answer(self, peer: bytes, rid: int, request_id: str | None, res: Result | BaseException) -> None:
         """A request's ``done``: its outcome joins its front end's next message (one per turn of the loop)."""
@@ -201,7 +281,7 @@ class Engine:
         self._flush_scheduled = False
         replies, self._replies = self._replies, {}
         for peer, outcomes in replies.items():
-            self._send([peer, *encode_outcomes(outcomes)])
+            self._send(peer, encode_outcomes(outcomes))
 
     async def shutdown(self, grace_s: float) -> None:
         """Finish what is queued within ``grace_s`` (its answers still go out), then close."""
@@ -209,14 +289,27 @@ class Engine:
         if engine is not None:
             await engine.stop(grace_s=grace_s)  # answers (ShuttingDown) whatever it could not finish
         self._flush()
+        give_up = asyncio.get_running_loop().time() + BACKLOG_GRACE_S
+        while self._backlogs and asyncio.get_running_loop().time() < give_up:  # answers zmq has not taken yet
+            await asyncio.sleep(0.01)
         self._stop.set()
 
     def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         if self._sock is not None:
             self._sock.close(linger=100)
         self._ctx.destroy(linger=0)
         if self.tracing is not None:
             self.tracing.shutdown()  # exports the spans still buffered
+
+
+def _configure(sock: zmq.Socket) -> None:
+    """The ROUTER's options: an answer zmq cannot deliver yet, or at all, raises instead of being dropped."""
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, HWM)
 
 
 async def _amain(settings: Settings, address: str, ready: Any, stop: Any, beat: Any = None) -> int:

@@ -7,23 +7,31 @@ import asyncio
 import time
 
 import numpy as np
-import orjson
 import pytest
 import zmq
 import zmq.asyncio
 
 from service.engine import client as client_mod
 from service.engine.client import EngineUnavailable, MPClient
+from service.engine.sweep import Sweep
 from service.messages import (
     WATCH_AFTER_S,
     AttendInput,
     AttendOutput,
+    Cancel,
     ClientGone,
     DeadlineExceeded,
+    Heartbeat,
+    Hello,
+    Info,
     NumericOverflow,
     Outcome,
-    control,
+    Ping,
+    Requests,
+    ShuttingDown,
+    decode,
     decode_requests,
+    encode,
     encode_outcomes,
 )
 
@@ -44,6 +52,7 @@ class FakeEngine:
         self.requests: dict[int, tuple[bytes, AttendInput]] = {}
         self.arrived: list[int] = []  # request ids in the order they came
         self.cancelled: list[int] = []
+        self.events: list[tuple[str, int]] = []  # ("req" | "cancel", id) in the order they came
         self.task = asyncio.create_task(self.run())
 
     def pause(self) -> None:
@@ -56,17 +65,19 @@ class FakeEngine:
     async def run(self) -> None:
         while True:
             frames = await self.sock.recv_multipart(copy=False)
-            peer, header = frames[0].bytes, orjson.loads(frames[1].bytes)
-            if header["t"] == "hello":
-                await self.sock.send_multipart([peer, *control("info", ready=True, queue=[0, 0], **INFO)])
-            elif header["t"] == "ping":
-                await self.sock.send_multipart([peer, *control("hb", ready=True, queue=[0, 0])])
-            elif header["t"] == "req":
-                for rid, inp, *_ in decode_requests(header, frames[2:]):
+            peer, msg = frames[0].bytes, decode(frames[1].buffer)
+            if isinstance(msg, Hello):
+                await self.sock.send_multipart([peer, *encode(Info(True, (0, 0), **INFO))])
+            elif isinstance(msg, Ping):
+                await self.sock.send_multipart([peer, *encode(Heartbeat(True, (0, 0)))])
+            elif isinstance(msg, Requests):
+                for rid, inp, *_ in decode_requests(msg, frames[2:]):
                     self.requests[rid] = (peer, inp)
                     self.arrived.append(rid)
-            elif header["t"] == "cancel":
-                self.cancelled += header["ids"]
+                    self.events.append(("req", rid))
+            elif isinstance(msg, Cancel):
+                self.cancelled += msg.ids
+                self.events += [("cancel", rid) for rid in msg.ids]
 
     async def answer(self, rid: int) -> None:
         peer, inp = self.requests[rid]
@@ -290,3 +301,46 @@ async def test_a_socket_that_closes_during_a_silence_leaves_it_unavailable_for_g
         assert client.lost == "its socket closed" and not client.ready
     finally:
         await replacement.close()
+
+
+async def test_requests_answered_503_during_a_silence_are_cancelled_before_any_new_request_reaches_it(
+    pair, monkeypatch
+):
+    """A stall shorter than the hang bound: the requests it held were answered 503, so when it reads again it must
+    drop them (their cancel arrives first) rather than compute them ahead of fresh traffic."""
+    engine, client = pair
+    monkeypatch.setattr(client_mod, "HEARTBEAT_S", 0.02)
+    monkeypatch.setattr(client_mod, "LOST_AFTER_S", 0.3)
+    engine.pause()  # stalled: reads nothing, answers no ping
+    held = [asyncio.create_task(client.infer(x(v), deadline=time.monotonic() + 30)) for v in (1.0, 2.0)]
+    await until(lambda: client.lost is not None, timeout_s=3)
+    for wait in held:
+        with pytest.raises(EngineUnavailable):
+            await wait
+    engine.resume()
+    await until(lambda: client.lost is None and client.ready, timeout_s=3)
+    fresh = asyncio.create_task(client.infer(x(3.0), deadline=time.monotonic() + 30))
+    await until(lambda: 2 in engine.requests)
+    assert engine.events == [("req", 0), ("req", 1), ("cancel", 0), ("cancel", 1), ("req", 2)]
+    await engine.answer(2)
+    np.testing.assert_array_equal((await fresh).output.output, np.full((1, 2, 4), 6.0, np.float32))
+
+
+async def test_the_deadline_sweep_runs_while_requests_wait_and_stops_with_the_client(pair):
+    """The front end's waits are swept by the shared Sweep (service/engine/sweep.py): armed by a request, idle once
+    nothing waits, cancelled by stop."""
+    engine, client = pair
+    assert isinstance(client._sweep, Sweep) and not client._sweep.armed
+    quick = asyncio.create_task(client.infer(x(1.0), deadline=time.monotonic() + 30))
+    await until(lambda: 0 in engine.requests)
+    assert client._sweep.armed
+    await engine.answer(0)
+    await quick
+    await until(lambda: not client._sweep.armed, timeout_s=1)  # nothing waits: no more sweeps
+    waiting = asyncio.create_task(client.infer(x(2.0), deadline=time.monotonic() + 30))
+    await until(lambda: 1 in engine.requests)
+    assert client._sweep.armed
+    await client.stop()
+    assert not client._sweep.armed  # no sweep left on the loop after stop
+    with pytest.raises(ShuttingDown):
+        await waiting

@@ -10,12 +10,24 @@ import time
 from functools import partial
 
 import numpy as np
-import orjson
 import zmq
 import zmq.asyncio
 
+from service.engine import process
 from service.engine.process import Engine
-from service.messages import DRAIN_MAX, AttendInput, AttendOutput, Result, control, decode_outcomes, encode_requests
+from service.messages import (
+    DRAIN_MAX,
+    AttendInput,
+    AttendOutput,
+    Cancel,
+    Heartbeat,
+    Ping,
+    Result,
+    decode,
+    decode_outcomes,
+    encode,
+    encode_requests,
+)
 from service.settings import Settings
 
 
@@ -61,11 +73,11 @@ async def test_every_request_is_answered_while_arrivals_pings_and_answers_interl
         async def read(i: int, d: zmq.asyncio.Socket) -> None:
             while True:
                 frames = await d.recv_multipart(copy=False)
-                header = orjson.loads(frames[0].bytes)
-                if header["t"] == "hb":
+                msg = decode(frames[0].buffer)
+                if isinstance(msg, Heartbeat):
                     beats[i] += 1
                     continue
-                for o in decode_outcomes(header, frames[1:]):
+                for o in decode_outcomes(msg, frames[1:]):
                     if o.error is not None:
                         refused.append(o.message)
                     else:
@@ -83,7 +95,7 @@ async def test_every_request_is_answered_while_arrivals_pings_and_answers_interl
                         items.append((rid, AttendInput(np.full((1, 2, 4), float(rid), np.float32)), 1e12, None, 0))
                     await d.send_multipart(encode_requests(items))
                 if burst % 7 == 0:
-                    await d.send_multipart(control("ping"))
+                    await d.send_multipart(encode(Ping()))
             await asyncio.sleep(0 if burst % 2 else 0.001)
         await dealers[0].send_multipart(
             encode_requests([(0, AttendInput(np.zeros((1, 2, 4), np.float32)), 1e12, None, 9)])
@@ -122,12 +134,12 @@ async def test_a_backlog_longer_than_one_drain_is_read_on_without_a_new_arrival(
     serving = None
     try:
         for i in range(3 * DRAIN_MAX):  # queued before the engine reads at all
-            await dealer.send_multipart(control("cancel", ids=[i]))
-        await dealer.send_multipart(control("ping"))
+            await dealer.send_multipart(encode(Cancel([i])))
+        await dealer.send_multipart(encode(Ping()))
         await asyncio.sleep(0.05)
         serving = asyncio.create_task(engine.serve())
         frames = await asyncio.wait_for(dealer.recv_multipart(), 5)
-        assert orjson.loads(frames[0])["t"] == "hb"
+        assert isinstance(decode(frames[0]), Heartbeat)
     finally:
         engine._stop.set()
         if serving is not None:
@@ -204,7 +216,7 @@ async def test_a_request_that_arrives_as_an_answer_is_sent_is_still_read(tmp_pat
         while 2 not in answers and time.monotonic() < deadline:
             while b.poll(0):
                 frames = b.recv_multipart(copy=False)
-                for o in decode_outcomes(orjson.loads(frames[0].bytes), frames[1:]):
+                for o in decode_outcomes(decode(frames[0].buffer), frames[1:]):
                     answers[o.id] = o.output.output.copy()
             await asyncio.sleep(0.005)
         assert list(answers) == [2], "front end B's request was never read"
@@ -215,5 +227,112 @@ async def test_a_request_that_arrives_as_an_answer_is_sent_is_still_read(tmp_pat
         await asyncio.wait_for(serving, 5)
         for d in (a, b):
             d.close(linger=0)
+        ctx.destroy(linger=0)
+        engine.close()
+
+
+async def test_every_answer_reaches_a_front_end_that_does_not_read_for_a_while_in_order(tmp_path, monkeypatch):
+    """A high-water mark of 1 on both sides and a front end whose loop is busy: zmq takes no more answers for it
+    (EAGAIN under ROUTER_MANDATORY, where a plain ROUTER dropped them in silence), so they wait in its backlog and
+    all arrive, in order, once it reads again."""
+    monkeypatch.setattr(process, "HWM", 1)
+    address = f"ipc://{tmp_path}/engine.sock"
+    engine = Engine(Settings(), address)
+    engine.batcher = AnswerNextTurn()
+    engine._sock = engine._ctx.socket(zmq.ROUTER)
+    process._configure(engine._sock)
+    engine._sock.bind(address)
+    serving = asyncio.create_task(engine.serve())
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.RCVHWM, 1)
+    dealer.setsockopt(zmq.SNDHWM, 1)
+    dealer.connect(address)
+    n, row = 200, 1 << 14  # 64 KiB answers: more than the kernel's socket buffers hold between the two
+    try:
+        for rid in range(n):  # one message each, sent as room comes (the engine reads them meanwhile)
+            frames = encode_requests([(rid, AttendInput(np.full((1, 1, row), float(rid), np.float32)), 1e12, None, 0)])
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    dealer.send_multipart(frames, zmq.NOBLOCK)
+                    break
+                except zmq.Again:
+                    assert time.monotonic() < deadline, "the engine stopped reading"
+                    await asyncio.sleep(0.001)
+        deadline = time.monotonic() + 5
+        while engine.batcher.submitted < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert engine.batcher.submitted == n
+        await asyncio.sleep(0.2)  # the answers are sent meanwhile, and the front end still reads nothing
+        reached = bool(getattr(engine, "_backlogs", None))
+        got: list[int] = []
+        deadline = time.monotonic() + 10
+        while len(got) < n and time.monotonic() < deadline:
+            while dealer.poll(0):
+                frames = dealer.recv_multipart(copy=False)
+                for o in decode_outcomes(decode(frames[0].buffer), frames[1:]):
+                    assert o.error is None, o.message
+                    np.testing.assert_array_equal(o.output.output, np.full((1, 1, row), 2.0 * o.id, np.float32))
+                    got.append(o.id)
+            await asyncio.sleep(0.002)
+        assert got == list(range(n)), f"{n - len(got)} of {n} answers lost or out of order"
+        assert reached, "zmq took every answer: the test did not reach the backlog"
+        assert engine._backlogs == {} and engine._pending == {}
+    finally:
+        engine._stop.set()
+        await asyncio.wait_for(serving, 5)
+        dealer.close(linger=0)
+        ctx.destroy(linger=0)
+        engine.close()
+
+
+class HoldAll(AnswerNextTurn):
+    """A batcher that holds every request (the test answers them) and records the cancelled ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list = []
+        self.cancelled: list = []
+
+    def submit(self, inp, *, deadline, done, priority=0):
+        self.submitted += 1
+        handle = object()
+        self.held.append((handle, partial(done, Result(AttendOutput(inp.x * 2, None), 0.0, 0.0, 1, 1))))
+        return handle
+
+    def cancel(self, handle, reason="disconnect"):
+        self.cancelled.append((handle, reason))
+
+
+async def test_a_front_end_that_is_gone_has_its_pending_requests_cancelled_when_an_answer_cannot_reach_it(tmp_path):
+    address = f"ipc://{tmp_path}/engine.sock"
+    engine = Engine(Settings(), address)
+    batcher = engine.batcher = HoldAll()
+    engine._sock = engine._ctx.socket(zmq.ROUTER)
+    process._configure(engine._sock)
+    engine._sock.bind(address)
+    serving = asyncio.create_task(engine.serve())
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(address)
+    try:
+        items = [(rid, AttendInput(np.full((1, 2, 4), float(rid), np.float32)), 1e12, None, 0) for rid in range(3)]
+        dealer.send_multipart(encode_requests(items))
+        deadline = time.monotonic() + 5
+        while len(batcher.held) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert len(batcher.held) == 3
+        dealer.close(linger=0)  # the front end goes while its requests wait
+        await asyncio.sleep(0.1)
+        engine._sock.getsockopt(zmq.EVENTS)  # the ROUTER takes in the disconnect
+        batcher.held[0][1]()  # the first answer cannot reach it: EHOSTUNREACH
+        await asyncio.sleep(0.05)
+        assert sorted(map(id, (h for h, _ in batcher.cancelled))) == sorted(id(h) for h, _ in batcher.held[1:])
+        assert {reason for _, reason in batcher.cancelled} == {"disconnect"}
+        assert engine._pending == {} and engine._backlogs == {}
+    finally:
+        engine._stop.set()
+        await asyncio.wait_for(serving, 5)
         ctx.destroy(linger=0)
         engine.close()

@@ -140,11 +140,10 @@ def test_a_request_span_context_crosses_the_process_boundary_in_the_request_mess
     """The front end sends its request span's context with the request (messages.encode_requests); the model
     process's Tracing turns it back into a remote context: its forward span is that span's child."""
     import numpy as np
-    import orjson
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from service.messages import AttendInput, BatchStats, decode_requests, encode_requests
+    from service.messages import AttendInput, BatchStats, decode, decode_requests, encode_requests
 
     front = from_env(service_version="0", replica_id="r", environ={"OTEL_TRACES_EXPORTER": "console"})
     engine = from_env(service_version="0", replica_id="r", environ={"OTEL_TRACES_EXPORTER": "console"})
@@ -157,7 +156,7 @@ def test_a_request_span_context_crosses_the_process_boundary_in_the_request_mess
         rs.finish()
         x = np.zeros((1, 2, 4), np.float32)
         frames = encode_requests([(1, AttendInput(x, trace=ctx), 1.0, None, 0), (2, AttendInput(x), 1.0, None, 0)])
-        (_, traced, *_), (_, plain, *_) = decode_requests(orjson.loads(frames[0]), frames[1:])
+        (_, traced, *_), (_, plain, *_) = decode_requests(decode(frames[0]), frames[1:])
         assert plain.trace is None
         remote = engine.remote_span_context(traced.trace)
         assert (remote.trace_id, remote.span_id, remote.is_remote) == (ctx.trace_id, ctx.span_id, True)
