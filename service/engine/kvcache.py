@@ -57,8 +57,13 @@ class KVCache:
             )
         slots = self.num_blocks * block_size
         with torch.inference_mode():  # written and read only in inference mode
-            self.keys = torch.zeros(slots, num_heads, head_size, dtype=dtype, device=device)
-            self.values = torch.zeros_like(self.keys)
+            # Reserved, not written: on a CPU the pages cost memory only once a step writes them (a replica that
+            # serves no sequence stays small). Only slot 0 is ever read unwritten (the padding of a gather, behind
+            # the mask), and a masked NaN would still poison the sum (0 x NaN): it starts at zero.
+            self.keys = torch.empty(slots, num_heads, head_size, dtype=dtype, device=device)
+            self.values = torch.empty_like(self.keys)
+            self.keys[0].zero_()
+            self.values[0].zero_()
         self.device = device
         self._free = list(range(self.num_blocks - 1, -1, -1))  # a stack: the lowest block first
         self._tables: dict[object, list[int]] = {}

@@ -18,6 +18,7 @@ TINY = {
     "replica_id": "test-replica",
     "decode_processes": 0,  # no process pool per in-process app; tests/integration/test_offload.py turns it on
     "grpc_port": 0,  # the in-process app serves no gRPC; tests/e2e and test_grpc.py start it on a free port
+    "kv_cache_bytes": 1 << 20,  # each app's cache is frozen with it (service/heap.py): keep it small
 }
 
 

@@ -203,3 +203,23 @@ async def test_full_cache_with_every_sequence_stepping_is_429(engine):
     assert e.value.retry_after_s >= 1
     await task
     assert c.sequences.length("other") is None and c.sequences.length("busy") == 8
+
+
+async def test_unwritten_cache_slots_never_reach_an_answer(seed_model, engine):
+    """The pool is reserved, not written (torch.empty): whatever an unwritten slot holds, NaN included, must not
+    reach a step of sequences of different lengths padded together (only slot 0, zeroed, pads a gather)."""
+    seed, _ = seed_model
+    c = await engine(max_batch_size=16)
+    cache = c.sequences.cache
+    with torch.inference_mode():
+        cache.keys[1:] = float("nan")
+        cache.values[1:] = float("nan")
+    rng = np.random.default_rng()
+    xs = [rng.standard_normal((1, n, E)).astype(np.float32) for n in (7, 2, 4)]
+    firsts = await asyncio.gather(*(c.step(step(i, x[:, :-1], start=True), deadline=far()) for i, x in enumerate(xs)))
+    for x, res in zip(xs, firsts, strict=True):
+        check(seed, x, 0, res.output.output)
+    lasts = await asyncio.gather(*(c.step(step(i, x[:, -1:], end=True), deadline=far()) for i, x in enumerate(xs)))
+    for x, res in zip(xs, lasts, strict=True):
+        check(seed, x, x.shape[1] - 1, res.output.output)
+        assert np.isfinite(res.output.output).all()
