@@ -123,7 +123,7 @@ class _V2Route(APIRoute):
 
 
 def build_router(state: Any) -> APIRouter:
-    """The v2 routes over ``state`` (service.app.AppState): its settings, runner, batcher, limits, stats.
+    """The v2 routes over ``state`` (service.frontend.state.AppState): its settings, runner, batcher, limits, stats.
 
     ``router.hot_routes`` lists the inference routes for service.frontend.fastroute.FastRoutes: (path regex, handler,
     path template).
