@@ -19,6 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware import Middleware
 
 from service import __version__, heap, tracing
 from service.engine.batcher import BatchLimits
@@ -38,8 +39,9 @@ from service.tracing import stage
 log = logging.getLogger("mha_serve")
 
 
-def create_app(*, settings: Settings, engine_address: str | None = None) -> FastAPI:
-    """The app; with ``engine_address``, a front-end process whose batcher is the model process there."""
+def create_app(*, settings: Settings, engine_address: str | None = None) -> fastroute.HotRoutes:
+    """The ASGI app to serve: the FastAPI app, the hot routes beside it. With ``engine_address``, a front-end
+    process whose batcher is the model process there."""
     state = AppState(settings=settings, metrics=Metrics(), shares_port=engine_address is not None)
     state.tracing = tracing.from_env(service_version=__version__, replica_id=settings.replica_id)
 
@@ -96,48 +98,19 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
                 await asyncio.to_thread(state.tracing.shutdown)  # exports the spans still buffered
             log.info("stopped")
 
-    app = fastroute.App(
+    state.admission = Admission(settings.max_inflight_requests, settings.max_inflight_bytes)
+    middleware = _middleware(settings, state)
+    app = FastAPI(
         title="mha-serve",
         version=__version__,
         summary="Multi-head attention over HTTP, with dynamic batching.",
         lifespan=lifespan,
+        middleware=middleware,
     )
     app.state.mha = state
     _install_error_handlers(app, state)
     v2_router = v2.build_router(state)
-    hot_routes: list = []  # (path regex, handler, declared route): filled below; see fastroute.install
-    state.admission = Admission(settings.max_inflight_requests, settings.max_inflight_bytes)
-    app.add_middleware(  # innermost: its 429/408: its 429/408 get CORS headers, request ids, metrics and access logs
-        AdmissionMiddleware,
-        admission=state.admission,
-        max_body_bytes=settings.max_body_bytes,
-        body_read_timeout_s=settings.body_read_timeout_s,
-    )
-    app.add_middleware(InternalErrors)  # inside the request-id middleware: a 500 carries the id too
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origin_list,
-            allow_methods=["GET", "POST"],
-            allow_headers=["authorization", "content-type", "x-request-id", "inference-header-content-length"],
-            expose_headers=[
-                "x-request-id",
-                "x-served-by",
-                "x-queue-time-ms",
-                "x-compute-time-ms",
-                "x-batch-size",
-                "x-render-time-ms",
-            ],
-        )
-    app.add_middleware(
-        ObserveMiddleware,
-        metrics=state.metrics,
-        replica_id=settings.replica_id,
-        api_keys=ApiKeys(settings.api_key_list),
-        protect_metrics=settings.protect_metrics,
-        access_log_enabled=settings.access_log,
-        tracing=state.tracing,
-    )
+    hot_routes: list = []  # (path regex, handler, declared route): filled below, for fastroute.HotRoutes
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers (HEAD too)")
     async def healthz() -> dict[str, str]:
@@ -234,7 +207,7 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
         return Answer(payload, b"application/json", res)
 
     async def attend_fast(request: Request) -> Response:
-        """POST /attend through FastRoutes: errors answer as the ServiceError handler does."""
+        """POST /attend through fastroute.HotRoutes: errors answer as the ServiceError handler does."""
         try:
             return await attend(request)
         except ServiceError as e:
@@ -263,8 +236,46 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
     declared = {r.path: r for r in routes if isinstance(r, APIRoute) and "POST" in r.methods}
     hot_routes.extend(v2_router.hot_routes)
     hot_routes[:] = [(pattern, handler, declared[template]) for pattern, handler, template in hot_routes]
-    fastroute.install(app, hot_routes)  # the hot POSTs skip FastAPI's own layers, not ours
-    return app
+    return fastroute.HotRoutes(app, hot_routes, middleware)  # the hot POSTs skip FastAPI's own layers, not ours
+
+
+def _middleware(settings: Settings, state: AppState) -> list[Middleware]:
+    """Every request's middlewares, outermost first: the FastAPI app's, and the hot routes' (fastroute.HotRoutes)."""
+    observe = Middleware(
+        ObserveMiddleware,
+        metrics=state.metrics,
+        replica_id=settings.replica_id,
+        api_keys=ApiKeys(settings.api_key_list),
+        protect_metrics=settings.protect_metrics,
+        access_log_enabled=settings.access_log,
+        tracing=state.tracing,
+    )
+    cors = Middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origin_list,
+        allow_methods=["GET", "POST"],
+        allow_headers=["authorization", "content-type", "x-request-id", "inference-header-content-length"],
+        expose_headers=[
+            "x-request-id",
+            "x-served-by",
+            "x-queue-time-ms",
+            "x-compute-time-ms",
+            "x-batch-size",
+            "x-render-time-ms",
+        ],
+    )
+    admission = Middleware(
+        AdmissionMiddleware,
+        admission=state.admission,
+        max_body_bytes=settings.max_body_bytes,
+        body_read_timeout_s=settings.body_read_timeout_s,
+    )
+    return [
+        observe,  # outermost: request ids, metrics, access log and API keys for every answer, 500s and 429s too
+        *([cors] if settings.cors_origins else []),
+        Middleware(InternalErrors),  # inside the request-id middleware: a 500 carries the id too
+        admission,  # innermost: its 429/408 get CORS headers, request ids, metrics and access logs
+    ]
 
 
 def _warn_shared_admission(s: Settings) -> None:

@@ -31,7 +31,7 @@ from service.errors import ServiceError
 from service.sweep import Sweep
 
 INFERENCE_PATH = re.compile(r"/attend(/heatmap)?|/v2/models/[^/]+(/versions/[^/]+)?/infer")
-HOT_MATCH = "mha.fastroute"  # the scope key FastRoutes sets on the hot inference POSTs it dispatches
+HOT_MATCH = "mha.fastroute"  # the scope key HotRoutes sets on the hot inference POSTs it dispatches
 RETRY_AFTER_S = 1  # bodies in flight drain in well under a second
 
 

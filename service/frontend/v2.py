@@ -125,7 +125,7 @@ class _V2Route(APIRoute):
 def build_router(state: Any) -> APIRouter:
     """The v2 routes over ``state`` (service.frontend.state.AppState): its settings, runner, batcher, limits, stats.
 
-    ``router.hot_routes`` lists the inference routes for service.frontend.fastroute.FastRoutes: (path regex, handler,
+    ``router.hot_routes`` lists the inference routes for service.frontend.fastroute.HotRoutes: (path regex, handler,
     path template).
     Its last routes answer every other /v2 path (404/405 in the protocol's shape), so include
     this router after any other route under /v2, and before any catch-all mount at "/".
