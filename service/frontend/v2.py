@@ -24,7 +24,7 @@ Contract of ``infer``:
   the whole body is JSON. ``Content-Encoding: gzip|deflate`` bodies are inflated first.
 - Outputs: ``output`` [B, T, E] and ``weights`` [B, H', T, T], in the datatype of ``x``.
   Without ``outputs`` only ``output`` comes back: ``weights`` is computed only when asked for
-  by name (an exception to the protocol, explained in the README). An output is binary when
+  by name (an exception to the protocol, explained in docs/protocol.md). An output is binary when
   its ``parameters.binary_data`` is true, or, when it does not say, when the request's
   ``parameters.binary_data_output`` is true; then the response is
   ``application/octet-stream``: JSON header (length in ``Inference-Header-Content-Length``)
