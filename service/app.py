@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,10 +19,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware import Middleware
 
 from service import __version__, heap, tracing
 from service.engine.batcher import BatchLimits
-from service.engine_api import EngineClient, Statistics
 from service.errors import INFERENCE_ERRORS, InternalErrors, ServiceError
 from service.frontend import fastroute, grpc_server, heatmap, v2
 from service.frontend.admission import Admission, AdmissionMiddleware
@@ -33,74 +31,17 @@ from service.frontend.httputil import Answer, infer, internal_error, read_body, 
 from service.frontend.observability import ApiKeys, ObserveMiddleware
 from service.frontend.offload import Offload
 from service.frontend.schemas import AttendRequest, AttendResponse, ModelDescription, error_responses
+from service.frontend.state import AppState
 from service.metrics import Metrics, exposition
 from service.settings import Settings
-from service.tracing import Tracing, stage
+from service.tracing import stage
 
 log = logging.getLogger("mha_serve")
 
 
-@dataclass
-class AppState:
-    settings: Settings
-    metrics: Metrics
-    engine: EngineClient | None = None  # the model, whatever the mode: set by the lifespan
-    ready: bool = False
-    draining: bool = False
-    model_info: dict | None = None
-    limits: Limits | None = None
-    loop: asyncio.AbstractEventLoop | None = None
-    shutdown_deadline: float | None = None  # monotonic: the signal's time + shutdown_grace_s
-    drain: asyncio.Future | None = None
-    offload: Offload | None = None
-    grpc: grpc_server.GrpcServer | None = None
-    shares_port: bool = False  # one of several front-end processes that serve the same ports
-    tracing: Tracing | None = None  # None unless OTEL_TRACES_EXPORTER turns tracing on (service/tracing.py)
-    admission: Admission | None = None  # the inference requests in flight, HTTP's and gRPC's counted together
-    readiness_listeners: list[Callable[[], None]] = field(default_factory=list)  # called when ready or draining change
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        """Tell the listeners (the gRPC health service) of each change of ``ready`` or ``draining``, wherever it is
-        made. They may be called from a signal handler (begin_shutdown): they only schedule work on the loop."""
-        changed = name in ("ready", "draining") and getattr(self, name, value) != value
-        super().__setattr__(name, value)
-        if changed:
-            for listener in getattr(self, "readiness_listeners", ()):
-                listener()
-
-    @property
-    def stats(self) -> Statistics:
-        return self.engine.stats
-
-    def begin_shutdown(self) -> None:
-        """Refuse new work now, and drain accepted work by one deadline measured from this call.
-
-        Called from the SIGTERM handler (service.cli), so that uvicorn's wait for open
-        connections, the gRPC server's and the batcher's drain share one grace period instead of
-        running one after the other; safe in a signal handler (it only schedules the drain on the loop).
-        """
-        self.draining = True
-        self.ready = False
-        if self.shutdown_deadline is None:
-            self.shutdown_deadline = time.monotonic() + self.settings.shutdown_grace_s
-        if self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self._start_drain)
-
-    def _start_drain(self) -> None:
-        if self.drain is not None or self.engine is None:
-            return
-        grace = self.settings.shutdown_grace_s
-        # Fail what is left a little before the deadline, so that its 503s are written, and the
-        # process has exited, by the deadline (uvicorn's own, at the same time, would cancel the
-        # handlers, whose clients would then get no answer at all).
-        reserve = min(1.5, 0.25 * grace)
-        left = max(0.0, self.shutdown_deadline - time.monotonic() - reserve)
-        grpc_stop = self.grpc.stop(left) if self.grpc is not None else asyncio.sleep(0)
-        self.drain = asyncio.gather(grpc_stop, self.engine.stop(grace_s=left))
-
-
-def create_app(*, settings: Settings, engine_address: str | None = None) -> FastAPI:
-    """The app; with ``engine_address``, a front-end process whose batcher is the model process there."""
+def create_app(*, settings: Settings, engine_address: str | None = None) -> fastroute.HotRoutes:
+    """The ASGI app to serve: the FastAPI app, the hot routes beside it. With ``engine_address``, a front-end
+    process whose batcher is the model process there."""
     state = AppState(settings=settings, metrics=Metrics(), shares_port=engine_address is not None)
     state.tracing = tracing.from_env(service_version=__version__, replica_id=settings.replica_id)
 
@@ -157,48 +98,19 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
                 await asyncio.to_thread(state.tracing.shutdown)  # exports the spans still buffered
             log.info("stopped")
 
-    app = fastroute.App(
+    state.admission = Admission(settings.max_inflight_requests, settings.max_inflight_bytes)
+    middleware = _middleware(settings, state)
+    app = FastAPI(
         title="mha-serve",
         version=__version__,
         summary="Multi-head attention over HTTP, with dynamic batching.",
         lifespan=lifespan,
+        middleware=middleware,
     )
     app.state.mha = state
     _install_error_handlers(app, state)
     v2_router = v2.build_router(state)
-    hot_routes: list = []  # (path regex, handler, declared route): filled below; see fastroute.install
-    state.admission = Admission(settings.max_inflight_requests, settings.max_inflight_bytes)
-    app.add_middleware(  # innermost: its 429/408: its 429/408 get CORS headers, request ids, metrics and access logs
-        AdmissionMiddleware,
-        admission=state.admission,
-        max_body_bytes=settings.max_body_bytes,
-        body_read_timeout_s=settings.body_read_timeout_s,
-    )
-    app.add_middleware(InternalErrors)  # inside the request-id middleware: a 500 carries the id too
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origin_list,
-            allow_methods=["GET", "POST"],
-            allow_headers=["authorization", "content-type", "x-request-id", "inference-header-content-length"],
-            expose_headers=[
-                "x-request-id",
-                "x-served-by",
-                "x-queue-time-ms",
-                "x-compute-time-ms",
-                "x-batch-size",
-                "x-render-time-ms",
-            ],
-        )
-    app.add_middleware(
-        ObserveMiddleware,
-        metrics=state.metrics,
-        replica_id=settings.replica_id,
-        api_keys=ApiKeys(settings.api_key_list),
-        protect_metrics=settings.protect_metrics,
-        access_log_enabled=settings.access_log,
-        tracing=state.tracing,
-    )
+    hot_routes: list = []  # (path regex, handler, declared route): filled below, for fastroute.HotRoutes
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers (HEAD too)")
     async def healthz() -> dict[str, str]:
@@ -295,7 +207,7 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
         return Answer(payload, b"application/json", res)
 
     async def attend_fast(request: Request) -> Response:
-        """POST /attend through FastRoutes: errors answer as the ServiceError handler does."""
+        """POST /attend through fastroute.HotRoutes: errors answer as the ServiceError handler does."""
         try:
             return await attend(request)
         except ServiceError as e:
@@ -324,8 +236,46 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> Fast
     declared = {r.path: r for r in routes if isinstance(r, APIRoute) and "POST" in r.methods}
     hot_routes.extend(v2_router.hot_routes)
     hot_routes[:] = [(pattern, handler, declared[template]) for pattern, handler, template in hot_routes]
-    fastroute.install(app, hot_routes)  # the hot POSTs skip FastAPI's own layers, not ours
-    return app
+    return fastroute.HotRoutes(app, hot_routes, middleware)  # the hot POSTs skip FastAPI's own layers, not ours
+
+
+def _middleware(settings: Settings, state: AppState) -> list[Middleware]:
+    """Every request's middlewares, outermost first: the FastAPI app's, and the hot routes' (fastroute.HotRoutes)."""
+    observe = Middleware(
+        ObserveMiddleware,
+        metrics=state.metrics,
+        replica_id=settings.replica_id,
+        api_keys=ApiKeys(settings.api_key_list),
+        protect_metrics=settings.protect_metrics,
+        access_log_enabled=settings.access_log,
+        tracing=state.tracing,
+    )
+    cors = Middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origin_list,
+        allow_methods=["GET", "POST"],
+        allow_headers=["authorization", "content-type", "x-request-id", "inference-header-content-length"],
+        expose_headers=[
+            "x-request-id",
+            "x-served-by",
+            "x-queue-time-ms",
+            "x-compute-time-ms",
+            "x-batch-size",
+            "x-render-time-ms",
+        ],
+    )
+    admission = Middleware(
+        AdmissionMiddleware,
+        admission=state.admission,
+        max_body_bytes=settings.max_body_bytes,
+        body_read_timeout_s=settings.body_read_timeout_s,
+    )
+    return [
+        observe,  # outermost: request ids, metrics, access log and API keys for every answer, 500s and 429s too
+        *([cors] if settings.cors_origins else []),
+        Middleware(InternalErrors),  # inside the request-id middleware: a 500 carries the id too
+        admission,  # innermost: its 429/408 get CORS headers, request ids, metrics and access logs
+    ]
 
 
 def _warn_shared_admission(s: Settings) -> None:

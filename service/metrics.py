@@ -4,7 +4,7 @@ What an autoscaler reads: ``mha_requests_in_flight`` (per replica; the KEDA trig
 docker/k8s/autoscaling/) and ``mha_queue_depth_requests``/``_tokens``. What an operator reads besides:
 batch size and padding ratio per forward pass, the drain rate (how many real tokens a second of
 compute serves: queue tokens / drain rate is the wait a newcomer faces, and what Retry-After says),
-time in queue per request and in compute per batch. The README's Metrics table lists them all.
+time in queue per request and in compute per batch. docs/operating.md's Metrics table lists them all.
 
 With several processes (``MHA_WORKERS`` >= 2) every process writes its values to
 PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode; the parent creates the directory

@@ -32,7 +32,7 @@ Contract:
 - A request whose caller went away or was cancelled is dropped before compute, and its queue slot
   (requests and tokens) is released at once. One past its deadline is too, within SWEEP_S (10 ms):
   one sweep every SWEEP_S while requests wait checks every deadline, not a timer per request
-  (:class:`service.engine.sweep.Sweep`).
+  (:class:`service.sweep.Sweep`).
 - A request that could never fit one batch (more than ``max_batch_tokens`` tokens, or weights
   over ``max_batch_weights_elements``) is refused at submit with :class:`RequestTooLarge`.
 - If a batch's forward raises, its requests are retried one by one, so only the failing
@@ -63,7 +63,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from service.engine import policy
-from service.engine.sweep import Sweep
 from service.messages import (
     WATCH_AFTER_S,
     AttendInput,
@@ -77,6 +76,7 @@ from service.messages import (
     Result,
     ShuttingDown,
 )
+from service.sweep import Sweep
 
 if TYPE_CHECKING:
     from service.settings import Settings

@@ -28,9 +28,10 @@ from typing import Any
 import orjson
 
 from service.errors import ServiceError
+from service.sweep import Sweep
 
 INFERENCE_PATH = re.compile(r"/attend(/heatmap)?|/v2/models/[^/]+(/versions/[^/]+)?/infer")
-HOT_MATCH = "mha.fastroute"  # the scope key FastRoutes sets on the hot inference POSTs it dispatches
+HOT_MATCH = "mha.fastroute"  # the scope key HotRoutes sets on the hot inference POSTs it dispatches
 RETRY_AFTER_S = 1  # bodies in flight drain in well under a second
 
 
@@ -138,23 +139,23 @@ class AdmissionMiddleware:
 
 
 class _Reads:
-    """The body reads in progress and their deadlines, swept every SWEEP_S: an overdue read's task is
-    cancelled, and ``expired`` tells that cancel from any other. A dict entry per read, where a timer
-    per read (``asyncio.timeout_at``) cost a tenth of a small request's CPU; the bound holds to within
-    SWEEP_S."""
+    """The body reads in progress and their deadlines, swept every SWEEP_S (``service.sweep.Sweep``, the
+    batcher's sweeper too): an overdue read's task is cancelled, and ``expired`` tells that cancel from any
+    other. A dict entry per read, where a timer per read (``asyncio.timeout_at``) cost a tenth of a small
+    request's CPU; the bound holds to within SWEEP_S."""
 
     SWEEP_S = 0.25
 
     def __init__(self) -> None:
         self.deadlines: dict[asyncio.Task, float] = {}
         self.overdue: set[asyncio.Task] = set()
-        self.sweeping: asyncio.TimerHandle | None = None
+        self.sweep = Sweep(self.SWEEP_S, self._expire)
 
     def start(self, deadline: float) -> asyncio.Task:
         task = asyncio.current_task()
         self.deadlines[task] = deadline
-        if self.sweeping is None:
-            self.sweeping = asyncio.get_running_loop().call_later(self.SWEEP_S, self._sweep)
+        if not self.sweep.armed:
+            self.sweep.arm()
         return task
 
     def end(self, task: asyncio.Task) -> None:
@@ -169,16 +170,14 @@ class _Reads:
             return True
         return False
 
-    def _sweep(self) -> None:
-        self.sweeping = None
-        now = time.monotonic()
+    def _expire(self, now: float) -> bool:
+        """Cancel the reads past their deadline; whether any read is still in progress (the sweeps go on)."""
         for task, deadline in list(self.deadlines.items()):
             if deadline <= now:
                 del self.deadlines[task]
                 self.overdue.add(task)
                 task.cancel()
-        if self.deadlines:
-            self.sweeping = asyncio.get_running_loop().call_later(self.SWEEP_S, self._sweep)
+        return bool(self.deadlines)
 
 
 def content_length(scope) -> int | None:

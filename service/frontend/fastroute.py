@@ -1,18 +1,19 @@
-"""The hot inference routes, dispatched as plain ASGI: the framework's per-request cost left out.
+"""The served ASGI app: the hot inference POSTs dispatched beside FastAPI, everything else to FastAPI.
 
 Front-bound (a small model, or a GPU), a request's CPU was mostly FastAPI's and Starlette's:
 error, telemetry, body-limit, exception and exit-stack middlewares, the router's match over every
 route (v2's included router matches each of its routes), dependency solving and the endpoint
-wrapper, about four times a bare FastAPI route. ``install(app, routes)`` makes the app's middleware
-stack a dispatcher: a POST whose path matches a hot route goes through the app's own middlewares
-(request ids, metrics, access log, CORS, 500s, admission: the same classes and arguments, so the
-same state) straight to that route's handler; everything else (other methods, other paths) goes to
-the stack FastAPI builds, unchanged, so HEAD/GET answer 405 and /docs, OpenAPI and the other routes
-do not change. The hot routes stay declared on the FastAPI app: the OpenAPI schema documents them,
-and ``scope["route"]`` is their declared route, as the router would set it.
+wrapper, about four times a bare FastAPI route. ``HotRoutes(api, routes, middleware)`` is a small
+ASGI app composed beside the FastAPI app ``api``: a POST whose path matches a hot route goes through
+``middleware`` (request ids, metrics, access log, CORS, 500s, admission: the list the FastAPI app is
+built with, so the same classes, arguments and shared state) straight to that route's handler;
+everything else (other methods, other paths, the lifespan) goes to ``api``, which is plain FastAPI,
+so HEAD/GET answer 405 and /docs, OpenAPI and the other routes do not change. The hot routes stay
+declared on ``api``: the OpenAPI schema documents them, and ``scope["route"]`` is their declared
+route, as the router would set it.
 
-FastAPI's outermost ServerErrorMiddleware is not on this path: an exception that escapes the app's own
-middlewares (InternalErrors catches those raised inside it) is answered by ``errors.answer_escaped``,
+FastAPI's outermost ServerErrorMiddleware is not on the hot path: an exception that escapes
+``middleware`` (InternalErrors catches those raised inside it) is answered by ``errors.answer_escaped``,
 the same JSON 500 with the request id, logged once, instead of uvicorn's plain-text 500.
 
 A handler takes the Starlette ``Request`` and the path's parameters, and returns a ``Response``;
@@ -22,10 +23,11 @@ it maps its own errors to responses (the route's error shape), as its FastAPI de
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -39,40 +41,29 @@ Handler = Callable[..., Awaitable[Response]]
 _MATCH = HOT_MATCH  # scope key: the matched (handler, parameters), from the dispatcher to the endpoint
 
 
-def install(app: Any, routes: list[tuple[str, Handler, Any]]) -> None:
-    """Dispatch ``routes`` (path regex with named groups, handler, declared route) through ``app``'s own
-    middlewares only. ``routes`` is read when the stack is built (the first request or the lifespan)."""
-    build_standard = app.build_middleware_stack
+class HotRoutes:
+    """The app uvicorn serves: ``routes`` (path regex with named groups, handler, declared route) through
+    ``middleware``, the rest to ``api``.
 
-    def build() -> Any:
-        hot: Any = _Endpoint()
-        for cls, args, kwargs in reversed(app.user_middleware):
-            hot = cls(hot, *args, **kwargs)
-        return FastRoutes(build_standard(), hot, routes)
+    Whoever holds the served app reads it as the FastAPI app it composes (``state``, ``router``, ``routes``,
+    ``user_middleware``...): attributes not its own are ``api``'s."""
 
-    app.build_middleware_stack = build
-
-
-class App(FastAPI):
-    """FastAPI, whose hot POSTs skip ``FastAPI.__call__`` and ``Starlette.__call__`` too (FastAPI's native
-    telemetry check, the root path, the lazy stack): ``scope["app"]`` is set, as Starlette sets it, and the
-    request goes straight to the dispatcher's hot stack. Everything else is FastAPI's, unchanged."""
-
-    async def __call__(self, scope, receive, send) -> None:
-        stack = self.middleware_stack
-        if type(stack) is FastRoutes and not self.root_path and stack.match(scope):
-            scope["app"] = self
-            return await stack.call_hot(scope, receive, send)
-        await super().__call__(scope, receive, send)
-
-
-class FastRoutes:
-    """The dispatcher: hot POSTs to ``hot`` (the user middlewares over the handler), the rest to ``standard``."""
-
-    def __init__(self, standard: Any, hot: Any, routes: list[tuple[str, Handler, Any]]) -> None:
-        self.standard = standard
-        self.hot = hot
+    def __init__(self, api: FastAPI, routes: Sequence[tuple[str, Handler, Any]], middleware: Sequence[Middleware]):
+        self.api = api
         self.routes = [(re.compile(pattern), handler, route) for pattern, handler, route in routes]
+        hot: Any = _Endpoint()
+        for cls, args, kwargs in reversed(middleware):
+            hot = cls(hot, *args, **kwargs)
+        self.hot = hot
+
+    @property
+    def state(self) -> Any:
+        return self.api.state
+
+    def __getattr__(self, name: str) -> Any:  # only for names not found on the instance or the class
+        if name == "api":  # not set yet (a half-built instance): no recursion
+            raise AttributeError(name)
+        return getattr(self.api, name)
 
     def match(self, scope) -> bool:
         """True, with the route's handler and parameters in ``scope``, when a hot route takes this request (an
@@ -90,17 +81,14 @@ class FastRoutes:
                 return True
         return False
 
-    async def call_hot(self, scope, receive, send) -> None:
-        """A matched POST through the hot stack."""
+    async def __call__(self, scope, receive, send) -> None:
+        if not self.match(scope):
+            return await self.api(scope, receive, send)
+        scope["app"] = self.api  # as Starlette sets it for its routes
         try:
             return await self.hot(scope, receive, send)
         except Exception as exc:  # from a middleware outside InternalErrors: still the JSON 500
             return await answer_escaped(scope, send, exc)
-
-    async def __call__(self, scope, receive, send) -> None:
-        if self.match(scope):
-            return await self.call_hot(scope, receive, send)
-        await self.standard(scope, receive, send)
 
 
 class _Endpoint:

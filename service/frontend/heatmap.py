@@ -29,7 +29,7 @@ from service.frontend.schemas import error_responses
 from service.tracing import stage
 
 if TYPE_CHECKING:
-    from service.app import AppState
+    from service.frontend.state import AppState
 
 log = logging.getLogger("mha_serve.heatmap")
 

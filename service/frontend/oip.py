@@ -266,7 +266,7 @@ def bool_mask(mask: np.ndarray) -> np.ndarray:
 
 
 def parse_outputs(value: Any, binary_default: bool) -> list[tuple[str, bool]]:
-    """The outputs asked for, as (name, binary). None or []: ``output`` alone (see the README)."""
+    """The outputs asked for, as (name, binary). None or []: ``output`` alone (docs/protocol.md says why)."""
     if value is None or value == []:
         return [("output", binary_default)]
     if not isinstance(value, list):

@@ -24,7 +24,7 @@ Contract of ``infer``:
   the whole body is JSON. ``Content-Encoding: gzip|deflate`` bodies are inflated first.
 - Outputs: ``output`` [B, T, E] and ``weights`` [B, H', T, T], in the datatype of ``x``.
   Without ``outputs`` only ``output`` comes back: ``weights`` is computed only when asked for
-  by name (an exception to the protocol, explained in the README). An output is binary when
+  by name (an exception to the protocol, explained in docs/protocol.md). An output is binary when
   its ``parameters.binary_data`` is true, or, when it does not say, when the request's
   ``parameters.binary_data_output`` is true; then the response is
   ``application/octet-stream``: JSON header (length in ``Inference-Header-Content-Length``)
@@ -123,9 +123,9 @@ class _V2Route(APIRoute):
 
 
 def build_router(state: Any) -> APIRouter:
-    """The v2 routes over ``state`` (service.app.AppState): its settings, runner, batcher, limits, stats.
+    """The v2 routes over ``state`` (service.frontend.state.AppState): its settings, runner, batcher, limits, stats.
 
-    ``router.hot_routes`` lists the inference routes for service.frontend.fastroute.FastRoutes: (path regex, handler,
+    ``router.hot_routes`` lists the inference routes for service.frontend.fastroute.HotRoutes: (path regex, handler,
     path template).
     Its last routes answer every other /v2 path (404/405 in the protocol's shape), so include
     this router after any other route under /v2, and before any catch-all mount at "/".

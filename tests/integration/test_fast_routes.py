@@ -1,4 +1,4 @@
-"""The hot routes as plain ASGI (service/frontend/fastroute.py): the same contract as their FastAPI declarations."""
+"""The hot routes as plain ASGI beside FastAPI (service/frontend/fastroute.py): the contract of their declarations."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.frontend.fastroute import install
+from service.frontend.fastroute import HotRoutes
 from service.frontend.v2 import HEADER_LENGTH
 
 INFER = "/v2/models/mha/infer"
@@ -34,9 +34,10 @@ def v2_binary(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
 
 
 async def test_dispatch_takes_only_hot_posts() -> None:
-    """Hot POSTs go through the app's own middlewares to their handlers, with the path's parameters and the
+    """Hot POSTs go through the declared middlewares to their handlers, with the path's parameters and the
     declared route in the scope; other methods and paths go through FastAPI's stack to its router."""
     from fastapi import FastAPI
+    from starlette.middleware import Middleware
     from starlette.responses import Response
 
     seen: list = []
@@ -53,10 +54,10 @@ async def test_dispatch_takes_only_hot_posts() -> None:
 
             await self.app(scope, receive, tagged)
 
-    app = FastAPI()
-    app.add_middleware(Tag, tag=b"t1")
+    middleware = [Middleware(Tag, tag=b"t1")]
+    api = FastAPI(middleware=middleware)
 
-    @app.api_route("/{rest:path}", methods=["GET", "POST"])
+    @api.api_route("/{rest:path}", methods=["GET", "POST"])
     async def routed(rest: str) -> Response:
         seen.append(("router", rest))
         return Response(b"router")
@@ -66,7 +67,7 @@ async def test_dispatch_takes_only_hot_posts() -> None:
         return Response(b"hot")
 
     pattern = r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer"
-    install(app, [(r"/attend", handler, "attend-route"), (pattern, handler, "v2-route")])
+    app = HotRoutes(api, [(r"/attend", handler, "attend-route"), (pattern, handler, "v2-route")], middleware)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         for path in ("/attend", "/v2/models/m/versions/7/infer", "/v2/models/m/infer"):
             r = await c.post(path, content=b"{}")
@@ -81,6 +82,21 @@ async def test_dispatch_takes_only_hot_posts() -> None:
         ("router", "attend"),
         ("router", "attend/heatmap"),
         ("router", "v2/models/a/b/infer"),
+    ]
+
+
+async def test_the_served_app_composes_fastapi_and_patches_none_of_it(app) -> None:
+    """The hot routes are an ASGI app of their own beside a plain FastAPI app: FastAPI's ``__call__`` and
+    ``build_middleware_stack`` are its class's own, and the FastAPI app stays reachable with its state."""
+    from fastapi import FastAPI
+
+    assert isinstance(app, HotRoutes) and type(app.api) is FastAPI
+    assert "__call__" not in vars(app.api) and "build_middleware_stack" not in vars(app.api)
+    assert app.state is app.api.state and app.state.mha.ready
+    assert [m.cls.__name__ for m in app.api.user_middleware] == [
+        "ObserveMiddleware",
+        "InternalErrors",
+        "AdmissionMiddleware",
     ]
 
 
@@ -219,7 +235,7 @@ def _broken_schedule() -> None:
 
 
 async def test_an_exception_in_an_outer_middleware_is_still_our_json_500(app, client, monkeypatch, caplog) -> None:
-    """FastRoutes skips Starlette's ServerErrorMiddleware: an exception raised by the request-id middleware
+    """HotRoutes skips Starlette's ServerErrorMiddleware: an exception raised by the request-id middleware
     itself (outside InternalErrors) is our opaque JSON 500, with the request id, logged once."""
     import logging
 

@@ -1,4 +1,4 @@
-"""The batcher's deadline sweep (service/engine/sweep.py): one timer while items wait, whatever their number."""
+"""The deadline sweep (service/sweep.py): one timer while items wait, whatever their number."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from service.engine.sweep import Sweep
+from service.sweep import Sweep
 
 
 class Checks:

@@ -2,10 +2,10 @@
 
 A timer per item is made and cancelled for every item, though most are answered long before their deadline;
 a sweep every ``every_s`` is one callback for all of them, and notices a deadline within ``every_s`` (plus the
-event loop's latency). The owner
-keeps its items where it already does (its queues, its dict of waits) and decides what is due: ``check(now)``
-answers the items past their deadline, starts watching the callers of those waiting past their watch time, and
-says whether anything still waits.
+event loop's latency). The owner keeps its items where it already does (its queues, its dict of waits) and
+decides what is due: ``check(now)`` answers the items past their deadline and says whether anything still
+waits. Shared by both sides (it imports neither): the batcher sweeps its queued requests' deadlines, the
+front end's admission its body reads'.
 """
 
 from __future__ import annotations
