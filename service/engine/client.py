@@ -25,7 +25,6 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from mha_core import MHAConfig
-from service.engine.sweep import Sweep
 from service.engine_api import EngineModel
 from service.logs import request_id_var
 from service.messages import (
@@ -50,6 +49,7 @@ from service.messages import (
     read_waiting,
 )
 from service.stats import SharedModelStats
+from service.sweep import Sweep
 
 log = logging.getLogger("mha_serve.engine")
 

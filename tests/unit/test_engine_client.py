@@ -13,7 +13,6 @@ import zmq.asyncio
 
 from service.engine import client as client_mod
 from service.engine.client import EngineUnavailable, MPClient
-from service.engine.sweep import Sweep
 from service.messages import (
     WATCH_AFTER_S,
     AttendInput,
@@ -34,6 +33,7 @@ from service.messages import (
     encode,
     encode_outcomes,
 )
+from service.sweep import Sweep
 
 MODEL_CONFIG = {"num_heads": 2, "emb_size": 8, "head_size": 4, "max_seq_len": 4}
 MODEL_INFO = {"name": "mha", **MODEL_CONFIG, "dtype": "float32", "device": "cpu", "checksum": "0"}
@@ -327,7 +327,7 @@ async def test_requests_answered_503_during_a_silence_are_cancelled_before_any_n
 
 
 async def test_the_deadline_sweep_runs_while_requests_wait_and_stops_with_the_client(pair):
-    """The front end's waits are swept by the shared Sweep (service/engine/sweep.py): armed by a request, idle once
+    """The front end's waits are swept by the shared Sweep (service/sweep.py): armed by a request, idle once
     nothing waits, cancelled by stop."""
     engine, client = pair
     assert isinstance(client._sweep, Sweep) and not client._sweep.armed
