@@ -98,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     from service.app import create_app
 
     configure_logging(settings.log_level, settings.log_format)
-    import setproctitle
+    from service.proc import set_title
 
-    setproctitle.setproctitle("mha-serve")  # the one-process server (its decode processes: mha-serve: decode)
+    set_title("mha-serve")  # the one-process server (its decode processes: mha-serve: decode)
     app = create_app(settings=settings)
     config = uvicorn.Config(
         app,

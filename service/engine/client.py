@@ -48,6 +48,7 @@ from service.messages import (
     failure_of,
     read_waiting,
 )
+from service.proc import parent_watched_by_kernel
 from service.stats import SharedModelStats
 from service.sweep import Sweep
 
@@ -399,7 +400,7 @@ class MPClient:
                     self._send(_PING)
                 if self._lost is None and time.monotonic() - self._last_beat > LOST_AFTER_S:
                     self._gone(f"no heartbeat for {LOST_AFTER_S:g} s", silent=True)
-            if os.getppid() != self._parent:  # the supervisor died (kill -9): leave, do not serve orphaned
+            if not parent_watched_by_kernel() and os.getppid() != self._parent:  # (where PDEATHSIG is not to be had)
                 log.error("the parent process is gone: shutting down")
                 signal.raise_signal(signal.SIGTERM)
                 return

@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -159,14 +157,3 @@ class Watchdog:
             with contextlib.suppress(Exception):
                 stream.flush()
         self._exit(HUNG_EXIT)
-
-
-def die_with_parent() -> bool:
-    """Linux: this process gets SIGKILL when its parent dies (even by kill -9). False where that cannot be set
-    (the caller then watches its parent itself)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) == 0  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return False

@@ -313,7 +313,7 @@ def _configure(sock: zmq.Socket) -> None:
 
 
 async def _amain(settings: Settings, address: str, ready: Any, stop: Any, beat: Any = None) -> int:
-    from service.engine import liveness
+    from service import proc
 
     engine = Engine(settings, address)
     await engine.load(beat)
@@ -321,7 +321,7 @@ async def _amain(settings: Settings, address: str, ready: Any, stop: Any, beat: 
     parent = multiprocessing.parent_process()
     # The kernel kills this process with its parent; where it cannot be told to, it looks (as it does once for a
     # parent that died before it was told).
-    watch_parent = not liveness.die_with_parent()
+    watch_parent = not proc.die_with_parent()
 
     async def until_told() -> None:
         first = True
@@ -361,9 +361,9 @@ def main(address: str, ready: Any, stop: Any, beat: Any = None) -> None:
     It stops when the parent sets ``stop`` (after the front ends drained) or dies, not on signals:
     a Ctrl-C or a SIGTERM sent to the whole process group must not cut off the front ends' drain.
     """
-    import setproctitle
+    from service.proc import set_title
 
-    setproctitle.setproctitle("mha-serve: model")  # ps tells the processes apart
+    set_title("mha-serve: model")  # ps tells the processes apart
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     settings = Settings()

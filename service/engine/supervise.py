@@ -40,11 +40,10 @@ log = logging.getLogger("mha_serve")
 
 
 def serve(settings: Settings, workers: int) -> int:
-    import setproctitle
-
+    from service.proc import set_title
     from service.settings import RUN_DIR_ENV
 
-    setproctitle.setproctitle("mha-serve: supervisor")  # ps tells the processes apart
+    set_title("mha-serve: supervisor")  # ps tells the processes apart
     tmp = tempfile.mkdtemp(prefix="mha-serve-")
     metrics_dir = os.path.join(tmp, "metrics")
     os.mkdir(metrics_dir)

@@ -6,7 +6,6 @@ the codecs only, so that a worker starts quickly and stays small.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +14,7 @@ import orjson
 
 from service.errors import ServiceError
 from service.frontend import codecs
+from service.proc import die_with_parent, set_title
 
 # /attend's list tensors and their allowed ranks; everything else is checked by the event loop's side.
 LIST_TENSORS = (("x", (3,), False), ("attn_mask", (2, 3), True))
@@ -37,26 +37,11 @@ class Failed:
 
 def started(pids: Any) -> None:
     """The pool's initializer: tell the parent this worker's pid (service.frontend.offload.Offload.worker_pids),
-    then die with the parent."""
+    take the decode title, and die with the parent (a pool worker otherwise outlives a killed front end,
+    holding its memory)."""
     pids.put(os.getpid())
+    set_title("mha-serve: decode")
     die_with_parent()
-
-
-def die_with_parent() -> None:
-    """Linux: this process gets SIGKILL when the process that started it dies (even by kill -9).
-
-    A pool worker otherwise outlives a killed front end (MHA_WORKERS >= 2), holding its memory.
-    """
-    import ctypes
-    import signal
-    import sys
-
-    import setproctitle
-
-    setproctitle.setproctitle("mha-serve: decode")  # (the pool's initializer: the one call at the worker's start)
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def parse_lists(body: bytes) -> tuple[str, Any]:

@@ -16,6 +16,7 @@ import signal
 from fastapi import FastAPI
 
 from service.messages import ADDRESS_ENV
+from service.proc import die_with_parent, set_title
 from service.settings import RUN_DIR_ENV
 
 
@@ -27,6 +28,7 @@ def create_front_app() -> FastAPI:
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
     _set_title()
+    die_with_parent(signal.SIGTERM)  # the supervisor gone (kill -9): drain and leave, as on its own SIGTERM
     app = create_app(settings=settings, engine_address=os.environ[ADDRESS_ENV])
     _drain_on_signal(app)
     return app
@@ -36,11 +38,9 @@ def _set_title() -> None:
     """``mha-serve: front N``, N the lowest number no live front end holds (a replacement takes its
     predecessor's): held by a lock in the supervisor's directory, which the kernel lets go when this process
     dies, however it dies."""
-    import setproctitle
-
     folder = os.environ.get(RUN_DIR_ENV)
     number = _claim_number(folder) if folder else os.getpid()
-    setproctitle.setproctitle(f"mha-serve: front {number}")
+    set_title(f"mha-serve: front {number}")
 
 
 _held: list = []  # the open lock file: held for the process's life

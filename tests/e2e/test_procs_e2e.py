@@ -498,10 +498,15 @@ def test_each_process_is_titled(procs):
     def title(pid: int) -> str:
         return cmdline(pid)[0].decode()
 
-    # the decode processes (multiprocessing's resource tracker, a child too, is not ours to title)
-    decode = [k for f in fronts for k in children(f) if not any(b"resource_tracker" in a for a in cmdline(k))]
+    def decode() -> list[int]:  # (multiprocessing's resource tracker, a child too, is not ours to title)
+        return [k for f in fronts for k in children(f) if not any(b"resource_tracker" in a for a in cmdline(k))]
+
+    # a decode process takes its title in the pool's initializer, a moment after it is spawned
+    until = time.monotonic() + 10
+    while time.monotonic() < until and not (decode() and all(title(k) == "mha-serve: decode" for k in decode())):
+        time.sleep(0.05)
 
     assert title(procs.proc.pid) == "mha-serve: supervisor"
     assert title(engine) == "mha-serve: model"
     assert sorted(title(f) for f in fronts) == ["mha-serve: front 1", "mha-serve: front 2"]
-    assert decode and all(title(k) == "mha-serve: decode" for k in decode), [title(k) for k in decode]
+    assert decode() and all(title(k) == "mha-serve: decode" for k in decode()), [title(k) for k in decode()]
