@@ -53,6 +53,7 @@ S = grpc.StatusCode
 # message-size limit answers; only "overloaded" carries retry-after.
 GRPC_STATUS: dict[str, grpc.StatusCode] = {
     "malformed_json": S.INVALID_ARGUMENT,
+    "sequence_start_required": S.INVALID_ARGUMENT,  # Triton's INVALID_ARG, as its sequence batcher answers
     "unauthorized": S.UNAUTHENTICATED,
     "not_found": S.NOT_FOUND,
     "method_not_allowed": S.UNIMPLEMENTED,
