@@ -17,6 +17,7 @@ import pytest
 import torch
 from asgi_lifespan import LifespanManager
 
+from mha_client import AsyncClient, MhaSequenceLost
 from service.app import create_app
 from service.engine_api import SequenceFlags
 from service.errors import ServiceError
@@ -309,3 +310,23 @@ async def test_an_engine_without_steps_answers_internal_with_its_reason():
             sequence=SequenceFlags(1, start=True),
         )
     assert e.value.type == "internal_error" and "not yet served over the model process" in e.value.message
+
+
+async def test_the_async_client_generates_against_the_reference_and_replays_a_lost_prefix(seed_model, rng_seed):
+    seed, ckpt = seed_model
+    x = np.random.default_rng(rng_seed).standard_normal((1, 10, E)).astype(np.float32)
+    async with served(ckpt) as (app, _, _):
+        engine = app.state.mha.engine
+        transport = httpx.ASGITransport(app=app)
+        async with AsyncClient("http://test", transport=transport) as mha:
+            async with mha.sequence() as s:
+                check(seed, x, 0, (await s.step(x[:, :4])).output)  # the prompt
+                for t in range(4, 7):
+                    check(seed, x, t, (await s.step(x[:, t : t + 1])).output)
+                assert engine.sequences.length(s.id) == 7
+                engine.sequences.clear()  # as a restarted replica would have lost it
+                with pytest.raises(MhaSequenceLost):
+                    await s.step(x[:, 7:8])
+                check(seed, x, 0, (await s.step(x[:, :8])).output)  # the prefix replayed, started again
+                check(seed, x, 8, (await s.step(x[:, 8:10])).output)
+            assert engine.sequences.active == 0  # leaving the block ended it
