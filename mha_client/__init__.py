@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from mha_client.client import (
     AsyncClient,
+    AsyncSequence,
     AttendResult,
     Client,
     MhaClientError,
@@ -11,13 +12,16 @@ from mha_client.client import (
     MhaError,
     MhaHTTPError,
     MhaOverloaded,
+    MhaSequenceLost,
     MhaServerError,
     RetryPolicy,
+    Sequence,
 )
 from mha_client.plot import plot_weights, render_heatmaps
 
 __all__ = [
     "AsyncClient",
+    "AsyncSequence",
     "AttendResult",
     "Client",
     "MhaClientError",
@@ -25,8 +29,10 @@ __all__ = [
     "MhaError",
     "MhaHTTPError",
     "MhaOverloaded",
+    "MhaSequenceLost",
     "MhaServerError",
     "RetryPolicy",
+    "Sequence",
     "__version__",
     "plot_weights",
     "render_heatmaps",

@@ -6,14 +6,21 @@ twice gives the same answer and changes nothing on the server. So 429 (queue ful
 waiting at least the server's ``Retry-After`` (capped at ``max_wait_s``), else an exponential
 backoff, plus a little jitter so that many clients do not come back at the same instant.
 Timeouts are not retried: the server may still be working, and the caller's budget is spent.
+
+A sequence's step (``Client.sequence``) is not a pure function: the server appends its keys and values to
+the sequence's cache. So a step is retried only when it surely changed nothing: a 429 (refused before it
+ran; a full KV cache answers it too) or a connection that never opened. Never a 503, a timeout or a
+connection lost mid-request: the step may have run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import random
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,6 +33,8 @@ from mha_client import __version__
 from mha_client._wire import ENCODINGS, FLOAT_DTYPES, decode_tensor, encode_tensor, to_numpy
 
 RETRY_STATUSES = frozenset({429, 503})
+STEP_RETRY_STATUSES = frozenset({429})  # a step refused before it ran; see the module's docstring
+SEQUENCE_HEADER = "x-mha-sequence-id"  # what load balancers hash on, so that a sequence's steps reach one replica
 
 
 class MhaError(Exception):
@@ -62,6 +71,16 @@ class MhaOverloaded(MhaHTTPError):
         super().__init__(status, type, message, retry_after=retry_after)
         self.attempts = attempts
         self.args = (f"{status} {type} after {attempts} attempt(s): {message}",)
+
+
+class MhaSequenceLost(MhaClientError):
+    """The server does not hold this sequence (400 ``sequence_start_required``): it was never started, was
+    reaped idle, evicted from a full cache, or lost with its replica. Replay its prefix: the sequence's next
+    ``step`` carries the start flag again, so ``s.step(all_rows_so_far)`` rebuilds it in one request."""
+
+    def __init__(self, status: int, type: str, message: str, *, sequence_id: int | str) -> None:
+        super().__init__(status, type, message)
+        self.sequence_id = sequence_id
 
 
 @dataclass(frozen=True)
@@ -123,8 +142,9 @@ def build_attend_body(
     encoding: str = "base64",
     dtype: str = "float32",
     timeout_ms: float | None = None,
+    sequence: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON body of POST /attend. ``heads`` implies ``return_weights``."""
+    """The JSON body of POST /attend. ``heads`` implies ``return_weights``; ``sequence``: {id, start, end}."""
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {list(ENCODINGS)}, got {encoding!r}")
     if dtype not in FLOAT_DTYPES:
@@ -153,6 +173,8 @@ def build_attend_body(
         body["return_weights"] = True
     if timeout_ms is not None:
         body["timeout_ms"] = float(timeout_ms)
+    if sequence is not None:
+        body["sequence"] = sequence
     body["response_encoding"] = encoding
     return body
 
@@ -293,6 +315,11 @@ class Client(_Base):
         body = build_attend_body(x, lengths=lengths, causal=causal, attn_mask=attn_mask, heads=heads)
         return self._request("POST", "/attend/heatmap", self._json(body)).content
 
+    def sequence(self, id: int | str | None = None) -> Sequence:
+        """A sequence of steps over the server's KV cache (:class:`Sequence`); ``id``: generated (a random
+        uint64) unless given. ``with mha.sequence() as s: y = s.step(x_t).output``."""
+        return Sequence(self, id)
+
     def model(self) -> dict[str, Any]:
         """GET /v1/model: the served model's shape, checksum, batching and limits."""
         return self._request("GET", "/v1/model").json()
@@ -312,8 +339,15 @@ class Client(_Base):
                 raise MhaConnectionError(f"{self.base_url} was not ready within {timeout_s:g} s")
             self._sleep(poll_s)
 
-    def _request(self, method: str, path: str, content: bytes | None = None) -> httpx.Response:
+    def _request(
+        self, method: str, path: str, content: bytes | None = None, *, step_of: int | str | None = None
+    ) -> httpx.Response:
+        """``step_of``: the request is a step of that sequence: its header, and the retries of a step."""
         headers = {"content-type": "application/json"} if content is not None else None
+        statuses = RETRY_STATUSES
+        if step_of is not None:
+            headers = {**(headers or {}), SEQUENCE_HEADER: str(step_of)}
+            statuses = STEP_RETRY_STATUSES
         for attempt in range(self.retry.max_retries + 1):
             last = attempt == self.retry.max_retries
             try:
@@ -321,15 +355,18 @@ class Client(_Base):
             except httpx.TimeoutException as e:
                 raise self._unreachable(e, attempt + 1) from e
             except httpx.TransportError as e:
-                if last:
+                if last or (step_of is not None and not isinstance(e, httpx.ConnectError)):
                     raise self._unreachable(e, attempt + 1) from e
                 self._sleep(self.retry.wait_s(attempt, None))
                 continue
-            if resp.status_code in RETRY_STATUSES and not last:
+            if resp.status_code in statuses and not last:
                 self._sleep(self.retry.wait_s(attempt, parse_retry_after(resp.headers.get("retry-after"))))
                 continue
             if resp.status_code >= 400:
-                raise error_for(resp, attempt + 1)
+                err = error_for(resp, attempt + 1)
+                if step_of is not None and err.type == "sequence_start_required":
+                    raise MhaSequenceLost(err.status, err.type, err.message, sequence_id=step_of)
+                raise err
             return resp
         raise AssertionError("unreachable")
 
@@ -398,6 +435,10 @@ class AsyncClient(_Base):
         body = build_attend_body(x, lengths=lengths, causal=causal, attn_mask=attn_mask, heads=heads)
         return (await self._request("POST", "/attend/heatmap", self._json(body))).content
 
+    def sequence(self, id: int | str | None = None) -> AsyncSequence:
+        """A sequence of steps (:class:`AsyncSequence`): ``async with mha.sequence() as s: await s.step(x_t)``."""
+        return AsyncSequence(self, id)
+
     async def model(self) -> dict[str, Any]:
         return (await self._request("GET", "/v1/model")).json()
 
@@ -415,8 +456,15 @@ class AsyncClient(_Base):
                 raise MhaConnectionError(f"{self.base_url} was not ready within {timeout_s:g} s")
             await self._sleep(poll_s)
 
-    async def _request(self, method: str, path: str, content: bytes | None = None) -> httpx.Response:
+    async def _request(
+        self, method: str, path: str, content: bytes | None = None, *, step_of: int | str | None = None
+    ) -> httpx.Response:
+        """``step_of``: the request is a step of that sequence: its header, and the retries of a step."""
         headers = {"content-type": "application/json"} if content is not None else None
+        statuses = RETRY_STATUSES
+        if step_of is not None:
+            headers = {**(headers or {}), SEQUENCE_HEADER: str(step_of)}
+            statuses = STEP_RETRY_STATUSES
         for attempt in range(self.retry.max_retries + 1):
             last = attempt == self.retry.max_retries
             try:
@@ -424,14 +472,129 @@ class AsyncClient(_Base):
             except httpx.TimeoutException as e:
                 raise self._unreachable(e, attempt + 1) from e
             except httpx.TransportError as e:
-                if last:
+                if last or (step_of is not None and not isinstance(e, httpx.ConnectError)):
                     raise self._unreachable(e, attempt + 1) from e
                 await self._sleep(self.retry.wait_s(attempt, None))
                 continue
-            if resp.status_code in RETRY_STATUSES and not last:
+            if resp.status_code in statuses and not last:
                 await self._sleep(self.retry.wait_s(attempt, parse_retry_after(resp.headers.get("retry-after"))))
                 continue
             if resp.status_code >= 400:
-                raise error_for(resp, attempt + 1)
+                err = error_for(resp, attempt + 1)
+                if step_of is not None and err.type == "sequence_start_required":
+                    raise MhaSequenceLost(err.status, err.type, err.message, sequence_id=step_of)
+                raise err
             return resp
         raise AssertionError("unreachable")
+
+
+class _SequenceBase:
+    """What a sequence knows: its id, whether the server holds it (the next step starts it, or not), and the
+    width of its rows (for the end-only request)."""
+
+    def __init__(self, id: int | str | None) -> None:
+        if id is None:
+            id = secrets.randbits(64) or 1  # Triton's uint64 ids; 0 is no sequence
+        if isinstance(id, bool) or not isinstance(id, (int, str)) or id == "" or id == 0:
+            raise ValueError(f"a sequence id is an integer 1..2**64-1 or a non-empty string, got {id!r}")
+        self.id = id
+        self.started = False  # the server holds it: the next step does not carry start
+        self.ended = False
+        self._width: int | None = None
+
+    def _body(self, x: Any, end: bool, kw: dict[str, Any]) -> bytes:
+        if self.ended:
+            raise MhaError(f"sequence {self.id!r} has ended: open a new one")
+        body = build_attend_body(x, **kw, sequence={"id": self.id, "start": not self.started, "end": end})
+        self._width = body["x"]["shape"][-1] if isinstance(body["x"], dict) else len(body["x"][0][0])
+        return _Base._json(body)
+
+    def _end_body(self) -> bytes | None:
+        """The end-only request: x of shape [1, 0, E] with end, which the server answers by forgetting the
+        sequence. None when there is nothing to end (no step answered, or the last one carried end)."""
+        if not self.started or self.ended or self._width is None:
+            self.ended = True
+            return None
+        self.ended = True
+        x = np.zeros((1, 0, self._width), np.float32)
+        return _Base._json(build_attend_body(x, sequence={"id": self.id, "start": False, "end": True}))
+
+    def _answered(self, resp: httpx.Response, end: bool) -> AttendResult:
+        self.started = True
+        self.ended = end
+        return parse_attend(resp)
+
+
+class Sequence(_SequenceBase):
+    """One sequence of steps over the server's KV cache (``Client.sequence``): each step sends only its new
+    rows x [1, t, E] and gets back the causal forward's rows for them over the whole sequence so far.
+
+    The first step carries the start flag; leaving the ``with`` block sends the end flag (an end-only
+    request, x of shape [1, 0, E], unless the last step said ``end=True``). A sequence the server lost
+    raises :class:`MhaSequenceLost`, and the next step starts it again: replay the prefix.
+    """
+
+    def __init__(self, client: Client, id: int | str | None = None) -> None:
+        super().__init__(id)
+        self._client = client
+
+    def __enter__(self) -> Sequence:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            self.end()
+        except MhaError:
+            if exc_type is None:  # an error while leaving on an error: the first one is the one to see
+                raise
+
+    def step(self, x: Any, *, end: bool = False, **kw: Any) -> AttendResult:
+        """POST /attend with this sequence's flags. ``kw``: ``attend``'s return_weights, heads, encoding,
+        dtype, timeout_ms (a step takes no lengths, attn_mask or causal)."""
+        body = self._body(x, end, kw)
+        try:
+            resp = self._client._request("POST", "/attend", body, step_of=self.id)
+        except MhaSequenceLost:
+            self.started = False
+            raise
+        return self._answered(resp, end)
+
+    def end(self) -> None:
+        """Tell the server the sequence is over, so its cache is freed now rather than when reaped idle."""
+        body = self._end_body()
+        if body is not None:
+            with contextlib.suppress(MhaSequenceLost):  # already gone: nothing to free
+                self._client._request("POST", "/attend", body, step_of=self.id)
+
+
+class AsyncSequence(_SequenceBase):
+    """The asyncio twin of :class:`Sequence` (``AsyncClient.sequence``): ``async with``, steps awaited."""
+
+    def __init__(self, client: AsyncClient, id: int | str | None = None) -> None:
+        super().__init__(id)
+        self._client = client
+
+    async def __aenter__(self) -> AsyncSequence:
+        return self
+
+    async def __aexit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            await self.end()
+        except MhaError:
+            if exc_type is None:
+                raise
+
+    async def step(self, x: Any, *, end: bool = False, **kw: Any) -> AttendResult:
+        body = self._body(x, end, kw)
+        try:
+            resp = await self._client._request("POST", "/attend", body, step_of=self.id)
+        except MhaSequenceLost:
+            self.started = False
+            raise
+        return self._answered(resp, end)
+
+    async def end(self) -> None:
+        body = self._end_body()
+        if body is not None:
+            with contextlib.suppress(MhaSequenceLost):
+                await self._client._request("POST", "/attend", body, step_of=self.id)

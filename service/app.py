@@ -27,7 +27,7 @@ from service.errors import INFERENCE_ERRORS, InternalErrors, ServiceError
 from service.frontend import fastroute, grpc_server, heatmap, v2
 from service.frontend.admission import Admission, AdmissionMiddleware
 from service.frontend.decode import Limits
-from service.frontend.httputil import Answer, infer, internal_error, read_body, require_ready
+from service.frontend.httputil import Answer, check_sequence_header, infer, internal_error, read_body, require_ready
 from service.frontend.observability import ApiKeys, ObserveMiddleware
 from service.frontend.offload import Offload
 from service.frontend.schemas import AttendRequest, AttendResponse, ModelDescription, error_responses
@@ -188,7 +188,13 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> fast
             del body
             decoded = time.monotonic()
             res = await infer(
-                state, dec.input, started=started, timeout_s=dec.timeout_s, request=request, priority=dec.priority
+                state,
+                dec.input,
+                started=started,
+                timeout_s=dec.timeout_s,
+                request=request,
+                priority=dec.priority,
+                sequence=check_sequence_header(dec.sequence, request),
             )
             if res is None:
                 return Response(status_code=499)
@@ -204,6 +210,8 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> fast
         state.stats.request_done(
             sequences=dec.input.batch, started=started, decoded=decoded, answered=answered, res=res
         )
+        if dec.sequence is not None:
+            return Answer(payload, b"application/json", res, ((b"x-mha-sequence-id", str(dec.sequence.id).encode()),))
         return Answer(payload, b"application/json", res)
 
     async def attend_fast(request: Request) -> Response:

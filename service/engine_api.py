@@ -17,9 +17,55 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from mha_core import MHAConfig
-from service.messages import AttendInput, Result
+from service.messages import AttendInput, EngineFailure, ErrorKind, Result
 
 Abandoned = Awaitable[Any] | Callable[[], Awaitable[Any]] | None
+SequenceId = int | str
+UINT64_MAX = 2**64 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceFlags:
+    """Which sequence a step belongs to, as the front end decodes it (Triton's sequence_id, sequence_start,
+    sequence_end). Torch-free and plain, so that it can cross to the model process as it is; the engine wraps
+    it with the step's input into its own ``Step`` (service/engine/sequences.py)."""
+
+    id: SequenceId
+    start: bool = False
+    end: bool = False
+
+
+class SequenceStartRequired(EngineFailure):
+    """A step of an id the engine does not hold, without ``start``: Triton's INVALID_ARG (HTTP 400)."""
+
+    kind = ErrorKind.SEQUENCE_START_REQUIRED
+
+
+class StepInvalid(EngineFailure):
+    """A step that breaks the sequence contract (B != 1, lengths, attn_mask, causal false, too long): 422."""
+
+    kind = ErrorKind.VALIDATION
+
+
+def check_step(inp: AttendInput, seq: SequenceFlags) -> None:
+    """The 422 of a step that cannot be a sequence step, naming what is wrong. The front end runs it before
+    queueing (so a wrong step costs no round trip), the engine again (its own contract)."""
+    shape = list(inp.x.shape)
+    if len(shape) != 3 or shape[0] != 1:
+        raise StepInvalid(f"a sequence step must have x of shape [1, t, E] (B = 1), got {shape}")
+    if inp.lengths is not None:
+        raise StepInvalid("a sequence step takes no lengths: its x holds exactly its new tokens")
+    if inp.mask is not None:
+        raise StepInvalid("a sequence step takes no attn_mask: a sequence is causal")
+    if not inp.causal:
+        raise StepInvalid("a sequence step must be causal (causal: false was given)")
+    if shape[1] == 0:
+        if not seq.end or seq.start:
+            raise StepInvalid(
+                "a sequence step with no rows (x of shape [1, 0, E]) only ends its sequence: it needs end and no start"
+            )
+        if inp.need_weights:
+            raise StepInvalid("a sequence step with no rows only ends its sequence: it has no weights to return")
 
 
 @dataclass(frozen=True)
@@ -54,6 +100,10 @@ class EngineClient(Protocol):
     - ``infer`` submits one request and waits for its :class:`Result` or its typed failure; the request
       is cancelled (dropped before compute) when ``abandoned`` completes (the caller left: ClientGone) or
       when the awaiting task is cancelled;
+    - ``step`` is ``infer`` for one step of a sequence (``seq``): queued with the other requests, in its
+      sequence's turn, its keys and values kept by the engine for the next step (service/engine/sequences.py);
+      a step with no rows and ``end`` only ends the sequence. Its own failures: ``StepInvalid`` (422) and
+      ``SequenceStartRequired`` (400);
     - ``ready`` is whether a request submitted now can be computed; ``on_ready`` (given at
       construction) hears every change of it;
     - ``stats`` is the model's statistics, the same whichever process answers;
@@ -67,6 +117,16 @@ class EngineClient(Protocol):
 
     async def infer(
         self, inp: AttendInput, *, deadline: float, abandoned: Abandoned = None, priority: int = 0
+    ) -> Result: ...
+
+    async def step(
+        self,
+        inp: AttendInput,
+        seq: SequenceFlags,
+        *,
+        deadline: float,
+        abandoned: Abandoned = None,
+        priority: int = 0,
     ) -> Result: ...
 
     @property

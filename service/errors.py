@@ -16,6 +16,7 @@ log = logging.getLogger("mha_serve")
 
 ERROR_STATUS: dict[str, int] = {
     "malformed_json": 400,
+    "sequence_start_required": 400,
     "unauthorized": 401,
     "not_found": 404,
     "method_not_allowed": 405,
@@ -37,6 +38,7 @@ INFERENCE_ERRORS = (
     "unsupported_media_type",
     "request_timeout",
     "validation_error",
+    "sequence_start_required",
     "numeric_overflow",
     "overloaded",
     "internal_error",
@@ -46,6 +48,9 @@ INFERENCE_ERRORS = (
 
 ERROR_DESCRIPTIONS: dict[str, str] = {
     "malformed_json": "the body is not valid JSON",
+    "sequence_start_required": "a sequence step without the start flag for a sequence id this server does not "
+    "hold (never started, ended, reaped after MHA_SEQUENCE_IDLE_S idle, evicted from a full KV cache, or lost with "
+    "its replica): replay the sequence from its first step, with start (Triton's INVALID_ARG)",
     "unauthorized": "missing or wrong API key",
     "not_found": "no such route or model",
     "method_not_allowed": "the route exists but not with this method",

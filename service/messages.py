@@ -83,6 +83,7 @@ class ErrorKind(str, Enum):
     NUMERIC_OVERFLOW = "numeric_overflow"
     INTERNAL = "internal_error"  # the forward failed for this request
     CLIENT_GONE = "client_gone"  # the caller went away: nobody is answered
+    SEQUENCE_START_REQUIRED = "sequence_start_required"  # a step of a sequence the engine does not hold
 
 
 class EngineFailure(Exception):

@@ -15,14 +15,14 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from mha_core import MHAConfig
-from service.engine_api import Abandoned, EngineModel
+from service.engine_api import Abandoned, EngineModel, SequenceFlags
 from service.messages import AttendInput, BatcherObserver, Result
 from service.stats import ModelStats
 
 if TYPE_CHECKING:
     from service.engine.batcher import Batcher
     from service.engine.runner import Runner
-    from service.engine.sequences import Sequences, Step
+    from service.engine.sequences import Sequences
     from service.settings import Settings
 
 log = logging.getLogger("mha_serve")
@@ -134,12 +134,23 @@ class InprocClient:
     ) -> Result:
         return await self.batcher.infer(inp, deadline=deadline, abandoned=abandoned, priority=priority)
 
-    async def step(self, step: Step, *, deadline: float, abandoned: Abandoned = None, priority: int = 0) -> Result:
+    async def step(
+        self,
+        inp: AttendInput,
+        seq: SequenceFlags,
+        *,
+        deadline: float,
+        abandoned: Abandoned = None,
+        priority: int = 0,
+    ) -> Result:
         """One step of a sequence (service/engine/sequences.py): queued through the same batcher as ``infer``,
         in its sequence's turn, its k/v kept when it is answered. A method of its own, not a parameter of
         ``infer``: ``infer`` is the batcher's own call, with nothing of ours around each plain request."""
+        from service.engine.sequences import Step
+
         return await self.sequences.run(
-            step, partial(self.batcher.infer, deadline=deadline, abandoned=abandoned, priority=priority)
+            Step(inp, seq.id, seq.start, seq.end),
+            partial(self.batcher.infer, deadline=deadline, abandoned=abandoned, priority=priority),
         )
 
     def _sequences(self, runner: Runner) -> tuple[Sequences, Any]:

@@ -40,27 +40,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 from torch import Tensor
 
 from service.engine.kvcache import KVCache
-from service.messages import AttendInput, EngineFailure, ErrorKind, Overloaded, Result
+from service.engine_api import SequenceFlags, SequenceId, SequenceStartRequired, StepInvalid, check_step
+from service.messages import AttendInput, AttendOutput, Overloaded, Result
 
 log = logging.getLogger("mha_serve.sequences")
 
-SequenceId = int | str
-
-
-class SequenceStartRequired(EngineFailure):
-    """A step of an id that is not live, without ``start``. Triton answers INVALID_ARG (HTTP 400); until the
-    error table has a 400 kind for the engine, it travels as a validation error."""
-
-    kind = ErrorKind.VALIDATION
-
-
-class StepInvalid(EngineFailure):
-    """A step that breaks the sequence contract (B != 1, lengths, attn_mask, causal false, too long): 422."""
-
-    kind = ErrorKind.VALIDATION
+__all__ = ["CacheFull", "SequenceId", "SequenceStartRequired", "Sequences", "Step", "StepInvalid"]
 
 
 class CacheFull(Overloaded):
@@ -122,18 +111,6 @@ class _Live:
         self.lock = asyncio.Lock()  # FIFO: its waiters get it in the order they asked
 
 
-def check_step(inp: AttendInput) -> None:
-    """The 422 of a step that cannot be a sequence step, naming what is wrong."""
-    if inp.x.ndim != 3 or inp.x.shape[0] != 1:
-        raise StepInvalid(f"a sequence step must have x of shape [1, t, E] (B = 1), got {list(inp.x.shape)}")
-    if inp.lengths is not None:
-        raise StepInvalid("a sequence step takes no lengths: its x holds exactly its new tokens")
-    if inp.mask is not None:
-        raise StepInvalid("a sequence step takes no attn_mask: a sequence is causal")
-    if not inp.causal:
-        raise StepInvalid("a sequence step must be causal (causal: false was given)")
-
-
 class Sequences:
     """The live sequences of one model and its cache. Lives on the engine's event loop."""
 
@@ -166,7 +143,7 @@ class Sequences:
 
     async def run(self, step: Step, compute: Callable[[Step], Awaitable[Result]]) -> Result:
         """Admit ``step`` in its sequence's turn, ``compute`` it (the batcher), commit it when answered."""
-        check_step(step.input)
+        check_step(step.input, SequenceFlags(step.id, step.start, step.end))
         self.reap()
         live = self._live.get(step.id)
         if live is None:
@@ -197,6 +174,9 @@ class Sequences:
 
     async def _step(self, live: _Live, step: Step, compute: Callable[[Step], Awaitable[Result]]) -> Result:
         past, t = live.length, step.seq_len
+        if not t:  # an end-only step (check_step: end, no start): the sequence ends, nothing is computed
+            self._drop(step.id)
+            return Result(AttendOutput(np.zeros((1, 0, step.input.x.shape[-1]), np.float32), None), 0.0, 0.0, 0, 0)
         if past + t > self.max_seq_len:
             if not past:
                 self._drop(step.id)

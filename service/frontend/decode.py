@@ -12,6 +12,7 @@ import orjson
 from pydantic import ValidationError
 
 from mha_core import MHAConfig
+from service.engine_api import UINT64_MAX, SequenceFlags, SequenceId
 from service.errors import ServiceError, validation
 from service.frontend import codecs
 from service.frontend.plans import Recent, Sightings
@@ -38,6 +39,7 @@ class DecodedRequest:
     dtype: str  # wire dtype of base64 responses
     timeout_s: float
     priority: int = 0  # 1..priority_levels, 0 = the default level
+    sequence: SequenceFlags | None = None  # a step of this sequence (None: no step)
 
 
 def parse_json(body: bytes) -> Any:
@@ -163,6 +165,8 @@ def _to_input(req: dict[str, Any], config: MHAConfig, limits: Limits) -> Decoded
     if timeout_ms is not None and not timeout_ms > 0:  # cheap checks before the tensor
         raise validation(f"timeout_ms must be > 0, got {timeout_ms:g}")
     priority = check_priority(req["priority"], limits)
+    seq = req.get("sequence")
+    sequence = None if seq is None else SequenceFlags(sequence_id(seq.id, "sequence.id"), seq.start, seq.end)
     x, wire = decode_tensor(req["x"], "x", (3,))
     mask = None
     if req["attn_mask"] is not None:
@@ -177,10 +181,24 @@ def _to_input(req: dict[str, Any], config: MHAConfig, limits: Limits) -> Decoded
         timeout_ms=timeout_ms,
         config=config,
         limits=limits,
+        sequence=sequence,
     )
     encoding = req["response_encoding"] or ("lists" if wire == "lists" else "base64")
     dtype = "float32" if wire == "lists" else wire
-    return DecodedRequest(inp, encoding, dtype, timeout_s, priority)
+    return DecodedRequest(inp, encoding, dtype, timeout_s, priority, sequence)
+
+
+def sequence_id(value: Any, where: str) -> SequenceId:
+    """A sequence id as Triton takes it: an unsigned 64-bit integer other than 0, or a non-empty string."""
+    if isinstance(value, str):
+        if not value:
+            raise validation(f"{where} must be a non-empty string or an integer 1..{UINT64_MAX}, got ''")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise validation(f"{where} must be an unsigned 64-bit integer or a string, got {value!r}")
+    if not 1 <= value <= UINT64_MAX:
+        raise validation(f"{where} must be an integer 1..{UINT64_MAX} (0 is no sequence), got {value}")
+    return value
 
 
 def check_priority(priority: int | None, limits: Limits) -> int:
@@ -206,6 +224,7 @@ def check_input(
     timeout_ms: float | None,
     config: MHAConfig,
     limits: Limits,
+    sequence: SequenceFlags | None = None,
 ) -> tuple[AttendInput, float]:
     """Decoded arrays -> (AttendInput, timeout in s), checked against the model and the limits.
 
@@ -219,7 +238,7 @@ def check_input(
     B, T, E = x.shape
     if E != config.emb_size:
         raise validation(f"x has emb_size {E} (shape {[B, T, E]}), but the model expects {config.emb_size}")
-    if B < 1 or T < 1:
+    if B < 1 or (T < 1 and not (sequence is not None and sequence.end)):  # [1, 0, E]: a step that only ends
         raise validation(f"x must have B >= 1 and T >= 1, got shape {[B, T, E]}")
     if T > config.max_seq_len:
         raise validation(f"x has sequence length {T}, more than the model's max_seq_len {config.max_seq_len}")
@@ -292,6 +311,7 @@ class _BodyPlan:
     encoding: str
     timeout_s: float
     priority: int
+    sequence: SequenceFlags | None
 
     def decode(self, text: bytes) -> DecodedRequest:
         """This text's x with the checks that read it, in the order the full decode runs them."""
@@ -302,7 +322,7 @@ class _BodyPlan:
         lengths = None if self.lengths is None else self.lengths.copy()  # each request its own arrays
         mask = None if self.mask is None else self.mask.copy()
         inp = AttendInput(x, lengths, mask, self.causal, self.need_weights, self.heads)
-        return DecodedRequest(inp, self.encoding, dtype, self.timeout_s, self.priority)
+        return DecodedRequest(inp, self.encoding, dtype, self.timeout_s, self.priority, self.sequence)
 
 
 class BodyPlans:
@@ -396,6 +416,7 @@ def _body_plan(
         encoding=dec.encoding,
         timeout_s=dec.timeout_s,
         priority=dec.priority,
+        sequence=dec.sequence,
     )
 
 

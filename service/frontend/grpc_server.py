@@ -35,6 +35,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from service.engine_api import SequenceFlags
 from service.errors import ERROR_STATUS, ServiceError, log_internal_error
 from service.frontend import grpc_wire, oip
 from service.frontend.admission import Admission
@@ -53,6 +54,7 @@ S = grpc.StatusCode
 # message-size limit answers; only "overloaded" carries retry-after.
 GRPC_STATUS: dict[str, grpc.StatusCode] = {
     "malformed_json": S.INVALID_ARGUMENT,
+    "sequence_start_required": S.INVALID_ARGUMENT,  # Triton's INVALID_ARG, as its sequence batcher answers
     "unauthorized": S.UNAUTHENTICATED,
     "not_found": S.NOT_FOUND,
     "method_not_allowed": S.UNIMPLEMENTED,
@@ -113,7 +115,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_rpc
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        known = request.name == self.name and request.version in ("", oip.VERSION)
+        known = request.name in (self.name, oip.sequence_model(self.name)) and request.version in ("", oip.VERSION)
         return pb.ModelReadyResponse(ready=known and self._ready())
 
     @_rpc
@@ -124,20 +126,20 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         oip.check_model(request.name, request.version, self.name)
         runner = self._runner()
-        return grpc_wire.model_metadata(oip.model_metadata(self.name, runner.config))
+        return grpc_wire.model_metadata(oip.model_metadata(request.name, runner.config))
 
     @_rpc
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
-        oip.check_model(request.name, request.version, self.name)
+        seq = oip.check_model(request.name, request.version, self.name)
         runner = self._runner()
-        cfg = oip.model_config(self.name, runner.config, self.state.settings, str(runner.device))
+        cfg = oip.model_config(request.name, runner.config, self.state.settings, str(runner.device), sequence=seq)
         return grpc_wire.model_config(cfg)
 
     @_rpc
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
         if request.name:  # Triton: no name = every model
             oip.check_model(request.name, request.version, self.name)
-        return grpc_wire.model_statistics(self.state.stats.model_stats(self.name, oip.VERSION))
+        return grpc_wire.model_statistics(self.state.stats.model_stats(request.name or self.name, oip.VERSION))
 
     @_rpc
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
@@ -181,22 +183,27 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _model_infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
         started = time.monotonic()
         state = self.state
-        oip.check_model(request.model_name, request.model_version, self.name)
+        seq_model = oip.check_model(request.model_name, request.model_version, self.name)
         try:
             require_ready(self.state)
             left = context.time_remaining()
             with stage(state.tracing, "decode"):
-                plan = grpc_wire.decode_infer(request, None if left is None else left * 1000)
+                plan = grpc_wire.decode_infer(request, None if left is None else left * 1000, sequence_model=seq_model)
                 inp, timeout_s = plan.check(config=state.engine.model.config, limits=state.limits)
                 priority = check_priority(plan.priority, state.limits)
             decoded = time.monotonic()
             res = await self._infer(
-                inp, deadline=started + timeout_s, timeout_s=timeout_s, context=context, priority=priority
+                inp,
+                deadline=started + timeout_s,
+                timeout_s=timeout_s,
+                context=context,
+                priority=priority,
+                sequence=plan.sequence,
             )
             answered = time.monotonic()
             tensors = {"output": res.output.output, "weights": res.output.weights}
             with stage(state.tracing, "encode"):
-                resp = grpc_wire.encode_infer(plan, self.name, tensors)
+                resp = grpc_wire.encode_infer(plan, request.model_name, tensors)
         except ServiceError:
             state.stats.request_failed(time.monotonic() - started)
             raise
@@ -211,6 +218,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         timeout_s: float,
         context: grpc.aio.ServicerContext,
         priority: int = 0,
+        sequence: SequenceFlags | None = None,
     ) -> Result:
         """The batcher's infer, with the RPC's end as ``abandoned`` and errors mapped as HTTP maps them."""
         state = self.state
@@ -226,7 +234,15 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
         context.add_done_callback(rpc_ended)
         task = asyncio.ensure_future(
-            run_batcher(state, inp, deadline=deadline, timeout_s=timeout_s, abandoned=gone, priority=priority)
+            run_batcher(
+                state,
+                inp,
+                deadline=deadline,
+                timeout_s=timeout_s,
+                abandoned=gone,
+                priority=priority,
+                sequence=sequence,
+            )
         )
         try:
             res = await asyncio.shield(task)

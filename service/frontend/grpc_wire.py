@@ -32,8 +32,11 @@ def param_value(p: pb.InferParameter) -> Any:
     return None if which is None else getattr(p, which)
 
 
-def decode_infer(req: pb.ModelInferRequest, deadline_ms: float | None) -> oip.InferPlan:
-    """ModelInferRequest -> an InferPlan; ``deadline_ms`` is what is left of the RPC's deadline."""
+def decode_infer(
+    req: pb.ModelInferRequest, deadline_ms: float | None, *, sequence_model: bool = False
+) -> oip.InferPlan:
+    """ModelInferRequest -> an InferPlan; ``deadline_ms`` is what is left of the RPC's deadline; ``sequence_model``:
+    the request is to the sequence model (its sequence_id is a uint64_param, int64_param or string_param)."""
     params = {k: param_value(v) for k, v in req.parameters.items()}
     raw = req.raw_input_contents
     if raw and len(raw) != len(req.inputs):
@@ -67,7 +70,9 @@ def decode_infer(req: pb.ModelInferRequest, deadline_ms: float | None) -> oip.In
         [{"name": o.name, "parameters": {k: param_value(v) for k, v in o.parameters.items()}} for o in req.outputs],
         True,
     )
-    return oip.plan_request(tensors, x_type, params, outputs, req.id or None, deadline_ms=deadline_ms)
+    return oip.plan_request(
+        tensors, x_type, params, outputs, req.id or None, deadline_ms=deadline_ms, sequence_model=sequence_model
+    )
 
 
 def _typed(t: pb.ModelInferRequest.InferInputTensor, shape: list[int]) -> np.ndarray:
@@ -124,6 +129,12 @@ def _from_wire(contents: pb.InferTensorContents, field: str, dtype: type) -> np.
 
 def encode_infer(plan: oip.InferPlan, model_name: str, tensors: dict[str, np.ndarray | None]) -> pb.ModelInferResponse:
     resp = pb.ModelInferResponse(model_name=model_name, model_version=oip.VERSION, id=plan.id or "")
+    if plan.sequence is not None:  # a step's answer names its sequence, as Triton's do
+        sid = plan.sequence.id
+        if isinstance(sid, str):
+            resp.parameters["sequence_id"].string_param = sid
+        else:
+            resp.parameters["sequence_id"].uint64_param = sid
     for name, _binary in plan.outputs:
         arr = tensors[name]
         resp.outputs.add(name=name, datatype=plan.datatype, shape=list(arr.shape))

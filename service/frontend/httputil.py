@@ -10,12 +10,15 @@ from typing import Any
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from service.engine_api import SequenceFlags, check_step
 from service.errors import ServiceError, log_internal_error
 from service.frontend.admission import content_length
 from service.messages import (
     AttendInput,
     ClientGone,
     DeadlineExceeded,
+    EngineFailure,
+    ErrorKind,
     NumericOverflow,
     Overloaded,
     RequestTooLarge,
@@ -31,6 +34,25 @@ def header(request: Request, name: bytes) -> str | None:
         if key == name:
             return value.decode("latin-1")
     return None
+
+
+SEQUENCE_HEADER = b"x-mha-sequence-id"  # what a load balancer hashes on, so that a sequence's steps reach one replica
+
+
+def check_sequence_header(sequence: SequenceFlags | None, request: Request) -> SequenceFlags | None:
+    """``sequence``, once the routing header (when sent) names the same id: a step routed by another id than
+    its own would reach a replica that does not hold its sequence."""
+    sent = header(request, SEQUENCE_HEADER)
+    if sent is not None:
+        if sequence is None:
+            raise ServiceError("validation_error", "the x-mha-sequence-id header is sent, but the body has no sequence")
+        if sent != str(sequence.id):
+            raise ServiceError(
+                "validation_error",
+                f"the x-mha-sequence-id header {sent!r} differs from the body's sequence.id {sequence.id!r}: load "
+                "balancers route a step by the header",
+            )
+    return sequence
 
 
 def require_ready(state: Any) -> None:
@@ -123,7 +145,14 @@ def internal_error(exc: BaseException, request: Request) -> ServiceError:
 
 
 async def infer(
-    state: Any, inp: AttendInput, *, started: float, timeout_s: float, request: Request, priority: int = 0
+    state: Any,
+    inp: AttendInput,
+    *,
+    started: float,
+    timeout_s: float,
+    request: Request,
+    priority: int = 0,
+    sequence: SequenceFlags | None = None,
 ) -> Result | None:
     """Run ``inp`` through the batcher (``run_batcher``), for an HTTP request.
 
@@ -140,6 +169,7 @@ async def infer(
             timeout_s=timeout_s,
             abandoned=lambda: disconnected(request),  # watched only if the answer is not quick
             priority=priority,
+            sequence=sequence,
         )
     except ServiceError:
         raise
@@ -155,12 +185,26 @@ async def run_batcher(
     timeout_s: float,
     abandoned: Awaitable[Any] | Callable[[], Awaitable[Any]] | None,
     priority: int = 0,
+    sequence: SequenceFlags | None = None,
 ) -> Result | None:
-    """The batcher's infer with its outcomes mapped to the error table, for every transport (HTTP, gRPC).
+    """The batcher's infer (a sequence's step: the engine's ``step``) with its outcomes mapped to the error
+    table, for every transport (HTTP, gRPC).
 
     None means the caller went away (``abandoned`` completed). Other exceptions are the forward's
     own failure for this request; the transport answers them as an opaque internal error.
     """
+    engine = state.engine
+    if sequence is not None:
+        try:
+            check_step(inp, sequence)
+        except EngineFailure as e:
+            raise ServiceError(e.kind.value, str(e)) from e
+        if not hasattr(engine, "step"):  # the model process's client: its steps are wired after the crossing
+            raise ServiceError(
+                "internal_error",
+                "sequence steps are not yet served over the model process: run the model in the server process "
+                "(MHA_WORKERS=1 and MHA_ENGINE=auto or inprocess; the default on a CPU) to use sequences",
+            )
     tracing = state.tracing
     if tracing is not None:  # the batch's forward span links to this request's span
         submitted = time.monotonic()
@@ -168,7 +212,10 @@ async def run_batcher(
         if ctx is not None:
             inp = dataclasses.replace(inp, trace=ctx)
     try:
-        res = await state.engine.infer(inp, deadline=deadline, abandoned=abandoned, priority=priority)
+        if sequence is None:
+            res = await engine.infer(inp, deadline=deadline, abandoned=abandoned, priority=priority)
+        else:
+            res = await engine.step(inp, sequence, deadline=deadline, abandoned=abandoned, priority=priority)
     except Overloaded as e:
         raise ServiceError("overloaded", str(e), headers={"retry-after": str(int(e.retry_after_s))}) from e
     except RequestTooLarge as e:
@@ -181,6 +228,10 @@ async def run_batcher(
         return None  # nobody is listening; counted by the batcher
     except NumericOverflow as e:  # the engine checks each batch's results once: never null/Inf/NaN in a 200
         raise ServiceError("numeric_overflow", str(e)) from e
+    except EngineFailure as e:  # a step's own (StepInvalid, SequenceStartRequired): the error type is its kind
+        if e.kind is ErrorKind.INTERNAL:
+            raise
+        raise ServiceError(e.kind.value, str(e)) from e
     if tracing is not None:
         tracing.record_queue(submitted, res.queue_s, res.batch_requests)
     return res

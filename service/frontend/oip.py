@@ -18,14 +18,27 @@ from typing import Any
 import numpy as np
 
 from service import __version__
+from service.engine_api import UINT64_MAX, SequenceFlags
 from service.errors import ServiceError, validation
 from service.frontend import codecs
-from service.frontend.decode import check_input
+from service.frontend.decode import check_input, sequence_id
 
 VERSION = "1"
 # binary_tensor_data: HTTP's raw tensors; model_configuration, statistics: the config and stats routes
-# (what perf_analyzer reads); parameters: request and response parameters.
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "parameters"]
+# (what perf_analyzer reads); parameters: request and response parameters; sequence, sequence(string_id):
+# Triton's sequence extension, with uint64 and string ids.
+EXTENSIONS = [
+    "binary_tensor_data",
+    "model_configuration",
+    "statistics",
+    "parameters",
+    "sequence",
+    "sequence(string_id)",
+]
+# The sequence model's name is the model's with this suffix: the same module, checkpoint and batcher, with a
+# config of ``sequence_batching``. In model_config.proto ``dynamic_batching`` and ``sequence_batching`` are one
+# oneof, and perf_analyzer sends sequence flags on every request to (only) a model whose config has the latter.
+SEQUENCE_SUFFIX = "-seq"
 
 # wire datatype -> little-endian numpy dtype of its bytes (BF16: the upper half of a float32)
 FLOAT = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
@@ -34,15 +47,50 @@ INT = {"INT32": np.dtype("<i4"), "INT64": np.dtype("<i8")}
 BOOL = {"BOOL": np.dtype("u1")}
 INPUTS: dict[str, dict[str, np.dtype]] = {"x": FLOAT, "lengths": INT, "attn_mask": BOOL}
 OUTPUTS = ("output", "weights")
-REQUEST_PARAMETERS = ["causal", "heads", "timeout_ms", "timeout", "priority", "binary_data_output"]
+REQUEST_PARAMETERS = [
+    "causal",
+    "heads",
+    "timeout_ms",
+    "timeout",
+    "priority",
+    "binary_data_output",
+    "sequence_id",
+    "sequence_start",
+    "sequence_end",
+]
 
 
-def check_model(name: str, version: str | None, model_name: str) -> None:
-    """404 for another model or version ("" or None is the latest, as in Triton)."""
-    if name != model_name:
-        raise ServiceError("not_found", f"unknown model {name!r}; this server serves {model_name!r}")
+def sequence_model(model_name: str) -> str:
+    return model_name + SEQUENCE_SUFFIX
+
+
+def check_model(name: str, version: str | None, model_name: str) -> bool:
+    """Whether ``name`` is the sequence model (``model_name`` + SEQUENCE_SUFFIX); 404 for another model or
+    version ("" or None is the latest, as in Triton)."""
+    seq = sequence_model(model_name)
+    if name != model_name and name != seq:
+        raise ServiceError("not_found", f"unknown model {name!r}; this server serves {model_name!r} and {seq!r}")
     if version not in (None, "", VERSION):
         raise ServiceError("not_found", f"model {name!r} has no version {version!r}; versions: [{VERSION!r}]")
+    return name == seq
+
+
+def parse_sequence(params: dict, required: bool = False) -> SequenceFlags | None:
+    """Triton's sequence parameters -> the step's flags; None for a request that is no step. ``required``: the
+    sequence model's requests, each a step (Triton's words for one without an id)."""
+    sid = params.get("sequence_id")
+    start = parse_bool(params.get("sequence_start"), "sequence_start", False)
+    end = parse_bool(params.get("sequence_end"), "sequence_end", False)
+    if sid is None:
+        if required:
+            raise validation(
+                "a request to a sequence model must specify a non-zero or non-empty parameters.sequence_id "
+                f"(an unsigned 64-bit integer 1..{UINT64_MAX} or a string)"
+            )
+        if start or end:
+            raise validation("parameters.sequence_start and parameters.sequence_end need parameters.sequence_id")
+        return None
+    return SequenceFlags(sequence_id(sid, "parameters.sequence_id"), start, end)
 
 
 def server_metadata() -> dict[str, Any]:
@@ -92,7 +140,7 @@ def model_metadata(name: str, cfg: Any) -> dict[str, Any]:
     }
 
 
-def model_config(name: str, cfg: Any, settings: Any, device: str) -> dict[str, Any]:
+def model_config(name: str, cfg: Any, settings: Any, device: str, *, sequence: bool = False) -> dict[str, Any]:
     """Triton's ModelConfig (model_config.proto) in the JSON form Triton's tools read.
 
     The first dimension of every tensor is the batch, so, as Triton states such a model,
@@ -108,6 +156,16 @@ def model_config(name: str, cfg: Any, settings: Any, device: str) -> dict[str, A
     def tensor(tname: str, data_type: str, dims: list[int], **extra: Any) -> dict[str, Any]:
         return {"name": tname, "data_type": data_type, "dims": dims, **extra}
 
+    batching = {
+        "max_queue_delay_microseconds": int(settings.max_wait_ms * 1000),
+        "default_queue_policy": {
+            "timeout_action": "REJECT",
+            "default_timeout_microseconds": int(settings.default_timeout_ms * 1000),
+            "allow_timeout_override": True,
+            "max_queue_size": settings.max_queue_requests,
+        },
+    }
+
     return {
         "name": name,
         "platform": "pytorch",
@@ -120,15 +178,7 @@ def model_config(name: str, cfg: Any, settings: Any, device: str) -> dict[str, A
             tensor("attn_mask", "TYPE_BOOL", [-1, -1], optional=True),
         ],
         "output": [tensor("output", "TYPE_FP32", [-1, E]), tensor("weights", "TYPE_FP32", [-1, -1, -1])],
-        "dynamic_batching": {
-            "max_queue_delay_microseconds": int(settings.max_wait_ms * 1000),
-            "default_queue_policy": {
-                "timeout_action": "REJECT",
-                "default_timeout_microseconds": int(settings.default_timeout_ms * 1000),
-                "allow_timeout_override": True,
-                "max_queue_size": settings.max_queue_requests,
-            },
-        },
+        **({"sequence_batching": _sequence_batching(settings)} if sequence else {"dynamic_batching": batching}),
         "instance_group": [{"name": name, "kind": "KIND_GPU" if device.startswith("cuda") else "KIND_CPU", "count": 1}],
         "parameters": {
             k: {"string_value": str(v)}
@@ -146,8 +196,19 @@ def model_config(name: str, cfg: Any, settings: Any, device: str) -> dict[str, A
     }
 
 
+def _sequence_batching(settings: Any) -> dict[str, Any]:
+    return {
+        "max_sequence_idle_microseconds": int(settings.sequence_idle_s * 1_000_000),
+        "oldest": {
+            "max_candidate_sequences": settings.max_batch_size,
+            "max_queue_delay_microseconds": int(settings.max_wait_ms * 1000),
+        },
+    }
+
+
 def repository_index(name: str, ready: bool) -> list[dict[str, str]]:
-    return [{"name": name, "version": VERSION, "state": "READY" if ready else "UNAVAILABLE"}]
+    state = "READY" if ready else "UNAVAILABLE"
+    return [{"name": n, "version": VERSION, "state": state} for n in (name, sequence_model(name))]
 
 
 # -- one tensor ---------------------------------------------------------------------------------
@@ -189,7 +250,7 @@ def from_bytes(name: str, datatype: str, shape: list[int], buf: Any, offset: int
 class InferPlan:
     """A decoded infer request: its checks against the model (``check_input``), and how to answer."""
 
-    __slots__ = ("check", "datatype", "id", "outputs", "priority")
+    __slots__ = ("check", "datatype", "id", "outputs", "priority", "sequence")
 
     def __init__(
         self,
@@ -198,12 +259,14 @@ class InferPlan:
         outputs: list[tuple[str, bool]],
         id: str | None,
         priority: int | None = None,
+        sequence: SequenceFlags | None = None,
     ) -> None:
         self.check = check  # check(config=, limits=) -> (AttendInput, timeout_s)
         self.datatype = datatype  # datatype of x, and so of the outputs
         self.outputs = outputs  # (name, binary) in the order asked for
         self.id = id
         self.priority = priority  # the request's priority parameter (None: the default level)
+        self.sequence = sequence  # the step's sequence flags (None: no step)
 
 
 def plan_request(
@@ -214,11 +277,14 @@ def plan_request(
     rid: str | None,
     *,
     deadline_ms: float | None = None,
+    sequence_model: bool = False,
 ) -> InferPlan:
     """Tensors (floats in their wire dtype, BF16 as uint16 bits) + parameters -> an InferPlan.
 
-    ``deadline_ms``: the transport's own deadline (gRPC's), which caps the request's timeout.
+    ``deadline_ms``: the transport's own deadline (gRPC's), which caps the request's timeout;
+    ``sequence_model``: the request is to the sequence model, so it must be a step.
     """
+    sequence = parse_sequence(params, sequence_model)
     want_weights = any(n == "weights" for n, _ in outputs)
     heads = parse_heads(params.get("heads"))
     if heads is not None and not want_weights:
@@ -253,9 +319,17 @@ def plan_request(
     if mask is not None:
         mask = bool_mask(mask)
     check = functools.partial(
-        check_input, x, lengths, mask, causal=causal, need_weights=want_weights, heads=heads, timeout_ms=timeout_ms
+        check_input,
+        x,
+        lengths,
+        mask,
+        causal=causal,
+        need_weights=want_weights,
+        heads=heads,
+        timeout_ms=timeout_ms,
+        sequence=sequence,
     )
-    return InferPlan(check, x_type, outputs, rid, priority)
+    return InferPlan(check, x_type, outputs, rid, priority, sequence)
 
 
 def bool_mask(mask: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, WithJsonSchema
 
 from service.errors import status_descriptions
 
@@ -45,6 +45,24 @@ FloatTensor = Annotated[Any, WithJsonSchema(_tensor_schema(_NUMBER_LISTS))]
 BoolTensor = Annotated[Any, WithJsonSchema(_tensor_schema(_BOOL_LISTS))]
 
 
+class SequenceParams(BaseModel):
+    """``/attend``'s ``sequence``: this request is one step of a sequence (Triton's sequence extension). x holds
+    the step's new rows [1, t, E]; the server keeps the keys and values of the rows before, and answers the causal
+    forward's rows for these. Steps take no lengths, no attn_mask and no ``causal: false``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: StrictInt | StrictStr = Field(
+        description="the sequence's id: an unsigned 64-bit integer other than 0, or a non-empty string"
+    )
+    start: StrictBool = Field(False, description="the first step: the server starts the sequence (afresh if live)")
+    end: StrictBool = Field(
+        False,
+        description="the last step: the server answers it, then forgets the sequence. With x of shape [1, 0, E] "
+        "the step only ends the sequence",
+    )
+
+
 class AttendRequest(BaseModel):
     """Body of ``POST /attend``."""
 
@@ -70,6 +88,11 @@ class AttendRequest(BaseModel):
         None,
         description="priority level 1..MHA_PRIORITY_LEVELS, 1 the highest (Triton's convention); 0 or absent: "
         "the server's default level",
+    )
+    sequence: SequenceParams | None = Field(
+        None,
+        description="a step of a sequence: x holds only its new rows, the server keeps the rest (see Sequences in "
+        "the docs); the response carries its id in the x-mha-sequence-id header",
     )
 
 

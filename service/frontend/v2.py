@@ -32,8 +32,12 @@ Contract of ``infer``:
 - Request parameters: ``causal`` (bool), ``heads`` (list of ints, one int, or "0,2"),
   ``timeout_ms`` (> 0) or Triton's ``timeout`` (microseconds; 0 = default), and Triton's
   ``priority`` (an integer 0..MHA_PRIORITY_LEVELS, 1 the highest, 0 the default level; the same
-  check and message as /attend's field). Others, such as ``sequence_id``, are ignored, as
-  Triton ignores what a model does not use.
+  check and message as /attend's field), and Triton's sequence parameters ``sequence_id`` (an
+  unsigned 64-bit integer or a string), ``sequence_start``, ``sequence_end`` (booleans): a step of
+  a sequence (docs/sequences.md), answered with ``sequence_id`` in the response's parameters. The
+  sequence model (``<model>-seq``, its config with ``sequence_batching``) needs them on every
+  request; the plain model takes them too. Others are ignored, as Triton ignores what a model does
+  not use.
 - Errors answer ``{"error": "<message>"}`` with the status of ``service.errors.ERROR_STATUS``,
   the table /attend uses: 400 malformed JSON or header, 404 unknown model or version, 413 too
   large, 415 unknown Content-Encoding, 422 a request that breaks the contract (datatypes,
@@ -134,8 +138,8 @@ def build_router(state: Any) -> APIRouter:
     router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"], route_class=_V2Route)
     plans = HeaderPlans(settings.model_name, PLAN_CACHE_SIZE)  # recent binary requests' headers, checked
 
-    def check_model(name: str, version: str | None = None) -> None:
-        oip.check_model(name, version, settings.model_name)
+    def check_model(name: str, version: str | None = None) -> bool:
+        return oip.check_model(name, version, settings.model_name)
 
     async def server_metadata() -> dict[str, Any]:
         return oip.server_metadata()
@@ -165,18 +169,18 @@ def build_router(state: Any) -> APIRouter:
         check_model(name, version)
         if state.engine is None or state.engine.model is None:
             raise ServiceError("unavailable", "the model is still loading")
-        return oip.model_metadata(settings.model_name, state.engine.model.config)
+        return oip.model_metadata(name, state.engine.model.config)
 
     def config(name: str, version: str | None) -> dict[str, Any]:
-        check_model(name, version)
+        seq = check_model(name, version)
         model = state.engine.model if state.engine is not None else None
         if model is None:
             raise ServiceError("unavailable", "the model is still loading")
-        return oip.model_config(settings.model_name, model.config, settings, model.device)
+        return oip.model_config(name, model.config, settings, model.device, sequence=seq)
 
     def stats(name: str, version: str | None) -> dict[str, Any]:
-        check_model(name, version)
-        return {"model_stats": [state.stats.model_stats(settings.model_name, VERSION)]}
+        check_model(name, version)  # (one engine: both models' statistics are its own)
+        return {"model_stats": [state.stats.model_stats(name, VERSION)]}
 
     def model_ready(name: str, version: str | None) -> dict[str, Any]:
         check_model(name, version)
@@ -188,7 +192,7 @@ def build_router(state: Any) -> APIRouter:
         hot path calls this directly, a coroutine less a request)."""
         started = time.monotonic()
         try:
-            check_model(name, version)
+            seq_model = check_model(name, version)
         except ServiceError as e:
             return _error_response(e)
         try:
@@ -198,18 +202,19 @@ def build_router(state: Any) -> APIRouter:
             with stage(state.tracing, "decode"):
                 head = await _offloaded_header(state.offload, body, header_length)
                 req, inp, timeout_s, priority = plans.decode(
-                    body, header_length, state.engine.model.config, state.limits, head=head
+                    body, header_length, state.engine.model.config, state.limits, head=head, sequence_model=seq_model
                 )
             decoded = time.monotonic()
+            sequence = req.sequence if type(req) is oip.InferPlan else None  # (a Plan is never a step's)
             res = await run_inference(
-                state, inp, started=started, timeout_s=timeout_s, request=request, priority=priority
+                state, inp, started=started, timeout_s=timeout_s, request=request, priority=priority, sequence=sequence
             )
             if res is None:
                 return Response(status_code=499)
             answered = time.monotonic()
             tensors = {"output": res.output.output, "weights": res.output.weights}
             with stage(state.tracing, "encode"):
-                payload, header_len = _encode(req, settings.model_name, tensors)
+                payload, header_len = _encode(req, name, tensors)
         except Exception as e:
             if isinstance(e, ServiceError):
                 state.stats.request_failed(time.monotonic() - started)
@@ -452,23 +457,32 @@ class HeaderPlans:
         return len(self._plans)
 
     def decode(
-        self, body: bytes | bytearray, header_length: str | None, config: Any, limits: Limits, *, head: Any = None
+        self,
+        body: bytes | bytearray,
+        header_length: str | None,
+        config: Any,
+        limits: Limits,
+        *,
+        head: Any = None,
+        sequence_model: bool = False,
     ) -> tuple[oip.InferPlan | Plan, AttendInput, float, int]:
         """One request's (answer plan, checked input, timeout in s, priority), as _decode and its checks give;
-        ``head``: the JSON header already parsed (service.frontend.offload), its data as arrays."""
+        ``head``: the JSON header already parsed (service.frontend.offload), its data as arrays. Steps of sequences
+        get no plan (each carries its own flags), nor any request to the sequence model (which must be a step)."""
         size = len(body)
         hl = _header_length(header_length, size)
         key = None
-        if hl <= self.max_header_bytes and self.capacity > 0 and head is None:
+        if hl <= self.max_header_bytes and self.capacity > 0 and head is None and not sequence_model:
             key = bytes(body[:hl])
             plan = self._plans.get(key)
             if plan is not None and plan.size == size and plan.config is config and plan.limits is limits:
                 self._plans.use(key)
                 return plan, plan.input(body), plan.timeout_s, plan.priority
-        req, layout = _decode(body, hl, head)
+        req, layout = _decode(body, hl, head, sequence_model)
         inp, timeout_s = req.check(config=config, limits=limits)
         priority = check_priority(req.priority, limits)
-        if key is not None and layout is not None and self._seen.second(key):  # the second time: worth a plan
+        worth = key is not None and layout is not None and req.sequence is None
+        if worth and self._seen.second(key):  # the second time: worth a plan
             self._plans.put(key, _plan(req, inp, timeout_s, priority, layout, size, config, limits, self.model_name))
         return req, inp, timeout_s, priority
 
@@ -524,7 +538,9 @@ def _plan(
     )
 
 
-def _decode(body: bytes, hl: int, head: Any = None) -> tuple[oip.InferPlan, dict[str, tuple[np.dtype, int]] | None]:
+def _decode(
+    body: bytes, hl: int, head: Any = None, sequence_model: bool = False
+) -> tuple[oip.InferPlan, dict[str, tuple[np.dtype, int]] | None]:
     """bytes -> arrays (checked against the model later, by ``check_input``) + answer plan, and the
     place of each input in the body (name -> (numpy dtype, offset)) when every input is binary.
     ``head``: the JSON header parsed elsewhere (a decode process), else parsed here."""
@@ -540,7 +556,7 @@ def _decode(body: bytes, hl: int, head: Any = None) -> tuple[oip.InferPlan, dict
     tensors, x_type, layout = _inputs(head.get("inputs"), view, hl)
     binary_default = oip.parse_bool(params.get("binary_data_output"), "binary_data_output", False)
     outputs = oip.parse_outputs(head.get("outputs"), binary_default)
-    return oip.plan_request(tensors, x_type, params, outputs, rid), layout
+    return oip.plan_request(tensors, x_type, params, outputs, rid, sequence_model=sequence_model), layout
 
 
 def _inputs(
@@ -653,7 +669,8 @@ def _encode(
             blobs.append(wire)
         else:
             outputs.append({"name": name, "datatype": dt, "shape": list(arr.shape), "data": oip.to_json(arr, dt, name)})
-    header = _response_header(model_name, req.id, outputs)
+    sequence = req.sequence if type(req) is oip.InferPlan else None
+    header = _response_header(model_name, req.id, outputs, None if sequence is None else sequence.id)
     if not blobs:
         return header, None
     return b"".join([header, *(memoryview(b) for b in blobs)]), len(header)
@@ -663,9 +680,13 @@ def _binary_output(name: str, datatype: str, shape: tuple[int, ...], nbytes: int
     return {"name": name, "datatype": datatype, "shape": list(shape), "parameters": {"binary_data_size": nbytes}}
 
 
-def _response_header(model_name: str, rid: str | None, outputs: list[dict[str, Any]]) -> bytes:
+def _response_header(
+    model_name: str, rid: str | None, outputs: list[dict[str, Any]], sequence_id: int | str | None = None
+) -> bytes:
     resp: dict[str, Any] = {"model_name": model_name, "model_version": VERSION}
     if rid is not None:
         resp["id"] = rid
+    if sequence_id is not None:  # a step's answer names its sequence, as Triton's do
+        resp["parameters"] = {"sequence_id": sequence_id}
     resp["outputs"] = outputs
     return orjson.dumps(resp, option=orjson.OPT_SERIALIZE_NUMPY)

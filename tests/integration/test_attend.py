@@ -203,7 +203,10 @@ async def test_openapi_documents_the_contract(client):
         "timeout_ms",
         "response_encoding",
         "priority",
+        "sequence",
     } == set(props)
+    seq = spec["components"]["schemas"]["SequenceParams"]["properties"]
+    assert set(seq) == {"id", "start", "end"} and "unsigned 64-bit" in seq["id"]["description"]
     assert (await client.get("/docs")).status_code == 200
 
 

@@ -103,7 +103,14 @@ async def test_metadata_health_and_versions(client):
     assert (await client.get("/v2")).json() == {
         "name": "mha-serve",
         "version": "0.1.0",
-        "extensions": ["binary_tensor_data", "model_configuration", "statistics", "parameters"],
+        "extensions": [
+            "binary_tensor_data",
+            "model_configuration",
+            "statistics",
+            "parameters",
+            "sequence",
+            "sequence(string_id)",
+        ],
     }
     assert (await client.get("/v2/health/live")).status_code == 200
     assert (await client.get("/v2/health/ready")).status_code == 200

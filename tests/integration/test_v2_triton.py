@@ -112,4 +112,7 @@ async def test_protocol_details(client, app):
         assert r.status_code == 405, (method, path)
         assert r.json() == {"error": f"{path} does not accept {method}"}
     r = await client.post("/v2/repository/index", json={})
-    assert r.json() == [{"name": "mha", "version": "1", "state": "READY"}]
+    assert r.json() == [
+        {"name": "mha", "version": "1", "state": "READY"},
+        {"name": "mha-seq", "version": "1", "state": "READY"},  # the sequence model (test_sequence_protocol.py)
+    ]

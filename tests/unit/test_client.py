@@ -16,7 +16,9 @@ from mha_client import (
     Client,
     MhaClientError,
     MhaConnectionError,
+    MhaError,
     MhaOverloaded,
+    MhaSequenceLost,
     MhaServerError,
     RetryPolicy,
 )
@@ -319,3 +321,78 @@ def test_the_client_imports_without_torch_fastapi_or_matplotlib() -> None:
         "assert mha_client.Client and mha_client.plot_weights\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# -- sequences -------------------------------------------------------------------------------
+
+
+def step_answer(t: int = 1) -> httpx.Response:
+    out = {"output": encode_tensor(np.ones((1, t, 4), np.float32), "base64", "float32"), "weights": None}
+    return httpx.Response(200, json={**out, "model": MODEL})
+
+
+def test_a_sequence_starts_once_sends_its_id_in_a_header_and_ends_on_leaving() -> None:
+    seen: list[httpx.Request] = []
+    transport = httpx.MockTransport(scripted([step_answer()], seen))
+    with Client("http://mha", transport=transport) as mha, mha.sequence(id=77) as s:
+        s.step(np.ones((1, 3, 4)))
+        s.step(np.ones((1, 1, 4)))
+    bodies = [json.loads(r.content) for r in seen]
+    assert [b["sequence"] for b in bodies] == [
+        {"id": 77, "start": True, "end": False},
+        {"id": 77, "start": False, "end": False},
+        {"id": 77, "start": False, "end": True},  # leaving the block: the end-only request
+    ]
+    assert [r.headers["x-mha-sequence-id"] for r in seen] == ["77", "77", "77"]
+    assert bodies[2]["x"]["shape"] == [1, 0, 4] and bodies[2]["x"]["b64"] == ""
+
+
+def test_a_sequence_whose_last_step_ended_it_sends_nothing_more_and_ids_are_generated() -> None:
+    seen: list[httpx.Request] = []
+    with Client("http://mha", transport=httpx.MockTransport(scripted([step_answer()], seen))) as mha:
+        with mha.sequence() as s:
+            s.step(np.ones((1, 1, 4)), end=True)
+            with pytest.raises(MhaError, match="has ended"):
+                s.step(np.ones((1, 1, 4)))
+        with mha.sequence():
+            pass  # no step: nothing to end
+    assert len(seen) == 1
+    sid = json.loads(seen[0].content)["sequence"]["id"]
+    assert isinstance(sid, int) and 1 <= sid < 2**64
+
+
+def test_a_step_is_retried_on_429_only() -> None:
+    seen: list[httpx.Request] = []
+    sleeps: list[float] = []
+    starting = httpx.Response(503, json={"error": {"type": "unavailable", "message": "starting"}})
+    transport = httpx.MockTransport(scripted([overloaded("1"), starting, step_answer()], seen))
+    with Client("http://mha", transport=transport, sleep=sleeps.append, jitter=0) as mha:
+        s = mha.sequence(id="a")
+        with pytest.raises(MhaOverloaded) as e:  # the 503 may have come after the step ran: not retried
+            s.step(np.ones((1, 2, 4)))
+    assert e.value.status == 503 and len(seen) == 2 and sleeps == [1.0]
+    assert not s.started  # the next step starts it again
+
+
+def test_a_step_is_not_retried_when_the_connection_drops_mid_request() -> None:
+    seen: list[httpx.Request] = []
+    transport = httpx.MockTransport(scripted([httpx.ReadError("reset"), step_answer()], seen))
+    with Client("http://mha", transport=transport, sleep=lambda s: None) as mha, pytest.raises(MhaConnectionError):
+        mha.sequence(id=3).step(np.ones((1, 1, 4)))
+    assert len(seen) == 1
+
+
+def test_a_lost_sequence_raises_a_typed_error_and_the_next_step_starts_it_again() -> None:
+    seen: list[httpx.Request] = []
+    lost = httpx.Response(
+        400, json={"error": {"type": "sequence_start_required", "message": "must specify the START flag"}}
+    )
+    transport = httpx.MockTransport(scripted([step_answer(), lost, step_answer(3)], seen))
+    with Client("http://mha", transport=transport) as mha:
+        s = mha.sequence(id=9)
+        s.step(np.ones((1, 2, 4)))
+        with pytest.raises(MhaSequenceLost) as e:
+            s.step(np.ones((1, 1, 4)))
+        assert e.value.sequence_id == 9 and e.value.status == 400 and isinstance(e.value, MhaClientError)
+        s.step(np.ones((1, 3, 4)))  # the replayed prefix
+    assert [json.loads(r.content)["sequence"]["start"] for r in seen[:3]] == [True, False, True]

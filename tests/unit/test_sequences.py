@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from service.engine.inproc import InprocClient
-from service.engine.sequences import CacheFull, SequenceStartRequired, Step, StepInvalid
-from service.messages import AttendInput, ClientGone, DeadlineExceeded
+from service.engine.sequences import CacheFull, SequenceStartRequired, StepInvalid
+from service.engine_api import SequenceFlags
+from service.errors import ERROR_STATUS
+from service.messages import AttendInput, ClientGone, DeadlineExceeded, ErrorKind
 from service.settings import Settings
 from tests.reference import SeedMHA, naive_attention
 
@@ -50,8 +52,13 @@ def far() -> float:
     return time.monotonic() + 30
 
 
-def step(seq_id, x, **kw) -> Step:
-    return Step(AttendInput(np.ascontiguousarray(x, dtype=np.float32)), seq_id, **kw)
+def seq_step(inp: AttendInput, seq_id, start: bool = False, end: bool = False) -> tuple[AttendInput, SequenceFlags]:
+    """The arguments of InprocClient.step: the input and its sequence flags."""
+    return inp, SequenceFlags(seq_id, start, end)
+
+
+def step(seq_id, x, **kw) -> tuple[AttendInput, SequenceFlags]:
+    return seq_step(AttendInput(np.ascontiguousarray(x, dtype=np.float32)), seq_id, **kw)
 
 
 def check(seed, full: np.ndarray, start: int, got: np.ndarray) -> None:
@@ -65,7 +72,7 @@ async def test_prompt_then_tokens_equal_the_reference(seed_model, engine):
     x = np.random.default_rng().standard_normal((1, 12, E)).astype(np.float32)
     pos = 0
     for i, t in enumerate([5, 1, 1, 3, 2]):
-        res = await c.step(step("s", x[:, pos : pos + t], start=i == 0), deadline=far())
+        res = await c.step(*step("s", x[:, pos : pos + t], start=i == 0), deadline=far())
         check(seed, x, pos, res.output.output)
         pos += t
     assert c.sequences.length("s") == 12
@@ -85,7 +92,7 @@ async def test_interleaved_sequences_share_forwards_and_stay_exact(seed_model, e
         pos = 0
         for n, t in enumerate(splits[i]):
             res = await c.step(
-                step(i, xs[i][:, pos : pos + t], start=n == 0, end=n == len(splits[i]) - 1), deadline=far()
+                *step(i, xs[i][:, pos : pos + t], start=n == 0, end=n == len(splits[i]) - 1), deadline=far()
             )
             check(seed, xs[i], pos, res.output.output)
             pos += t
@@ -100,7 +107,7 @@ async def test_steps_sent_before_the_previous_answer_run_in_order(seed_model, en
     c = await engine()
     x = np.random.default_rng().standard_normal((1, 8, E)).astype(np.float32)
     steps = [step(7, x[:, :2], start=True)] + [step(7, x[:, p : p + 1]) for p in range(2, 8)]
-    results = await asyncio.gather(*(c.step(s, deadline=far()) for s in steps))  # all submitted at once
+    results = await asyncio.gather(*(c.step(*s, deadline=far()) for s in steps))  # all submitted at once
     check(seed, x, 0, np.concatenate([r.output.output for r in results], axis=1))
 
 
@@ -108,8 +115,8 @@ async def test_weights_of_a_step(seed_model, engine):
     seed, _ = seed_model
     c = await engine()
     x = np.random.default_rng().standard_normal((1, 6, E)).astype(np.float32)
-    await c.step(step("w", x[:, :4], start=True), deadline=far())
-    res = await c.step(Step(AttendInput(x[:, 4:], need_weights=True, heads=(1, 3)), "w"), deadline=far())
+    await c.step(*step("w", x[:, :4], start=True), deadline=far())
+    res = await c.step(*seq_step(AttendInput(x[:, 4:], need_weights=True, heads=(1, 3)), "w"), deadline=far())
     ref_out, ref_w = naive_attention(seed, torch.from_numpy(x))
     np.testing.assert_allclose(res.output.output, ref_out[:, 4:].detach().numpy(), atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(res.output.weights, ref_w[:, [1, 3], 4:6, :6].detach().numpy(), atol=1e-5, rtol=1e-4)
@@ -118,25 +125,26 @@ async def test_weights_of_a_step(seed_model, engine):
 async def test_unknown_ended_and_reaped_ids_need_start(seed_model, engine):
     c = await engine(sequence_idle_s=0.2)
     x = np.ones((1, 1, E), np.float32)
-    with pytest.raises(SequenceStartRequired, match="must specify the START flag"):
-        await c.step(step(1, x), deadline=far())
-    await c.step(step(1, x, start=True, end=True), deadline=far())
+    with pytest.raises(SequenceStartRequired, match="must specify the START flag") as e:
+        await c.step(*step(1, x), deadline=far())
+    assert e.value.kind is ErrorKind.SEQUENCE_START_REQUIRED and ERROR_STATUS[e.value.kind.value] == 400
+    await c.step(*step(1, x, start=True, end=True), deadline=far())
     with pytest.raises(SequenceStartRequired):
-        await c.step(step(1, x), deadline=far())
-    await c.step(step(2, x, start=True), deadline=far())
+        await c.step(*step(1, x), deadline=far())
+    await c.step(*step(2, x, start=True), deadline=far())
     await asyncio.sleep(0.3)
     c.sequences.reap()  # (the engine's periodic reaper may have been first)
     assert c.sequences.evicted["idle"] == 1 and c.sequences.active == 0
     with pytest.raises(SequenceStartRequired):
-        await c.step(step(2, x), deadline=far())
+        await c.step(*step(2, x), deadline=far())
 
 
 async def test_start_on_a_live_id_starts_afresh(seed_model, engine, caplog):
     seed, _ = seed_model
     c = await engine()
     x = np.random.default_rng().standard_normal((1, 4, E)).astype(np.float32)
-    await c.step(step("r", np.ones((1, 3, E), np.float32), start=True), deadline=far())
-    res = await c.step(step("r", x[:, :2], start=True), deadline=far())
+    await c.step(*step("r", np.ones((1, 3, E), np.float32), start=True), deadline=far())
+    res = await c.step(*step("r", x[:, :2], start=True), deadline=far())
     check(seed, x, 0, res.output.output)
     assert c.sequences.length("r") == 2
     assert "started again while live" in caplog.text
@@ -145,15 +153,16 @@ async def test_start_on_a_live_id_starts_afresh(seed_model, engine, caplog):
 async def test_invalid_steps_are_422_naming_what_is_wrong(engine):
     c = await engine()
     with pytest.raises(StepInvalid, match="B = 1"):
-        await c.step(step(1, np.ones((2, 1, E)), start=True), deadline=far())
+        await c.step(*step(1, np.ones((2, 1, E)), start=True), deadline=far())
     with pytest.raises(StepInvalid, match="lengths"):
-        await c.step(Step(AttendInput(np.ones((1, 2, E), np.float32), lengths=np.array([1])), 1, True), deadline=far())
+        inp = AttendInput(np.ones((1, 2, E), np.float32), lengths=np.array([1]))
+        await c.step(*seq_step(inp, 1, True), deadline=far())
     with pytest.raises(StepInvalid, match="causal"):
-        await c.step(Step(AttendInput(np.ones((1, 2, E), np.float32), causal=False), 1, True), deadline=far())
-    await c.step(step(1, np.ones((1, MAX - 2, E)), start=True), deadline=far())
+        await c.step(*seq_step(AttendInput(np.ones((1, 2, E), np.float32), causal=False), 1, True), deadline=far())
+    await c.step(*step(1, np.ones((1, MAX - 2, E)), start=True), deadline=far())
     with pytest.raises(StepInvalid, match=rf"{MAX + 1} tokens long \({MAX - 2} cached \+ 3 in this step\)"):
-        await c.step(step(1, np.ones((1, 3, E))), deadline=far())
-    await c.step(step(1, np.ones((1, 2, E))), deadline=far())  # still usable
+        await c.step(*step(1, np.ones((1, 3, E))), deadline=far())
+    await c.step(*step(1, np.ones((1, 2, E))), deadline=far())  # still usable
     assert c.sequences.length(1) == MAX
 
 
@@ -161,45 +170,45 @@ async def test_a_cancelled_step_leaves_the_cache_as_before(seed_model, engine):
     seed, _ = seed_model
     c = await engine(fault_injection=True)
     x = np.random.default_rng().standard_normal((1, 5, E)).astype(np.float32)
-    await c.step(step("c", x[:, :3], start=True), deadline=far())
+    await c.step(*step("c", x[:, :3], start=True), deadline=far())
     usage = c.sequences.cache.usage
-    slow = Step(AttendInput(np.full((1, 4, E), 9.0, np.float32), fault="stall:300"), "c")
-    task = asyncio.create_task(c.step(slow, deadline=far()))
+    slow = seq_step(AttendInput(np.full((1, 4, E), 9.0, np.float32), fault="stall:300"), "c")
+    task = asyncio.create_task(c.step(*slow, deadline=far()))
     await asyncio.sleep(0.1)  # computing now
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     with pytest.raises(DeadlineExceeded):  # and one past its deadline
-        await c.step(step("c", np.full((1, 2, E), 9.0)), deadline=time.monotonic() - 1)
+        await c.step(*step("c", np.full((1, 2, E), 9.0)), deadline=time.monotonic() - 1)
     gone = asyncio.get_running_loop().create_future()
     gone.set_result(None)
     with pytest.raises(ClientGone):  # and one whose caller left
-        await c.step(step("c", np.full((1, 2, E), 9.0)), deadline=far(), abandoned=gone)
+        await c.step(*step("c", np.full((1, 2, E), 9.0)), deadline=far(), abandoned=gone)
     assert c.sequences.length("c") == 3 and c.sequences.cache.usage == usage
-    res = await c.step(step("c", x[:, 3:]), deadline=far())
+    res = await c.step(*step("c", x[:, 3:]), deadline=far())
     check(seed, x, 3, res.output.output)
 
 
 async def test_full_cache_evicts_the_least_recently_used_idle_sequence(engine):
     c = await engine(kv_cache_bytes=16 * TOKEN_BYTES, kv_block_size=4)  # 4 blocks
     x = np.ones((1, 8, E), np.float32)
-    await c.step(step("old", x, start=True), deadline=far())  # 2 blocks
-    await c.step(step("new", x, start=True), deadline=far())  # 2 blocks: full
-    await c.step(step("old", np.ones((1, 1, E))), deadline=far())  # touch: "new" is now the LRU... but old grows
+    await c.step(*step("old", x, start=True), deadline=far())  # 2 blocks
+    await c.step(*step("new", x, start=True), deadline=far())  # 2 blocks: full
+    await c.step(*step("old", np.ones((1, 1, E))), deadline=far())  # touch: "new" is now the LRU... but old grows
     # "old" needed a 3rd block: "new" (least recently used, idle) was evicted for it
     assert c.sequences.evicted["memory"] == 1
     with pytest.raises(SequenceStartRequired):
-        await c.step(step("new", np.ones((1, 1, E))), deadline=far())
+        await c.step(*step("new", np.ones((1, 1, E))), deadline=far())
     assert c.sequences.length("old") == 9
 
 
 async def test_full_cache_with_every_sequence_stepping_is_429(engine):
     c = await engine(kv_cache_bytes=8 * TOKEN_BYTES, kv_block_size=4, fault_injection=True)  # 2 blocks
-    busy = Step(AttendInput(np.ones((1, 8, E), np.float32), fault="stall:300"), "busy", start=True)
-    task = asyncio.create_task(c.step(busy, deadline=far()))
+    busy = seq_step(AttendInput(np.ones((1, 8, E), np.float32), fault="stall:300"), "busy", start=True)
+    task = asyncio.create_task(c.step(*busy, deadline=far()))
     await asyncio.sleep(0.05)
     with pytest.raises(CacheFull, match="KV cache is full") as e:
-        await c.step(step("other", np.ones((1, 1, E)), start=True), deadline=far())
+        await c.step(*step("other", np.ones((1, 1, E)), start=True), deadline=far())
     assert e.value.retry_after_s >= 1
     await task
     assert c.sequences.length("other") is None and c.sequences.length("busy") == 8
@@ -216,10 +225,25 @@ async def test_unwritten_cache_slots_never_reach_an_answer(seed_model, engine):
         cache.values[1:] = float("nan")
     rng = np.random.default_rng()
     xs = [rng.standard_normal((1, n, E)).astype(np.float32) for n in (7, 2, 4)]
-    firsts = await asyncio.gather(*(c.step(step(i, x[:, :-1], start=True), deadline=far()) for i, x in enumerate(xs)))
+    firsts = await asyncio.gather(*(c.step(*step(i, x[:, :-1], start=True), deadline=far()) for i, x in enumerate(xs)))
     for x, res in zip(xs, firsts, strict=True):
         check(seed, x, 0, res.output.output)
-    lasts = await asyncio.gather(*(c.step(step(i, x[:, -1:], end=True), deadline=far()) for i, x in enumerate(xs)))
+    lasts = await asyncio.gather(*(c.step(*step(i, x[:, -1:], end=True), deadline=far()) for i, x in enumerate(xs)))
     for x, res in zip(xs, lasts, strict=True):
         check(seed, x, x.shape[1] - 1, res.output.output)
         assert np.isfinite(res.output.output).all()
+
+
+async def test_an_end_only_step_ends_the_sequence_and_computes_nothing(engine):
+    c = await engine()
+    x = np.random.default_rng(5).standard_normal((1, 3, E)).astype(np.float32)
+    await c.step(*step("e", x, start=True), deadline=far())
+    assert c.sequences.length("e") == 3
+    res = await c.step(*step("e", np.zeros((1, 0, E)), end=True), deadline=far())
+    assert res.output.output.shape == (1, 0, E) and res.batch_requests == 0
+    assert c.sequences.length("e") is None and c.sequences.active == 0
+    assert c.sequences.cache.free_blocks == c.sequences.cache.num_blocks
+    with pytest.raises(SequenceStartRequired):
+        await c.step(*step("e", x[:, :1]), deadline=far())
+    with pytest.raises(StepInvalid, match="only ends its sequence"):  # no rows, but no end
+        await c.step(*step("e", np.zeros((1, 0, E)), start=True), deadline=far())
