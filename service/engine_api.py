@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from mha_core import MHAConfig
-from service.messages import AttendInput, EngineFailure, ErrorKind, Result
+from service.messages import AttendInput, Result, SequenceStartRequired, StepInvalid  # noqa: F401 (re-exported)
 
 Abandoned = Awaitable[Any] | Callable[[], Awaitable[Any]] | None
 SequenceId = int | str
@@ -33,18 +33,6 @@ class SequenceFlags:
     id: SequenceId
     start: bool = False
     end: bool = False
-
-
-class SequenceStartRequired(EngineFailure):
-    """A step of an id the engine does not hold, without ``start``: Triton's INVALID_ARG (HTTP 400)."""
-
-    kind = ErrorKind.SEQUENCE_START_REQUIRED
-
-
-class StepInvalid(EngineFailure):
-    """A step that breaks the sequence contract (B != 1, lengths, attn_mask, causal false, too long): 422."""
-
-    kind = ErrorKind.VALIDATION
 
 
 def check_step(inp: AttendInput, seq: SequenceFlags) -> None:

@@ -34,6 +34,7 @@ class AttendInput:
     fault: str | None = None  # tests only (settings.fault_injection): "raise" or "stall:<ms>"
     trace: object | None = None  # the request span's context when tracing is on (service/tracing.py); not in key
     # (decoded in the model process: its W3C carrier, which the model process turns back into a context)
+    sequence: tuple | None = None  # a step's (id, start, end) as it crosses to the model process; not in key
 
     @property
     def batch(self) -> int:
@@ -135,9 +136,30 @@ class EngineError(EngineFailure):
     kind = ErrorKind.INTERNAL
 
 
+class SequenceStartRequired(EngineFailure):
+    """A step of an id the engine does not hold, without ``start``: Triton's INVALID_ARG (HTTP 400)."""
+
+    kind = ErrorKind.SEQUENCE_START_REQUIRED
+
+
+class StepInvalid(EngineFailure):
+    """A step that breaks the sequence contract (B != 1, lengths, attn_mask, causal false, too long): 422."""
+
+    kind = ErrorKind.VALIDATION
+
+
 _FAILURE_OF_KIND: dict[str, type[EngineFailure]] = {
     c.kind.value: c
-    for c in (Overloaded, DeadlineExceeded, ShuttingDown, ClientGone, RequestTooLarge, NumericOverflow, EngineError)
+    for c in (
+        Overloaded,
+        DeadlineExceeded,
+        ShuttingDown,
+        ClientGone,
+        RequestTooLarge,
+        NumericOverflow,
+        EngineError,
+        SequenceStartRequired,
+    )
 }
 
 
@@ -272,12 +294,20 @@ def _buffers(frames: list) -> list:
 _new = object.__new__
 
 
-def _input(x, lengths, mask, causal, need_weights, heads, fault, trace) -> AttendInput:
+def _input(x, lengths, mask, causal, need_weights, heads, fault, trace, sequence=None) -> AttendInput:
     """An AttendInput without the frozen dataclass's ``__init__`` (one ``object.__setattr__`` per field): the same
     fields and object, built in half the time; the model process builds one per request."""
     inp = _new(AttendInput)
     inp.__dict__.update(
-        x=x, lengths=lengths, mask=mask, causal=causal, need_weights=need_weights, heads=heads, fault=fault, trace=trace
+        x=x,
+        lengths=lengths,
+        mask=mask,
+        causal=causal,
+        need_weights=need_weights,
+        heads=heads,
+        fault=fault,
+        trace=trace,
+        sequence=sequence,
     )
     return inp
 
@@ -311,6 +341,7 @@ class Request(msgspec.Struct, array_like=True, gc=False):
     request_id: str | None
     priority: int
     trace: dict[str, str] | None = None  # the request span's W3C traceparent/tracestate
+    sequence: tuple[int | str, bool, bool] | None = None  # a sequence step's id, start and end
 
 
 class Answer(msgspec.Struct, array_like=True, gc=False, tag=0):
@@ -394,6 +425,7 @@ def encode_requests(items: list[tuple[int, AttendInput, float, str | None, int]]
                 request_id,
                 priority,
                 None if inp.trace is None else _trace_carrier(inp.trace),
+                inp.sequence,
             )
         )
     return [_encode(Requests(reqs)), *pack.frames()]
@@ -428,6 +460,7 @@ def decode_requests(msg: Requests, frames: list) -> list[tuple[int, AttendInput,
             r.heads,
             r.fault,
             r.trace,
+            r.sequence,
         )
         out.append((r.id, inp, r.deadline, r.request_id, r.priority))
     return out

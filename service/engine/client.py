@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -25,7 +26,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from mha_core import MHAConfig
-from service.engine_api import EngineModel
+from service.engine_api import EngineModel, SequenceFlags
 from service.logs import request_id_var
 from service.messages import (
     COPY_BELOW,
@@ -217,6 +218,20 @@ class MPClient:
                 if not fut.done():
                     fut.cancel()
                 self._cancel([rid])
+
+    async def step(
+        self,
+        inp: AttendInput,
+        seq: SequenceFlags,
+        *,
+        deadline: float,
+        abandoned: Awaitable[Any] | Callable[[], Awaitable[Any]] | None = None,
+        priority: int = 0,
+    ) -> Result:
+        """A sequence's step: the same crossing as ``infer``, its id and flags with it; the model process runs it
+        in its sequence's turn and keeps its keys and values (service/engine/sequences.py)."""
+        inp = dataclasses.replace(inp, sequence=(seq.id, seq.start, seq.end))
+        return await self.infer(inp, deadline=deadline, abandoned=abandoned, priority=priority)
 
     def _watch_caller(self, wait: list, abandoned: Awaitable[Any]) -> None:
         fut = wait[0]

@@ -30,6 +30,7 @@ from typing import Any
 import zmq
 
 from service import heap
+from service.engine_api import SequenceFlags
 from service.logs import request_id_var
 from service.messages import (
     COPY_BELOW,
@@ -224,9 +225,8 @@ class Engine:
         mine = [key for key in self._pending if key[0] == peer]
         if mine:
             log.warning("a front end went away with %d request(s) pending: cancelled", len(mine))
-        cancel = self.batcher.cancel
         for key in mine:
-            cancel(self._pending.pop(key), "disconnect")
+            self._cancel(self._pending.pop(key))
 
     def _handle(self, frames: list) -> None:
         peer = frames[0].bytes
@@ -239,21 +239,45 @@ class Engine:
                     remote = self.tracing.remote_span_context(inp.trace) if self.tracing is not None else None
                     inp = dataclasses.replace(inp, trace=remote)
                 done = partial(self._answer, peer, rid, request_id)
+                if inp.sequence is not None:  # a sequence's step: in its sequence's turn (the engine's ``step``)
+                    pending[(peer, rid)] = self._step(inp, deadline, priority, done)
+                    continue
                 try:
                     pending[(peer, rid)] = submit(inp, deadline=deadline, priority=priority, done=done)
                 except Exception as e:  # refused at submit (overloaded, too large, shutting down): answered now
                     done(e)
         elif kind is Cancel:
-            cancel = self.batcher.cancel
             for rid in msg.ids:
                 handle = self._pending.pop((peer, rid), None)
                 if handle is not None:  # still unanswered: its client left
-                    cancel(handle, "disconnect")
+                    self._cancel(handle)
         elif kind is Ping:
             self._send(peer, encode(Heartbeat(*self._status())))
         elif kind is Hello:
             log.info("front end %s connected", msg.pid)
             self._send(peer, encode(Info(*self._status(), **self.info)))
+
+    def _step(self, inp: Any, deadline: float, priority: int, done: Any) -> asyncio.Task:
+        """A step waits for its sequence's turn (service/engine/sequences.py), so it is a task, not the batcher's
+        callback path; its handle for a cancel is the task."""
+        seq = SequenceFlags(*inp.sequence)
+        inp = dataclasses.replace(inp, sequence=None)
+        task = asyncio.ensure_future(self.engine.step(inp, seq, deadline=deadline, priority=priority))
+
+        def settled(t: asyncio.Task) -> None:
+            if not t.cancelled():  # (cancelled: its front end left, nobody waits for the answer)
+                done(t.exception() or t.result())
+
+        task.add_done_callback(settled)
+        return task
+
+    def _cancel(self, handle: Any) -> None:
+        """A request whose front end left: dropped before compute (a step: its task cancelled, its sequence as
+        it was before the step)."""
+        if isinstance(handle, asyncio.Task):
+            handle.cancel()
+        else:
+            self.batcher.cancel(handle, "disconnect")
 
     def _answer(self, peer: bytes, rid: int, request_id: str | None, res: Result | BaseException) -> None:
         """A request's ``done``: its outcome joins its front end's next message (one per turn of the loop)."""

@@ -71,6 +71,8 @@ class StepRunner:
             return results, stats
 
     def _input(self, rows: np.ndarray) -> torch.Tensor:
+        if not rows.flags.writeable:  # a view of a received frame: torch wants a buffer it may write (a step's
+            rows = rows.copy()  # rows are few; a prompt's, once)
         return torch.from_numpy(rows).to(self.device, self.dtype, non_blocking=False)
 
     def _run_batched(self, items: list[Step]) -> list[AttendOutput | NumericOverflow]:

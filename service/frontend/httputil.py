@@ -16,14 +16,9 @@ from service.frontend.admission import content_length
 from service.messages import (
     AttendInput,
     ClientGone,
-    DeadlineExceeded,
     EngineFailure,
     ErrorKind,
-    NumericOverflow,
-    Overloaded,
-    RequestTooLarge,
     Result,
-    ShuttingDown,
 )
 
 
@@ -199,12 +194,6 @@ async def run_batcher(
             check_step(inp, sequence)
         except EngineFailure as e:
             raise ServiceError(e.kind.value, str(e)) from e
-        if not hasattr(engine, "step"):  # the model process's client: its steps are wired after the crossing
-            raise ServiceError(
-                "internal_error",
-                "sequence steps are not yet served over the model process: run the model in the server process "
-                "(MHA_WORKERS=1 and MHA_ENGINE=auto or inprocess; the default on a CPU) to use sequences",
-            )
     tracing = state.tracing
     if tracing is not None:  # the batch's forward span links to this request's span
         submitted = time.monotonic()
@@ -216,22 +205,19 @@ async def run_batcher(
             res = await engine.infer(inp, deadline=deadline, abandoned=abandoned, priority=priority)
         else:
             res = await engine.step(inp, sequence, deadline=deadline, abandoned=abandoned, priority=priority)
-    except Overloaded as e:
-        raise ServiceError("overloaded", str(e), headers={"retry-after": str(int(e.retry_after_s))}) from e
-    except RequestTooLarge as e:
-        raise ServiceError("validation_error", str(e)) from e
-    except DeadlineExceeded as e:
-        raise ServiceError("deadline_exceeded", f"{e} (timeout {timeout_s * 1000:g} ms)") from e
-    except ShuttingDown as e:
-        raise ServiceError("unavailable", str(e)) from e
     except ClientGone:
-        return None  # nobody is listening; counted by the batcher
-    except NumericOverflow as e:  # the engine checks each batch's results once: never null/Inf/NaN in a 200
-        raise ServiceError("numeric_overflow", str(e)) from e
-    except EngineFailure as e:  # a step's own (StepInvalid, SequenceStartRequired): the error type is its kind
-        if e.kind is ErrorKind.INTERNAL:
+        return None  # nobody is listening; counted by the engine
+    except EngineFailure as e:  # mapped once, by its kind: the kind's value is its error type
+        kind = e.kind
+        if kind is ErrorKind.INTERNAL:  # the forward's own failure: the transport's opaque 500, logged with an id
             raise
-        raise ServiceError(e.kind.value, str(e)) from e
+        headers = None
+        message = str(e)
+        if kind is ErrorKind.OVERLOADED:
+            headers = {"retry-after": str(int(e.retry_after_s))}
+        elif kind is ErrorKind.DEADLINE:
+            message = f"{e} (timeout {timeout_s * 1000:g} ms)"
+        raise ServiceError(kind.value, message, headers=headers) from e
     if tracing is not None:
         tracing.record_queue(submitted, res.queue_s, res.batch_requests)
     return res

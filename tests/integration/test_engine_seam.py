@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from service.engine.inproc import InprocClient
-from service.engine_api import EngineClient
+from service.engine_api import EngineClient, SequenceFlags, SequenceStartRequired
 from service.messages import (
     AttendInput,
     ClientGone,
@@ -102,13 +102,9 @@ def later(s: float) -> float:
 
 async def test_start_describes_the_model_and_is_ready(engine):
     client, _ = engine
-    if isinstance(client, InprocClient):
-        assert isinstance(client, EngineClient)
-    else:  # MPClient gets ``step`` when the lead wires steps over the model process (the front end answers
-        # INTERNAL with a message until then: test_sequence_protocol.py); every other member is there
-        members = {m for m in vars(EngineClient) if not m.startswith("_")} | set(EngineClient.__annotations__)
-        missing = sorted(m for m in members if not hasattr(client, m))
-        assert missing == ["step"], missing
+    assert isinstance(client, EngineClient)
+    members = {m for m in vars(EngineClient) if not m.startswith("_")} | set(EngineClient.__annotations__)
+    assert sorted(m for m in members if not hasattr(client, m)) == []
     m = client.model
     assert (m.config.num_heads, m.config.emb_size, m.config.head_size, m.config.max_seq_len) == (H, E, D, T)
     assert m.device == "cpu" and m.dtype == "float32"
@@ -126,6 +122,29 @@ async def test_answers_equal_the_naive_reference(engine):
         np.testing.assert_allclose(res.output.output, out.numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(res.output.weights, w.numpy(), rtol=1e-4, atol=1e-5)
         assert res.batch_requests >= 1 and res.compute_s > 0
+
+
+async def test_sequence_steps_equal_the_reference_and_need_start(engine):
+    """Steps of two interleaved sequences (a prompt, then one token at a time) equal the causal forward's rows over
+    the whole sequence; a step of an id the engine does not hold is refused with the start-required kind."""
+    client, seed = engine
+    rng = np.random.default_rng(5)
+    xs = {"a": x_of(rng, T_=7), 7: x_of(rng, T_=5)}
+    with torch.no_grad():
+        want = {k: naive_attention(seed, torch.from_numpy(x))[0].numpy() for k, x in xs.items()}
+
+    async def run(key, prompt):
+        x, pos = xs[key], 0
+        for t in [prompt] + [1] * (x.shape[1] - prompt):
+            seq = SequenceFlags(key, start=pos == 0, end=pos + t == x.shape[1])
+            res = await client.step(AttendInput(x[:, pos : pos + t]), seq, deadline=later(30))
+            np.testing.assert_allclose(res.output.output, want[key][:, pos : pos + t], rtol=1e-4, atol=1e-5)
+            pos += t
+
+    await asyncio.gather(run("a", 3), run(7, 2))
+    with pytest.raises(SequenceStartRequired) as e:  # "a" ended with its last step
+        await client.step(AttendInput(x_of(rng, T_=1)), SequenceFlags("a"), deadline=later(30))
+    assert e.value.kind is ErrorKind.SEQUENCE_START_REQUIRED and "start" in str(e.value)
 
 
 async def test_every_failure_has_the_same_class_and_kind(engine):
@@ -183,7 +202,6 @@ async def test_after_stop_it_is_not_ready_and_refuses_with_unavailable(engine):
 
 def test_both_clients_are_the_interface():
     from service.engine.client import MPClient
-    from service.engine.inproc import InprocClient
 
     wanted = {"start", "infer", "ready", "queue_depth", "stop_accepting", "stop"}  # (and their attributes)
     for cls in (InprocClient, MPClient):

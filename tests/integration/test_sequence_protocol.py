@@ -6,9 +6,7 @@ from __future__ import annotations
 import base64
 import itertools
 import socket
-import time
 from contextlib import asynccontextmanager
-from types import SimpleNamespace
 
 import grpc
 import httpx
@@ -19,12 +17,8 @@ from asgi_lifespan import LifespanManager
 
 from mha_client import AsyncClient, MhaSequenceLost
 from service.app import create_app
-from service.engine_api import SequenceFlags
-from service.errors import ServiceError
-from service.frontend.httputil import run_batcher
 from service.frontend.triton_proto import grpc_service_pb2 as pb
 from service.frontend.triton_proto import grpc_service_pb2_grpc as pb_grpc
-from service.messages import AttendInput
 from service.settings import Settings
 from tests.reference import SeedMHA, naive_attention
 
@@ -289,27 +283,6 @@ async def test_the_sequence_model_is_listed_with_sequence_batching_and_the_exten
     assert "sequence" in ext and "sequence(string_id)" in ext
     assert (await http.get("/v2/models/mha-seq")).json()["name"] == "mha-seq"
     assert (await http.get("/v2/models/mha-seq2")).status_code == 404
-
-
-async def test_an_engine_without_steps_answers_internal_with_its_reason():
-    """The model process's client (MPClient) has no ``step`` until the crossing carries steps: a step is a 500
-    that says why, never a plain forward over the step's rows alone (a wrong answer)."""
-
-    class PlainEngine:
-        async def infer(self, *a, **kw):
-            raise AssertionError("a step must never run as a plain request")
-
-    state = SimpleNamespace(engine=PlainEngine(), tracing=None)
-    with pytest.raises(ServiceError) as e:
-        await run_batcher(
-            state,
-            AttendInput(np.ones((1, 1, E), np.float32)),
-            deadline=time.monotonic() + 5,
-            timeout_s=5,
-            abandoned=None,
-            sequence=SequenceFlags(1, start=True),
-        )
-    assert e.value.type == "internal_error" and "not yet served over the model process" in e.value.message
 
 
 async def test_the_async_client_generates_against_the_reference_and_replays_a_lost_prefix(seed_model, rng_seed):
