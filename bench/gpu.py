@@ -10,6 +10,11 @@ Rows, all measured in this one run:
   weights       ours with need_weights=True against the memory-write floor: B*H*T*T*2 bytes at the device's
                 bandwidth, measured here as (read + write bytes) / time of a 1 GiB device copy. Target: <= 2x.
                 Also the allocations of one (B,H,T,T) size during a forward (torch.profiler; runs on the CPU too).
+  decode        one decode step (one new token a sequence) over a 4,096-token cache, bf16, batches of 1, 8, 32,
+                through the service's StepRunner over a KVCache: bytes of cache read / time as a share of the
+                bandwidth measured here (a 1 GiB device copy). Target: >= 50%. Beside it the floor (bare SDPA over
+                contiguous K/V) and the step's time split into the gather (blocks into a padded copy), the
+                attention, and the rest. --decode-only runs it alone; --quick at tiny sizes (--device cpu).
   ceiling       the runner alone (pack, upload, forward, download, unpack; depth batches in flight as the
                 batcher keeps them) on [1,128,512] requests in batches of 64 and 256: the device's own ceiling
                 for the service's work. And the forward alone.
@@ -26,11 +31,13 @@ Without a CUDA device (or with MHA_DEVICE=cpu) every GPU row says "skipped: no C
 correctness row still runs pytest (all its cases skip) and the allocation rows still measure.
 
     .venv/bin/python bench/gpu.py [--device cuda:0] [--duration 8] [--budget-s 450] [--json PATH]
+    .venv/bin/python bench/gpu.py --decode-only | --device cpu --quick
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -314,7 +321,13 @@ def weights(table: Table, dev: torch.device | None, budget: Budget, shapes=CORE_
 DECODE_TOKENS = 4096
 DECODE_BATCHES = (1, 8, 32)
 DECODE_TARGET = 0.5  # of the bandwidth measured in the same run (issue 21; FlashDecoding's range on an A100)
-QUICK = {"tokens": 256, "batches": (1, 4), "copy_bytes": 16 << 20, "rounds": 3}  # --quick: seconds on a CPU
+QUICK = {"tokens": 64, "batches": (1, 4), "copy_bytes": 16 << 20, "rounds": 3}  # --quick: seconds on a CPU
+
+
+def rotate(fns: list):
+    """One callable that calls each of ``fns`` in turn."""
+    turn = itertools.cycle(fns)
+    return lambda: next(turn)()
 
 
 def decode(
@@ -326,6 +339,7 @@ def decode(
     batches: tuple[int, ...] = DECODE_BATCHES,
     copy_bytes: int = 1 << 30,
     rounds: int = 7,
+    l2_bytes: int | None = None,
 ) -> None:
     """One decode step (one new token per sequence) through the service's own StepRunner over a KVCache.
 
@@ -351,33 +365,45 @@ def decode(
     itemsize = torch.empty((), dtype=dtype).element_size()
     P = tokens + 1  # the cache and the step's own token
     new, total = [1] * max(batches), [P] * max(batches)
+    if l2_bytes is None:  # a CPU's caches are left alone: its figures are not the point
+        l2_bytes = torch.cuda.get_device_properties(dev).L2_cache_size if dev.type == "cuda" else 0
     rng = np.random.default_rng(0)
     for S in batches:
         case = f"[{S} x {tokens}] bf16"
         if budget.left() < 30:
             table.skip("decode", case, "skipped: time budget", target=f">= {DECODE_TARGET:.0%} of bandwidth")
             continue
+        nbytes = S * tokens * 2 * H * D * itemsize
+        # A cache that fits in the L2 would be read from it, not from memory: R groups of S sequences, a call
+        # on each in turn, so that what one call reads has left the L2 by its next turn.
+        R = max(1, -(-4 * l2_bytes // nbytes))
         per_seq = -(-P // block)
         cache = KVCache(
             num_heads=H,
             head_size=D,
             dtype=dtype,
             device=dev,
-            max_bytes=S * per_seq * 2 * block * H * D * itemsize,
+            max_bytes=R * S * per_seq * 2 * block * H * D * itemsize,
             block_size=block,
         )
         with torch.inference_mode():
             cache.keys.normal_()
             cache.values.normal_()
         for n in range(block, per_seq * block + 1, block):  # sequences that grew together: their blocks interleave
-            for i in range(S):
+            for i in range(R * S):
                 if not cache.reserve(i, min(n, P)):
                     raise RuntimeError(f"the bench's cache of {cache.num_blocks} blocks is too small for {S} x {P}")
         xs = rng.standard_normal((S, 1, 1, E), dtype=np.float32)
-        items = [Step(AttendInput(xs[i]), id=i, past=tokens, slots=cache.slots(i, tokens)) for i in range(S)]
+        groups = [
+            [
+                Step(AttendInput(xs[i]), id=g * S + i, past=tokens, slots=cache.slots(g * S + i, tokens))
+                for i in range(S)
+            ]
+            for g in range(R)
+        ]
         steps = StepRunner(runner, cache)
 
-        def gather(items=items, cache=cache, S=S):
+        def gather(items, cache=cache, S=S):
             """The step runner's gather, as _run_batched does it: the index, then index_select of keys and values."""
             index = torch.zeros(S, P, dtype=torch.int64, device=dev)
             for i, it in enumerate(items):
@@ -387,29 +413,32 @@ def decode(
         with torch.inference_mode():
             x = torch.from_numpy(xs.reshape(S, E)).to(dev, dtype)
             q, k, v = project(runner.module, x)  # (S, H, D) each
-            keys, values = gather()  # (S, P, H, D)
-            keys[:, tokens], values[:, tokens] = k, v
-            kc, vc = (t.transpose(1, 2).contiguous() for t in (keys, values))  # (S, H, P, D): the floor's layout
+            gathered = [gather(items) for items in groups]  # (S, P, H, D) each
+            for keys, values in gathered:
+                keys[:, tokens], values[:, tokens] = k, v
             qc = q.view(S, 1, H, D).transpose(1, 2)  # (S, H, 1, D)
+            floors = [tuple(t.transpose(1, 2).contiguous() for t in kv) for kv in gathered]  # (S, H, P, D) each
             # the last position sees every key: no mask, the fastest kernel the device has for it
-            y = F.scaled_dot_product_attention(qc, kc, vc).transpose(1, 2).reshape(S, H * D)
+            y = F.scaled_dot_product_attention(qc, *floors[0]).transpose(1, 2).reshape(S, H * D)
             want = runner.module.proj(y).float().cpu().numpy()
-            results, _ = steps.run(items)
+            results, _ = steps.run(groups[0])
             got = np.concatenate([r.output.reshape(1, E) for r in results])
             err = float(np.abs(got - want).max())
             ms = compare(
                 {
-                    "step": lambda items=items, steps=steps: steps.run(items),
-                    "gather": gather,
-                    "attention": lambda S=S, q=q, keys=keys, values=values: attend_padded(
-                        runner.module, q, keys, values, new[:S], total[:S]
+                    "step": rotate([lambda items=items, steps=steps: steps.run(items) for items in groups]),
+                    "gather": rotate([lambda items=items, gather=gather: gather(items) for items in groups]),
+                    "attention": rotate(
+                        [
+                            lambda S=S, q=q, kv=kv: attend_padded(runner.module, q, *kv, new[:S], total[:S])
+                            for kv in gathered
+                        ]
                     ),
-                    "floor": lambda qc=qc, kc=kc, vc=vc: F.scaled_dot_product_attention(qc, kc, vc),
+                    "floor": rotate([lambda qc=qc, kv=kv: F.scaled_dot_product_attention(qc, *kv) for kv in floors]),
                 },
                 rounds=rounds,
                 cuda=dev.type == "cuda",
             )
-        nbytes = S * tokens * 2 * H * D * itemsize
         share = {k: nbytes / (t / 1000) / (bw * 1e9) for k, t in ms.items()}
         rest = ms["step"] - ms["gather"] - ms["attention"]
         stages = {"gather": ms["gather"], "attention": ms["attention"], "rest": rest}
@@ -417,13 +446,15 @@ def decode(
         ok = share["step"] >= DECODE_TARGET
         table.add(
             "decode",
-            f"{case} step, StepRunner over KVCache ({nbytes / 2**20:.3g} MiB of cache, max abs diff {err:.2g})",
+            f"{case} step, StepRunner over KVCache ({nbytes / 2**20:.3g} MiB of cache"
+            + (f", {R} such in turn: past the L2" if R > 1 else "")
+            + f", max abs diff {err:.2g})",
             fmt_ms(ms["step"]),
             f"floor (SDPA, contiguous K/V) {fmt_ms(ms['floor'])}, {share['floor']:.0%} of bandwidth",
             f"{share['step']:.0%} of bandwidth",
             f">= {DECODE_TARGET:.0%} of bandwidth",
             "PASS" if ok else "FAIL",
-            data={"batch": S, "tokens": tokens, "cache_bytes": nbytes, "max_abs_diff": err}
+            data={"batch": S, "tokens": tokens, "cache_bytes": nbytes, "groups": R, "max_abs_diff": err}
             | {f"{k}_ms": t for k, t in ms.items()}
             | {f"{k}_share": v for k, v in share.items()},
         )
@@ -437,7 +468,7 @@ def decode(
             "" if ok else f"{culprit}-bound",
             data={"batch": S, "rest_ms": rest, "culprit": culprit},
         )
-        del cache, items, steps, keys, values, kc, vc
+        del cache, groups, steps, gathered, floors
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -764,7 +795,9 @@ def decode_only(args, device: str) -> int:
     elif args.quick:  # tiny ops split over threads on a shared host wait on each other for a scheduler tick
         torch.set_num_threads(1)
     table = Table()
-    decode(table, dev, Budget(args.budget_s), **(QUICK if args.quick else {}))
+    # --quick on a CPU: as if its L2 held 64 KiB, so that the turns over several caches run here too
+    sizes = (QUICK | ({"l2_bytes": 64 << 10} if dev.type == "cpu" else {})) if args.quick else {}
+    decode(table, dev, Budget(args.budget_s), **sizes)
     print()
     note = " (--quick: tiny sizes; verdicts are meaningless here)" if args.quick else ""
     print(f"## decode on {name}{note}")
