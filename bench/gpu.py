@@ -265,7 +265,7 @@ def core(table: Table, dev: torch.device, budget: Budget, shapes=CORE_SHAPES) ->
 
 
 def bandwidth_gbs(dev: torch.device, nbytes: int | None = None) -> float:
-    """Device memory bandwidth: (read + write bytes) / time of a 1 GiB device-to-device copy."""
+    """Device memory bandwidth: (read + write bytes) / time of a device-to-device copy (1 GiB on a GPU by default)."""
     n = nbytes or (1 << 30 if dev.type == "cuda" else 1 << 27)
     a = torch.empty(n, dtype=torch.uint8, device=dev)
     b = torch.empty_like(a)
