@@ -92,5 +92,5 @@ docker-build-cuda: $(STAMP)  ## build and check the CUDA image mha-serve:cuda of
 bench-procs: $(STAMP)  ## MHA_WORKERS front ends + model process vs one process, real model, wrk c=32 (bench/procs.py)
 	$(PY) bench/procs.py
 
-bench-gpu: $(STAMP)  ## one table on a CUDA host: device tests, core vs floor, weights vs bandwidth, GPU paths, service (bench/gpu.py; < 8 min)
+bench-gpu: $(STAMP)  ## one table on a CUDA host: device tests, core vs floor, weights vs bandwidth, decode vs bandwidth, GPU paths, service (bench/gpu.py; < 8 min)
 	$(PY) bench/gpu.py

@@ -10,6 +10,11 @@ Rows, all measured in this one run:
   weights       ours with need_weights=True against the memory-write floor: B*H*T*T*2 bytes at the device's
                 bandwidth, measured here as (read + write bytes) / time of a 1 GiB device copy. Target: <= 2x.
                 Also the allocations of one (B,H,T,T) size during a forward (torch.profiler; runs on the CPU too).
+  decode        one decode step (one new token a sequence) over a 4,096-token cache, bf16, batches of 1, 8, 32,
+                through the service's StepRunner over a KVCache: bytes of cache read / time as a share of the
+                bandwidth measured here (a 1 GiB device copy). Target: >= 50%. Beside it the floor (bare SDPA over
+                contiguous K/V) and the step's time split into the gather (blocks into a padded copy), the
+                attention, and the rest. --decode-only runs it alone; --quick at tiny sizes (--device cpu).
   ceiling       the runner alone (pack, upload, forward, download, unpack; depth batches in flight as the
                 batcher keeps them) on [1,128,512] requests in batches of 64 and 256: the device's own ceiling
                 for the service's work. And the forward alone.
@@ -26,11 +31,13 @@ Without a CUDA device (or with MHA_DEVICE=cpu) every GPU row says "skipped: no C
 correctness row still runs pytest (all its cases skip) and the allocation rows still measure.
 
     .venv/bin/python bench/gpu.py [--device cuda:0] [--duration 8] [--budget-s 450] [--json PATH]
+    .venv/bin/python bench/gpu.py --decode-only | --device cpu --quick
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -57,9 +64,14 @@ sys.path.insert(0, str(ROOT))
 from bench.harness import Server, run_wrk, wrk_errors  # noqa: E402
 from bench.weights_memory import measure as weights_allocations  # noqa: E402
 from mha_core import MHAConfig, MultiHeadAttention  # noqa: E402
+from mha_core.incremental import attend_padded, project  # noqa: E402
+from service.engine.kvcache import KVCache  # noqa: E402
 from service.engine.runner import Runner  # noqa: E402
+from service.engine.sequences import Step  # noqa: E402
+from service.engine.steprunner import StepRunner  # noqa: E402
 from service.frontend.codecs import bf16_to_f32, f32_to_bf16  # noqa: E402
 from service.messages import AttendInput  # noqa: E402
+from service.settings import Settings  # noqa: E402
 
 E, H, D = 512, 8, 64
 CORE_SHAPES = [(1, 128), (32, 128), (8, 1024), (4, 4096)]
@@ -72,10 +84,12 @@ class Table:
     def __init__(self) -> None:
         self.rows: list[dict] = []
 
-    def add(self, section: str, case: str, ours="", ref="", ratio="", target="", verdict="") -> None:
+    def add(self, section: str, case: str, ours="", ref="", ratio="", target="", verdict="", data=None) -> None:
+        """``data``: the row's figures as numbers, for --json readers (the other columns are text)."""
         self.rows.append(
             {"section": section, "case": case, "ours": ours, "reference": ref, "ratio": ratio, "target": target}
             | {"verdict": verdict}
+            | ({"data": data} if data is not None else {})
         )
         print(f"  [{section}] {case}: {ours} | {ref} | {ratio} | {verdict}", flush=True)
 
@@ -102,10 +116,11 @@ class Budget:
 # -- timing -------------------------------------------------------------------------------------------------
 
 
-def device_ms(fn, inner: int) -> float:
+def device_ms(fn, inner: int, cuda: bool | None = None) -> float:
     """Milliseconds per call of fn over `inner` back-to-back calls: CUDA events on a GPU (the --selfcheck
-    run on the CPU uses the wall clock)."""
-    if not torch.cuda.is_available():
+    run on the CPU uses the wall clock). ``cuda``: which clock (None: CUDA events where CUDA is available),
+    so that CPU work on a CUDA host is timed by the wall clock, not by events around an idle stream."""
+    if not (torch.cuda.is_available() if cuda is None else cuda):
         t0 = time.perf_counter()
         for _ in range(inner):
             fn()
@@ -124,17 +139,17 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def compare(fns: dict, rounds: int = 7, target_ms: float = 20.0) -> dict[str, float]:
+def compare(fns: dict, rounds: int = 7, target_ms: float = 20.0, cuda: bool | None = None) -> dict[str, float]:
     """Median ms per call of each fn, measured round-robin so drift hits them alike."""
     for fn in fns.values():  # warm-up, and the inner count that makes one timing ~target_ms
         for _ in range(3):
             fn()
     sync()
-    inner = {k: max(1, min(200, int(target_ms / max(device_ms(fn, 2), 1e-3)))) for k, fn in fns.items()}
+    inner = {k: max(1, min(200, int(target_ms / max(device_ms(fn, 2, cuda), 1e-3)))) for k, fn in fns.items()}
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            times[k].append(device_ms(fn, inner[k]))
+            times[k].append(device_ms(fn, inner[k], cuda))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -249,12 +264,12 @@ def core(table: Table, dev: torch.device, budget: Budget, shapes=CORE_SHAPES) ->
         )
 
 
-def bandwidth_gbs(dev: torch.device) -> float:
-    """Device memory bandwidth: (read + write bytes) / time of a 1 GiB device-to-device copy."""
-    n = 1 << 30 if dev.type == "cuda" else 1 << 27
+def bandwidth_gbs(dev: torch.device, nbytes: int | None = None) -> float:
+    """Device memory bandwidth: (read + write bytes) / time of a device-to-device copy (1 GiB on a GPU by default)."""
+    n = nbytes or (1 << 30 if dev.type == "cuda" else 1 << 27)
     a = torch.empty(n, dtype=torch.uint8, device=dev)
     b = torch.empty_like(a)
-    ms = min(device_ms(lambda: b.copy_(a), 5) for _ in range(3))
+    ms = min(device_ms(lambda: b.copy_(a), 5, dev.type == "cuda") for _ in range(3))
     return 2 * n / (ms / 1000) / 1e9
 
 
@@ -299,6 +314,163 @@ def weights(table: Table, dev: torch.device | None, budget: Budget, shapes=CORE_
             "1",
             "PASS" if n == 1 else "FAIL",
         )
+
+
+# -- decode: one step over a long cache, against the device's bandwidth ---------------------------------------
+
+DECODE_TOKENS = 4096
+DECODE_BATCHES = (1, 8, 32)
+DECODE_TARGET = 0.5  # of the bandwidth measured in the same run (issue 21; FlashDecoding's range on an A100)
+QUICK = {"tokens": 64, "batches": (1, 4), "copy_bytes": 16 << 20, "rounds": 3}  # --quick: seconds on a CPU
+
+
+def rotate(fns: list):
+    """One callable that calls each of ``fns`` in turn."""
+    turn = itertools.cycle(fns)
+    return lambda: next(turn)()
+
+
+def decode(
+    table: Table,
+    dev: torch.device,
+    budget: Budget,
+    *,
+    tokens: int = DECODE_TOKENS,
+    batches: tuple[int, ...] = DECODE_BATCHES,
+    copy_bytes: int = 1 << 30,
+    rounds: int = 7,
+    l2_bytes: int | None = None,
+) -> None:
+    """One decode step (one new token per sequence) through the service's own StepRunner over a KVCache.
+
+    A decode step must read every cached key and value of its sequences, and does little else, so it is bound
+    by memory: bytes of cache / step time, as a share of what a device-to-device copy moves in the same run,
+    says how far it is from the device's limit. Bare SDPA over contiguous K/V is the floor: the same reads with
+    nothing around them. The service's step first gathers the blocks into a padded copy (index_select), which
+    SDPA then reads again; the gather, the attention over its result, and the rest (projections, host copies,
+    the index) are timed apart, so a step below the target names its culprit.
+    """
+    dtype = torch.bfloat16
+    bw = bandwidth_gbs(dev, copy_bytes)
+    table.add(
+        "decode",
+        f"device bandwidth ({copy_bytes / 2**30:.3g} GiB copy, read + write)",
+        f"{bw:.0f} GB/s",
+        verdict="measured",
+        data={"bandwidth_gbs": bw, "copy_bytes": copy_bytes},
+    )
+    block = Settings.model_fields["kv_block_size"].default  # the service's own block size
+    module = MultiHeadAttention.from_seed(MHAConfig(H, E, D, tokens + block), 0)
+    runner = Runner(module, device=dev, dtype=dtype, checksum="bench", graph_buckets=[])
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    P = tokens + 1  # the cache and the step's own token
+    new, total = [1] * max(batches), [P] * max(batches)
+    if l2_bytes is None:  # a CPU's caches are left alone: its figures are not the point
+        l2_bytes = torch.cuda.get_device_properties(dev).L2_cache_size if dev.type == "cuda" else 0
+    rng = np.random.default_rng(0)
+    for S in batches:
+        case = f"[{S} x {tokens}] bf16"
+        if budget.left() < 30:
+            table.skip("decode", case, "skipped: time budget", target=f">= {DECODE_TARGET:.0%} of bandwidth")
+            continue
+        nbytes = S * tokens * 2 * H * D * itemsize
+        # A cache that fits in the L2 would be read from it, not from memory: R groups of S sequences, a call
+        # on each in turn, so that what one call reads has left the L2 by its next turn.
+        R = max(1, -(-4 * l2_bytes // nbytes))
+        per_seq = -(-P // block)
+        cache = KVCache(
+            num_heads=H,
+            head_size=D,
+            dtype=dtype,
+            device=dev,
+            max_bytes=R * S * per_seq * 2 * block * H * D * itemsize,
+            block_size=block,
+        )
+        with torch.inference_mode():
+            cache.keys.normal_()
+            cache.values.normal_()
+        for n in range(block, per_seq * block + 1, block):  # sequences that grew together: their blocks interleave
+            for i in range(R * S):
+                if not cache.reserve(i, min(n, P)):
+                    raise RuntimeError(f"the bench's cache of {cache.num_blocks} blocks is too small for {S} x {P}")
+        xs = rng.standard_normal((S, 1, 1, E), dtype=np.float32)
+        groups = [
+            [
+                Step(AttendInput(xs[i]), id=g * S + i, past=tokens, slots=cache.slots(g * S + i, tokens))
+                for i in range(S)
+            ]
+            for g in range(R)
+        ]
+        steps = StepRunner(runner, cache)
+
+        def gather(items, cache=cache, S=S):
+            """The step runner's gather, as _run_batched does it: the index, then index_select of keys and values."""
+            index = torch.zeros(S, P, dtype=torch.int64, device=dev)
+            for i, it in enumerate(items):
+                index[i, :tokens] = it.slots
+            return cache.gather(index)
+
+        with torch.inference_mode():
+            x = torch.from_numpy(xs.reshape(S, E)).to(dev, dtype)
+            q, k, v = project(runner.module, x)  # (S, H, D) each
+            gathered = [gather(items) for items in groups]  # (S, P, H, D) each
+            for keys, values in gathered:
+                keys[:, tokens], values[:, tokens] = k, v
+            qc = q.view(S, 1, H, D).transpose(1, 2)  # (S, H, 1, D)
+            floors = [tuple(t.transpose(1, 2).contiguous() for t in kv) for kv in gathered]  # (S, H, P, D) each
+            # the last position sees every key: no mask, the fastest kernel the device has for it
+            y = F.scaled_dot_product_attention(qc, *floors[0]).transpose(1, 2).reshape(S, H * D)
+            want = runner.module.proj(y).float().cpu().numpy()
+            results, _ = steps.run(groups[0])
+            got = np.concatenate([r.output.reshape(1, E) for r in results])
+            err = float(np.abs(got - want).max())
+            ms = compare(
+                {
+                    "step": rotate([lambda items=items, steps=steps: steps.run(items) for items in groups]),
+                    "gather": rotate([lambda items=items, gather=gather: gather(items) for items in groups]),
+                    "attention": rotate(
+                        [
+                            lambda S=S, q=q, kv=kv: attend_padded(runner.module, q, *kv, new[:S], total[:S])
+                            for kv in gathered
+                        ]
+                    ),
+                    "floor": rotate([lambda qc=qc, kv=kv: F.scaled_dot_product_attention(qc, *kv) for kv in floors]),
+                },
+                rounds=rounds,
+                cuda=dev.type == "cuda",
+            )
+        share = {k: nbytes / (t / 1000) / (bw * 1e9) for k, t in ms.items()}
+        rest = ms["step"] - ms["gather"] - ms["attention"]
+        stages = {"gather": ms["gather"], "attention": ms["attention"], "rest": rest}
+        culprit = max(stages, key=stages.get)
+        ok = share["step"] >= DECODE_TARGET
+        table.add(
+            "decode",
+            f"{case} step, StepRunner over KVCache ({nbytes / 2**20:.3g} MiB of cache"
+            + (f", {R} such in turn: past the L2" if R > 1 else "")
+            + f", max abs diff {err:.2g})",
+            fmt_ms(ms["step"]),
+            f"floor (SDPA, contiguous K/V) {fmt_ms(ms['floor'])}, {share['floor']:.0%} of bandwidth",
+            f"{share['step']:.0%} of bandwidth",
+            f">= {DECODE_TARGET:.0%} of bandwidth",
+            "PASS" if ok else "FAIL",
+            data={"batch": S, "tokens": tokens, "cache_bytes": nbytes, "groups": R, "max_abs_diff": err}
+            | {f"{k}_ms": t for k, t in ms.items()}
+            | {f"{k}_share": v for k, v in share.items()},
+        )
+        table.add(
+            "decode",
+            f"{case} where the step's time goes (rest: projections, host copies, the index)",
+            f"gather {fmt_ms(ms['gather'])}",
+            f"attention {fmt_ms(ms['attention'])}, rest {fmt_ms(rest)}",
+            f"gather {ms['gather'] / ms['step']:.0%} of the step",
+            "",
+            "" if ok else f"{culprit}-bound",
+            data={"batch": S, "rest_ms": rest, "culprit": culprit},
+        )
+        del cache, groups, steps, gathered, floors
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 # -- the runner: the device's ceiling and the GPU paths ---------------------------------------------------------
@@ -562,6 +734,16 @@ def main() -> int:
         help="run every row on the CPU at small sizes, to check this script where there is no GPU (no verdicts)",
     )
     ap.add_argument("--wrk", default="auto", choices=["auto", "off"], help="off: use the Python load generator")
+    ap.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="only the decode section (one step over a 4,096-token cache against the bandwidth): under 2 minutes",
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="the decode section alone at tiny sizes (--device cpu: checks it in seconds; no real verdicts)",
+    )
     args = ap.parse_args()
     budget = Budget(args.budget_s)
     device = args.device
@@ -574,6 +756,8 @@ def main() -> int:
     _NO_WRK = args.wrk == "off"
     if args.selfcheck:
         return selfcheck(args)
+    if args.quick or args.decode_only:
+        return decode_only(args, device if cuda else "cpu")
     dev = torch.device(device) if cuda else None
     name = torch.cuda.get_device_name(dev) if cuda else "no CUDA device"
     print(f"# bench/gpu.py on {device} ({name}), torch {torch.__version__} (CUDA {torch.version.cuda})", flush=True)
@@ -586,11 +770,37 @@ def main() -> int:
         for B, T in CORE_SHAPES:
             table.skip("core", f"[{B},{T}] bf16 vs floor and nn.MHA", target="<= 1.10x")
     weights(table, dev, budget)
+    if cuda:
+        decode(table, dev, budget)
+    else:
+        for S in DECODE_BATCHES:
+            table.skip("decode", f"[{S} x {DECODE_TOKENS}] bf16 step", target=f">= {DECODE_TARGET:.0%} of bandwidth")
     ceilings = paths(table, dev, budget)
     service(table, device, cuda, ceilings, args.duration, budget)
     elapsed = time.monotonic() - budget.t0
     print()
     print(f"## mha-serve on {name}: {elapsed:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}")
+    print()
+    print(table.render())
+    if args.json:
+        args.json.write_text(json.dumps(table.rows, indent=1))
+    return 0
+
+
+def decode_only(args, device: str) -> int:
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "the CPU"
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    elif args.quick:  # tiny ops split over threads on a shared host wait on each other for a scheduler tick
+        torch.set_num_threads(1)
+    table = Table()
+    # --quick on a CPU: as if its L2 held 64 KiB, so that the turns over several caches run here too
+    sizes = (QUICK | ({"l2_bytes": 64 << 10} if dev.type == "cpu" else {})) if args.quick else {}
+    decode(table, dev, Budget(args.budget_s), **sizes)
+    print()
+    note = " (--quick: tiny sizes; verdicts are meaningless here)" if args.quick else ""
+    print(f"## decode on {name}{note}")
     print()
     print(table.render())
     if args.json:
@@ -605,6 +815,7 @@ def selfcheck(args) -> int:
     table = Table()
     core(table, dev, budget, shapes=[(1, 64), (2, 256)])
     weights(table, dev, budget, shapes=[(1, 64), (2, 256)])
+    decode(table, dev, budget, **QUICK)
     ceilings = paths(table, dev, budget, secs=0.5, batches=(2, 8))
     service(table, "cpu", True, ceilings, 2.0, budget, concs=(4, 16))
     print()
