@@ -246,7 +246,7 @@ def core(table: Table, dev: torch.device, budget: Budget, shapes=CORE_SHAPES) ->
         r = ms["ours"] / ms["floor"]
         table.add(
             "core",
-            f"[{B},{T}] bf16 vs floor (max |diff| {err:.2g})",
+            f"[{B},{T}] bf16 vs floor (max abs diff {err:.2g})",
             fmt_ms(ms["ours"]),
             f"floor {fmt_ms(ms['floor'])}",
             f"{r:.2f}x",
