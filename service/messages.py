@@ -161,7 +161,7 @@ DTYPE_MAX = {"float32": float(np.finfo(np.float32).max), "float16": 65504.0, "bf
 
 # each wire dtype's numpy form; bfloat16 has none, so its bits are carried as uint16
 WIRE_NUMPY = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
-_HALF_INF = {"float16": 0x7C00, "bfloat16": 0x7F80}  # a half's exponent bits all set: Inf or NaN
+HALF_INF = {"float16": 0x7C00, "bfloat16": 0x7F80}  # a half's exponent bits all set: Inf or NaN
 
 
 def largest_bits(arr: np.ndarray) -> int:
@@ -175,7 +175,7 @@ def finite_as(arr: np.ndarray, dtype: str) -> bool:
     """Whether every element of ``arr``, in ``dtype``'s wire form (WIRE_NUMPY), is finite."""
     if dtype == "float32":
         return all_finite(arr)
-    return largest_bits(arr) < _HALF_INF[dtype]
+    return largest_bits(arr) < HALF_INF[dtype]
 
 
 def bits_value(bits: int, dtype: str) -> float:
