@@ -9,6 +9,11 @@ core; CPU time (``time.process_time``), median of ``--reps``.
 
     taskset -c 0 .venv/bin/python bench/app_cpu.py            # the table
     taskset -c 0 .venv/bin/python bench/app_cpu.py --profile v2   # cProfile of one variant instead
+    taskset -c 0 .venv/bin/python bench/app_cpu.py --shape 1,128,512   # a GPU host's request (issue 20's bf16 case)
+
+``v2 bf16`` sends x as BF16 and is answered in it. The fake engine answers with the x it was given, in the dtype
+it was given: the wire dtype where the engine answers in the response's dtype, float32 where the front end widens
+x and narrows the answer (before issue 20), so the row measures what the front end does with half precision.
 
 What it leaves out is the same for every row: uvicorn's HTTP parsing and writes, the kernel, the crossing to
 the model process (its Python is in ``MPClient``, which the fake engine replaces).
@@ -67,27 +72,39 @@ class NextTurnEngine:
         pass
 
 
-def bodies() -> dict[str, tuple[str, bytes, list]]:
-    x = np.random.default_rng(0).standard_normal(SHAPE, dtype=np.float32)
-    raw = x.tobytes()
+def set_shape(shape: tuple[int, int, int]) -> None:
+    """Measure requests of ``shape`` (B, T, E) on a model that takes them (4 heads)."""
+    global SHAPE, MODEL
+    SHAPE = shape
+    MODEL = {"num_heads": 4, "emb_size": shape[2], "head_size": shape[2] // 4, "max_seq_len": shape[1]}
+
+
+def v2_body(raw: bytes, datatype: str) -> tuple[bytes, list]:
     header = json.dumps(
         {
             "inputs": [
-                {"name": "x", "shape": list(SHAPE), "datatype": "FP32", "parameters": {"binary_data_size": len(raw)}}
+                {"name": "x", "shape": list(SHAPE), "datatype": datatype, "parameters": {"binary_data_size": len(raw)}}
             ],
             "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
         }
     ).encode()
+    return header + raw, [(b"inference-header-content-length", b"%d" % len(header))]
+
+
+def bodies() -> dict[str, tuple[str, bytes, list]]:
+    from mha_client._wire import f32_to_bf16
+
+    x = np.random.default_rng(0).standard_normal(SHAPE, dtype=np.float32)
+    raw = x.tobytes()
+    v2, v2_headers = v2_body(raw, "FP32")
+    bf16, bf16_headers = v2_body(f32_to_bf16(x).tobytes(), "BF16")
     b64 = json.dumps({"x": {"dtype": "float32", "shape": list(SHAPE), "b64": base64.b64encode(raw).decode()}}).encode()
     octet = [(b"content-type", b"application/octet-stream")]
     return {
-        "v2": (
-            "/v2/models/mha/infer",
-            header + raw,
-            [*octet, (b"inference-header-content-length", b"%d" % len(header))],
-        ),
+        "v2": ("/v2/models/mha/infer", v2, [*octet, *v2_headers]),
+        "v2 bf16": ("/v2/models/mha/infer", bf16, [*octet, *bf16_headers]),
         "base64": ("/attend", b64, [(b"content-type", b"application/json")]),
-        "echo": ("/echo", header + raw, octet),
+        "echo": ("/echo", v2, octet),
     }
 
 
@@ -170,8 +187,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=16_000, help="per repetition")
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--profile", choices=["v2", "base64"], help="cProfile this variant (log off) instead")
+    parser.add_argument("--profile", choices=["v2", "v2 bf16", "base64"], help="cProfile this variant (log off)")
+    parser.add_argument("--shape", default=",".join(map(str, SHAPE)), help="x's B,T,E")
     args = parser.parse_args()
+    set_shape(tuple(int(d) for d in args.shape.split(",")))
 
     import uvloop
 
@@ -184,13 +203,22 @@ def main() -> None:
         uvloop.run(measure(args.profile, False, args.requests, 1, True))
         return
     rows = []
-    for variant, log in (("echo", False), ("v2", False), ("v2", True), ("base64", False), ("base64", True)):
+    for variant, log in (
+        ("echo", False),
+        ("v2", False),
+        ("v2", True),
+        ("v2 bf16", False),
+        ("base64", False),
+        ("base64", True),
+    ):
         us, statuses = uvloop.run(measure(variant, log, args.requests, args.reps, False))
         if statuses != {200}:
             raise SystemExit(f"{variant}: statuses {statuses}")
         rows.append((variant, log, us))
     floor = rows[0][2]
-    print(f"\nIn-process CPU a request, x {list(SHAPE)} float32, {AT_ONCE} at a time, median of {args.reps}")
+    print(
+        f"\nIn-process CPU a request, x {list(SHAPE)} float32 (bf16: BF16), {AT_ONCE} at a time, median of {args.reps}"
+    )
     print("| route | access log | us a request | x the FastAPI echo's |")
     print("|---|---|---:|---:|")
     for variant, log, us in rows:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -12,14 +13,16 @@ import torch
 from mha_core import MHAConfig, MultiHeadAttention, read_checkpoint
 from service.engine.batcher import Batcher, BatchLimits
 from service.engine.liveness import FORWARDS
-from service.engine.staging import CudaGraphs, Slot, Staging
+from service.engine.staging import CudaGraphs, Slot, Staging, host_array
 from service.messages import (
     AttendInput,
     AttendOutput,
     BatcherObserver,
     BatchStats,
     NumericOverflow,
-    all_finite,
+    as_float32,
+    finite_as,
+    narrowing_overflow,
     overflow_of,
 )
 from service.settings import Settings, parse_buckets
@@ -27,6 +30,42 @@ from service.settings import Settings, parse_buckets
 log = logging.getLogger("mha_serve.runner")
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def common_dtype(names: Any) -> str:
+    """The one dtype of a batch's members, or float32 (which holds every half exactly) when they differ."""
+    first, *rest = names
+    return first if all(n == first for n in rest) else "float32"
+
+
+def narrow(arr: np.ndarray | None, dtype: str) -> np.ndarray | None:
+    """A float32 host array in ``dtype``'s wire form, rounded as the device rounds (a batch that mixed dtypes)."""
+    if arr is None or dtype == "float32":
+        return arr
+    return host_array(torch.from_numpy(np.ascontiguousarray(arr)).to(TORCH_DTYPES[dtype]), copy=False)
+
+
+def answer(
+    it: AttendInput, r: AttendOutput, dtype: str, wide: Callable[[], AttendOutput], model_dtype: str
+) -> AttendOutput | NumericOverflow:
+    """One request's result, computed in a batch whose results are in ``dtype``, as its own out_dtype, or the
+    overflow to answer instead. An overflow is judged in the precision it happened in: ``wide()`` gives the
+    request's own result in float32 (a download more, on this rare path only) to tell the model's computation
+    overflowing (its message names the model's dtype) from a finite result the response's half cannot hold."""
+    want = it.out_dtype
+    w = None
+    if want != dtype:  # a float32 batch of mixed dtypes: this request's own rounding
+        w, r = r, AttendOutput(narrow(r.output, want), narrow(r.weights, want))
+    if finite_as(r.output, want) and (r.weights is None or finite_as(r.weights, want)):
+        return r
+    if w is None:
+        w = r if want == "float32" else wide()
+    tensors = {"output": w.output, "weights": w.weights}
+    found = overflow_of(tensors, as_float32(it.x, it.wire_dtype), model_dtype)
+    if found is not None:
+        return found
+    name = "output" if not finite_as(r.output, want) else "weights"
+    return narrowing_overflow(name, tensors[name], want)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -204,19 +243,21 @@ class Runner:
         E = self.config.emb_size
         T = max(it.seq_len for it in items)
         N = sum(it.batch for it in items)
-        x = self.staging.host_input(slot, (N, T, E))  # reused (pinned on a GPU); all of it is written below
+        wire = common_dtype(it.wire_dtype for it in items)  # staged as it crossed: a half moves half the bytes
+        x = self.staging.host_input(slot, (N, T, E), TORCH_DTYPES[wire])  # reused (pinned on a GPU); all written
         lengths = np.empty(N, dtype=np.int64)
         mask = np.ones((N, T, T), dtype=np.bool_) if first.mask is not None else None
-        xn = x.numpy()  # fill through numpy views: no per-item tensor wrappers
+        xn = host_array(x, copy=False)  # fill through numpy views: no per-item tensor wrappers
+        xs = [it.x if it.wire_dtype == wire else as_float32(it.x, it.wire_dtype) for it in items]
         row = 0
         uniform = mask is None and all(it.seq_len == T and it.lengths is None for it in items)
         if uniform:  # the common batch (one T, no lengths or mask): one copy for all, not three slice writes each
-            np.concatenate([it.x for it in items], out=xn)
+            np.concatenate(xs, out=xn)
             lengths[:] = T
-        for it in () if uniform else items:
+        for it, xi in () if uniform else zip(items, xs, strict=True):
             b, t = it.batch, it.seq_len
-            xn[row : row + b, :t] = it.x
-            xn[row : row + b, t:] = 0.0
+            xn[row : row + b, :t] = xi
+            xn[row : row + b, t:] = 0  # zero bits are 0.0 in every float dtype
             lengths[row : row + b] = it.lengths if it.lengths is not None else t
             if mask is not None:
                 mask[row : row + b, :t, :t] = it.mask
@@ -224,23 +265,26 @@ class Runner:
         real = int(lengths.sum())
         x = self.staging.upload(slot, x, self.dtype)
         y = None
-        if self.graphs is not None and first.causal and mask is None:
+        graph = self.graphs is not None and first.causal and mask is None
+        if graph:
             y = self.graphs.run(x)  # None when no captured bucket holds (N, T)
-        if y is not None:
-            (out,) = self.staging.download(slot, [y])
-            for r in np.flatnonzero(lengths < T):  # the graph ran unmasked: zero padding rows as the module does
-                out[r, lengths[r] :] = 0.0
-        else:
-            res = self.module(
+        graph = y is not None
+        if y is None:
+            y = self.module(
                 x,
                 lengths=None if uniform else torch.from_numpy(lengths),  # no padding: skip the module's lengths checks
                 attn_mask=None if mask is None else torch.from_numpy(mask),
                 causal=first.causal,
-            )
-            (out,) = self.staging.download(slot, [res.output])
-            del res
-        del x, y
-        finite = all_finite(out)  # once per batch, on the host copy (numpy: measured 10x cheaper than torch on a CPU)
+            ).output
+        del x
+        dtype = common_dtype(it.out_dtype for it in items)
+        (out,) = self.staging.download(slot, [y.to(TORCH_DTYPES[dtype])])  # cast on the device: half the bytes back
+        padded = np.flatnonzero(lengths < T) if graph else ()  # the graph ran unmasked: zero its padding rows
+        for r in padded:
+            out[r, lengths[r] :] = 0
+        # once per batch, on the host copy in the response's dtype (numpy: measured 10x cheaper than torch on a CPU;
+        # a half by its bits). A half cast from a non-finite value is non-finite, so this sees every overflow.
+        finite = finite_as(out, dtype)
         if len(items) == 1:
             results = [AttendOutput(out[:, : first.seq_len], None)]
         else:
@@ -250,9 +294,25 @@ class Runner:
                 b, t = it.batch, it.seq_len
                 results.append(AttendOutput(out[row : row + b, :t].copy(), None))  # its own array
                 row += b
-        if not finite:
-            return self._overflows(items, results), BatchStats(N, N * T, real)
-        return results, BatchStats(N, N * T, real)
+        stats = BatchStats(N, N * T, real)
+        if finite and all(it.out_dtype == dtype for it in items):
+            return results, stats
+        full: list[np.ndarray] = []
+
+        def wide(i: int) -> AttendOutput:
+            if not full:
+                w = y.float().cpu().numpy()
+                for r in padded:
+                    w[r, lengths[r] :] = 0
+                full.append(w)
+            start = sum(it.batch for it in items[:i])
+            return AttendOutput(full[0][start : start + items[i].batch, : items[i].seq_len], None)
+
+        judged = [
+            answer(it, r, dtype, lambda i=i: wide(i), self.dtype_name)
+            for i, (it, r) in enumerate(zip(items, results, strict=True))
+        ]
+        return judged, stats
 
     def _run_with_weights(
         self, items: list[AttendInput], slot: Slot
@@ -266,8 +326,8 @@ class Runner:
         results = []
         stats = BatchStats()
         for it in items:
-            x = self.staging.host_input(slot, it.x.shape)
-            x.numpy()[...] = it.x
+            x = self.staging.host_input(slot, it.x.shape, TORCH_DTYPES[it.wire_dtype])
+            host_array(x, copy=False)[...] = it.x
             res = self.module(
                 self.staging.upload(slot, x, self.dtype),
                 lengths=None if it.lengths is None else torch.tensor(it.lengths, dtype=torch.int64),
@@ -276,24 +336,23 @@ class Runner:
                 need_weights=True,
                 heads=list(it.heads) if it.heads is not None else None,
             )
-            out, weights = self.staging.download(slot, [res.output, res.weights])
+            dtype = TORCH_DTYPES[it.out_dtype]
+            out, weights = self.staging.download(slot, [res.output.to(dtype), res.weights.to(dtype)])
+            result = answer(
+                it,
+                AttendOutput(out, weights),
+                it.out_dtype,
+                lambda res=res: AttendOutput(res.output.float().cpu().numpy(), res.weights.float().cpu().numpy()),
+                self.dtype_name,
+            )
             del res
-            result = AttendOutput(out, weights)
-            finite = all_finite(out) and (weights is None or all_finite(weights))
-            results.append(result if finite else self._overflows([it], [result])[0])
+            results.append(result)
             b, t = it.batch, it.seq_len
             stats.sequences += b
             stats.padded_tokens += b * t
             stats.real_tokens += int(it.lengths.sum()) if it.lengths is not None else b * t
             stats.weights_elements += weights.size
         return results, stats
-
-    def _overflows(self, items: list[AttendInput], results: list[AttendOutput]) -> list[AttendOutput | NumericOverflow]:
-        """The batch held a non-finite value: each request's result, or its overflow if its own values hold it."""
-        return [
-            overflow_of({"output": r.output, "weights": r.weights}, it.x, self.dtype_name) or r
-            for it, r in zip(items, results, strict=True)
-        ]
 
 
 class InjectedFault(RuntimeError):

@@ -37,6 +37,14 @@ def pick_bucket(buckets: list[tuple[int, int]], n: int, t: int) -> tuple[int, in
     return min(fits, key=lambda b: (b[0] * b[1], b)) if fits else None
 
 
+def host_array(t: Tensor, *, copy: bool) -> np.ndarray:
+    """A host tensor as numpy (a copy the caller owns when ``copy``): bfloat16, which numpy lacks, as its bits."""
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.uint16)
+    a = t.numpy()
+    return a.copy() if copy else a
+
+
 # Largest buffer kept pinned: page-locked memory is slow to allocate and taken from the host for good,
 # so a rare huge batch (long sequences with their weights) gets a one-off ordinary buffer instead.
 MAX_PINNED_BYTES = 256 * 1024 * 1024
@@ -44,23 +52,23 @@ MAX_PINNED_BYTES = 256 * 1024 * 1024
 
 @dataclass
 class _Buffer:
-    """A flat host buffer that grows to the largest request and is reused after that."""
+    """A flat host buffer that grows to the largest request and is reused after that, in any dtype: a batch
+    is staged in the dtype it crossed in (half precision at half the bytes), and one role's buffer serves them all."""
 
-    dtype: torch.dtype
     pinned: bool
-    data: Tensor | None = None
+    data: Tensor | None = None  # bytes (uint8)
     allocations: int = 0
 
-    def view(self, shape: tuple[int, ...]) -> Tensor:
-        n = int(np.prod(shape))
-        if self.pinned and n * self.dtype.itemsize > MAX_PINNED_BYTES:
-            return torch.empty(shape, dtype=self.dtype)  # too big to keep pinned: this batch only
+    def view(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+        n = int(np.prod(shape)) * dtype.itemsize
+        if self.pinned and n > MAX_PINNED_BYTES:
+            return torch.empty(shape, dtype=dtype)  # too big to keep pinned: this batch only
         if self.data is None or self.data.numel() < n:
             # grow by at least 1.5x, so that a slowly rising batch size does not reallocate each time
             size = max(n, int(1.5 * self.data.numel())) if self.data is not None else n
-            self.data = torch.empty(size, dtype=self.dtype, pin_memory=self.pinned)
+            self.data = torch.empty(size, dtype=torch.uint8, pin_memory=self.pinned)
             self.allocations += 1
-        return self.data[:n].view(shape)
+        return self.data[:n].view(dtype).view(shape)
 
 
 @dataclass
@@ -108,15 +116,7 @@ class Staging:
         self.depth = depth
         self._up = torch.cuda.Stream(device) if self.streams else None
         self._down = torch.cuda.Stream(device) if self.streams else None
-        self._slots = [
-            Slot(
-                i,
-                _Buffer(torch.float32, self.pinned),
-                _Buffer(torch.float32, self.pinned),
-                _Buffer(torch.float32, self.pinned),
-            )
-            for i in range(depth)
-        ]
+        self._slots = [Slot(i, _Buffer(self.pinned), _Buffer(self.pinned), _Buffer(self.pinned)) for i in range(depth)]
         self._free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
         for s in self._slots:
             self._free.put(s)
@@ -135,12 +135,14 @@ class Staging:
                     ev.synchronize()
             self._free.put(s)
 
-    def host_input(self, s: Slot, shape: tuple[int, int, int]) -> Tensor:
-        """A float32 host tensor of ``shape`` to pack the batch into (not zeroed: the caller writes all of it)."""
-        return s.x.view(shape)
+    def host_input(self, s: Slot, shape: tuple[int, int, int], dtype: torch.dtype = torch.float32) -> Tensor:
+        """A host tensor of ``shape`` to pack the batch into, in the dtype it crossed in (not zeroed: the caller
+        writes all of it)."""
+        return s.x.view(shape, dtype)
 
     def upload(self, s: Slot, x: Tensor, dtype: torch.dtype) -> Tensor:
-        """``x`` on the device in ``dtype``, ready for use on the current (compute) stream."""
+        """``x`` on the device in ``dtype``, ready for use on the current (compute) stream: the copy moves x's
+        own (wire) dtype, and the cast to the model's runs on the device."""
         if self.device.type != "cuda":
             return x.to(self.device, dtype)
         compute = torch.cuda.current_stream(self.device)
@@ -156,11 +158,13 @@ class Staging:
         return xd.to(dtype)
 
     def download(self, s: Slot, tensors: list[Tensor | None]) -> list[np.ndarray | None]:
-        """The device tensors as float32 numpy arrays the caller owns (waits for the copies)."""
+        """The device tensors as numpy arrays the caller owns, in their own dtype (bfloat16 as its uint16 bits;
+        the runner casts them to the response's dtype on the device first: a half moves half the bytes).
+        Waits for the copies."""
         if self.device.type != "cuda":
-            return [None if t is None else t.float().numpy() for t in tensors]
+            return [None if t is None else host_array(t, copy=False) for t in tensors]
         compute = torch.cuda.current_stream(self.device)
-        dev = [None if t is None else t.float() for t in tensors]  # on the device: half the bytes to move
+        dev = tensors
         hosts: list[Tensor | None] = []
         bufs = (s.out, s.weights)
         if self._down is None:
@@ -168,7 +172,7 @@ class Staging:
                 if t is None:
                     hosts.append(None)
                     continue
-                h = buf.view(tuple(t.shape))
+                h = buf.view(tuple(t.shape), t.dtype)
                 h.copy_(t, non_blocking=self.pinned)
                 hosts.append(h)
             s.downloaded = torch.cuda.Event()
@@ -183,14 +187,14 @@ class Staging:
                         hosts.append(None)
                         continue
                     t.record_stream(self._down)  # not reused by the compute stream before this copy is done
-                    h = buf.view(tuple(t.shape))
+                    h = buf.view(tuple(t.shape), t.dtype)
                     h.copy_(t, non_blocking=self.pinned)
                     hosts.append(h)
                 s.downloaded = torch.cuda.Event()
                 s.downloaded.record(self._down)
         s.downloaded.synchronize()
         # Copies the caller owns: the slot's buffers are overwritten by a later batch.
-        return [None if h is None else h.numpy().copy() for h in hosts]
+        return [None if h is None else host_array(h, copy=True) for h in hosts]
 
     def stats(self) -> StagingStats:
         with self._lock:
@@ -251,8 +255,9 @@ class CudaGraphs:
         return sorted(self._graphs)
 
     def run(self, x: Tensor) -> Tensor | None:
-        """The causal output of x (n, t, E) through the smallest bucket that holds it, as a new float32
-        tensor, or None when no bucket holds it."""
+        """The causal output of x (n, t, E) through the smallest bucket that holds it, as a new tensor in the
+        model's dtype (the runner casts it to the response's and judges overflow in it), or None when no bucket
+        holds it."""
         if not self._graphs:
             return None
         n, t, _ = x.shape
@@ -268,4 +273,4 @@ class CudaGraphs:
             # rows >= n hold an earlier batch: they only feed outputs that are dropped
             graph.replay()
             self.replays += 1
-            return static_y[:n, :t].to(torch.float32, copy=True)
+            return static_y[:n, :t].clone()

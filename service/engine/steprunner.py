@@ -22,8 +22,10 @@ import torch
 
 from mha_core.incremental import attend_padded, project, step
 from service.engine.liveness import FORWARDS
+from service.engine.runner import TORCH_DTYPES, answer, common_dtype
 from service.engine.sequences import Step
-from service.messages import AttendInput, AttendOutput, BatchStats, NumericOverflow, all_finite, overflow_of
+from service.engine.staging import host_array
+from service.messages import AttendInput, AttendOutput, BatchStats, NumericOverflow, as_float32, finite_as
 
 if TYPE_CHECKING:
     from service.engine.kvcache import KVCache
@@ -70,18 +72,23 @@ class StepRunner:
             stats.compute_s = time.perf_counter() - t0
             return results, stats
 
-    def _input(self, rows: np.ndarray) -> torch.Tensor:
+    def _input(self, rows: np.ndarray, wire: str) -> torch.Tensor:
+        """Rows in their wire dtype, cast once on the device (bfloat16's uint16 bits viewed as it)."""
         if not rows.flags.writeable:  # a view of a received frame: torch wants a buffer it may write (a step's
             rows = rows.copy()  # rows are few; a prompt's, once)
-        return torch.from_numpy(rows).to(self.device, self.dtype, non_blocking=False)
+        t = torch.from_numpy(rows)
+        if wire == "bfloat16":
+            t = t.view(torch.bfloat16)
+        return t.to(self.device, self.dtype, non_blocking=False)
 
     def _run_batched(self, items: list[Step]) -> list[AttendOutput | NumericOverflow]:
         S = len(items)
         new = [it.seq_len for it in items]
         past = [it.past for it in items]
         total = [p + t for p, t in zip(past, new, strict=True)]
-        rows = items[0].x[0] if S == 1 else np.concatenate([it.x[0] for it in items])
-        q, k, v = project(self.module, self._input(rows))  # (N, H, D) each
+        wire = common_dtype(it.wire_dtype for it in items)
+        rows = items[0].x[0] if S == 1 else np.concatenate([_rows(it, wire) for it in items])
+        q, k, v = project(self.module, self._input(rows, wire))  # (N, H, D) each
         P = max(total)
         if S == 1 and not past[0]:  # a first step: its own keys are all there is
             keys, values = k[None], v[None]
@@ -98,15 +105,17 @@ class StepRunner:
                 pos = torch.tensor([p + r for p, t in zip(past, new, strict=True) for r in range(t)])
                 keys[step_of_row, pos], values[step_of_row, pos] = k, v
         out = attend_padded(self.module, q, keys, values, new, total)  # (N, E)
-        out = out.to(torch.float32).cpu().numpy()
+        dtype = common_dtype(it.out_dtype for it in items)
+        host = host_array(out.to(TORCH_DTYPES[dtype]).cpu(), copy=False)  # cast on the device, then moved
         results: list[AttendOutput | NumericOverflow] = []
         row = 0
-        finite = all_finite(out)
+        judge = not finite_as(host, dtype) or any(it.out_dtype != dtype for it in items)
         for it, t in zip(items, new, strict=True):
             it.new_k, it.new_v = k[row : row + t], v[row : row + t]
-            result = AttendOutput(out[None, row : row + t], None)
-            if not finite:
-                result = overflow_of({"output": result.output}, it.x, self.runner.dtype_name) or result
+            result = AttendOutput(host[None, row : row + t], None)
+            if judge:
+                wide = lambda a=row, b=row + t: AttendOutput(out[None, a:b].float().cpu().numpy(), None)  # noqa: E731
+                result = answer(it, result, dtype, wide, self.runner.dtype_name)
             results.append(result)
             row += t
         return results
@@ -115,9 +124,19 @@ class StepRunner:
         past_k = past_v = None
         if it.past:
             past_k, past_v = self.cache.gather(it.slots)
-        res = step(self.module, self._input(it.x), past_k, past_v, need_weights=True, heads=it.heads)
+        res = step(self.module, self._input(it.x, it.wire_dtype), past_k, past_v, need_weights=True, heads=it.heads)
         it.new_k, it.new_v = res.k, res.v
-        out = AttendOutput(res.output.to(torch.float32).cpu().numpy(), res.weights.to(torch.float32).cpu().numpy())
-        if all_finite(out.output) and all_finite(out.weights):
+        dtype = TORCH_DTYPES[it.out_dtype]
+        out = AttendOutput(*(host_array(t.to(dtype).cpu(), copy=False) for t in (res.output, res.weights)))
+        if finite_as(out.output, it.out_dtype) and finite_as(out.weights, it.out_dtype):
             return out
-        return overflow_of({"output": out.output, "weights": out.weights}, it.x, self.runner.dtype_name) or out
+
+        def wide() -> AttendOutput:
+            return AttendOutput(res.output.float().cpu().numpy(), res.weights.float().cpu().numpy())
+
+        return answer(it, out, it.out_dtype, wide, self.runner.dtype_name)
+
+
+def _rows(it: Step, wire: str) -> np.ndarray:
+    """A step's rows in the batch's wire dtype (float32 when the steps' dtypes differ)."""
+    return it.x[0] if it.wire_dtype == wire else as_float32(it.x[0], it.wire_dtype)

@@ -5,8 +5,9 @@ Two JSON encodings of a tensor:
 - ``base64``: ``{"dtype": "float32"|"float16"|"bfloat16"|"bool", "shape": [...], "b64": "..."}``,
   base64 of the little-endian, row-major bytes (bool: one byte per element, 0 or 1).
 
-bfloat16 has no numpy dtype: on the wire it is the upper 16 bits of a float32, so it is
-decoded by widening to float32 and encoded by rounding float32 to nearest-even.
+bfloat16 has no numpy dtype: on the wire it is the upper 16 bits of a float32. A decoded bfloat16 tensor
+stays those bits (uint16) all the way to the engine, which views them as torch.bfloat16 on its device
+(service/messages.py: tensors cross in their wire dtype); float32 is rounded to it to nearest-even.
 """
 
 from __future__ import annotations
@@ -28,10 +29,20 @@ except ImportError:  # pragma: no cover - the stdlib path below stays the refere
 
 from mha_client._wire import bf16_to_f32, f32_to_bf16  # one implementation for client and server
 from service.errors import ServiceError, validation
-from service.messages import DTYPE_MAX, all_finite  # shared with the model side (its overflow message and result check)
+from service.messages import (  # shared with the model side (its overflow messages and result check)
+    DTYPE_MAX,
+    HALF_INF,
+    all_finite,
+    as_float32,
+    bits_value,
+    largest_bits,
+    narrowing_overflow,
+    wire_dtype_of,
+)
 
 __all__ = [
     "all_finite",
+    "as_float32",
     "bf16_to_f32",
     "check_finite",
     "decode_b64",
@@ -177,7 +188,8 @@ def _reject_bools_in_rows(rows: list[list], name: str, candidates: np.ndarray) -
 
 
 def decode_b64(obj: dict, name: str, ndims: Sequence[int], *, boolean: bool = False) -> tuple[np.ndarray, str]:
-    """``{"dtype","shape","b64"}`` -> (array, wire dtype). Floats come back as float32 (or float16)."""
+    """``{"dtype","shape","b64"}`` -> (array, wire dtype). Floats come back in their wire dtype: float32, float16,
+    or bfloat16's bits as uint16 (``as_float32`` widens them where values are needed)."""
     dtype, shape, b64 = obj["dtype"], obj["shape"], obj["b64"]
     if boolean and dtype != "bool":
         raise validation(f"{name}.dtype must be 'bool', got {dtype!r}")
@@ -198,9 +210,7 @@ def decode_b64(obj: dict, name: str, ndims: Sequence[int], *, boolean: bool = Fa
             f"{count} x {npdtype.itemsize} = {nbytes}"
         )
     arr = np.frombuffer(raw, dtype=npdtype).reshape(shape)
-    if dtype == "bfloat16":
-        arr = bf16_to_f32(arr)
-    elif dtype == "bool":
+    if dtype == "bool":
         if arr.size and arr.max() > 1:
             raise validation(f"{name} bool bytes must be 0 or 1")
         arr = arr.astype(np.bool_)
@@ -235,13 +245,20 @@ def _b64decode(text: str, nbytes: int, name: str) -> bytes:
 def check_finite(arr: np.ndarray, name: str, dtype: str = "float32") -> None:
     """Every value finite and within ``dtype``'s range (the model's: checked before the cast to it).
 
-    One pass on the happy path (finiteness; for a half-precision model also the largest magnitude).
-    JSON numbers beyond float32's range arrive here as Inf.
+    ``arr`` is float32, float16, or bfloat16's bits (uint16). One pass on the happy path (finiteness; for
+    a half-precision model also the largest magnitude; a half's both at once, by its bits, without widening
+    it). JSON numbers beyond float32's range arrive here as Inf.
     """
     if not arr.size:
         return
     limit = DTYPE_MAX[dtype]
-    if all_finite(arr):  # no NaN or Inf: then, below float32's limit, the largest magnitude
+    if arr.dtype.itemsize == 2:  # a half: its largest magnitude says both, and a failure is told in float32
+        wire = wire_dtype_of(arr)
+        bits = largest_bits(arr)
+        if bits < HALF_INF[wire] and bits_value(bits, wire) <= limit:
+            return
+        arr = as_float32(arr, wire)
+    elif all_finite(arr):  # no NaN or Inf: then, below float32's limit, the largest magnitude
         if limit >= DTYPE_MAX["float32"] and arr.dtype.itemsize <= 4:
             return
         largest = max(float(np.maximum.reduce(arr, axis=None)), -float(np.minimum.reduce(arr, axis=None)))
@@ -266,13 +283,14 @@ def check_finite(arr: np.ndarray, name: str, dtype: str = "float32") -> None:
 
 
 def to_wire(arr: np.ndarray, dtype: str, name: str) -> np.ndarray:
-    """float32 results -> a contiguous array of the wire dtype's values (bfloat16: its bits as uint16).
+    """Results -> a contiguous array of the wire dtype's values (bfloat16: its bits as uint16).
 
-    Narrowing to half precision can overflow values that float32 held: that is a numeric_overflow
-    naming the tensor, never an Inf or a NaN on the wire.
+    The engine answers in the response's dtype already (its runner cast and checked them): those pass as
+    they are. A float32 array is narrowed here, where narrowing to half precision can overflow values that
+    float32 held: that is a numeric_overflow naming the tensor, never an Inf or a NaN on the wire.
     """
-    if dtype == "float32":
-        return np.ascontiguousarray(arr, dtype=_NUMPY["float32"])  # what the model computed: the runner checked it
+    if dtype == "float32" or arr.dtype == _NUMPY[dtype]:
+        return np.ascontiguousarray(arr, dtype=_NUMPY[dtype])  # what the model computed: the runner checked it
     if dtype == "bfloat16":
         out = f32_to_bf16(arr).astype("<u2", copy=False)
         bits, inf = out, 0x7F80
@@ -281,12 +299,7 @@ def to_wire(arr: np.ndarray, dtype: str, name: str) -> np.ndarray:
             out = np.ascontiguousarray(arr, dtype=_NUMPY["float16"])
         bits, inf = out.view("<u2"), 0x7C00
     if out.size and int(np.max(bits & 0x7FFF)) >= inf:  # the exponent all ones: Inf or NaN
-        largest = float(np.max(np.abs(arr)))
-        raise ServiceError(
-            "numeric_overflow",
-            f"{name} has values beyond {dtype}'s range (largest |value| {largest:g}, {dtype} holds up to "
-            f"{DTYPE_MAX[dtype]:g}); responses come in the dtype of x: send x as float32, or send smaller values",
-        )
+        raise ServiceError("numeric_overflow", str(narrowing_overflow(name, arr, dtype)))
     return out
 
 

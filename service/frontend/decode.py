@@ -17,7 +17,7 @@ from service.errors import ServiceError, validation
 from service.frontend import codecs
 from service.frontend.plans import Recent, Sightings
 from service.frontend.schemas import AttendRequest, TensorB64
-from service.messages import AttendInput
+from service.messages import AttendInput, wire_dtype_of
 
 MAX_JSON_DEPTH = 1024  # orjson's fixed limit; /attend needs 4
 
@@ -36,7 +36,7 @@ class Limits:
 class DecodedRequest:
     input: AttendInput
     encoding: str  # response encoding: "lists" | "base64"
-    dtype: str  # wire dtype of base64 responses
+    dtype: str  # wire dtype of base64 responses (the engine answers in it: input.out_dtype)
     timeout_s: float
     priority: int = 0  # 1..priority_levels, 0 = the default level
     sequence: SequenceFlags | None = None  # a step of this sequence (None: no step)
@@ -168,6 +168,8 @@ def _to_input(req: dict[str, Any], config: MHAConfig, limits: Limits) -> Decoded
     seq = req.get("sequence")
     sequence = None if seq is None else SequenceFlags(sequence_id(seq.id, "sequence.id"), seq.start, seq.end)
     x, wire = decode_tensor(req["x"], "x", (3,))
+    encoding = req["response_encoding"] or ("lists" if wire == "lists" else "base64")
+    dtype = "float32" if wire == "lists" else wire
     mask = None
     if req["attn_mask"] is not None:
         mask, _ = decode_tensor(req["attn_mask"], "attn_mask", (2, 3), boolean=True)
@@ -182,9 +184,8 @@ def _to_input(req: dict[str, Any], config: MHAConfig, limits: Limits) -> Decoded
         config=config,
         limits=limits,
         sequence=sequence,
+        out_dtype="float32" if encoding == "lists" else dtype,
     )
-    encoding = req["response_encoding"] or ("lists" if wire == "lists" else "base64")
-    dtype = "float32" if wire == "lists" else wire
     return DecodedRequest(inp, encoding, dtype, timeout_s, priority, sequence)
 
 
@@ -225,11 +226,14 @@ def check_input(
     config: MHAConfig,
     limits: Limits,
     sequence: SequenceFlags | None = None,
+    out_dtype: str = "float32",
 ) -> tuple[AttendInput, float]:
     """Decoded arrays -> (AttendInput, timeout in s), checked against the model and the limits.
 
     Shared by every wire format (/attend's lists and base64, the v2 protocol's JSON and binary):
-    x is a float array [B, T, E] (float32 or float16), mask a bool array, lengths B integers.
+    x is a float array [B, T, E] in its wire dtype (float32, float16, or bfloat16's bits as uint16), which
+    it keeps to the engine; mask a bool array, lengths B integers. ``out_dtype``: the response's dtype,
+    which the engine answers in.
     """
     if timeout_ms is not None and not timeout_ms > 0:
         raise validation(f"timeout_ms must be > 0, got {timeout_ms:g}")
@@ -247,8 +251,6 @@ def check_input(
             f"x has {B} sequences, more than the per-request limit max_request_batch {limits.max_request_batch}"
         )
     codecs.check_finite(x, "x", limits.dtype)
-    if x.dtype != np.float32:
-        x = x.astype(np.float32)
 
     if lengths is not None:
         if len(lengths) != B:
@@ -278,7 +280,8 @@ def check_input(
 
     timeout = min(timeout_ms or limits.default_timeout_ms, limits.max_timeout_ms)
     causal = config.causal if causal is None else causal
-    return AttendInput(x, lengths, mask, causal, need_weights, heads), timeout / 1000
+    inp = AttendInput(x, lengths, mask, causal, need_weights, heads, wire_dtype=wire_dtype_of(x), out_dtype=out_dtype)
+    return inp, timeout / 1000
 
 
 def lengths_in_range(lengths: Sequence[int] | np.ndarray, T: int) -> np.ndarray:
@@ -317,11 +320,10 @@ class _BodyPlan:
         """This text's x with the checks that read it, in the order the full decode runs them."""
         x, dtype = codecs.decode_b64({**self.x, "b64": text}, "x", (3,))
         codecs.check_finite(x, "x", self.limits.dtype)
-        if x.dtype != np.float32:
-            x = x.astype(np.float32)
         lengths = None if self.lengths is None else self.lengths.copy()  # each request its own arrays
         mask = None if self.mask is None else self.mask.copy()
-        inp = AttendInput(x, lengths, mask, self.causal, self.need_weights, self.heads)
+        out = "float32" if self.encoding == "lists" else dtype
+        inp = AttendInput(x, lengths, mask, self.causal, self.need_weights, self.heads, wire_dtype=dtype, out_dtype=out)
         return DecodedRequest(inp, self.encoding, dtype, self.timeout_s, self.priority, self.sequence)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -92,7 +93,7 @@ def build_router(state: AppState) -> APIRouter:
         with stage(state.tracing, "decode"):
             dec = decode_object(obj, cfg, state.limits)
         del obj
-        inp = dec.input
+        inp = dataclasses.replace(dec.input, out_dtype="float32")  # the picture's weights: float32 values
         B, T, _ = inp.x.shape
         if B != 1:
             raise validation(

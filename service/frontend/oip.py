@@ -308,8 +308,6 @@ def plan_request(
         raise validation(f"input 'x' must have shape [B, T, E], got {list(x.shape)}")
     if x.shape[0] < 1:
         raise validation(f"x must have B >= 1 and T >= 1, got shape {list(x.shape)}")
-    if x_type == "BF16":
-        x = codecs.bf16_to_f32(x)
     lengths = tensors.get("lengths")
     if lengths is not None and lengths.ndim == 2 and lengths.shape[1] == 1:
         lengths = lengths.reshape(-1)  # Triton's [B, 1] form of a per-sequence scalar (see model_config)
@@ -320,7 +318,7 @@ def plan_request(
         mask = bool_mask(mask)
     check = functools.partial(
         check_input,
-        x,
+        x,  # in its wire dtype (BF16: its bits), to the engine; the outputs come back in it
         lengths,
         mask,
         causal=causal,
@@ -328,6 +326,7 @@ def plan_request(
         heads=heads,
         timeout_ms=timeout_ms,
         sequence=sequence,
+        out_dtype=WIRE[x_type],
     )
     return InferPlan(check, x_type, outputs, rid, priority, sequence)
 

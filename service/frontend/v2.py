@@ -410,15 +410,12 @@ class Plan:
         """This body's tensors (zero-copy views, as oip.from_bytes makes) and the checks that read values,
         in the order oip.plan_request and decode.check_input run them (the mask's bytes, x finite and in
         range, the lengths' values), so that a request with several faults is told the same first one."""
-        x = self.x.view(body)
-        if self.datatype == "BF16":
-            x = codecs.bf16_to_f32(x)
+        x = self.x.view(body)  # in its wire dtype (BF16: its bits), to the engine, which casts it on its device
         mask = None if self.mask is None else oip.bool_mask(self.mask.view(body))
         codecs.check_finite(x, "x", self.limits.dtype)
-        if x.dtype != np.float32:
-            x = x.astype(np.float32)
         lengths = None if self.lengths is None else lengths_in_range(self.lengths.view(body), x.shape[1])
-        return AttendInput(x, lengths, mask, self.causal, self.need_weights, self.heads)
+        dt = oip.WIRE[self.datatype]  # and the outputs come back in it
+        return AttendInput(x, lengths, mask, self.causal, self.need_weights, self.heads, wire_dtype=dt, out_dtype=dt)
 
     def encode(self, tensors: dict[str, np.ndarray | None]) -> tuple[bytes, int] | None:
         """The response with the JSON header written once, when every output has its expected shape; else None."""

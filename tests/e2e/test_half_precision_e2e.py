@@ -123,3 +123,66 @@ def test_half_precision_server_matches_the_float64_reference(tmp_path, dtype):
     # every encoding carried the same half-precision numbers
     np.testing.assert_array_equal(answers["lists"][0], answers["v2 binary FP32"][0])
     np.testing.assert_array_equal(answers["lists"][0], answers[f"base64 {dtype}"][0])
+
+
+def _v2_half(c: httpx.Client, x: np.ndarray, datatype: str) -> bytes:
+    """x as FP16/BF16 binary; the output back binary, in x's datatype."""
+    raw = f32_to_bf16(x).tobytes() if datatype == "BF16" else x.astype(np.float16).tobytes()
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": datatype,
+                    "shape": list(x.shape),
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
+        }
+    )
+    r = c.post(
+        "/v2/models/mha/infer", content=header + raw, headers={"inference-header-content-length": str(len(header))}
+    )
+    assert r.status_code == 200, r.text
+    hl = int(r.headers["inference-header-content-length"])
+    assert orjson.loads(r.content[:hl])["outputs"][0]["datatype"] == datatype
+    return r.content[hl:]
+
+
+def test_half_requests_through_the_model_process_equal_the_in_process_answer_bit_for_bit(tmp_path):
+    """Issue 20: a float16/bfloat16 x crosses zmq as it came (bfloat16 as its bits, tagged) and the answer comes
+    back in its dtype, rounded in the model process: the split server answers exactly what one process does, and
+    that is the float32 model's result on x's half values, rounded once to the half (as torch rounds)."""
+    from .conftest import builtin_model
+
+    x = np.random.default_rng().standard_normal((2, 16, E)).astype(np.float32)
+    answers = {}
+    for engine in ("inprocess", "process"):
+        server = start_server(tmp_path, {"MHA_ENGINE": engine, "MHA_WORKERS": "1", "MHA_DTYPE": "float32"})
+        try:
+            with httpx.Client(base_url=server.url, timeout=60) as c:
+                got = {}
+                for dtype in ("float16", "bfloat16"):
+                    r = c.post("/attend", json={"x": b64(x, dtype)})
+                    assert r.status_code == 200, r.text
+                    assert r.json()["output"]["dtype"] == dtype
+                    got[f"attend {dtype}"] = base64.b64decode(r.json()["output"]["b64"])
+                    got[f"v2 {dtype}"] = _v2_half(c, x, "BF16" if dtype == "bfloat16" else "FP16")
+                answers[engine] = got
+        finally:
+            server.stop()
+    assert answers["process"] == answers["inprocess"]  # every byte
+    model = builtin_model()
+    for dtype in ("float16", "bfloat16"):
+        held = torch.from_numpy(x).to(TORCH[dtype]).float()
+        with torch.inference_mode():
+            want = model(held).output.to(TORCH[dtype])
+        want_bytes = (want.view(torch.uint16) if dtype == "bfloat16" else want).numpy().tobytes()
+        got = answers["process"][f"attend {dtype}"]
+        assert got == answers["process"][f"v2 {dtype}"]
+        got_f, want_f = (
+            from_b64({"dtype": dtype, "shape": list(x.shape), "b64": base64.b64encode(b)}) for b in (got, want_bytes)
+        )
+        # a server's float32 kernels may round its last bits apart from this call's: one unit of the half at most
+        np.testing.assert_allclose(got_f, want_f, rtol=0, atol=UNIT_ROUNDOFF[dtype] * 2 * np.abs(want_f).max())

@@ -14,7 +14,7 @@ from bench import app_cpu
 
 
 def test_every_variant_answers_200_and_takes_a_measurable_time() -> None:
-    for variant, log in (("echo", False), ("v2", False), ("base64", True)):
+    for variant, log in (("echo", False), ("v2", False), ("v2 bf16", False), ("base64", True)):
         us, statuses = asyncio.run(app_cpu.measure(variant, log, 2 * app_cpu.AT_ONCE, 1, False))
         assert statuses == {200}, variant
         assert math.isfinite(us) and us > 0, variant
@@ -49,3 +49,5 @@ def test_the_fake_engine_answers_with_the_requests_tensor() -> None:
     np.testing.assert_array_equal(np.frombuffer(v2[-x.nbytes :], np.float32).reshape(x.shape), x)
     out = json.loads(asyncio.run(one("base64")))["output"]
     np.testing.assert_array_equal(np.frombuffer(base64.b64decode(out["b64"]), np.float32).reshape(x.shape), x)
+    bits = app_cpu.bodies()["v2 bf16"][1][-2 * math.prod(app_cpu.SHAPE) :]  # x's bfloat16 bits
+    assert asyncio.run(one("v2 bf16"))[-len(bits) :] == bits  # answered in BF16: the same bits back

@@ -31,14 +31,16 @@ def test_base64_round_trip_every_dtype(dtype):
     tdtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     # the reference rounding is torch's own cast to the dtype
     want = torch.from_numpy(x).to(tdtype).float().numpy()
-    np.testing.assert_array_equal(back.astype(np.float32), want)
+    assert back.dtype == {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[dtype]  # as it came
+    np.testing.assert_array_equal(codecs.as_float32(back, got), want)
 
 
 def test_bfloat16_bytes_match_torch_layout():
     t = torch.tensor([1.0, -2.5, 3.14159, 1e-3, 65504.0], dtype=torch.bfloat16)
     raw = t.view(torch.int16).numpy().astype("<i2").tobytes()
     arr, _ = codecs.decode_b64({"dtype": "bfloat16", "shape": [5], "b64": base64.b64encode(raw).decode()}, "x", (1,))
-    np.testing.assert_array_equal(arr, t.float().numpy())
+    np.testing.assert_array_equal(arr, t.view(torch.uint16).numpy())  # its bits, not widened
+    np.testing.assert_array_equal(codecs.as_float32(arr, "bfloat16"), t.float().numpy())
     assert base64.b64decode(codecs.encode_b64(t.float().numpy(), "bfloat16")["b64"]) == raw
 
 

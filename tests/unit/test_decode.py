@@ -58,8 +58,9 @@ def test_base64_float16_request_answers_in_float16():
     x = np.random.default_rng().standard_normal((1, 3, 8)).astype(np.float16)
     d = decode({"x": {"dtype": "float16", "shape": [1, 3, 8], "b64": base64.b64encode(x.tobytes()).decode()}})
     assert (d.encoding, d.dtype) == ("base64", "float16")
-    assert d.input.x.dtype == np.float32
-    np.testing.assert_array_equal(d.input.x, x.astype(np.float32))
+    assert d.input.x.dtype == np.float16  # no float32 copy: it crosses to the engine as it came
+    assert (d.input.wire_dtype, d.input.out_dtype) == ("float16", "float16")
+    np.testing.assert_array_equal(d.input.x, x)
 
 
 @pytest.mark.parametrize(

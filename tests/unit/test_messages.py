@@ -148,3 +148,48 @@ def test_every_message_kind_is_one_typed_struct_decoded_by_the_one_decoder():
         decode(msgspec.msgpack.encode(["cancel", "not a list"]))
     with pytest.raises(msgspec.ValidationError):
         decode(msgspec.msgpack.encode(["nosuch"]))
+
+
+def _frame_bytes(frames) -> int:
+    """What crosses the socket for a message: its header and every array frame."""
+    return sum(memoryview(f).nbytes for f in frames)
+
+
+def test_a_half_request_and_its_answer_cross_at_half_the_bytes_of_float32():
+    """[1, 128, 512] x and its answer: float16 and bfloat16 (its uint16 bits) move half of float32's bytes, and the
+    dtype tags cross with them, so the model process views bfloat16 bits as torch.bfloat16, never as integers."""
+    import torch
+
+    x32 = np.random.default_rng().standard_normal((1, 128, 512)).astype(np.float32)
+    wires = {
+        "float32": x32,
+        "float16": x32.astype(np.float16),
+        "bfloat16": torch.from_numpy(x32).to(torch.bfloat16).view(torch.uint16).numpy(),
+    }
+    sent, answered = {}, {}
+    for dtype, x in wires.items():
+        frames = encode_requests([(7, AttendInput(x, wire_dtype=dtype, out_dtype=dtype), 1e9, "r", 0)])
+        sent[dtype] = _frame_bytes(frames)
+        msg, bufs = _split(frames)
+        ((rid, got, *_),) = decode_requests(msg, bufs)
+        assert (rid, got.wire_dtype, got.out_dtype) == (7, dtype, dtype)
+        assert got.x.dtype == x.dtype
+        np.testing.assert_array_equal(got.x, x)
+        out = x[::-1].copy()  # an answer of the same dtype and shape
+        frames = encode_outcomes([Outcome(7, AttendOutput(out, None), 0.1, 0.2, 1, 1)])
+        answered[dtype] = _frame_bytes(frames)
+        ((o,),) = [decode_outcomes(*_split(frames))]
+        assert o.output.output.dtype == out.dtype
+        np.testing.assert_array_equal(o.output.output, out)
+    tensor = x32.nbytes
+    print(f"bytes crossing [1,128,512]: request {sent}, answer {answered}")
+    for dtype in ("float16", "bfloat16"):
+        # half the tensor's bytes; the header differs only by its dtype names' lengths
+        assert abs((sent[dtype] - tensor // 2) - (sent["float32"] - tensor)) <= 4
+        assert abs((answered[dtype] - tensor // 2) - (answered["float32"] - tensor)) <= 4
+        assert sent[dtype] < 0.51 * sent["float32"] and answered[dtype] < 0.51 * answered["float32"]
+    bits = decode_requests(
+        *_split(encode_requests([(1, AttendInput(wires["bfloat16"], wire_dtype="bfloat16"), 1e9, None, 0)]))
+    )
+    as_bf16 = torch.from_numpy(bits[0][1].x.copy()).view(torch.bfloat16)  # what the runner does on arrival
+    np.testing.assert_array_equal(as_bf16.float().numpy(), torch.from_numpy(x32).to(torch.bfloat16).float().numpy())

@@ -183,9 +183,11 @@ def test_cuda_graphs_replay_and_equal_the_eager_forward(dtype, rng_seed):
 def test_a_huge_batch_gets_a_one_off_unpinned_buffer_not_a_pinned_one_kept_forever():
     from service.engine.staging import MAX_PINNED_BYTES, _Buffer
 
-    buf = _Buffer(torch.float32, pinned=True)
-    big = buf.view((MAX_PINNED_BYTES // 4 + 1,))
+    buf = _Buffer(pinned=True)
+    big = buf.view((MAX_PINNED_BYTES // 4 + 1,), torch.float32)
     assert not big.is_pinned() and buf.data is None and buf.allocations == 0
+    half = buf.view((MAX_PINNED_BYTES // 2 + 1,), torch.bfloat16)  # the limit counts bytes, whatever the dtype
+    assert half.dtype == torch.bfloat16 and not half.is_pinned() and buf.data is None
 
 
 def test_staging_never_hands_out_more_slots_than_its_depth():

@@ -153,3 +153,24 @@ def test_a_bucket_longer_than_the_model_is_refused_at_capture(cuda):
     graphs = CudaGraphs(MultiHeadAttention.from_seed(CFG, seed=0), [(1, 65)], device=CUDA, dtype=torch.float32)
     with pytest.raises(ValueError, match="CUDA graph bucket 1x65 is longer than max_seq_len 64"):
         graphs.capture()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_input_is_uploaded_in_its_dtype_cast_on_the_device_and_downloaded_in_it(cuda, dtype):
+    """Issue 20: the copies move the half's bytes both ways; the cast to the model's float32 runs on the device,
+    after the upload, and the cast back before the download, in the same order as a float32 batch."""
+    runner = gpu_runner(cuda)
+    x32 = rng.standard_normal((2, 5, CFG.emb_size)).astype(np.float32)
+    half = torch.from_numpy(x32).to(dtype)
+    name = str(dtype).removeprefix("torch.")
+    x = (half.view(torch.uint16) if dtype == torch.bfloat16 else half).numpy()
+    (res,), _ = runner.run([AttendInput(x, wire_dtype=name, out_dtype=name)])
+    want = torch.from_numpy(reference(cuda, AttendInput(half.float().numpy()))).to(dtype)
+    np.testing.assert_array_equal(res.output, (want.view(torch.uint16) if dtype == torch.bfloat16 else want).numpy())
+
+    (up,), (fwd,), (down,) = kinds(cuda.ops, "h2d"), kinds(cuda.ops, "forward"), kinds(cuda.ops, "copy_")
+    assert happens_before(up, fwd) and happens_before(fwd, down)
+    assert host_saw(down, last_read_of(cuda, down))
+    slot = runner.staging._slots[0]
+    assert slot.x.data.numel() == x.nbytes == x32.nbytes // 2  # staged at the half's size, not widened
+    assert slot.out.data.numel() == x.nbytes  # and downloaded in it

@@ -11,9 +11,10 @@ import pytest
 
 from mha_core import MHAConfig
 from service.errors import ServiceError
-from service.frontend import v2
+from service.frontend import oip, v2
 from service.frontend.codecs import bf16_to_f32, f32_to_bf16
 from service.frontend.decode import Limits
+from service.messages import WIRE_NUMPY, as_float32
 
 CFG = MHAConfig(num_heads=4, emb_size=8, head_size=2, max_seq_len=6)
 LIMITS = Limits(
@@ -150,7 +151,9 @@ def test_a_repeated_header_decodes_each_body_as_today(case):
         values = dict((n, a) for n, _, a in inputs)
         dt = spec[0][1]
         want_x = bf16_to_f32(f32_to_bf16(values["x"])) if dt == "BF16" else values["x"].astype(WIRE[dt])
-        np.testing.assert_array_equal(got[1].x, want_x.astype(np.float32))
+        assert got[1].wire_dtype == got[1].out_dtype == oip.WIRE[dt]  # x crosses as it came; answers come in it
+        assert got[1].x.dtype == WIRE_NUMPY[oip.WIRE[dt]]  # no float32 copy of a half x
+        np.testing.assert_array_equal(as_float32(got[1].x, got[1].wire_dtype), want_x.astype(np.float32))
         if "lengths" in values:
             np.testing.assert_array_equal(got[1].lengths, values["lengths"].reshape(-1))
         if "attn_mask" in values:
@@ -174,8 +177,8 @@ def test_hits_share_no_state():
     _, one, _, _ = plans.decode(*body(a, head), CFG, LIMITS)
     _, two, _, _ = plans.decode(*body(b, head), CFG, LIMITS)
     assert one.x is not two.x and one.mask is not two.mask and one.lengths is not two.lengths
-    np.testing.assert_array_equal(one.x, bf16_to_f32(f32_to_bf16(a[0][2])))  # not overwritten by the second
-    np.testing.assert_array_equal(two.x, bf16_to_f32(f32_to_bf16(b[0][2])))
+    np.testing.assert_array_equal(one.x, f32_to_bf16(a[0][2]))  # its bits, not overwritten by the second
+    np.testing.assert_array_equal(two.x, f32_to_bf16(b[0][2]))
     two.mask[...] = False  # a request's arrays are its own
     np.testing.assert_array_equal(one.mask, a[2][2])
 
