@@ -68,7 +68,7 @@ def test_health_metadata_config_and_stats(server, client):
     assert cfg.max_batch_size == http_cfg["max_batch_size"] == 32 and [i.name for i in cfg.input][1] == "lengths"
     assert [list(o.dims) for o in cfg.output] == [o["dims"] for o in http_cfg["output"]]
     index = client.get_model_repository_index(as_json=True)["models"]
-    assert index == [{"name": "mha", "version": "1", "state": "READY"}]
+    assert index == [{"name": n, "version": "1", "state": "READY"} for n in ("mha", "mha-seq")]
     with pytest.raises(InferenceServerException) as e:
         client.get_model_metadata("nope")
     assert e.value.status() == "StatusCode.NOT_FOUND" and "unknown model 'nope'" in e.value.message()
