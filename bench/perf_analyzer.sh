@@ -5,6 +5,9 @@
 #   bench/perf_analyzer.sh ARGS...            run it (installs on first use), e.g.
 #   bench/perf_analyzer.sh -m mha -u 127.0.0.1:8000 --input-data bench/out/perf_input.json \
 #       --concurrency-range 1:16:3 --measurement-interval 2000
+#   bench/perf_analyzer.sh -m mha-seq -u 127.0.0.1:8000 --input-data bench/out/perf_seq.json --sequence-length 32
+#                                             sequences: mha-seq's config has sequence_batching, so perf_analyzer
+#                                             sends sequence_id/start/end (data: bench/perf_input.py --model mha-seq)
 #   bench/perf_analyzer.sh --path             print the path of the wrapper (for tests: MHA_PERF_ANALYZER)
 #
 # Why 2.51.0: later perf-analyzer wheels need glibc 2.38 and Debian 12 has 2.36. The binary bundled in

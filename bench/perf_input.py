@@ -8,6 +8,11 @@ leave the batch dimension out; perf_analyzer adds it, -b). perf_analyzer asks fo
 in the metadata, so the weights [H, T, T] are computed and sent too.
 
     python bench/perf_input.py --url http://127.0.0.1:8000 --seq-len 128 -o bench/out/perf_input.json
+
+For perf_analyzer's sequence mode, the steps of a sequence on ``mha-seq`` take x alone (a step refuses
+lengths and attn_mask), each a few rows, so that --sequence-length steps fit max_seq_len:
+
+    python bench/perf_input.py --model mha-seq --seq-len 1 --x-only -o bench/out/perf_seq.json
 """
 
 from __future__ import annotations

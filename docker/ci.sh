@@ -6,8 +6,9 @@
 #   4. image: docker/Dockerfile with --build-arg BASE_IMAGE=<local base>, offline from the wheelhouse
 #   5. single container: /readyz, HEALTHCHECK healthy, /attend == mha_core on the same checkpoint,
 #      non-root, read-only root filesystem, graceful stop on SIGTERM
-#   6. compose: 2 replicas behind nginx; requests reach both; `docker stop` one mid-stream and no
-#      request is lost
+#   6. compose: 2 replicas behind nginx; requests reach both; 50 sequences of 20 steps, each on one
+#      replica and right; `docker stop` one mid-stream and no request is lost; the sequences it held
+#      get the start-required 400 (never a wrong answer), the others go on
 # Everything it starts it stops again, by id (trap on EXIT); images and downloads stay cached in
 # $MHA_CI_CACHE (default /var/cache/mha-serve-ci) and in docker, so a second run takes a minute or two.
 #
@@ -222,7 +223,8 @@ if [ "${MHA_CI_SKIP_COMPOSE:-0}" != 1 ]; then
     step_start compose
     lb_port=$(free_port)
     export MHA_IMAGE=$IMAGE MHA_LB_IMAGE=$LB_IMAGE MHA_REPLICAS=2 MHA_LB_BIND=127.0.0.1 MHA_LB_PORT=$lb_port \
-        MHA_CHECKPOINT_DIR=$WORK/models MHA_CHECKPOINT=/models/model.safetensors MHA_TORCH_THREADS=1
+        MHA_CHECKPOINT_DIR=$WORK/models MHA_CHECKPOINT=/models/model.safetensors MHA_TORCH_THREADS=1 \
+        MHA_SEQUENCE_IDLE_S=600 # the survivor's sequences must outlive the stop phase, however slow the machine
     COMPOSE_UP=1
     "${COMPOSE[@]}" up -d --scale mha=2 >"$WORK/compose-up.log" 2>&1 || { cat "$WORK/compose-up.log"; die "compose up failed"; }
     "$PY" docker/ci_check.py wait "http://127.0.0.1:$lb_port" --timeout 180
