@@ -1,10 +1,16 @@
-"""The model process's CPU per request at the crossing: a real Engine socket loop (service/engine/process.py) with
-a batcher that answers each request with its input on the next turn of the loop (no forward), fed by one real
-MPClient front end in this process with tiny [1,16,64] float32 requests, AT_ONCE in flight.
+"""The model process's CPU per request: a real Engine socket loop (service/engine/process.py) fed by one real
+MPClient front end in this process, AT_ONCE requests in flight; no forward pass.
 
-    PYTHONPATH=. python -m bench.engine_cpu [--requests 4000]
+- ``--batcher next-turn`` (the default): a stand-in batcher that answers each request with its input on the next
+  turn of the loop: the crossing alone. Its floor is zero: everything measured is the crossing's.
+- ``--batcher real``: the model process as it serves (InprocClient: the batcher, its sweep and its forward
+  thread) with the no-op runner of bench/noop_runner.py: everything the model process does per request but the
+  forward. Issue 20's target for [1,128,512] bfloat16 is <= 15 us.
 
-Prints the model process's CPU time (user + system, from /proc) per request.
+    PYTHONPATH=. python -m bench.engine_cpu [--requests 4000] [--shape 1,128,512 --dtype bfloat16 --batcher real]
+
+Prints the model process's CPU time (user + system, from /proc) per request; ``--profile`` also prints where
+the model process spent it (cProfile, the top functions by their own time).
 """
 
 from __future__ import annotations
@@ -27,7 +33,11 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def serve(address: str, ready) -> None:
+def serve(address: str, ready, batcher: str, shape: tuple, profile: bool) -> None:
+    import cProfile
+    import pstats
+    import signal
+
     from service.engine import process
     from service.messages import Result
     from service.settings import Settings
@@ -51,28 +61,57 @@ def serve(address: str, ready) -> None:
         return AttendOutput(inp.x, None)
 
     async def main() -> None:
-        engine = process.Engine(Settings(), address)
-        engine.batcher = NextTurn()
-        engine.info = {"model_info": {}, "config": {"num_heads": 4, "emb_size": 64, "head_size": 16, "max_seq_len": 16}}
-        import zmq
+        _B, T, E = shape
+        if batcher == "real":
+            os.environ.update(
+                MHA_RUNNER="bench.noop_runner:runner",
+                MHA_EMB_SIZE=str(E),
+                MHA_NUM_HEADS="8",
+                MHA_HEAD_SIZE=str(E // 8),
+                MHA_MAX_SEQ_LEN=str(max(T, 16)),
+                MHA_WARMUP="false",
+                MHA_DEVICE="cpu",
+            )
+            engine = process.Engine(Settings(), address)
+            await engine.load()
+        else:
+            import zmq
 
-        engine._sock = engine._ctx.socket(zmq.ROUTER)
-        if hasattr(process, "_configure"):
-            process._configure(engine._sock)
-        engine._sock.bind(address)
+            engine = process.Engine(Settings(), address)
+            engine.batcher = NextTurn()
+            cfg = {"num_heads": 4, "emb_size": E, "head_size": E // 4, "max_seq_len": T}
+            engine.info = {"model_info": {}, "config": cfg}
+            engine._sock = engine._ctx.socket(zmq.ROUTER)
+            if hasattr(process, "_configure"):
+                process._configure(engine._sock)
+            engine._sock.bind(address)
         ready.set()
         await engine.serve()
 
+    prof = cProfile.Profile() if profile else None
+
+    def dump(*_):
+        if prof is not None:
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, dump)
+    if prof is not None:
+        prof.enable()
     process._run(main())
 
 
-async def feed(address: str, n: int, pid: int) -> float:
+async def feed(address: str, n: int, pid: int, shape: tuple, dtype: str) -> float:
     from service.engine.client import MPClient
     from service.messages import AttendInput
 
     client = MPClient(address)
     await client.start(timeout_s=10)
-    x = AttendInput(np.ones((1, 16, 64), np.float32))
+    if dtype == "bfloat16":  # its bits, as the front end sends it
+        x = AttendInput(np.ones(shape, np.float32).view(np.uint16)[..., 1::2].copy(), wire_dtype=dtype, out_dtype=dtype)
+    else:
+        x = AttendInput(np.ones(shape, dtype), wire_dtype=dtype, out_dtype=dtype)
 
     async def one_turn() -> None:
         await asyncio.gather(*(client.infer(x, deadline=time.monotonic() + 30) for _ in range(AT_ONCE)))
@@ -90,18 +129,27 @@ async def feed(address: str, n: int, pid: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=4000)
+    ap.add_argument("--shape", default="1,16,64", help="x's B,T,E")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--batcher", default="next-turn", choices=["next-turn", "real"])
+    ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
+    shape = tuple(int(v) for v in args.shape.split(","))
     address = f"ipc://{tempfile.mkdtemp()}/engine.sock"
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Event()
-    p = ctx.Process(target=serve, args=(address, ready), daemon=True)
+    p = ctx.Process(target=serve, args=(address, ready, args.batcher, shape, args.profile), daemon=True)
     p.start()
-    ready.wait(30)
+    ready.wait(60)
     try:
-        per = asyncio.run(feed(address, args.requests, p.pid))
-        print(f"model process CPU per request: {per * 1e6:.1f} us ({args.requests} requests, {AT_ONCE} at once)")
+        per = asyncio.run(feed(address, args.requests, p.pid, shape, args.dtype))
+        print(
+            f"model process CPU per request: {per * 1e6:.1f} us ({args.requests} requests of {list(shape)} "
+            f"{args.dtype}, {AT_ONCE} at once, batcher {args.batcher})"
+        )
     finally:
-        p.kill()
+        p.terminate()
+        p.join(10)
 
 
 if __name__ == "__main__":
