@@ -83,7 +83,7 @@ class RequestTally:
 def observe_all(histogram: Any, values: list[float]) -> None:
     """``histogram.observe(v)`` for each of ``values``, with the same bucket counts, count and sum (the same
     float: added in observe's order), in one write per bucket touched and one for the sum (each ``observe``
-    writes two values: in multiprocess mode two memory-mapped writes, about 1 us each). The sum is read and
+    writes two values: in multiprocess mode two memory-mapped writes). The sum is read and
     written back, not incremented: each histogram must have one writer thread, as both callers' do (the
     event loop's: the request tally, the batch observer). Relies on prometheus_client's Histogram keeping
     its upper bounds, sum and per-bucket values as ``_upper_bounds``, ``_sum`` and ``_buckets`` (since

@@ -1,8 +1,8 @@
 """Host <-> device transfers for the runner, and CUDA graphs for its common shapes. Knows no asyncio.
 
-On a GPU a batch's upload and download cost as much as its forward pass at serving sizes (a pinned
-8 MiB copy takes 0.16 ms on an H200, a pageable one 0.65 ms; the forward of [32, 128, 512] takes
-about as long). Three things cut that:
+On a GPU a batch's upload and download cost as much as its forward pass at serving sizes (a pageable
+copy takes several times a pinned one; the figures are in shared/PERF_NOTES.md and `make bench-gpu`).
+Three things cut that:
 
 - **Pinned, reused staging buffers.** Each slot holds page-locked host buffers for the input, the
   output and the weights, grown to the largest batch seen and reused after that, so a batch costs

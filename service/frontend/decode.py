@@ -122,7 +122,7 @@ _B64_KEYS = frozenset(TensorB64.model_fields)
 
 
 def _plain_request(obj: dict) -> dict | None:
-    """The request's fields without a pydantic pass (~1.5 us), when the body holds only what AttendRequest would
+    """The request's fields without a pydantic pass, when the body holds only what AttendRequest would
     take unchanged: known fields, each of its exact type (ints for the int lists, no booleans for numbers).
     None for anything else (an int timeout_ms included: pydantic makes it a float), which pydantic then
     validates as before, with the same values and messages."""

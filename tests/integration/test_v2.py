@@ -136,7 +136,8 @@ async def test_metadata_health_and_versions(client):
         assert r.status_code == 404, path
         assert isinstance(r.json()["error"], str)
     r = await client.post("/v2/models/nope/infer", json={})
-    assert r.status_code == 404 and r.json() == {"error": "unknown model 'nope'; this server serves 'mha' and 'mha-seq'"}
+    want = {"error": "unknown model 'nope'; this server serves 'mha' and 'mha-seq'"}
+    assert r.status_code == 404 and r.json() == want
     r = await client.post("/v2/models/mha/versions/2/infer", json={})
     assert r.status_code == 404 and "no version '2'" in r.json()["error"]
     r = await client.get("/v2/repository/index")
