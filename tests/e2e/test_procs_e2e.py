@@ -510,3 +510,46 @@ def test_each_process_is_titled(procs):
     assert title(engine) == "mha-serve: model"
     assert sorted(title(f) for f in fronts) == ["mha-serve: front 1", "mha-serve: front 2"]
     assert decode() and all(title(k) == "mha-serve: decode" for k in decode()), [title(k) for k in decode()]
+
+
+def test_sequences_step_through_the_model_process_and_its_cache(procs):
+    """Sequences over the split server (front ends -> the model process's KV cache): interleaved sequences, a
+    prompt then one token at a time, each step equal to the rows of the module's causal forward over the whole
+    sequence so far; a step of an id the model process does not hold is refused as lost; every sequence ended
+    leaves none active in the model process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mha_client import Client, MhaSequenceLost
+
+    module = builtin_model()
+    rng = np.random.default_rng(11)
+    xs = [rng.standard_normal((1, 9, 32)).astype(np.float32) for _ in range(4)]
+
+    def generate(x: np.ndarray) -> float:
+        with torch.no_grad():
+            want = module(torch.from_numpy(x)).output.numpy()
+        worst = 0.0
+        with Client(procs.url) as mha, mha.sequence() as s:
+            pos = 0
+            for t in (3, 1, 1, 1, 1, 1, 1):
+                got = s.step(x[:, pos : pos + t]).output
+                worst = max(worst, float(np.abs(got - want[:, pos : pos + t]).max()))
+                pos += t
+        return worst
+
+    with ThreadPoolExecutor(4) as pool:
+        errors = list(pool.map(generate, xs))
+    assert max(errors) < 1e-4, errors
+    body = {"x": xs[0][:, :1].tolist(), "sequence": {"id": 987654321}}  # never started: no start flag
+    r = httpx.post(procs.url + "/attend", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "sequence_start_required", r.text
+    assert "start" in r.json()["error"]["message"]
+    with Client(procs.url) as mha:  # the client's own view of it: a lost sequence, to replay
+        s = mha.sequence(id=987654321)
+        s.started = True  # as after a first step that the server has since lost
+        with pytest.raises(MhaSequenceLost):
+            s.step(xs[0][:, :1])
+    with Client(procs.url) as mha, mha.sequence() as s:  # one open sequence is counted, and none once it ends
+        s.step(xs[1][:, :2])
+        assert metric(httpx.get(procs.url + "/metrics").text, "mha_sequences_active") == 1.0
+    assert metric(httpx.get(procs.url + "/metrics").text, "mha_sequences_active") == 0.0
