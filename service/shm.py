@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import itertools
+import mmap
 import os
 from multiprocessing import shared_memory
 
@@ -32,6 +33,7 @@ ARENA_BYTES = int(os.environ.get("MHA_SHM_ARENA_MIB", "64")) << 20
 # (service.messages._Packer), which costs less than a slot and its freeing.
 SHM_MIN = 1 << 16
 ALIGN = 64  # each slot starts on a cache line
+SHM_DIR = "/dev/shm"
 PREFIX_ENV = "MHA_RUN_DIR"  # (service.settings.RUN_DIR_ENV) the supervisor's run directory names the arenas
 
 _serial = itertools.count()
@@ -51,8 +53,8 @@ class Arena:
     arena does not fragment under a steady mix of sizes. A few hundred slots at most are live at once: a scan
     of the free list is short."""
 
-    def __init__(self, size: int = ARENA_BYTES) -> None:
-        self.size = size
+    def __init__(self, size: int | None = None) -> None:
+        size = self.size = size or ARENA_BYTES  # (read now: tests make it small)
         self._shm = shared_memory.SharedMemory(name=arena_name(), create=True, size=size)
         try:
             # Its pages are reserved now: a /dev/shm too small (a container's is 64 MB unless told otherwise) fails
@@ -120,13 +122,27 @@ class Arena:
 
 
 class Mapped:
-    """The receiver's side: a peer's arena, mapped once by its name; its arrays are read in place."""
+    """The receiver's side: a peer's arena, mapped once by its name, read-only; its arrays are read in place.
+
+    Mapped as a plain file of /dev/shm where there is one (Linux: what shm_open opens), not as a SharedMemory: a
+    mapping whose arrays outlive ``close`` (a request still queued when its front end went away) is unmapped
+    quietly with the last of them, and the receiver does not register the sender's name with its own resource
+    tracker, which would unlink it when the receiver exits."""
 
     def __init__(self, name: str) -> None:
-        self._shm = shared_memory.SharedMemory(name=name)
-        self.buf = self._shm.buf.toreadonly()  # what arrives is read, never written: a slot is its sender's
+        self._shm = None
+        if os.path.isdir(SHM_DIR):
+            fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY)
+            try:
+                self._map = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)
+            self.buf = memoryview(self._map)
+        else:
+            self._shm = shared_memory.SharedMemory(name=name)
+            self.buf = self._shm.buf.toreadonly()  # what arrives is read, never written: a slot is its sender's
 
     def close(self) -> None:
         with contextlib.suppress(BufferError):  # views still held: the mapping goes with the last of them
             self.buf.release()
-            self._shm.close()
+            (self._map if self._shm is None else self._shm).close()
