@@ -9,6 +9,9 @@ MPClient front end in this process, AT_ONCE requests in flight; no forward pass.
 
     PYTHONPATH=. python -m bench.engine_cpu [--requests 4000] [--shape 1,128,512 --dtype bfloat16 --batcher real]
 
+Arrays of 64 KiB or more cross through shared memory (service/shm.py); ``MHA_SHM_ARENA_MIB=0`` in the environment
+sends them as zmq frames instead, to compare the two in one tree.
+
 Prints the model process's CPU time (user + system, from /proc) per request; ``--profile`` also prints where
 the model process spent it (cProfile, the top functions by their own time).
 """

@@ -14,11 +14,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import partial
 from typing import Any, ClassVar
 
 import msgspec
 import numpy as np
 import zmq
+
+from service.shm import SHM_MIN, Arena
 
 
 @dataclass(frozen=True)
@@ -306,21 +309,31 @@ _PAD = bytes(16)
 class _Packer:
     """A message's arrays -> frames. A zmq frame costs about 4 us (sent and received) beyond its bytes, so the
     small arrays of a message (a batch of small requests: one or two each) are copied into one frame, each at
-    a 16-byte aligned offset; an array of PACK_BELOW bytes or more is a frame of its own, sent without a copy.
-    Each array's place is an ``Arr``, its frame counted after the message's header."""
+    a 16-byte aligned offset; an array of PACK_BELOW bytes or more is a frame of its own, sent without a copy,
+    unless the sender's ``arena`` (service/shm.py) takes it: then only its place crosses, and ``slots`` lists
+    the arena's offsets it took. Each array's place is an ``Arr``, its frame counted after the message's header
+    (ARENA: the sender's arena)."""
 
-    __slots__ = ("big", "size", "small")
+    __slots__ = ("arena", "big", "size", "slots", "small")
 
-    def __init__(self) -> None:
+    def __init__(self, arena: Arena | None = None) -> None:
         self.small: list = []
         self.size = 0
         self.big: list = []
+        self.arena = arena
+        self.slots: list[int] = []
 
     def add(self, a: np.ndarray) -> Arr:
         if not a.flags.c_contiguous:
             a = np.ascontiguousarray(a)
         n = a.nbytes
         if n >= PACK_BELOW:
+            arena = self.arena
+            if arena is not None and n >= SHM_MIN:
+                offset = arena.put(a)
+                if offset is not None:  # (None: the arena is full; this one goes as a frame)
+                    self.slots.append(offset)
+                    return Arr(a.shape, a.dtype.str, ARENA, offset)
             self.big.append(a)
             return Arr(a.shape, a.dtype.str, len(self.big), 0)
         offset = self.size
@@ -335,12 +348,19 @@ class _Packer:
         return [b"".join(self.small), *self.big]
 
 
+ARENA = -1  # an Arr's frame when its bytes are in the sender's arena: the receiver puts the arena's buffer last
+_NO_ARENA = b""  # in its place when none is mapped: an Arr that names one fails to decode, never reads a frame
+
+
 _DTYPES: dict[str, np.dtype] = {}  # an array meta's dtype string -> its numpy dtype (a lookup, not a parse)
 
 
-def _buffers(frames: list) -> list:
-    """A message's array frames as buffers: a zmq.Frame's (zero-copy), or bytes/arrays as they are."""
-    return [f.buffer if hasattr(f, "buffer") else f for f in frames]
+def _buffers(frames: list, arena: memoryview | None) -> list:
+    """A message's array frames as buffers: a zmq.Frame's (zero-copy), or bytes/arrays as they are; the sender's
+    arena last (an Arr's frame ARENA)."""
+    bufs = [f.buffer if hasattr(f, "buffer") else f for f in frames]
+    bufs.append(_NO_ARENA if arena is None else arena)
+    return bufs
 
 
 _new = object.__new__
@@ -421,6 +441,7 @@ class Failure(msgspec.Struct, array_like=True, gc=False, tag=1):
 
 class Requests(msgspec.Struct, array_like=True, gc=False, tag="req"):
     items: list[Request]
+    freed: tuple[int, ...] = ()  # the answer slots (offsets in the model process's arena) this front end is done with
 
 
 class Outcomes(msgspec.Struct, array_like=True, gc=False, tag="res"):
@@ -429,10 +450,11 @@ class Outcomes(msgspec.Struct, array_like=True, gc=False, tag="res"):
 
 class Cancel(msgspec.Struct, array_like=True, gc=False, tag="cancel"):
     ids: list[int]
+    freed: tuple[int, ...] = ()  # as Requests'
 
 
 class Ping(msgspec.Struct, array_like=True, gc=False, tag="ping"):
-    pass
+    freed: tuple[int, ...] = ()  # as Requests'
 
 
 class Heartbeat(msgspec.Struct, array_like=True, gc=False, tag="hb"):
@@ -442,6 +464,7 @@ class Heartbeat(msgspec.Struct, array_like=True, gc=False, tag="hb"):
 
 class Hello(msgspec.Struct, array_like=True, gc=False, tag="hello"):
     pid: int
+    arena: str | None = None  # the shared memory this front end's requests' large arrays are in (service/shm.py)
 
 
 class Info(msgspec.Struct, array_like=True, gc=False, tag="info"):
@@ -449,9 +472,15 @@ class Info(msgspec.Struct, array_like=True, gc=False, tag="info"):
     queue: tuple[int, int]
     config: dict[str, Any]  # MHAConfig.to_dict()
     model_info: dict[str, Any]
+    arena: str | None = None  # the shared memory the answers' large arrays to this front end are in
+    mapped: bool = False  # whether the model process mapped the front end's arena: until it did, none is used
 
 
-Message = Requests | Outcomes | Cancel | Ping | Heartbeat | Hello | Info
+class Bye(msgspec.Struct, array_like=True, gc=False, tag="bye"):
+    """A front end that stops: the model process frees what it holds for it (its arena, its requests)."""
+
+
+Message = Requests | Outcomes | Cancel | Ping | Heartbeat | Hello | Info | Bye
 _encode = msgspec.msgpack.Encoder().encode
 decode = msgspec.msgpack.Decoder(Message).decode  # a message's header (its first frame) -> its Struct
 
@@ -461,13 +490,22 @@ def encode(msg: Message) -> list:
     return [_encode(msg)]
 
 
-def encode_requests(items: list[tuple[int, AttendInput, float, str | None, int]]) -> list:
+def encode_requests(
+    items: list[tuple[int, AttendInput, float, str | None, int]],
+    arena: Arena | None = None,
+    slots: list[list[int]] | None = None,
+    freed: tuple[int, ...] = (),
+) -> list:
     """[(id, input, deadline, request id, priority)] -> [header, packed small arrays, large array, ...].
 
-    ``priority`` is the batcher's level (0: the default); a traced request adds its span's context."""
-    reqs, pack = [], _Packer()
+    ``priority`` is the batcher's level (0: the default); a traced request adds its span's context. With an
+    ``arena``, the large arrays that fit go in it, and ``slots`` gets each item's offsets there (to free when its
+    wait ends); ``freed`` carries the answer slots the front end is done with."""
+    reqs, pack = [], _Packer(arena)
     add = pack.add
+    taken = pack.slots
     for rid, inp, deadline, request_id, priority in items:
+        first = len(taken)
         lengths, mask, h = inp.lengths, inp.mask, inp.heads
         reqs.append(
             Request(
@@ -488,7 +526,9 @@ def encode_requests(items: list[tuple[int, AttendInput, float, str | None, int]]
                 inp.sequence,
             )
         )
-    return [_encode(Requests(reqs)), *pack.frames()]
+        if slots is not None:
+            slots.append(taken[first:])
+    return [_encode(Requests(reqs, freed)), *pack.frames()]
 
 
 def _trace_carrier(span_context: Any) -> dict[str, str]:
@@ -506,9 +546,14 @@ def _array(bufs: list, a: Arr) -> np.ndarray:
     return np.ndarray(a.shape, dt, bufs[a.frame], a.offset)
 
 
-def decode_requests(msg: Requests, frames: list) -> list[tuple[int, AttendInput, float, str | None, int]]:
-    """A decoded ``Requests`` and the frames after its header -> [(id, input, deadline, request id, priority)]."""
-    out, bufs = [], _buffers(frames)
+def decode_requests(
+    msg: Requests, frames: list, arena: memoryview | None = None
+) -> list[tuple[int, AttendInput, float, str | None, int]]:
+    """A decoded ``Requests`` and the frames after its header -> [(id, input, deadline, request id, priority)].
+
+    The arrays in the front end's ``arena`` are read-only views of their slots, valid until the front end stops
+    waiting for the request: read them before answering, never after."""
+    out, bufs = [], _buffers(frames, arena)
     for r in msg.items:
         lengths, mask = r.lengths, r.mask
         inp = _input(
@@ -528,6 +573,15 @@ def decode_requests(msg: Requests, frames: list) -> list[tuple[int, AttendInput,
     return out
 
 
+def _owned(freed: list[int], bufs: list, a: Arr) -> np.ndarray:
+    """An answer's array as the front end's own: a copy when it is in the arena, whose slot is then freed."""
+    arr = _array(bufs, a)
+    if a.frame != ARENA:
+        return arr
+    freed.append(a.offset)
+    return arr.copy()
+
+
 @dataclass(slots=True)
 class Outcome:
     """One request's answer from the engine: an output with its timings, or a typed error."""
@@ -543,8 +597,10 @@ class Outcome:
     retry_after_s: float = 0.0
 
 
-def encode_outcomes(items: list[Outcome]) -> list:
-    answers, pack = [], _Packer()
+def encode_outcomes(items: list[Outcome], arena: Arena | None = None) -> list:
+    """[Outcome] -> [header, packed small arrays, large array, ...]; with an ``arena`` (the model process's for this
+    front end), the large arrays that fit are copied into it, to be freed when the front end says so."""
+    answers, pack = [], _Packer(arena)
     add = pack.add
     for o in items:
         out = o.output
@@ -566,9 +622,15 @@ def encode_outcomes(items: list[Outcome]) -> list:
     return [_encode(Outcomes(answers)), *pack.frames()]
 
 
-def decode_outcomes(msg: Outcomes, frames: list) -> list[Outcome]:
-    """A decoded ``Outcomes`` and the frames after its header -> its Outcomes."""
-    out, bufs = [], _buffers(frames)
+def decode_outcomes(
+    msg: Outcomes, frames: list, arena: memoryview | None = None, freed: list[int] | None = None
+) -> list[Outcome]:
+    """A decoded ``Outcomes`` and the frames after its header -> its Outcomes.
+
+    An array in the model process's ``arena`` is copied out at once, and its offset joins ``freed`` (to send back):
+    a response may keep a reference to its arrays for as long as it likes, and the slot is reused soon."""
+    out, bufs = [], _buffers(frames, arena)
+    array = _array if arena is None else partial(_owned, [] if freed is None else freed)
     for a in msg.items:
         if type(a) is Failure:
             out.append(Outcome(a.id, error=a.kind, message=a.message, retry_after_s=a.retry_after_s))
@@ -577,7 +639,7 @@ def decode_outcomes(msg: Outcomes, frames: list) -> list[Outcome]:
         out.append(
             Outcome(
                 a.id,
-                AttendOutput(_array(bufs, a.output), None if w is None else _array(bufs, w)),
+                AttendOutput(array(bufs, a.output), None if w is None else array(bufs, w)),
                 a.queue_s,
                 a.compute_s,
                 a.batch_requests,

@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.shm import ARENA_MIB_DEFAULT
+
 # The built-in default model, used when no checkpoint is given.
 RUN_DIR_ENV = "MHA_RUN_DIR"  # the supervisor's temporary directory, where front ends claim their numbers (titles)
 DEFAULT_MODEL = {"num_heads": 8, "emb_size": 512, "head_size": 64, "max_seq_len": 1024, "causal": True}
@@ -231,6 +233,15 @@ class Settings(BaseSettings):
         "largest batch (MHA_MAX_BATCH_TOKENS tokens at max_seq_len, every head's weights) on one CPU thread, timed "
         "as bench/forward_time.py does, times 25 for slower CPUs and noisy neighbours. Raise it if you raise the "
         "batch limits or max_seq_len, or run on a slower device: keep it well above bench/forward_time.py's figure.",
+    )
+    shm_arena_mib: int = Field(
+        ARENA_MIB_DEFAULT,
+        ge=0,
+        description="With front-end processes: the shared-memory arena (MiB) each side owns per peer for the large "
+        "arrays it sends (service/shm.py); an array that does not fit crosses over the socket, as with 0, which turns "
+        "the arenas off. Each front end makes two arenas in /dev/shm: a container's is 64 MB unless given more "
+        "(docker --shm-size, compose shm_size, a Kubernetes emptyDir of medium Memory at /dev/shm). Raise it for "
+        "large batches of large tensors on a GPU host.",
     )
     runner: str | None = Field(
         None,

@@ -26,12 +26,14 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from mha_core import MHAConfig
+from service import shm
 from service.engine_api import EngineModel, SequenceFlags
 from service.logs import request_id_var
 from service.messages import (
     COPY_BELOW,
     WATCH_AFTER_S,
     AttendInput,
+    Bye,
     Cancel,
     ClientGone,
     DeadlineExceeded,
@@ -76,7 +78,14 @@ class MPClient:
         self._monitor: zmq.Socket | None = None  # its disconnect events, read the same way
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fds: list[int] = []  # registered with the loop's add_reader, until _stop
-        self._pending: dict[int, list] = {}  # id -> [answer, abandoned, give up at, watch from, watch]
+        self._pending: dict[int, list] = {}  # id -> [answer, abandoned, give up at, watch from, watch, its slots]
+        # Large arrays cross through shared memory (service/shm.py): this front end's arena holds its requests' (used
+        # once the model process said it mapped it), the model process's its answers', which are copied out on
+        # arrival and their slots sent back as ``freed`` on the next message.
+        self._arena: shm.Arena | None = None
+        self._inputs: shm.Arena | None = None  # the arena, once the model process mapped it
+        self._answers: shm.Mapped | None = None
+        self._freed: list[int] = []
         self._sweep = Sweep(SWEEP_S, self._check_waits)  # while requests wait (SWEEP_S read now: tests patch it)
         self._outbox: list[tuple[int, AttendInput, float, str | None, int]] = []
         self._flush_scheduled = False
@@ -114,10 +123,19 @@ class MPClient:
                 loop.add_reader(fd, read)
                 self._fds.append(fd)
             sock.connect(self.address)
-            self._send(encode(Hello(os.getpid())))
+            if shm.ARENA_BYTES:
+                try:
+                    self._arena = shm.Arena()
+                except OSError as e:
+                    log.warning("no shared memory for the requests (%s): their arrays cross as frames", e)
+            self._send(encode(Hello(os.getpid(), None if self._arena is None else self._arena.name)))
             self._watch()  # a socket's FD is raised only once it was read until EAGAIN: arm both
             self._schedule_drain()
             info = await asyncio.wait_for(self._info, timeout_s)
+            if info.arena is not None:
+                self._answers = shm.Mapped(info.arena)
+            if info.mapped:
+                self._inputs = self._arena
         except BaseException:
             await self.stop()  # nothing left registered on the loop, no socket left open
             raise
@@ -165,11 +183,20 @@ class MPClient:
         self._backlog.clear()
         sock, monitor, self._sock, self._monitor = self._sock, self._monitor, None, None
         if sock is not None:
+            bye = self._lost is None and self._info is not None and self._info.done()
+            if bye:  # the model process frees what it holds for this front end (it would learn it late otherwise)
+                with contextlib.suppress(zmq.ZMQError):
+                    sock.send_multipart(encode(Bye()), zmq.NOBLOCK)
             with contextlib.suppress(zmq.ZMQError):
                 sock.disable_monitor()
             monitor.close(linger=0)
-            sock.close(linger=0)
+            sock.close(linger=BYE_LINGER_MS if bye else 0)
         self._ctx.destroy(linger=0)
+        self._inputs = None
+        for arena in (self._arena, self._answers):
+            if arena is not None:
+                arena.close()
+        self._arena = self._answers = None
 
     # -- requests ------------------------------------------------------------------------
 
@@ -198,7 +225,7 @@ class MPClient:
         # [answer, abandoned, give up at, watch the caller from, the watch]: the sweep (``_check_waits``), not a
         # timer or a task per request, ends the wait at the deadline and starts watching the caller of a
         # request still waiting after WATCH_AFTER_S (an awaitable ``abandoned`` is watched at once).
-        wait = [fut, abandoned, deadline + ANSWER_SLACK_S, now + WATCH_AFTER_S, None]
+        wait = [fut, abandoned, deadline + ANSWER_SLACK_S, now + WATCH_AFTER_S, None, None]
         self._pending[rid] = wait
         if abandoned is not None and not callable(abandoned):
             self._watch_caller(wait, abandoned)
@@ -214,6 +241,10 @@ class MPClient:
             gone = wait[4]
             if gone is not None and not gone.done():
                 gone.cancel()
+            slots, inputs = wait[5], self._inputs
+            if slots and inputs is not None:  # its answer came, or nobody waits for it: the model reads it no more
+                for offset in slots:
+                    inputs.free(offset)
             if self._pending.pop(rid, None) is not None:  # left before the answer: dropped before compute
                 if not fut.done():
                     fut.cancel()
@@ -262,13 +293,30 @@ class MPClient:
     def _flush(self) -> None:
         self._flush_scheduled = False
         items, self._outbox = self._outbox, []
-        items = [it for it in items if it[0] in self._pending]  # not those cancelled meanwhile
+        pending = self._pending
+        items = [it for it in items if it[0] in pending]  # not those cancelled meanwhile
         if items and self._lost is None:
-            self._send(encode_requests(items))
+            inputs = self._inputs
+            if inputs is None:
+                self._send(encode_requests(items))
+                return
+            slots: list[list[int]] = []
+            frames = encode_requests(items, inputs, slots, self._take_freed())
+            for it, taken in zip(items, slots, strict=True):
+                if taken:
+                    pending[it[0]][5] = taken
+            self._send(frames)
+
+    def _take_freed(self) -> tuple[int, ...]:
+        """The answer slots copied out since the last message, to go back with the next one."""
+        if not self._freed:
+            return ()
+        freed, self._freed = tuple(self._freed), []
+        return freed
 
     def _cancel(self, ids: list[int]) -> None:
         if self._lost is None or self._silent:  # (silent: it may read again, and must not compute these then)
-            self._send(encode(Cancel(ids)))
+            self._send(encode(Cancel(ids, self._take_freed())))
 
     def _fail_all(self, exc: Exception) -> None:
         pending, self._pending = self._pending, {}
@@ -368,7 +416,9 @@ class MPClient:
         kind = type(msg)
         if kind is Outcomes:
             pending = self._pending
-            for o in decode_outcomes(msg, frames[1:]):
+            answers = self._answers
+            outcomes = decode_outcomes(msg, frames[1:], None if answers is None else answers.buf, self._freed)
+            for o in outcomes:
                 wait = pending.pop(o.id, None)
                 if wait is None or wait[0].done():
                     continue
@@ -412,7 +462,7 @@ class MPClient:
                 if self._backlog:  # a ping would only wait behind them: try them again instead (a safety net
                     self._schedule_drain()  # for an FD edge missed: a backlog is never left to wait on one)
                 else:
-                    self._send(_PING)
+                    self._send(encode(Ping(self._take_freed())) if self._freed else _PING)
                 if self._lost is None and time.monotonic() - self._last_beat > LOST_AFTER_S:
                     self._gone(f"no heartbeat for {LOST_AFTER_S:g} s", silent=True)
             if not parent_watched_by_kernel() and os.getppid() != self._parent:  # (where PDEATHSIG is not to be had)
@@ -422,4 +472,5 @@ class MPClient:
 
 
 _PING = encode(Ping())
+BYE_LINGER_MS = 100  # at stop, how long zmq may take to deliver the front end's Bye
 SNDHWM = 1000  # zmq's default: messages queued towards the model process before a send raises zmq.Again

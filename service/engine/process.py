@@ -29,11 +29,12 @@ from typing import Any
 
 import zmq
 
-from service import heap
+from service import heap, shm
 from service.engine_api import SequenceFlags
 from service.logs import request_id_var
 from service.messages import (
     COPY_BELOW,
+    Bye,
     Cancel,
     ErrorKind,
     Heartbeat,
@@ -57,6 +58,7 @@ log = logging.getLogger("mha_serve.engine")
 HWM = 1000  # the ROUTER's SNDHWM and RCVHWM (zmq's default), in messages per front end; tests set it to 1
 _SENT, _FULL, _GONE = 0, 1, 2  # what became of one message to a front end
 BACKLOG_GRACE_S = 1.0  # at shutdown, how long answers still waiting in a backlog may wait for their front end
+REAP_S = 1.0  # how often the model process looks for front ends that died, to free their shared memory
 RETRY_S = 0.05  # a peer's backlog is tried again this often while it lasts: a net under the FD's POLLOUT edge
 
 
@@ -85,6 +87,11 @@ class Engine:
         self._flush_scheduled = False
         self._drain_scheduled = False
         self._stop = asyncio.Event()
+        # per front end: its arena, mapped (its requests' large arrays), and this process's arena for its answers
+        self._inputs: dict[bytes, shm.Mapped] = {}
+        self._answers: dict[bytes, shm.Arena] = {}
+        self._pids: dict[bytes, int] = {}
+        self._reap: asyncio.TimerHandle | None = None
 
     async def load(self, beat: Any = None) -> None:
         """Load and warm the model and start the batcher: the one-process mode's engine (InprocClient), whose
@@ -222,6 +229,9 @@ class Engine:
     def _peer_gone(self, peer: bytes) -> None:
         """A front end that went away: nobody reads its answers, and its requests still queued are not computed."""
         self._backlogs.pop(peer, None)
+        self._pids.pop(peer, None)
+        self._replies.pop(peer, None)
+        self._close_arenas(peer)
         mine = [key for key in self._pending if key[0] == peer]
         if mine:
             log.warning("a front end went away with %d request(s) pending: cancelled", len(mine))
@@ -232,14 +242,23 @@ class Engine:
         peer = frames[0].bytes
         msg = decode(frames[1].buffer)
         kind = type(msg)
+        if kind is not Hello and kind is not Bye and msg.freed:
+            answers = self._answers.get(peer)
+            if answers is not None:
+                for offset in msg.freed:
+                    answers.free(offset)
         if kind is Requests:
             submit, pending = self.batcher.submit, self._pending
-            for rid, inp, deadline, request_id, priority in decode_requests(msg, frames[2:]):
+            inputs = self._inputs.get(peer)
+            items = decode_requests(msg, frames[2:], None if inputs is None else inputs.buf)
+            for rid, inp, deadline, request_id, priority in items:
                 if inp.trace is not None:  # the front end's request span: the forward span's parent
                     remote = self.tracing.remote_span_context(inp.trace) if self.tracing is not None else None
                     inp = dataclasses.replace(inp, trace=remote)
                 done = partial(self._answer, peer, rid, request_id)
                 if inp.sequence is not None:  # a sequence's step: in its sequence's turn (the engine's ``step``)
+                    if inputs is not None and inp.x.base is not None:  # its own x: a step keeps state past a cancel
+                        inp = dataclasses.replace(inp, x=inp.x.copy())
                     pending[(peer, rid)] = self._step(inp, deadline, priority, done)
                     continue
                 try:
@@ -255,7 +274,51 @@ class Engine:
             self._send(peer, encode(Heartbeat(*self._status())))
         elif kind is Hello:
             log.info("front end %s connected", msg.pid)
-            self._send(peer, encode(Info(*self._status(), **self.info)))
+            self._send(peer, encode(Info(*self._status(), **self.info, **self._open_arenas(peer, msg))))
+        elif kind is Bye:
+            self._peer_gone(peer)
+
+    def _open_arenas(self, peer: bytes, hello: Hello) -> dict[str, Any]:
+        """Map the front end's arena and make one for its answers; ``Info``'s fields that say so. Either may fail
+        (no /dev/shm, no room in it): its arrays then cross as frames."""
+        self._close_arenas(peer)  # (a second Hello on one socket: a fresh start)
+        self._pids[peer] = hello.pid
+        if self._reap is None:
+            self._reap = asyncio.get_running_loop().call_later(REAP_S, self._reap_peers)
+        fields: dict[str, Any] = {"arena": None, "mapped": False}
+        if not shm.ARENA_BYTES:
+            return fields
+        try:
+            if hello.arena is not None:
+                self._inputs[peer] = shm.Mapped(hello.arena)
+                fields["mapped"] = True
+            arena = self._answers[peer] = shm.Arena()
+            fields["arena"] = arena.name
+        except OSError as e:
+            log.warning("no shared memory with front end %s (%s): its arrays cross as frames", hello.pid, e)
+        return fields
+
+    def _close_arenas(self, peer: bytes) -> None:
+        mapped, arena = self._inputs.pop(peer, None), self._answers.pop(peer, None)
+        if mapped is not None:
+            mapped.close()
+        if arena is not None:
+            arena.close()
+
+    def _reap_peers(self) -> None:
+        """A front end that died (it sent no Bye) frees what is held for it: its process is looked for every
+        REAP_S. (Its zmq peer is learnt gone only when a send to it fails.)"""
+        self._reap = None
+        for peer, pid in list(self._pids.items()):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                log.warning("front end %s is gone", pid)
+                self._peer_gone(peer)
+            except PermissionError:  # (alive, as another user)
+                pass
+        if self._pids:
+            self._reap = asyncio.get_running_loop().call_later(REAP_S, self._reap_peers)
 
     def _step(self, inp: Any, deadline: float, priority: int, done: Any) -> asyncio.Task:
         """A step waits for its sequence's turn (service/engine/sequences.py), so it is a task, not the batcher's
@@ -304,8 +367,9 @@ class Engine:
     def _flush(self) -> None:
         self._flush_scheduled = False
         replies, self._replies = self._replies, {}
+        answers = self._answers
         for peer, outcomes in replies.items():
-            self._send(peer, encode_outcomes(outcomes))
+            self._send(peer, encode_outcomes(outcomes, answers.get(peer)))
 
     async def shutdown(self, grace_s: float) -> None:
         """Finish what is queued within ``grace_s`` (its answers still go out), then close."""
@@ -322,6 +386,11 @@ class Engine:
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
+        if self._reap is not None:
+            self._reap.cancel()
+            self._reap = None
+        for peer in list(self._inputs.keys() | self._answers.keys()):
+            self._close_arenas(peer)
         if self._sock is not None:
             self._sock.close(linger=100)
         self._ctx.destroy(linger=0)

@@ -32,6 +32,7 @@ import time
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
+from service import shm
 from service.engine.liveness import HUNG_EXIT
 from service.messages import ADDRESS_ENV
 from service.settings import Settings
@@ -60,6 +61,8 @@ def serve(settings: Settings, workers: int) -> int:
         return _run(settings, workers, address)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if shm.unlink_run(tmp):  # arenas of processes killed together with their resource tracker
+            log.warning("removed shared-memory arenas left by killed processes")
 
 
 def _run(settings: Settings, workers: int, address: str) -> int:

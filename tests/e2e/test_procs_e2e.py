@@ -553,3 +553,26 @@ def test_sequences_step_through_the_model_process_and_its_cache(procs):
         s.step(xs[1][:, :2])
         assert metric(httpx.get(procs.url + "/metrics").text, "mha_sequences_active") == 1.0
     assert metric(httpx.get(procs.url + "/metrics").text, "mha_sequences_active") == 0.0
+
+
+def test_a_crash_leaves_no_shared_memory_behind_once_the_supervisor_exits(procs):
+    """Each front end and the model process own arenas in /dev/shm (service/shm.py); a process killed cannot
+    unlink its own, and the resource tracker that the supervisor's spawned processes share does it once the last
+    of them has exited."""
+    engine, fronts = pids(procs)
+
+    def arenas(pid: int) -> list[str]:
+        return glob.glob(f"/dev/shm/mha-serve-*-{pid}-*")
+
+    x = np.linspace(-1, 1, 8 * 64 * 32).reshape(8, 64, 32)  # 64 KiB as float32: through the arenas
+    r = httpx.post(procs.url + "/attend", json={"x": x.tolist()}, timeout=30)
+    assert r.status_code == 200 and np.asarray(r.json()["output"]).shape == (8, 64, 32), r.text[:300]
+    assert len(arenas(engine)) == 2 and all(len(arenas(f)) == 1 for f in fronts), os.listdir("/dev/shm")
+    run = os.path.basename(arenas(engine)[0]).rsplit(f"-{engine}-", 1)[0]  # the supervisor's run directory's name
+    os.kill(fronts[0], signal.SIGKILL)
+    os.kill(engine, signal.SIGKILL)
+    assert procs.proc.wait(20) == 1, procs.log()[-3000:]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and glob.glob(f"/dev/shm/{run}-*"):
+        time.sleep(0.05)
+    assert not glob.glob(f"/dev/shm/{run}-*"), os.listdir("/dev/shm")

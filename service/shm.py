@@ -1,0 +1,166 @@
+"""Shared-memory arenas: large arrays cross between the front ends and the model process without the socket.
+
+A message's large arrays (SHM_MIN bytes or more) are written into an arena that the sender owns, and only their
+place crosses over zmq (``service.messages.Arr`` with frame ARENA); the receiver maps the sender's arena once, by
+the name the sender gave in its ``Hello`` or ``Info``, and reads them in place. Through the ipc socket each array
+was copied into the kernel and out again, by zmq's I/O threads, which count as the model process's CPU.
+
+Each side owns one arena per peer for what it sends, and frees a slot when the receiver is done with it: a front
+end frees a request's input when the request's wait ends, the model process frees an answer when the front end
+says it copied it (``freed`` in its next message). An arena that is full never blocks or fails a request: that
+array crosses as a frame, as every array did before. The owner unlinks its arena at stop; one left by a process
+that crashed is unlinked by multiprocessing's resource tracker, which the supervisor's spawned processes share
+and which unlinks what is still registered when the last of them exits.
+
+This module knows nothing of the engine or the front end: both import it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import itertools
+import mmap
+import os
+from multiprocessing import shared_memory
+
+import numpy as np
+
+# The arena each side owns per peer (MHA_SHM_ARENA_MIB, declared with the other settings in service/settings.py and
+# read here from the environment every process of the service shares): at 128 KiB a request, 16 MiB holds 128
+# requests in flight, and what does not fit crosses as frames. Four arenas (two front ends) fit a container's
+# default 64 MB /dev/shm. 0 turns the crossing off: every array goes as a frame.
+ARENA_MIB_DEFAULT = 16
+ARENA_BYTES = int(os.environ.get("MHA_SHM_ARENA_MIB", str(ARENA_MIB_DEFAULT))) << 20
+# Arrays of this size or more cross through the arena. Smaller ones share one packed frame a message
+# (service.messages._Packer), which costs less than a slot and its freeing.
+SHM_MIN = 1 << 16
+ALIGN = 64  # each slot starts on a cache line
+SHM_DIR = "/dev/shm"
+PREFIX_ENV = "MHA_RUN_DIR"  # (service.settings.RUN_DIR_ENV) the supervisor's run directory names the arenas
+
+_serial = itertools.count()
+
+
+def arena_name() -> str:
+    """A name nobody else uses, led by the run's directory name (``mha-serve-XXXXXXXX``), so that an operator can
+    tell whose entry in /dev/shm is whose."""
+    run = os.path.basename(os.environ.get(PREFIX_ENV, "")) or "mha-serve"
+    return f"{run}-{os.getpid()}-{next(_serial)}"
+
+
+def unlink_run(run_dir: str) -> int:
+    """Unlink what is left of a run's arenas (named after its directory): those of processes killed with their
+    resource tracker. The supervisor calls it as it exits; returns how many it found."""
+    prefix = os.path.basename(run_dir.rstrip("/")) + "-"
+    if not prefix.strip("-") or not os.path.isdir(SHM_DIR):
+        return 0
+    found = 0
+    for name in os.listdir(SHM_DIR):
+        if name.startswith(prefix):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(SHM_DIR, name))
+                found += 1
+    return found
+
+
+class Arena:
+    """The sender's side: a shared-memory segment and a first-fit allocator over it (OSError if it cannot be had).
+
+    The free extents are kept sorted by offset and merged with their neighbours when a slot comes back, so the
+    arena does not fragment under a steady mix of sizes. A few hundred slots at most are live at once: a scan
+    of the free list is short."""
+
+    def __init__(self, size: int | None = None) -> None:
+        size = self.size = size or ARENA_BYTES  # (read now: tests make it small)
+        self._shm = shared_memory.SharedMemory(name=arena_name(), create=True, size=size)
+        try:
+            # Its pages are reserved now: a /dev/shm too small (a container's is 64 MB unless told otherwise) fails
+            # here, where the caller falls back to frames, not with a SIGBUS at the first write past its room.
+            os.posix_fallocate(self._shm._fd, 0, size)
+        except OSError:
+            self._shm.close()
+            self._shm.unlink()
+            raise
+        self.name = self._shm.name
+        self._buf = np.ndarray((size,), np.uint8, self._shm.buf)
+        self._starts: list[int] = [0]  # free extents: their offsets, sorted
+        self._lengths: list[int] = [size]  # and their lengths
+        self._taken: dict[int, int] = {}  # offset -> length of each live slot
+
+    @property
+    def used(self) -> int:
+        """Bytes in live slots (tests check that every slot came back)."""
+        return sum(self._taken.values())
+
+    def put(self, a: np.ndarray) -> int | None:
+        """Copy ``a`` (C-contiguous) into a free slot and return its offset, or None when no extent fits."""
+        n = a.nbytes
+        need = -(-n // ALIGN) * ALIGN
+        starts, lengths = self._starts, self._lengths
+        i = next((i for i, length in enumerate(lengths) if length >= need), None)
+        if i is None:
+            return None
+        offset, length = starts[i], lengths[i]
+        if length == need:
+            del starts[i], lengths[i]
+        else:
+            starts[i] += need
+            lengths[i] -= need
+        self._taken[offset] = need
+        self._buf[offset : offset + n] = a.reshape(-1).view(np.uint8)
+        return offset
+
+    def free(self, offset: int) -> None:
+        """A slot the receiver is done with; an offset that is not live (freed twice, or never) is ignored."""
+        need = self._taken.pop(offset, None)
+        if need is None:
+            return
+        starts, lengths = self._starts, self._lengths
+        i = bisect.bisect(starts, offset)
+        if i < len(starts) and offset + need == starts[i]:  # merge with the extent after it
+            need += lengths[i]
+            del starts[i], lengths[i]
+        if i and starts[i - 1] + lengths[i - 1] == offset:  # and with the one before it
+            lengths[i - 1] += need
+        else:
+            starts.insert(i, offset)
+            lengths.insert(i, need)
+
+    def free_all(self) -> None:
+        self._starts, self._lengths, self._taken = [0], [self.size], {}
+
+    def close(self) -> None:
+        """Unmap and unlink: the name goes at once; a receiver's mapping lasts until it closes its own."""
+        self._buf = None
+        with contextlib.suppress(FileNotFoundError):
+            self._shm.unlink()
+        with contextlib.suppress(BufferError):  # a view still held: the mapping goes with it
+            self._shm.close()
+
+
+class Mapped:
+    """The receiver's side: a peer's arena, mapped once by its name, read-only; its arrays are read in place.
+
+    Mapped as a plain file of /dev/shm where there is one (Linux: what shm_open opens), not as a SharedMemory: a
+    mapping whose arrays outlive ``close`` (a request still queued when its front end went away) is unmapped
+    quietly with the last of them, and the receiver does not register the sender's name with its own resource
+    tracker, which would unlink it when the receiver exits."""
+
+    def __init__(self, name: str) -> None:
+        self._shm = None
+        if os.path.isdir(SHM_DIR):
+            fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY)
+            try:
+                self._map = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)
+            self.buf = memoryview(self._map)
+        else:
+            self._shm = shared_memory.SharedMemory(name=name)
+            self.buf = self._shm.buf.toreadonly()  # what arrives is read, never written: a slot is its sender's
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):  # views still held: the mapping goes with the last of them
+            self.buf.release()
+            (self._map if self._shm is None else self._shm).close()

@@ -1,0 +1,306 @@
+"""Large arrays cross through shared memory (service/shm.py): the same answers as through frames, a full arena
+falls back to frames, and every slot comes back, whatever ends a request's wait."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from service import messages, shm
+from service.engine import client as client_mod
+from service.engine.client import MPClient
+from service.engine.process import Engine
+from service.messages import (
+    ARENA,
+    AttendInput,
+    AttendOutput,
+    ClientGone,
+    DeadlineExceeded,
+    Outcome,
+    Result,
+    decode,
+    decode_outcomes,
+    decode_requests,
+    encode_outcomes,
+    encode_requests,
+)
+from service.settings import Settings
+
+DTYPES = ["float32", "float16", "bfloat16"]
+
+
+def wire(rng, shape, dtype: str) -> np.ndarray:
+    """Random values in ``dtype``'s wire form (bfloat16: its bits as uint16)."""
+    v = rng.standard_normal(shape).astype(np.float32)
+    if dtype == "bfloat16":
+        return (v.view(np.uint32) >> 16).astype(np.uint16)
+    return v.astype(dtype)
+
+
+def on_dev_shm(name: str) -> bool:
+    return os.path.exists(f"/dev/shm/{name}")
+
+
+def test_the_allocator_reuses_and_merges_freed_slots_and_says_when_full():
+    arena = shm.Arena(4096)
+    try:
+        a = np.arange(250, dtype=np.float32)  # 1000 bytes: a 1024-byte slot
+        offsets = [arena.put(a) for _ in range(4)]
+        assert offsets == [0, 1024, 2048, 3072]
+        assert arena.put(a) is None  # full: the caller sends it as a frame
+        arena.free(1024)
+        arena.free(2048)  # merged with the one before it: one extent of 2048
+        big = np.arange(512, dtype=np.float32)  # 2048 bytes
+        assert arena.put(big) == 1024
+        view = np.ndarray((512,), np.float32, shm.Mapped(arena.name).buf, 1024)
+        assert np.array_equal(view, big)
+        for offset in (0, 1024, 3072, 3072):  # (a second free of one slot is ignored)
+            arena.free(offset)
+        assert arena.used == 0
+        assert arena.put(np.zeros(1024, np.float32)) == 0  # the whole arena is one extent again
+    finally:
+        arena.close()
+    assert not on_dev_shm(arena.name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_requests_and_answers_through_the_arena_equal_those_through_frames(dtype):
+    rng = np.random.default_rng(3)
+    x = wire(rng, (2, 128, 512), dtype)  # 128 KiB or more: through the arena
+    small = wire(rng, (1, 4, 8), dtype)  # packed in a frame either way
+    weights = wire(rng, (2, 2, 128, 128), dtype)
+    items = [
+        (1, AttendInput(x, wire_dtype=dtype, out_dtype=dtype), 9.0, "r1", 0),
+        (2, AttendInput(small), 9.0, None, 1),
+    ]
+    outcomes = [Outcome(1, AttendOutput(x, weights), 0.1, 0.2, 2, 3), Outcome(2, AttendOutput(small, None))]
+    arena = shm.Arena(8 << 20)
+    mapped = shm.Mapped(arena.name)
+    try:
+        slots: list[list[int]] = []
+        frames = encode_requests(items, arena, slots, freed=(5, 6))
+        msg = decode(frames[0])
+        assert msg.items[0].x.frame == ARENA and msg.items[1].x.frame == 0 and msg.freed == (5, 6)
+        assert len(frames) == 2 and slots == [[msg.items[0].x.offset], []]  # the large array left no frame
+        via_arena = decode_requests(msg, frames[1:], mapped.buf)
+        plain = encode_requests(items)
+        via_frames = decode_requests(decode(plain[0]), plain[1:])
+        for (ra, ia, *rest_a), (rf, i_f, *rest_f) in zip(via_arena, via_frames, strict=True):
+            assert (ra, rest_a) == (rf, rest_f)
+            assert ia.x.dtype == i_f.x.dtype and np.array_equal(ia.x, i_f.x)
+            assert ia.wire_dtype == i_f.wire_dtype
+        assert not via_arena[0][1].x.flags.writeable  # the model process cannot write into a front end's slot
+        for offset in slots[0]:
+            arena.free(offset)
+
+        frames = encode_outcomes(outcomes, arena)
+        msg = decode(frames[0])
+        assert msg.items[0].output.frame == ARENA and msg.items[0].weights.frame == ARENA
+        freed: list[int] = []
+        got = decode_outcomes(msg, frames[1:], mapped.buf, freed)
+        assert sorted(freed) == sorted([msg.items[0].output.offset, msg.items[0].weights.offset])
+        for offset in freed:
+            arena.free(offset)
+        assert arena.used == 0
+        arena.put(np.full(8 << 18, 7, np.uint32))  # the slots reused at once: the answers are the front end's own
+        plain = encode_outcomes(outcomes)
+        want = decode_outcomes(decode(plain[0]), plain[1:])
+        for g, w in zip(got, want, strict=True):
+            assert (g.id, g.queue_s, g.compute_s, g.batch_requests) == (w.id, w.queue_s, w.compute_s, w.batch_requests)
+            assert g.output.output.dtype == w.output.output.dtype
+            assert np.array_equal(g.output.output, w.output.output)
+            assert (g.output.weights is None) == (w.output.weights is None)
+        assert np.array_equal(got[0].output.weights, weights) and np.array_equal(got[0].output.output, x)
+    finally:
+        mapped.close()
+        arena.close()
+
+
+def test_a_full_arena_sends_the_array_as_a_frame_with_the_same_values():
+    rng = np.random.default_rng(4)
+    x = wire(rng, (1, 128, 512), "float32")  # 256 KiB
+    arena = shm.Arena(300 << 10)  # room for one
+    try:
+        frames = encode_outcomes([Outcome(1, AttendOutput(x, None)), Outcome(2, AttendOutput(x * 2, None))], arena)
+        msg = decode(frames[0])
+        assert msg.items[0].output.frame == ARENA and msg.items[1].output.frame == 1
+        freed: list[int] = []
+        one, two = decode_outcomes(msg, frames[1:], shm.Mapped(arena.name).buf, freed)
+        assert np.array_equal(one.output.output, x) and np.array_equal(two.output.output, x * 2)
+        assert freed == [0]  # only the arena's slot goes back
+    finally:
+        arena.close()
+
+
+# -- a real model process's socket loop and a real front end, in one event loop --
+
+
+class Echo:
+    """A batcher that answers x * 2 (weights: x's first row) on the next turn, or never for fault "hold"."""
+
+    running = True
+
+    def __init__(self) -> None:
+        self.cancelled = 0
+
+    def submit(self, inp, *, deadline, done, priority=0):
+        if inp.fault == "hold":
+            return object()
+        # the answer is computed before the outcome goes: the input's slot is read before the front end frees it
+        out = AttendOutput((inp.x.astype(np.float32) * 2).astype(inp.x.dtype), inp.x[:1].copy())
+        asyncio.get_running_loop().call_soon(done, Result(out, 0.0, 0.0, 1, 1))
+        return object()
+
+    def cancel(self, handle, reason="disconnect"):
+        self.cancelled += 1
+
+    def queue_depth(self):
+        return (0, 0)
+
+
+@pytest.fixture
+async def served(tmp_path, monkeypatch):
+    monkeypatch.setattr(shm, "ARENA_BYTES", 4 << 20)
+    monkeypatch.setattr(messages, "PACK_BELOW", 1 << 12)  # arrays of 4 KiB or more: the tests' small ones
+    monkeypatch.setattr(messages, "SHM_MIN", 1 << 12)
+    address = f"ipc://{tmp_path}/engine.sock"
+    engine = Engine(Settings(), address)
+    engine.batcher = Echo()
+    engine.info = {"model_info": {}, "config": {"num_heads": 2, "emb_size": 64, "head_size": 32, "max_seq_len": 64}}
+    engine._sock = engine._ctx.socket(zmq.ROUTER)
+    engine._sock.bind(address)
+    serving = asyncio.create_task(engine.serve())
+    client = MPClient(address)
+    await client.start(timeout_s=10)
+    try:
+        yield engine, client
+    finally:
+        await client.stop()
+        engine._stop.set()
+        await serving
+        engine.close()
+
+
+async def until(cond, timeout_s: float = 5.0) -> None:
+    give_up = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < give_up, "not within the time"
+        await asyncio.sleep(0.01)
+
+
+def answers_arena(engine: Engine) -> shm.Arena:
+    (arena,) = engine._answers.values()
+    return arena
+
+
+async def test_a_burst_through_the_arenas_answers_every_request_and_frees_every_slot(served, monkeypatch):
+    engine, client = served
+    monkeypatch.setattr(client_mod, "HEARTBEAT_S", 0.05)
+    assert client._inputs is not None and client._answers is not None  # both arenas in use
+    rng = np.random.default_rng(5)
+    xs = [wire(rng, (1, 16, 64 + 8 * (i % 3)), DTYPES[i % 3]) for i in range(120)]  # 4-6 KiB each
+    results = await asyncio.gather(
+        *(
+            client.infer(AttendInput(x, wire_dtype=DTYPES[i % 3]), deadline=time.monotonic() + 10)
+            for i, x in enumerate(xs)
+        )
+    )
+    for x, r in zip(xs, results, strict=True):
+        assert r.output.output.dtype == x.dtype
+        assert np.array_equal(r.output.output, (x.astype(np.float32) * 2).astype(x.dtype))
+        assert np.array_equal(r.output.weights, x[:1])
+    assert client._inputs.used == 0
+    assert answers_arena(engine).used > 0  # its slots go back with the next message: a ping at the latest
+    client._heartbeat_task.cancel()  # (the ping is sent by hand below, so that the test need not wait for one)
+    client._send(messages.encode(messages.Ping(client._take_freed())))
+    await until(lambda: answers_arena(engine).used == 0)
+
+
+async def test_a_burst_larger_than_the_arena_falls_back_to_frames_and_answers_all(served):
+    _, client = served
+    rng = np.random.default_rng(6)
+    xs = [wire(rng, (1, 128, 512), "float32") for _ in range(24)]  # 6 MiB: the 4 MiB arena takes some
+    results = await asyncio.gather(*(client.infer(AttendInput(x), deadline=time.monotonic() + 10) for x in xs))
+    for x, r in zip(xs, results, strict=True):
+        assert np.array_equal(r.output.output, x * 2)
+    assert client._inputs.used == 0
+
+
+async def test_slots_of_cancelled_and_expired_requests_come_back(served, monkeypatch):
+    engine, client = served
+    x = np.ones((1, 16, 64), np.float32)
+    held = [
+        asyncio.create_task(client.infer(AttendInput(x, fault="hold"), deadline=time.monotonic() + 30))
+        for _ in range(5)
+    ]
+    await until(lambda: len(engine._pending) == 5)
+    assert client._inputs.used == 5 * 4096
+    for t in held[:3]:
+        t.cancel()
+    await asyncio.gather(*held[:3], return_exceptions=True)
+    assert client._inputs.used == 2 * 4096
+    await until(lambda: engine.batcher.cancelled == 3)
+    monkeypatch.setattr(client_mod, "ANSWER_SLACK_S", 0.0)
+    late = [client.infer(AttendInput(x, fault="hold"), deadline=time.monotonic() + 0.1) for _ in range(2)]
+    outcomes = await asyncio.gather(*late, return_exceptions=True)
+    assert all(isinstance(o, DeadlineExceeded) for o in outcomes), outcomes
+    assert client._inputs.used == 2 * 4096  # those two gone; the first two still wait
+    gone = asyncio.get_running_loop().create_future()
+    gone.set_result(None)
+    with pytest.raises(ClientGone):
+        await client.infer(AttendInput(x, fault="hold"), deadline=time.monotonic() + 30, abandoned=gone)
+    assert client._inputs.used == 2 * 4096
+
+
+async def test_a_front_end_that_goes_away_frees_all_it_held_in_the_model_process(served):
+    engine, client = served
+    x = np.ones((1, 16, 64), np.float32)
+    held = [
+        asyncio.create_task(client.infer(AttendInput(x, fault="hold"), deadline=time.monotonic() + 30))
+        for _ in range(3)
+    ]
+    await client.infer(AttendInput(x), deadline=time.monotonic() + 10)  # an answer's slot, not yet freed
+    await until(lambda: len(engine._pending) == 3)
+    mine, theirs = client._arena.name, answers_arena(engine).name
+    assert on_dev_shm(mine) and on_dev_shm(theirs)
+    await client.stop()
+    await asyncio.gather(*held, return_exceptions=True)
+    await until(lambda: not engine._answers and not engine._inputs)  # its Bye
+    assert engine.batcher.cancelled == 3 and not engine._pending
+    assert not on_dev_shm(mine) and not on_dev_shm(theirs)
+
+
+async def test_a_front_end_that_died_is_reaped_by_its_pid(served):
+    engine, _ = served
+    ((peer, pid),) = engine._pids.items()
+    assert pid == os.getpid()
+    engine._pids[peer] = 2**22 + 1  # a pid no process has (above the kernel's pid_max): as if it died
+    name = answers_arena(engine).name
+    engine._reap_peers()
+    assert not engine._answers and not engine._inputs and not on_dev_shm(name)
+
+
+def test_unlink_run_removes_only_that_runs_arenas(tmp_path, monkeypatch):
+    """What the supervisor does as it exits: the run's leftover arenas go, another run's stay."""
+    run = tmp_path / "mha-serve-abcd1234"
+    run.mkdir()
+    monkeypatch.setenv(shm.PREFIX_ENV, str(run))
+    mine = shm.Arena(1 << 16)
+    monkeypatch.setenv(shm.PREFIX_ENV, str(tmp_path / "mha-serve-other999"))
+    other = shm.Arena(1 << 16)
+    try:
+        names = set(os.listdir(shm.SHM_DIR))
+        assert {mine._shm.name, other._shm.name} <= names
+        assert shm.unlink_run(str(run)) == 1
+        names = set(os.listdir(shm.SHM_DIR))
+        assert mine._shm.name not in names and other._shm.name in names
+    finally:
+        other.close()
+        with contextlib.suppress(Exception):
+            mine.close()
