@@ -26,6 +26,18 @@ X = [[[0.25] * 32] * 4]
 PRIORITIES = {**WORKERS, "MHA_PRIORITY_LEVELS": "3", "MHA_MAX_BATCH_SIZE": "1", "MHA_PRIORITY_OLDEST_EVERY": "100"}
 
 
+def queued(r: httpx.Response) -> float:
+    """The model process's queue depth, from the front end's /metrics (Prometheus' multiprocess merge)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(r.text)
+        for s in f.samples
+        if s.name == "mha_queue_depth_requests"
+    )
+
+
 def test_a_high_priority_request_overtakes_queued_low_ones_across_the_boundary(tmp_path):
     s = start_server(tmp_path, PRIORITIES)
     try:
@@ -41,13 +53,19 @@ def test_a_high_priority_request_overtakes_queued_low_ones_across_the_boundary(t
                     done.append(tag)
                     return r
 
-                stall = asyncio.create_task(send("stall", {"x": X}, {"x-mha-fault": "stall:1500"}))
+                stall = asyncio.create_task(send("stall", {"x": X}, {"x-mha-fault": "stall:4000"}))
                 await asyncio.sleep(0.5)  # the model process computes it: what follows queues there
                 low = []
                 for i in range(3):
                     low.append(asyncio.create_task(send(f"low{i}", {"x": X, "priority": 3})))
                     await asyncio.sleep(0.1)
                 high = asyncio.create_task(send("high", {"x": X, "priority": 1}))
+                # all four wait in the model process's queue while the stall computes (on a busy machine a request
+                # can take a while to cross: the order is only meaningful once they are all there)
+                until = time.monotonic() + 3
+                while queued(await c.get("/metrics")) < 4 and time.monotonic() < until:
+                    await asyncio.sleep(0.05)
+                assert queued(await c.get("/metrics")) == 4 and not stall.done(), "the requests did not queue in time"
                 rs = await asyncio.gather(stall, *low, high)
             return done, rs
 
