@@ -434,17 +434,38 @@ def _body_plan(
 
 
 def encode_attend(output: np.ndarray, weights: np.ndarray | None, req: DecodedRequest, model: dict) -> bytes:
+    if req.encoding == "base64":
+        _model_json(model)
+        return _base64_body(output, weights, req.dtype, _model_cache[2])
     return orjson.dumps(attend_body(output, weights, req, _model_json(model)), option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-_model_cache: list = [None, None]  # [the model description, its JSON]: the same object on every request
+def _base64_body(output: np.ndarray, weights: np.ndarray | None, dtype: str, model: bytes) -> bytes:
+    """What ``orjson.dumps(attend_body(...))`` writes for base64 tensors, byte for byte, joined from the base64
+    texts as pybase64 writes them: one copy of each into the body, where a str in a dict for orjson costs a
+    copy into the str, a scan for characters to escape (base64 has none) and a copy into the body."""
+    kind = orjson.dumps(dtype)
+    parts = [b'{"output":']
+    for name, arr in (("output", output), ("weights", weights)):
+        if arr is None:
+            parts.append(b"null")
+        else:
+            text = codecs.b64_text(arr, dtype, name)
+            parts += (b'{"dtype":', kind, b',"shape":', orjson.dumps(arr.shape), b',"b64":"', text, b'"}')
+        parts.append(b',"weights":' if name == "output" else b',"model":')
+    parts += (model, b"}")
+    return b"".join(parts)
+
+
+_model_cache: list = [None, None, b""]  # [the model description, its JSON as a Fragment, and as bytes]
 
 
 def _model_json(model: dict) -> orjson.Fragment:
     """``model`` as JSON written once per model description (state.model_info, never changed in place)."""
     cache = _model_cache
     if cache[0] is not model:
-        cache[1] = orjson.Fragment(orjson.dumps(model))
+        cache[2] = orjson.dumps(model)
+        cache[1] = orjson.Fragment(cache[2])
         cache[0] = model
     return cache[1]
 
