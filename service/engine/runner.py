@@ -254,6 +254,8 @@ class Runner:
         xs = [it.x if it.wire_dtype == wire else as_float32(it.x, it.wire_dtype) for it in items]
         row = 0
         uniform = mask is None and all(it.seq_len == T and it.lengths is None for it in items)
+        # The one copy of x the engine must make on a CPU: the requests' arrays (views of their decoded bytes) into
+        # one batch; the upload is then a no-op (same device and dtype) and the output comes back as the forward's.
         if uniform:  # the common batch (one T, no lengths or mask): one copy for all, not three slice writes each
             np.concatenate(xs, out=xn)
             lengths[:] = T
