@@ -215,9 +215,12 @@ class Runner:
     def run(self, items: list[AttendInput]) -> tuple[list[AttendOutput | NumericOverflow], BatchStats]:
         """One forward pass for requests of the same key: right-pad to the longest T, run, unpad.
 
-        Each result owns its arrays (no view into a batch-sized buffer), so a response that is
-        still being encoded keeps only its own request's memory alive. Up to ``depth`` calls may
-        run at once (each in its own staging slot).
+        No result is a view into a staging buffer (a later batch overwrites those). A request of the
+        batch's full length gets a view of its rows of the batch's output, a fresh array whose every byte
+        is some request's answer: copying it out would cost a fresh allocation and a copy per request, for
+        memory that its neighbours' answers free a moment later. A shorter request gets a copy of its
+        own rows, so that no answer keeps padding alive. Up to ``depth`` calls may run at once (each in
+        its own staging slot).
 
         A request whose own output (or weights) holds NaN or Inf gets a ``NumericOverflow`` in its
         place, which the batcher fails that request with, alone. The batch's results are checked
@@ -251,6 +254,8 @@ class Runner:
         xs = [it.x if it.wire_dtype == wire else as_float32(it.x, it.wire_dtype) for it in items]
         row = 0
         uniform = mask is None and all(it.seq_len == T and it.lengths is None for it in items)
+        # The one copy of x the engine must make on a CPU: the requests' arrays (views of their decoded bytes) into
+        # one batch; the upload is then a no-op (same device and dtype) and the output comes back as the forward's.
         if uniform:  # the common batch (one T, no lengths or mask): one copy for all, not three slice writes each
             np.concatenate(xs, out=xn)
             lengths[:] = T
@@ -285,14 +290,19 @@ class Runner:
         # once per batch, on the host copy in the response's dtype (numpy: measured 10x cheaper than torch on a CPU;
         # a half by its bits). A half cast from a non-finite value is non-finite, so this sees every overflow.
         finite = finite_as(out, dtype)
+        if np.may_share_memory(out, xn):  # a module that answered in its input's memory: the slot's, reused
+            out = out.copy()
         if len(items) == 1:
             results = [AttendOutput(out[:, : first.seq_len], None)]
         else:
+            # Rows of the full length are a contiguous view of the batch's output, which the encoders send as
+            # it is; a shorter request's rows skip padding, so they are copied (to_wire would copy them anyway).
             results = []
             row = 0
             for it in items:
                 b, t = it.batch, it.seq_len
-                results.append(AttendOutput(out[row : row + b, :t].copy(), None))  # its own array
+                mine = out[row : row + b, :t]
+                results.append(AttendOutput(mine if t == T else mine.copy(), None))
                 row += b
         stats = BatchStats(N, N * T, real)
         if finite and all(it.out_dtype == dtype for it in items):

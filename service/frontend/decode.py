@@ -316,7 +316,7 @@ class _BodyPlan:
     priority: int
     sequence: SequenceFlags | None
 
-    def decode(self, text: bytes) -> DecodedRequest:
+    def decode(self, text: bytes | memoryview) -> DecodedRequest:
         """This text's x with the checks that read it, in the order the full decode runs them."""
         x, dtype = codecs.decode_b64({**self.x, "b64": text}, "x", (3,))
         codecs.check_finite(x, "x", self.limits.dtype)
@@ -357,11 +357,11 @@ class BodyPlans:
         found = self._split(body)
         if found is None:
             return decode_attend(body, config, limits)
-        key, start, end = found
+        key, text = found
         plan = self._plans.get(key)
         if plan is not None and plan.config is config and plan.limits is limits:
             try:
-                dec = plan.decode(body[start:end])
+                dec = plan.decode(text)
             except ServiceError:
                 dec = None  # decoded in full below: its message, as the full decode words it
             if dec is not None:
@@ -372,16 +372,21 @@ class BodyPlans:
             return dec
         if plan is None and not self._seen.second(key):  # a plan the second time, or now to replace a stale one
             return dec
-        plan = _body_plan(body, key, body[start:end], dec, config, limits)
+        plan = _body_plan(body, key, text, dec, config, limits)
         if plan is None:  # what decides it lies in the key: not looked at again
             self._never.put(key, None)
         else:
             self._plans.put(key, plan)
         return dec
 
-    def _split(self, body: bytes | bytearray) -> tuple[tuple[bytes, bytes], int, int] | None:
-        """((the bytes before the first base64 text, those after it), where the text starts, where it ends)."""
-        if self.capacity < 1 or type(body) is not bytes:
+    def _split(self, body: bytes | bytearray) -> tuple[tuple[bytes, bytes], memoryview] | None:
+        """((the bytes before the first base64 text, those after it), the text itself).
+
+        The text is a view into the body: a bytes slice would copy most of the body once more. A body
+        that arrived in several messages is a bytearray (httputil.read_limited), the usual case for a
+        tensor's worth of base64: its key is copied out as bytes, which a dict can hold.
+        """
+        if self.capacity < 1:
             return None
         at = body.find(b'"b64"')  # a plain search, fast over the long lists bodies that have none
         m = None if at < 0 else _B64_VALUE.match(body, at)
@@ -391,11 +396,17 @@ class BodyPlans:
         end = body.find(b'"', start)
         if end < 0 or len(body) - (end - start) > self.max_bytes:
             return None
-        return (body[:start], body[end:]), start, end
+        view = memoryview(body)
+        return (bytes(view[:start]), bytes(view[end:])), view[start:end]
 
 
 def _body_plan(
-    body: bytes, key: tuple[bytes, bytes], text: bytes, dec: DecodedRequest, config: MHAConfig, limits: Limits
+    body: bytes | bytearray,
+    key: tuple[bytes, bytes],
+    text: memoryview,
+    dec: DecodedRequest,
+    config: MHAConfig,
+    limits: Limits,
 ) -> _BodyPlan | None:
     """The plan of a body that passed, when x's base64 text is the only thing that may change in it."""
     before, after = key
@@ -403,7 +414,7 @@ def _body_plan(
         return None
     obj = orjson.loads(body)
     x = obj.get("x")
-    if type(x) is not dict or x.get("b64") != text.decode("ascii", "replace") or isinstance(obj.get("attn_mask"), dict):
+    if type(x) is not dict or x.get("b64") != str(text, "ascii", "replace") or isinstance(obj.get("attn_mask"), dict):
         return None
     inp = dec.input
     return _BodyPlan(
@@ -423,17 +434,38 @@ def _body_plan(
 
 
 def encode_attend(output: np.ndarray, weights: np.ndarray | None, req: DecodedRequest, model: dict) -> bytes:
+    if req.encoding == "base64":
+        _model_json(model)
+        return _base64_body(output, weights, req.dtype, _model_cache[2])
     return orjson.dumps(attend_body(output, weights, req, _model_json(model)), option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-_model_cache: list = [None, None]  # [the model description, its JSON]: the same object on every request
+def _base64_body(output: np.ndarray, weights: np.ndarray | None, dtype: str, model: bytes) -> bytes:
+    """What ``orjson.dumps(attend_body(...))`` writes for base64 tensors, byte for byte, joined from the base64
+    texts as pybase64 writes them: one copy of each into the body, where a str in a dict for orjson costs a
+    copy into the str, a scan for characters to escape (base64 has none) and a copy into the body."""
+    kind = orjson.dumps(dtype)
+    parts = [b'{"output":']
+    for name, arr in (("output", output), ("weights", weights)):
+        if arr is None:
+            parts.append(b"null")
+        else:
+            text = codecs.b64_text(arr, dtype, name)
+            parts += (b'{"dtype":', kind, b',"shape":', orjson.dumps(arr.shape), b',"b64":"', text, b'"}')
+        parts.append(b',"weights":' if name == "output" else b',"model":')
+    parts += (model, b"}")
+    return b"".join(parts)
+
+
+_model_cache: list = [None, None, b""]  # [the model description, its JSON as a Fragment, and as bytes]
 
 
 def _model_json(model: dict) -> orjson.Fragment:
     """``model`` as JSON written once per model description (state.model_info, never changed in place)."""
     cache = _model_cache
     if cache[0] is not model:
-        cache[1] = orjson.Fragment(orjson.dumps(model))
+        cache[2] = orjson.dumps(model)
+        cache[1] = orjson.Fragment(cache[2])
         cache[0] = model
     return cache[1]
 

@@ -240,3 +240,21 @@ class Answer(Response):
             (b"x-batch-size", b"%d" % res.batch_requests),
             *extra,
         ]
+
+
+class Parts(Answer):
+    """An Answer whose body goes out in pieces, each as it lies: a binary tensor is sent from the array that holds
+    it, not joined with its JSON header into one bytes object first (a fresh allocation and a copy of it all).
+    The pieces must stay unchanged until sent: arrays of this request's own answer."""
+
+    def __init__(self, parts: list, content_type: bytes, res: Result, extra: tuple = ()) -> None:
+        self.parts = [p if type(p) is bytes else memoryview(p).cast("B") for p in parts]
+        super().__init__(b"", content_type, res, extra)
+        self.raw_headers[0] = (b"content-length", b"%d" % sum(len(p) for p in self.parts))
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        *first, last = self.parts or [b""]
+        for part in first:
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": last})

@@ -67,7 +67,7 @@ from starlette.routing import Match
 from service.errors import INFERENCE_ERRORS, ServiceError, status_descriptions, validation
 from service.frontend import codecs, oip
 from service.frontend.decode import Limits, check_priority, lengths_in_range, parse_json
-from service.frontend.httputil import Answer, header, internal_error, read_limited, require_ready
+from service.frontend.httputil import Answer, Parts, header, internal_error, read_limited, require_ready
 from service.frontend.httputil import infer as run_inference
 from service.frontend.offload_worker import V2_RANKS, Failed
 from service.frontend.plans import Recent, Sightings
@@ -221,8 +221,8 @@ def build_router(state: Any) -> APIRouter:
             return _error_of(e, request)
         state.stats.request_done(sequences=inp.batch, started=started, decoded=decoded, answered=answered, res=res)
         if header_len is None:
-            return Answer(payload, b"application/json", res)
-        return Answer(
+            return Answer(payload[0], b"application/json", res)
+        return Parts(  # the outputs' bytes sent from their arrays: no join of header and blobs
             payload, b"application/octet-stream", res, ((b"inference-header-content-length", b"%d" % header_len),)
         )
 
@@ -417,15 +417,16 @@ class Plan:
         dt = oip.WIRE[self.datatype]  # and the outputs come back in it
         return AttendInput(x, lengths, mask, self.causal, self.need_weights, self.heads, wire_dtype=dt, out_dtype=dt)
 
-    def encode(self, tensors: dict[str, np.ndarray | None]) -> tuple[bytes, int] | None:
-        """The response with the JSON header written once, when every output has its expected shape; else None."""
+    def encode(self, tensors: dict[str, np.ndarray | None]) -> tuple[list, int] | None:
+        """The response's parts (its JSON header, written once, then the blobs), when every output has its
+        expected shape; else None."""
         blobs = []
         for name, shape in self.answer_for:
             arr = tensors[name]
             if arr is None or arr.shape != shape:
                 return None
             blobs.append(memoryview(oip.to_wire(arr, self.datatype, name)))  # the same overflow check, in order
-        return b"".join([self.answer, *blobs]), len(self.answer)
+        return [self.answer, *blobs], len(self.answer)
 
 
 class HeaderPlans:
@@ -650,8 +651,9 @@ def _from_json(data: Any, name: str, dtype_name: str, shape: list[int], count: i
 
 def _encode(
     req: oip.InferPlan | Plan, model_name: str, tensors: dict[str, np.ndarray | None]
-) -> tuple[bytes, int | None]:
-    """(body, JSON header length when any output is binary, else None)."""
+) -> tuple[list, int | None]:
+    """(the body's parts, JSON header length when any output is binary, else None). A binary output is its
+    array's own memory (httputil.Parts sends it as it lies); a JSON body is one part."""
     if type(req) is Plan and req.answer is not None and req.model_name == model_name:
         answered = req.encode(tensors)
         if answered is not None:
@@ -669,8 +671,8 @@ def _encode(
     sequence = req.sequence if type(req) is oip.InferPlan else None
     header = _response_header(model_name, req.id, outputs, None if sequence is None else sequence.id)
     if not blobs:
-        return header, None
-    return b"".join([header, *(memoryview(b) for b in blobs)]), len(header)
+        return [header], None
+    return [header, *blobs], len(header)
 
 
 def _binary_output(name: str, datatype: str, shape: tuple[int, ...], nbytes: int) -> dict[str, Any]:

@@ -517,3 +517,52 @@ async def test_the_remembered_headers_stay_bounded(app, monkeypatch):
                 assert head["id"] == f"r{i}"
                 np.testing.assert_allclose(got["output"], direct(small, x)[0], atol=1e-5)
             assert len(plans) == min(n + 1, 4)
+
+
+@pytest.mark.parametrize("planned", [False, True], ids=["first", "remembered"])
+async def test_a_binary_output_is_sent_from_its_array_without_a_join(app, planned):
+    """The response's JSON header, then the output's bytes as a view of the answer's own array (no copy into
+    one body), with a content-length that counts both: a client reads the same bytes as before."""
+    x = rng.standard_normal((1, 16, 32)).astype(np.float32)
+    body, headers = request([("x", "FP32", x, True)], [("output", True)])
+    want = direct(app, x)[0]
+    for _ in range(3 if planned else 1):  # a header seen twice has a plan (its answer's header written once)
+        sent: list[dict] = []
+        chunks = iter([{"type": "http.request", "body": body[:100], "more_body": True},
+                       {"type": "http.request", "body": body[100:]}])  # fmt: skip
+
+        async def receive(chunks=chunks) -> dict:
+            return next(chunks, {"type": "http.disconnect"})
+
+        async def send(message: dict, sent=sent) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": INFER,
+            "raw_path": INFER.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(k.encode(), v.encode()) for k, v in headers.items()]
+            + [(b"content-length", str(len(body)).encode()), (b"host", b"test")],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+            "state": {},
+        }
+        await app(scope, receive, send)
+    start, *parts = sent
+    assert start["status"] == 200
+    got_headers = dict(start["headers"])
+    head_len = int(got_headers[b"inference-header-content-length"])
+    payload = b"".join(p["body"] for p in parts)
+    assert int(got_headers[b"content-length"]) == len(payload) == head_len + x.nbytes
+    assert [p.get("more_body", False) for p in parts] == [True] * (len(parts) - 1) + [False]
+    blob = parts[-1]["body"]
+    assert isinstance(blob, memoryview) and blob.nbytes == x.nbytes  # the array's memory, not a joined copy
+    head = orjson.loads(payload[:head_len])
+    assert head["outputs"][0]["parameters"]["binary_data_size"] == x.nbytes
+    np.testing.assert_allclose(np.frombuffer(payload[head_len:], "<f4").reshape(x.shape), want, atol=1e-5, rtol=1e-4)

@@ -130,3 +130,22 @@ def test_lists_booleans_among_numbers_are_found_exactly(rows, where):
     assert e.value.message.startswith("x must contain only numbers, got boolean ") and e.value.message.endswith(where)
     ok = [[[0.0, 0.0, 0.0], [1.0, 0, 1]], [[1e-3, 0.0, 1.0], [2, 3, 1]]]  # 0s and 1s, ints too, are numbers
     np.testing.assert_array_equal(codecs.decode_lists(ok, "x", (3,)), np.array(ok, np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_a_base64_attend_body_is_what_orjson_writes_byte_for_byte(dtype, with_weights, rng_seed):
+    """encode_attend joins the base64 texts into the body itself: the same bytes as orjson.dumps of attend_body."""
+    import orjson
+
+    from service.frontend.decode import DecodedRequest, attend_body, encode_attend
+    from service.messages import AttendInput
+
+    rng = np.random.default_rng(rng_seed)
+    out = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    weights = rng.random((2, 3, 5, 5)).astype(np.float32) if with_weights else None
+    req = DecodedRequest(AttendInput(out), "base64", dtype, 1.0)
+    model = {"name": "mha", "emb_size": 8, "dtype": "float32"}
+    want = orjson.dumps(attend_body(out, weights, req, model), option=orjson.OPT_SERIALIZE_NUMPY)
+    assert encode_attend(out, weights, req, model) == want
+    assert encode_attend(out[:, :3], weights, req, model) == orjson.dumps(attend_body(out[:, :3], weights, req, model))

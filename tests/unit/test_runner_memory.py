@@ -1,4 +1,5 @@
-"""The runner's memory: each request computes only its own heads' weights, and owns its result arrays."""
+"""The runner's memory: each request computes only its own heads' weights; its result is never a view into a
+reused buffer, holds no padding, and costs no copy when the batch's output holds it as it is."""
 
 from __future__ import annotations
 
@@ -69,3 +70,41 @@ def test_weights_elements_counts_the_heads_asked_for(runner):
     assert runner.weights_elements(AttendInput(x)) == 0
     assert runner.weights_elements(AttendInput(x, need_weights=True)) == 2 * 8 * 100
     assert runner.weights_elements(AttendInput(x, need_weights=True, heads=(1, 5))) == 2 * 2 * 100
+
+
+def test_full_length_results_are_rows_of_the_batch_output_not_copies(runner, rng_seed):
+    """A uniform batch (every request of the batch's length): each answer is its rows of the forward's output,
+    with no copy per request, never the staging buffer, and unchanged by the batches after it."""
+    rng = np.random.default_rng(rng_seed)
+    items = [AttendInput(rng.standard_normal((1, 8, 32)).astype(np.float32)) for _ in range(3)]
+    results, _ = runner.run(items)
+    kept = [r.output.copy() for r in results]
+    bases = {id(r.output.base) for r in results}
+    assert all(r.output.base is not None for r in results) and len(bases) == 1  # views of one array: no copies
+    staged = runner.staging._slots[0].x.data.numpy()
+    assert not any(np.shares_memory(r.output, staged) for r in results)
+    assert all(r.output.flags.c_contiguous for r in results)  # sent as they are
+    for _ in range(2):
+        runner.run([AttendInput(rng.standard_normal((3, 8, 32)).astype(np.float32))])
+    for r, k in zip(results, kept, strict=True):
+        np.testing.assert_array_equal(r.output, k)
+    with torch.inference_mode():
+        ref = runner.module(torch.from_numpy(np.concatenate([it.x for it in items]))).output.numpy()
+    np.testing.assert_allclose(np.concatenate(kept), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_module_answering_in_its_input_memory_gets_a_copy(runner, monkeypatch, rng_seed):
+    """On the CPU the upload is the staging buffer itself: an answer in its memory would be overwritten by the
+    next batch."""
+
+    class Identity(torch.nn.Module):
+        def forward(self, x, **kw):
+            return type("R", (), {"output": x, "weights": None})()
+
+    monkeypatch.setattr(runner, "module", Identity())
+    rng = np.random.default_rng(rng_seed)
+    xs = [rng.standard_normal((1, 8, 32)).astype(np.float32) for _ in range(2)]
+    results, _ = runner.run([AttendInput(x) for x in xs])
+    runner.run([AttendInput(np.zeros((2, 8, 32), np.float32))])
+    for r, x in zip(results, xs, strict=True):
+        np.testing.assert_array_equal(r.output, x)

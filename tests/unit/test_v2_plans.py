@@ -163,9 +163,9 @@ def test_a_repeated_header_decodes_each_body_as_today(case):
             tensors = outputs_for(got[1], h)
             want_body, want_hl = v2._encode(today(raw2, hl2)[0], "mha", tensors)
             got_body, got_hl = v2._encode(got[0], "mha", tensors)
-            assert (bytes(got_body), got_hl) == (bytes(want_body), want_hl)
+            assert (b"".join(got_body), got_hl) == (b"".join(want_body), want_hl)
             if h == heads and got[0].answer is not None:  # every output binary: its header was written once
-                assert got_hl == len(got[0].answer) and bytes(got_body).startswith(got[0].answer)
+                assert got_hl == len(got[0].answer) and b"".join(got_body).startswith(got[0].answer)
     assert len(plans) == 1
 
 
@@ -287,7 +287,7 @@ def test_headers_of_the_same_length_are_not_confused(a, b):
         got, want = plans.decode(raw, hl, CFG, LIMITS), today(raw, hl)
         assert_same(got, want)
         tensors = outputs_for(got[1], 4)
-        assert bytes(v2._encode(got[0], "mha", tensors)[0]) == bytes(v2._encode(want[0], "mha", tensors)[0])
+        assert b"".join(v2._encode(got[0], "mha", tensors)[0]) == b"".join(v2._encode(want[0], "mha", tensors)[0])
 
 
 def test_a_plan_serves_only_the_model_and_limits_it_was_made_against():
