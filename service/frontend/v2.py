@@ -79,6 +79,9 @@ log = logging.getLogger("mha_serve.v2")
 VERSION = oip.VERSION
 HEADER_LENGTH = "inference-header-content-length"
 HEADER_LENGTH_RAW = HEADER_LENGTH.encode()
+# A binary answer of at least this many bytes is sent from its arrays in pieces (a join would copy it all into
+# fresh pages); a smaller one is joined and sent at once (each ASGI send costs the server a write).
+SEND_PARTS_FROM = 64 << 10
 _METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "TRACE", "CONNECT"]
 
 INFER_ERRORS = ("not_found", *INFERENCE_ERRORS)
@@ -222,9 +225,10 @@ def build_router(state: Any) -> APIRouter:
         state.stats.request_done(sequences=inp.batch, started=started, decoded=decoded, answered=answered, res=res)
         if header_len is None:
             return Answer(payload[0], b"application/json", res)
-        return Parts(  # the outputs' bytes sent from their arrays: no join of header and blobs
-            payload, b"application/octet-stream", res, ((b"inference-header-content-length", b"%d" % header_len),)
-        )
+        extra = ((b"inference-header-content-length", b"%d" % header_len),)
+        if sum(len(memoryview(p).cast("B")) for p in payload) < SEND_PARTS_FROM:  # small: one send beats several
+            return Answer(b"".join(payload), b"application/octet-stream", res, extra)
+        return Parts(payload, b"application/octet-stream", res, extra)  # large: sent from their arrays, no join
 
     def versioned(fn: Callable[..., Any], *, with_request: bool = False) -> tuple[Callable, Callable]:
         """(handler of /models/{name}/..., handler of /models/{name}/versions/{version}/...)."""
