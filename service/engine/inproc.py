@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from mha_core import MHAConfig
 from service.engine_api import Abandoned, EngineModel, SequenceFlags
-from service.messages import AttendInput, BatcherObserver, Result
+from service.messages import AttendInput, BatcherObserver, Result, ShuttingDown
 from service.stats import ModelStats
 
 if TYPE_CHECKING:
@@ -148,6 +148,8 @@ class InprocClient:
         ``infer``: ``infer`` is the batcher's own call, with nothing of ours around each plain request."""
         from service.engine.sequences import Step
 
+        if not self.batcher.running:  # draining or stopped: as for ``infer``, before the sequence's own rules
+            raise ShuttingDown("the batcher is not running")
         return await self.sequences.run(
             Step(inp, seq.id, seq.start, seq.end),
             partial(self.batcher.infer, deadline=deadline, abandoned=abandoned, priority=priority),

@@ -247,3 +247,65 @@ async def test_an_end_only_step_ends_the_sequence_and_computes_nothing(engine):
         await c.step(*step("e", x[:, :1]), deadline=far())
     with pytest.raises(StepInvalid, match="only ends its sequence"):  # no rows, but no end
         await c.step(*step("e", np.zeros((1, 0, E)), start=True), deadline=far())
+
+
+async def test_a_step_whose_forward_fails_fails_alone_and_leaves_its_sequence_as_before(seed_model, engine):
+    """Fault isolation holds for steps: a batch with a failing step is retried one by one, so only that step
+    fails (its sequence unchanged, still usable) and the others are answered exactly."""
+    seed, _ = seed_model
+    c = await engine(fault_injection=True, max_batch_size=8)
+    rng = np.random.default_rng(3)
+    xs = {k: rng.standard_normal((1, 4, E)).astype(np.float32) for k in ("ok", "bad")}
+    for k, x in xs.items():
+        await c.step(*step(k, x[:, :2], start=True), deadline=far())
+    hold = asyncio.create_task(c.step(*seq_step(AttendInput(xs["ok"][:, :0 + 1] * 0, fault="stall:200"), "h",
+                                                start=True), deadline=far()))  # fmt: skip
+    await asyncio.sleep(0.05)  # the next two queue behind it and share one forward
+    good = asyncio.create_task(c.step(*step("ok", xs["ok"][:, 2:3]), deadline=far()))
+    bad = asyncio.create_task(c.step(*seq_step(AttendInput(xs["bad"][:, 2:3], fault="raise"), "bad"), deadline=far()))
+    await hold
+    res = await good
+    check(seed, xs["ok"], 2, res.output.output)
+    with pytest.raises(Exception, match="injected fault"):
+        await bad
+    assert c.sequences.length("bad") == 2  # as before the failed step
+    res = await c.step(*step("bad", xs["bad"][:, 2:4]), deadline=far())
+    check(seed, xs["bad"], 2, res.output.output)
+
+
+async def test_a_high_priority_step_overtakes_queued_low_ones(seed_model, engine):
+    """Priorities hold for steps of different sequences: with one step a forward, a level-1 step queued after
+    level-3 ones is computed first once the model is free."""
+    c = await engine(fault_injection=True, max_batch_size=1, priority_levels=3, priority_oldest_every=100)
+    x = np.ones((1, 1, E), np.float32)
+    done: list[str] = []
+
+    async def run(key, inp, priority):
+        await c.step(*seq_step(inp, key, start=True), deadline=far(), priority=priority)
+        done.append(key)
+
+    tasks = [asyncio.create_task(run("stall", AttendInput(x, fault="stall:300"), 2))]
+    await asyncio.sleep(0.1)
+    for i in range(3):
+        tasks.append(asyncio.create_task(run(f"low{i}", AttendInput(x), 3)))
+        await asyncio.sleep(0.01)
+    tasks.append(asyncio.create_task(run("high", AttendInput(x), 1)))
+    await asyncio.gather(*tasks)
+    assert done[:2] == ["stall", "high"], done
+
+
+async def test_stop_drains_the_steps_in_flight_then_drops_every_sequence(engine):
+    """SIGTERM's drain for steps: ``stop`` answers the steps already accepted within its grace, then every live
+    sequence is dropped (counted as ``restart``) and a later step is refused as shutting down."""
+    c = await engine(fault_injection=True, max_batch_size=1)
+    x = np.ones((1, 2, E), np.float32)
+    await c.step(*step("idle", x, start=True), deadline=far())
+    busy = asyncio.create_task(c.step(*seq_step(AttendInput(x, fault="stall:300"), "busy", start=True), deadline=far()))
+    queued = asyncio.create_task(c.step(*step("queued", x, start=True), deadline=far()))
+    await asyncio.sleep(0.05)
+    await c.stop(grace_s=5.0)
+    assert (await busy).output.output.shape == (1, 2, E) and (await queued).output.output.shape == (1, 2, E)
+    assert c.sequences.active == 0 and c.sequences.evicted["restart"] == 3
+    with pytest.raises(Exception) as e:
+        await c.step(*step("idle", x), deadline=far())
+    assert getattr(e.value, "kind", None) is ErrorKind.UNAVAILABLE, e.value
