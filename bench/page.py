@@ -1,8 +1,9 @@
 """The performance page from a results folder (``make bench-report``): bench/run.py's JSON into docs.
 
 Writes the section of docs/performance.md between its two ``bench-report`` markers (the rest of the page is
-prose kept by hand) and two plots under docs/images/: ``bench-latency.png``, p99 latency against throughput
-per protocol, one point per concurrency, and ``bench-floors.png``, each result as a ratio of its floor with
+prose kept by hand) and three plots under docs/images/: ``bench-latency.png``, p99 latency against throughput
+per encoding, one point per concurrency; ``bench-protocols.png``, each protocol's (gRPC, v2 HTTP, /attend base64)
+throughput at each concurrency; and ``bench-floors.png``, each result as a ratio of its floor with
 its target. The section names the machine, the versions, the git revision and the command of the run.
 Pure functions of the loaded results, except ``machine`` (reads this machine) and ``main``.
 
@@ -144,9 +145,25 @@ def plot(res: dict[str, dict], images: Path) -> list[Path]:
         paths.append(images / "bench-latency.png")
         fig.savefig(paths[-1], dpi=80)
         plt.close(fig)
+    proto = res.get("protocols", {}).get("rows", [])
+    if proto:  # bench/protocols.py: each protocol's throughput at each concurrency (perf_analyzer, wrk)
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        names = [k for k in proto[0] if k != "c"]
+        for name in names:
+            ax.plot([r["c"] for r in proto], [r[name] for r in proto], marker="o", label=name)
+        ax.set(xscale="log", xlabel="concurrency", ylabel="throughput (req/s)")
+        ax.set_xticks([r["c"] for r in proto], [str(r["c"]) for r in proto])
+        shape = res["protocols"].get("shape")
+        ax.set_title(f"Protocols on the real model, x {shape} float32, one core", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(images / "bench-protocols.png")
+        fig.savefig(paths[-1], dpi=80)
+        plt.close(fig)
     rows = [r for r in ratios(res) if "(us)" not in r["what"]]
     if rows:
-        fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
+        fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
         y = range(len(rows))
         ax.barh(y, [r["ratio"] for r in rows], color=["tab:green" if r["pass"] else "tab:red" for r in rows])
         ax.scatter([r["target"] for r in rows], y, marker="|", s=200, color="black", label="target", zorder=3)

@@ -21,7 +21,7 @@ import torch
 
 from mha_core import MHAConfig, MultiHeadAttention, step
 from service.engine.inproc import InprocClient
-from service.engine.sequences import Step
+from service.engine_api import SequenceFlags
 from service.messages import AttendInput
 from service.settings import Settings
 
@@ -53,12 +53,12 @@ async def service_costs(client: InprocClient, ctx: int, reps: int) -> tuple[floa
     E = client.runner.config.emb_size
     rng = np.random.default_rng(0)
     prompt = rng.standard_normal((1, ctx - reps - 1, E)).astype(np.float32)
-    await client.step(Step(AttendInput(prompt), f"bench{ctx}", start=True), deadline=far())
+    await client.step(AttendInput(prompt), SequenceFlags(f"bench{ctx}", start=True), deadline=far())
     times, spans = [], []
     for _ in range(reps + 1):
         tok = rng.standard_normal((1, 1, E)).astype(np.float32)
         t0 = time.perf_counter()
-        res = await client.step(Step(AttendInput(tok), f"bench{ctx}"), deadline=far())
+        res = await client.step(AttendInput(tok), SequenceFlags(f"bench{ctx}"), deadline=far())
         times.append(time.perf_counter() - t0)
         spans.append(res.compute_s)
     full = rng.standard_normal((1, ctx, E)).astype(np.float32)
@@ -79,11 +79,13 @@ async def many(settings: Settings, n: int, prompt: int, steps: int) -> float:
 
     async def one(i: int) -> None:
         await client.step(
-            Step(AttendInput(rng.standard_normal((1, prompt, E)).astype(np.float32)), i, start=True), deadline=far()
+            AttendInput(rng.standard_normal((1, prompt, E)).astype(np.float32)),
+            SequenceFlags(i, start=True),
+            deadline=far(),
         )
         for k in range(steps):
             tok = rng.standard_normal((1, 1, E)).astype(np.float32)
-            await client.step(Step(AttendInput(tok), i, end=k == steps - 1), deadline=far())
+            await client.step(AttendInput(tok), SequenceFlags(i, end=k == steps - 1), deadline=far())
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(n)))

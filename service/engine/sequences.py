@@ -68,6 +68,7 @@ class Step:
     # Set at admission, read by the step runner's thread: the cached positions and their slots in the pool.
     past: int = 0
     slots: Tensor | None = None
+    span: Tensor | None = None  # the slots of every position the step will have, its own reserved ones last
     # Set by the step runner: the step's own keys and values (t, H, D), written to the cache on answer.
     new_k: Tensor | None = field(default=None, repr=False)
     new_v: Tensor | None = field(default=None, repr=False)
@@ -187,6 +188,7 @@ class Sequences:
         self._reserve(step.id, past + t, fresh=not past)
         step.past = past
         step.slots = self.cache.slots(step.id, past)
+        step.span = self.cache.slots(step.id, past + t)
         try:
             result = await compute(step)
         except BaseException:
@@ -203,7 +205,7 @@ class Sequences:
         else:
             self.cache.write(step.id, past, step.new_k, step.new_v)
             live.length = past + t
-        step.new_k = step.new_v = step.slots = None
+        step.new_k = step.new_v = step.slots = step.span = None
         return result
 
     def _reserve(self, seq_id: SequenceId, tokens: int, *, fresh: bool) -> None:

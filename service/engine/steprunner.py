@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from mha_core.incremental import attend_padded, project, step
 from service.engine.liveness import FORWARDS
@@ -81,6 +82,26 @@ class StepRunner:
             t = t.view(torch.bfloat16)
         return t.to(self.device, self.dtype, non_blocking=False)
 
+    def _contiguous(self, it: Step, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor] | None:
+        """A lone step whose positions lie in one run of the pool (a sequence that grew while no other did: its
+        blocks were taken in order): its keys and values as views of the pool, its own rows written into its
+        reserved slots first, so that the step reads the cache where it lies instead of gathering a copy of it
+        (at 1,024 cached tokens the gather was most of what a step cost beyond its attention). The reserved
+        slots are its own until it is answered or given back, and nothing reads them before its answer commits
+        them (it writes the same values again then), so writing them now changes nothing another step sees."""
+        span = it.span
+        n = span.shape[0]
+        first = int(span[0])
+        if int(span[-1]) != first + n - 1 or not torch.equal(span, self._arange(first, n)):
+            return None
+        c = self.cache
+        c.keys[first + it.past : first + n] = k
+        c.values[first + it.past : first + n] = v
+        return c.keys[first : first + n][None], c.values[first : first + n][None]
+
+    def _arange(self, first: int, n: int) -> Tensor:
+        return torch.arange(first, first + n, device=self.device)
+
     def _run_batched(self, items: list[Step]) -> list[AttendOutput | NumericOverflow]:
         S = len(items)
         new = [it.seq_len for it in items]
@@ -92,6 +113,8 @@ class StepRunner:
         P = max(total)
         if S == 1 and not past[0]:  # a first step: its own keys are all there is
             keys, values = k[None], v[None]
+        elif S == 1 and (run := self._contiguous(items[0], k, v)) is not None:  # its slots are one run of the pool
+            keys, values = run
         else:
             index = torch.zeros(S, P, dtype=torch.int64, device=self.device)  # padding gathers slot 0: never seen
             for i, it in enumerate(items):

@@ -309,3 +309,26 @@ async def test_stop_drains_the_steps_in_flight_then_drops_every_sequence(engine)
     with pytest.raises(Exception) as e:
         await c.step(*step("idle", x), deadline=far())
     assert getattr(e.value, "kind", None) is ErrorKind.UNAVAILABLE, e.value
+
+
+async def test_a_lone_step_over_one_run_of_the_pool_reads_it_in_place_and_stays_exact(seed_model, engine):
+    """A sequence that grew alone holds blocks in order: its steps attend over views of the pool (no gather),
+    with the same answers as the gather; a sequence whose blocks interleave with another's is gathered."""
+    seed, _ = seed_model
+    c = await engine(max_batch_size=1)
+    gathers = []
+    real = c.sequences.cache.gather
+    c.sequences.cache.gather = lambda index: (gathers.append(index.shape), real(index))[1]
+    x = np.random.default_rng(9).standard_normal((1, 12, E)).astype(np.float32)
+    pos = 0
+    for i, t in enumerate([5, 1, 4, 2]):  # crosses block boundaries (blocks of 4)
+        res = await c.step(*step("alone", x[:, pos : pos + t], start=i == 0), deadline=far())
+        check(seed, x, pos, res.output.output)
+        pos += t
+    assert gathers == []  # every step read the pool in place
+    y = np.random.default_rng(10).standard_normal((1, 8, E)).astype(np.float32)
+    await c.step(*step("a", y[:, :4], start=True), deadline=far())
+    await c.step(*step("b", y[:, :4], start=True), deadline=far())  # takes the next block
+    res = await c.step(*step("a", y[:, 4:8]), deadline=far())  # its blocks are no longer one run
+    check(seed, y, 4, res.output.output)
+    assert len(gathers) == 1
