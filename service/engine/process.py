@@ -134,7 +134,7 @@ class Engine:
 
     async def serve(self) -> None:
         """Read the socket until told to stop. Not through zmq.asyncio: its future, poller state and callbacks per
-        message cost the model process about 3 us a request; its FD is watched directly instead (zmq's FD is
+        message cost the model process measurably per request; its FD is watched directly instead (zmq's FD is
         edge-triggered: readable means "look at EVENTS", so each wake drains until EAGAIN, and every send made
         outside a drain looks again, as a send may consume the edge that a message's arrival raised)."""
         loop = asyncio.get_running_loop()
@@ -437,8 +437,8 @@ async def _amain(settings: Settings, address: str, ready: Any, stop: Any, beat: 
 
 def _run(coro: Any) -> Any:
     """uvloop's event loop where it is installed, as uvicorn's ``loop="auto"`` picks for the front ends (the model
-    process's loop turns for every message, batch and answer: in bench/front.py's split set-up its CPU a
-    request fell from 0.059-0.062 to 0.053-0.055 ms); asyncio's otherwise."""
+    process's loop turns for every message, batch and answer: bench/front.py's split set-up measured its CPU a
+    request lower on uvloop); asyncio's otherwise."""
     try:
         import uvloop
     except ImportError:
