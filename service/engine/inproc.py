@@ -76,7 +76,7 @@ class InprocClient:
         self._on_ready = on_ready or (lambda ready: None)
         # The forward runs in this process: a hung one (or a hung loop) turns it not-ready at once, then ends the
         # process after ``exit_after_s`` (service/engine/liveness.py); ``beat`` is the supervisor's watch.
-        self._watch_args = {"beat": beat, "exit_after_s": exit_after_s}
+        self._beat, self._exit_after_s = beat, exit_after_s
         self._watchdog: Any = None
         self._hung = False
 
@@ -111,7 +111,11 @@ class InprocClient:
         from service.engine.liveness import Watchdog
 
         self._watchdog = Watchdog(
-            forward_hang_s=s.forward_hang_s, loop_hang_s=s.engine_hang_s, on_hang=self._hang, **self._watch_args
+            forward_hang_s=s.forward_hang_s,
+            loop_hang_s=s.engine_hang_s,
+            on_hang=self._hang,
+            beat=self._beat,
+            exit_after_s=self._exit_after_s,
         )
         self._watchdog.start(asyncio.get_running_loop())
         self._on_ready(True)

@@ -125,14 +125,14 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
     @_rpc
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         oip.check_model(request.name, request.version, self.name)
-        runner = self._runner()
-        return grpc_wire.model_metadata(oip.model_metadata(request.name, runner.config))
+        model = self._model()
+        return grpc_wire.model_metadata(oip.model_metadata(request.name, model.config))
 
     @_rpc
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
         seq = oip.check_model(request.name, request.version, self.name)
-        runner = self._runner()
-        cfg = oip.model_config(request.name, runner.config, self.state.settings, str(runner.device), sequence=seq)
+        model = self._model()
+        cfg = oip.model_config(request.name, model.config, self.state.settings, model.device, sequence=seq)
         return grpc_wire.model_config(cfg)
 
     @_rpc
@@ -255,7 +255,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             raise asyncio.CancelledError  # nobody is listening; counted by the batcher
         return res
 
-    def _runner(self) -> Any:
+    def _model(self) -> Any:
         if self.state.engine is None or self.state.engine.model is None:
             raise ServiceError("unavailable", "the model is still loading")
         return self.state.engine.model

@@ -189,11 +189,6 @@ async def run_batcher(
     own failure for this request; the transport answers them as an opaque internal error.
     """
     engine = state.engine
-    if sequence is not None:
-        try:
-            check_step(inp, sequence)
-        except EngineFailure as e:
-            raise ServiceError(e.kind.value, str(e)) from e
     tracing = state.tracing
     if tracing is not None:  # the batch's forward span links to this request's span
         submitted = time.monotonic()
@@ -204,6 +199,7 @@ async def run_batcher(
         if sequence is None:
             res = await engine.infer(inp, deadline=deadline, abandoned=abandoned, priority=priority)
         else:
+            check_step(inp, sequence)  # (a step that cannot be one is refused before it is queued)
             res = await engine.step(inp, sequence, deadline=deadline, abandoned=abandoned, priority=priority)
     except ClientGone:
         return None  # nobody is listening; counted by the engine
@@ -242,15 +238,30 @@ class Answer(Response):
         ]
 
 
+# A body of at least this many bytes is sent in its pieces, each from where it lies (a join would copy it all
+# into fresh pages); a smaller one is joined and sent at once (each ASGI send costs the server a write).
+SEND_PARTS_FROM = 64 << 10
+
+
+def answer_of_parts(parts: list, content_type: bytes, res: Result, extra: tuple = ()) -> Answer:
+    """A 200 whose body is ``parts`` (bytes, or arrays of this request's own answer): joined when small, else
+    sent in its pieces (:class:`Parts`)."""
+    views = [p if type(p) is bytes else memoryview(p).cast("B") for p in parts]
+    if sum(len(p) for p in views) < SEND_PARTS_FROM:
+        return Answer(b"".join(views), content_type, res, extra)
+    return Parts(views, content_type, res, extra)
+
+
 class Parts(Answer):
     """An Answer whose body goes out in pieces, each as it lies: a binary tensor is sent from the array that holds
     it, not joined with its JSON header into one bytes object first (a fresh allocation and a copy of it all).
-    The pieces must stay unchanged until sent: arrays of this request's own answer."""
+    The pieces (bytes or byte memoryviews: ``answer_of_parts`` makes them) must stay unchanged until sent:
+    arrays of this request's own answer."""
 
     def __init__(self, parts: list, content_type: bytes, res: Result, extra: tuple = ()) -> None:
-        self.parts = [p if type(p) is bytes else memoryview(p).cast("B") for p in parts]
+        self.parts = parts
         super().__init__(b"", content_type, res, extra)
-        self.raw_headers[0] = (b"content-length", b"%d" % sum(len(p) for p in self.parts))
+        self.raw_headers[0] = (b"content-length", b"%d" % sum(len(p) for p in parts))
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})

@@ -67,7 +67,7 @@ from starlette.routing import Match
 from service.errors import INFERENCE_ERRORS, ServiceError, status_descriptions, validation
 from service.frontend import codecs, oip
 from service.frontend.decode import Limits, check_priority, lengths_in_range, parse_json
-from service.frontend.httputil import Answer, Parts, header, internal_error, read_limited, require_ready
+from service.frontend.httputil import Answer, answer_of_parts, header, internal_error, read_limited, require_ready
 from service.frontend.httputil import infer as run_inference
 from service.frontend.offload_worker import V2_RANKS, Failed
 from service.frontend.plans import Recent, Sightings
@@ -79,9 +79,6 @@ log = logging.getLogger("mha_serve.v2")
 VERSION = oip.VERSION
 HEADER_LENGTH = "inference-header-content-length"
 HEADER_LENGTH_RAW = HEADER_LENGTH.encode()
-# A binary answer of at least this many bytes is sent from its arrays in pieces (a join would copy it all into
-# fresh pages); a smaller one is joined and sent at once (each ASGI send costs the server a write).
-SEND_PARTS_FROM = 64 << 10
 _METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "TRACE", "CONNECT"]
 
 INFER_ERRORS = ("not_found", *INFERENCE_ERRORS)
@@ -226,9 +223,7 @@ def build_router(state: Any) -> APIRouter:
         if header_len is None:
             return Answer(payload[0], b"application/json", res)
         extra = ((b"inference-header-content-length", b"%d" % header_len),)
-        if sum(len(memoryview(p).cast("B")) for p in payload) < SEND_PARTS_FROM:  # small: one send beats several
-            return Answer(b"".join(payload), b"application/octet-stream", res, extra)
-        return Parts(payload, b"application/octet-stream", res, extra)  # large: sent from their arrays, no join
+        return answer_of_parts(payload, b"application/octet-stream", res, extra)  # large: from their arrays
 
     def versioned(fn: Callable[..., Any], *, with_request: bool = False) -> tuple[Callable, Callable]:
         """(handler of /models/{name}/..., handler of /models/{name}/versions/{version}/...)."""

@@ -523,9 +523,9 @@ async def test_the_remembered_headers_stay_bounded(app, monkeypatch):
 @pytest.mark.parametrize("batch", [1, 9], ids=["small", "large"])
 async def test_a_binary_output_is_sent_from_its_array_without_a_join(app, planned, batch):
     """A large answer: the response's JSON header, then the output's bytes as a view of the answer's own array (no
-    copy into one body); a small one (under v2.SEND_PARTS_FROM): one body, one send. Either way a content-length
+    copy into one body); a small one (under httputil.SEND_PARTS_FROM): one body, one send. Either way a content-length
     that counts both, and a client reads the same bytes as before."""
-    from service.frontend.v2 import SEND_PARTS_FROM
+    from service.frontend.httputil import SEND_PARTS_FROM
 
     x = rng.standard_normal((batch, 64, 32)).astype(np.float32)
     body, headers = request([("x", "FP32", x, True)], [("output", True)])
