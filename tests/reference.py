@@ -32,6 +32,22 @@ class SeedMHA(nn.Module):
         self.max_seq_len = max_seq_len
 
 
+def random_seed_mha(num_heads: int, emb_size: int, head_size: int, max_seq_len: int) -> SeedMHA:
+    """A seed-layout module with weights uniform in [-0.5, 0.5] (torch's global generator): attention that is
+    far from uniform, so that a wrong mask or a wrong key shows."""
+    seed = SeedMHA(num_heads, emb_size, head_size, max_seq_len)
+    for p in seed.parameters():
+        torch.nn.init.uniform_(p, -0.5, 0.5)
+    return seed
+
+
+def seed_checkpoint(path, *cfg: int) -> SeedMHA:
+    """``random_seed_mha(*cfg)``, saved at ``path`` as a seed-mha checkpoint (what MHA_CHECKPOINT loads)."""
+    seed = random_seed_mha(*cfg)
+    torch.save(seed.state_dict(), path)
+    return seed
+
+
 def naive_attention(
     seed: SeedMHA,
     x: torch.Tensor,

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from service.frontend.codecs import bf16_to_f32, f32_to_bf16
-from tests.reference import SeedMHA, naive_attention
+from tests.reference import naive_attention, seed_checkpoint
 
 from .conftest import start_server
 
@@ -76,10 +76,7 @@ def v2_binary(c: httpx.Client, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_server_matches_the_float64_reference(tmp_path, dtype):
     torch.manual_seed(int.from_bytes(np.random.bytes(4), "little"))
-    seed = SeedMHA(H, E, D, MAX_T)
-    for p in seed.parameters():
-        torch.nn.init.uniform_(p, -0.5, 0.5)
-    torch.save(seed.state_dict(), tmp_path / "seed.pt")
+    seed = seed_checkpoint(tmp_path / "seed.pt", H, E, D, MAX_T)
     env = {"MHA_CHECKPOINT": str(tmp_path / "seed.pt"), "MHA_DTYPE": dtype, "MHA_DEVICE": "cpu"}
     env.update({k: "" for k in ("MHA_NUM_HEADS", "MHA_EMB_SIZE", "MHA_HEAD_SIZE", "MHA_MAX_SEQ_LEN")})
 

@@ -29,7 +29,8 @@ from service.messages import (
     ShuttingDown,
 )
 from service.settings import Settings
-from tests.reference import SeedMHA, naive_attention
+from tests import reference
+from tests.reference import naive_attention
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,13 +38,9 @@ H, E, D, T = 2, 16, 8, 12
 LIMITS = {"max_queue_requests": 3, "max_batch_tokens": 64, "max_batch_size": 4, "fault_injection": True}
 
 
-def seed_checkpoint(path) -> SeedMHA:
+def seed_checkpoint(path) -> reference.SeedMHA:
     torch.manual_seed(7)
-    seed = SeedMHA(H, E, D, T)
-    for p in seed.parameters():
-        torch.nn.init.uniform_(p, -0.5, 0.5)
-    torch.save(seed.state_dict(), path)
-    return seed
+    return reference.seed_checkpoint(path, H, E, D, T)
 
 
 @pytest.fixture(params=["inproc", "mp"])

@@ -20,7 +20,7 @@ from service.app import create_app
 from service.frontend.triton_proto import grpc_service_pb2 as pb
 from service.frontend.triton_proto import grpc_service_pb2_grpc as pb_grpc
 from service.settings import Settings
-from tests.reference import SeedMHA, naive_attention
+from tests.reference import naive_attention, seed_checkpoint
 
 H, E, D, MAX = 4, 32, 8, 48
 SEQ_INFER = "/v2/models/mha-seq/infer"
@@ -28,11 +28,7 @@ SEQ_INFER = "/v2/models/mha-seq/infer"
 
 @pytest.fixture
 def seed_model(tmp_path):
-    seed = SeedMHA(H, E, D, MAX)
-    for p in seed.parameters():
-        torch.nn.init.uniform_(p, -0.5, 0.5)
-    torch.save(seed.state_dict(), tmp_path / "seed.pt")
-    return seed, tmp_path / "seed.pt"
+    return seed_checkpoint(tmp_path / "seed.pt", H, E, D, MAX), tmp_path / "seed.pt"
 
 
 def _free_port() -> int:

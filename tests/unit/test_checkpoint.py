@@ -16,16 +16,9 @@ from mha_core import (
     save_checkpoint,
 )
 from mha_core.cli import main as cli
-from tests.reference import SeedMHA, naive_attention, seed_gpt_checkpoint
+from tests.reference import naive_attention, random_seed_mha, seed_gpt_checkpoint
 
 F32 = {"atol": 2e-5, "rtol": 1e-4}
-
-
-def random_seed_mha(*cfg) -> SeedMHA:
-    m = SeedMHA(*cfg)
-    for p in m.parameters():
-        torch.nn.init.uniform_(p, -0.5, 0.5)
-    return m
 
 
 def test_safetensors_round_trip(tmp_path, rng_seed):

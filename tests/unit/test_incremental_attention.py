@@ -8,16 +8,13 @@ import torch
 
 from mha_core import attend_padded, load_checkpoint, project, step
 from tests.devices import tol
-from tests.reference import SeedMHA, naive_attention
+from tests.reference import naive_attention, seed_checkpoint
 
 F32 = tol(torch.float32)
 
 
 def make_pair(cfg, tmp_path):
-    seed = SeedMHA(*cfg)
-    for p in seed.parameters():
-        torch.nn.init.uniform_(p, -0.5, 0.5)
-    torch.save(seed.state_dict(), tmp_path / "seed.pt")
+    seed = seed_checkpoint(tmp_path / "seed.pt", *cfg)
     return seed, load_checkpoint(tmp_path / "seed.pt").eval()
 
 

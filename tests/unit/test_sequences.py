@@ -16,7 +16,7 @@ from service.engine_api import SequenceFlags
 from service.errors import ERROR_STATUS
 from service.messages import AttendInput, ClientGone, DeadlineExceeded, ErrorKind
 from service.settings import Settings
-from tests.reference import SeedMHA, naive_attention
+from tests.reference import naive_attention, seed_checkpoint
 
 E, H, D, MAX = 32, 4, 8, 48
 TOKEN_BYTES = 2 * H * D * 4
@@ -24,11 +24,7 @@ TOKEN_BYTES = 2 * H * D * 4
 
 @pytest.fixture
 def seed_model(tmp_path):
-    seed = SeedMHA(H, E, D, MAX)
-    for p in seed.parameters():
-        torch.nn.init.uniform_(p, -0.5, 0.5)
-    torch.save(seed.state_dict(), tmp_path / "seed.pt")
-    return seed, tmp_path / "seed.pt"
+    return seed_checkpoint(tmp_path / "seed.pt", H, E, D, MAX), tmp_path / "seed.pt"
 
 
 @pytest.fixture
