@@ -71,17 +71,13 @@ def _metric(server: Server, name: str) -> float:
     return float(m.group(1))
 
 
-@pytest.mark.parametrize(
-    ("protocol", "mode"), [("http", "sync"), ("http", "async"), ("grpc", "sync"), ("grpc", "async")]
-)
-def test_perf_analyzer_runs_without_errors(perf_analyzer, server, data_file, tmp_path, protocol, mode):
-    before = _stats(server)
+def _run(perf_analyzer, server, protocol: str, model: str, data_file, csv, *args: str) -> str:
+    """perf_analyzer at concurrency 1 and 8 against ``model``: its output, once it ran without an error and wrote a
+    throughput for both concurrencies in ``csv``."""
     url = server.url.removeprefix("http://") if protocol == "http" else server.grpc_url
-    csv = tmp_path / "perf.csv"
     cmd = [
         str(perf_analyzer),
-        *("-m", "mha", "-i", protocol, "-u", url, "--input-data", str(data_file)),
-        *(["--async"] if mode == "async" else []),
+        *("-m", model, "-i", protocol, "-u", url, "--input-data", str(data_file), *args),
         *("--concurrency-range", "1:8:7", "--measurement-interval", "1000"),
         *("--stability-percentage", "1000", "--max-trials", "3", "-f", str(csv)),
     ]
@@ -90,10 +86,27 @@ def test_perf_analyzer_runs_without_errors(perf_analyzer, server, data_file, tmp
     assert r.returncode == 0, out
     assert "error" not in out.lower(), out
     assert "Concurrency: 1, throughput" in out and "Concurrency: 8, throughput" in out, out
-    # its server-side figures come from the statistics route (queue, compute input/infer/output)
-    assert "Server:" in out and "+ queue " in out and "+ compute infer " in out, out
     rows = csv.read_text().splitlines()
     assert len(rows) == 3 and float(rows[1].split(",")[1]) > 0 and float(rows[2].split(",")[1]) > 0, rows
+    return out
+
+
+@pytest.mark.parametrize(
+    ("protocol", "mode"), [("http", "sync"), ("http", "async"), ("grpc", "sync"), ("grpc", "async")]
+)
+def test_perf_analyzer_runs_without_errors(perf_analyzer, server, data_file, tmp_path, protocol, mode):
+    before = _stats(server)
+    out = _run(
+        perf_analyzer,
+        server,
+        protocol,
+        "mha",
+        data_file,
+        tmp_path / "perf.csv",
+        *(["--async"] if mode == "async" else []),
+    )
+    # its server-side figures come from the statistics route (queue, compute input/infer/output)
+    assert "Server:" in out and "+ queue " in out and "+ compute infer " in out, out
     after = _stats(server)
     assert after["fail"]["count"] == before["fail"]["count"]  # zero errors on the server's side too
     assert after["success"]["count"] > before["success"]["count"]
@@ -109,19 +122,16 @@ def test_perf_analyzer_sequences_without_errors(perf_analyzer, server, seq_data_
     server does not hold would fail, so zero failures means the flags arrived in order."""
     before = _stats(server, "mha-seq")
     steps_before = _metric(server, "mha_sequence_steps_per_forward_sum")
-    url = server.url.removeprefix("http://") if protocol == "http" else server.grpc_url
-    csv = tmp_path / "perf.csv"
-    cmd = [
-        str(perf_analyzer),
-        *("-m", "mha-seq", "-i", protocol, "-u", url, "--input-data", str(seq_data_file)),
-        *("--sequence-length", str(SEQUENCE_LENGTH), "--concurrency-range", "1:8:7"),
-        *("--measurement-interval", "1000", "--stability-percentage", "1000", "--max-trials", "3", "-f", str(csv)),
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out
-    assert "error" not in out.lower(), out
-    assert "Concurrency: 1, throughput" in out and "Concurrency: 8, throughput" in out, out
+    out = _run(
+        perf_analyzer,
+        server,
+        protocol,
+        "mha-seq",
+        seq_data_file,
+        tmp_path / "perf.csv",
+        "--sequence-length",
+        str(SEQUENCE_LENGTH),
+    )
     # per window, requests over sequences: about the sequence length (perf_analyzer varies it by +/- 20%;
     # a window cuts sequences at both ends)
     windows = re.findall(r"Request count: (\d+)\s+Sequence count: (\d+)", out)
@@ -130,8 +140,6 @@ def test_perf_analyzer_sequences_without_errors(perf_analyzer, server, seq_data_
         assert (
             int(sequences) > 0 and 0.6 * SEQUENCE_LENGTH <= int(requests) / int(sequences) <= 1.4 * SEQUENCE_LENGTH
         ), out
-    rows = csv.read_text().splitlines()
-    assert len(rows) == 3 and float(rows[1].split(",")[1]) > 0 and float(rows[2].split(",")[1]) > 0, rows
     after = _stats(server, "mha-seq")
     assert after["fail"]["count"] == before["fail"]["count"]  # zero errors on the server's side too
     served = after["success"]["count"] - before["success"]["count"]
