@@ -145,7 +145,7 @@ async def test_sequence_steps_equal_the_reference_and_need_start(engine):
 
 
 async def test_every_failure_has_the_same_class_and_kind(engine):
-    client, _ = engine
+    client, seed = engine
     rng = np.random.default_rng(2)
     with pytest.raises(DeadlineExceeded) as e:
         await client.infer(AttendInput(x_of(rng)), deadline=time.monotonic() - 1)
@@ -156,16 +156,19 @@ async def test_every_failure_has_the_same_class_and_kind(engine):
     assert e.value.kind is ErrorKind.VALIDATION and "max_batch_tokens" in str(e.value)
 
     # One computing (stalled), three queued fill max_queue_requests: the next is refused with a retry-after.
-    stall = asyncio.ensure_future(client.infer(AttendInput(x_of(rng), fault="stall:800"), deadline=later(30)))
+    xs = [x_of(rng) for _ in range(4)]
+    stall = asyncio.ensure_future(client.infer(AttendInput(xs[0], fault="stall:800"), deadline=later(30)))
     await asyncio.sleep(0.3)
-    queued = [asyncio.ensure_future(client.infer(AttendInput(x_of(rng)), deadline=later(30))) for _ in range(3)]
+    queued = [asyncio.ensure_future(client.infer(AttendInput(x), deadline=later(30))) for x in xs[1:]]
     await asyncio.sleep(0.2)
     with pytest.raises(Overloaded) as e:
         await client.infer(AttendInput(x_of(rng)), deadline=later(30))
     assert e.value.kind is ErrorKind.OVERLOADED and e.value.retry_after_s >= 1
     assert "queue is full" in str(e.value)
-    for r in await asyncio.gather(stall, *queued):
-        assert r.output.output.shape == (1, T, E)
+    for x, r in zip(xs, await asyncio.gather(stall, *queued), strict=True):  # the accepted ones are answered
+        with torch.no_grad():
+            want = naive_attention(seed, torch.from_numpy(x))[0].numpy()
+        np.testing.assert_allclose(r.output.output, want, rtol=1e-4, atol=1e-5)
 
 
 async def test_a_caller_that_leaves_gets_client_gone_and_its_request_is_dropped(engine):

@@ -290,7 +290,7 @@ async def test_a_high_priority_step_overtakes_queued_low_ones(seed_model, engine
     assert done[:2] == ["stall", "high"], done
 
 
-async def test_stop_drains_the_steps_in_flight_then_drops_every_sequence(engine):
+async def test_stop_drains_the_steps_in_flight_then_drops_every_sequence(seed_model, engine):
     """SIGTERM's drain for steps: ``stop`` answers the steps already accepted within its grace, then every live
     sequence is dropped (counted as ``restart``) and a later step is refused as shutting down."""
     c = await engine(fault_injection=True, max_batch_size=1)
@@ -300,7 +300,9 @@ async def test_stop_drains_the_steps_in_flight_then_drops_every_sequence(engine)
     queued = asyncio.create_task(c.step(*step("queued", x, start=True), deadline=far()))
     await asyncio.sleep(0.05)
     await c.stop(grace_s=5.0)
-    assert (await busy).output.output.shape == (1, 2, E) and (await queued).output.output.shape == (1, 2, E)
+    seed, _ = seed_model
+    check(seed, x, 0, (await busy).output.output)  # both answered, exactly, within the grace
+    check(seed, x, 0, (await queued).output.output)
     assert c.sequences.active == 0 and c.sequences.evicted["restart"] == 3
     with pytest.raises(Exception) as e:
         await c.step(*step("idle", x), deadline=far())
