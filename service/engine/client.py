@@ -308,10 +308,12 @@ class MPClient:
             self._send(frames)
 
     def _take_freed(self) -> tuple[int, ...]:
-        """The answer slots copied out since the last message, to go back with the next one."""
+        """The answer slots given back since the last message (service.messages._lent), to go back with the next
+        one. Emptied in place: the lent slots' callbacks hold this list."""
         if not self._freed:
             return ()
-        freed, self._freed = tuple(self._freed), []
+        freed = tuple(self._freed)
+        self._freed.clear()
         return freed
 
     def _cancel(self, ids: list[int]) -> None:

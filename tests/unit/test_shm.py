@@ -4,6 +4,7 @@ falls back to frames, and every slot comes back, whatever ends a request's wait.
 from __future__ import annotations
 
 import asyncio
+import gc
 import contextlib
 import os
 import time
@@ -104,11 +105,8 @@ def test_requests_and_answers_through_the_arena_equal_those_through_frames(dtype
         assert msg.items[0].output.frame == ARENA and msg.items[0].weights.frame == ARENA
         freed: list[int] = []
         got = decode_outcomes(msg, frames[1:], mapped.buf, freed)
-        assert sorted(freed) == sorted([msg.items[0].output.offset, msg.items[0].weights.offset])
-        for offset in freed:
-            arena.free(offset)
-        assert arena.used == 0
-        arena.put(np.full(8 << 18, 7, np.uint32))  # the slots reused at once: the answers are the front end's own
+        assert freed == []  # lent, not copied: the slots stay the front end's while anything holds the answers
+        assert not got[0].output.output.flags.writeable
         plain = encode_outcomes(outcomes)
         want = decode_outcomes(decode(plain[0]), plain[1:])
         for g, w in zip(got, want, strict=True):
@@ -117,6 +115,18 @@ def test_requests_and_answers_through_the_arena_equal_those_through_frames(dtype
             assert np.array_equal(g.output.output, w.output.output)
             assert (g.output.weights is None) == (w.output.weights is None)
         assert np.array_equal(got[0].output.weights, weights) and np.array_equal(got[0].output.output, x)
+        body = memoryview(got[0].output.output.reshape(-1)).cast("B")  # as a response body is sent
+        row = got[0].output.weights[0]
+        del got, g, w
+        assert freed == []  # the body's memoryview holds the output's slot, a row of the weights theirs
+        assert bytes(body) == x.reshape(-1).view(np.uint8).tobytes()
+        del body
+        assert freed == [msg.items[0].output.offset]
+        del row
+        assert sorted(freed) == sorted([msg.items[0].output.offset, msg.items[0].weights.offset])
+        for offset in freed:
+            arena.free(offset)
+        assert arena.used == 0
     finally:
         mapped.close()
         arena.close()
@@ -133,6 +143,7 @@ def test_a_full_arena_sends_the_array_as_a_frame_with_the_same_values():
         freed: list[int] = []
         one, two = decode_outcomes(msg, frames[1:], shm.Mapped(arena.name).buf, freed)
         assert np.array_equal(one.output.output, x) and np.array_equal(two.output.output, x * 2)
+        del one, two
         assert freed == [0]  # only the arena's slot goes back
     finally:
         arena.close()
@@ -205,19 +216,27 @@ async def test_a_burst_through_the_arenas_answers_every_request_and_frees_every_
     assert client._inputs is not None and client._answers is not None  # both arenas in use
     rng = np.random.default_rng(5)
     xs = [wire(rng, (1, 16, 64 + 8 * (i % 3)), DTYPES[i % 3]) for i in range(120)]  # 4-6 KiB each
-    results = await asyncio.gather(
-        *(
-            client.infer(AttendInput(x, wire_dtype=DTYPES[i % 3]), deadline=time.monotonic() + 10)
-            for i, x in enumerate(xs)
+
+    async def burst() -> None:
+        results = await asyncio.gather(
+            *(
+                client.infer(AttendInput(x, wire_dtype=DTYPES[i % 3]), deadline=time.monotonic() + 10)
+                for i, x in enumerate(xs)
+            )
         )
-    )
-    for x, r in zip(xs, results, strict=True):
-        assert r.output.output.dtype == x.dtype
-        assert np.array_equal(r.output.output, (x.astype(np.float32) * 2).astype(x.dtype))
-        assert np.array_equal(r.output.weights, x[:1])
-    assert client._inputs.used == 0
-    assert answers_arena(engine).used > 0  # its slots go back with the next message: a ping at the latest
+        for x, r in zip(xs, results, strict=True):
+            assert r.output.output.dtype == x.dtype
+            assert np.array_equal(r.output.output, (x.astype(np.float32) * 2).astype(x.dtype))
+            assert np.array_equal(r.output.weights, x[:1])
+        assert client._inputs.used == 0
+        assert answers_arena(engine).used > 0
+        assert not client._freed  # the answers are lent (not copied) while they are held
+
+    await burst()
     client._heartbeat_task.cancel()  # (the ping is sent by hand below, so that the test need not wait for one)
+    await asyncio.sleep(0)  # (the step that resumed after gather holds its finished future, and with it the results)
+    gc.collect()  # (which holds them in a cycle)
+    assert client._freed  # dropped: their slots go back with the next message, a ping at the latest
     client._send(messages.encode(messages.Ping(client._take_freed())))
     await until(lambda: answers_arena(engine).used == 0)
 
