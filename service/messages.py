@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import weakref
 from dataclasses import dataclass, field
 from enum import Enum
@@ -192,11 +193,26 @@ WIRE_NUMPY = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16"
 HALF_INF = {"float16": 0x7C00, "bfloat16": 0x7F80}  # a half's exponent bits all set: Inf or NaN
 
 
+_SCRATCH = threading.local()  # per thread: a uint16 buffer that largest_bits reuses
+_SCRATCH_MAX = 1 << 22  # elements (8 MiB): the most it keeps
+
+
 def largest_bits(arr: np.ndarray) -> int:
     """The largest magnitude of a half-precision array (float16, or bfloat16's uint16 bits), as its bits without
     the sign: for finite values magnitude grows with them, and Inf/NaN lie above. One integer pass, much faster
-    than np.isfinite over float16, which numpy computes element by element in float32."""
-    return int(np.max(arr.view("<u2") & 0x7FFF)) if arr.size else 0
+    than np.isfinite over float16, which numpy computes element by element in float32. The masked bits go to a
+    buffer the thread keeps (a fresh one a request was fresh pages of a large request's size to fault in)."""
+    n = arr.size
+    if not n:
+        return 0
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.size < n:
+        buf = np.empty(max(n, 1 << 16), np.uint16)
+        if n <= _SCRATCH_MAX:  # (a larger one is not kept)
+            _SCRATCH.buf = buf
+    bits = buf[:n]
+    np.bitwise_and(arr.reshape(-1).view("<u2"), 0x7FFF, out=bits)
+    return int(np.maximum.reduce(bits))
 
 
 def finite_as(arr: np.ndarray, dtype: str) -> bool:

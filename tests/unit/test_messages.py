@@ -193,3 +193,37 @@ def test_a_half_request_and_its_answer_cross_at_half_the_bytes_of_float32():
     )
     as_bf16 = torch.from_numpy(bits[0][1].x.copy()).view(torch.bfloat16)  # what the runner does on arrival
     np.testing.assert_array_equal(as_bf16.float().numpy(), torch.from_numpy(x32).to(torch.bfloat16).float().numpy())
+
+
+def test_largest_bits_equals_the_largest_magnitude_of_the_values_whatever_the_sizes_before_it():
+    """The masked bits go to a buffer the thread reuses: a shorter array after a longer one, a non-contiguous
+    one and NaN/Inf of either sign still give the largest magnitude's bits, computed here from the values."""
+    rng = np.random.default_rng(11)
+
+    def naive(bits: np.ndarray, dtype: str) -> int:  # from the values: the largest |value|, as its bits
+        if dtype == "float16":
+            values = bits.view(np.float16).astype(np.float32)
+        else:
+            values = (bits.astype(np.uint32) << 16).view(np.float32)
+        a = np.abs(values.reshape(-1))
+        top = np.isnan(a) if np.isnan(a).any() else a == a.max()  # NaN lies above Inf: the largest NaN pattern
+        return int((bits.reshape(-1)[top] & 0x7FFF).max())
+
+    for dtype, inf in (("float16", 0x7C00), ("bfloat16", 0x7F80)):
+        for n in (70_000, 5, 1_000, 65_536):
+            x = rng.standard_normal(n).astype(np.float32) * 100
+            if dtype == "float16":
+                bits = x.astype(np.float16).view(np.uint16)
+            else:
+                bits = (x.view(np.uint32) >> 16).astype(np.uint16)
+            assert messages.largest_bits(bits) == naive(bits, dtype)
+            neg_inf = bits.copy()
+            neg_inf[n // 2] = inf | 0x8000
+            assert messages.largest_bits(neg_inf) == inf and not messages.finite_as(neg_inf, dtype)
+            nan = bits.copy()
+            nan[-1] = inf | 0x8001
+            assert messages.largest_bits(nan) == inf | 1
+        strided = bits.reshape(-1)[::3].reshape(1, -1)  # not contiguous
+        assert messages.largest_bits(strided) == naive(np.ascontiguousarray(strided), dtype)
+        assert messages.finite_as(strided, dtype)
+    assert messages.largest_bits(np.zeros(0, np.uint16)) == 0

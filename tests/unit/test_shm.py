@@ -4,8 +4,8 @@ falls back to frames, and every slot comes back, whatever ends a request's wait.
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
+import gc
 import os
 import time
 
