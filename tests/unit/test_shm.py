@@ -323,3 +323,61 @@ def test_unlink_run_removes_only_that_runs_arenas(tmp_path, monkeypatch):
         other.close()
         with contextlib.suppress(Exception):
             mine.close()
+
+
+async def test_answers_sent_over_http_are_read_from_the_arena_and_give_their_slots_back(served):
+    """Through the front end's app (v2 binary, whose answer is sent from the lent view), each answer equals the
+    batcher's, and when the responses are gone every answer slot is back in the model process's arena: nothing on
+    the answer's way out keeps a lent view (a slot kept would be an arena that fills, and frames after it)."""
+    import json
+
+    import httpx
+    from asgi_lifespan import LifespanManager
+
+    from service.app import create_app
+
+    engine, _ = served
+    address = engine.address
+    engine.info = {**engine.info, "model_info": {"dtype": "float32", "device": "cpu", "checksum": "echo"}}
+    rng = np.random.default_rng(8)
+    settings = Settings(num_heads=2, emb_size=64, head_size=32, max_seq_len=64, warmup=False, decode_processes=0)
+    app = create_app(settings=settings, engine_address=address)
+    async with (
+        LifespanManager(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http,
+    ):
+        front = app.state.mha.engine  # this app's MPClient
+        for round_ in range(3):  # 3 x 12 answers of 16 KiB through a 4 MiB arena, and 12 held at once
+            xs = [rng.standard_normal((1, 64, 64)).astype(np.float32) for _ in range(12)]
+            bodies = []
+            for x in xs:
+                head = {
+                    "inputs": [{"name": "x", "shape": [1, 64, 64], "datatype": "FP32",
+                                "parameters": {"binary_data_size": x.nbytes}}],
+                    "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
+                }  # fmt: skip
+                h = json.dumps(head).encode()
+                bodies.append((h + x.tobytes(), len(h)))
+            responses = await asyncio.gather(
+                *(
+                    http.post(
+                        "/v2/models/mha/infer",
+                        content=b,
+                        headers={
+                            "Inference-Header-Content-Length": str(hl),
+                            "Content-Type": "application/octet-stream",
+                        },
+                    )
+                    for b, hl in bodies
+                )
+            )
+            for x, r in zip(xs, responses, strict=True):
+                assert r.status_code == 200, r.text
+                n = int(r.headers["Inference-Header-Content-Length"])
+                assert np.array_equal(np.frombuffer(r.content[n:], np.float32).reshape(x.shape), x * 2)
+            del responses, r
+            await asyncio.sleep(0)
+            gc.collect()
+            assert front._freed, f"round {round_}: no answer slot was given back"
+            front._send(messages.encode(messages.Ping(front._take_freed())))
+            await until(lambda: all(a.used == 0 for a in engine._answers.values()))  # (one a front end)
