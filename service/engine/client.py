@@ -309,12 +309,15 @@ class MPClient:
 
     def _take_freed(self) -> tuple[int, ...]:
         """The answer slots given back since the last message (service.messages._lent), to go back with the next
-        one. Emptied in place: the lent slots' callbacks hold this list."""
-        if not self._freed:
+        one. Taken from the list in place: the lent slots' callbacks hold it, and may append from another thread
+        (an answer dropped by an encoder thread) between the copy and the removal, which leaves that one there."""
+        freed = self._freed
+        if not freed:
             return ()
-        freed = tuple(self._freed)
-        self._freed.clear()
-        return freed
+        n = len(freed)
+        taken = tuple(freed[:n])
+        del freed[:n]
+        return taken
 
     def _cancel(self, ids: list[int]) -> None:
         if self._lost is None or self._silent:  # (silent: it may read again, and must not compute these then)
