@@ -80,8 +80,9 @@ class MPClient:
         self._fds: list[int] = []  # registered with the loop's add_reader, until _stop
         self._pending: dict[int, list] = {}  # id -> [answer, abandoned, give up at, watch from, watch, its slots]
         # Large arrays cross through shared memory (service/shm.py): this front end's arena holds its requests' (used
-        # once the model process said it mapped it), the model process's its answers', which are copied out on
-        # arrival and their slots sent back as ``freed`` on the next message.
+        # once the model process said it mapped it), the model process's its answers', which are lent to the routes
+        # as read-only views (service.messages._lent) and their slots sent back as ``freed`` on the next message
+        # after the last reference to them went.
         self._arena: shm.Arena | None = None
         self._inputs: shm.Arena | None = None  # the arena, once the model process mapped it
         self._answers: shm.Mapped | None = None
