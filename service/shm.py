@@ -8,9 +8,9 @@ was copied into the kernel and out again, by zmq's I/O threads, which count as t
 Each side owns one arena per peer for what it sends, and frees a slot when the receiver is done with it: a front
 end frees a request's input when the request's wait ends, the model process frees an answer when the front end
 says it is done with it (``freed`` in its next message: the last reference to its view went). An arena that is
-full never blocks or fails a request: that array crosses as a frame, as every array did before. The owner unlinks its arena at stop; one left by a process
-that crashed is unlinked by multiprocessing's resource tracker, which the supervisor's spawned processes share
-and which unlinks what is still registered when the last of them exits.
+full never blocks or fails a request: that array crosses as a frame, as every array did before. The owner unlinks
+its arena at stop; one left by a process that crashed is unlinked by multiprocessing's resource tracker, which the
+supervisor's spawned processes share and which unlinks what is still registered when the last of them exits.
 
 This module knows nothing of the engine or the front end: both import it.
 """
