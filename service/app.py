@@ -53,7 +53,8 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> fast
         if engine_address is not None:
             from service.engine.client import MPClient
 
-            state.engine = MPClient(engine_address, on_ready=engine_ready)
+            fallbacks = state.metrics.shm_fallbacks.labels("front_end")
+            state.engine = MPClient(engine_address, on_ready=engine_ready, on_shm_fallback=fallbacks.inc)
         else:
             from service.engine.inproc import InprocClient
 

@@ -201,6 +201,14 @@ class Metrics(BatcherObserver):
         self.batch_failures = Counter(
             "mha_batch_failures", "Batches whose forward raised (then retried one by one)", registry=r
         )
+        self.shm_fallbacks = Counter(
+            "mha_shm_fallbacks",
+            "Arrays of 64 KiB or more that crossed between a front end and the model process as socket frames, "
+            "because the sender's shared-memory arena (MHA_SHM_ARENA_MIB) was full: slower, never failed; by sender "
+            "(front_end: request arrays; model: answers, which a front end holds until their response is written)",
+            ["sender"],
+            registry=r,
+        )
         self.kv_cache_usage = Gauge(
             "mha_kv_cache_usage_ratio",
             "Blocks of the sequences' KV cache held by live sequences / all blocks (MHA_KV_CACHE_BYTES)",

@@ -87,6 +87,7 @@ class Arena:
         self._starts: list[int] = [0]  # free extents: their offsets, sorted
         self._lengths: list[int] = [size]  # and their lengths
         self._taken: dict[int, int] = {}  # offset -> length of each live slot
+        self.misses = 0  # arrays it had no room for (they crossed as frames), until its owner takes the count
 
     @property
     def used(self) -> int:
@@ -94,12 +95,14 @@ class Arena:
         return sum(self._taken.values())
 
     def put(self, a: np.ndarray) -> int | None:
-        """Copy ``a`` (C-contiguous) into a free slot and return its offset, or None when no extent fits."""
+        """Copy ``a`` (C-contiguous) into a free slot and return its offset, or None when no extent fits (counted in
+        ``misses``)."""
         n = a.nbytes
         need = -(-n // ALIGN) * ALIGN
         starts, lengths = self._starts, self._lengths
         i = next((i for i, length in enumerate(lengths) if length >= need), None)
         if i is None:
+            self.misses += 1
             return None
         offset, length = starts[i], lengths[i]
         if length == need:
@@ -126,6 +129,11 @@ class Arena:
         else:
             starts.insert(i, offset)
             lengths.insert(i, need)
+
+    def take_misses(self) -> int:
+        """The arrays it had no room for since the last call (the owner's metric)."""
+        n, self.misses = self.misses, 0
+        return n
 
     def free_all(self) -> None:
         self._starts, self._lengths, self._taken = [0], [self.size], {}

@@ -68,8 +68,16 @@ class EngineUnavailable(ShuttingDown):
 
 
 class MPClient:
-    def __init__(self, address: str, *, on_ready: Callable[[bool], None] | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        on_ready: Callable[[bool], None] | None = None,
+        on_shm_fallback: Callable[[int], Any] | None = None,
+    ) -> None:
         self.address = address
+        # told how many request arrays this front end's arena had no room for (they crossed as frames)
+        self._on_shm_fallback = on_shm_fallback
         self.model: EngineModel | None = None
         self.stats = SharedModelStats()  # the service's totals: the model process and every front end add to them
         self._on_ready = on_ready or (lambda ready: None)
@@ -303,6 +311,8 @@ class MPClient:
                 return
             slots: list[list[int]] = []
             frames = encode_requests(items, inputs, slots, self._take_freed())
+            if inputs.misses and self._on_shm_fallback is not None:
+                self._on_shm_fallback(inputs.take_misses())
             for it, taken in zip(items, slots, strict=True):
                 if taken:
                     pending[it[0]][5] = taken

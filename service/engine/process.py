@@ -92,6 +92,7 @@ class Engine:
         self._answers: dict[bytes, shm.Arena] = {}
         self._pids: dict[bytes, int] = {}
         self._reap: asyncio.TimerHandle | None = None
+        self._fallback: Any = None  # counts answers an arena had no room for (mha_shm_fallbacks{sender="model"})
 
     async def load(self, beat: Any = None) -> None:
         """Load and warm the model and start the batcher: the one-process mode's engine (InprocClient), whose
@@ -116,7 +117,9 @@ class Engine:
         self.tracing = tracing.from_env(service_version=__version__, replica_id=s.replica_id)
         # A hung forward or event loop ends this process at once (no probe here to wait for): the front ends see its
         # socket close and answer 503, and the parent exits 1. Its watchdog stamps ``beat`` for the parent's watch.
-        engine = InprocClient(s, metrics=EngineObserver(), tracing=self.tracing, beat=beat, exit_after_s=0.0)
+        observer = EngineObserver()
+        self._fallback = observer.shm_fallbacks.labels("model")
+        engine = InprocClient(s, metrics=observer, tracing=self.tracing, beat=beat, exit_after_s=0.0)
         model = await engine.start()
         self.engine, self.batcher = engine, engine.batcher
         self.info = {"model_info": model.info, "config": model.config.to_dict()}
@@ -369,7 +372,10 @@ class Engine:
         replies, self._replies = self._replies, {}
         answers = self._answers
         for peer, outcomes in replies.items():
-            self._send(peer, encode_outcomes(outcomes, answers.get(peer)))
+            arena = answers.get(peer)
+            self._send(peer, encode_outcomes(outcomes, arena))
+            if arena is not None and arena.misses and self._fallback is not None:
+                self._fallback.inc(arena.take_misses())
 
     async def shutdown(self, grace_s: float) -> None:
         """Finish what is queued within ``grace_s`` (its answers still go out), then close."""

@@ -576,3 +576,39 @@ def test_a_crash_leaves_no_shared_memory_behind_once_the_supervisor_exits(procs)
     while time.monotonic() < deadline and glob.glob(f"/dev/shm/{run}-*"):
         time.sleep(0.05)
     assert not glob.glob(f"/dev/shm/{run}-*"), os.listdir("/dev/shm")
+
+
+def test_arrays_the_arenas_have_no_room_for_cross_as_frames_right_and_are_counted(tmp_path):
+    """With 1 MiB arenas (8 arrays of 128 KiB), 24 requests at once: those that do not fit cross as zmq frames on
+    either side, every answer equals the module's, and /metrics counts them by sender (mha_shm_fallbacks)."""
+    import base64
+
+    s = start_server(tmp_path, {**WORKERS, "MHA_SHM_ARENA_MIB": "1"})
+    try:
+        mha = builtin_model()
+        rng = np.random.default_rng(21)
+        xs = [rng.standard_normal((16, 64, 32)).astype(np.float32) for _ in range(24)]  # 128 KiB each
+
+        async def go():
+            async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
+                return await asyncio.gather(
+                    *(
+                        c.post(
+                            "/attend",
+                            json={
+                                "x": {"dtype": "float32", "shape": list(x.shape), "b64": base64.b64encode(x).decode()}
+                            },
+                        )
+                        for x in xs
+                    )
+                )
+
+        for x, r in zip(xs, asyncio.run(go()), strict=True):
+            assert r.status_code == 200, r.text
+            got = np.frombuffer(base64.b64decode(r.json()["output"]["b64"]), np.float32).reshape(x.shape)
+            np.testing.assert_allclose(got, mha(torch.from_numpy(x)).output.numpy(), atol=1e-5)
+        text = httpx.get(s.url + "/metrics", timeout=10).text
+        assert sample(text, "mha_shm_fallbacks_total", 'sender="front_end"') > 0, text
+        assert sample(text, "mha_shm_fallbacks_total", 'sender="model"') > 0, text
+    finally:
+        s.stop(signal.SIGKILL)

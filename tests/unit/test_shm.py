@@ -145,6 +145,7 @@ def test_a_full_arena_sends_the_array_as_a_frame_with_the_same_values():
         assert np.array_equal(one.output.output, x) and np.array_equal(two.output.output, x * 2)
         del one, two
         assert freed == [0]  # only the arena's slot goes back
+        assert arena.take_misses() == 1 and arena.take_misses() == 0  # counted for mha_shm_fallbacks, once
     finally:
         arena.close()
 
@@ -241,14 +242,27 @@ async def test_a_burst_through_the_arenas_answers_every_request_and_frees_every_
     await until(lambda: answers_arena(engine).used == 0)
 
 
-async def test_a_burst_larger_than_the_arena_falls_back_to_frames_and_answers_all(served):
-    _, client = served
+async def test_a_burst_larger_than_the_arena_falls_back_to_frames_and_answers_all_and_counts_them(served):
+    engine, client = served
     rng = np.random.default_rng(6)
     xs = [wire(rng, (1, 128, 512), "float32") for _ in range(24)]  # 6 MiB: the 4 MiB arena takes some
+    sent_as_frames: list[int] = []
+    client._on_shm_fallback = sent_as_frames.append  # (app.py: mha_shm_fallbacks{sender="front_end"}.inc)
+
+    class Counted:
+        n = 0
+
+        def inc(self, n: int) -> None:
+            self.n += n
+
+    answered_as_frames = engine._fallback = Counted()  # (process.py: mha_shm_fallbacks{sender="model"})
     results = await asyncio.gather(*(client.infer(AttendInput(x), deadline=time.monotonic() + 10) for x in xs))
     for x, r in zip(xs, results, strict=True):
         assert np.array_equal(r.output.output, x * 2)
     assert client._inputs.used == 0
+    # 256 KiB each, 16 fit in 4 MiB: the others were counted, on each side (an answer: output and weights, 48 arrays)
+    assert 24 - 16 <= sum(sent_as_frames) < 24
+    assert 48 - 16 <= answered_as_frames.n < 48
 
 
 async def test_slots_of_cancelled_and_expired_requests_come_back(served, monkeypatch):
