@@ -55,11 +55,16 @@ def test_a_high_priority_request_overtakes_queued_low_ones_across_the_boundary(t
 
                 stall = asyncio.create_task(send("stall", {"x": X}, {"x-mha-fault": "stall:4000"}))
                 await asyncio.sleep(0.5)  # the model process computes it: what follows queues there
+                # Each of the queued ones computes for 200 ms, one a batch: their answers leave the model process
+                # 200 ms apart, so the order they arrive in is the order they were computed in. (Computed in a
+                # fraction of a millisecond each, they arrived within one or two of each other, through two front
+                # ends, in any order.)
+                slow = {"x-mha-fault": "stall:200"}
                 low = []
                 for i in range(3):
-                    low.append(asyncio.create_task(send(f"low{i}", {"x": X, "priority": 3})))
+                    low.append(asyncio.create_task(send(f"low{i}", {"x": X, "priority": 3}, slow)))
                     await asyncio.sleep(0.1)
-                high = asyncio.create_task(send("high", {"x": X, "priority": 1}))
+                high = asyncio.create_task(send("high", {"x": X, "priority": 1}, slow))
                 # all four wait in the model process's queue while the stall computes (on a busy machine a request
                 # can take a while to cross: the order is only meaningful once they are all there)
                 until = time.monotonic() + 3
@@ -71,7 +76,7 @@ def test_a_high_priority_request_overtakes_queued_low_ones_across_the_boundary(t
 
         done, rs = asyncio.run(go())
         assert [r.status_code for r in rs] == [200] * 5, [r.text for r in rs]
-        assert done[:2] == ["stall", "high"], done  # queued last, computed first after the stall
+        assert done == ["stall", "high", "low0", "low1", "low2"], done  # queued last, computed first after the stall
         lows = [float(r.headers["x-queue-time-ms"]) for r in rs[1:4]]
         assert all(float(rs[4].headers["x-queue-time-ms"]) < q for q in lows), (rs[4].headers, lows)
     finally:
