@@ -17,13 +17,15 @@ floor is the forward pass alone, with the server's torch threads.
 MHA_RUNNER) leaves only what the service spends around it: 2 front ends + the model process, on both cores,
 serving [1,128,512] bfloat16 v2 binary, against its floor, a bare FastAPI echo of the same body under uvicorn
 with 2 workers on the same cores (targets: >= 0.8x its req/s; the model process's CPU a request, from /proc,
-<= 15 us). The two alternate over --rounds rounds; the medians are judged.
+<= 15 us). The two alternate over --rounds rounds; the medians are judged. It also prints where each request's
+CPU went (front ends, model process, wrk; the echo's workers, wrk), as all of them share the two cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import subprocess
@@ -114,16 +116,21 @@ def noop_case(seconds: float, rounds: int, conns: int, logs: Path) -> dict:
         for _ in range(rounds):
             for name, (srv, path) in targets.items():
                 wait_idle([echo.proc, service.proc], srv.url, srv.ready_path)
-                m0 = proc_cpu_s(model)
+                m0, f0, w0 = proc_cpu_s(model), tree_cpu_s(srv.pid, model), os.times()
                 r = wrk(srv.url + path, body, conns, seconds, 2)
+                w1 = os.times()
                 n = max(1.0, r["rps"] * round(seconds))
                 r["model_us"] = 1e6 * (proc_cpu_s(model) - m0) / n if name == "service" else None
+                # the rest of the server (the front ends; the echo's workers) and wrk: where the other cores went
+                r["server_us"] = 1e6 * (tree_cpu_s(srv.pid, model) - f0) / n
+                r["wrk_us"] = 1e6 * (w1.children_user + w1.children_system - w0.children_user - w0.children_system) / n
                 runs[name].append(r)
     finally:
         echo.stop(10)
         service.stop(10)
     med = {k: statistics.median(r["rps"] for r in v) for k, v in runs.items()}
     model_us = statistics.median(r["model_us"] for r in runs["service"])
+    cpu = {k: {f: statistics.median(r[f] for r in v) for f in ("server_us", "wrk_us")} for k, v in runs.items()}
     return {
         "connections": conns,
         "seconds": seconds,
@@ -132,6 +139,9 @@ def noop_case(seconds: float, rounds: int, conns: int, logs: Path) -> dict:
         "service_rps": med["service"],
         "ratio": med["service"] / med["echo"],
         "model_us_per_request": model_us,
+        "front_ends_us_per_request": cpu["service"]["server_us"],
+        "echo_us_per_request": cpu["echo"]["server_us"],
+        "wrk_us_per_request": {k: v["wrk_us"] for k, v in cpu.items()},
         "targets": NOOP_TARGETS,
         "errors": sum(r["err"] for v in runs.values() for r in v),
     }
@@ -143,10 +153,27 @@ def print_noop(res: dict) -> None:
     print("| what | measured | target |\n|---|---:|---:|")
     print(f"| FastAPI echo, 2 workers | {res['echo_rps']:,.0f} req/s | |")
     print(f"| 2 front ends + model process, no-op forward | {res['service_rps']:,.0f} req/s | |")
+    if "echo_us_per_request" in res:  # CPU a request, where it went (all processes share the two cores)
+        wrk_us = res["wrk_us_per_request"]
+        print(f"| CPU a request: echo workers / wrk | {res['echo_us_per_request']:.0f} / {wrk_us['echo']:.0f} us | |")
+        print(
+            f"| CPU a request: front ends / model process / wrk | {res['front_ends_us_per_request']:.0f} / "
+            f"{res['model_us_per_request']:.0f} / {wrk_us['service']:.0f} us | |"
+        )
     print(f"| {'PASS' if ok_r else 'FAIL'} ratio | {res['ratio']:.2f}x | >= {t['ratio']}x |")
     print(f"| {'PASS' if ok_m else 'FAIL'} model process CPU a request | {res['model_us_per_request']:.1f} us "
           f"| <= {t['model_us']:g} us |")  # fmt: skip
     print(f"errors: {res['errors']}")
+
+
+def tree_cpu_s(pid: int, leave_out: int | None = None) -> float:
+    """CPU seconds of ``pid`` and its descendants, but ``leave_out`` (the model process, counted on its own)."""
+    total = 0.0
+    for p in [pid, *children(pid)]:
+        if p != leave_out:
+            with contextlib.suppress(OSError):  # (gone meanwhile)
+                total += proc_cpu_s(p)
+    return total
 
 
 def forward_ceiling(env: dict[str, str], batch: int, seconds: float) -> float:
