@@ -123,13 +123,18 @@ class Engine:
         model = await engine.start()
         self.engine, self.batcher = engine, engine.batcher
         self.info = {"model_info": model.info, "config": model.config.to_dict()}
+        self.bind()
+        heap.settle()
+        log.info("model process ready: %s on %s (%s)", s.model_name, model.device, model.info["checksum"])
+
+    def bind(self) -> None:
+        """Open the ROUTER socket on ``address`` (``load`` does, once the batcher runs; tests that feed a batcher
+        of their own call it themselves)."""
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.copy_threshold = COPY_BELOW
         self._sock.setsockopt(zmq.LINGER, 0)
         _configure(self._sock)
         self._sock.bind(self.address)
-        heap.settle()
-        log.info("model process ready: %s on %s (%s)", s.model_name, model.device, model.info["checksum"])
 
     def _status(self) -> tuple[bool, tuple[int, int]]:
         """Readiness and the queue (requests, tokens), as heartbeats and the info carry them."""

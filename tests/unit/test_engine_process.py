@@ -57,8 +57,7 @@ async def test_every_request_is_answered_while_arrivals_pings_and_answers_interl
     address = f"ipc://{tmp_path}/engine.sock"
     engine = Engine(Settings(), address)
     engine.batcher = AnswerNextTurn()
-    engine._sock = engine._ctx.socket(zmq.ROUTER)
-    engine._sock.bind(address)
+    engine.bind()
     serving = asyncio.create_task(engine.serve())
     ctx = zmq.asyncio.Context()
     dealers = [ctx.socket(zmq.DEALER) for _ in range(3)]  # three front ends
@@ -126,8 +125,7 @@ async def test_a_backlog_longer_than_one_drain_is_read_on_without_a_new_arrival(
     address = f"ipc://{tmp_path}/engine.sock"
     engine = Engine(Settings(), address)
     engine.batcher = AnswerNextTurn()
-    engine._sock = engine._ctx.socket(zmq.ROUTER)
-    engine._sock.bind(address)
+    engine.bind()
     ctx = zmq.asyncio.Context()
     dealer = ctx.socket(zmq.DEALER)
     dealer.connect(address)
@@ -177,8 +175,7 @@ async def test_a_request_that_arrives_as_an_answer_is_sent_is_still_read(tmp_pat
     address = f"ipc://{tmp_path}/engine.sock"
     engine = Engine(Settings(), address)
     batcher = engine.batcher = HoldFirst()
-    engine._sock = engine._ctx.socket(zmq.ROUTER)
-    engine._sock.bind(address)
+    engine.bind()
     fd = engine._sock.getsockopt(zmq.FD)
     serving = asyncio.create_task(engine.serve())
     ctx = zmq.Context()
@@ -239,9 +236,7 @@ async def test_every_answer_reaches_a_front_end_that_does_not_read_for_a_while_i
     address = f"ipc://{tmp_path}/engine.sock"
     engine = Engine(Settings(), address)
     engine.batcher = AnswerNextTurn()
-    engine._sock = engine._ctx.socket(zmq.ROUTER)
-    process._configure(engine._sock)
-    engine._sock.bind(address)
+    engine.bind()
     serving = asyncio.create_task(engine.serve())
     ctx = zmq.Context()
     dealer = ctx.socket(zmq.DEALER)
@@ -309,9 +304,7 @@ async def test_a_front_end_that_is_gone_has_its_pending_requests_cancelled_when_
     address = f"ipc://{tmp_path}/engine.sock"
     engine = Engine(Settings(), address)
     batcher = engine.batcher = HoldAll()
-    engine._sock = engine._ctx.socket(zmq.ROUTER)
-    process._configure(engine._sock)
-    engine._sock.bind(address)
+    engine.bind()
     serving = asyncio.create_task(engine.serve())
     ctx = zmq.Context()
     dealer = ctx.socket(zmq.DEALER)

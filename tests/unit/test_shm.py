@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 import pytest
-import zmq
 
 from service import messages, shm
 from service.engine import client as client_mod
@@ -185,8 +184,7 @@ async def served(tmp_path, monkeypatch):
     engine = Engine(Settings(), address)
     engine.batcher = Echo()
     engine.info = {"model_info": {}, "config": {"num_heads": 2, "emb_size": 64, "head_size": 32, "max_seq_len": 64}}
-    engine._sock = engine._ctx.socket(zmq.ROUTER)
-    engine._sock.bind(address)
+    engine.bind()
     serving = asyncio.create_task(engine.serve())
     client = MPClient(address)
     await client.start(timeout_s=10)
