@@ -88,17 +88,21 @@ class Cases:
         """None when the answer is right, else what is wrong."""
         if response.status_code != 200:
             return f"HTTP {response.status_code}: {response.text[:200]}"
-        out = response.json()["output"]
-        if isinstance(out, dict):
-            got = np.frombuffer(base64.b64decode(out["b64"]), dtype="<f4").reshape(out["shape"])
-        else:
-            got = np.asarray(out, dtype=np.float32)
-        want = self.expected[i % len(self.expected)]
-        if got.shape != want.shape:
-            return f"shape {got.shape} != {want.shape}"
-        if not np.allclose(got, want, atol=ATOL, rtol=RTOL):
-            return f"max |diff| {np.abs(got - want).max():.3g} over atol {ATOL}"
-        return None
+        return output_differs(response, self.expected[i % len(self.expected)])
+
+
+def output_differs(response: httpx.Response, want: np.ndarray) -> str | None:
+    """None when the 200 answer's output (base64 or lists) equals ``want`` within ATOL/RTOL, else how it differs."""
+    out = response.json()["output"]
+    if isinstance(out, dict):
+        got = np.frombuffer(base64.b64decode(out["b64"]), dtype="<f4").reshape(out["shape"])
+    else:
+        got = np.asarray(out, dtype=np.float32)
+    if got.shape != want.shape:
+        return f"shape {got.shape} != {want.shape}"
+    if not np.allclose(got, want, atol=ATOL, rtol=RTOL):
+        return f"max |diff| {np.abs(got - want).max():.3g} over atol {ATOL}"
+    return None
 
 
 SEQUENCE_ERROR = "sequence_start_required"
@@ -153,16 +157,7 @@ class Sequences:
             return f"HTTP {r.status_code}: {r.text[:200]}"
         if r.headers.get("x-mha-sequence-id") != str(sid):
             return f"x-mha-sequence-id {r.headers.get('x-mha-sequence-id')!r} != {sid}"
-        out = r.json()["output"]
-        if isinstance(out, dict):
-            got = np.frombuffer(base64.b64decode(out["b64"]), dtype="<f4").reshape(out["shape"])
-        else:
-            got = np.asarray(out, dtype=np.float32)
-        if got.shape != want.shape:
-            return f"shape {got.shape} != {want.shape}"
-        if not np.allclose(got, want, atol=ATOL, rtol=RTOL):
-            return f"max |diff| {np.abs(got - want).max():.3g} over atol {ATOL}"
-        return None
+        return output_differs(r, want)
 
     @staticmethod
     def error_type(r: httpx.Response) -> str | None:
