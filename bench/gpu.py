@@ -722,6 +722,17 @@ def service(
 # -- main -----------------------------------------------------------------------------------------------------
 
 
+def report(table: Table, title: str, json_path: Path | None) -> int:
+    """Print ``table`` under its title, write its rows to ``json_path`` when given; the exit code (0)."""
+    print()
+    print(f"## {title}")
+    print()
+    print(table.render())
+    if json_path:
+        json_path.write_text(json.dumps(table.rows, indent=1))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default=os.environ.get("MHA_DEVICE", "auto"), help="auto, cpu, cuda, cuda:N")
@@ -778,13 +789,7 @@ def main() -> int:
     ceilings = paths(table, dev, budget)
     service(table, device, cuda, ceilings, args.duration, budget)
     elapsed = time.monotonic() - budget.t0
-    print()
-    print(f"## mha-serve on {name}: {elapsed:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}")
-    print()
-    print(table.render())
-    if args.json:
-        args.json.write_text(json.dumps(table.rows, indent=1))
-    return 0
+    return report(table, f"mha-serve on {name}: {elapsed:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}", args.json)
 
 
 def decode_only(args, device: str) -> int:
@@ -798,14 +803,8 @@ def decode_only(args, device: str) -> int:
     # --quick on a CPU: as if its L2 held 64 KiB, so that the turns over several caches run here too
     sizes = (QUICK | ({"l2_bytes": 64 << 10} if dev.type == "cpu" else {})) if args.quick else {}
     decode(table, dev, Budget(args.budget_s), **sizes)
-    print()
     note = " (--quick: tiny sizes; verdicts are meaningless here)" if args.quick else ""
-    print(f"## decode on {name}{note}")
-    print()
-    print(table.render())
-    if args.json:
-        args.json.write_text(json.dumps(table.rows, indent=1))
-    return 0
+    return report(table, f"decode on {name}{note}", args.json)
 
 
 def selfcheck(args) -> int:
@@ -818,11 +817,7 @@ def selfcheck(args) -> int:
     decode(table, dev, budget, **QUICK)
     ceilings = paths(table, dev, budget, secs=0.5, batches=(2, 8))
     service(table, "cpu", True, ceilings, 2.0, budget, concs=(4, 16))
-    print()
-    print("## selfcheck on the CPU (timings of a CPU; verdicts are meaningless here)")
-    print()
-    print(table.render())
-    return 0
+    return report(table, "selfcheck on the CPU (timings of a CPU; verdicts are meaningless here)", None)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,16 @@ def latency_points(res: dict[str, dict]) -> dict[str, list[tuple[int, float, flo
     return {k: sorted(v) for k, v in out.items()}
 
 
+def _save(fig, path: Path) -> Path:
+    """Lay ``fig`` out, write it to ``path`` (80 dpi) and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def plot(res: dict[str, dict], images: Path) -> list[Path]:
     import matplotlib
 
@@ -141,10 +151,7 @@ def plot(res: dict[str, dict], images: Path) -> list[Path]:
         ax.set_title("Latency against throughput, [1,128,512] float32, one core", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6)
-        fig.tight_layout()
-        paths.append(images / "bench-latency.png")
-        fig.savefig(paths[-1], dpi=80)
-        plt.close(fig)
+        paths.append(_save(fig, images / "bench-latency.png"))
     proto = res.get("protocols", {}).get("rows", [])
     if proto:  # bench/protocols.py: each protocol's throughput at each concurrency (perf_analyzer, wrk)
         fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -157,10 +164,7 @@ def plot(res: dict[str, dict], images: Path) -> list[Path]:
         ax.set_title(f"Protocols on the real model, x {shape} float32, one core", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(images / "bench-protocols.png")
-        fig.savefig(paths[-1], dpi=80)
-        plt.close(fig)
+        paths.append(_save(fig, images / "bench-protocols.png"))
     rows = [r for r in ratios(res) if "(us)" not in r["what"]]
     if rows:
         fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
@@ -173,10 +177,7 @@ def plot(res: dict[str, dict], images: Path) -> list[Path]:
         ax.set_xlabel("x its floor (forward pass: time ratio, lower is better; the rest: req/s, higher is better)",
                       fontsize=7)  # fmt: skip
         ax.legend(fontsize=6)
-        fig.tight_layout()
-        paths.append(images / "bench-floors.png")
-        fig.savefig(paths[-1], dpi=80)
-        plt.close(fig)
+        paths.append(_save(fig, images / "bench-floors.png"))
     return paths
 
 
