@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
@@ -37,4 +40,14 @@ async def app(settings_kw):
 @pytest.fixture
 async def client(app):
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        yield c
+
+
+@contextlib.asynccontextmanager
+async def serving(app) -> AsyncIterator[httpx.AsyncClient]:
+    """``app`` inside its lifespan, and a client over it: for a test that makes apps of its own."""
+    async with (
+        LifespanManager(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c,
+    ):
         yield c

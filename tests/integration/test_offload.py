@@ -5,17 +5,15 @@ from __future__ import annotations
 import asyncio
 import base64
 
-import httpx
 import numpy as np
 import orjson
 import pytest
-from asgi_lifespan import LifespanManager
 
 import service.frontend.offload_worker
 from service.app import create_app
 from service.settings import Settings
 
-from .conftest import TINY
+from .conftest import TINY, serving
 
 
 async def test_large_lists_are_decoded_and_encoded_off_the_loop_with_equal_results(rng_seed):
@@ -28,10 +26,7 @@ async def test_large_lists_are_decoded_and_encoded_off_the_loop_with_equal_resul
     assert len(body) > 4096 and body.count(b",", 0, 65536) > 1024
     answers = []
     for app in apps:
-        async with (
-            LifespanManager(app),
-            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c,
-        ):
+        async with serving(app) as c:
             offload = app.state.mha.offload
             sent = []
             real = offload._pool.submit if offload.enabled else None
@@ -101,10 +96,7 @@ async def test_a_killed_decode_worker_is_replaced_and_later_large_requests_are_s
 
     rng = np.random.default_rng(rng_seed)
     app = _app()
-    async with (
-        LifespanManager(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c,
-    ):
+    async with serving(app) as c:
         offload = app.state.mha.offload
         _, body = _lists_body(rng)
         assert (await c.post("/attend", content=body)).status_code == 200
@@ -166,10 +158,7 @@ def test_many_commas_sees_lists_behind_any_whitespace_and_not_in_base64():
 async def test_a_large_lists_body_led_by_whitespace_goes_to_the_decode_processes(rng_seed):
     rng = np.random.default_rng(rng_seed)
     app = _app()
-    async with (
-        LifespanManager(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c,
-    ):
+    async with serving(app) as c:
         sent = _spy(app.state.mha.offload)
         _, body = _lists_body(rng)
         r = await c.post("/attend", content=b" \n" * 40_000 + body)
@@ -191,10 +180,7 @@ async def test_a_large_malformed_body_is_parsed_once_with_the_inline_message(rng
     monkeypatch.setattr(decode, "parse_json", lambda b: parses.append(len(b)) or real(b))
     for n in (1, 0):
         app = _app(decode_processes=n)
-        async with (
-            LifespanManager(app),
-            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c,
-        ):
+        async with serving(app) as c:
             r = await c.post("/attend", content=broken)
             assert r.status_code == 400 and r.json()["error"]["type"] == "malformed_json"
             messages.append(r.json()["error"]["message"])
@@ -227,10 +213,7 @@ async def test_large_v2_json_data_is_decoded_off_the_loop_with_equal_answers(rng
     answers = []
     for n in (1, 0):
         app = _app(decode_processes=n)
-        async with (
-            LifespanManager(app),
-            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c,
-        ):
+        async with serving(app) as c:
             sent = _spy(app.state.mha.offload)
             r = await c.post("/v2/models/mha/infer", content=body)
             assert r.status_code == 200, r.text
