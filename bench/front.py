@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import json
 import os
 import shutil
@@ -67,6 +66,7 @@ from bench.harness import (  # noqa: E402  (process and measurement helpers)
     pin_all_threads,
     proc_cpu_s,
     stop_process,
+    tree_cpu_s,
     wait_idle,
     wait_ready,
 )
@@ -148,12 +148,7 @@ def pin_model_process(srv: Srv) -> None:
 
 def front_cpu_s(srv: Srv) -> float:
     """CPU seconds of the server's processes on the servers' core: all of them, less the model process."""
-    total = 0.0
-    for pid in [srv.proc.pid, *children(srv.proc.pid)]:
-        if pid != srv.model_pid:
-            with contextlib.suppress(OSError):
-                total += proc_cpu_s(pid)
-    return total
+    return tree_cpu_s(srv.proc.pid, srv.model_pid)
 
 
 def start(srv: Srv, logs: Path) -> None:

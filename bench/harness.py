@@ -229,6 +229,16 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def tree_cpu_s(pid: int, leave_out: int | None = None) -> float:
+    """CPU seconds of ``pid`` and its descendants, but ``leave_out`` (the model process, counted on its own)."""
+    total = 0.0
+    for p in [pid, *children(pid)]:
+        if p != leave_out:
+            with contextlib.suppress(OSError):  # (gone meanwhile)
+                total += proc_cpu_s(p)
+    return total
+
+
 def main_thread_cpu_s(pid: int) -> float:
     """utime + stime of the process's main thread (the event loop), seconds."""
     with open(f"/proc/{pid}/task/{pid}/stat") as f:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import json
 import os
 import subprocess
@@ -38,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import Server, children, model_process, proc_cpu_s, run_wrk, wait_idle, wrk_errors
+from bench.harness import Server, children, model_process, proc_cpu_s, run_wrk, tree_cpu_s, wait_idle, wrk_errors
 from mha_client._wire import f32_to_bf16
 from service.settings import default_workers
 
@@ -164,16 +163,6 @@ def print_noop(res: dict) -> None:
     print(f"| {'PASS' if ok_m else 'FAIL'} model process CPU a request | {res['model_us_per_request']:.1f} us "
           f"| <= {t['model_us']:g} us |")  # fmt: skip
     print(f"errors: {res['errors']}")
-
-
-def tree_cpu_s(pid: int, leave_out: int | None = None) -> float:
-    """CPU seconds of ``pid`` and its descendants, but ``leave_out`` (the model process, counted on its own)."""
-    total = 0.0
-    for p in [pid, *children(pid)]:
-        if p != leave_out:
-            with contextlib.suppress(OSError):  # (gone meanwhile)
-                total += proc_cpu_s(p)
-    return total
 
 
 def forward_ceiling(env: dict[str, str], batch: int, seconds: float) -> float:
