@@ -1,5 +1,5 @@
 """The model process's CPU per request: a real Engine socket loop (service/engine/process.py) fed by one real
-MPClient front end in this process, AT_ONCE requests in flight; no forward pass.
+MPClient front end in this process, ``--at-once`` requests in flight (16 by default); no forward pass.
 
 - ``--batcher next-turn`` (the default): a stand-in batcher that answers each request with its input on the next
   turn of the loop: the crossing alone. Its floor is zero: everything measured is the crossing's.
@@ -12,8 +12,11 @@ MPClient front end in this process, AT_ONCE requests in flight; no forward pass.
 Arrays of 64 KiB or more cross through shared memory (service/shm.py); ``MHA_SHM_ARENA_MIB=0`` in the environment
 sends them as zmq frames instead, to compare the two in one tree.
 
-Prints the model process's CPU time (user + system, from /proc) per request; ``--profile`` also prints where
-the model process spent it (cProfile, the top functions by their own time).
+Prints the model process's CPU time (user + system, from /proc) per request, and each thread's share of it (the
+event loop's; zmq's I/O thread; the forward thread, the watchdog and the log flusher, by their titles); ``--profile``
+also prints where the model process spent it (cProfile, the top functions by their own time). With 1 request in
+flight every request is its own message and batch; with 64, 64 share a message and 32 a batch: the spread between
+them is the per-message and per-batch cost.
 """
 
 from __future__ import annotations
@@ -27,13 +30,34 @@ import time
 
 import numpy as np
 
-AT_ONCE = 16
+
+def _stat(path: str) -> tuple[str, float, float]:
+    """A process's or thread's name, user and system CPU seconds, from its /proc stat file."""
+    with open(path) as f:
+        head, tail = f.read().rsplit(")", 1)
+    fields, tick = tail.split(), os.sysconf("SC_CLK_TCK")
+    return head.split("(", 1)[1], int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    _, user, system = _stat(f"/proc/{pid}/stat")
+    return user + system
+
+
+def threads_cpu_s(pid: int) -> dict[str, tuple[float, float]]:
+    """Each thread's (user, system) CPU seconds, by name (threads of one name summed): the event loop's, zmq's
+    I/O thread, the forward thread, the watchdog."""
+    out: dict[str, tuple[float, float]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            name, user, system = _stat(f"/proc/{pid}/task/{tid}/stat")
+        except FileNotFoundError:  # (a thread that ended)
+            continue
+        if tid == str(pid):
+            name = "main (event loop)"
+        u, s = out.get(name, (0.0, 0.0))
+        out[name] = (u + user, s + system)
+    return out
 
 
 def serve(address: str, ready, batcher: str, shape: tuple, profile: bool) -> None:
@@ -78,16 +102,11 @@ def serve(address: str, ready, batcher: str, shape: tuple, profile: bool) -> Non
             engine = process.Engine(Settings(), address)
             await engine.load()
         else:
-            import zmq
-
             engine = process.Engine(Settings(), address)
             engine.batcher = NextTurn()
             cfg = {"num_heads": 4, "emb_size": E, "head_size": E // 4, "max_seq_len": T}
             engine.info = {"model_info": {}, "config": cfg}
-            engine._sock = engine._ctx.socket(zmq.ROUTER)
-            if hasattr(process, "_configure"):
-                process._configure(engine._sock)
-            engine._sock.bind(address)
+            engine.bind()
         ready.set()
         await engine.serve()
 
@@ -105,7 +124,7 @@ def serve(address: str, ready, batcher: str, shape: tuple, profile: bool) -> Non
     process._run(main())
 
 
-async def feed(address: str, n: int, pid: int, shape: tuple, dtype: str) -> float:
+async def feed(address: str, n: int, pid: int, shape: tuple, dtype: str, at_once: int) -> float:
     from service.engine.client import MPClient
     from service.messages import AttendInput
 
@@ -117,16 +136,20 @@ async def feed(address: str, n: int, pid: int, shape: tuple, dtype: str) -> floa
         x = AttendInput(np.ones(shape, dtype), wire_dtype=dtype, out_dtype=dtype)
 
     async def one_turn() -> None:
-        await asyncio.gather(*(client.infer(x, deadline=time.monotonic() + 30) for _ in range(AT_ONCE)))
+        await asyncio.gather(*(client.infer(x, deadline=time.monotonic() + 30) for _ in range(at_once)))
 
     for _ in range(50):  # warm up
         await one_turn()
-    c0 = cpu_s(pid)
-    for _ in range(n // AT_ONCE):
+    c0, t0 = cpu_s(pid), threads_cpu_s(pid)
+    for _ in range(n // at_once):
         await one_turn()
-    used = cpu_s(pid) - c0
+    used, t1 = cpu_s(pid) - c0, threads_cpu_s(pid)
     await client.stop()
-    return used / (n // AT_ONCE * AT_ONCE)
+    done = n // at_once * at_once
+    for name, (user, system) in sorted(t1.items()):
+        u0, s0 = t0.get(name, (0.0, 0.0))
+        print(f"  {name:<20} user {(user - u0) / done * 1e6:6.1f} us  system {(system - s0) / done * 1e6:6.1f} us")
+    return used / done
 
 
 def main() -> None:
@@ -135,6 +158,7 @@ def main() -> None:
     ap.add_argument("--shape", default="1,16,64", help="x's B,T,E")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--batcher", default="next-turn", choices=["next-turn", "real"])
+    ap.add_argument("--at-once", type=int, default=16, help="requests in flight")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
@@ -145,10 +169,10 @@ def main() -> None:
     p.start()
     ready.wait(60)
     try:
-        per = asyncio.run(feed(address, args.requests, p.pid, shape, args.dtype))
+        per = asyncio.run(feed(address, args.requests, p.pid, shape, args.dtype, args.at_once))
         print(
             f"model process CPU per request: {per * 1e6:.1f} us ({args.requests} requests of {list(shape)} "
-            f"{args.dtype}, {AT_ONCE} at once, batcher {args.batcher})"
+            f"{args.dtype}, {args.at_once} at once, batcher {args.batcher})"
         )
     finally:
         p.terminate()
