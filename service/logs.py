@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from service import tracing
+from service.proc import title_thread
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -219,6 +220,7 @@ class BufferedStderr(logging.StreamHandler):
         super().close()
 
     def _flusher(self) -> None:
+        title_thread()
         while True:
             time.sleep(self.FLUSH_S)
             if self._dirty:

@@ -1,7 +1,8 @@
-"""What every process of the service does about itself: its title, and dying with its parent.
+"""What every process of the service does about itself: its title, its threads' names, and dying with its parent.
 
 Shared by both sides (the model process, the front ends, their decode processes, the supervisor), so that
-``ps`` and ``top`` say which process is which (setproctitle) and no process outlives the one that started it.
+``ps`` and ``top`` say which process (and ``top -H`` which thread) is which (setproctitle), and no process outlives
+the one that started it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,17 @@ def set_title(title: str) -> None:
     import setproctitle
 
     setproctitle.setproctitle(title)
+
+
+def title_thread() -> None:
+    """The calling thread's OS name is its Python name (``mha-forward-0``, ``mha-watchdog``...), so that ``top -H``,
+    ``ps -L`` and /proc/PID/task/*/comm tell the service's threads apart (Python 3.11 does not name OS threads;
+    otherwise each shows its process's title). Called first thing by each thread the service starts."""
+    import threading
+
+    import setproctitle
+
+    setproctitle.setthreadtitle(threading.current_thread().name)
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> bool:

@@ -76,6 +76,7 @@ from service.messages import (
     Result,
     ShuttingDown,
 )
+from service.proc import title_thread
 from service.sweep import Sweep
 
 if TYPE_CHECKING:
@@ -221,6 +222,7 @@ class _ForwardThreads:
             self._jobs.put(None)
 
     def _main(self) -> None:
+        title_thread()
         while (job := self._jobs.get()) is not None:
             loop, fut, fn, args = job
             with self._lock:

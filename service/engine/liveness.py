@@ -31,6 +31,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from service.proc import title_thread
+
 log = logging.getLogger("mha_serve.liveness")
 
 HUNG_EXIT = 70  # EX_SOFTWARE (sysexits.h): the orchestrator's "last state" tells a hang from a crash (1)
@@ -116,6 +118,7 @@ class Watchdog:
         self._poked = False
 
     def _watch(self) -> None:
+        title_thread()
         while not self._stop.wait(CHECK_S):
             now = time.monotonic()
             why = self._why_hung(now)

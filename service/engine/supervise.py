@@ -35,6 +35,7 @@ from uvicorn.supervisors import Multiprocess
 from service import shm
 from service.engine.liveness import HUNG_EXIT
 from service.messages import ADDRESS_ENV
+from service.proc import title_thread
 from service.settings import Settings
 
 log = logging.getLogger("mha_serve")
@@ -107,7 +108,9 @@ def _run(settings: Settings, workers: int, address: str) -> int:
     crashed = threading.Event()
     done = threading.Event()
     hang = (beat, settings.engine_hang_s)
-    watcher = threading.Thread(target=_watch, args=(engine, supervisor, crashed, done, hang), daemon=True)
+    watcher = threading.Thread(
+        target=_watch, args=(engine, supervisor, crashed, done, hang), name="mha-supervise", daemon=True
+    )
     watcher.start()
     log.info("serving on http://%s:%d with %d front-end processes", settings.host, sock.getsockname()[1], workers)
     supervisor.run()  # returns after SIGTERM/SIGINT, once every front end has exited
@@ -130,6 +133,7 @@ def _watch(
     engine, supervisor: Multiprocess, crashed: threading.Event, done: threading.Event, hang: tuple | None = None
 ) -> None:
     """The model process's death, or hang, stops the service; a dead front end's live gauges leave the merge."""
+    title_thread()
     from prometheus_client import multiprocess
 
     seen: dict[int, object] = {}

@@ -511,6 +511,18 @@ def test_each_process_is_titled(procs):
     assert sorted(title(f) for f in fronts) == ["mha-serve: front 1", "mha-serve: front 2"]
     assert decode() and all(title(k) == "mha-serve: decode" for k in decode()), [title(k) for k in decode()]
 
+    def threads(pid: int) -> list[str]:  # the OS names of its threads (top -H, ps -L)
+        names = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        return names
+
+    # the model process's own threads carry their names; zmq's are zmq's
+    assert {"mha-forward-0", "mha-watchdog", "mha-log-flush"} <= set(threads(engine)), threads(engine)
+    assert any(n.startswith("ZMQbg/IO") for n in threads(engine)), threads(engine)
+    assert "mha-supervise" in threads(procs.proc.pid), threads(procs.proc.pid)
+
 
 def test_sequences_step_through_the_model_process_and_its_cache(procs):
     """Sequences over the split server (front ends -> the model process's KV cache): interleaved sequences, a

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import sys
 import threading
 from typing import ClassVar
 
@@ -93,3 +94,25 @@ def test_a_sigterm_after_the_model_is_ready_and_before_the_supervisor_stops_the_
     assert FakeSupervisor.runs == []  # the front ends were never started...
     assert code == 0 and ctx.engines[0].stop.is_set()  # ...and the model process was told to stop: exit 0
     assert bound[0].fileno() == -1  # the port closed
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the thread's name from /proc")
+def test_a_thread_that_titles_itself_shows_its_python_name_to_the_os():
+    from service.proc import title_thread
+
+    seen: dict[str, str] = {}
+
+    def body() -> None:
+        def comm() -> str:
+            with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+                return f.read().strip()
+
+        seen["before"] = comm()
+        title_thread()
+        seen["after"] = comm()
+
+    t = threading.Thread(target=body, name="mha-test-name")
+    t.start()
+    t.join(5)
+    assert seen["after"] == "mha-test-name", seen
+    assert seen["before"] != "mha-test-name", seen  # (Python did not name it: the call did)
