@@ -344,3 +344,32 @@ async def test_the_deadline_sweep_runs_while_requests_wait_and_stops_with_the_cl
     assert not client._sweep.armed  # no sweep left on the loop after stop
     with pytest.raises(ShuttingDown):
         await waiting
+
+
+def test_a_slot_given_back_while_the_freed_list_is_taken_goes_with_the_next_message(tmp_path):
+    """The lent answers' callbacks append to the client's ``freed`` list from whichever thread drops the last
+    reference (an encoder thread, say), so one may land between the copy of the list and its clearing: taking
+    must remove only what it copied, or that slot is never given back (a leak of the model process's arena)."""
+
+    class Racing(list):
+        """A list that another thread appends to right after its contents are copied (the slice)."""
+
+        raced = False
+
+        def __getitem__(self, index):
+            out = super().__getitem__(index)
+            if isinstance(index, slice) and not self.raced:
+                self.raced = True
+                self.append(99)  # given back "meanwhile"
+            return out
+
+    client = MPClient(f"ipc://{tmp_path}/engine.sock")
+    try:
+        client._freed = Racing([1, 2])
+        assert client._take_freed() == (1, 2)
+        assert client._freed.raced
+        assert list(client._freed) == [99]  # still there, for the next message
+        assert client._take_freed() == (99,)
+        assert client._take_freed() == ()
+    finally:
+        client._ctx.destroy(linger=0)
