@@ -10,10 +10,10 @@ MPClient front end in this process, ``--at-once`` requests in flight (16 by defa
     PYTHONPATH=. python -m bench.engine_cpu [--requests 4000] [--shape 1,128,512 --dtype bfloat16 --batcher real]
 
 Arrays of 64 KiB or more cross through shared memory (service/shm.py); ``MHA_SHM_ARENA_MIB=0`` in the environment
-sends them as zmq frames instead, to compare the two in one tree.
+sends them as frames on the connection instead, to compare the two in one tree.
 
 Prints the model process's CPU time (user + system, from /proc) per request, and each thread's share of it (the
-event loop's; zmq's I/O thread; the forward thread, the watchdog and the log flusher, by their titles); ``--profile``
+event loop's; the forward thread, the watchdog and the log flusher, by their titles); ``--profile``
 also prints where the model process spent it (cProfile, the top functions by their own time). With 1 request in
 flight every request is its own message and batch; with 64, 64 share a message and 32 a batch: the spread between
 them is the per-message and per-batch cost.
@@ -45,8 +45,8 @@ def cpu_s(pid: int) -> float:
 
 
 def threads_cpu_s(pid: int) -> dict[str, tuple[float, float]]:
-    """Each thread's (user, system) CPU seconds, by name (threads of one name summed): the event loop's, zmq's
-    I/O thread, the forward thread, the watchdog."""
+    """Each thread's (user, system) CPU seconds, by name (threads of one name summed): the event loop's,
+    the forward thread, the watchdog."""
     out: dict[str, tuple[float, float]] = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:

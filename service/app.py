@@ -1,7 +1,7 @@
 """create_app(settings=...): wires Settings -> an engine client -> routes.
 
 The one module that imports both sides (service/frontend/ and service/engine/): it picks the engine
-client (in process, or the model process's over zmq) and hands it to the routes, which know it only
+client (in process, or the model process's over a Unix socket) and hands it to the routes, which know it only
 by its interface (``service.engine_api.EngineClient``). No torch math here.
 """
 

@@ -4,7 +4,7 @@ Every route, gRPC, the heatmap, health and statistics depend on :class:`EngineCl
 implementations (vLLM v1's ``EngineCoreClient`` with ``InprocClient`` and ``AsyncMPClient`` is the model):
 
 - :class:`service.engine.inproc.InprocClient`: the runner and the batcher in this process (one process);
-- :class:`service.engine.client.MPClient`: the model process over zmq (front-end processes).
+- :class:`service.engine.client.MPClient`: the model process over a Unix socket (front-end processes).
 
 Both raise the same typed failures (``service.messages.EngineFailure`` and its subclasses, each with
 its ``ErrorKind``), which each edge (HTTP, gRPC) maps once to its status. Imports no torch.
@@ -84,7 +84,7 @@ class Statistics(Protocol):
 class EngineClient(Protocol):
     """Submit, cancel, readiness, statistics and stop: all the front end may ask of the engine.
 
-    - ``start`` loads (in process) or connects to (over zmq) the model, and returns its description;
+    - ``start`` loads (in process) or connects to (over a Unix socket) the model, and returns its description;
     - ``infer`` submits one request and waits for its :class:`Result` or its typed failure; the request
       is cancelled (dropped before compute) when ``abandoned`` completes (the caller left: ClientGone) or
       when the awaiting task is cancelled;

@@ -11,7 +11,6 @@ as vLLM's ``v1/serial_utils.py`` does. Several requests or results travel in one
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 import weakref
@@ -22,7 +21,6 @@ from typing import Any, ClassVar
 
 import msgspec
 import numpy as np
-import zmq
 
 from service.shm import SHM_MIN, Arena
 
@@ -311,20 +309,15 @@ class Result:
 # A request still waiting this long starts watching its caller (``abandoned`` given as a function): a client
 # that leaves is noticed from then on, and a quick answer never pays for a watcher task.
 WATCH_AFTER_S = 0.05
-ADDRESS_ENV = "MHA_ENGINE_ADDRESS"  # the model process's zmq address, as the supervisor hands it to front ends
+ADDRESS_ENV = "MHA_ENGINE_ADDRESS"  # the model process's address (ipc://<socket path>), handed to the front ends
 
 
 PACK_BELOW = 1 << 16  # arrays under 64 KiB cross packed together in one frame a message; larger ones in their own
-# Both sockets' ``copy_threshold``: pyzmq sends a frame under it by copying it, and a larger one without a copy,
-# handing the buffer's release to its garbage-collector thread (a Python thread woken per frame, that takes
-# the GIL). Sent and received on one core: a 64 KiB frame cost 24 us copied against 31 us zero-copy, 256 KiB
-# 50 against 53 us, 1 MiB 355 against 125 us. pyzmq's default is 64 KiB: a batch's packed frame is often more.
-COPY_BELOW = 256 << 10
 _PAD = bytes(16)
 
 
 class _Packer:
-    """A message's arrays -> frames. A zmq frame costs several microseconds beyond its bytes, so the
+    """A message's arrays -> frames. A frame costs a little beyond its bytes (its length, its slice), so the
     small arrays of a message (a batch of small requests: one or two each) are copied into one frame, each at
     a 16-byte aligned offset; an array of PACK_BELOW bytes or more is a frame of its own, sent without a copy,
     unless the sender's ``arena`` (service/shm.py) takes it: then only its place crosses, and ``slots`` lists
@@ -373,9 +366,9 @@ _DTYPES: dict[str, np.dtype] = {}  # an array meta's dtype string -> its numpy d
 
 
 def _buffers(frames: list, arena: memoryview | None) -> list:
-    """A message's array frames as buffers: a zmq.Frame's (zero-copy), or bytes/arrays as they are; the sender's
+    """A message's array frames as buffers (memoryviews of what was read, or bytes/arrays as they are); the sender's
     arena last (an Arr's frame ARENA)."""
-    bufs = [f.buffer if hasattr(f, "buffer") else f for f in frames]
+    bufs = list(frames)
     bufs.append(_NO_ARENA if arena is None else arena)
     return bufs
 
@@ -684,23 +677,3 @@ def decode_outcomes(
             )
         )
     return out
-
-
-DRAIN_MAX = 64  # messages a side handles in one turn of its event loop before the loop's other callbacks run
-
-
-def read_waiting(sock: zmq.Socket, handle: Any, what: str) -> bool:
-    """Receive and ``handle`` the messages waiting on a plain zmq socket read through its FD (both sides): NOBLOCK,
-    without a copy, at most DRAIN_MAX. True when that limit stopped it (more may wait: read again after the
-    loop's other callbacks), False at EAGAIN. A message ``handle`` fails on is logged, as ``what``, and the
-    reading goes on."""
-    for _ in range(DRAIN_MAX):
-        try:
-            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            return False
-        try:
-            handle(frames)
-        except Exception:  # one bad message must not stop the reading
-            logging.getLogger("mha_serve.engine").exception("%s could not be handled", what)
-    return True

@@ -1,9 +1,9 @@
 """Shared-memory arenas: large arrays cross between the front ends and the model process without the socket.
 
 A message's large arrays (SHM_MIN bytes or more) are written into an arena that the sender owns, and only their
-place crosses over zmq (``service.messages.Arr`` with frame ARENA); the receiver maps the sender's arena once, by
-the name the sender gave in its ``Hello`` or ``Info``, and reads them in place. Through the ipc socket each array
-was copied into the kernel and out again, by zmq's I/O threads, which count as the model process's CPU.
+place crosses over the connection (``service.messages.Arr`` with frame ARENA); the receiver maps the sender's arena
+once, by the name the sender gave in its ``Hello`` or ``Info``, and reads them in place. Through the socket each
+array would be copied into the kernel and out again, which counts as the model process's CPU.
 
 Each side owns one arena per peer for what it sends, and frees a slot when the receiver is done with it: a front
 end frees a request's input when the request's wait ends, the model process frees an answer when the front end

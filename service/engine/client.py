@@ -1,36 +1,31 @@
-"""MPClient: the engine client of a front-end process, served by the model process over zmq.
+"""MPClient: the engine client of a front-end process, served by the model process over a Unix socket
+(service/channel.py).
 
 It is the ``service.engine_api.EngineClient`` interface, as ``InprocClient`` is in one process: the
 same ``infer(inp, *, deadline, abandoned, priority) -> Result``, the same typed failures (each crosses
 as its ``ErrorKind``), readiness, statistics and stop, so the routes need not know which one they talk to. Requests
 submitted in the same turn of the event loop cross in one message; a caller that leaves sends a
 cancel, so the model process drops the request before compute. When the model process goes away
-(its socket disconnects, or its heartbeat stops) every pending request fails at once with
+(its connection ends, or its heartbeat stops) every pending request fails at once with
 ``EngineUnavailable`` (a 503), and so does every later one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
 import signal
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import zmq
-from zmq.utils.monitor import recv_monitor_message
-
 from mha_core import MHAConfig
-from service import shm
+from service import channel, shm
 from service.engine_api import EngineModel, SequenceFlags
 from service.logs import request_id_var
 from service.messages import (
-    COPY_BELOW,
     WATCH_AFTER_S,
     AttendInput,
     Bye,
@@ -49,7 +44,6 @@ from service.messages import (
     encode,
     encode_requests,
     failure_of,
-    read_waiting,
 )
 from service.proc import parent_watched_by_kernel
 from service.stats import SharedModelStats
@@ -81,11 +75,8 @@ class MPClient:
         self.model: EngineModel | None = None
         self.stats = SharedModelStats()  # the service's totals: the model process and every front end add to them
         self._on_ready = on_ready or (lambda ready: None)
-        self._ctx = zmq.Context()
-        self._sock: zmq.Socket | None = None  # a plain DEALER, read when its FD says so (see _drain)
-        self._monitor: zmq.Socket | None = None  # its disconnect events, read the same way
+        self._conn: channel.Connection | None = None  # the connection to the model process, until _stop
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._fds: list[int] = []  # registered with the loop's add_reader, until _stop
         self._pending: dict[int, list] = {}  # id -> [answer, abandoned, give up at, watch from, watch, its slots]
         # Large arrays cross through shared memory (service/shm.py): this front end's arena holds its requests' (used
         # once the model process said it mapped it), the model process's its answers', which are lent to the routes
@@ -98,8 +89,6 @@ class MPClient:
         self._sweep = Sweep(SWEEP_S, self._check_waits)  # while requests wait (SWEEP_S read now: tests patch it)
         self._outbox: list[tuple[int, AttendInput, float, str | None, int]] = []
         self._flush_scheduled = False
-        self._backlog: deque[list] = deque()  # messages zmq did not take yet (SNDHWM reached), sent first, in order
-        self._drain_scheduled = False
         self._next_id = 0
         self._heartbeat_task: asyncio.Task | None = None
         self._info: asyncio.Future | None = None
@@ -118,29 +107,18 @@ class MPClient:
     async def start(self, timeout_s: float = 60.0) -> EngineModel:
         """Connect, and return the model process's description of its model."""
         loop = self._loop = asyncio.get_running_loop()
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.copy_threshold = COPY_BELOW
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, SNDHWM)
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self._sock, self._monitor = sock, monitor
         self._info = loop.create_future()
         self._last_beat = time.monotonic()
+        give_up = loop.time() + timeout_s
         try:
-            for s, read in ((sock, self._drain), (monitor, self._watch)):
-                fd = s.getsockopt(zmq.FD)
-                loop.add_reader(fd, read)
-                self._fds.append(fd)
-            sock.connect(self.address)
+            self._conn = await channel.connect(self.address, self._handle, self._closed, timeout_s)
             if shm.ARENA_BYTES:
                 try:
                     self._arena = shm.Arena()
                 except OSError as e:
                     log.warning("no shared memory for the requests (%s): their arrays cross as frames", e)
             self._send(encode(Hello(os.getpid(), None if self._arena is None else self._arena.name)))
-            self._watch()  # a socket's FD is raised only once it was read until EAGAIN: arm both
-            self._schedule_drain()
-            info = await asyncio.wait_for(self._info, timeout_s)
+            info = await asyncio.wait_for(self._info, max(0.001, give_up - loop.time()))
             if info.arena is not None:
                 self._answers = shm.Mapped(info.arena)
             if info.mapped:
@@ -186,21 +164,11 @@ class MPClient:
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             await asyncio.gather(self._heartbeat_task, return_exceptions=True)
-        for fd in self._fds:
-            self._loop.remove_reader(fd)
-        self._fds = []
-        self._backlog.clear()
-        sock, monitor, self._sock, self._monitor = self._sock, self._monitor, None, None
-        if sock is not None:
-            bye = self._lost is None and self._info is not None and self._info.done()
-            if bye:  # the model process frees what it holds for this front end (it would learn it late otherwise)
-                with contextlib.suppress(zmq.ZMQError):
-                    sock.send_multipart(encode(Bye()), zmq.NOBLOCK)
-            with contextlib.suppress(zmq.ZMQError):
-                sock.disable_monitor()
-            monitor.close(linger=0)
-            sock.close(linger=BYE_LINGER_MS if bye else 0)
-        self._ctx.destroy(linger=0)
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            if self._lost is None and self._info is not None and self._info.done():
+                conn.send(encode(Bye()))  # the model process frees what it holds for this front end at once
+            conn.close()  # (what is buffered, the Bye among it, is still written)
         self._inputs = None
         for arena in (self._arena, self._answers):
             if arena is not None:
@@ -355,80 +323,37 @@ class MPClient:
         log.error("the model process is unavailable (%s): answering 503", why)
         if silent:
             # It may read again (a stall shorter than MHA_ENGINE_HANG_S): the requests answered 503 now must not be
-            # computed then, ahead of fresh traffic. Their cancel goes behind whatever it has not read yet (zmq's
-            # queue, then the backlog), so it arrives after those requests and before any later one.
+            # computed then, ahead of fresh traffic. Their cancel goes behind whatever it has not read yet (the
+            # connection's buffer), so it arrives after those requests and before any later one.
             unsent = {it[0] for it in self._outbox}  # never sent: _flush drops them
             ids = [rid for rid in self._pending if rid not in unsent]
             self._fail_all(EngineUnavailable(f"the model process is unavailable ({why})"))
             if ids:
                 self._send(encode(Cancel(ids)))
         else:
-            self._backlog.clear()  # it is gone: nobody reads those
             self._fail_all(EngineUnavailable(f"the model process is unavailable ({why})"))
         if self._info is not None and not self._info.done():
             self._info.set_exception(EngineUnavailable(why))
         self._on_ready(False)
 
-    # -- the socket ----------------------------------------------------------------------
-    # Not through zmq.asyncio: its futures, poller state and callbacks per send and per receive cost a front end
-    # about 3 us a request (this client alone, 16 requests a message: 12.2-12.7 against 9.4-9.7 us). The sockets'
-    # FDs are watched directly, as the model process does (process.py's Engine.serve): zmq's FD is edge-triggered
-    # (readable means "look at EVENTS"), so each wake reads until EAGAIN, and every send made outside a drain
-    # looks at EVENTS again, as a send may consume the edge that an arrival raised. A send never blocks: a message
-    # zmq does not take (SNDHWM reached) waits in the backlog, in order before any later one, until EVENTS says
-    # POLLOUT; as with zmq.asyncio's sends, which waited, nothing is dropped, and the requests' own deadlines
-    # bound the wait.
+    # -- the connection ------------------------------------------------------------------
+    # A send never blocks: what the socket does not take now waits in the connection's buffer, in order, and
+    # nothing is dropped; the requests' own deadlines bound the wait.
 
     def _send(self, frames: list) -> None:
-        if self._sock is None:  # stopped: nothing can be waiting for an answer
-            return
-        self._backlog.append(frames)  # behind the messages still waiting: order is kept
-        if self._send_backlog():
-            self._look()
+        conn = self._conn
+        if conn is not None:  # (stopped: nothing can be waiting for an answer)
+            conn.send(frames)
 
-    def _send_backlog(self) -> bool:
-        """Send the backlog's messages, in order, until zmq takes no more; False if the socket broke."""
-        sock, backlog = self._sock, self._backlog
-        while backlog:
-            try:
-                sock.send_multipart(backlog[0], zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
-            except zmq.ZMQError as e:  # the socket is unusable (it is not closed before _stop)
-                self._gone(f"sending to it failed: {e}")
-                return False
-            backlog.popleft()
-        return True
-
-    def _look(self) -> None:
-        """After a send, or a drain that leaves a backlog: drain again if a message or room waits (the edge that
-        would have announced it may be spent)."""
-        events = self._sock.getsockopt(zmq.EVENTS)
-        if events & zmq.POLLIN or (self._backlog and events & zmq.POLLOUT):
-            self._schedule_drain()
-
-    def _schedule_drain(self) -> None:
-        if not self._drain_scheduled:
-            self._drain_scheduled = True
-            self._loop.call_soon(self._drain)
-
-    def _drain(self) -> None:
-        """The socket's FD callback: send what waits in the backlog, then handle every message waiting (at most
-        DRAIN_MAX a turn, so that the routes and timers still run)."""
-        self._drain_scheduled = False
-        sock = self._sock
-        if sock is None:  # (a drain scheduled before _stop)
-            return
-        if not self._send_backlog():
-            return
-        if read_waiting(sock, self._handle, "a message from the model process"):
-            self._schedule_drain()
-            return
-        if self._backlog:  # room may have come while reading, its edge spent by the receive
-            self._look()
+    def _closed(self, exc: BaseException | None) -> None:
+        """The connection ended without our closing it: the model process died (or its socket broke)."""
+        self._conn = None
+        if exc is not None:  # (reset, say: it died with our pings unread)
+            log.warning("the connection to the model process ended: %s", exc)
+        self._gone("its socket closed")
 
     def _handle(self, frames: list) -> None:
-        msg = decode(frames[0].buffer)
+        msg = decode(frames[0])
         kind = type(msg)
         if kind is Outcomes:
             pending = self._pending
@@ -458,27 +383,11 @@ class MPClient:
             if kind is Info and self._info is not None and not self._info.done():
                 self._info.set_result(msg)
 
-    def _watch(self) -> None:
-        """The monitor's FD callback: the model process's end of the socket closed (it died)."""
-        monitor = self._monitor
-        if monitor is None:
-            return
-        while True:
-            try:
-                event = recv_monitor_message(monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                self._gone("its socket closed")
-
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             if self._lost is None or self._silent:  # (silent: pinged on, to hear it again)
-                if self._backlog:  # a ping would only wait behind them: try them again instead (a safety net
-                    self._schedule_drain()  # for an FD edge missed: a backlog is never left to wait on one)
-                else:
-                    self._send(encode(Ping(self._take_freed())) if self._freed else _PING)
+                self._send(encode(Ping(self._take_freed())) if self._freed else _PING)
                 if self._lost is None and time.monotonic() - self._last_beat > LOST_AFTER_S:
                     self._gone(f"no heartbeat for {LOST_AFTER_S:g} s", silent=True)
             if not parent_watched_by_kernel() and os.getppid() != self._parent:  # (where PDEATHSIG is not to be had)
@@ -488,5 +397,3 @@ class MPClient:
 
 
 _PING = encode(Ping())
-BYE_LINGER_MS = 100  # at stop, how long zmq may take to deliver the front end's Bye
-SNDHWM = 1000  # zmq's default: messages queued towards the model process before a send raises zmq.Again

@@ -1,6 +1,7 @@
-"""The model process: one per device. Owns the runner, the batcher and the device; speaks zmq.
+"""The model process: one per device. Owns the runner, the batcher and the device; serves its front ends over a
+Unix socket (service/channel.py).
 
-It binds a ROUTER socket; each front-end process connects a DEALER. Requests arrive in batches
+It listens on a Unix socket; each front-end process connects once. Requests arrive in batches
 (``service.messages``), each goes to the batcher's callback path (``Batcher.submit``: no task, future
 or timer per request) with its absolute deadline; a ``cancel`` message cancels it (its client left: a
 request still queued is dropped before compute, one computing goes unanswered). Its outcome, a result
@@ -23,17 +24,13 @@ import logging
 import multiprocessing
 import os
 import signal
-from collections import deque
 from functools import partial
 from typing import Any
 
-import zmq
-
-from service import heap, shm
+from service import channel, heap, shm
 from service.engine_api import SequenceFlags
 from service.logs import request_id_var
 from service.messages import (
-    COPY_BELOW,
     Bye,
     Cancel,
     ErrorKind,
@@ -49,17 +46,12 @@ from service.messages import (
     encode,
     encode_outcomes,
     kind_of,
-    read_waiting,
 )
 from service.settings import Settings
 
 log = logging.getLogger("mha_serve.engine")
 
-HWM = 1000  # the ROUTER's SNDHWM and RCVHWM (zmq's default), in messages per front end; tests set it to 1
-_SENT, _FULL, _GONE = 0, 1, 2  # what became of one message to a front end
-BACKLOG_GRACE_S = 1.0  # at shutdown, how long answers still waiting in a backlog may wait for their front end
-REAP_S = 1.0  # how often the model process looks for front ends that died, to free their shared memory
-RETRY_S = 0.05  # a peer's backlog is tried again this often while it lasts: a net under the FD's POLLOUT edge
+BACKLOG_GRACE_S = 1.0  # at shutdown, how long answers not yet read by their front end may wait for it
 
 
 def _outcome_of(rid: int, exc: BaseException) -> Outcome:
@@ -77,21 +69,18 @@ class Engine:
         self.batcher: Any = None
         self.tracing: Any = None  # service.tracing.Tracing when OTEL_TRACES_EXPORTER turns it on
         self.info: dict[str, Any] = {}
-        self._ctx = zmq.Context()
-        self._sock: zmq.Socket | None = None  # a plain socket, read when its FD says so (see serve)
-        self._pending: dict[tuple[bytes, int], Any] = {}  # (front end, id) -> the batcher's handle, until answered
-        self._replies: dict[bytes, list[Outcome]] = {}
-        # per front end, the messages zmq did not take yet (its queue to that peer at HWM), sent first, in order
-        self._backlogs: dict[bytes, deque[list]] = {}
-        self._retry: asyncio.TimerHandle | None = None
+        self._listener: Any = None  # the bound, listening socket (bind), served by serve
+        self._server: asyncio.AbstractServer | None = None
+        self._peers: dict[int, channel.Connection] = {}  # front end (its connection's number) -> its connection
+        self._next_peer = 0
+        self._pending: dict[tuple[int, int], Any] = {}  # (front end, id) -> the batcher's handle, until answered
+        self._replies: dict[int, list[Outcome]] = {}
         self._flush_scheduled = False
-        self._drain_scheduled = False
         self._stop = asyncio.Event()
         # per front end: its arena, mapped (its requests' large arrays), and this process's arena for its answers
-        self._inputs: dict[bytes, shm.Mapped] = {}
-        self._answers: dict[bytes, shm.Arena] = {}
-        self._pids: dict[bytes, int] = {}
-        self._reap: asyncio.TimerHandle | None = None
+        self._inputs: dict[int, shm.Mapped] = {}
+        self._answers: dict[int, shm.Arena] = {}
+        self._pids: dict[int, int] = {}
         self._fallback: Any = None  # counts answers an arena had no room for (mha_shm_fallbacks{sender="model"})
 
     async def load(self, beat: Any = None) -> None:
@@ -128,115 +117,49 @@ class Engine:
         log.info("model process ready: %s on %s (%s)", s.model_name, model.device, model.info["checksum"])
 
     def bind(self) -> None:
-        """Open the ROUTER socket on ``address`` (``load`` does, once the batcher runs; tests that feed a batcher
-        of their own call it themselves)."""
-        self._sock = self._ctx.socket(zmq.ROUTER)
-        self._sock.copy_threshold = COPY_BELOW
-        self._sock.setsockopt(zmq.LINGER, 0)
-        _configure(self._sock)
-        self._sock.bind(self.address)
+        """Listen on ``address`` (``load`` does, once the batcher runs; tests that feed a batcher of their own call
+        it themselves): front ends may connect from now on, and are served once ``serve`` runs."""
+        self._listener = channel.listen(self.address)
 
     def _status(self) -> tuple[bool, tuple[int, int]]:
         """Readiness and the queue (requests, tokens), as heartbeats and the info carry them."""
         return bool(self.batcher.running), tuple(self.batcher.queue_depth())
 
     async def serve(self) -> None:
-        """Read the socket until told to stop. Not through zmq.asyncio: its future, poller state and callbacks per
-        message cost the model process measurably per request; its FD is watched directly instead (zmq's FD is
-        edge-triggered: readable means "look at EVENTS", so each wake drains until EAGAIN, and every send made
-        outside a drain looks again, as a send may consume the edge that a message's arrival raised)."""
-        loop = asyncio.get_running_loop()
-        fd = self._sock.getsockopt(zmq.FD)
-        loop.add_reader(fd, self._drain)
+        """Serve the front ends' connections until told to stop. Each message is handled as it is read
+        (``Connection.data_received``: every whole message in what one read brought, in order)."""
+        self._server = await asyncio.get_running_loop().create_unix_server(self._connected, sock=self._listener)
         try:
-            self._drain()  # what arrived before the reader
             await self._stop.wait()
         finally:
-            loop.remove_reader(fd)
+            self._server.close()
 
-    def _drain(self) -> None:
-        """Send what waits in the backlogs, then handle every message waiting (at most DRAIN_MAX a turn, so that
-        answers and timers still run)."""
-        self._drain_scheduled = False
-        sock = self._sock
-        if sock is None or sock.closed:  # (a drain scheduled by the last answers, after close)
-            return
-        more = read_waiting(sock, self._handle, "a message from a front end")
-        # The reads took in zmq's commands, among them "a peer read: room again", whose FD edge is spent: send what
-        # waits now, and again while that makes progress (each send may take in another such command).
-        while self._backlogs and self._send_backlogs():
-            events = sock.getsockopt(zmq.EVENTS)
-            more = more or bool(events & zmq.POLLIN)
-            if not events & zmq.POLLOUT:
-                break
-        if more:
-            self._schedule_drain()
+    def _connected(self) -> channel.Connection:
+        """A front end connected: its connection, numbered, is its identity here."""
+        peer = self._next_peer
+        self._next_peer += 1
+        conn = self._peers[peer] = channel.Connection(partial(self._handle, peer), partial(self._lost, peer))
+        return conn
 
-    def _schedule_drain(self) -> None:
-        if not self._drain_scheduled:
-            self._drain_scheduled = True
-            asyncio.get_running_loop().call_soon(self._drain)
+    def _lost(self, peer: int, exc: BaseException | None) -> None:
+        if exc is not None:
+            log.warning("the connection of a front end broke: %s", exc)
+        self._peer_gone(peer)
 
-    # Nothing is dropped in silence. The ROUTER is ROUTER_MANDATORY: a message to a front end whose queue is at HWM
-    # (its loop busy, not reading) raises EAGAIN instead of vanishing, and waits in that peer's backlog, in order,
-    # until zmq takes it (the FD wakes the drain when the peer reads; RETRY_S is the net under that edge). A message
-    # to a front end that is gone raises EHOSTUNREACH: its backlog is dropped and its requests still pending are
-    # cancelled in the batcher, as its cancels would have done.
+    # Nothing is dropped in silence. A message to a front end whose loop is busy (not reading) waits in its
+    # connection's buffer, in order, until it reads; a front end that is gone is known at once (its connection
+    # ends: ``_lost``), and its requests still pending are cancelled in the batcher, as its cancels would have done.
 
-    def _send(self, peer: bytes, frames: list) -> None:
-        """Send ``frames`` to ``peer`` without blocking, behind whatever still waits for it; then look for a message
-        whose FD edge the send consumed."""
-        sock = self._sock
-        backlog = self._backlogs.get(peer)
-        if backlog is not None:
-            backlog.append(frames)
-        else:
-            self._send_now(sock, peer, frames)
-        events = sock.getsockopt(zmq.EVENTS)
-        if events & zmq.POLLIN or (self._backlogs and events & zmq.POLLOUT):
-            self._schedule_drain()
+    def _send(self, peer: int, frames: list) -> None:
+        conn = self._peers.get(peer)
+        if conn is not None:
+            conn.send(frames)
 
-    def _send_now(self, sock: zmq.Socket, peer: bytes, frames: list) -> int:
-        """One message to ``peer``: SENT, FULL (it went to the peer's backlog) or GONE (the peer is)."""
-        try:
-            sock.send_multipart([peer, *frames], zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            self._backlogs.setdefault(peer, deque()).append(frames)
-            if self._retry is None:
-                self._retry = asyncio.get_running_loop().call_later(RETRY_S, self._retry_backlogs)
-            return _FULL
-        except zmq.ZMQError as e:
-            if e.errno != zmq.EHOSTUNREACH:
-                raise
-            self._peer_gone(peer)
-            return _GONE
-        return _SENT
-
-    def _send_backlogs(self) -> bool:
-        """Send each peer's backlog, in order, until zmq takes no more of it; whether any message went."""
-        sock, progress = self._sock, False
-        for peer in list(self._backlogs):
-            backlog = self._backlogs.pop(peer)
-            while backlog:
-                sent = self._send_now(sock, peer, backlog.popleft())
-                if sent == _FULL:  # in a new backlog: the rest goes behind it
-                    self._backlogs[peer].extend(backlog)
-                    break
-                progress = True
-                if sent == _GONE:
-                    break
-        return progress
-
-    def _retry_backlogs(self) -> None:
-        self._retry = None
-        if self._backlogs and self._sock is not None and not self._sock.closed:
-            self._schedule_drain()
-            if self._retry is None:
-                self._retry = asyncio.get_running_loop().call_later(RETRY_S, self._retry_backlogs)
-
-    def _peer_gone(self, peer: bytes) -> None:
+    def _peer_gone(self, peer: int) -> None:
         """A front end that went away: nobody reads its answers, and its requests still queued are not computed."""
-        self._backlogs.pop(peer, None)
+        conn = self._peers.pop(peer, None)
+        if conn is not None:
+            conn.close()
         self._pids.pop(peer, None)
         self._replies.pop(peer, None)
         self._close_arenas(peer)
@@ -246,9 +169,8 @@ class Engine:
         for key in mine:
             self._cancel(self._pending.pop(key))
 
-    def _handle(self, frames: list) -> None:
-        peer = frames[0].bytes
-        msg = decode(frames[1].buffer)
+    def _handle(self, peer: int, frames: list) -> None:
+        msg = decode(frames[0])
         kind = type(msg)
         if kind is not Hello and kind is not Bye and msg.freed:
             answers = self._answers.get(peer)
@@ -258,7 +180,7 @@ class Engine:
         if kind is Requests:
             submit, pending = self.batcher.submit, self._pending
             inputs = self._inputs.get(peer)
-            items = decode_requests(msg, frames[2:], None if inputs is None else inputs.buf)
+            items = decode_requests(msg, frames[1:], None if inputs is None else inputs.buf)
             for rid, inp, deadline, request_id, priority in items:
                 if inp.trace is not None:  # the front end's request span: the forward span's parent
                     remote = self.tracing.remote_span_context(inp.trace) if self.tracing is not None else None
@@ -286,13 +208,11 @@ class Engine:
         elif kind is Bye:
             self._peer_gone(peer)
 
-    def _open_arenas(self, peer: bytes, hello: Hello) -> dict[str, Any]:
+    def _open_arenas(self, peer: int, hello: Hello) -> dict[str, Any]:
         """Map the front end's arena and make one for its answers; ``Info``'s fields that say so. Either may fail
         (no /dev/shm, no room in it): its arrays then cross as frames."""
         self._close_arenas(peer)  # (a second Hello on one socket: a fresh start)
         self._pids[peer] = hello.pid
-        if self._reap is None:
-            self._reap = asyncio.get_running_loop().call_later(REAP_S, self._reap_peers)
         fields: dict[str, Any] = {"arena": None, "mapped": False}
         if not shm.ARENA_BYTES:
             return fields
@@ -306,27 +226,12 @@ class Engine:
             log.warning("no shared memory with front end %s (%s): its arrays cross as frames", hello.pid, e)
         return fields
 
-    def _close_arenas(self, peer: bytes) -> None:
+    def _close_arenas(self, peer: int) -> None:
         mapped, arena = self._inputs.pop(peer, None), self._answers.pop(peer, None)
         if mapped is not None:
             mapped.close()
         if arena is not None:
             arena.close()
-
-    def _reap_peers(self) -> None:
-        """A front end that died (it sent no Bye) frees what is held for it: its process is looked for every
-        REAP_S. (Its zmq peer is learnt gone only when a send to it fails.)"""
-        self._reap = None
-        for peer, pid in list(self._pids.items()):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                log.warning("front end %s is gone", pid)
-                self._peer_gone(peer)
-            except PermissionError:  # (alive, as another user)
-                pass
-        if self._pids:
-            self._reap = asyncio.get_running_loop().call_later(REAP_S, self._reap_peers)
 
     def _step(self, inp: Any, deadline: float, priority: int, done: Any) -> asyncio.Task:
         """A step waits for its sequence's turn (service/engine/sequences.py), so it is a task, not the batcher's
@@ -350,7 +255,7 @@ class Engine:
         else:
             self.batcher.cancel(handle, "disconnect")
 
-    def _answer(self, peer: bytes, rid: int, request_id: str | None, res: Result | BaseException) -> None:
+    def _answer(self, peer: int, rid: int, request_id: str | None, res: Result | BaseException) -> None:
         """A request's ``done``: its outcome joins its front end's next message (one per turn of the loop)."""
         self._pending.pop((peer, rid), None)
         if isinstance(res, Result):
@@ -389,31 +294,23 @@ class Engine:
             await engine.stop(grace_s=grace_s)  # answers (ShuttingDown) whatever it could not finish
         self._flush()
         give_up = asyncio.get_running_loop().time() + BACKLOG_GRACE_S
-        while self._backlogs and asyncio.get_running_loop().time() < give_up:  # answers zmq has not taken yet
-            await asyncio.sleep(0.01)
+        while asyncio.get_running_loop().time() < give_up and any(c.buffered() for c in self._peers.values()):
+            await asyncio.sleep(0.01)  # answers a front end has not read yet
         self._stop.set()
 
     def close(self) -> None:
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
-        if self._reap is not None:
-            self._reap.cancel()
-            self._reap = None
         for peer in list(self._inputs.keys() | self._answers.keys()):
             self._close_arenas(peer)
-        if self._sock is not None:
-            self._sock.close(linger=100)
-        self._ctx.destroy(linger=0)
+        for conn in self._peers.values():
+            conn.close()  # (what is buffered is still written)
+        self._peers.clear()
+        if self._server is not None:
+            self._server.close()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self.tracing is not None:
             self.tracing.shutdown()  # exports the spans still buffered
-
-
-def _configure(sock: zmq.Socket) -> None:
-    """The ROUTER's options: an answer zmq cannot deliver yet, or at all, raises instead of being dropped."""
-    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    sock.setsockopt(zmq.SNDHWM, HWM)
-    sock.setsockopt(zmq.RCVHWM, HWM)
 
 
 async def _amain(settings: Settings, address: str, ready: Any, stop: Any, beat: Any = None) -> int:

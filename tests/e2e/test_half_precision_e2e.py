@@ -148,7 +148,7 @@ def _v2_half(c: httpx.Client, x: np.ndarray, datatype: str) -> bytes:
 
 
 def test_half_requests_through_the_model_process_equal_the_in_process_answer_bit_for_bit(tmp_path):
-    """Issue 20: a float16/bfloat16 x crosses zmq as it came (bfloat16 as its bits, tagged) and the answer comes
+    """Issue 20: a float16/bfloat16 x crosses as it came (bfloat16 as its bits, tagged) and the answer comes
     back in its dtype, rounded in the model process: the split server answers exactly what one process does, and
     that is the float32 model's result on x's half values, rounded once to the half (as torch rounds)."""
     from .conftest import builtin_model

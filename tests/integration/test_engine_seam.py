@@ -2,7 +2,7 @@
 
 One set of checks over ``service.engine_api.EngineClient``, run against ``InprocClient`` (the runner and
 batcher in this process) and ``MPClient`` (a real model process, spawned as the supervisor spawns it, over
-zmq): the answers equal the naive float64 reference on a seed checkpoint, and every failure arrives as the
+a Unix socket): the answers equal the naive float64 reference on a seed checkpoint, and every failure arrives as the
 same class with the same ``ErrorKind``. The code above the seam may not care which one it talks to.
 """
 

@@ -1,4 +1,4 @@
-"""service.engine.client.MPClient against a scripted model process (a zmq ROUTER in the test):
+"""service.engine.client.MPClient against a scripted model process (a Unix socket server in the test):
 the wait's safety-net deadline, and the caller watched only once an answer is not quick."""
 
 from __future__ import annotations
@@ -8,9 +8,8 @@ import time
 
 import numpy as np
 import pytest
-import zmq
-import zmq.asyncio
 
+from service import channel
 from service.engine import client as client_mod
 from service.engine.client import EngineUnavailable, MPClient
 from service.messages import (
@@ -43,56 +42,71 @@ INFO = {"config": MODEL_CONFIG, "model_info": MODEL_INFO}  # what the model proc
 class FakeEngine:
     """Answers hello with info, records requests and cancels, answers a request only when told to."""
 
-    def __init__(self, address: str, rcvhwm: int = 1000) -> None:
-        self.ctx = zmq.asyncio.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
-        self.sock.bind(address)
-        self.requests: dict[int, tuple[bytes, AttendInput]] = {}
+    def __init__(self, address: str) -> None:
+        self.listener = channel.listen(address)  # bound now: a client may connect at once
+        self.conns: list[channel.Connection] = []
+        self.paused = False
+        self.requests: dict[int, tuple[channel.Connection, AttendInput]] = {}
         self.arrived: list[int] = []  # request ids in the order they came
         self.cancelled: list[int] = []
         self.events: list[tuple[str, int]] = []  # ("req" | "cancel", id) in the order they came
-        self.task = asyncio.create_task(self.run())
+        self.server: asyncio.AbstractServer | None = None
+        self.serving = asyncio.ensure_future(self._serve())
+
+    async def _serve(self) -> None:
+        self.server = await asyncio.get_running_loop().create_unix_server(self._connected, sock=self.listener)
+
+    def _connected(self) -> channel.Connection:
+        conn = channel.Connection(lambda frames: self._handle(conn, frames), lambda exc: None)
+        self.conns.append(conn)
+        if self.paused:
+            asyncio.get_running_loop().call_soon(lambda: conn.transport and conn.transport.pause_reading())
+        return conn
 
     def pause(self) -> None:
-        """Stop reading: the front end's messages pile up in zmq's queues, then in its own."""
-        self.task.cancel()
+        """Stop reading: the front end's messages pile up in the kernel's buffers, then in its connection's."""
+        self.paused = True
+        for c in self.conns:
+            if c.transport is not None:
+                c.transport.pause_reading()
 
     def resume(self) -> None:
-        self.task = asyncio.create_task(self.run())
+        self.paused = False
+        for c in self.conns:
+            if c.transport is not None:
+                c.transport.resume_reading()
 
-    async def run(self) -> None:
-        while True:
-            frames = await self.sock.recv_multipart(copy=False)
-            peer, msg = frames[0].bytes, decode(frames[1].buffer)
-            if isinstance(msg, Hello):
-                await self.sock.send_multipart([peer, *encode(Info(True, (0, 0), **INFO))])
-            elif isinstance(msg, Ping):
-                await self.sock.send_multipart([peer, *encode(Heartbeat(True, (0, 0)))])
-            elif isinstance(msg, Requests):
-                for rid, inp, *_ in decode_requests(msg, frames[2:]):
-                    self.requests[rid] = (peer, inp)
-                    self.arrived.append(rid)
-                    self.events.append(("req", rid))
-            elif isinstance(msg, Cancel):
-                self.cancelled += msg.ids
-                self.events += [("cancel", rid) for rid in msg.ids]
+    def _handle(self, conn: channel.Connection, frames: list) -> None:
+        msg = decode(frames[0])
+        if isinstance(msg, Hello):
+            conn.send(encode(Info(True, (0, 0), **INFO)))
+        elif isinstance(msg, Ping):
+            conn.send(encode(Heartbeat(True, (0, 0))))
+        elif isinstance(msg, Requests):
+            for rid, inp, *_ in decode_requests(msg, frames[1:]):
+                self.requests[rid] = (conn, inp)
+                self.arrived.append(rid)
+                self.events.append(("req", rid))
+        elif isinstance(msg, Cancel):
+            self.cancelled += msg.ids
+            self.events += [("cancel", rid) for rid in msg.ids]
 
     async def answer(self, rid: int) -> None:
-        peer, inp = self.requests[rid]
+        conn, inp = self.requests[rid]
         out = Outcome(rid, AttendOutput(np.asarray(inp.x) * 2, None), 0.001, 0.002, 1, 1)
-        await self.sock.send_multipart([peer, *encode_outcomes([out])])
+        conn.send(encode_outcomes([out]))
 
     async def send(self, outcomes: list[Outcome]) -> None:
         """Several outcomes in one message, as the model process sends a batch's."""
-        peer = self.requests[outcomes[0].id][0]
-        await self.sock.send_multipart([peer, *encode_outcomes(outcomes)])
+        self.requests[outcomes[0].id][0].send(encode_outcomes(outcomes))
 
     async def close(self) -> None:
-        self.task.cancel()
-        self.sock.close(linger=0)
-        self.ctx.destroy(linger=0)
+        """Its end of every connection closes, as when the model process dies."""
+        await self.serving
+        for c in self.conns:
+            c.close()
+        self.server.close()
+        self.listener.close()
 
 
 async def until(cond, timeout_s: float = 5.0) -> None:
@@ -178,13 +192,12 @@ async def test_a_numeric_overflow_crosses_the_boundary_typed_with_its_message_an
     assert ok.batch_requests == 2
 
 
-async def test_messages_that_zmq_does_not_take_yet_wait_and_go_later_in_order_with_none_lost(tmp_path, monkeypatch):
-    """A model process that stops reading fills zmq's queues (a tiny SNDHWM and RCVHWM, 1 MiB requests, one
-    message each): the client's sends raise zmq.Again, and its backlog keeps those messages, and a cancel
-    behind them, until there is room again; then they all arrive, in order, and are answered."""
-    monkeypatch.setattr(client_mod, "SNDHWM", 1)
+async def test_messages_a_model_process_does_not_read_yet_wait_and_go_later_in_order_with_none_lost(tmp_path):
+    """A model process that stops reading fills the kernel's buffers between the two (1 MiB requests, one message
+    each): the client's connection keeps the rest, and a cancel behind them, without blocking its loop, until the
+    model process reads again; then they all arrive, in order, and are answered."""
     address = f"ipc://{tmp_path}/engine.sock"
-    engine = FakeEngine(address, rcvhwm=1)
+    engine = FakeEngine(address)
     client = MPClient(address)
     waits = []
     try:
@@ -195,14 +208,14 @@ async def test_messages_that_zmq_does_not_take_yet_wait_and_go_later_in_order_wi
             inp = AttendInput(np.full((1, 1, row), float(i), np.float32))
             waits.append(asyncio.ensure_future(client.infer(inp, deadline=time.monotonic() + 30)))
             await until(lambda i=i: i in client._pending and not client._outbox)  # flushed alone: one message each
-        assert len(client._backlog) >= 2, "zmq took every message: the test did not reach the backlog"
+        assert client._conn.buffered() > 0, "the kernel took every message: the test did not reach the buffer"
         waits[n - 1].cancel()  # its cancel waits behind the request it cancels
         await asyncio.sleep(0.05)
         assert engine.arrived == list(range(len(engine.arrived))) and len(engine.arrived) < n - 1
         engine.resume()
         await until(lambda: len(engine.arrived) == n and engine.cancelled == [n - 1])
         assert engine.arrived == list(range(n))  # nothing lost, nothing reordered
-        assert not client._backlog
+        await until(lambda: client._conn.buffered() == 0)
         for i in range(n - 1):
             np.testing.assert_array_equal(engine.requests[i][1].x, np.full((1, 1, row), float(i), np.float32))
             await engine.answer(i)
@@ -223,8 +236,7 @@ async def test_the_model_process_going_away_fails_waiting_requests_at_once_and_s
     engine = FakeEngine(address)
     client = MPClient(address)
     await client.start(timeout_s=5)
-    fds = list(client._fds)
-    assert len(fds) == 2  # the socket's and its monitor's
+    conn = client._conn
     wait = asyncio.ensure_future(client.infer(x(1.0), deadline=time.monotonic() + 30))
     await until(lambda: 0 in engine.requests)
     t0 = time.monotonic()
@@ -235,34 +247,36 @@ async def test_the_model_process_going_away_fails_waiting_requests_at_once_and_s
     with pytest.raises(EngineUnavailable):
         await client.infer(x(2.0), deadline=time.monotonic() + 30)
     await client.stop()
-    loop = asyncio.get_running_loop()
-    assert [loop.remove_reader(fd) for fd in fds] == [False, False]  # neither was still registered
-    assert client._sock is None and client._monitor is None
+    assert client._conn is None and conn.transport is None  # nothing left open
+    await engine.close()
 
 
-async def test_a_start_that_times_out_leaves_no_reader_on_the_loop_and_no_socket_open(tmp_path, monkeypatch):
-    loop = asyncio.get_running_loop()
-    added: list[int] = []
-    add_reader = loop.add_reader
-
-    def recording_add_reader(fd, callback, *args):
-        added.append(fd)
-        return add_reader(fd, callback, *args)
-
-    monkeypatch.setattr(loop, "add_reader", recording_add_reader)
-    client = MPClient(f"ipc://{tmp_path}/nobody.sock")  # no model process there
+async def test_a_start_that_times_out_leaves_nothing_open(tmp_path):
+    client = MPClient(f"ipc://{tmp_path}/nobody.sock")  # no model process there: tried again until the timeout
+    t0 = time.monotonic()
     with pytest.raises(TimeoutError):
-        await client.start(timeout_s=0.2)
-    assert len(added) == 2
-    assert [loop.remove_reader(fd) for fd in added] == [False, False]
-    assert client._sock is None and client._ctx.closed
+        await client.start(timeout_s=0.3)
+    assert 0.25 <= time.monotonic() - t0 < 2.0
+    assert client._conn is None and client._arena is None
 
 
-async def test_a_start_on_a_bad_address_raises_zmqs_error_and_leaves_nothing_open():
+async def test_a_start_whose_model_process_never_says_hello_times_out_and_closes_its_connection(tmp_path):
+    address = f"ipc://{tmp_path}/engine.sock"
+    listener = channel.listen(address)  # something listens, and never answers
+    client = MPClient(address)
+    try:
+        with pytest.raises(TimeoutError):
+            await client.start(timeout_s=0.3)
+        assert client._conn is None and client._arena is None
+    finally:
+        listener.close()
+
+
+async def test_a_start_on_a_bad_address_raises_what_an_address_must_be_and_leaves_nothing_open():
     client = MPClient("nosuch://engine")
-    with pytest.raises(zmq.ZMQError):
+    with pytest.raises(ValueError, match="ipc://"):
         await client.start(timeout_s=1)
-    assert client._sock is None and client._fds == [] and client._ctx.closed
+    assert client._conn is None
 
 
 async def test_a_silent_model_process_is_unavailable_until_it_is_heard_again(pair, monkeypatch):
@@ -372,4 +386,4 @@ def test_a_slot_given_back_while_the_freed_list_is_taken_goes_with_the_next_mess
         assert client._take_freed() == (99,)
         assert client._take_freed() == ()
     finally:
-        client._ctx.destroy(linger=0)
+        client._sweep.cancel()

@@ -1,22 +1,18 @@
-"""The model process's socket loop (service/engine/process.py Engine.serve) with a fake batcher: it reads its
-zmq socket through the FD, which is edge-triggered, so every message must still be read and answered when
-arrivals, heartbeats and answers interleave (a lost edge would leave requests unanswered: a hang)."""
+"""The model process's connection loop (service/engine/process.py Engine.serve) with a fake batcher: every message
+is read and answered, to its own front end, when arrivals, heartbeats and answers interleave; answers wait for a
+front end that does not read; a front end that goes is known at once."""
 
 from __future__ import annotations
 
 import asyncio
-import select
 import time
 from functools import partial
 
 import numpy as np
-import zmq
-import zmq.asyncio
 
-from service.engine import process
+from service import channel
 from service.engine.process import Engine
 from service.messages import (
-    DRAIN_MAX,
     AttendInput,
     AttendOutput,
     Cancel,
@@ -29,6 +25,44 @@ from service.messages import (
     encode_requests,
 )
 from service.settings import Settings
+
+
+class FrontEnd:
+    """A raw front end: a connection to the engine, whose messages (decoded header, frames) land in ``got``."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[object, list]] = []
+        self.conn: channel.Connection | None = None
+        self.lost = False
+
+    async def connect(self, address: str) -> FrontEnd:
+        self.conn = await channel.connect(address, self._message, self._lost, 5)
+        return self
+
+    def _message(self, frames: list) -> None:
+        self.got.append((decode(frames[0]), [bytes(f) for f in frames[1:]]))
+
+    def _lost(self, exc) -> None:
+        self.lost = True
+
+    def send(self, frames: list) -> None:
+        assert self.conn.send(frames)
+
+    def outcomes(self):
+        for msg, frames in self.got:
+            if not isinstance(msg, Heartbeat):
+                yield from decode_outcomes(msg, frames)
+
+
+def request(rid: int, value: float, shape=(1, 2, 4), priority: int = 0) -> list:
+    return encode_requests([(rid, AttendInput(np.full(shape, value, np.float32)), 1e12, None, priority)])
+
+
+async def until(cond, timeout_s: float = 5.0) -> None:
+    give_up = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < give_up, "not within the time"
+        await asyncio.sleep(0.005)
 
 
 class AnswerNextTurn:
@@ -59,226 +93,106 @@ async def test_every_request_is_answered_while_arrivals_pings_and_answers_interl
     engine.batcher = AnswerNextTurn()
     engine.bind()
     serving = asyncio.create_task(engine.serve())
-    ctx = zmq.asyncio.Context()
-    dealers = [ctx.socket(zmq.DEALER) for _ in range(3)]  # three front ends
+    fronts = [await FrontEnd().connect(address) for _ in range(3)]
     try:
-        for d in dealers:
-            d.connect(address)
         values: dict[tuple[int, int], float] = {}
-        got: dict[tuple[int, int], np.ndarray] = {}
-        beats = [0, 0, 0]
-        refused: list[str] = []
-
-        async def read(i: int, d: zmq.asyncio.Socket) -> None:
-            while True:
-                frames = await d.recv_multipart(copy=False)
-                msg = decode(frames[0].buffer)
-                if isinstance(msg, Heartbeat):
-                    beats[i] += 1
-                    continue
-                for o in decode_outcomes(msg, frames[1:]):
-                    if o.error is not None:
-                        refused.append(o.message)
-                    else:
-                        got[(i, o.id)] = o.output.output.copy()
-
-        readers = [asyncio.create_task(read(i, d)) for i, d in enumerate(dealers)]
         rid = 0
-        for burst in range(60):  # bursts larger than DRAIN_MAX messages, answers flowing back meanwhile
-            for i, d in enumerate(dealers):
-                for _ in range(DRAIN_MAX // 20 + burst % 3):
+        for burst in range(60):  # bursts of messages, answers flowing back meanwhile
+            for i, f in enumerate(fronts):
+                for _ in range(3 + burst % 3):
                     items = []
                     for _ in range(1 + rid % 3):
                         rid += 1
                         values[(i, rid)] = float(rid)
                         items.append((rid, AttendInput(np.full((1, 2, 4), float(rid), np.float32)), 1e12, None, 0))
-                    await d.send_multipart(encode_requests(items))
+                    f.send(encode_requests(items))
                 if burst % 7 == 0:
-                    await d.send_multipart(encode(Ping()))
+                    f.send(encode(Ping()))
             await asyncio.sleep(0 if burst % 2 else 0.001)
-        await dealers[0].send_multipart(
-            encode_requests([(0, AttendInput(np.zeros((1, 2, 4), np.float32)), 1e12, None, 9)])
-        )
-        deadline = time.monotonic() + 10
-        while (len(got) < len(values) or not refused) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        assert len(got) == len(values), f"{len(values) - len(got)} of {len(values)} requests never answered"
-        for key, v in values.items():
-            np.testing.assert_array_equal(got[key], np.full((1, 2, 4), 2 * v, np.float32))
+        fronts[0].send(request(0, 0.0, priority=9))
+
+        def answered() -> int:
+            return sum(1 for f in fronts for o in f.outcomes() if o.error is None)
+
+        await until(lambda: answered() == len(values) and any(o.error for o in fronts[0].outcomes()), 10)
+        for i, f in enumerate(fronts):
+            for o in f.outcomes():
+                if o.error is None:
+                    np.testing.assert_array_equal(
+                        o.output.output, np.full((1, 2, 4), 2 * values[(i, o.id)], np.float32)
+                    )
+        refused = [o.message for f in fronts for o in f.outcomes() if o.error is not None]
         assert refused == ["ValueError: priority 9 is out of range 0..1"]  # answered at once, typed
+        beats = [sum(isinstance(m, Heartbeat) for m, _ in f.got) for f in fronts]
         assert beats == [9, 9, 9]  # every ping answered, to its own front end
         assert engine._pending == {}  # every answered request forgotten
-        for r in readers:
-            r.cancel()
     finally:
         engine._stop.set()
         await asyncio.wait_for(serving, 5)
-        for d in dealers:
-            d.close(linger=0)
-        ctx.destroy(linger=0)
+        for f in fronts:
+            f.conn.close()
         engine.close()
 
 
-async def test_a_backlog_longer_than_one_drain_is_read_on_without_a_new_arrival(tmp_path):
-    """Messages that send nothing back (cancels of requests already answered) fill several drains; the ping
-    behind them is still answered, with no further message to raise the FD again."""
+async def test_messages_sent_before_the_engine_serves_are_all_read(tmp_path):
+    """Front ends may connect as soon as the socket is bound (``bind``), before ``serve`` runs: what they sent
+    meanwhile (many messages that send nothing back, then a ping) is read, and the ping answered."""
     address = f"ipc://{tmp_path}/engine.sock"
     engine = Engine(Settings(), address)
     engine.batcher = AnswerNextTurn()
     engine.bind()
-    ctx = zmq.asyncio.Context()
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.connect(address)
+    front = await FrontEnd().connect(address)
     serving = None
     try:
-        for i in range(3 * DRAIN_MAX):  # queued before the engine reads at all
-            await dealer.send_multipart(encode(Cancel([i])))
-        await dealer.send_multipart(encode(Ping()))
+        for i in range(200):  # queued before the engine reads at all
+            front.send(encode(Cancel([i])))
+        front.send(encode(Ping()))
         await asyncio.sleep(0.05)
+        assert front.got == []
         serving = asyncio.create_task(engine.serve())
-        frames = await asyncio.wait_for(dealer.recv_multipart(), 5)
-        assert isinstance(decode(frames[0]), Heartbeat)
+        await until(lambda: front.got)
+        assert [type(m) for m, _ in front.got] == [Heartbeat]
     finally:
         engine._stop.set()
         if serving is not None:
             await asyncio.wait_for(serving, 5)
-        dealer.close(linger=0)
-        ctx.destroy(linger=0)
+        front.conn.close()
         engine.close()
 
 
-class HoldFirst(AnswerNextTurn):
-    """A batcher that holds the first request's ``done`` for the test to call, and answers the others on the next
-    turn of the loop with x * 2."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.held: list = []
-
-    def submit(self, inp, *, deadline, done, priority=0):
-        if self.submitted == 0:
-            self.submitted += 1
-            self.held.append(partial(done, Result(AttendOutput(inp.x * 2, None), 0.0, 0.0, 1, 1)))
-            return object()
-        return super().submit(inp, deadline=deadline, done=done, priority=priority)
-
-
-async def test_a_request_that_arrives_as_an_answer_is_sent_is_still_read(tmp_path):
-    """zmq's FD is edge-triggered: a send outside a drain processes the socket's pending commands, and so consumes
-    the edge that a message arriving just before it raised. The engine looks at EVENTS after such a send; without
-    that, the message would wait, unread, for the next arrival (here: for ever).
-
-    Made deterministic: front end A's request is answered after A has gone (its answer is dropped, so no traffic
-    back raises the FD again), and the send of that answer (the flush, call_soon from ``done``) runs right after a
-    callback, in the same turn of asyncio's loop and after its select, that sends front end B's request and waits
-    until it has reached the engine's socket (the FD readable: polled, not read)."""
-    address = f"ipc://{tmp_path}/engine.sock"
-    engine = Engine(Settings(), address)
-    batcher = engine.batcher = HoldFirst()
-    engine.bind()
-    fd = engine._sock.getsockopt(zmq.FD)
-    serving = asyncio.create_task(engine.serve())
-    ctx = zmq.Context()
-    a, b = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)  # plain sockets: b sends from inside a loop callback
-    for d in (a, b):
-        d.connect(address)
-    answers: dict[int, np.ndarray] = {}
-
-    def request(rid: int) -> list:
-        return encode_requests([(rid, AttendInput(np.full((1, 2, 4), float(rid), np.float32)), 1e12, None, 0)])
-
-    def readable() -> bool:
-        return bool(select.select([fd], [], [], 0)[0])
-
-    def arrive_now() -> None:
-        """Runs just before the flush: B's request reaches the engine's socket, and its edge is raised."""
-        b.send_multipart(request(2))
-        assert select.select([fd], [], [], 5)[0], "request 2 never reached the engine's socket"
-        time.sleep(0.01)  # past zmq's throttle of command processing on send (about a millisecond)
-
-    try:
-        a.send_multipart(request(1))
-        deadline = time.monotonic() + 3
-        while not batcher.held and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        assert batcher.held, "request 1 never reached the batcher"
-        a.close(linger=0)  # front end A goes while its request is computing
-        await asyncio.sleep(0.05)  # the engine reads the disconnect (its drain ends at EAGAIN): nothing is waiting
-        while readable() and time.monotonic() < deadline + 3:
-            await asyncio.sleep(0.01)
-        assert not readable()
-        asyncio.get_running_loop().call_soon(arrive_now)
-        batcher.held.pop()()  # request 1 answered: its flush, a send outside a drain, runs after arrive_now
-        deadline = time.monotonic() + 3
-        while 2 not in answers and time.monotonic() < deadline:
-            while b.poll(0):
-                frames = b.recv_multipart(copy=False)
-                for o in decode_outcomes(decode(frames[0].buffer), frames[1:]):
-                    answers[o.id] = o.output.output.copy()
-            await asyncio.sleep(0.005)
-        assert list(answers) == [2], "front end B's request was never read"
-        np.testing.assert_array_equal(answers[2], np.full((1, 2, 4), 4.0, np.float32))
-        assert batcher.submitted == 2 and engine._pending == {}
-    finally:
-        engine._stop.set()
-        await asyncio.wait_for(serving, 5)
-        for d in (a, b):
-            d.close(linger=0)
-        ctx.destroy(linger=0)
-        engine.close()
-
-
-async def test_every_answer_reaches_a_front_end_that_does_not_read_for_a_while_in_order(tmp_path, monkeypatch):
-    """A high-water mark of 1 on both sides and a front end whose loop is busy: zmq takes no more answers for it
-    (EAGAIN under ROUTER_MANDATORY, where a plain ROUTER dropped them in silence), so they wait in its backlog and
-    all arrive, in order, once it reads again."""
-    monkeypatch.setattr(process, "HWM", 1)
+async def test_every_answer_reaches_a_front_end_that_does_not_read_for_a_while_in_order(tmp_path):
+    """A front end whose loop is busy reads nothing for a while: the answers fill the kernel's buffers, then wait in
+    its connection's buffer in the model process (where a zmq ROUTER at its high-water mark once dropped them in
+    silence), and all arrive, in order, once it reads again."""
     address = f"ipc://{tmp_path}/engine.sock"
     engine = Engine(Settings(), address)
     engine.batcher = AnswerNextTurn()
     engine.bind()
     serving = asyncio.create_task(engine.serve())
-    ctx = zmq.Context()
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.RCVHWM, 1)
-    dealer.setsockopt(zmq.SNDHWM, 1)
-    dealer.connect(address)
-    n, row = 200, 1 << 14  # 64 KiB answers: more than the kernel's socket buffers hold between the two
+    front = await FrontEnd().connect(address)
+    n, row = 200, 1 << 14  # 64 KiB answers: 12.5 MiB, more than the kernel's socket buffers hold between the two
     try:
-        for rid in range(n):  # one message each, sent as room comes (the engine reads them meanwhile)
-            frames = encode_requests([(rid, AttendInput(np.full((1, 1, row), float(rid), np.float32)), 1e12, None, 0)])
-            deadline = time.monotonic() + 5
-            while True:
-                try:
-                    dealer.send_multipart(frames, zmq.NOBLOCK)
-                    break
-                except zmq.Again:
-                    assert time.monotonic() < deadline, "the engine stopped reading"
-                    await asyncio.sleep(0.001)
-        deadline = time.monotonic() + 5
-        while engine.batcher.submitted < n and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        assert engine.batcher.submitted == n
-        await asyncio.sleep(0.2)  # the answers are sent meanwhile, and the front end still reads nothing
-        reached = bool(getattr(engine, "_backlogs", None))
-        got: list[int] = []
-        deadline = time.monotonic() + 10
-        while len(got) < n and time.monotonic() < deadline:
-            while dealer.poll(0):
-                frames = dealer.recv_multipart(copy=False)
-                for o in decode_outcomes(decode(frames[0].buffer), frames[1:]):
-                    assert o.error is None, o.message
-                    np.testing.assert_array_equal(o.output.output, np.full((1, 1, row), 2.0 * o.id, np.float32))
-                    got.append(o.id)
-            await asyncio.sleep(0.002)
-        assert got == list(range(n)), f"{n - len(got)} of {n} answers lost or out of order"
-        assert reached, "zmq took every answer: the test did not reach the backlog"
-        assert engine._backlogs == {} and engine._pending == {}
+        front.conn.transport.pause_reading()  # busy: reads nothing
+        for rid in range(n):  # one message each
+            front.send(request(rid, float(rid), (1, 1, row)))
+        await until(lambda: engine.batcher.submitted == n)
+        (conn,) = engine._peers.values()
+        await until(lambda: conn.buffered() > 0)  # the kernel's buffers are full: the rest waits here
+        await asyncio.sleep(0.1)
+        assert front.got == []
+        front.conn.transport.resume_reading()
+        await until(lambda: sum(1 for _ in front.outcomes()) == n, 10)  # (several may share a message)
+        got = []
+        for o in front.outcomes():
+            assert o.error is None, o.message
+            np.testing.assert_array_equal(o.output.output, np.full((1, 1, row), 2.0 * o.id, np.float32))
+            got.append(o.id)
+        assert got == list(range(n)), "answers lost or out of order"
+        assert conn.buffered() == 0 and engine._pending == {}
     finally:
         engine._stop.set()
         await asyncio.wait_for(serving, 5)
-        dealer.close(linger=0)
-        ctx.destroy(linger=0)
+        front.conn.close()
         engine.close()
 
 
@@ -300,32 +214,28 @@ class HoldAll(AnswerNextTurn):
         self.cancelled.append((handle, reason))
 
 
-async def test_a_front_end_that_is_gone_has_its_pending_requests_cancelled_when_an_answer_cannot_reach_it(tmp_path):
+async def test_a_front_end_that_is_gone_has_its_pending_requests_cancelled_at_once(tmp_path):
+    """Its connection ends: the model process knows at once (no answer needs to fail first), cancels its requests
+    still pending in the batcher, and a late answer to it goes nowhere, quietly."""
     address = f"ipc://{tmp_path}/engine.sock"
     engine = Engine(Settings(), address)
     batcher = engine.batcher = HoldAll()
     engine.bind()
     serving = asyncio.create_task(engine.serve())
-    ctx = zmq.Context()
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.connect(address)
+    front = await FrontEnd().connect(address)
     try:
         items = [(rid, AttendInput(np.full((1, 2, 4), float(rid), np.float32)), 1e12, None, 0) for rid in range(3)]
-        dealer.send_multipart(encode_requests(items))
-        deadline = time.monotonic() + 5
-        while len(batcher.held) < 3 and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        assert len(batcher.held) == 3
-        dealer.close(linger=0)  # the front end goes while its requests wait
-        await asyncio.sleep(0.1)
-        engine._sock.getsockopt(zmq.EVENTS)  # the ROUTER takes in the disconnect
-        batcher.held[0][1]()  # the first answer cannot reach it: EHOSTUNREACH
-        await asyncio.sleep(0.05)
-        assert sorted(map(id, (h for h, _ in batcher.cancelled))) == sorted(id(h) for h, _ in batcher.held[1:])
+        front.send(encode_requests(items))
+        await until(lambda: len(batcher.held) == 3)
+        front.conn.close()  # the front end goes while its requests wait
+        await until(lambda: len(batcher.cancelled) == 3, 1.0)
+        assert sorted(map(id, (h for h, _ in batcher.cancelled))) == sorted(id(h) for h, _ in batcher.held)
         assert {reason for _, reason in batcher.cancelled} == {"disconnect"}
-        assert engine._pending == {} and engine._backlogs == {}
+        assert engine._pending == {} and engine._peers == {}
+        batcher.held[0][1]()  # an answer computed anyway: nobody to send it to
+        await asyncio.sleep(0.05)
+        assert engine._replies == {}
     finally:
         engine._stop.set()
         await asyncio.wait_for(serving, 5)
-        ctx.destroy(linger=0)
         engine.close()

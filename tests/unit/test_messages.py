@@ -41,7 +41,7 @@ def test_requests_round_trip_several_per_message_without_pickling():
     frames = encode_requests([(7, a, 123.5, "rid-a", 0), (8, b, 124.0, None, 2), (9, big, 125.0, "rid-c", 0)])
     assert len(frames) == 1 + 1 + 1  # header, the small arrays packed in one frame, the large one
     assert len(frames[1]) == 320 + 16 + 64 + 16  # a.x, a.lengths, b.x (float16), b.mask: each at a 16-byte offset
-    assert frames[2] is big.x  # the array itself (no copy) goes to zmq
+    assert frames[2] is big.x  # the array itself (no copy) goes to the connection
     header, bufs = _split(frames)
     (ia, ra, da, qa, pa), (ib, rb, db, qb, pb), (ic, rc, *_) = decode_requests(header, bufs)
     assert (ia, da, qa, pa, ib, db, qb, pb, ic) == (7, 123.5, "rid-a", 0, 8, 124.0, None, 2, 9)

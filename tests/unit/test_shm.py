@@ -307,14 +307,17 @@ async def test_a_front_end_that_goes_away_frees_all_it_held_in_the_model_process
     assert not on_dev_shm(mine) and not on_dev_shm(theirs)
 
 
-async def test_a_front_end_that_died_is_reaped_by_its_pid(served):
-    engine, _ = served
+async def test_a_front_end_that_died_is_freed_at_once_without_a_bye(served):
+    """A front end that dies sends no Bye: the kernel closes its socket, and the model process learns it from its
+    connection's end (no polling of its pid), and frees what it held for it."""
+    engine, client = served
     ((peer, pid),) = engine._pids.items()
     assert pid == os.getpid()
-    engine._pids[peer] = 2**22 + 1  # a pid no process has (above the kernel's pid_max): as if it died
     name = answers_arena(engine).name
-    engine._reap_peers()
-    assert not engine._answers and not engine._inputs and not on_dev_shm(name)
+    assert on_dev_shm(name)
+    client._conn.transport.abort()  # its socket closes with nothing more sent, as when its process is killed
+    await until(lambda: not engine._answers and not engine._inputs)
+    assert peer not in engine._peers and not engine._pids and not on_dev_shm(name)
 
 
 def test_unlink_run_removes_only_that_runs_arenas(tmp_path, monkeypatch):
