@@ -31,6 +31,15 @@ def pids(server) -> tuple[int, list[int]]:
     return engine, [p for p in fronts if os.path.exists(f"/proc/{p}") and _alive(p)]
 
 
+def all_connected(server, n: int = int(WORKERS["MHA_WORKERS"])) -> None:
+    """Wait until ``n`` front ends have connected to the model process: /readyz is 200 as soon as the first one
+    has, and a test that looks at all of them must not race the others' start."""
+    until = time.monotonic() + 30
+    while len(pids(server)[1]) < n:
+        assert time.monotonic() < until, server.log()[-3000:]
+        time.sleep(0.05)
+
+
 def _alive(pid: int) -> bool:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().split(") ")[1][0] != "Z"
@@ -58,8 +67,10 @@ def sample(text: str, name: str, labels: str) -> float:
 
 @pytest.fixture
 def procs(tmp_path):
+    """The service with 2 front ends, both connected to the model process."""
     s = start_server(tmp_path, WORKERS)
     try:
+        all_connected(s)
         yield s
     finally:
         s.stop(signal.SIGKILL)
@@ -259,6 +270,7 @@ def test_a_dead_front_end_is_replaced_and_the_other_keeps_serving(procs):
 def test_sigterm_drains_every_process_and_exits_0(tmp_path):
     grace = 3.0
     s = start_server(tmp_path, {**WORKERS, "MHA_SHUTDOWN_GRACE_S": str(grace)})
+    all_connected(s)
     engine, fronts = pids(s)
 
     async def go():
