@@ -12,8 +12,8 @@ a monitor socket).
 
 A message is a list of frames (the msgspec header of service/messages.py, then its arrays' bytes), framed by a
 prefix: the number of frames (u32) and each one's length (u64), little-endian, as msgspec's own asyncio example
-frames its messages with their length. Frames arrive as read-only memoryviews of the bytes read (a copy only for
-a message that spans reads).
+frames its messages with their length. Frames arrive as memoryviews of the bytes read (read-only), or of the buffer
+a message that spanned reads was gathered in (copied once, there).
 """
 
 from __future__ import annotations
@@ -103,8 +103,8 @@ class Connection(asyncio.Protocol):
             buf += data
             if len(buf) < self._need:  # a large message, still coming: wait for the rest without looking again
                 return
-            data = bytes(buf)
-            buf.clear()
+            data = buf  # read from here on (its frames are views of it, never resized again); a new one takes the rest
+            self._buf = buf = bytearray()
             self._need = 0
         view, at, end = memoryview(data), 0, len(data)
         handle = self._on_message
