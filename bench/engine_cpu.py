@@ -12,7 +12,8 @@ MPClient front end in this process, ``--at-once`` requests in flight (16 by defa
 Arrays of 64 KiB or more cross through shared memory (service/shm.py); ``MHA_SHM_ARENA_MIB=0`` in the environment
 sends them as frames on the connection instead, to compare the two in one tree.
 
-Prints the model process's CPU time (user + system, from /proc) per request, and each thread's share of it (the
+Prints the model process's CPU time (user + system, from /proc) per request, the front end's (this process:
+its MPClient and the gather that drives it), and each thread's share of the model process's (the
 event loop's; the forward thread, the watchdog and the log flusher, by their titles); ``--profile``
 also prints where the model process spent it (cProfile, the top functions by their own time). With 1 request in
 flight every request is its own message and batch; with 64, 64 share a message and 32 a batch: the spread between
@@ -140,15 +141,16 @@ async def feed(address: str, n: int, pid: int, shape: tuple, dtype: str, at_once
 
     for _ in range(50):  # warm up
         await one_turn()
-    c0, t0 = cpu_s(pid), threads_cpu_s(pid)
+    c0, t0, f0 = cpu_s(pid), threads_cpu_s(pid), time.process_time()
     for _ in range(n // at_once):
         await one_turn()
-    used, t1 = cpu_s(pid) - c0, threads_cpu_s(pid)
+    used, t1, front = cpu_s(pid) - c0, threads_cpu_s(pid), time.process_time() - f0
     await client.stop()
     done = n // at_once * at_once
     for name, (user, system) in sorted(t1.items()):
         u0, s0 = t0.get(name, (0.0, 0.0))
         print(f"  {name:<20} user {(user - u0) / done * 1e6:6.1f} us  system {(system - s0) / done * 1e6:6.1f} us")
+    print(f"  the front end (this process: MPClient, the crossing's other side) {front / done * 1e6:.1f} us")
     return used / done
 
 
