@@ -51,7 +51,7 @@ from service.settings import Settings
 
 log = logging.getLogger("mha_serve.engine")
 
-BACKLOG_GRACE_S = 1.0  # at shutdown, how long answers not yet read by their front end may wait for it
+UNREAD_GRACE_S = 1.0  # at shutdown, how long answers not yet read by their front end may wait for it
 
 
 def _outcome_of(rid: int, exc: BaseException) -> Outcome:
@@ -293,7 +293,7 @@ class Engine:
         if engine is not None:
             await engine.stop(grace_s=grace_s)  # answers (ShuttingDown) whatever it could not finish
         self._flush()
-        give_up = asyncio.get_running_loop().time() + BACKLOG_GRACE_S
+        give_up = asyncio.get_running_loop().time() + UNREAD_GRACE_S
         while asyncio.get_running_loop().time() < give_up and any(c.buffered() for c in self._peers.values()):
             await asyncio.sleep(0.01)  # answers a front end has not read yet
         self._stop.set()
