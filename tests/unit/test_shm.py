@@ -320,6 +320,44 @@ async def test_a_front_end_that_died_is_freed_at_once_without_a_bye(served):
     assert peer not in engine._peers and not engine._pids and not on_dev_shm(name)
 
 
+async def test_front_ends_that_come_and_go_leave_nothing_behind_in_the_model_process(tmp_path, monkeypatch):
+    """uvicorn replaces a front end that dies: over many comings and goings (half with a Bye, half killed: their
+    sockets close with nothing sent), the model process answers each one right and keeps nothing of those gone:
+    no connection, no arena mapped or made (none left in /dev/shm), no pending request."""
+    monkeypatch.setattr(shm, "ARENA_BYTES", 1 << 20)
+    monkeypatch.setattr(messages, "PACK_BELOW", 1 << 12)
+    monkeypatch.setattr(messages, "SHM_MIN", 1 << 12)
+    address = f"ipc://{tmp_path}/engine.sock"
+    engine = Engine(Settings(), address)
+    engine.batcher = Echo()
+    engine.info = {"model_info": {}, "config": {"num_heads": 2, "emb_size": 64, "head_size": 32, "max_seq_len": 64}}
+    engine.bind()
+    serving = asyncio.create_task(engine.serve())
+    made: list[str] = []
+    try:
+        for i in range(12):
+            client = MPClient(address)
+            await client.start(timeout_s=10)
+            made += [client._arena.name, answers_arena(engine).name] if len(engine._answers) == 1 else []
+            x = np.full((1, 16, 64), float(i), np.float32)  # 4 KiB: through the arenas
+            res = await client.infer(AttendInput(x), deadline=time.monotonic() + 10)
+            np.testing.assert_array_equal(res.output.output, 2 * x)
+            del res
+            if i % 2:
+                await client.stop()  # a Bye
+            else:
+                client._conn.transport.abort()  # killed: its socket closes, nothing sent
+                await client.stop()
+            await until(lambda: not engine._peers)
+        assert len(made) == 24
+        assert not engine._answers and not engine._inputs and not engine._pids and not engine._pending
+        assert not [name for name in made if on_dev_shm(name)]
+    finally:
+        engine._stop.set()
+        await serving
+        engine.close()
+
+
 def test_unlink_run_removes_only_that_runs_arenas(tmp_path, monkeypatch):
     """What the supervisor does as it exits: the run's leftover arenas go, another run's stay."""
     run = tmp_path / "mha-serve-abcd1234"
