@@ -138,11 +138,6 @@ class Connection(asyncio.Protocol):
 
     # -- this end --
 
-    @property
-    def open(self) -> bool:
-        t = self.transport
-        return t is not None and not t.is_closing()
-
     def send(self, frames: list) -> bool:
         """Write one message, never blocking: what the socket does not take now is buffered by the transport, in
         order, and written as the peer reads. False when the connection is closed (nothing is written)."""
@@ -166,12 +161,6 @@ class Connection(asyncio.Protocol):
         self._closed = True
         if self.transport is not None:
             self.transport.close()
-
-    def abort(self) -> None:
-        """Close at once, dropping what is buffered; ``on_lost`` is not called for it."""
-        self._closed = True
-        if self.transport is not None:
-            self.transport.abort()
 
 
 async def connect(address: str, on_message: Callable[[list], Any], on_lost: Callable, timeout_s: float) -> Connection:
