@@ -31,34 +31,7 @@ import time
 
 import numpy as np
 
-
-def _stat(path: str) -> tuple[str, float, float]:
-    """A process's or thread's name, user and system CPU seconds, from its /proc stat file."""
-    with open(path) as f:
-        head, tail = f.read().rsplit(")", 1)
-    fields, tick = tail.split(), os.sysconf("SC_CLK_TCK")
-    return head.split("(", 1)[1], int(fields[11]) / tick, int(fields[12]) / tick
-
-
-def cpu_s(pid: int) -> float:
-    _, user, system = _stat(f"/proc/{pid}/stat")
-    return user + system
-
-
-def threads_cpu_s(pid: int) -> dict[str, tuple[float, float]]:
-    """Each thread's (user, system) CPU seconds, by name (threads of one name summed): the event loop's,
-    the forward thread, the watchdog."""
-    out: dict[str, tuple[float, float]] = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            name, user, system = _stat(f"/proc/{pid}/task/{tid}/stat")
-        except FileNotFoundError:  # (a thread that ended)
-            continue
-        if tid == str(pid):
-            name = "main (event loop)"
-        u, s = out.get(name, (0.0, 0.0))
-        out[name] = (u + user, s + system)
-    return out
+from bench.harness import proc_cpu_s, threads_cpu_s
 
 
 def serve(address: str, ready, batcher: str, shape: tuple, profile: bool) -> None:
@@ -141,10 +114,10 @@ async def feed(address: str, n: int, pid: int, shape: tuple, dtype: str, at_once
 
     for _ in range(50):  # warm up
         await one_turn()
-    c0, t0, f0 = cpu_s(pid), threads_cpu_s(pid), time.process_time()
+    c0, t0, f0 = proc_cpu_s(pid), threads_cpu_s(pid), time.process_time()
     for _ in range(n // at_once):
         await one_turn()
-    used, t1, front = cpu_s(pid) - c0, threads_cpu_s(pid), time.process_time() - f0
+    used, t1, front = proc_cpu_s(pid) - c0, threads_cpu_s(pid), time.process_time() - f0
     await client.stop()
     done = n // at_once * at_once
     for name, (user, system) in sorted(t1.items()):

@@ -222,11 +222,34 @@ def model_process(pid: int) -> int | None:
 # -- CPU, memory, cores -----------------------------------------------------------------------------------
 
 
+def stat_cpu(path: str) -> tuple[str, float, float]:
+    """A /proc stat file's process or thread name, its user and its system CPU seconds."""
+    with open(path) as f:
+        head, tail = f.read().rsplit(")", 1)
+    fields = tail.split()
+    return head.split("(", 1)[1], int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
 def proc_cpu_s(pid: int) -> float:
     """utime + stime of the process (all its threads), seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    _, user, system = stat_cpu(f"/proc/{pid}/stat")
+    return user + system
+
+
+def threads_cpu_s(pid: int) -> dict[str, tuple[float, float]]:
+    """Each thread's (user, system) CPU seconds, by its OS name (threads of one name summed; the main thread as
+    "main (event loop)"): the service's threads carry theirs (mha-forward-0, mha-watchdog...)."""
+    out: dict[str, tuple[float, float]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            name, user, system = stat_cpu(f"/proc/{pid}/task/{tid}/stat")
+        except FileNotFoundError:  # (a thread that ended)
+            continue
+        if tid == str(pid):
+            name = "main (event loop)"
+        u, s = out.get(name, (0.0, 0.0))
+        out[name] = (u + user, s + system)
+    return out
 
 
 def tree_cpu_s(pid: int, leave_out: int | None = None) -> float:
@@ -241,9 +264,8 @@ def tree_cpu_s(pid: int, leave_out: int | None = None) -> float:
 
 def main_thread_cpu_s(pid: int) -> float:
     """utime + stime of the process's main thread (the event loop), seconds."""
-    with open(f"/proc/{pid}/task/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    _, user, system = stat_cpu(f"/proc/{pid}/task/{pid}/stat")
+    return user + system
 
 
 def rss(pid: int) -> int:
