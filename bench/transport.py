@@ -1,11 +1,11 @@
-"""What crossing between two processes costs, per message: zmq (as the service uses it) against a Unix stream.
+"""What crossing between two processes costs, per message: zmq against the Unix stream the service uses.
 
-The model process and its front ends talk over zmq (a DEALER per front end, one ROUTER; plain sockets read when
-their FD says so, as service/engine/process.py and service/engine/client.py do). zmq moves every message through
-its own I/O thread: a send hands the message to that thread (an eventfd write, a wake) and an arrival reaches the
-socket through it (another wake), on both sides. A Unix stream on the event loop (uvloop's transport, with
-length-prefix framing as msgspec's asyncio example does) writes from the caller's thread and is read where epoll
-says so: no thread between.
+The model process and its front ends talked over zmq (a DEALER per front end, one ROUTER; plain sockets read
+when their FD says so), and now talk over ``service.channel`` (a Unix stream on the event loop, uvloop's
+transport, its frames behind a length prefix). zmq moves every message through its own I/O thread: a send hands
+the message to that thread (an eventfd write, a wake) and an arrival reaches the socket through it (another
+wake), on both sides. The stream writes from the caller's thread and is read where epoll says so: no thread
+between.
 
 Both run here side by side, the same echo: a client process keeps N messages in flight (sent in one turn of its
 loop), a server process answers each on arrival, one send or write a message on both sides (what the stream's
@@ -24,38 +24,19 @@ import asyncio
 import multiprocessing
 import os
 import statistics
-import struct
+import sys
 import tempfile
+from pathlib import Path
 
 import uvloop
 import zmq
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.harness import proc_cpu_s
+from service import channel
+
 IN_FLIGHT = (1, 4, 16, 64)
-_LEN = struct.Struct("<I")  # a frame's length prefix
-
-
-def cpu_s(pid: int) -> float:
-    """A process's user + system CPU seconds, all its threads (zmq's I/O thread too)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def frames_of(buf: bytearray) -> list[bytes]:
-    """Take every whole length-prefixed frame off the front of ``buf``; a partial one stays for the next read."""
-    out, at, end = [], 0, len(buf)
-    while end - at >= 4:
-        (n,) = _LEN.unpack_from(buf, at)
-        if end - at - 4 < n:
-            break
-        out.append(bytes(buf[at + 4 : at + 4 + n]))
-        at += 4 + n
-    del buf[:at]
-    return out
-
-
-def framed(payload: bytes) -> bytes:
-    return _LEN.pack(len(payload)) + payload
 
 
 # -- the servers: each answers every message with itself --
@@ -85,19 +66,13 @@ def zmq_server(address: str, ready) -> None:
     uvloop.run(main())
 
 
-class _Echo(asyncio.Protocol):
-    def connection_made(self, transport) -> None:
-        self.transport, self.buf = transport, bytearray()
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        for msg in frames_of(self.buf):  # one write a message, as zmq sends one message a call
-            self.transport.write(framed(msg))
-
-
-def stream_server(path: str, ready) -> None:
+def stream_server(address: str, ready) -> None:
     async def main() -> None:
-        await asyncio.get_running_loop().create_unix_server(_Echo, path)
+        def echo() -> channel.Connection:  # one send a message, as zmq sends one message a call
+            conn = channel.Connection(lambda frames: conn.send(frames), lambda exc: None)
+            return conn
+
+        await asyncio.get_running_loop().create_unix_server(echo, sock=channel.listen(address))
         ready.set()
         await asyncio.Event().wait()
 
@@ -134,10 +109,10 @@ async def _measure(send_turn, turns: _Turns, n_msgs: int, k: int, server_pid: in
     for _ in range(100):  # warm up
         await turn()
     n = max(1, n_msgs // k)
-    s0, c0 = cpu_s(server_pid), cpu_s(os.getpid())
+    s0, c0 = proc_cpu_s(server_pid), proc_cpu_s(os.getpid())
     for _ in range(n):
         await turn()
-    s1, c1 = cpu_s(server_pid), cpu_s(os.getpid())
+    s1, c1 = proc_cpu_s(server_pid), proc_cpu_s(os.getpid())
     return (s1 - s0) / (n * k), (c1 - c0) / (n * k)
 
 
@@ -171,29 +146,18 @@ async def zmq_client(address: str, payload: bytes, n_msgs: int, k: int, server_p
         ctx.term()
 
 
-async def stream_client(path: str, payload: bytes, n_msgs: int, k: int, server_pid: int) -> tuple[float, float]:
+async def stream_client(address: str, payload: bytes, n_msgs: int, k: int, server_pid: int) -> tuple[float, float]:
     turns = _Turns(payload)
-    one = framed(payload)
-
-    class Reader(asyncio.Protocol):
-        def __init__(self) -> None:
-            self.buf = bytearray()
-
-        def data_received(self, data: bytes) -> None:
-            self.buf += data
-            for msg in frames_of(self.buf):
-                turns.reply(msg)
-
-    transport, _ = await asyncio.get_running_loop().create_unix_connection(Reader, path)
+    conn = await channel.connect(address, lambda frames: turns.reply(*frames), lambda exc: None, 10)
     try:
 
         def send_turn(k: int) -> None:
-            for _ in range(k):  # one write a message, as zmq sends one message a call
-                transport.write(one)
+            for _ in range(k):  # one send a message, as zmq sends one message a call
+                conn.send([payload])
 
         return await _measure(send_turn, turns, n_msgs, k, server_pid)
     finally:
-        transport.close()
+        conn.close()
 
 
 def run(messages: int, rounds: int, size: int) -> dict:
@@ -205,7 +169,7 @@ def run(messages: int, rounds: int, size: int) -> dict:
     kinds = {"zmq": (zmq_server, zmq_client, f"ipc://{tmp}/zmq"), "stream": (stream_server, stream_client, "")}
     for r in range(rounds):
         for name, (server, client, address) in kinds.items():
-            address = address or f"{tmp}/stream-{r}"
+            address = address or f"ipc://{tmp}/stream-{r}"
             ready = ctx.Event()
             proc = ctx.Process(target=server, args=(address, ready), daemon=True)
             proc.start()

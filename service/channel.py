@@ -3,9 +3,9 @@ and written on the event loop (asyncio's, uvloop's where installed).
 
 Why not zmq, which carried these messages before: zmq moves every message through its own I/O thread, so a send
 wakes that thread and an arrival wakes the reader through it, on both sides. ``bench/transport.py`` measured it
-here (2026-12-06, 2 vCPU, the same echo side by side, one send a message): zmq cost the server 45.8, 20.8, 13.5
-and 7.5 us of CPU a message with 1, 4, 16 and 64 in flight, and a Unix stream 22.8, 7.0, 3.5 and 2.5 us (the
-client 1.6-2.7x as much with zmq). What zmq gave on top, a stream gives too: a connection per front end (the
+here (2026-12-06, 2 vCPU, the same echo side by side, one send a message): zmq cost the server 43.8, 18.2, 10.5
+and 8.8 us of CPU a message with 1, 4, 16 and 64 in flight, and this module 22.8, 7.7, 4.0 and 3.3 us (the client
+1.1-1.8x as much with zmq). What zmq gave on top, a stream gives too: a connection per front end (the
 ROUTER's identities), order, nothing dropped (a stream buffers what its peer has not read yet, where a ROUTER
 dropped or refused it at its high-water mark), and the peer's end at once (``connection_lost``, where zmq needed
 a monitor socket).

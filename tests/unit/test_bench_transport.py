@@ -1,5 +1,5 @@
-"""bench/transport.py: its stream's length-prefix framing takes whole messages off a byte stream however the reads
-split it, and its two echoes (zmq, a Unix stream) answer every message with itself."""
+"""bench/transport.py: its two echoes (zmq, the service's Unix stream, service/channel.py, whose framing
+tests/unit/test_channel.py tests) answer every message with itself."""
 
 from __future__ import annotations
 
@@ -8,26 +8,6 @@ import asyncio
 import pytest
 
 from bench import transport
-
-
-def test_frames_come_off_the_stream_whole_however_the_reads_split_them():
-    messages = [b"", b"a", bytes(range(256)) * 5, b"xyz" * 100]
-    stream = b"".join(transport.framed(m) for m in messages)
-    for cut in (1, 3, 4, 5, 7, 64, len(stream)):  # reads of every size, split inside prefixes and payloads
-        buf, got = bytearray(), []
-        for at in range(0, len(stream), cut):
-            buf += stream[at : at + cut]
-            got += transport.frames_of(buf)
-        assert got == messages, cut
-        assert not buf, cut  # nothing left over
-
-
-def test_a_partial_frame_waits_for_the_rest():
-    buf = bytearray(transport.framed(b"hello")[:-2])
-    assert transport.frames_of(buf) == []
-    assert len(buf) == 4 + 3  # kept, untouched
-    buf += b"lo"
-    assert transport.frames_of(buf) == [b"hello"]
 
 
 @pytest.mark.timeout(120)
