@@ -175,26 +175,35 @@ class Echo:
         return (0, 0)
 
 
-@pytest.fixture
-async def served(tmp_path, monkeypatch):
-    monkeypatch.setattr(shm, "ARENA_BYTES", 4 << 20)
-    monkeypatch.setattr(messages, "PACK_BELOW", 1 << 12)  # arrays of 4 KiB or more: the tests' small ones
+@contextlib.asynccontextmanager
+async def echo_engine(tmp_path, monkeypatch, arena_bytes: int):
+    """A model process's Engine serving the Echo batcher at its address, arenas of ``arena_bytes``; arrays of 4 KiB
+    or more cross through them (the tests' small ones)."""
+    monkeypatch.setattr(shm, "ARENA_BYTES", arena_bytes)
+    monkeypatch.setattr(messages, "PACK_BELOW", 1 << 12)
     monkeypatch.setattr(messages, "SHM_MIN", 1 << 12)
-    address = f"ipc://{tmp_path}/engine.sock"
-    engine = Engine(Settings(), address)
+    engine = Engine(Settings(), f"ipc://{tmp_path}/engine.sock")
     engine.batcher = Echo()
     engine.info = {"model_info": {}, "config": {"num_heads": 2, "emb_size": 64, "head_size": 32, "max_seq_len": 64}}
     engine.bind()
     serving = asyncio.create_task(engine.serve())
-    client = MPClient(address)
-    await client.start(timeout_s=10)
     try:
-        yield engine, client
+        yield engine
     finally:
-        await client.stop()
         engine._stop.set()
         await serving
         engine.close()
+
+
+@pytest.fixture
+async def served(tmp_path, monkeypatch):
+    async with echo_engine(tmp_path, monkeypatch, 4 << 20) as engine:
+        client = MPClient(engine.address)
+        await client.start(timeout_s=10)
+        try:
+            yield engine, client
+        finally:
+            await client.stop()
 
 
 async def until(cond, timeout_s: float = 5.0) -> None:
@@ -324,19 +333,10 @@ async def test_front_ends_that_come_and_go_leave_nothing_behind_in_the_model_pro
     """uvicorn replaces a front end that dies: over many comings and goings (half with a Bye, half killed: their
     sockets close with nothing sent), the model process answers each one right and keeps nothing of those gone:
     no connection, no arena mapped or made (none left in /dev/shm), no pending request."""
-    monkeypatch.setattr(shm, "ARENA_BYTES", 1 << 20)
-    monkeypatch.setattr(messages, "PACK_BELOW", 1 << 12)
-    monkeypatch.setattr(messages, "SHM_MIN", 1 << 12)
-    address = f"ipc://{tmp_path}/engine.sock"
-    engine = Engine(Settings(), address)
-    engine.batcher = Echo()
-    engine.info = {"model_info": {}, "config": {"num_heads": 2, "emb_size": 64, "head_size": 32, "max_seq_len": 64}}
-    engine.bind()
-    serving = asyncio.create_task(engine.serve())
     made: list[str] = []
-    try:
+    async with echo_engine(tmp_path, monkeypatch, 1 << 20) as engine:
         for i in range(12):
-            client = MPClient(address)
+            client = MPClient(engine.address)
             await client.start(timeout_s=10)
             made += [client._arena.name, answers_arena(engine).name] if len(engine._answers) == 1 else []
             x = np.full((1, 16, 64), float(i), np.float32)  # 4 KiB: through the arenas
@@ -352,10 +352,6 @@ async def test_front_ends_that_come_and_go_leave_nothing_behind_in_the_model_pro
         assert len(made) == 24
         assert not engine._answers and not engine._inputs and not engine._pids and not engine._pending
         assert not [name for name in made if on_dev_shm(name)]
-    finally:
-        engine._stop.set()
-        await serving
-        engine.close()
 
 
 def test_unlink_run_removes_only_that_runs_arenas(tmp_path, monkeypatch):
