@@ -33,6 +33,7 @@ from service.messages import (
     encode_outcomes,
 )
 from service.sweep import Sweep
+from tests.waiting import until
 
 MODEL_CONFIG = {"num_heads": 2, "emb_size": 8, "head_size": 4, "max_seq_len": 4}
 MODEL_INFO = {"name": "mha", **MODEL_CONFIG, "dtype": "float32", "device": "cpu", "checksum": "0"}
@@ -107,13 +108,6 @@ class FakeEngine:
             c.close()
         self.server.close()
         self.listener.close()
-
-
-async def until(cond, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ front end that does not read; a front end that goes is known at once."""
 from __future__ import annotations
 
 import asyncio
-import time
 from functools import partial
 
 import numpy as np
@@ -25,6 +24,7 @@ from service.messages import (
     encode_requests,
 )
 from service.settings import Settings
+from tests.waiting import until
 
 
 class FrontEnd:
@@ -56,13 +56,6 @@ class FrontEnd:
 
 def request(rid: int, value: float, shape=(1, 2, 4), priority: int = 0) -> list:
     return encode_requests([(rid, AttendInput(np.full(shape, value, np.float32)), 1e12, None, priority)])
-
-
-async def until(cond, timeout_s: float = 5.0) -> None:
-    give_up = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < give_up, "not within the time"
-        await asyncio.sleep(0.005)
 
 
 class AnswerNextTurn:

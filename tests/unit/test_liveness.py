@@ -8,6 +8,7 @@ import threading
 import time
 
 from service.engine.liveness import HUNG_EXIT, ForwardClock, Watchdog
+from tests.waiting import until
 
 
 class Beat:
@@ -25,13 +26,6 @@ def watchdog(forwards: ForwardClock, **kw) -> tuple[Watchdog, list, list]:
         **{"forward_hang_s": 0.5, "loop_hang_s": 5.0, **kw},
     )
     return w, hangs, exits
-
-
-async def until(cond, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
 
 
 async def test_a_forward_past_the_bound_is_declared_once_then_the_process_exits():

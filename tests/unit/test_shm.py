@@ -31,6 +31,7 @@ from service.messages import (
     encode_requests,
 )
 from service.settings import Settings
+from tests.waiting import until
 
 DTYPES = ["float32", "float16", "bfloat16"]
 
@@ -204,13 +205,6 @@ async def served(tmp_path, monkeypatch):
             yield engine, client
         finally:
             await client.stop()
-
-
-async def until(cond, timeout_s: float = 5.0) -> None:
-    give_up = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < give_up, "not within the time"
-        await asyncio.sleep(0.01)
 
 
 def answers_arena(engine: Engine) -> shm.Arena:
