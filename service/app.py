@@ -153,6 +153,8 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> fast
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:
+        if state.engine is not None:
+            await state.engine.flush_statistics()  # the model process's latest batches too
         body, media_type = exposition(state.metrics.registry)
         return Response(body, media_type=media_type)
 

@@ -94,7 +94,8 @@ class EngineClient(Protocol):
       ``SequenceStartRequired`` (400);
     - ``ready`` is whether a request submitted now can be computed; ``on_ready`` (given at
       construction) hears every change of it;
-    - ``stats`` is the model's statistics, the same whichever process answers;
+    - ``stats`` is the model's statistics, the same whichever process answers, up to date after
+      ``flush_statistics`` (as the metrics are);
     - ``stop`` finishes what is pending within ``grace_s`` and fails the rest (``ShuttingDown``).
     """
 
@@ -126,6 +127,11 @@ class EngineClient(Protocol):
         ...
 
     def queue_depth(self) -> tuple[int, int]: ...
+
+    async def flush_statistics(self) -> None:
+        """Return once ``stats`` and the metrics hold every batch answered before the call (a model process writes
+        its own at each ping: the client pings and waits for its heartbeat, briefly)."""
+        ...
 
     def stop_accepting(self) -> None: ...
 

@@ -54,6 +54,7 @@ log = logging.getLogger("mha_serve.engine")
 HEARTBEAT_S = 0.25  # how often the front end pings the model process
 LOST_AFTER_S = 3.0  # no heartbeat for this long: the model process is unavailable (503) until it is heard again
 ANSWER_SLACK_S = 1.0  # past a request's deadline, the front end stops waiting for the engine's own answer
+FLUSH_WAIT_S = 1.0  # flush_statistics waits this long at most for the model process's answer
 SWEEP_S = 0.01  # how often waiting requests are checked for their deadline and for watching their caller
 
 
@@ -91,6 +92,10 @@ class MPClient:
         self._flush_scheduled = False
         self._next_id = 0
         self._heartbeat_task: asyncio.Task | None = None
+        # Every ping is answered by one heartbeat, in order: flush_statistics waits for the answer to its own.
+        self._pings = 0  # pings sent
+        self._beats = 0  # heartbeats heard
+        self._flushes: list[tuple[int, asyncio.Future]] = []  # (the ping that answers it, its waiter), in order
         self._info: asyncio.Future | None = None
         self._last_beat = 0.0
         self._engine_ready = False
@@ -146,6 +151,41 @@ class MPClient:
     def stop_accepting(self) -> None:
         self._accepting = False
 
+    async def flush_statistics(self, timeout_s: float = FLUSH_WAIT_S) -> None:
+        """Return once the model process has written its metrics and statistics of every batch answered before
+        this call (service.metrics.EngineMetrics writes them when a ping comes, before its heartbeat answers): a
+        ping, and the wait for its heartbeat. Bounded by ``timeout_s`` (a model process that is gone or stalled:
+        what it wrote is read as it is)."""
+        if self._lost is not None or self._conn is None:
+            return
+        waiter = self._loop.create_future()
+        self._ping()
+        self._flushes.append((self._pings, waiter))
+        try:
+            await asyncio.wait_for(waiter, timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("the model process did not answer a ping within %g s: its metrics read as they are", timeout_s)
+
+    def _ping(self) -> None:
+        self._pings += 1
+        self._send(encode(Ping(self._take_freed())) if self._freed else _PING)
+
+    def _release_flushes(self) -> None:
+        """No heartbeat will come (gone, stopped): the flushes waiting read what there is."""
+        flushes, self._flushes = self._flushes, []
+        for _, waiter in flushes:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _heard(self) -> None:
+        """A heartbeat: the answer to the oldest unanswered ping. The flushes waiting for it, or an earlier one, end."""
+        self._beats += 1
+        flushes = self._flushes
+        while flushes and flushes[0][0] <= self._beats:
+            waiter = flushes.pop(0)[1]
+            if not waiter.done():  # (timed out)
+                waiter.set_result(None)
+
     async def stop(self, grace_s: float = 0.0) -> None:
         """Wait up to ``grace_s`` for the answers still pending, then fail the rest and disconnect."""
         self._accepting = False
@@ -165,6 +205,7 @@ class MPClient:
             self._heartbeat_task.cancel()
             await asyncio.gather(self._heartbeat_task, return_exceptions=True)
         conn, self._conn = self._conn, None
+        self._release_flushes()
         if conn is not None:
             if self._lost is None and self._info is not None and self._info.done():
                 conn.send(encode(Bye()))  # the model process frees what it holds for this front end at once
@@ -334,6 +375,8 @@ class MPClient:
             self._fail_all(EngineUnavailable(f"the model process is unavailable ({why})"))
         if self._info is not None and not self._info.done():
             self._info.set_exception(EngineUnavailable(why))
+        if not silent:  # no heartbeat will come
+            self._release_flushes()
         self._on_ready(False)
 
     # -- the connection ------------------------------------------------------------------
@@ -369,6 +412,8 @@ class MPClient:
                 else:
                     fut.set_exception(failure_of(o.error, o.message, o.retry_after_s))
         elif kind is Heartbeat or kind is Info:
+            if kind is Heartbeat:
+                self._heard()
             self._last_beat = time.monotonic()
             self._queue = msg.queue
             ready = msg.ready
@@ -387,7 +432,7 @@ class MPClient:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             if self._lost is None or self._silent:  # (silent: pinged on, to hear it again)
-                self._send(encode(Ping(self._take_freed())) if self._freed else _PING)
+                self._ping()
                 if self._lost is None and time.monotonic() - self._last_beat > LOST_AFTER_S:
                     self._gone(f"no heartbeat for {LOST_AFTER_S:g} s", silent=True)
             if not parent_watched_by_kernel() and os.getppid() != self._parent:  # (where PDEATHSIG is not to be had)

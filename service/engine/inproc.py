@@ -196,6 +196,9 @@ class InprocClient:
     def queue_depth(self) -> tuple[int, int]:
         return self.batcher.queue_depth() if self.batcher is not None else (0, 0)
 
+    async def flush_statistics(self) -> None:
+        """Nothing to wait for: in this process the batcher's observers write as it observes."""
+
     def stop_accepting(self) -> None:
         if self.batcher is not None:
             self.batcher.stop_accepting()

@@ -81,6 +81,7 @@ class Engine:
         self._inputs: dict[int, shm.Mapped] = {}
         self._answers: dict[int, shm.Arena] = {}
         self._pids: dict[int, int] = {}
+        self.metrics: Any = None  # service.metrics.EngineMetrics (load), flushed before each heartbeat
         self._fallback: Any = None  # counts answers an arena had no room for (mha_shm_fallbacks{sender="model"})
 
     async def load(self, beat: Any = None) -> None:
@@ -88,25 +89,14 @@ class Engine:
         batcher this process feeds through its callback path (``submit``/``cancel``)."""
         from service import __version__, tracing
         from service.engine.inproc import InprocClient
-        from service.metrics import Metrics, TritonCounters
-
-        class EngineObserver(Metrics):
-            """The metrics, and Triton's per-batch statistics, which every front end's stats route reads."""
-
-            def __init__(self) -> None:
-                super().__init__()
-                self.triton = TritonCounters()
-
-            def batch_done(self, requests: int, stats: Any, queue_waits_s: list[float]) -> None:
-                super().batch_done(requests, stats, queue_waits_s)
-                self.triton.batch_done(requests, stats, queue_waits_s)
+        from service.metrics import EngineMetrics
 
         s = self.settings
         # the metrics are written to PROMETHEUS_MULTIPROC_DIR: the front ends' /metrics reads them
         self.tracing = tracing.from_env(service_version=__version__, replica_id=s.replica_id)
         # A hung forward or event loop ends this process at once (no probe here to wait for): the front ends see its
         # socket close and answer 503, and the parent exits 1. Its watchdog stamps ``beat`` for the parent's watch.
-        observer = EngineObserver()
+        observer = self.metrics = EngineMetrics()  # written at each ping (its flush), read by every front end
         self._fallback = observer.shm_fallbacks.labels("model")
         engine = InprocClient(s, metrics=observer, tracing=self.tracing, beat=beat, exit_after_s=0.0)
         model = await engine.start()
@@ -201,6 +191,10 @@ class Engine:
                 if handle is not None:  # still unanswered: its client left
                     self._cancel(handle)
         elif kind is Ping:
+            # The metrics observed so far are written before the heartbeat goes: a front end that waits for the
+            # answer to its ping reads every batch answered before it asked (MPClient.flush_statistics).
+            if self.metrics is not None:
+                self.metrics.flush()
             self._send(peer, encode(Heartbeat(*self._status())))
         elif kind is Hello:
             log.info("front end %s connected", msg.pid)
@@ -292,6 +286,8 @@ class Engine:
         engine = self.engine or self.batcher  # (tests feed a batcher of their own)
         if engine is not None:
             await engine.stop(grace_s=grace_s)  # answers (ShuttingDown) whatever it could not finish
+        if self.metrics is not None:
+            self.metrics.flush()
         self._flush()
         give_up = asyncio.get_running_loop().time() + UNREAD_GRACE_S
         while asyncio.get_running_loop().time() < give_up and any(c.buffered() for c in self._peers.values()):

@@ -139,6 +139,8 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
         if request.name:  # Triton: no name = every model
             oip.check_model(request.name, request.version, self.name)
+        if self.state.engine is not None:
+            await self.state.engine.flush_statistics()  # the model process's latest batches too
         return grpc_wire.model_statistics(self.state.stats.model_stats(request.name or self.name, oip.VERSION))
 
     @_rpc

@@ -46,6 +46,7 @@ Contract of ``infer``:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -178,8 +179,10 @@ def build_router(state: Any) -> APIRouter:
             raise ServiceError("unavailable", "the model is still loading")
         return oip.model_config(name, model.config, settings, model.device, sequence=seq)
 
-    def stats(name: str, version: str | None) -> dict[str, Any]:
+    async def stats(name: str, version: str | None) -> dict[str, Any]:
         check_model(name, version)  # (one engine: both models' statistics are its own)
+        if state.engine is not None:
+            await state.engine.flush_statistics()  # the model process's latest batches too
         return {"model_stats": [state.stats.model_stats(name, VERSION)]}
 
     def model_ready(name: str, version: str | None) -> dict[str, Any]:
@@ -238,10 +241,12 @@ def build_router(state: Any) -> APIRouter:
             return plain_r, version_r
 
         async def plain(name: str) -> Any:
-            return fn(name, None)
+            out = fn(name, None)
+            return await out if inspect.isawaitable(out) else out
 
         async def with_version(name: str, version: str) -> Any:
-            return fn(name, version)
+            out = fn(name, version)
+            return await out if inspect.isawaitable(out) else out
 
         return plain, with_version
 

@@ -51,6 +51,8 @@ class FakeEngine:
         self.arrived: list[int] = []  # request ids in the order they came
         self.cancelled: list[int] = []
         self.events: list[tuple[str, int]] = []  # ("req" | "cancel", id) in the order they came
+        self.hold_pings = False  # pings wait in ``held`` for ``answer_ping``
+        self.held: list[channel.Connection] = []
         self.server: asyncio.AbstractServer | None = None
         self.serving = asyncio.ensure_future(self._serve())
 
@@ -82,7 +84,10 @@ class FakeEngine:
         if isinstance(msg, Hello):
             conn.send(encode(Info(True, (0, 0), **INFO)))
         elif isinstance(msg, Ping):
-            conn.send(encode(Heartbeat(True, (0, 0))))
+            if self.hold_pings:
+                self.held.append(conn)
+            else:
+                conn.send(encode(Heartbeat(True, (0, 0))))
         elif isinstance(msg, Requests):
             for rid, inp, *_ in decode_requests(msg, frames[1:]):
                 self.requests[rid] = (conn, inp)
@@ -91,6 +96,10 @@ class FakeEngine:
         elif isinstance(msg, Cancel):
             self.cancelled += msg.ids
             self.events += [("cancel", rid) for rid in msg.ids]
+
+    def answer_ping(self) -> None:
+        """The heartbeat that answers the oldest ping held."""
+        self.held.pop(0).send(encode(Heartbeat(True, (0, 0))))
 
     async def answer(self, rid: int) -> None:
         conn, inp = self.requests[rid]
@@ -381,3 +390,51 @@ def test_a_slot_given_back_while_the_freed_list_is_taken_goes_with_the_next_mess
         assert client._take_freed() == ()
     finally:
         client._sweep.cancel()
+
+
+@pytest.fixture
+async def quiet_pair(tmp_path, monkeypatch):
+    """A pair whose client sends no ping of its own (its heartbeat's period is long)."""
+    monkeypatch.setattr(client_mod, "HEARTBEAT_S", 3600.0)
+    engine = FakeEngine(f"ipc://{tmp_path}/engine.sock")
+    client = MPClient(f"ipc://{tmp_path}/engine.sock")
+    await client.start(timeout_s=5)
+    yield engine, client
+    await client.stop()
+    await engine.close()
+
+
+async def test_flush_statistics_returns_with_the_heartbeat_that_answers_its_own_ping(quiet_pair):
+    """The model process writes its metrics when a ping comes, before the heartbeat: a flush waits for the answer
+    to its own ping, not to one sent before it (a periodic ping's heartbeat may have been sent before its)."""
+    engine, client = quiet_pair
+    engine.hold_pings = True
+    client._ping()  # a periodic ping, not yet answered
+    flush = asyncio.create_task(client.flush_statistics(timeout_s=30))
+    await until(lambda: len(engine.held) == 2)
+    engine.answer_ping()  # the earlier ping's heartbeat
+    await asyncio.sleep(0.05)
+    assert not flush.done()
+    engine.answer_ping()  # its own
+    await asyncio.wait_for(flush, 5)
+    assert client._flushes == []
+
+
+async def test_flush_statistics_gives_up_after_its_timeout_when_no_heartbeat_comes(quiet_pair):
+    engine, client = quiet_pair
+    engine.hold_pings = True
+    started = time.monotonic()
+    await asyncio.wait_for(client.flush_statistics(timeout_s=0.2), 5)
+    assert 0.2 <= time.monotonic() - started < 2
+    assert client.ready  # a slow answer to a flush is no failure: its requests are unaffected
+
+
+async def test_flush_statistics_returns_at_once_when_the_model_process_goes(quiet_pair):
+    engine, client = quiet_pair
+    engine.hold_pings = True
+    flush = asyncio.create_task(client.flush_statistics(timeout_s=60))
+    await until(lambda: len(engine.held) == 1)
+    await engine.close()  # it died: no heartbeat will come
+    await asyncio.wait_for(flush, 5)
+    assert client.lost == "its socket closed"
+    await asyncio.wait_for(client.flush_statistics(timeout_s=60), 1)  # gone: nothing to wait for

@@ -232,3 +232,40 @@ async def test_a_front_end_that_is_gone_has_its_pending_requests_cancelled_at_on
         engine._stop.set()
         await asyncio.wait_for(serving, 5)
         engine.close()
+
+
+async def test_a_front_end_that_flushes_reads_every_batch_the_model_process_observed_before(tmp_path):
+    """The model process keeps its metrics (EngineMetrics) and writes them when a ping comes, before the heartbeat
+    answers it: MPClient.flush_statistics returns with them written, whatever the front end's own pings."""
+    from service.engine.client import MPClient
+    from service.messages import BatchStats
+    from service.metrics import EngineMetrics
+
+    address = f"ipc://{tmp_path}/engine.sock"
+    engine = Engine(Settings(), address)
+    engine.batcher = AnswerNextTurn()
+    engine.metrics = EngineMetrics()
+    engine.info = {"config": {"num_heads": 2, "emb_size": 8, "head_size": 4, "max_seq_len": 4}, "model_info": {}}
+    engine.bind()
+    serving = asyncio.create_task(engine.serve())
+    client = MPClient(address)
+    await client.start(timeout_s=5)
+    try:
+        value = engine.metrics.registry.get_sample_value
+        for n in (3, 5):
+            stats = BatchStats(sequences=n, padded_tokens=8 * n, real_tokens=8 * n, compute_s=0.002)
+            engine.metrics.batch_done(n, stats, [0.001] * n)
+        engine.metrics.dropped("deadline")
+        engine.metrics.queue_changed(4, 32)
+        assert value("mha_batch_size_requests_count") == 0.0  # kept, not written
+        await client.flush_statistics(timeout_s=5)
+        assert value("mha_batch_size_requests_count") == 2.0
+        assert value("mha_batch_size_requests_sum") == 8.0
+        assert value("mha_requests_dropped_total", {"reason": "deadline"}) == 1.0
+        assert value("mha_queue_depth_requests") == 4.0
+        assert value("mha_tokens_total", {"kind": "real"}) == 64.0
+    finally:
+        await client.stop()
+        engine._stop.set()
+        await asyncio.wait_for(serving, 5)
+        engine.close()

@@ -13,7 +13,7 @@ import textwrap
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from service.messages import BatchStats
-from service.metrics import _LATENCY, Metrics, observe_all
+from service.metrics import _LATENCY, EngineMetrics, Metrics, TritonCounters, observe_all
 
 # bounds themselves (observe counts v <= bound in that bucket), between them, zero, beyond the last finite one
 VALUES = [0.0, 0.001, 0.0010001, 0.0025, 0.004, 0.05, 0.05, 0.7, 2.5, 29.9, 30.0, 31.0, 1e9, 0.0003]
@@ -157,3 +157,69 @@ def test_the_tally_writes_a_turns_requests_once_the_turn_ends():
     assert 'mha_request_latency_seconds_bucket{le="0.05",route="/attend"} 2.0' in after
     assert 'mha_request_latency_seconds_sum{route="/attend"} 0.032' in after
     assert "mha_requests_in_flight 2.0" in after
+
+
+def _batches() -> list[tuple[int, BatchStats, list[float]]]:
+    """Batches as the batcher reports them: sizes repeat (Triton's per-size counters add up), one failed alone
+    (nothing executed), one with padding; each with its queue waits."""
+    out = []
+    for i, waits in enumerate(batches()):
+        n = max(1, len(waits))
+        real = 16 * n
+        padded = real if i % 2 else real + 8 * i
+        stats = BatchStats(sequences=n, padded_tokens=padded, real_tokens=real, compute_s=0.001 * (i + 1))
+        out.append((n, stats, waits))
+    out.append((1, BatchStats(), [0.5]))  # a lone request that failed: no forward executed
+    out.append((7, BatchStats(sequences=7, padded_tokens=70, real_tokens=70, compute_s=0.004), [0.001] * 7))
+    return out
+
+
+def _lines(registry: CollectorRegistry) -> list[str]:
+    return [ln for ln in generate_latest(registry).decode().splitlines() if "_created" not in ln]
+
+
+def _triton(counters: TritonCounters) -> dict[tuple[str, tuple], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for c in (counters.executions, counters.batches, counters.batch_ns)
+        for family in c.collect()
+        for s in family.samples
+        if not s.name.endswith("_created")
+    }
+
+
+def test_the_model_process_metrics_write_at_flush_what_a_write_per_batch_writes():
+    """EngineMetrics keeps the batcher's observations until ``flush`` (a ping), then writes the same values as
+    Metrics and TritonCounters writing each batch, drop and queue change as it came."""
+    each, each_triton, kept = Metrics(), TritonCounters(), EngineMetrics()
+    for requests, stats, waits in _batches():
+        each.batch_done(requests, stats, waits)
+        each_triton.batch_done(requests, stats, waits)
+        kept.batch_done(requests, stats, waits)
+    for m in (each, kept):
+        m.dropped("deadline")
+        m.dropped("disconnect")
+        m.dropped("deadline")
+        m.queue_changed(9, 90)
+        m.queue_changed(3, 30)  # the latest counts
+    assert _lines(kept.registry) == _lines(Metrics().registry)  # nothing written before the flush
+    assert _triton(kept.triton) == _triton(TritonCounters())
+    kept.flush()
+    want = _lines(each.registry)
+    assert 'mha_requests_dropped_total{reason="deadline"} 2.0' in want and "mha_queue_depth_requests 3.0" in want
+    assert "mha_batch_size_requests_count 9.0" in want
+    assert _lines(kept.registry) == want
+    assert _triton(kept.triton) == _triton(each_triton)
+    assert _triton(kept.triton)[("mha_triton_stats_executions_total", ())] == 8.0  # the failed one executed nothing
+    kept.flush()  # nothing new: nothing written twice
+    assert _lines(kept.registry) == want
+
+
+def test_the_model_process_metrics_flush_by_themselves_past_flush_at_batches():
+    m = EngineMetrics()
+    stats = BatchStats(sequences=1, padded_tokens=4, real_tokens=4, compute_s=0.001)
+    for _ in range(EngineMetrics.FLUSH_AT - 1):
+        m.batch_done(1, stats, [0.001])
+    assert m.registry.get_sample_value("mha_batch_size_requests_count") == 0.0
+    m.batch_done(1, stats, [0.001])
+    assert m.registry.get_sample_value("mha_batch_size_requests_count") == EngineMetrics.FLUSH_AT
