@@ -234,6 +234,16 @@ class Settings(BaseSettings):
         "as bench/forward_time.py does, times 25 for slower CPUs and noisy neighbours. Raise it if you raise the "
         "batch limits or max_seq_len, or run on a slower device: keep it well above bench/forward_time.py's figure.",
     )
+    forward_inline_us: float = Field(
+        100.0,
+        ge=0,
+        description="A forward pass expected to take less than this (microseconds; from the forward passes timed so "
+        "far, per token) runs on the event loop of the process that runs the model, not in its forward thread: the "
+        "hand-off to the thread and back costs two thread wake-ups a batch (~90 us of CPU on a 2-vCPU VM, measured "
+        "with bench/procs.py --noop), more than such a forward. Only while no other batch computes, never for a "
+        "batch with an injected fault; the first forwards always run in the thread. 0: every forward does. A "
+        "forward on the loop holds the loop for its duration: keep it well under MHA_ENGINE_HANG_S.",
+    )
     shm_arena_mib: int = Field(
         ARENA_MIB_DEFAULT,
         ge=0,

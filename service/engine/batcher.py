@@ -28,7 +28,9 @@ Contract:
   forms from what arrives meanwhile (pipelining). With ``max_wait_ms > 0``, a batch formed
   from requests that queued behind a running batch may wait until its oldest request has
   waited that long, or the batch is full, to grow.
-- The forward pass runs in one worker thread; the event loop never blocks on torch.
+- The forward pass runs in one worker thread; the event loop never blocks on torch, but for a forward
+  expected to take less than ``inline_below_s`` (MHA_FORWARD_INLINE_US): one that costs less than the
+  hand-off to the thread and back runs on the loop (``_inline``).
 - A request whose caller went away or was cancelled is dropped before compute, and its queue slot
   (requests and tokens) is released at once. One past its deadline is too, within SWEEP_S (10 ms):
   one sweep every SWEEP_S while requests wait checks every deadline, not a timer per request
@@ -257,10 +259,15 @@ class Batcher:
         is_oom: Callable[[BaseException], bool] = lambda e: False,
         weights_of: Callable[[AttendInput], int] = lambda inp: 0,
         depth: int = 1,
+        inline_below_s: float = 0.0,
     ) -> None:
         self._run_fn = run
         self._weights_of = weights_of  # attention-weight elements a request computes (the runner knows H)
         self._depth = depth  # batches in flight at once (the runner's pipeline depth: 2 on a GPU)
+        # A forward expected to take less than this runs on the event loop, not the forward thread (0: never);
+        # expected from the forwards timed so far: a moving average of their wall time per real token.
+        self._inline_below_s = inline_below_s
+        self._s_per_token = 0.0
         self._running = 0
         self._is_oom = is_oom
         self._scale = 1.0  # batch limits are scaled down after out-of-memory errors
@@ -684,12 +691,38 @@ class Batcher:
         self._queue_changed()
         return chosen
 
+    def _timed(self, inputs: list[AttendInput]) -> tuple[Any, float]:
+        """The forward, and its wall time (where it runs: the forward thread, or the loop)."""
+        started = time.perf_counter()
+        out = self._run_fn(inputs)
+        return out, time.perf_counter() - started
+
+    def _inline(self, batch: list[_Pending], tokens: int) -> bool:
+        """Whether this batch's forward runs on the event loop: it is expected to take less than the hand-off to
+        the forward thread and back costs (two thread wake-ups, and the GIL passed each way: ~90 us of CPU a
+        batch, 6 of the model process's ~33 us a request at batches of 14 on a 2-vCPU VM, bench/procs.py --noop),
+        no other batch computes meanwhile, and none of its requests carries an injected fault (a test's stand-in
+        for a forward that stalls or fails, which no estimate foresees)."""
+        per_token = self._s_per_token
+        if per_token <= 0 or self._running > 1 or tokens * per_token >= self._inline_below_s:
+            return False
+        return not any(p.input.fault for p in batch)
+
     async def _run_batch(self, batch: list[_Pending]) -> None:
         started = time.monotonic()
         waits = [started - p.arrived for p in batch]
         try:
             try:
-                outputs, stats = await self._worker.submit(self._run_fn, [p.input for p in batch])
+                inputs = [p.input for p in batch]
+                tokens = sum(p.tokens for p in batch)
+                if self._inline_below_s > 0 and self._inline(batch, tokens):
+                    (outputs, stats), took = self._timed(inputs)
+                else:
+                    (outputs, stats), took = await self._worker.submit(self._timed, inputs)
+                if tokens:
+                    per_token = took / tokens
+                    prev = self._s_per_token
+                    self._s_per_token = per_token if prev == 0 else 0.2 * per_token + 0.8 * prev
                 if len(outputs) != len(batch):
                     raise RuntimeError(f"runner returned {len(outputs)} results for {len(batch)} requests")
                 results: list[AttendOutput | BaseException] = list(outputs)

@@ -102,6 +102,7 @@ def batcher_for(runner: Runner, settings: Settings, observer: BatcherObserver, s
         is_oom=is_out_of_memory,
         weights_of=runner.weights_elements if steps is None else steps.weights_of,
         depth=runner.depth,
+        inline_below_s=settings.forward_inline_us / 1e6,
     )
 
 
