@@ -156,19 +156,21 @@ class MPClient:
         this call (service.metrics.EngineMetrics writes them when a ping comes, before its heartbeat answers): a
         ping, and the wait for its heartbeat. Bounded by ``timeout_s`` (a model process that is gone or stalled:
         what it wrote is read as it is)."""
-        if self._lost is not None or self._conn is None:
+        if self._lost is not None or not self._ping():  # (gone, or stopped)
             return
         waiter = self._loop.create_future()
-        self._ping()
         self._flushes.append((self._pings, waiter))
         try:
             await asyncio.wait_for(waiter, timeout_s)
         except asyncio.TimeoutError:
             log.warning("the model process did not answer a ping within %g s: its metrics read as they are", timeout_s)
 
-    def _ping(self) -> None:
-        self._pings += 1
-        self._send(encode(Ping(self._take_freed())) if self._freed else _PING)
+    def _ping(self) -> bool:
+        """Send a ping; whether it went (one that did not is never answered, and not counted)."""
+        sent = self._send(encode(Ping(self._take_freed())) if self._freed else _PING)
+        if sent:
+            self._pings += 1
+        return sent
 
     def _release_flushes(self) -> None:
         """No heartbeat will come (gone, stopped): the flushes waiting read what there is."""
@@ -383,10 +385,10 @@ class MPClient:
     # A send never blocks: what the socket does not take now waits in the connection's buffer, in order, and
     # nothing is dropped; the requests' own deadlines bound the wait.
 
-    def _send(self, frames: list) -> None:
+    def _send(self, frames: list) -> bool:
+        """Whether it was written (or buffered): not once the connection is closed."""
         conn = self._conn
-        if conn is not None:  # (stopped: nothing can be waiting for an answer)
-            conn.send(frames)
+        return conn is not None and conn.send(frames)  # (stopped: nothing can be waiting for an answer)
 
     def _closed(self, exc: BaseException | None) -> None:
         """The connection ended without our closing it: the model process died (or its socket broke)."""
