@@ -9,6 +9,7 @@ at concurrency 32; the server and wrk share this machine's cores. Rows: single-p
                                                           # plus the forward pass's own ceiling
     MHA_DEVICE=cpu .venv/bin/python bench/procs.py --gpu --seconds 3   # the GPU command, run on a CPU
     .venv/bin/python bench/procs.py --noop                # the GPU case on this CPU machine (issue 20)
+    .venv/bin/python bench/procs.py --noop --rounds 6 --against HEAD~3   # and an earlier revision, same rounds
 
 Every row prints req/s, p50 and p99 (wrk's exact percentiles) and the ratio to single-process mode; the
 floor is the forward pass alone, with the server's torch threads.
@@ -19,6 +20,8 @@ serving [1,128,512] bfloat16 v2 binary, against its floor, a bare FastAPI echo o
 with 2 workers on the same cores (targets: >= 0.8x its req/s; the model process's CPU a request, from /proc,
 <= 15 us). The two alternate over --rounds rounds; the medians are judged. It also prints where each request's
 CPU went (front ends, model process, wrk; the echo's workers, wrk), as all of them share the two cores.
+``--against REV`` runs REV's service (exported with git archive) in the same rounds and prints its figures
+beside: a change's effect measured side by side, the echo in the same run.
 """
 
 from __future__ import annotations
@@ -37,7 +40,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import Server, children, model_process, proc_cpu_s, run_wrk, tree_cpu_s, wait_idle, wrk_errors
+from bench.harness import (
+    Server,
+    add_against,
+    children,
+    export_tree,
+    model_process,
+    proc_cpu_s,
+    run_wrk,
+    tree_cpu_s,
+    wait_idle,
+    wrk_errors,
+)
 from mha_client._wire import f32_to_bf16
 from service.settings import default_workers
 
@@ -84,8 +98,9 @@ def wrk(url: str, body: tuple[bytes, str, dict[str, str]], connections: int, sec
 NOOP_TARGETS = {"ratio": 0.8, "model_us": 15.0}  # issue 20: x the FastAPI echo; model process CPU a request
 
 
-def noop_case(seconds: float, rounds: int, conns: int, logs: Path) -> dict:
-    """2 front ends with the no-op forward against the FastAPI echo (2 workers), both on both cores."""
+def noop_case(seconds: float, rounds: int, conns: int, logs: Path, against: str | None = None) -> dict:
+    """2 front ends with the no-op forward against the FastAPI echo (2 workers), both on both cores; with ``against``
+    (a git revision), that revision's service too, in the same rounds."""
     import statistics
 
     body = v2_binary_body()
@@ -101,36 +116,58 @@ def noop_case(seconds: float, rounds: int, conns: int, logs: Path) -> dict:
     uv = [sys.executable, "-m", "uvicorn", "bench.echo_app:fastapi_app", "--workers", "2", "--loop", "uvloop"]
     uv += ["--http", "httptools", "--no-access-log", "--log-level", "warning"]
     echo = Server({}, logs / "noop-echo.log", argv=uv, ready_path="/", defaults={}, wait=False)
-    service = Server(env, logs / "noop-service.log", drop_env=("MHA_", "OTEL_"), wait=False)
+    servers = {"service": Server(env, logs / "noop-service.log", drop_env=("MHA_", "OTEL_"), wait=False)}
+    commit = None
+    if against:
+        commit = export_tree(against, logs / "against")
+        servers["against"] = Server(
+            env, logs / "noop-against.log", drop_env=("MHA_", "OTEL_"), wait=False, source=logs / "against"
+        )
     try:
         echo.wait_ready()
-        service.wait_ready()
-        model = model_process(service.pid)
-        if model is None:
+        for srv in servers.values():
+            srv.wait_ready()
+        models = {name: model_process(srv.pid) for name, srv in servers.items()}
+        if None in models.values():
             raise RuntimeError("no model process under the service")
-        runs: dict[str, list[dict]] = {"echo": [], "service": []}
-        targets = {"echo": (echo, "/echo"), "service": (service, "/v2/models/mha/infer")}
-        for srv, path in targets.values():
-            wrk(srv.url + path, body, conns, 1, 2)  # warm-up
+        runs: dict[str, list[dict]] = {"echo": [], **{name: [] for name in servers}}
+        path = "/v2/models/mha/infer"
+        targets = {"echo": (echo, "/echo"), **{name: (srv, path) for name, srv in servers.items()}}
+        for srv, url_path in targets.values():
+            wrk(srv.url + url_path, body, conns, 1, 2)  # warm-up
+        everyone = [echo.proc, *(srv.proc for srv in servers.values())]
         for _ in range(rounds):
-            for name, (srv, path) in targets.items():
-                wait_idle([echo.proc, service.proc], srv.url, srv.ready_path)
-                m0, f0, w0 = proc_cpu_s(model), tree_cpu_s(srv.pid, model), os.times()
-                r = wrk(srv.url + path, body, conns, seconds, 2)
+            for name, (srv, url_path) in targets.items():
+                wait_idle(everyone, srv.url, srv.ready_path)
+                model = models.get(name)
+                m0 = proc_cpu_s(model) if model else 0.0
+                f0, w0 = tree_cpu_s(srv.pid, model), os.times()
+                r = wrk(srv.url + url_path, body, conns, seconds, 2)
                 w1 = os.times()
                 n = max(1.0, r["rps"] * round(seconds))
-                r["model_us"] = 1e6 * (proc_cpu_s(model) - m0) / n if name == "service" else None
+                r["model_us"] = 1e6 * (proc_cpu_s(model) - m0) / n if model else None
                 # the rest of the server (the front ends; the echo's workers) and wrk: where the other cores went
                 r["server_us"] = 1e6 * (tree_cpu_s(srv.pid, model) - f0) / n
                 r["wrk_us"] = 1e6 * (w1.children_user + w1.children_system - w0.children_user - w0.children_system) / n
                 runs[name].append(r)
     finally:
         echo.stop(10)
-        service.stop(10)
+        for srv in servers.values():
+            srv.stop(10)
     med = {k: statistics.median(r["rps"] for r in v) for k, v in runs.items()}
     model_us = statistics.median(r["model_us"] for r in runs["service"])
     cpu = {k: {f: statistics.median(r[f] for r in v) for f in ("server_us", "wrk_us")} for k, v in runs.items()}
+    extra = {}
+    if commit is not None:  # the same figures for REV, from the same rounds
+        extra["against"] = {
+            "commit": commit,
+            "rps": med["against"],
+            "ratio": med["against"] / med["echo"],
+            "model_us_per_request": statistics.median(r["model_us"] for r in runs["against"]),
+            "front_ends_us_per_request": cpu["against"]["server_us"],
+        }
     return {
+        **extra,
         "connections": conns,
         "seconds": seconds,
         "runs": runs,
@@ -158,6 +195,12 @@ def print_noop(res: dict) -> None:
         print(
             f"| CPU a request: front ends / model process / wrk | {res['front_ends_us_per_request']:.0f} / "
             f"{res['model_us_per_request']:.0f} / {wrk_us['service']:.0f} us | |"
+        )
+    if "against" in res:  # the same service at an earlier revision, in the same rounds
+        a = res["against"]
+        print(
+            f"| at {a['commit']}: req/s, x the echo; CPU a request: front ends / model process | {a['rps']:,.0f} "
+            f"({a['ratio']:.2f}x); {a['front_ends_us_per_request']:.0f} / {a['model_us_per_request']:.1f} us | |"
         )
     print(f"| {'PASS' if ok_r else 'FAIL'} ratio | {res['ratio']:.2f}x | >= {t['ratio']}x |")
     print(f"| {'PASS' if ok_m else 'FAIL'} model process CPU a request | {res['model_us_per_request']:.1f} us "
@@ -198,10 +241,13 @@ def main() -> None:
     p.add_argument("--noop", action="store_true", help="the GPU case on a CPU: a no-op forward against an echo")
     p.add_argument("--rounds", type=int, default=2, help="--noop: the echo and the service alternate this often")
     p.add_argument("--json", type=Path, help="also write the results here")
+    add_against(p)
     args = p.parse_args()
+    if args.against and not args.noop:
+        p.error("--against: only with --noop")
     if args.noop:
         logs = Path(tempfile.mkdtemp(prefix="bench-noop-"))
-        res = noop_case(args.seconds, args.rounds, args.connections or 64, logs)
+        res = noop_case(args.seconds, args.rounds, args.connections or 64, logs, args.against)
         print_noop(res)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
