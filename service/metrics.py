@@ -246,7 +246,7 @@ class Metrics(BatcherObserver):
 
     def batches_done(self, batches: list[tuple[int, BatchStats, list[float]]]) -> None:
         """``batch_done`` of each, in order, written together: one write per bucket touched and one per sum, as
-        ``observe_all`` does, the same values as one ``batch_done`` after the other (BatchTally's flush)."""
+        ``observe_all`` does, the same values as one ``batch_done`` after the other (EngineMetrics' flush)."""
         observe_all(self.batch_requests, [requests for requests, _, _ in batches])
         observe_all(self.batch_sequences, [stats.sequences for _, stats, _ in batches])
         observe_all(self.padding_ratio, [s.padded_tokens / s.real_tokens for _, s, _ in batches if s.real_tokens])

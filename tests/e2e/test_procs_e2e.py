@@ -636,3 +636,26 @@ def test_arrays_the_arenas_have_no_room_for_cross_as_frames_right_and_are_counte
         assert sample(text, "mha_shm_fallbacks_total", 'sender="model"') > 0, text
     finally:
         s.stop(signal.SIGKILL)
+
+
+def test_metrics_and_statistics_read_right_after_an_answer_count_its_batch(procs):
+    """The model process writes its batches' metrics and Triton statistics when a front end pings
+    (service.metrics.EngineMetrics), not at each batch: /metrics and the stats route ping first and wait for the
+    heartbeat, so a read right after an answer counts its batch (pings come every 0.25 s: without that wait a
+    read a few milliseconds after the answer misses it)."""
+    with httpx.Client(base_url=procs.url, timeout=30) as c:
+
+        def counts() -> tuple[float, float, int]:
+            text = c.get("/metrics").text
+            stats = c.get("/v2/models/mha/stats").json()["model_stats"][0]
+            return (
+                metric(text, "mha_batch_size_requests_count"),
+                metric(text, "mha_queue_wait_seconds_count"),
+                stats["execution_count"],
+            )
+
+        before = counts()
+        for i in range(1, 6):  # one at a time: each its own batch
+            r = c.post("/attend", json={"x": X})
+            assert r.status_code == 200, r.text
+            assert counts() == (before[0] + i, before[1] + i, before[2] + i)
