@@ -719,10 +719,7 @@ class Batcher:
                     (outputs, stats), took = self._timed(inputs)
                 else:
                     (outputs, stats), took = await self._worker.submit(self._timed, inputs)
-                if tokens:
-                    per_token = took / tokens
-                    prev = self._s_per_token
-                    self._s_per_token = per_token if prev == 0 else 0.2 * per_token + 0.8 * prev
+                self._s_per_token = policy.seconds_per_token(self._s_per_token, tokens, took)
                 if len(outputs) != len(batch):
                     raise RuntimeError(f"runner returned {len(outputs)} results for {len(batch)} requests")
                 results: list[AttendOutput | BaseException] = list(outputs)

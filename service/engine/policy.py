@@ -151,6 +151,16 @@ def drain_rate(previous: float, real_tokens: int, compute_s: float) -> float:
     return rate if previous == 0 else DRAIN_ALPHA * rate + (1 - DRAIN_ALPHA) * previous
 
 
+def seconds_per_token(previous: float, tokens: int, took_s: float) -> float:
+    """The forwards' wall time per token, a moving average over batches (``previous`` 0: none yet), from which the
+    batcher expects how long the next one takes. An average of times, not of rates (``drain_rate``): one slow
+    forward raises it at once, so a misjudged batch sends the next back to the forward thread."""
+    if tokens <= 0:
+        return previous
+    per_token = took_s / tokens
+    return per_token if previous == 0 else DRAIN_ALPHA * per_token + (1 - DRAIN_ALPHA) * previous
+
+
 def retry_after_s(level_tokens: Sequence[int], level: int, drain_tokens_per_s: float) -> float:
     """Whole seconds (at least 1) to drain the tokens queued at ``level`` and above: what runs before a new
     request there. 1 while the drain rate is unknown."""

@@ -231,6 +231,14 @@ def test_retry_after_counts_the_tokens_at_its_level_and_above():
     assert policy.retry_after_s(level_tokens, 2, 0.0) == 1  # drain rate unknown yet
 
 
+def test_the_forwards_seconds_per_token_average_their_times_and_a_slow_one_raises_it_at_once():
+    assert policy.seconds_per_token(0.0, 1000, 0.002) == pytest.approx(2e-6)  # the first forward sets it
+    assert policy.seconds_per_token(2e-6, 1000, 0.001) == pytest.approx(0.2 * 1e-6 + 0.8 * 2e-6)
+    assert policy.seconds_per_token(2e-6, 0, 0.5) == 2e-6  # no tokens: nothing learnt
+    # a forward 1,000 times slower moves it 200-fold (an average of rates would barely move: 1.25x)
+    assert policy.seconds_per_token(2e-6, 1000, 2.0) == pytest.approx(0.2 * 2e-3 + 0.8 * 2e-6)
+
+
 def test_the_drain_rate_is_a_moving_average_of_the_batches():
     assert policy.drain_rate(0.0, 1000, 0.5) == 2000.0  # the first batch sets it
     assert policy.drain_rate(2000.0, 1000, 1.0) == pytest.approx(0.2 * 1000 + 0.8 * 2000)
