@@ -80,7 +80,6 @@ class Engine:
         # per front end: its arena, mapped (its requests' large arrays), and this process's arena for its answers
         self._inputs: dict[int, shm.Mapped] = {}
         self._answers: dict[int, shm.Arena] = {}
-        self._pids: dict[int, int] = {}
         self.metrics: Any = None  # service.metrics.EngineMetrics (load), flushed before each heartbeat
         self._fallback: Any = None  # counts answers an arena had no room for (mha_shm_fallbacks{sender="model"})
 
@@ -150,7 +149,6 @@ class Engine:
         conn = self._peers.pop(peer, None)
         if conn is not None:
             conn.close()
-        self._pids.pop(peer, None)
         self._replies.pop(peer, None)
         self._close_arenas(peer)
         mine = [key for key in self._pending if key[0] == peer]
@@ -206,7 +204,6 @@ class Engine:
         """Map the front end's arena and make one for its answers; ``Info``'s fields that say so. Either may fail
         (no /dev/shm, no room in it): its arrays then cross as frames."""
         self._close_arenas(peer)  # (a second Hello on one socket: a fresh start)
-        self._pids[peer] = hello.pid
         fields: dict[str, Any] = {"arena": None, "mapped": False}
         if not shm.ARENA_BYTES:
             return fields

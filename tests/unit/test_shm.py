@@ -314,13 +314,12 @@ async def test_a_front_end_that_died_is_freed_at_once_without_a_bye(served):
     """A front end that dies sends no Bye: the kernel closes its socket, and the model process learns it from its
     connection's end (no polling of its pid), and frees what it held for it."""
     engine, client = served
-    ((peer, pid),) = engine._pids.items()
-    assert pid == os.getpid()
+    (peer,) = engine._peers
     name = answers_arena(engine).name
     assert on_dev_shm(name)
     client._conn.transport.abort()  # its socket closes with nothing more sent, as when its process is killed
     await until(lambda: not engine._answers and not engine._inputs)
-    assert peer not in engine._peers and not engine._pids and not on_dev_shm(name)
+    assert peer not in engine._peers and not on_dev_shm(name)
 
 
 async def test_front_ends_that_come_and_go_leave_nothing_behind_in_the_model_process(tmp_path, monkeypatch):
@@ -344,7 +343,7 @@ async def test_front_ends_that_come_and_go_leave_nothing_behind_in_the_model_pro
                 await client.stop()
             await until(lambda: not engine._peers)
         assert len(made) == 24
-        assert not engine._answers and not engine._inputs and not engine._pids and not engine._pending
+        assert not engine._answers and not engine._inputs and not engine._pending
         assert not [name for name in made if on_dev_shm(name)]
 
 
