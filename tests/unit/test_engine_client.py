@@ -4,6 +4,7 @@ the wait's safety-net deadline, and the caller watched only once an answer is no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import numpy as np
@@ -119,14 +120,23 @@ class FakeEngine:
         self.listener.close()
 
 
-@pytest.fixture
-async def pair(tmp_path):
+@contextlib.asynccontextmanager
+async def connected(tmp_path):
+    """A scripted model process and an MPClient started against it, both closed after."""
     engine = FakeEngine(f"ipc://{tmp_path}/engine.sock")
     client = MPClient(f"ipc://{tmp_path}/engine.sock")
     await client.start(timeout_s=5)
-    yield engine, client
-    await client.stop()
-    await engine.close()
+    try:
+        yield engine, client
+    finally:
+        await client.stop()
+        await engine.close()
+
+
+@pytest.fixture
+async def pair(tmp_path):
+    async with connected(tmp_path) as p:
+        yield p
 
 
 def x(value: float) -> AttendInput:
@@ -199,37 +209,32 @@ async def test_messages_a_model_process_does_not_read_yet_wait_and_go_later_in_o
     """A model process that stops reading fills the kernel's buffers between the two (1 MiB requests, one message
     each): the client's connection keeps the rest, and a cancel behind them, without blocking its loop, until the
     model process reads again; then they all arrive, in order, and are answered."""
-    address = f"ipc://{tmp_path}/engine.sock"
-    engine = FakeEngine(address)
-    client = MPClient(address)
     waits = []
-    try:
-        await client.start(timeout_s=5)
+    async with connected(tmp_path) as (engine, client):
         engine.pause()
-        n, row = 12, 1 << 18  # 12 requests of 1 MiB: more than the sockets' buffers between the two processes
-        for i in range(n):
-            inp = AttendInput(np.full((1, 1, row), float(i), np.float32))
-            waits.append(asyncio.ensure_future(client.infer(inp, deadline=time.monotonic() + 30)))
-            await until(lambda i=i: i in client._pending and not client._outbox)  # flushed alone: one message each
-        assert client._conn.buffered() > 0, "the kernel took every message: the test did not reach the buffer"
-        waits[n - 1].cancel()  # its cancel waits behind the request it cancels
-        await asyncio.sleep(0.05)
-        assert engine.arrived == list(range(len(engine.arrived))) and len(engine.arrived) < n - 1
-        engine.resume()
-        await until(lambda: len(engine.arrived) == n and engine.cancelled == [n - 1])
-        assert engine.arrived == list(range(n))  # nothing lost, nothing reordered
-        await until(lambda: client._conn.buffered() == 0)
-        for i in range(n - 1):
-            np.testing.assert_array_equal(engine.requests[i][1].x, np.full((1, 1, row), float(i), np.float32))
-            await engine.answer(i)
-        for i in range(n - 1):
-            res = await waits[i]
-            np.testing.assert_array_equal(res.output.output, np.full((1, 1, row), 2.0 * i, np.float32))
-    finally:
-        for w in waits:
-            w.cancel()
-        await client.stop()
-        await engine.close()
+        try:
+            n, row = 12, 1 << 18  # 12 requests of 1 MiB: more than the sockets' buffers between the two processes
+            for i in range(n):
+                inp = AttendInput(np.full((1, 1, row), float(i), np.float32))
+                waits.append(asyncio.ensure_future(client.infer(inp, deadline=time.monotonic() + 30)))
+                await until(lambda i=i: i in client._pending and not client._outbox)  # flushed alone: one message each
+            assert client._conn.buffered() > 0, "the kernel took every message: the test did not reach the buffer"
+            waits[n - 1].cancel()  # its cancel waits behind the request it cancels
+            await asyncio.sleep(0.05)
+            assert engine.arrived == list(range(len(engine.arrived))) and len(engine.arrived) < n - 1
+            engine.resume()
+            await until(lambda: len(engine.arrived) == n and engine.cancelled == [n - 1])
+            assert engine.arrived == list(range(n))  # nothing lost, nothing reordered
+            await until(lambda: client._conn.buffered() == 0)
+            for i in range(n - 1):
+                np.testing.assert_array_equal(engine.requests[i][1].x, np.full((1, 1, row), float(i), np.float32))
+                await engine.answer(i)
+            for i in range(n - 1):
+                res = await waits[i]
+                np.testing.assert_array_equal(res.output.output, np.full((1, 1, row), 2.0 * i, np.float32))
+        finally:
+            for w in waits:
+                w.cancel()
 
 
 async def test_the_model_process_going_away_fails_waiting_requests_at_once_and_stop_leaves_nothing_on_the_loop(
@@ -396,12 +401,8 @@ def test_a_slot_given_back_while_the_freed_list_is_taken_goes_with_the_next_mess
 async def quiet_pair(tmp_path, monkeypatch):
     """A pair whose client sends no ping of its own (its heartbeat's period is long)."""
     monkeypatch.setattr(client_mod, "HEARTBEAT_S", 3600.0)
-    engine = FakeEngine(f"ipc://{tmp_path}/engine.sock")
-    client = MPClient(f"ipc://{tmp_path}/engine.sock")
-    await client.start(timeout_s=5)
-    yield engine, client
-    await client.stop()
-    await engine.close()
+    async with connected(tmp_path) as p:
+        yield p
 
 
 async def test_flush_statistics_returns_with_the_heartbeat_that_answers_its_own_ping(quiet_pair):
