@@ -44,7 +44,7 @@ Contract:
   fails that request alone, unretried.
 - ``start``/``stop`` are explicit; ``stop`` finishes pending work within a grace period and
   fails whatever is left, never leaving a request hanging; it returns once every task it
-  started (dispatch, running batch, timers) is done. The forward runs in a daemon thread, so a
+  started (running batches, timers) is done. The forward runs in a daemon thread, so a
   forward still running when the grace is spent cannot hold the process's exit.
 
 The policy (anchor, joining, holding, out-of-memory scaling, retry-after) is pure functions in
@@ -286,10 +286,14 @@ class Batcher:
         self._busy = False
         self._inflight: list[_Pending] = []
         self._accepting = False
-        self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
-        self._task: asyncio.Task | None = None
-        self._batch_task: asyncio.Task | None = None
+        # The dispatch is a callback scheduled once per turn of the loop when something changed (``_kick``), not a
+        # task awaiting an Event: each wake-up of a task cost a future, a task step and a loop turn a batch.
+        self._loop: asyncio.AbstractEventLoop | None = None  # the event loop it runs on (start)
+        self._kicked = False  # a _dispatch is scheduled
+        self._dead: BaseException | None = None  # what broke the dispatch (a bug): not ready any more
+        self._stopped = False
+        self._batch_task: asyncio.Task | None = None  # the last batch that needed a task (forward thread, retries)
         self._batch_tasks: set[asyncio.Task] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._sweep = Sweep(SWEEP_S, self._check_deadlines)  # while requests wait (SWEEP_S read now: tests patch it)
@@ -306,15 +310,15 @@ class Batcher:
 
     @property
     def running(self) -> bool:
-        return self._task is not None and not self._task.done() and self._accepting
+        return self._loop is not None and not self._stopped and self._dead is None and self._accepting
 
     async def start(self) -> None:
-        if self._task is not None:
+        if self._loop is not None:
             raise RuntimeError("batcher already started")
         self._worker = _ForwardThreads("mha-forward", self._depth)
         self._accepting = True
         self._idle.set()
-        self._task = asyncio.create_task(self._loop(), name="mha-batcher")
+        self._loop = asyncio.get_running_loop()
 
     def stop_accepting(self) -> None:
         """New requests get ShuttingDown from now on; queued ones still run."""
@@ -332,7 +336,7 @@ class Batcher:
         await asyncio.shield(self._stopping)
 
     async def _stop(self, grace_s: float) -> None:
-        if self._task is None:
+        if self._loop is None:
             return
         deadline = time.monotonic() + grace_s
         while self._queued or self._busy:
@@ -353,13 +357,13 @@ class Batcher:
             self._timer.cancel()
             self._timer = None
         self._sweep.cancel()
-        tasks = [t for t in (self._task, *self._batch_tasks) if t is not None and not t.done()]
+        self._stopped = True  # no dispatch from now on
+        tasks = [t for t in self._batch_tasks if not t.done()]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._worker is not None:
             self._worker.shutdown()  # a forward still running finishes in its daemon thread, unawaited
-        self._task = None
         self._batch_task = None
 
     # -- requests ------------------------------------------------------------------------
@@ -507,7 +511,7 @@ class Batcher:
         self._level_tokens[level] += tokens
         if not self._queue_publish:  # (most submits of a turn find it scheduled: no call)
             self._queue_changed()
-        self._wakeup.set()
+        self._kick()
         if not self._sweep.armed:
             self._sweep.arm()
         return pending
@@ -580,35 +584,70 @@ class Batcher:
 
     # -- dispatch ------------------------------------------------------------------------
 
-    async def _loop(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            if self._running >= self._depth:
-                continue
-            self._purge(time.monotonic())
-            if not self._queued:
-                self._idle.set()
-                continue
-            hold = self._hold_s()
-            if hold > 0:
-                if self._timer is None:
-                    self._timer = asyncio.get_running_loop().call_later(hold, self._timer_fired)
-                continue
-            batch = self._select()
-            self._inflight = self._inflight + batch
-            self._running += 1
-            self._busy = True
-            self._idle.clear()
-            self._batch_task = asyncio.create_task(self._run_batch(batch))
-            self._batch_tasks.add(self._batch_task)  # (the loop keeps only weak references to tasks)
-            self._batch_task.add_done_callback(self._batch_tasks.discard)
-            if self._queued and self._running < self._depth:
-                self._wakeup.set()  # a second batch may go in flight now (depth > 1)
+    def _kick(self) -> None:
+        """Something changed (a request queued, a batch ended, the hold timer fired): dispatch in this turn's
+        callbacks, once however many kicks the turn had."""
+        if not self._kicked and not self._stopped:
+            self._kicked = True
+            self._loop.call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        """Start batches while the model has room (``depth``) and requests wait: a batch expected to be short
+        (``_inline``) computes and is answered here, one for the forward thread goes in a task."""
+        if self._stopped or self._dead is not None:
+            self._kicked = False
+            return
+        try:  # (kicks meanwhile, from the batches it starts and ends, need no second call: it looks again)
+            while self._running < self._depth:
+                self._purge(time.monotonic())
+                if not self._queued:
+                    self._idle.set()
+                    return
+                hold = self._hold_s()
+                if hold > 0:
+                    if self._timer is None:
+                        self._timer = self._loop.call_later(hold, self._timer_fired)
+                    return
+                self._start_batch(self._select())
+        except Exception as e:  # a bug: not ready any more (readiness 503), and the deadlines answer what waits
+            self._dead = e
+            log.exception("the batcher's dispatch failed; it takes no more batches")
+        finally:
+            self._kicked = False
+
+    def _start_batch(self, batch: list[_Pending]) -> None:
+        self._inflight = self._inflight + batch
+        self._running += 1
+        self._busy = True
+        self._idle.clear()
+        started = time.monotonic()
+        waits = [started - p.arrived for p in batch]
+        tokens = sum(p.tokens for p in batch)
+        forwarded: Any = None
+        if self._inline_below_s > 0 and self._inline(batch, tokens):
+            try:
+                forwarded = self._timed([p.input for p in batch])
+            except Exception as e:  # answered by the task below: retried one by one, in the forward thread
+                forwarded = e
+            except BaseException:  # (the process is going down) never leave a batch's requests unanswered
+                for p in batch:
+                    self._answer(p, ShuttingDown("the server is shutting down"))
+                self._end(batch)
+                raise
+            else:
+                if len(forwarded[0][0]) == len(batch):  # (else the task below fails it as the thread's would)
+                    try:
+                        self._complete(batch, waits, started, tokens, *forwarded)
+                    finally:
+                        self._end(batch)
+                    return
+        task = self._batch_task = asyncio.create_task(self._run_batch(batch, waits, started, tokens, forwarded))
+        self._batch_tasks.add(task)  # (the loop keeps only weak references to tasks)
+        task.add_done_callback(self._batch_tasks.discard)
 
     def _timer_fired(self) -> None:
         self._timer = None
-        self._wakeup.set()
+        self._kick()
 
     def _hold_s(self) -> float:
         """How long to let a batch grow before dispatch (0 = now)."""
@@ -708,21 +747,20 @@ class Batcher:
             return False
         return not any(p.input.fault for p in batch)
 
-    async def _run_batch(self, batch: list[_Pending]) -> None:
-        started = time.monotonic()
-        waits = [started - p.arrived for p in batch]
+    async def _run_batch(
+        self, batch: list[_Pending], waits: list[float], started: float, tokens: int, forwarded: Any = None
+    ) -> None:
+        """A batch whose forward runs in the forward thread, or whose inline forward failed (``forwarded``: its
+        error, or its answer when it had the wrong count)."""
         try:
             try:
-                inputs = [p.input for p in batch]
-                tokens = sum(p.tokens for p in batch)
-                if self._inline_below_s > 0 and self._inline(batch, tokens):
-                    (outputs, stats), took = self._timed(inputs)
-                else:
-                    (outputs, stats), took = await self._worker.submit(self._timed, inputs)
-                self._s_per_token = policy.seconds_per_token(self._s_per_token, tokens, took)
+                if forwarded is None:
+                    forwarded = await self._worker.submit(self._timed, [p.input for p in batch])
+                if isinstance(forwarded, Exception):
+                    raise forwarded
+                (outputs, stats), took = forwarded
                 if len(outputs) != len(batch):
                     raise RuntimeError(f"runner returned {len(outputs)} results for {len(batch)} requests")
-                results: list[AttendOutput | BaseException] = list(outputs)
             except Exception as e:
                 if self._is_oom(e):
                     self._out_of_memory(len(batch))
@@ -733,35 +771,63 @@ class Batcher:
                     self._obs.batch_failed(len(batch))
                     log.warning("batch of %d failed (%r); retrying its requests one by one", len(batch), e)
                     results, stats = await self._run_one_by_one(batch)
-            now = time.monotonic()
-            for p, wait, res in zip(batch, waits, results, strict=True):
-                if p.settled:
-                    continue  # cancelled, or answered "late" by the sweep
-                if isinstance(res, BaseException):
-                    self._answer(p, res)
-                elif now > p.deadline:
-                    self._answer(p, DeadlineExceeded("the request's deadline passed while it was computing"), "late")
-                else:
-                    self._answer(p, Result(res, wait, stats.compute_s, len(batch), stats.sequences))
-            self._obs.batch_done(len(batch), stats, waits)
-            self._obs.batch_finished([p.input for p in batch], started, stats)
-            self._drain_tokens_per_s = policy.drain_rate(self._drain_tokens_per_s, stats.real_tokens, stats.compute_s)
+                self._answer_all(batch, waits, started, results, stats)
+            else:
+                self._complete(batch, waits, started, tokens, (outputs, stats), took)
         except BaseException as e:  # never leave a batch's requests unanswered
             for p in batch:
                 self._answer(p, e if isinstance(e, Exception) else ShuttingDown("the server is shutting down"))
             if not isinstance(e, Exception):
                 raise
         finally:
-            self._running -= 1
-            self._busy = self._running > 0
-            if not self._running:  # the only batch in flight: _inflight is this batch
-                self._inflight = []
+            self._end(batch)
+
+    def _complete(
+        self, batch: list[_Pending], waits: list[float], started: float, tokens: int, forwarded: Any, took: float
+    ) -> None:
+        """A forward that returned one result a request: its time joins the estimate, and each is answered."""
+        outputs, stats = forwarded
+        self._s_per_token = policy.seconds_per_token(self._s_per_token, tokens, took)
+        try:
+            self._answer_all(batch, waits, started, outputs, stats)
+        except Exception as e:  # (an observer's bug) never leave a batch's requests unanswered
+            for p in batch:
+                self._answer(p, e)
+
+    def _answer_all(
+        self,
+        batch: list[_Pending],
+        waits: list[float],
+        started: float,
+        results: list[AttendOutput | BaseException],
+        stats: BatchStats,
+    ) -> None:
+        now = time.monotonic()
+        for p, wait, res in zip(batch, waits, results, strict=True):
+            if p.settled:
+                continue  # cancelled, or answered "late" by the sweep
+            if isinstance(res, BaseException):
+                self._answer(p, res)
+            elif now > p.deadline:
+                self._answer(p, DeadlineExceeded("the request's deadline passed while it was computing"), "late")
             else:
-                done = {id(p) for p in batch}
-                self._inflight = [p for p in self._inflight if id(p) not in done]
-            self._wakeup.set()
-            if not self._queued and not self._busy:
-                self._idle.set()
+                self._answer(p, Result(res, wait, stats.compute_s, len(batch), stats.sequences))
+        self._obs.batch_done(len(batch), stats, waits)
+        self._obs.batch_finished([p.input for p in batch], started, stats)
+        self._drain_tokens_per_s = policy.drain_rate(self._drain_tokens_per_s, stats.real_tokens, stats.compute_s)
+
+    def _end(self, batch: list[_Pending]) -> None:
+        """A batch is over (answered, or failed whole): the model has room for the next."""
+        self._running -= 1
+        self._busy = self._running > 0
+        if not self._running:  # the only batch in flight: _inflight is this batch
+            self._inflight = []
+        else:
+            done = {id(p) for p in batch}
+            self._inflight = [p for p in self._inflight if id(p) not in done]
+        self._kick()
+        if not self._queued and not self._busy:
+            self._idle.set()
 
     async def _run_one_by_one(self, batch: list[_Pending]) -> tuple[list[AttendOutput | BaseException], BatchStats]:
         """Each request of a failed batch alone, so that only the failing one gets the error. One settled while

@@ -126,3 +126,66 @@ async def test_no_forward_runs_on_the_loop_while_another_batch_computes(batcher)
     assert await asyncio.wait_for(long, 5) == 2.0
     loop_thread = threading.get_ident()
     assert runner.threads[1] != loop_thread and runner.threads[2] != loop_thread
+
+
+async def test_an_inline_batch_is_answered_in_the_turn_that_dispatches_it(batcher):
+    """The dispatch is a callback of the loop's next turn, and an inline batch computes and is answered in it: no
+    task, no second turn (each cost the model process a loop turn a batch)."""
+    runner = Recorder()
+    b = await batcher(runner, inline_below_s=0.05)
+    await answer(b, 1.0)  # timed: the next ones are inline
+    first_task = b._batch_task  # the first forward's, in the thread
+    got: list = []
+    for value in (2.0, 3.0):
+        b.submit(inp(value), deadline=far(), done=got.append)
+    assert got == []  # never from submit
+    await asyncio.sleep(0)  # one turn: the dispatch
+    assert [float(r.output.output[0, 0, 0]) for r in got] == [4.0, 6.0]
+    assert [r.batch_requests for r in got] == [2, 2]  # one batch
+    assert b._batch_task is first_task  # no task since
+
+
+async def test_an_inline_batch_that_fails_is_retried_one_by_one_and_only_the_bad_request_errs(batcher):
+    class Failing(Recorder):
+        def __call__(self, items):
+            if len(items) > 1 and any(float(it.x[0, 0, 0]) == 13.0 for it in items):
+                self.threads.append(threading.get_ident())
+                raise RuntimeError("boom in the batch")
+            if float(items[0].x[0, 0, 0]) == 13.0:
+                raise RuntimeError("boom in 13")
+            return super().__call__(items)
+
+    runner = Failing()
+    b = await batcher(runner, inline_below_s=0.05)
+    await answer(b, 1.0)
+    got: list = []
+    for value in (2.0, 13.0, 3.0):
+        b.submit(inp(value), deadline=far(), done=got.append)
+    while len(got) < 3:
+        await asyncio.sleep(0.005)
+    assert runner.threads[1] == threading.get_ident()  # the batch ran inline and failed there
+    assert runner.threads[2:] and threading.get_ident() not in runner.threads[2:]  # the retries: in the thread
+    errors = [str(r) for r in got if isinstance(r, BaseException)]
+    assert errors == ["boom in 13"]  # only the bad request errs, with its own error
+    assert sorted(float(r.output.output[0, 0, 0]) for r in got if not isinstance(r, BaseException)) == [4.0, 6.0]
+    await answer(b, 4.0)  # and it serves on
+
+
+async def test_a_dispatch_that_breaks_turns_readiness_off(batcher, caplog):
+    runner = Recorder()
+    b = await batcher(runner, inline_below_s=0.05)
+    await answer(b, 1.0)
+    assert b.running
+
+    def broken() -> list:
+        raise RuntimeError("a bug in the selection")
+
+    b._select = broken
+    got: list = []
+    b.submit(inp(2.0), deadline=time.monotonic() + 0.05, done=got.append)
+    await asyncio.sleep(0.01)
+    assert not b.running  # /readyz says 503: the orchestrator restarts the replica
+    assert "dispatch failed" in caplog.text and "a bug in the selection" in caplog.text
+    while not got:  # the sweep still answers its deadline
+        await asyncio.sleep(0.01)
+    assert "deadline" in str(got[0])
