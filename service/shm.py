@@ -83,7 +83,7 @@ class Arena:
             self._shm.unlink()
             raise
         self.name = self._shm.name
-        self._buf = np.ndarray((size,), np.uint8, self._shm.buf)
+        self._buf = self._shm.buf  # (its own memoryview: assigning to a slice of it is the copy)
         self._starts: list[int] = [0]  # free extents: their offsets, sorted
         self._lengths: list[int] = [size]  # and their lengths
         self._taken: dict[int, int] = {}  # offset -> length of each live slot
@@ -100,18 +100,24 @@ class Arena:
         n = a.nbytes
         need = -(-n // ALIGN) * ALIGN
         starts, lengths = self._starts, self._lengths
-        i = next((i for i, length in enumerate(lengths) if length >= need), None)
-        if i is None:
+        i = 0
+        for length in lengths:  # (a plain loop: a generator a put cost as much as the scan)
+            if length >= need:
+                break
+            i += 1
+        else:
             self.misses += 1
             return None
-        offset, length = starts[i], lengths[i]
+        offset = starts[i]
         if length == need:
             del starts[i], lengths[i]
         else:
             starts[i] += need
             lengths[i] -= need
         self._taken[offset] = need
-        self._buf[offset : offset + n] = a.reshape(-1).view(np.uint8)
+        # A memoryview's slice assignment is a memcpy: a numpy slice's went through its generic assignment, and a put
+        # and its free took 3.4 us instead of 1.8 for a 128 KiB answer (timeit, this VM).
+        self._buf[offset : offset + n] = memoryview(a).cast("B")
         return offset
 
     def free(self, offset: int) -> None:
