@@ -295,7 +295,7 @@ class BatcherObserver:
         """After batch_done, with the members' inputs: tracing draws the batch's forward span here."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Result:
     output: AttendOutput
     queue_s: float
@@ -627,29 +627,44 @@ class Outcome:
     retry_after_s: float = 0.0
 
 
+class OutcomesWriter:
+    """One message of outcomes, built as they come: each answer's large arrays go into the ``arena`` (the model
+    process's for this front end) as it is added, and ``frames`` encodes the message. The model process adds each
+    answer straight from the batcher's Result, with no Outcome between them."""
+
+    __slots__ = ("_add", "items", "pack")
+
+    def __init__(self, arena: Arena | None = None) -> None:
+        self.items: list[Answer | Failure] = []
+        self.pack = _Packer(arena)
+        self._add = self.pack.add
+
+    def answer(
+        self, rid: int, out: AttendOutput, queue_s: float, compute_s: float, batch_requests: int, batch_sequences: int
+    ) -> None:
+        w = out.weights
+        add = self._add
+        output = add(out.output)  # (the output's place first, then the weights', as they were always packed)
+        weights = None if w is None else add(w)
+        self.items.append(Answer(rid, output, weights, queue_s, compute_s, batch_requests, batch_sequences))
+
+    def failure(self, rid: int, kind: str, message: str, retry_after_s: float) -> None:
+        self.items.append(Failure(rid, kind, message, retry_after_s))
+
+    def frames(self) -> list:
+        return [_encode(Outcomes(self.items)), *self.pack.frames()]
+
+
 def encode_outcomes(items: list[Outcome], arena: Arena | None = None) -> list:
     """[Outcome] -> [header, packed small arrays, large array, ...]; with an ``arena`` (the model process's for this
     front end), the large arrays that fit are copied into it, to be freed when the front end says so."""
-    answers, pack = [], _Packer(arena)
-    add = pack.add
+    writer = OutcomesWriter(arena)
     for o in items:
-        out = o.output
-        if out is None:
-            answers.append(Failure(o.id, o.error, o.message, o.retry_after_s))
-            continue
-        w = out.weights
-        answers.append(
-            Answer(
-                o.id,
-                add(out.output),
-                None if w is None else add(w),
-                o.queue_s,
-                o.compute_s,
-                o.batch_requests,
-                o.batch_sequences,
-            )
-        )
-    return [_encode(Outcomes(answers)), *pack.frames()]
+        if o.output is None:
+            writer.failure(o.id, o.error, o.message, o.retry_after_s)
+        else:
+            writer.answer(o.id, o.output, o.queue_s, o.compute_s, o.batch_requests, o.batch_sequences)
+    return writer.frames()
 
 
 def decode_outcomes(

@@ -37,14 +37,13 @@ from service.messages import (
     Heartbeat,
     Hello,
     Info,
-    Outcome,
+    OutcomesWriter,
     Ping,
     Requests,
     Result,
     decode,
     decode_requests,
     encode,
-    encode_outcomes,
     kind_of,
 )
 from service.settings import Settings
@@ -54,11 +53,11 @@ log = logging.getLogger("mha_serve.engine")
 UNREAD_GRACE_S = 1.0  # at shutdown, how long answers not yet read by their front end may wait for it
 
 
-def _outcome_of(rid: int, exc: BaseException) -> Outcome:
+def _failure_of(writer: OutcomesWriter, rid: int, exc: BaseException) -> None:
     """A failure as it crosses to the front end: its kind's value, its message and its retry-after."""
     kind = kind_of(exc)
     message = str(exc) if kind is not ErrorKind.INTERNAL else f"{type(exc).__name__}: {exc}"
-    return Outcome(rid, error=kind.value, message=message, retry_after_s=getattr(exc, "retry_after_s", 0.0))
+    writer.failure(rid, kind.value, message, getattr(exc, "retry_after_s", 0.0))
 
 
 class Engine:
@@ -74,7 +73,7 @@ class Engine:
         self._peers: dict[int, channel.Connection] = {}  # front end (its connection's number) -> its connection
         self._next_peer = 0
         self._pending: dict[tuple[int, int], Any] = {}  # (front end, id) -> the batcher's handle, until answered
-        self._replies: dict[int, list[Outcome]] = {}
+        self._replies: dict[int, OutcomesWriter] = {}  # front end -> its next message, built as answers come
         self._flush_scheduled = False
         self._stop = asyncio.Event()
         # per front end: its arena, mapped (its requests' large arrays), and this process's arena for its answers
@@ -247,10 +246,14 @@ class Engine:
             self.batcher.cancel(handle, "disconnect")
 
     def _answer(self, peer: int, rid: int, request_id: str | None, res: Result | BaseException) -> None:
-        """A request's ``done``: its outcome joins its front end's next message (one per turn of the loop)."""
+        """A request's ``done``: its outcome joins its front end's next message (one per turn of the loop); its large
+        arrays go into the answer arena now."""
         self._pending.pop((peer, rid), None)
+        writer = self._replies.get(peer)
+        if writer is None:
+            writer = self._replies[peer] = OutcomesWriter(self._answers.get(peer))
         if isinstance(res, Result):
-            outcome = Outcome(rid, res.output, res.queue_s, res.compute_s, res.batch_requests, res.batch_sequences)
+            writer.answer(rid, res.output, res.queue_s, res.compute_s, res.batch_requests, res.batch_sequences)
         else:  # typed back to the front end, which maps it to the error table
             if kind_of(res) is ErrorKind.INTERNAL:
                 token = request_id_var.set(request_id)  # the log line carries the front end's request id
@@ -258,12 +261,7 @@ class Engine:
                     log.warning("request failed in the model process: %r", res)
                 finally:
                     request_id_var.reset(token)
-            outcome = _outcome_of(rid, res)
-        replies = self._replies.get(peer)
-        if replies is None:
-            self._replies[peer] = [outcome]
-        else:
-            replies.append(outcome)
+            _failure_of(writer, rid, res)
         if not self._flush_scheduled:  # the outcomes of one batch go back in one message per front end
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -272,9 +270,9 @@ class Engine:
         self._flush_scheduled = False
         replies, self._replies = self._replies, {}
         answers = self._answers
-        for peer, outcomes in replies.items():
+        for peer, writer in replies.items():
+            self._send(peer, writer.frames())
             arena = answers.get(peer)
-            self._send(peer, encode_outcomes(outcomes, arena))
             if arena is not None and arena.misses and self._fallback is not None:
                 self._fallback.inc(arena.take_misses())
 

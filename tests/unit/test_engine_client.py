@@ -25,6 +25,7 @@ from service.messages import (
     Info,
     NumericOverflow,
     Outcome,
+    OutcomesWriter,
     Ping,
     Requests,
     ShuttingDown,
@@ -187,18 +188,20 @@ async def test_a_model_process_that_never_answers_ends_the_wait_after_the_deadli
 
 
 async def test_a_numeric_overflow_crosses_the_boundary_typed_with_its_message_and_the_rest_of_the_batch_answers(pair):
-    """The model process's own mapping (process._outcome_of) -> one message -> the client's typed error."""
-    from service.engine.process import _outcome_of
+    """The model process's own mapping (process._failure_of) -> one message -> the client's typed error."""
+    from service.engine.process import _failure_of
 
     engine, client = pair
     message = "the model's float16 computation overflowed: output has 3 non-finite value(s) of 8. (...)"
     waits = [asyncio.ensure_future(client.infer(x(v), deadline=time.monotonic() + 5)) for v in (1.0, 2.0)]
     await until(lambda: len(engine.requests) == 2)
     (ok_id, ok_inp), (bad_id, _) = sorted((rid, inp) for rid, (_, inp) in engine.requests.items())
-    overflow = _outcome_of(bad_id, NumericOverflow(message))
-    assert (overflow.error, overflow.message) == ("numeric_overflow", message)
-    result = Outcome(ok_id, AttendOutput(np.asarray(ok_inp.x) * 2, None), 0.001, 0.002, 2, 2)
-    await engine.send([result, overflow])
+    writer = OutcomesWriter()  # one message, as the model process writes a batch's answers
+    writer.answer(ok_id, AttendOutput(np.asarray(ok_inp.x) * 2, None), 0.001, 0.002, 2, 2)
+    _failure_of(writer, bad_id, NumericOverflow(message))
+    overflow = writer.items[1]
+    assert (overflow.kind, overflow.message) == ("numeric_overflow", message)
+    engine.requests[ok_id][0].send(writer.frames())
     ok, bad = await asyncio.gather(*waits, return_exceptions=True)
     assert type(bad) is NumericOverflow and str(bad) == message
     np.testing.assert_array_equal(ok.output.output, np.full((1, 2, 4), 2.0, np.float32))
