@@ -21,7 +21,8 @@ round for ``--duration`` s at ``--concurrency`` connections, after the servers w
 of servers rotating between rounds; the table gives each cell's median over the rounds: req/s, server
 CPU ms per request (utime + stime deltas from /proc/<pid>/stat; split mode: the front end's, and the
 model process's in a column of its own), p50/p99, req/s over the fastapi-echo's
-for the same body (the issue's targets: v2 binary >= 1.0x, base64 >= 0.8x), and the fastapi-echo's CPU
+for the same body (issue 20's targets, ``TARGETS``: v2 binary >= 1.0x with the access log off and >= 0.95x
+with it on, base64 >= 0.8x), and the fastapi-echo's CPU
 per request over this server's: the same ratio for a saturated core, which other processes on a
 shared machine disturb much less than req/s (read it when the servers' core was not theirs alone).
 
@@ -31,8 +32,8 @@ The machine varies up to 1.5x from run to run: only ratios within one run count.
 Usage:
   .venv/bin/python bench/front.py [--rounds 1] [--duration 5] [--concurrency 64] [--against REV]
                                   [--out bench-results]
-Outputs OUT/front.md and OUT/front.json (the table, then PASS/FAIL lines for the issue's targets: v2 binary
->= 1.0x and base64 >= 0.8x of the fastapi-echo, for this checkout's split front end). About 3 minutes a round.
+Outputs OUT/front.md and OUT/front.json (the table, then PASS/FAIL lines for the issue's targets, for this
+checkout's split front end; front.json carries them for bench/page.py). About 3 minutes a round.
 """
 
 from __future__ import annotations
@@ -216,7 +217,15 @@ def table(cells: list[Cell]) -> str:
     return "\n".join(rows)
 
 
-TARGETS = {"v2-binary": 1.0, "base64": 0.8}  # issue 11: one front-end process against the bare FastAPI echo
+# Issue 20's targets (issue 11 set v2 binary >= 1.0x with the access log on; issue 20 keeps that with it off and
+# asks 0.95x with it on): one front-end process, req/s over the bare FastAPI echo's of the same body. Written into
+# front.json, where bench/page.py reads them: one table for both.
+TARGETS = {
+    ("branch-split-nolog", "v2-binary"): 1.0,
+    ("branch-split", "v2-binary"): 0.95,
+    ("branch-split-nolog", "base64"): 0.8,
+    ("branch-split", "base64"): 0.8,
+}
 
 
 def targets(cells: list[Cell]) -> str:
@@ -224,10 +233,11 @@ def targets(cells: list[Cell]) -> str:
     floor = {c.variant: c for c in cells if c.server == "fastapi-echo"}
     lines = ["", "Targets (req/s of one front-end process, MHA_ENGINE=process, over the fastapi-echo's):"]
     for c in cells:
-        if c.server in ("branch-split", "branch-split-nolog") and c.variant in floor:
-            ratio, want = c.rps / floor[c.variant].rps, TARGETS[c.variant]
+        want = TARGETS.get((c.server, c.variant))
+        if want is not None and c.variant in floor:
+            ratio = c.rps / floor[c.variant].rps
             verdict = "PASS" if ratio >= want else "FAIL"
-            lines.append(f"- {verdict} {c.server} {c.variant}: {ratio:.2f}x (target >= {want:.1f}x)")
+            lines.append(f"- {verdict} {c.server} {c.variant}: {ratio:.2f}x (target >= {want:.2f}x)")
     return "\n".join(lines)
 
 
@@ -289,7 +299,10 @@ def main() -> None:
     report = head + "\n\n" + table(med) + "\n" + targets(med) + "\n"
     print("\n" + report)
     (args.out / "front.md").write_text(report)
-    (args.out / "front.json").write_text(json.dumps({"baseline": commit, "cells": [asdict(c) for c in cells]}))
+    targets_json = [[server, variant, want] for (server, variant), want in TARGETS.items()]
+    (args.out / "front.json").write_text(
+        json.dumps({"baseline": commit, "cells": [asdict(c) for c in cells], "targets": targets_json})
+    )
 
 
 if __name__ == "__main__":

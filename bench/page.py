@@ -74,12 +74,8 @@ def ratios(res: dict[str, dict]) -> list[dict]:
     front = res.get("front", {})
     cells = front.get("cells", [])
     echo = {c["variant"]: c["rps"] for c in cells if c["server"] == "fastapi-echo"}
-    for server, variant, target, label in (
-        ("branch-split-nolog", "v2-binary", 1.0, "front-bound v2 binary, access log off"),
-        ("branch-split", "v2-binary", 0.95, "front-bound v2 binary, access log on"),
-        ("branch-split-nolog", "base64", 0.8, "front-bound base64, access log off"),
-        ("branch-split", "base64", 0.8, "front-bound base64, access log on"),
-    ):
+    for server, variant, target in front.get("targets", []):  # bench/front.py's TARGETS
+        label = f"front-bound {variant.replace('-', ' ')}, access log {'off' if server.endswith('nolog') else 'on'}"
         got = [c["rps"] for c in cells if c["server"] == server and c["variant"] == variant]
         if got and variant in echo:
             rps = sorted(got)[len(got) // 2]
