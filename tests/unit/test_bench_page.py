@@ -12,7 +12,6 @@ import pytest
 from bench import page, run
 from bench.harness import add_against
 
-
 # as bench/front.py writes its TARGETS into front.json
 FRONT_TARGETS = [
     ["branch-split-nolog", "v2-binary", 1.0],
