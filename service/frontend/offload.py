@@ -16,8 +16,10 @@ The pool uses "spawn" and its worker module (service.frontend.offload_worker) im
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
+import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -62,6 +64,9 @@ def many_commas(body: bytes) -> bool:
     return True
 
 
+CLOSE_JOIN_S = 1.0  # at most this long for the decode pool to wind down at close (it takes milliseconds)
+
+
 class Offload:
     def __init__(self, processes: int, min_bytes: int) -> None:
         self.processes = processes
@@ -100,13 +105,26 @@ class Offload:
         They hold no state, and a clean join costs most of a second (each worker's interpreter
         shutdown), out of the one shutdown grace.
         """
-        if self._pool is not None:
-            pids = set(self.worker_pids())
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            for p in multiprocessing.active_children():
-                if p.pid in pids:
-                    p.terminate()
-            self._pool = None
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        pids = set(self.worker_pids())
+        for p in multiprocessing.active_children():
+            if p.pid in pids:
+                p.terminate()
+        # A front end ends by the SIGTERM it drained on, which runs no exit handlers: the semaphores of the pool's
+        # queues and of ``_started`` are unlinked only if those are collected first (their finalizers unlink them);
+        # otherwise the resource tracker warned of 5 leaked semaphores a front end at every shutdown. The pool's
+        # manager thread holds its queues until it has seen its workers go, so the shutdown waits for it: in a
+        # thread of its own, for a bounded time, so that a pool that does not wind down cannot hold the exit.
+        joiner = threading.Thread(
+            target=pool.shutdown, kwargs={"wait": True, "cancel_futures": True}, name="mha-decode-close", daemon=True
+        )
+        joiner.start()
+        joiner.join(CLOSE_JOIN_S)
+        del pool
+        self._started = None
+        gc.collect()  # (the queues, should a cycle hold them)
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` in a decode process. A dead worker breaks the whole pool (BrokenProcessPool): the pool is

@@ -11,6 +11,7 @@ import re
 import signal
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -272,6 +273,8 @@ def test_sigterm_drains_every_process_and_exits_0(tmp_path):
     s = start_server(tmp_path, {**WORKERS, "MHA_SHUTDOWN_GRACE_S": str(grace)})
     all_connected(s)
     engine, fronts = pids(s)
+    trackers = [k for k in children(s.proc.pid) if b"resource_tracker" in Path(f"/proc/{k}/cmdline").read_bytes()]
+    assert trackers  # multiprocessing's resource tracker, shared by every spawned process (the decode pools too)
 
     async def go():
         async with httpx.AsyncClient(base_url=s.url, timeout=30) as c:
@@ -293,6 +296,10 @@ def test_sigterm_drains_every_process_and_exits_0(tmp_path):
     for pid in [engine, *fronts]:
         assert not os.path.exists(f"/proc/{pid}") or not _alive(pid), pid
     assert "model process stopped" in s.log()
+    until = time.monotonic() + 10  # the tracker ends once the last process that shares it has: then it reports
+    while time.monotonic() < until and any(os.path.exists(f"/proc/{k}") and _alive(k) for k in trackers):
+        time.sleep(0.05)
+    assert "leaked" not in s.log(), s.log()[-2000:]  # every semaphore a front end made was unlinked as it drained
 
 
 def test_engine_process_with_one_worker_keeps_torch_out_of_the_front_end(tmp_path):
