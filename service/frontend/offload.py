@@ -16,7 +16,6 @@ The pool uses "spawn" and its worker module (service.frontend.offload_worker) im
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import multiprocessing
 import threading
@@ -122,9 +121,7 @@ class Offload:
         )
         joiner.start()
         joiner.join(CLOSE_JOIN_S)
-        del pool
         self._started = None
-        gc.collect()  # (the queues, should a cycle hold them)
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` in a decode process. A dead worker breaks the whole pool (BrokenProcessPool): the pool is
