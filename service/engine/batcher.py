@@ -594,10 +594,9 @@ class Batcher:
     def _dispatch(self) -> None:
         """Start batches while the model has room (``depth``) and requests wait: a batch expected to be short
         (``_inline``) computes and is answered here, one for the forward thread goes in a task."""
-        if self._stopped or self._dead is not None:
-            self._kicked = False
-            return
         try:  # (kicks meanwhile, from the batches it starts and ends, need no second call: it looks again)
+            if self._stopped or self._dead is not None:
+                return
             while self._running < self._depth:
                 self._purge(time.monotonic())
                 if not self._queued:
