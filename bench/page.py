@@ -69,7 +69,7 @@ def ratios(res: dict[str, dict]) -> list[dict]:
             noop["targets"]["model_us"],
             higher=False,
             measured=f"{noop['model_us_per_request']:.1f} us",
-            floor="",
+            floor=f"the answer's copy alone {noop['answer_copy_us']:.1f} us" if "answer_copy_us" in noop else "",
         )
     front = res.get("front", {})
     cells = front.get("cells", [])

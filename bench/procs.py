@@ -99,12 +99,45 @@ def wrk(url: str, body: tuple[bytes, str, dict[str, str]], connections: int, sec
 NOOP_TARGETS = {"ratio": 0.8, "model_us": 15.0}  # issue 20: x the FastAPI echo; model process CPU a request
 
 
+def answer_copy_us(passes: int = 5, in_flight: int = 64) -> float:
+    """The model-process floor of the no-op case: one answer's copy into its arena (service/shm.py's ``Arena.put``
+    and its ``free``) and nothing else, in this process, with ``in_flight`` answers live, from a 16 MiB ring of
+    request-sized inputs (so that the source is not all in the cache). A no-op forward's answer is its input, and
+    on a CPU the model process copies its bytes; in the service the copy's source was written by a front end on the
+    other core just before, so it costs more there than here: a lower bound. Median of ``passes`` us a copy."""
+    import statistics
+    from collections import deque
+
+    from service.shm import Arena
+
+    x = np.zeros(SHAPE, np.uint16)  # [1,128,512] bfloat16 as its bits: 128 KiB
+    ring = np.random.default_rng(0).integers(0, 1 << 16, ((16 << 20) // x.nbytes, *SHAPE), dtype=np.uint16)
+    arena = Arena(16 << 20)
+    try:
+        per: list[float] = []
+        for _ in range(passes):
+            live: deque[int] = deque()
+            n = 4 * len(ring)
+            t0 = time.perf_counter()
+            for i in range(n):
+                live.append(arena.put(ring[i % len(ring)]))
+                if len(live) > in_flight:
+                    arena.free(live.popleft())
+            per.append(1e6 * (time.perf_counter() - t0) / n)
+            while live:
+                arena.free(live.popleft())
+        return statistics.median(per)
+    finally:
+        arena.close()
+
+
 def noop_case(seconds: float, rounds: int, conns: int, logs: Path, against: str | None = None) -> dict:
     """2 front ends with the no-op forward against the FastAPI echo (2 workers), both on both cores; with ``against``
     (a git revision), that revision's service too, in the same rounds."""
     import statistics
 
     body = v2_binary_body()
+    copy_us = answer_copy_us()  # (before any server starts: the machine is quiet)
     env = {
         "MHA_WORKERS": "2",
         "MHA_ENGINE": "process",
@@ -180,6 +213,7 @@ def noop_case(seconds: float, rounds: int, conns: int, logs: Path, against: str 
         "service_rps": med["service"],
         "ratio": med["service"] / med["echo"],
         "model_us_per_request": model_us,
+        "answer_copy_us": copy_us,
         "front_ends_us_per_request": cpu["service"]["server_us"],
         "echo_us_per_request": cpu["echo"]["server_us"],
         "wrk_us_per_request": {k: v["wrk_us"] for k, v in cpu.items()},
@@ -208,6 +242,8 @@ def print_noop(res: dict) -> None:
             f"({a['ratio']:.2f}x); {a['front_ends_us_per_request']:.0f} / {a['model_us_per_request']:.1f} us | |"
         )
     print(f"| {'PASS' if ok_r else 'FAIL'} ratio | {res['ratio']:.2f}x | >= {t['ratio']}x |")
+    if "answer_copy_us" in res:  # the model process's floor here: the no-op's answer copied into its arena
+        print(f"| floor: the answer's 128 KiB copy alone (Arena.put, one process) | {res['answer_copy_us']:.1f} us | |")
     print(f"| {'PASS' if ok_m else 'FAIL'} model process CPU a request | {res['model_us_per_request']:.1f} us "
           f"| <= {t['model_us']:g} us |")  # fmt: skip
     print(f"errors: {res['errors']}")
