@@ -186,7 +186,10 @@ class BufferedStderr(logging.StreamHandler):
     def add_access(self, entry: tuple) -> None:
         """An access line's fields (``access``): on an event loop, kept for the end of its turn; elsewhere (no loop,
         or another running loop holds this turn's lines) written now."""
-        loop = asyncio._get_running_loop()  # (asyncio's own cheap check, without get_running_loop's raise)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop runs in this thread
+            loop = None
         if loop is not None:
             if self._drain_loop is loop:
                 self._pending.append(entry)

@@ -33,7 +33,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1.health import aio as health_aio
 
 from service.engine_api import SequenceFlags
 from service.errors import ERROR_STATUS, ServiceError, log_internal_error
@@ -263,7 +263,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         return self.state.engine.model
 
 
-class _Health(HealthServicer):
+class _Health(health_aio.HealthServicer):  # (grpc_health's public name for its asyncio servicer)
     """grpc.health.v1: "" and "inference.GRPCInferenceService" follow the app's readiness (as /readyz);
     "live" is SERVING while the gRPC server runs (as /healthz), for a liveness probe."""
 
