@@ -64,6 +64,21 @@ def unlink_run(run_dir: str) -> int:
     return found
 
 
+def _reserve(name: str, size: int) -> None:
+    """Reserve the pages of the shared memory ``name`` now (Linux: its file in /dev/shm), so that a /dev/shm too small
+    (a container's is 64 MB unless told otherwise) fails here, where the caller falls back to frames, not with a
+    SIGBUS at the first write past its room. Opened again by its path: SharedMemory keeps its own descriptor
+    private."""
+    path = os.path.join(SHM_DIR, name.lstrip("/"))
+    if not hasattr(os, "posix_fallocate") or not os.path.exists(path):
+        return  # (no /dev/shm: its pages come as they are written)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+
+
 class Arena:
     """The sender's side: a shared-memory segment and a first-fit allocator over it (OSError if it cannot be had).
 
@@ -75,9 +90,7 @@ class Arena:
         size = self.size = size or ARENA_BYTES  # (read now: tests make it small)
         self._shm = shared_memory.SharedMemory(name=arena_name(), create=True, size=size)
         try:
-            # Its pages are reserved now: a /dev/shm too small (a container's is 64 MB unless told otherwise) fails
-            # here, where the caller falls back to frames, not with a SIGBUS at the first write past its room.
-            os.posix_fallocate(self._shm._fd, 0, size)
+            _reserve(self._shm.name, size)
         except OSError:
             self._shm.close()
             self._shm.unlink()

@@ -70,6 +70,20 @@ def test_the_allocator_reuses_and_merges_freed_slots_and_says_when_full():
     assert not on_dev_shm(arena.name)
 
 
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm here")
+def test_an_arenas_pages_are_reserved_when_it_is_made():
+    """Reserved, not sparse: a /dev/shm without room for it fails at its making (OSError, frames then), not with a
+    SIGBUS at a later write."""
+    size = 1 << 20
+    arena = shm.Arena(size)
+    try:
+        st = os.stat(f"/dev/shm/{arena.name}")
+        assert st.st_size == size
+        assert st.st_blocks * 512 >= size  # (SharedMemory alone leaves it sparse: 0 blocks)
+    finally:
+        arena.close()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_requests_and_answers_through_the_arena_equal_those_through_frames(dtype):
     rng = np.random.default_rng(3)
