@@ -24,7 +24,9 @@ model process's in a column of its own), p50/p99, req/s over the fastapi-echo's
 for the same body (issue 20's targets, ``TARGETS``: v2 binary >= 1.0x with the access log off and >= 0.95x
 with it on, base64 >= 0.8x), and the fastapi-echo's CPU
 per request over this server's: the same ratio for a saturated core, which other processes on a
-shared machine disturb much less than req/s (read it when the servers' core was not theirs alone).
+shared machine disturb much less than req/s (read it when the servers' core was not theirs alone). The
+last column says how busy each core was during the run; a cell whose wrk core was full (wrk and, split, the
+model process) while the servers' core had room measured that core, and its verdict says so.
 
 Needs ``wrk`` (Debian/Ubuntu: ``apt-get install wrk``) and ``taskset`` (util-linux).
 The machine varies up to 1.5x from run to run: only ratios within one run count.
