@@ -18,6 +18,7 @@ import importlib.metadata as md
 import json
 import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -72,15 +73,17 @@ def ratios(res: dict[str, dict]) -> list[dict]:
             floor=f"the answer's copy alone {noop['answer_copy_us']:.1f} us" if "answer_copy_us" in noop else "",
         )
     front = res.get("front", {})
-    cells = front.get("cells", [])
-    echo = {c["variant"]: c["rps"] for c in cells if c["server"] == "fastapi-echo"}
+    cells = front.get("cells", [])  # every round's cells: each (server, variant) is judged by its median, as front.py
+
+    def median_rps(server: str, variant: str) -> float | None:
+        got = [c["rps"] for c in cells if c["server"] == server and c["variant"] == variant]
+        return statistics.median(got) if got else None
+
     for server, variant, target in front.get("targets", []):  # bench/front.py's TARGETS
         label = f"front-bound {variant.replace('-', ' ')}, access log {'off' if server.endswith('nolog') else 'on'}"
-        got = [c["rps"] for c in cells if c["server"] == server and c["variant"] == variant]
-        if got and variant in echo:
-            rps = sorted(got)[len(got) // 2]
-            add(label, rps / echo[variant], target, measured=f"{rps:,.0f} req/s",
-                floor=f"FastAPI echo {echo[variant]:,.0f} req/s")  # fmt: skip
+        rps, echo = median_rps(server, variant), median_rps("fastapi-echo", variant)
+        if rps is not None and echo is not None:
+            add(label, rps / echo, target, measured=f"{rps:,.0f} req/s", floor=f"FastAPI echo {echo:,.0f} req/s")
     svc = res.get("service", {})
     if "floors" in svc:
         limit = svc["floors"]["serial_limit_rps"]

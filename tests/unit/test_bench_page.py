@@ -60,6 +60,22 @@ def test_each_result_is_judged_against_its_floor_and_target() -> None:
     assert got["forward pass, time: output path <= 0.9x nn.MHA at 1x128"]["pass"] is True
 
 
+def test_front_bound_rounds_are_judged_by_their_medians_as_front_py_judges_them() -> None:
+    """front.json holds every round's cells: the service's and the echo's req/s are each their rounds' median (the
+    upper of two rounds against the echo's last round read 0.97x where front.py printed 0.95x)."""
+    res = results()
+    res["front"]["cells"] = [
+        {"server": "fastapi-echo", "variant": "v2-binary", "rps": 10_000.0},
+        {"server": "branch-split-nolog", "variant": "v2-binary", "rps": 9_000.0},
+        {"server": "branch-split-nolog", "variant": "v2-binary", "rps": 10_400.0},
+        {"server": "fastapi-echo", "variant": "v2-binary", "rps": 10_800.0},
+    ]
+    got = {r["what"]: r for r in page.ratios(res)}["front-bound v2 binary, access log off"]
+    assert got["ratio"] == pytest.approx(9_700 / 10_400)
+    assert got["measured"] == "9,700 req/s" and got["floor"] == "FastAPI echo 10,400 req/s"
+    assert got["pass"] is False
+
+
 def test_the_table_prints_measured_floor_ratio_and_verdict() -> None:
     table = page.targets_table(results())
     row = "| front-bound v2 binary, access log on | 930 req/s | FastAPI echo 1,000 req/s | 0.93x | >= 0.95x | FAIL |"
