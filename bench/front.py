@@ -63,6 +63,7 @@ from bench.harness import (  # noqa: E402  (process and measurement helpers)
     SERVER_CORE,
     Server,
     add_against,
+    busy_between,
     children,
     core_busy,
     export_tree,
@@ -196,7 +197,7 @@ def measure(srv: Srv, v: Variant, body_file: Path, args, procs: list) -> Cell:
     busy0 = core_busy()
     r = run_wrk(srv.base + path, v, args.concurrency, args.duration, body_file)
     busy1 = core_busy()
-    busy = {k: (busy1[k][0] - busy0[k][0]) / max(1, busy1[k][1] - busy0[k][1]) for k in (SERVER_CORE, CLIENT_CORE)}
+    busy = busy_between(busy0, busy1)
     cpu = front_cpu_s(srv) - cpu0
     model = proc_cpu_s(srv.model_pid) - model0 if srv.model_pid else float("nan")
     n = max(1, r["requests"])

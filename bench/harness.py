@@ -310,6 +310,11 @@ def core_busy() -> dict[int, tuple[float, float]]:
     return out
 
 
+def busy_between(before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]]) -> dict[int, float]:
+    """Per core: the share of the time between two ``core_busy`` readings that it was busy (0..1)."""
+    return {k: (after[k][0] - before[k][0]) / max(1, after[k][1] - before[k][1]) for k in after if k in before}
+
+
 def wait_idle(procs: list[subprocess.Popen], base: str, path: str, timeout_s: float = 30.0) -> float:
     """Until the servers' CPU time stops growing (<3% of a core over 0.3 s), then one quick GET to ``base``.
     After a run, uvicorn keeps working through the requests of clients that are gone; that must not
@@ -345,7 +350,8 @@ class Quiet:
             a = core_busy()
             time.sleep(0.5)
             b = core_busy()
-            busy = {k: (b[k][0] - a[k][0]) / max(1, b[k][1] - a[k][1]) for k in (SERVER_CORE, CLIENT_CORE)}
+            share = busy_between(a, b)
+            busy = {k: share[k] for k in (SERVER_CORE, CLIENT_CORE)}
             waited = time.monotonic() - t0
             if (
                 max(busy.values()) <= self.threshold

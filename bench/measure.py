@@ -24,6 +24,7 @@ from bench.harness import (
     SERVER_CORE,
     Quiet,
     Server,
+    busy_between,
     core_busy,
     http,
     main_thread_cpu_s,
@@ -206,10 +207,9 @@ def measure_cell(
     cell.socket_errors = raw["err_connect"] + raw["err_read"] + raw["err_write"]
     cell.timeouts = raw["err_timeout"]
     cell.server_cpu = (cpu1 - cpu0) / wall
+    busy = busy_between(cores0, cores1)
     for core in (0, 1):
-        busy = cores1[core][0] - cores0[core][0]
-        total = cores1[core][1] - cores0[core][1]
-        setattr(cell, f"core{core}_busy", busy / total if total else 0.0)
+        setattr(cell, f"core{core}_busy", busy[core])
     client_cpu = sum((b.ru_utime + b.ru_stime) - (a.ru_utime + a.ru_stime) for a, b in zip(ru0, ru1, strict=True))
     cell.foreign0 = max(0.0, cell.core0_busy - (all1 - all0) / wall)
     cell.cpu_ms_per_req = 1e3 * (cpu1 - cpu0) / max(1, cell.requests)

@@ -31,3 +31,11 @@ def test_a_run_with_room_on_wrks_core_is_judged_plainly():
     assert not client_bound(got[1])
     assert targets(got).splitlines()[-1] == "- FAIL branch-split-nolog v2-binary: 0.75x (target >= 1.00x)"
     assert "wrk's core full" not in table(got)
+
+
+def test_busy_between_is_each_cores_busy_share_of_the_time_between_two_readings():
+    from bench.harness import busy_between
+
+    before = {0: (10, 100), 1: (50, 100)}
+    after = {0: (60, 200), 1: (50, 100)}  # core 0 busy half the 100 jiffies; core 1: no time passed
+    assert busy_between(before, after) == {0: 0.5, 1: 0.0}
