@@ -218,6 +218,11 @@ def median_cells(cells: list[Cell]) -> list[Cell]:
     return out
 
 
+def cpu_ratio(floor: Cell | None, c: Cell) -> float:
+    """The floor's CPU a request over this cell's (NaN without a floor or a cost): above 1, this one costs less."""
+    return floor.cpu_ms_per_req / c.cpu_ms_per_req if floor and c.cpu_ms_per_req > 0 else float("nan")
+
+
 def busy(c: Cell) -> str:
     if c.server_core_busy != c.server_core_busy:  # NaN: not measured
         return ""
@@ -235,7 +240,7 @@ def table(cells: list[Cell]) -> str:
     for c in cells:
         f = floor.get(c.variant)
         ratio = c.rps / f.rps if f else nan
-        per_core = f.cpu_ms_per_req / c.cpu_ms_per_req if f and c.cpu_ms_per_req > 0 else nan
+        per_core = cpu_ratio(f, c)
         model = "" if c.model_cpu_ms_per_req != c.model_cpu_ms_per_req else f"{c.model_cpu_ms_per_req:.3f}"  # NaN: none
         rows.append(
             f"| {c.server} | {c.variant} | {c.rps:,.0f} | {c.cpu_ms_per_req:.3f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} "
@@ -266,7 +271,7 @@ def targets(cells: list[Cell]) -> str:
             verdict = "PASS" if ratio >= want else "FAIL"
             line = f"- {verdict} {c.server} {c.variant}: {ratio:.2f}x (target >= {want:.2f}x)"
             if client_bound(c):  # the verdict stands; the reader learns which core it measured
-                per_core = floor[c.variant].cpu_ms_per_req / c.cpu_ms_per_req if c.cpu_ms_per_req > 0 else float("nan")
+                per_core = cpu_ratio(floor[c.variant], c)
                 line += (
                     f"; wrk's core (wrk and the model process) was full and the servers' was not: the front end's CPU a"
                     f" request was {per_core:.2f}x the echo's"
