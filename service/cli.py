@@ -98,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     from service.app import create_app
 
     configure_logging(settings.log_level, settings.log_format)
-    from service.proc import set_title
+    from service.proc import set_title, tune_malloc
 
     set_title("mha-serve")  # the one-process server (its decode processes: mha-serve: decode)
+    tune_malloc(settings.malloc_mmap_threshold_mib)
     app = create_app(settings=settings)
     config = uvicorn.Config(
         app,

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.proc import MALLOC_MIB_DEFAULT, MALLOC_MIB_MAX
 from service.shm import ARENA_MIB_DEFAULT
 
 # The built-in default model, used when no checkpoint is given.
@@ -252,6 +253,16 @@ class Settings(BaseSettings):
         "the arenas off. Each front end makes two arenas in /dev/shm: a container's is 64 MB unless given more "
         "(docker --shm-size, compose shm_size, a Kubernetes emptyDir of medium Memory at /dev/shm). Raise it for "
         "large batches of large tensors on a GPU host.",
+    )
+    malloc_mmap_threshold_mib: int = Field(
+        MALLOC_MIB_DEFAULT,
+        ge=0,
+        le=MALLOC_MIB_MAX,
+        description="glibc: blocks under this size (MiB) come from the heap, which keeps up to twice it free, instead "
+        "of being mapped afresh and unmapped each time. The front ends and the model process (or the one process) "
+        "set it at start (service/proc.py:tune_malloc), so that serving bodies of 128 KiB and more does not fault "
+        "their pages in again request after request. 0, or any MALLOC_*_ or GLIBC_TUNABLES variable, leaves "
+        "glibc's defaults.",
     )
     runner: str | None = Field(
         None,

@@ -353,12 +353,13 @@ def main(address: str, ready: Any, stop: Any, beat: Any = None) -> None:
     It stops when the parent sets ``stop`` (after the front ends drained) or dies, not on signals:
     a Ctrl-C or a SIGTERM sent to the whole process group must not cut off the front ends' drain.
     """
-    from service.proc import set_title
+    from service.proc import set_title, tune_malloc
 
     set_title("mha-serve: model")  # ps tells the processes apart
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     settings = Settings()
+    tune_malloc(settings.malloc_mmap_threshold_mib)
     from service.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)

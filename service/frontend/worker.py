@@ -16,7 +16,7 @@ import signal
 from fastapi import FastAPI
 
 from service.messages import ADDRESS_ENV
-from service.proc import die_with_parent, set_title
+from service.proc import die_with_parent, set_title, tune_malloc
 from service.settings import RUN_DIR_ENV
 
 
@@ -28,6 +28,7 @@ def create_front_app() -> FastAPI:
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
     _set_title()
+    tune_malloc(settings.malloc_mmap_threshold_mib)
     die_with_parent(signal.SIGTERM)  # the supervisor gone (kill -9): drain and leave, as on its own SIGTERM
     app = create_app(settings=settings, engine_address=os.environ[ADDRESS_ENV])
     _drain_on_signal(app)

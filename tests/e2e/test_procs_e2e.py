@@ -666,3 +666,46 @@ def test_metrics_and_statistics_read_right_after_an_answer_count_its_batch(procs
             r = c.post("/attend", json={"x": X})
             assert r.status_code == 200, r.text
             assert counts() == (before[0] + i, before[1] + i, before[2] + i)
+
+
+def _minor_faults(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
+def test_front_ends_serve_128_kib_bodies_without_faulting_their_pages_in_again(tmp_path):
+    """service/proc.py:tune_malloc in the front ends: a v2 binary body of 128 KiB (and its answer) reuses the heap,
+    so that serving one faults no fresh pages in (left to glibc, the no-op GPU case's front ends took 1.3-7.4 page
+    faults a request, and the test's loop 81 an iteration); the answers are the module's."""
+    s = start_server(tmp_path, WORKERS)  # (with MHA_MALLOC_MMAP_THRESHOLD_MIB=0: 4.1 faults a request)
+    try:
+        all_connected(s)
+        _, fronts = pids(s)
+        x = np.random.default_rng(5).standard_normal((16, 64, 32)).astype(np.float32)  # 128 KiB
+        with torch.no_grad():
+            want = builtin_model()(torch.from_numpy(x)).output.numpy()
+        given = {"name": "x", "datatype": "FP32", "shape": list(x.shape), "parameters": {"binary_data_size": x.nbytes}}
+        asked = {"name": "output", "parameters": {"binary_data": True}}
+        head = json.dumps({"inputs": [given], "outputs": [asked]}).encode()
+        headers = {"inference-header-content-length": str(len(head))}
+
+        async def serve(n: int) -> None:
+            limits = httpx.Limits(max_connections=8)
+            async with httpx.AsyncClient(base_url=s.url, timeout=30, limits=limits) as c:
+
+                async def one() -> None:
+                    r = await c.post("/v2/models/mha/infer", content=head + x.tobytes(), headers=headers)
+                    assert r.status_code == 200, r.text
+                    hl = int(r.headers["inference-header-content-length"])
+                    np.testing.assert_allclose(np.frombuffer(r.content[hl:], "<f4").reshape(x.shape), want, atol=1e-5)
+
+                await asyncio.gather(*(one() for _ in range(n)))
+
+        asyncio.run(serve(60))  # warm: the heap grows to what 8 requests at once hold
+        before = sum(_minor_faults(p) for p in fronts)
+        n = 300
+        asyncio.run(serve(n))
+        per = (sum(_minor_faults(p) for p in fronts) - before) / n
+        assert per < 1, f"{per:.1f} page faults a request in the front ends"
+    finally:
+        s.stop(signal.SIGKILL)
