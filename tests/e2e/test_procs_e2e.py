@@ -677,7 +677,7 @@ def test_front_ends_serve_128_kib_bodies_without_faulting_their_pages_in_again(t
     """service/proc.py:tune_malloc in the front ends: a v2 binary body of 128 KiB (and its answer) reuses the heap,
     so that serving one faults no fresh pages in (left to glibc, the no-op GPU case's front ends took 1.3-7.4 page
     faults a request, and the test's loop 81 an iteration); the answers are the module's."""
-    s = start_server(tmp_path, WORKERS)  # (with MHA_MALLOC_MMAP_THRESHOLD_MIB=0: 4.1 faults a request)
+    s = start_server(tmp_path, WORKERS)  # (MHA_MALLOC_MMAP_THRESHOLD_MIB=0: 2-10 a request)
     try:
         all_connected(s)
         _, fronts = pids(s)
@@ -701,11 +701,14 @@ def test_front_ends_serve_128_kib_bodies_without_faulting_their_pages_in_again(t
 
                 await asyncio.gather(*(one() for _ in range(n)))
 
-        asyncio.run(serve(60))  # warm: the heap grows to what 8 requests at once hold
-        before = sum(_minor_faults(p) for p in fronts)
-        n = 300
-        asyncio.run(serve(n))
-        per = (sum(_minor_faults(p) for p in fronts) - before) / n
-        assert per < 1, f"{per:.1f} page faults a request in the front ends"
+        for _ in range(2):  # warm: each front end's heap grows to what the requests it takes at once hold
+            asyncio.run(serve(150))
+        rounds = []  # faults a request, in rounds of 300 (each on new connections: either front end may take them)
+        for _ in range(3):
+            before = sum(_minor_faults(p) for p in fronts)
+            asyncio.run(serve(300))
+            rounds.append((sum(_minor_faults(p) for p in fronts) - before) / 300)
+        # one round may still grow a heap that warming left short; glibc's defaults fault pages in every round
+        assert sorted(rounds)[1] < 1, f"page faults a request in the front ends, by round: {rounds}"
     finally:
         s.stop(signal.SIGKILL)
