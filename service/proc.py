@@ -37,28 +37,31 @@ def title_thread() -> None:
 # glibc's mallopt parameters
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-MALLOC_MIB_DEFAULT = 4  # MHA_MALLOC_MMAP_THRESHOLD_MIB (service/settings.py)
 MALLOC_MIB_MAX = 32  # glibc's ceiling for the threshold on 64 bits (HEAP_MAX_SIZE / 2)
+MALLOC_MIB_DEFAULT = MALLOC_MIB_MAX  # MHA_MALLOC_MMAP_THRESHOLD_MIB (service/settings.py)
 _GLIBC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
 
 def tune_malloc(mib: int) -> bool:
     """glibc: blocks under ``mib`` MiB come from the heap, which keeps up to twice that free at its top instead of
-    giving it back to the kernel at once. Returns whether it was set. The front ends and the model process call it
-    first thing, with MHA_MALLOC_MMAP_THRESHOLD_MIB (4 by default).
+    giving it back to the kernel at once. Returns whether it was set. The front ends and the model process (or the
+    one process) call it first thing, with MHA_MALLOC_MMAP_THRESHOLD_MIB (32 by default).
 
     A request's body and its arrays are such blocks (a [1,128,512] bfloat16 v2 body is 128 KiB). Left to itself,
-    glibc maps a block of 128 KiB or more afresh and unmaps it when it is freed; it moves its threshold up only
-    once it has freed a mapped block, and gives the heap's top back whenever more than twice the threshold lies
-    free there. A process serving bodies of that size then faults the pages of body after body in again:
-    ``tests/unit/test_malloc.py``'s loop (read a 128 KiB body into a buffer, split it, join it) took 81 page
-    faults an iteration, none tuned; the front ends of a split server took 4.1 a request of 128 KiB, none tuned
-    (``tests/e2e/test_procs_e2e.py``), and in the no-op GPU case (``bench/procs.py --noop --against`` the commit
-    before, 4 runs of 6 rounds on a 2-vCPU VM) they spent 0-13% less CPU a request (264-342 against 304-360 us),
-    for 1-14% more requests a second. Not 32 MiB, glibc's ceiling: with 50 MB JSON bodies decoded 4 at once
-    (``bench/memory.py``) their 10 MB arrays then stayed in the heap, and the peak grew by 20 MiB; at 4 MiB it
-    did not move. The decode processes keep glibc's defaults: they parse bodies of tens of MB, whose pages a
-    fault more or less does not weigh on.
+    glibc maps a block of 128 KiB or more afresh and unmaps it when it is freed; it moves its threshold up (to 32
+    MiB at most) only as it frees mapped blocks, and gives the heap's top back whenever more than twice the
+    threshold lies free there. A process serving bodies of that size then faults the pages of body after body in
+    again: ``tests/unit/test_malloc.py``'s loop (read a 128 KiB body into a buffer, split it, join it) took 81 page
+    faults an iteration, none tuned; the front ends of a split server took 2-10 a 128 KiB request, none tuned
+    (``tests/e2e/test_procs_e2e.py``). This is the state glibc's own rule reaches at its ceiling, set from the
+    start, so that a process's costs do not depend on which sizes it happened to free first.
+
+    Not lower: at 4 MiB a batch of 32 [128,512] rows faulted 10,243 pages in a forward pass (its 8 and 16 MiB
+    tensors mapped afresh each time, where glibc's own rule had moved its threshold above them), and the forward
+    took 25% more CPU. The cost: a process may keep up to 64 MiB free on its heap after a burst; with four 50 MB
+    JSON bodies decoded at once (``bench/memory.py``) the one process's peak grew by 20-27 MiB (3-4%). The decode
+    processes keep glibc's defaults: they parse bodies of tens of MB, on which a fault more or less does not weigh,
+    and tuned, their peak grew by 48 MiB.
 
     0 leaves glibc's defaults, and so does any MALLOC_*_ or GLIBC_TUNABLES variable in the environment (an
     operator's own choice). Elsewhere than glibc (musl, macOS) nothing is done.
