@@ -58,7 +58,7 @@ def tune_malloc(mib: int) -> bool:
 
     Not lower: at 4 MiB a batch of 32 [128,512] rows faulted 10,243 pages in a forward pass (its 8 and 16 MiB
     tensors mapped afresh each time, where glibc's own rule had moved its threshold above them), and the forward
-    took 25% more CPU. The cost: a process may keep up to 64 MiB free on its heap after a burst; with four 50 MB
+    took 16-26% more CPU. The cost: a process may keep up to 64 MiB free on its heap after a burst; with four 50 MB
     JSON bodies decoded at once (``bench/memory.py``) the one process's peak grew by up to 27 MiB (4%). The decode
     processes keep glibc's defaults: they parse bodies of tens of MB, on which a fault more or less does not weigh,
     and tuned, their peak grew by 48 MiB.
