@@ -16,7 +16,7 @@ from service.proc import MALLOC_MIB_DEFAULT, tune_malloc
 # is per process).
 _LOOP = """
 import resource, sys
-from service.proc import MALLOC_MIB_DEFAULT, tune_malloc
+from service.proc import tune_malloc
 print(tune_malloc(int(sys.argv[1])))
 body = b"x" * (131072 + 300)
 def once():
@@ -36,11 +36,12 @@ print(sorted(each)[2])
 """
 
 
-def _faults(mib: int, **env: str) -> tuple[bool, float]:
+def _faults(script: str, mib: int, **env: str) -> tuple[bool, float]:
+    """Run ``script`` (``_LOOP``, ``_FORWARD``) with ``tune_malloc(mib)`` in a fresh interpreter, glibc's variables
+    only those of ``env``: whether it tuned, and the page faults it printed."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
-    out = subprocess.run(
-        [sys.executable, "-c", _LOOP, str(mib)], env={**clean, **env}, capture_output=True, text=True, timeout=60
-    )
+    argv = [sys.executable, "-c", script, str(mib)]
+    out = subprocess.run(argv, env={**clean, **env}, capture_output=True, text=True, timeout=100)
     assert out.returncode == 0, out.stderr
     tuned, faults = out.stdout.split()
     return tuned == "True", float(faults)
@@ -54,7 +55,7 @@ glibc_only = pytest.mark.skipif(
 @glibc_only
 @pytest.mark.timeout(120)
 def test_a_tuned_process_reuses_its_heap_for_request_sized_blocks():
-    tuned, faults = _faults(MALLOC_MIB_DEFAULT)
+    tuned, faults = _faults(_LOOP, MALLOC_MIB_DEFAULT)
     assert tuned
     # left to glibc, this loop faulted 81 pages in an iteration (its 128 KiB blocks mapped and unmapped each time)
     assert faults < 1, f"{faults} page faults an iteration"
@@ -63,9 +64,9 @@ def test_a_tuned_process_reuses_its_heap_for_request_sized_blocks():
 @glibc_only
 @pytest.mark.timeout(120)
 def test_zero_or_the_operators_own_glibc_settings_leave_glibc_alone():
-    assert _faults(0)[0] is False
-    assert _faults(32, MALLOC_TRIM_THRESHOLD_="131072")[0] is False
-    assert _faults(32, GLIBC_TUNABLES="glibc.malloc.trim_threshold=131072")[0] is False
+    assert _faults(_LOOP, 0)[0] is False
+    assert _faults(_LOOP, 32, MALLOC_TRIM_THRESHOLD_="131072")[0] is False
+    assert _faults(_LOOP, 32, GLIBC_TUNABLES="glibc.malloc.trim_threshold=131072")[0] is False
 
 
 @pytest.mark.timeout(30)
@@ -100,11 +101,7 @@ print(sorted(each)[2])
 def test_the_forward_pass_of_a_large_batch_faults_nothing_in_a_tuned_process():
     """The threshold is not set below the forward's own tensors (at 4 MiB, a batch of 32 [128,512] rows faulted
     10,243 pages in a forward: its 8 and 16 MiB tensors mapped afresh each time, 16-26% more CPU)."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
-    argv = [sys.executable, "-c", _FORWARD, str(MALLOC_MIB_DEFAULT)]
-    out = subprocess.run(argv, env=clean, capture_output=True, text=True, timeout=100)
-    assert out.returncode == 0, out.stderr
-    tuned, faults = out.stdout.split()
-    assert tuned == "True"
+    tuned, faults = _faults(_FORWARD, MALLOC_MIB_DEFAULT)
+    assert tuned
     # the median forward's: a heap may still grow once after warming (in the full suite, by 8 MiB in one forward)
-    assert float(faults) < 100, f"{faults} page faults a forward pass"
+    assert faults < 100, f"{faults} page faults a forward pass"
