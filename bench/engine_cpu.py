@@ -18,6 +18,15 @@ event loop's; the forward thread, the watchdog and the log flusher, by their tit
 also prints where the model process spent it (cProfile, the top functions by their own time). With 1 request in
 flight every request is its own message and batch; with 64, 64 share a message and 32 a batch: the spread between
 them is the per-message and per-batch cost.
+
+``--in-process`` (the real batcher) measures the same code with nothing else in the way: the model process's
+``Engine`` is fed its messages directly in this one process (``Engine._handle``, as its connection calls it), each
+message of ``--at-once`` requests built here beforehand, its answers read and their slots given back after, with no
+socket, no second process and no other core. It prints the model side's CPU a request, and how much of it was the
+answer's copy into the answer arena (``Arena.put``, timed) beside the Python around it: the split that the
+two-process run blurs with the crossing, the scheduler and the other core's caches.
+
+    PYTHONPATH=. python -m bench.engine_cpu --in-process --shape 1,128,512 --dtype bfloat16 --at-once 32
 """
 
 from __future__ import annotations
@@ -64,15 +73,7 @@ def serve(address: str, ready, batcher: str, shape: tuple, profile: bool) -> Non
     async def main() -> None:
         _B, T, E = shape
         if batcher == "real":
-            os.environ.update(
-                MHA_RUNNER="bench.noop_runner:runner",
-                MHA_EMB_SIZE=str(E),
-                MHA_NUM_HEADS="8",
-                MHA_HEAD_SIZE=str(E // 8),
-                MHA_MAX_SEQ_LEN=str(max(T, 16)),
-                MHA_WARMUP="false",
-                MHA_DEVICE="cpu",
-            )
+            os.environ.update(_model_env(shape))
             engine = process.Engine(Settings(), address)
             await engine.load()
         else:
@@ -100,14 +101,10 @@ def serve(address: str, ready, batcher: str, shape: tuple, profile: bool) -> Non
 
 async def feed(address: str, n: int, pid: int, shape: tuple, dtype: str, at_once: int) -> float:
     from service.engine.client import MPClient
-    from service.messages import AttendInput
 
     client = MPClient(address)
     await client.start(timeout_s=10)
-    if dtype == "bfloat16":  # its bits, as the front end sends it
-        x = AttendInput(np.ones(shape, np.float32).view(np.uint16)[..., 1::2].copy(), wire_dtype=dtype, out_dtype=dtype)
-    else:
-        x = AttendInput(np.ones(shape, dtype), wire_dtype=dtype, out_dtype=dtype)
+    x = _input(shape, dtype)
 
     async def one_turn() -> None:
         await asyncio.gather(*(client.infer(x, deadline=time.monotonic() + 30) for _ in range(at_once)))
@@ -127,6 +124,118 @@ async def feed(address: str, n: int, pid: int, shape: tuple, dtype: str, at_once
     return used / done
 
 
+class _Unsent:
+    """The model process's connection to its front end in ``--in-process``: keeps what it sends, to be read here."""
+
+    def __init__(self) -> None:
+        self.sent: list[list] = []
+
+    def send(self, frames: list) -> None:
+        self.sent.append(frames)
+
+    def close(self) -> None:
+        pass
+
+    def buffered(self) -> int:
+        return 0
+
+
+def _model_env(shape: tuple) -> dict[str, str]:
+    """The no-op runner (bench/noop_runner.py) for a model of x's T and E: the batcher as it serves, no forward."""
+    _B, T, E = shape
+    return {
+        "MHA_RUNNER": "bench.noop_runner:runner",
+        "MHA_EMB_SIZE": str(E),
+        "MHA_NUM_HEADS": "8",
+        "MHA_HEAD_SIZE": str(E // 8),
+        "MHA_MAX_SEQ_LEN": str(max(T, 16)),
+        "MHA_WARMUP": "false",
+        "MHA_DEVICE": "cpu",
+    }
+
+
+def _input(shape: tuple, dtype: str):
+    """A request's x of ``shape``, random, in ``dtype`` as a front end sends it (bfloat16: its bits)."""
+    from service.messages import AttendInput
+
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    if dtype == "bfloat16":
+        return AttendInput(x.view(np.uint16)[..., 1::2].copy(), wire_dtype=dtype, out_dtype=dtype)
+    return AttendInput(x.astype(dtype), wire_dtype=dtype, out_dtype=dtype)
+
+
+async def in_process(n: int, shape: tuple, dtype: str, at_once: int, warm: int = 50) -> tuple[float, float]:
+    """``--in-process``: the Engine's message path, one message of ``at_once`` requests at a time, timed alone.
+    Returns the CPU seconds a request, and the answer's copy's share of them."""
+    from service import shm
+    from service.engine import process
+    from service.messages import ARENA, Arr, decode, encode_requests
+    from service.settings import Settings
+
+    os.environ.update(_model_env(shape))
+    engine = process.Engine(Settings(), f"ipc://{tempfile.mkdtemp()}/engine.sock")
+    await engine.load()
+    conn = _Unsent()
+    front = shm.Arena()  # the front end's arena for its requests' x, as MPClient's
+    engine._peers[0] = conn
+    engine._inputs[0] = shm.Mapped(front.name)
+    answers = engine._answers[0] = shm.Arena()
+    copy_s = 0.0
+    put = answers.put
+
+    def timed_put(a: np.ndarray) -> int | None:  # the answer's copy into the answer arena
+        nonlocal copy_s
+        t = time.perf_counter()
+        try:
+            return put(a)
+        finally:
+            copy_s += time.perf_counter() - t
+
+    answers.put = timed_put
+    x = _input(shape, dtype)
+
+    def is_x(a: Arr) -> bool:
+        return np.array_equal(np.ndarray(tuple(a.shape), np.dtype(a.dtype), answers._buf, a.offset), x.x)
+
+    freed: tuple[int, ...] = ()
+    used = 0.0
+    rounds = max(1, n // at_once)
+    try:
+        for i in range(warm + rounds):
+            if i == warm:
+                used = copy_s = 0.0
+            slots: list[list[int]] = []
+            items = [(rid, x, time.monotonic() + 30, None, 0) for rid in range(at_once)]
+            frames = encode_requests(items, front, slots, freed)
+            frames = [f if isinstance(f, np.ndarray) else memoryview(f) for f in frames]  # as read: memoryviews
+            t0 = time.process_time()
+            engine._handle(0, frames)  # as the connection hands it a message it read
+            while not conn.sent:  # the batcher's dispatch and the answers' flush run in the next turns' callbacks
+                await asyncio.sleep(0)
+            used += time.process_time() - t0
+            outcomes = decode(conn.sent.pop()[0])
+            if len(outcomes.items) != at_once or conn.sent:
+                raise RuntimeError(f"expected one message of {at_once} answers, got {outcomes.items[:3]}")
+            last = outcomes.items[-1].output
+            if last.frame == ARENA and not is_x(last):  # the no-op's answer is its x: one checked a message, untimed
+                raise RuntimeError("an answer is not its request's x")
+            freed = tuple(a.output.offset for a in outcomes.items)  # given back with the next message, as a front end
+            for taken in slots:
+                for offset in taken:
+                    front.free(offset)
+    finally:
+        await engine.shutdown(0.0)
+        engine.close()  # (its arenas and its mapping of the front end's)
+        front.close()
+    done = rounds * at_once
+    print(
+        f"model side CPU per request, in one process: {used / done * 1e6:.1f} us, of which the answer's copy "
+        f"{copy_s / done * 1e6:.1f} us, the rest {(used - copy_s) / done * 1e6:.1f} us ({done} requests of "
+        f"{list(shape)} {dtype}, {at_once} a message, batcher real)"
+    )
+    return used / done, copy_s / done
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=4000)
@@ -135,8 +244,14 @@ def main() -> None:
     ap.add_argument("--batcher", default="next-turn", choices=["next-turn", "real"])
     ap.add_argument("--at-once", type=int, default=16, help="requests in flight")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--in-process", action="store_true", help="feed the model process's Engine in this process")
     args = ap.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
+    if args.in_process:
+        from service.engine import process
+
+        process._run(in_process(args.requests, shape, args.dtype, args.at_once))
+        return
     address = f"ipc://{tempfile.mkdtemp()}/engine.sock"
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Event()
