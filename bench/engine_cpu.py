@@ -210,16 +210,18 @@ async def in_process(n: int, shape: tuple, dtype: str, at_once: int, warm: int =
             frames = [f if isinstance(f, np.ndarray) else memoryview(f) for f in frames]  # as read: memoryviews
             t0 = time.process_time()
             engine._handle(0, frames)  # as the connection hands it a message it read
-            while not conn.sent:  # the batcher's dispatch and the answers' flush run in the next turns' callbacks
+            # the batcher's dispatch, its batches (max_batch_size a batch) and the answers' flush, in the next turns
+            while engine._pending or engine._flush_scheduled:
                 await asyncio.sleep(0)
             used += time.process_time() - t0
-            outcomes = decode(conn.sent.pop()[0])
-            if len(outcomes.items) != at_once or conn.sent:
-                raise RuntimeError(f"expected one message of {at_once} answers, got {outcomes.items[:3]}")
-            last = outcomes.items[-1].output
+            answered = [a for frames in conn.sent for a in decode(frames[0]).items]
+            conn.sent.clear()
+            if sorted(a.id for a in answered) != list(range(at_once)):
+                raise RuntimeError(f"expected an answer to each of {at_once} requests, got {answered[:3]}")
+            last = answered[-1].output
             if last.frame == ARENA and not is_x(last):  # the no-op's answer is its x: one checked a message, untimed
                 raise RuntimeError("an answer is not its request's x")
-            freed = tuple(a.output.offset for a in outcomes.items)  # given back with the next message, as a front end
+            freed = tuple(a.output.offset for a in answered)  # given back with the next message, as a front end does
             for taken in slots:
                 for offset in taken:
                     front.free(offset)
