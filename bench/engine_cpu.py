@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -247,12 +249,15 @@ def main() -> None:
     ap.add_argument("--at-once", type=int, default=16, help="requests in flight")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--in-process", action="store_true", help="feed the model process's Engine in this process")
+    ap.add_argument("--json", type=Path, help="--in-process: also write its two figures here (us a request)")
     args = ap.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
     if args.in_process:
         from service.engine import process
 
-        process._run(in_process(args.requests, shape, args.dtype, args.at_once))
+        used, copy = process._run(in_process(args.requests, shape, args.dtype, args.at_once))
+        if args.json:
+            args.json.write_text(json.dumps({"us": used * 1e6, "copy_us": copy * 1e6, "at_once": args.at_once}))
         return
     address = f"ipc://{tempfile.mkdtemp()}/engine.sock"
     ctx = multiprocessing.get_context("spawn")

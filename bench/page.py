@@ -70,7 +70,10 @@ def ratios(res: dict[str, dict]) -> list[dict]:
             noop["targets"]["model_us"],
             higher=False,
             measured=f"{noop['model_us_per_request']:.1f} us",
-            floor=f"the answer's copy alone {noop['answer_copy_us']:.1f} us" if "answer_copy_us" in noop else "",
+            floor="; ".join(
+                [f"the answer's copy alone {noop['answer_copy_us']:.1f} us"] * ("answer_copy_us" in noop)
+                + [f"the model process's code alone {noop['model_code_us']:.1f} us"] * ("model_code_us" in noop)
+            ),
         )
     front = res.get("front", {})
     cells = front.get("cells", [])  # every round's cells: each (server, variant) is judged by its median, as front.py

@@ -42,6 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import (
+    ROOT,
     Server,
     add_against,
     children,
@@ -131,6 +132,28 @@ def answer_copy_us(passes: int = 5, in_flight: int = 64) -> float:
         arena.close()
 
 
+# Requests a message in the model-code floor: about what a message carries in the no-op case (14 a batch at c=64,
+# 20-30 a message at c=256, mha_batch_size_requests and /proc's reads, docs/performance.md).
+MODEL_CODE_AT_ONCE = 16
+
+
+def model_code_us(at_once: int = MODEL_CODE_AT_ONCE) -> dict | None:
+    """The model process's other floor in the no-op case: its own code alone (bench/engine_cpu.py --in-process: the
+    Engine fed messages of ``at_once`` requests in one process, no socket, no other process on the cores), with
+    the answer's copy's share of it. In the service the same code shares two cores with the front ends and wrk.
+    None if it could not be measured (its error is printed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "engine_cpu.json"
+        argv = [sys.executable, "-m", "bench.engine_cpu", "--in-process", "--shape", ",".join(map(str, SHAPE))]
+        argv += ["--dtype", "bfloat16", "--at-once", str(at_once), "--requests", "20000", "--json", str(out)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0 or not out.exists():
+            print(f"bench/engine_cpu.py --in-process failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
+            return None
+        return json.loads(out.read_text())
+
+
 def noop_case(seconds: float, rounds: int, conns: int, logs: Path, against: str | None = None) -> dict:
     """2 front ends with the no-op forward against the FastAPI echo (2 workers), both on both cores; with ``against``
     (a git revision), that revision's service too, in the same rounds."""
@@ -138,6 +161,7 @@ def noop_case(seconds: float, rounds: int, conns: int, logs: Path, against: str 
 
     body = v2_binary_body()
     copy_us = answer_copy_us()  # (before any server starts: the machine is quiet)
+    code = model_code_us()
     env = {
         "MHA_WORKERS": "2",
         "MHA_ENGINE": "process",
@@ -214,6 +238,8 @@ def noop_case(seconds: float, rounds: int, conns: int, logs: Path, against: str 
         "ratio": med["service"] / med["echo"],
         "model_us_per_request": model_us,
         "answer_copy_us": copy_us,
+        **({} if code is None else {"model_code_us": code["us"], "model_code_copy_us": code["copy_us"]}),
+        "model_code_at_once": MODEL_CODE_AT_ONCE,
         "front_ends_us_per_request": cpu["service"]["server_us"],
         "echo_us_per_request": cpu["echo"]["server_us"],
         "wrk_us_per_request": {k: v["wrk_us"] for k, v in cpu.items()},
@@ -244,6 +270,11 @@ def print_noop(res: dict) -> None:
     print(f"| {'PASS' if ok_r else 'FAIL'} ratio | {res['ratio']:.2f}x | >= {t['ratio']}x |")
     if "answer_copy_us" in res:  # the model process's floor here: the no-op's answer copied into its arena
         print(f"| floor: the answer's 128 KiB copy alone (Arena.put, one process) | {res['answer_copy_us']:.1f} us | |")
+    if "model_code_us" in res:  # and the model process's own code alone, copy included (bench/engine_cpu.py)
+        print(
+            f"| floor: the model process's code alone, {res['model_code_at_once']} a message (engine_cpu.py "
+            f"--in-process) | {res['model_code_us']:.1f} us (the copy {res['model_code_copy_us']:.1f}) | |"
+        )
     print(f"| {'PASS' if ok_m else 'FAIL'} model process CPU a request | {res['model_us_per_request']:.1f} us "
           f"| <= {t['model_us']:g} us |")  # fmt: skip
     print(f"errors: {res['errors']}")
