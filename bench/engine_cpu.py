@@ -36,11 +36,14 @@ import asyncio
 import json
 import multiprocessing
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # (run as a script: the checkout's bench and service)
 
 from bench.harness import proc_cpu_s, threads_cpu_s
 
@@ -248,7 +251,7 @@ def main() -> None:
     ap.add_argument("--batcher", default="next-turn", choices=["next-turn", "real"])
     ap.add_argument("--at-once", type=int, default=16, help="requests in flight")
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--in-process", action="store_true", help="feed the model process's Engine in this process")
+    ap.add_argument("--in-process", action="store_true", help="the Engine fed in this process (the real batcher)")
     ap.add_argument("--json", type=Path, help="--in-process: also write its two figures here (us a request)")
     args = ap.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
