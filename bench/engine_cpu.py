@@ -160,13 +160,14 @@ def _model_env(shape: tuple) -> dict[str, str]:
 
 
 def _input(shape: tuple, dtype: str):
-    """A request's x of ``shape``, random, in ``dtype`` as a front end sends it (bfloat16: its bits)."""
+    """A request's x of ``shape``, random, in ``dtype`` as a front end sends it (bfloat16: its bits, rounded as the
+    client rounds them)."""
+    from mha_client._wire import f32_to_bf16
     from service.messages import AttendInput
 
     x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-    if dtype == "bfloat16":
-        return AttendInput(x.view(np.uint16)[..., 1::2].copy(), wire_dtype=dtype, out_dtype=dtype)
-    return AttendInput(x.astype(dtype), wire_dtype=dtype, out_dtype=dtype)
+    wire = f32_to_bf16(x) if dtype == "bfloat16" else x.astype(dtype)
+    return AttendInput(wire, wire_dtype=dtype, out_dtype=dtype)
 
 
 async def in_process(n: int, shape: tuple, dtype: str, at_once: int, warm: int = 50) -> tuple[float, float]:

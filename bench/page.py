@@ -64,16 +64,18 @@ def ratios(res: dict[str, dict]) -> list[dict]:
             measured=f"{noop['service_rps']:,.0f} req/s",
             floor=f"FastAPI echo {noop['echo_rps']:,.0f} req/s",
         )
+        floors = []  # the model process's floors that this run measured
+        if "answer_copy_us" in noop:
+            floors.append(f"the answer's copy alone {noop['answer_copy_us']:.1f} us")
+        if "model_code_us" in noop:
+            floors.append(f"the model process's code alone {noop['model_code_us']:.1f} us")
         add(
             "GPU case: the model process's CPU a request (us)",
             noop["model_us_per_request"],
             noop["targets"]["model_us"],
             higher=False,
             measured=f"{noop['model_us_per_request']:.1f} us",
-            floor="; ".join(
-                [f"the answer's copy alone {noop['answer_copy_us']:.1f} us"] * ("answer_copy_us" in noop)
-                + [f"the model process's code alone {noop['model_code_us']:.1f} us"] * ("model_code_us" in noop)
-            ),
+            floor="; ".join(floors),
         )
     front = res.get("front", {})
     cells = front.get("cells", [])  # every round's cells: each (server, variant) is judged by its median, as front.py

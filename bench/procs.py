@@ -146,8 +146,7 @@ def model_code_us(at_once: int = MODEL_CODE_AT_ONCE) -> dict | None:
         out = Path(tmp) / "engine_cpu.json"
         argv = [sys.executable, "-m", "bench.engine_cpu", "--in-process", "--shape", ",".join(map(str, SHAPE))]
         argv += ["--dtype", "bfloat16", "--at-once", str(at_once), "--requests", "20000", "--json", str(out)]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)  # (-m: ROOT on its path)
         if done.returncode != 0 or not out.exists():
             print(f"bench/engine_cpu.py --in-process failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
             return None
