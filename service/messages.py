@@ -343,7 +343,8 @@ class _Packer:
                 offset = arena.put(a)
                 if offset is not None:  # (None: the arena is full; this one goes as a frame)
                     self.slots.append(offset)
-                    return Arr(a.shape, a.dtype.str, ARENA, offset)
+                    segment, at = divmod(offset, arena.size)
+                    return Arr(a.shape, a.dtype.str, ARENA - segment, at)
             self.big.append(a)
             return Arr(a.shape, a.dtype.str, len(self.big), 0)
         offset = self.size
@@ -357,19 +358,29 @@ class _Packer:
     def frames(self) -> list:
         return [b"".join(self.small), *self.big]
 
+    @property
+    def segments(self) -> int:
+        """The sender's arena's segments, as its message says (1 without one)."""
+        return 1 if self.arena is None else self.arena.segments
 
-ARENA = -1  # an Arr's frame when its bytes are in the sender's arena: the receiver puts the arena's buffer last
-_NO_ARENA = b""  # in its place when none is mapped: an Arr that names one fails to decode, never reads a frame
+
+ARENA = -1  # an Arr's frame when its bytes are in the sender's arena (ARENA - k: its segment k, service/shm.py): the
+# receiver puts the arena's segments last, the first last of all
+_NO_ARENA = b""  # in their place when none is mapped: an Arr that names one fails to decode, never reads a frame
 
 
 _DTYPES: dict[str, np.dtype] = {}  # an array meta's dtype string -> its numpy dtype (a lookup, not a parse)
 
 
-def _buffers(frames: list, arena: memoryview | None) -> list:
-    """A message's array frames as buffers (memoryviews of what was read, or bytes/arrays as they are); the sender's
-    arena last (an Arr's frame ARENA)."""
+def _buffers(frames: list, arena: list | None, segments: int) -> list:
+    """A message's array frames as buffers (memoryviews of what was read, or bytes/arrays as they are); then the
+    sender's arena's ``segments`` (``shm.Mapped.tail``, grown to the message's count: an Arr's frame ARENA - k is
+    its segment k), or as many empty placeholders when none is mapped."""
     bufs = list(frames)
-    bufs.append(_NO_ARENA if arena is None else arena)
+    if arena is None or len(arena) < segments:
+        bufs.extend([_NO_ARENA] * segments)
+    else:
+        bufs.extend(arena)
     return bufs
 
 
@@ -452,10 +463,12 @@ class Failure(msgspec.Struct, array_like=True, gc=False, tag=1):
 class Requests(msgspec.Struct, array_like=True, gc=False, tag="req"):
     items: list[Request]
     freed: tuple[int, ...] = ()  # the answer slots (offsets in the model process's arena) this front end is done with
+    segments: int = 1  # how many segments the front end's arena has now (service/shm.py): the receiver maps the rest
 
 
 class Outcomes(msgspec.Struct, array_like=True, gc=False, tag="res"):
     items: list[Answer | Failure]
+    segments: int = 1  # as Requests': the model process's arena for this front end
 
 
 class Cancel(msgspec.Struct, array_like=True, gc=False, tag="cancel"):
@@ -538,7 +551,7 @@ def encode_requests(
         )
         if slots is not None:
             slots.append(taken[first:])
-    return [_encode(Requests(reqs, freed)), *pack.frames()]
+    return [_encode(Requests(reqs, freed, pack.segments)), *pack.frames()]
 
 
 def _trace_carrier(span_context: Any) -> dict[str, str]:
@@ -557,13 +570,14 @@ def _array(bufs: list, a: Arr) -> np.ndarray:
 
 
 def decode_requests(
-    msg: Requests, frames: list, arena: memoryview | None = None
+    msg: Requests, frames: list, arena: list | None = None
 ) -> list[tuple[int, AttendInput, float, str | None, int]]:
     """A decoded ``Requests`` and the frames after its header -> [(id, input, deadline, request id, priority)].
 
     The arrays in the front end's ``arena`` are read-only views of their slots, valid until the front end stops
-    waiting for the request: read them before answering, never after."""
-    out, bufs = [], _buffers(frames, arena)
+    waiting for the request: read them before answering, never after. ``arena``: the front end's (``shm.Mapped``'s
+    ``tail``), grown to ``msg.segments``."""
+    out, bufs = [], _buffers(frames, arena, msg.segments)
     for r in msg.items:
         lengths, mask = r.lengths, r.mask
         inp = _input(
@@ -595,13 +609,14 @@ def _lent(freed: list[int], bufs: list, a: Arr) -> np.ndarray:
     every view of it, a response body's memoryview or a tensor hold. A v2 binary answer is written to its socket
     straight from the arena: the copy out of it cost a front end 10-12% of its CPU a [1,128,512] request (py-spy,
     2 front ends, no-op forward)."""
-    if a.frame != ARENA:
+    frame = a.frame
+    if frame >= 0:
         return _array(bufs, a)
     dt = _DTYPES.get(a.dtype)
     if dt is None:
         dt = _DTYPES[a.dtype] = np.dtype(a.dtype)
-    offset = a.offset
-    flat = np.frombuffer(bufs[-1], dt, math.prod(a.shape), offset)
+    flat = np.frombuffer(bufs[frame], dt, math.prod(a.shape), a.offset)
+    offset = a.offset if frame == ARENA else (ARENA - frame) * len(bufs[-1]) + a.offset  # the slot as put returned it
 
     def back(ref: weakref.ref) -> None:
         del _LENT[id(ref)]
@@ -652,7 +667,8 @@ class OutcomesWriter:
         self.items.append(Failure(rid, kind, message, retry_after_s))
 
     def frames(self) -> list:
-        return [_encode(Outcomes(self.items)), *self.pack.frames()]
+        pack = self.pack
+        return [_encode(Outcomes(self.items, pack.segments)), *pack.frames()]
 
 
 def encode_outcomes(items: list[Outcome], arena: Arena | None = None) -> list:
@@ -668,13 +684,14 @@ def encode_outcomes(items: list[Outcome], arena: Arena | None = None) -> list:
 
 
 def decode_outcomes(
-    msg: Outcomes, frames: list, arena: memoryview | None = None, freed: list[int] | None = None
+    msg: Outcomes, frames: list, arena: list | None = None, freed: list[int] | None = None
 ) -> list[Outcome]:
     """A decoded ``Outcomes`` and the frames after its header -> its Outcomes.
 
-    An array in the model process's ``arena`` is lent (``_lent``): its offset joins ``freed`` (to send back) when the
-    last reference to it goes, so a response may keep its arrays as long as it likes, and nothing is copied."""
-    out, bufs = [], _buffers(frames, arena)
+    An array in the model process's ``arena`` (``shm.Mapped``'s ``tail``, grown to ``msg.segments``) is lent
+    (``_lent``): its offset joins ``freed`` (to send back) when the last reference to it goes, so a response may keep
+    its arrays as long as it likes, and nothing is copied."""
+    out, bufs = [], _buffers(frames, arena, msg.segments)
     array = _array if arena is None else partial(_lent, [] if freed is None else freed)
     for a in msg.items:
         if type(a) is Failure:

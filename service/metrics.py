@@ -204,7 +204,8 @@ class Metrics(BatcherObserver):
         self.shm_fallbacks = Counter(
             "mha_shm_fallbacks",
             "Arrays of 64 KiB or more that crossed between a front end and the model process as socket frames, "
-            "because the sender's shared-memory arena (MHA_SHM_ARENA_MIB) was full: slower, never failed; by sender "
+            "because the sender's shared-memory arena was full and could not grow (MHA_SHM_ARENA_MAX_MIB, or no room "
+            "in /dev/shm): slower, never failed; by sender "
             "(front_end: request arrays; model: answers, which a front end holds until their response is written)",
             ["sender"],
             registry=r,

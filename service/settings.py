@@ -12,7 +12,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.proc import MALLOC_MIB_DEFAULT, MALLOC_MIB_MAX
-from service.shm import ARENA_MIB_DEFAULT
+from service.shm import ARENA_MAX_MIB_DEFAULT, ARENA_MIB_DEFAULT
 
 # The built-in default model, used when no checkpoint is given.
 RUN_DIR_ENV = "MHA_RUN_DIR"  # the supervisor's temporary directory, where front ends claim their numbers (titles)
@@ -253,6 +253,14 @@ class Settings(BaseSettings):
         "the arenas off. Each front end makes two arenas in /dev/shm: a container's is 64 MB unless given more "
         "(docker --shm-size, compose shm_size, a Kubernetes emptyDir of medium Memory at /dev/shm). Raise it for "
         "large batches of large tensors on a GPU host.",
+    )
+    shm_arena_max_mib: int = Field(
+        ARENA_MAX_MIB_DEFAULT,
+        ge=0,
+        description="How large each of those arenas may grow (MiB): one that is full adds a segment of "
+        "MHA_SHM_ARENA_MIB at a time up to this, while /dev/shm has room for it (its pages are reserved when it is "
+        "made), and keeps it until its process stops. At or below MHA_SHM_ARENA_MIB it never grows. "
+        "mha_shm_fallbacks_total counts the arrays that still crossed over the socket.",
     )
     malloc_mmap_threshold_mib: int = Field(
         MALLOC_MIB_DEFAULT,

@@ -32,6 +32,12 @@ import numpy as np
 # default 64 MB /dev/shm. 0 turns the crossing off: every array goes as a frame.
 ARENA_MIB_DEFAULT = 16
 ARENA_BYTES = int(os.environ.get("MHA_SHM_ARENA_MIB", str(ARENA_MIB_DEFAULT))) << 20
+# An arena that is full grows by a segment of ARENA_BYTES at a time, up to MHA_SHM_ARENA_MAX_MIB in all, while /dev/shm
+# has room (a segment's pages are reserved when it is made). 1 MiB requests (8 rows of [128,512] bf16) at 256 in
+# flight over 2 front ends overflowed 16 MiB: every array crossed the socket, and the model process spent 957 us a
+# request against 195 with them in the arenas (2026-12-07, bench/procs.py's no-op set-up, wrk c=256 against c=32).
+ARENA_MAX_MIB_DEFAULT = 128
+ARENA_MAX_BYTES = int(os.environ.get("MHA_SHM_ARENA_MAX_MIB", str(ARENA_MAX_MIB_DEFAULT))) << 20
 # Arrays of this size or more cross through the arena. Smaller ones share one packed frame a message
 # (service.messages._Packer), which costs less than a slot and its freeing.
 SHM_MIN = 1 << 16
@@ -80,27 +86,63 @@ def _reserve(name: str, size: int) -> None:
 
 
 class Arena:
-    """The sender's side: a shared-memory segment and a first-fit allocator over it (OSError if it cannot be had).
+    """The sender's side: shared-memory segments and a first-fit allocator over them (OSError if the first cannot be
+    had).
 
-    The free extents are kept sorted by offset and merged with their neighbours when a slot comes back, so the
-    arena does not fragment under a steady mix of sizes. A few hundred slots at most are live at once: a scan
-    of the free list is short."""
+    Segment k (named ``<name>.k`` after the first) holds the offsets k * size to (k + 1) * size: a slot never spans
+    two, and its place crosses as the segment's frame (``service.messages.ARENA`` - k) and its offset there. A put that
+    finds no room makes the next segment, up to ``max_size`` in all; when one cannot be made (/dev/shm is full) the
+    arena stops growing, and what does not fit crosses as frames. Segments are kept until the arena closes.
 
-    def __init__(self, size: int | None = None) -> None:
-        size = self.size = size or ARENA_BYTES  # (read now: tests make it small)
-        self._shm = shared_memory.SharedMemory(name=arena_name(), create=True, size=size)
-        try:
-            _reserve(self._shm.name, size)
-        except OSError:
-            self._shm.close()
-            self._shm.unlink()
-            raise
-        self.name = self._shm.name
-        self._buf = self._shm.buf  # (its own memoryview: assigning to a slice of it is the copy)
+    The free extents are kept sorted by offset and merged with their neighbours in the same segment when a slot comes
+    back, so the arena does not fragment under a steady mix of sizes. A few hundred slots at most are live at once: a
+    scan of the free list is short."""
+
+    def __init__(self, size: int | None = None, max_size: int | None = None) -> None:
+        # (read now: tests make it small; an arena made with a size of its own does not grow unless told to)
+        size = self.size = size or ARENA_BYTES
+        if max_size is None:
+            max_size = ARENA_MAX_BYTES if size == ARENA_BYTES else size
+        self.max_segments = max(1, max_size // size)
+        self._segments: list[shared_memory.SharedMemory] = []
+        self._bufs: list[memoryview] = []  # each segment's own memoryview: assigning to a slice of it is the copy
+        self.name = ""
+        self.name = self._add_segment()
         self._starts: list[int] = [0]  # free extents: their offsets, sorted
         self._lengths: list[int] = [size]  # and their lengths
         self._taken: dict[int, int] = {}  # offset -> length of each live slot
         self.misses = 0  # arrays it had no room for (they crossed as frames), until its owner takes the count
+
+    @property
+    def segments(self) -> int:
+        """How many segments it has: every message it sends says so, and the receiver maps the ones it lacks."""
+        return len(self._segments)
+
+    def _add_segment(self) -> str:
+        k = len(self._segments)
+        shm = shared_memory.SharedMemory(name=f"{self.name}.{k}" if k else arena_name(), create=True, size=self.size)
+        try:
+            _reserve(shm.name, self.size)
+        except OSError:
+            shm.close()
+            shm.unlink()
+            raise
+        self._segments.append(shm)
+        self._bufs.append(shm.buf)
+        return shm.name
+
+    def _grow(self) -> bool:
+        """One more segment at the end of the free list, if the cap and /dev/shm allow it."""
+        if len(self._segments) >= self.max_segments:
+            return False
+        try:
+            self._add_segment()
+        except OSError:
+            self.max_segments = len(self._segments)  # (no room in /dev/shm: not tried again)
+            return False
+        self._starts.append((len(self._segments) - 1) * self.size)
+        self._lengths.append(self.size)
+        return True
 
     @property
     def used(self) -> int:
@@ -108,8 +150,8 @@ class Arena:
         return sum(self._taken.values())
 
     def put(self, a: np.ndarray) -> int | None:
-        """Copy ``a`` (C-contiguous) into a free slot and return its offset, or None when no extent fits (counted in
-        ``misses``)."""
+        """Copy ``a`` (C-contiguous) into a free slot and return its offset (its segment's number times ``size``,
+        plus its offset there), or None when no extent fits and no segment can be added (counted in ``misses``)."""
         n = a.nbytes
         need = -(-n // ALIGN) * ALIGN
         starts, lengths = self._starts, self._lengths
@@ -119,8 +161,10 @@ class Arena:
                 break
             i += 1
         else:
-            self.misses += 1
-            return None
+            if need > self.size or not self._grow():
+                self.misses += 1
+                return None
+            length = lengths[i]  # (the new segment's extent: the last)
         offset = starts[i]
         if length == need:
             del starts[i], lengths[i]
@@ -128,22 +172,29 @@ class Arena:
             starts[i] += need
             lengths[i] -= need
         self._taken[offset] = need
+        segment, at = divmod(offset, self.size)
         # A memoryview's slice assignment is a memcpy: a numpy slice's went through its generic assignment, and a put
         # and its free took 3.4 us instead of 1.8 for a 128 KiB answer (timeit, this VM).
-        self._buf[offset : offset + n] = memoryview(a).cast("B")
+        self._bufs[segment][at : at + n] = memoryview(a).cast("B")
         return offset
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        """The bytes of the slot at ``offset`` (tests and benchmarks read back what was put)."""
+        segment, at = divmod(offset, self.size)
+        return self._bufs[segment][at : at + nbytes]
 
     def free(self, offset: int) -> None:
         """A slot the receiver is done with; an offset that is not live (freed twice, or never) is ignored."""
         need = self._taken.pop(offset, None)
         if need is None:
             return
-        starts, lengths = self._starts, self._lengths
+        starts, lengths, size = self._starts, self._lengths, self.size
         i = bisect.bisect(starts, offset)
-        if i < len(starts) and offset + need == starts[i]:  # merge with the extent after it
+        end = offset + need
+        if i < len(starts) and end == starts[i] and end % size:  # merge with the extent after it, in its segment
             need += lengths[i]
             del starts[i], lengths[i]
-        if i and starts[i - 1] + lengths[i - 1] == offset:  # and with the one before it
+        if i and offset % size and starts[i - 1] + lengths[i - 1] == offset:  # and with the one before it
             lengths[i - 1] += need
         else:
             starts.insert(i, offset)
@@ -155,15 +206,17 @@ class Arena:
         return n
 
     def free_all(self) -> None:
-        self._starts, self._lengths, self._taken = [0], [self.size], {}
+        k = len(self._segments)
+        self._starts, self._lengths, self._taken = [i * self.size for i in range(k)], [self.size] * k, {}
 
     def close(self) -> None:
-        """Unmap and unlink: the name goes at once; a receiver's mapping lasts until it closes its own."""
-        self._buf = None
-        with contextlib.suppress(FileNotFoundError):
-            self._shm.unlink()
-        with contextlib.suppress(BufferError):  # a view still held: the mapping goes with it
-            self._shm.close()
+        """Unmap and unlink: the names go at once; a receiver's mapping lasts until it closes its own."""
+        self._bufs = []
+        for shm in self._segments:
+            with contextlib.suppress(FileNotFoundError):
+                shm.unlink()
+            with contextlib.suppress(BufferError):  # a view still held: the mapping goes with it
+                shm.close()
 
 
 class Mapped:
@@ -172,22 +225,39 @@ class Mapped:
     Mapped as a plain file of /dev/shm where there is one (Linux: what shm_open opens), not as a SharedMemory: a
     mapping whose arrays outlive ``close`` (a request still queued when its front end went away) is unmapped
     quietly with the last of them, and the receiver does not register the sender's name with its own resource
-    tracker, which would unlink it when the receiver exits."""
+    tracker, which would unlink it when the receiver exits.
+
+    ``tail`` is what a message's arena frames are (``service.messages._buffers``): the segments, last to first, so
+    that segment k is the frame ``ARENA - k`` (-1 - k). A message says how many segments its sender has; ``grow``
+    maps the ones not mapped yet before it is read."""
 
     def __init__(self, name: str) -> None:
-        self._shm = None
+        self.name = name
+        self._maps: list = []
+        self.buf = self._map_segment(name)  # the first segment
+        self.tail: list[memoryview] = [self.buf]
+
+    def _map_segment(self, name: str) -> memoryview:
         if os.path.isdir(SHM_DIR):
             fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY)
             try:
-                self._map = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+                m = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
             finally:
                 os.close(fd)
-            self.buf = memoryview(self._map)
-        else:
-            self._shm = shared_memory.SharedMemory(name=name)
-            self.buf = self._shm.buf.toreadonly()  # what arrives is read, never written: a slot is its sender's
+            self._maps.append(m)
+            return memoryview(m)
+        shm = shared_memory.SharedMemory(name=name)
+        self._maps.append(shm)
+        return shm.buf.toreadonly()  # what arrives is read, never written: a slot is its sender's
+
+    def grow(self, segments: int) -> None:
+        """Map the sender's segments up to ``segments`` (OSError if one cannot be: the message is not read)."""
+        tail = self.tail
+        while len(tail) < segments:
+            self.tail = tail = [self._map_segment(f"{self.name}.{len(tail)}"), *tail]
 
     def close(self) -> None:
-        with contextlib.suppress(BufferError):  # views still held: the mapping goes with the last of them
-            self.buf.release()
-            (self._map if self._shm is None else self._shm).close()
+        for buf, m in zip(reversed(self.tail), self._maps, strict=True):
+            with contextlib.suppress(BufferError):  # views still held: the mapping goes with the last of them
+                buf.release()
+                m.close()

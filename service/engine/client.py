@@ -403,7 +403,9 @@ class MPClient:
         if kind is Outcomes:
             pending = self._pending
             answers = self._answers
-            outcomes = decode_outcomes(msg, frames[1:], None if answers is None else answers.buf, self._freed)
+            if answers is not None and msg.segments > len(answers.tail):
+                answers.grow(msg.segments)  # the model process's arena grew: its new segments are read from here on
+            outcomes = decode_outcomes(msg, frames[1:], None if answers is None else answers.tail, self._freed)
             for o in outcomes:
                 wait = pending.pop(o.id, None)
                 if wait is None or wait[0].done():

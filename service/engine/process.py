@@ -167,7 +167,9 @@ class Engine:
         if kind is Requests:
             submit, pending = self.batcher.submit, self._pending
             inputs = self._inputs.get(peer)
-            items = decode_requests(msg, frames[1:], None if inputs is None else inputs.buf)
+            if inputs is not None and msg.segments > len(inputs.tail):
+                inputs.grow(msg.segments)  # the front end's arena grew: its new segments are read from here on
+            items = decode_requests(msg, frames[1:], None if inputs is None else inputs.tail)
             for rid, inp, deadline, request_id, priority in items:
                 if inp.trace is not None:  # the front end's request span: the forward span's parent
                     remote = self.tracing.remote_span_context(inp.trace) if self.tracing is not None else None

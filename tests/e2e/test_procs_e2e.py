@@ -609,12 +609,15 @@ def test_a_crash_leaves_no_shared_memory_behind_once_the_supervisor_exits(procs)
     assert not glob.glob(f"/dev/shm/{run}-*"), os.listdir("/dev/shm")
 
 
-def test_arrays_the_arenas_have_no_room_for_cross_as_frames_right_and_are_counted(tmp_path):
-    """With 1 MiB arenas (8 arrays of 128 KiB), 24 requests at once: those that do not fit cross as frames on
-    either side, every answer equals the module's, and /metrics counts them by sender (mha_shm_fallbacks)."""
+@pytest.mark.parametrize("grow", [False, True], ids=["fixed", "growing"])
+def test_arrays_the_arenas_have_no_room_for_cross_as_frames_right_and_are_counted(tmp_path, grow):
+    """With 1 MiB arenas (8 arrays of 128 KiB), 24 requests at once. Arenas that may not grow: what does not fit
+    crosses as frames on either side, and /metrics counts them by sender (mha_shm_fallbacks). Arenas that may
+    (MHA_SHM_ARENA_MAX_MIB's default): they add segments, and nothing crosses as a frame. Every answer equals the
+    module's."""
     import base64
 
-    s = start_server(tmp_path, {**WORKERS, "MHA_SHM_ARENA_MIB": "1"})
+    s = start_server(tmp_path, {**WORKERS, "MHA_SHM_ARENA_MIB": "1", **({} if grow else {"MHA_SHM_ARENA_MAX_MIB": "1"})})
     try:
         mha = builtin_model()
         rng = np.random.default_rng(21)
@@ -639,8 +642,14 @@ def test_arrays_the_arenas_have_no_room_for_cross_as_frames_right_and_are_counte
             got = np.frombuffer(base64.b64decode(r.json()["output"]["b64"]), np.float32).reshape(x.shape)
             np.testing.assert_allclose(got, mha(torch.from_numpy(x)).output.numpy(), atol=1e-5)
         text = httpx.get(s.url + "/metrics", timeout=10).text
-        assert sample(text, "mha_shm_fallbacks_total", 'sender="front_end"') > 0, text
-        assert sample(text, "mha_shm_fallbacks_total", 'sender="model"') > 0, text
+        fallbacks = [sample(text, "mha_shm_fallbacks_total", f'sender="{who}"') for who in ("front_end", "model")]
+        if grow:
+            assert fallbacks == [0.0, 0.0], text
+            engine, fronts = pids(s)
+            grown = [p for pid in (engine, *fronts) for p in glob.glob(f"/dev/shm/mha-serve-*-{pid}-*.1")]
+            assert grown, os.listdir("/dev/shm")  # a second segment: they grew
+        else:
+            assert all(n > 0 for n in fallbacks), text
     finally:
         s.stop(signal.SIGKILL)
 

@@ -70,6 +70,56 @@ def test_the_allocator_reuses_and_merges_freed_slots_and_says_when_full():
     assert not on_dev_shm(arena.name)
 
 
+def test_a_full_arena_grows_by_a_segment_up_to_its_cap_and_slots_never_span_two():
+    size = 4096
+    arena = shm.Arena(size, max_size=3 * size)
+    try:
+        a = np.arange(250, dtype=np.float32)  # a 1024-byte slot
+        offsets = [arena.put(a * i) for i in range(12)]  # 3 segments of 4
+        assert offsets == [1024 * i for i in range(12)] and arena.segments == 3
+        assert all(on_dev_shm(f"{arena.name}.{k}") for k in (1, 2))
+        assert arena.put(a) is None and arena.misses == 1  # at the cap: it goes as a frame
+        mapped = shm.Mapped(arena.name)
+        mapped.grow(3)  # as a message from a sender with 3 segments makes the receiver do
+        assert len(mapped.tail) == 3
+        for i, offset in enumerate(offsets):
+            segment, at = divmod(offset, size)
+            assert np.array_equal(np.ndarray((250,), np.float32, mapped.tail[-1 - segment], at), a * i)
+        arena.free(3 * 1024)  # the last slot of segment 0 and the first of segment 1: not merged across the end
+        arena.free(4 * 1024)
+        assert arena.put(np.zeros(512, np.float32)) is None  # 2048 bytes: no room in one segment
+        for offset in offsets:
+            arena.free(offset)
+        assert arena.used == 0
+        assert list(zip(arena._starts, arena._lengths, strict=True)) == [(0, size), (size, size), (2 * size, size)]
+        assert arena.put(np.zeros(2 * size, np.uint8)) is None  # larger than a segment: never fits
+        mapped.close()
+    finally:
+        arena.close()
+    assert not any(on_dev_shm(n) for n in (arena.name, f"{arena.name}.1", f"{arena.name}.2"))
+
+
+def test_an_arena_that_cannot_get_a_segment_stops_growing_and_sends_frames(monkeypatch):
+    """/dev/shm full (the reservation of a new segment fails): the array crosses as a frame, counted, and the arena
+    does not try again at every put."""
+    arena = shm.Arena(4096, max_size=4 * 4096)
+    tries = []
+
+    def full(name: str, size: int) -> None:
+        tries.append(name)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shm, "_reserve", full)
+    try:
+        a = np.zeros(1024, np.float32)  # a whole segment
+        assert arena.put(a) == 0
+        assert arena.put(a) is None and arena.put(a) is None
+        assert arena.misses == 2 and arena.segments == 1 and tries == [f"{arena.name}.1"]
+        assert not on_dev_shm(f"{arena.name}.1")  # (the segment it could not reserve is gone)
+    finally:
+        arena.close()
+
+
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm here")
 def test_an_arenas_pages_are_reserved_when_it_is_made():
     """Reserved, not sparse: a /dev/shm without room for it fails at its making (OSError, frames then), not with a
@@ -103,7 +153,7 @@ def test_requests_and_answers_through_the_arena_equal_those_through_frames(dtype
         msg = decode(frames[0])
         assert msg.items[0].x.frame == ARENA and msg.items[1].x.frame == 0 and msg.freed == (5, 6)
         assert len(frames) == 2 and slots == [[msg.items[0].x.offset], []]  # the large array left no frame
-        via_arena = decode_requests(msg, frames[1:], mapped.buf)
+        via_arena = decode_requests(msg, frames[1:], mapped.tail)
         plain = encode_requests(items)
         via_frames = decode_requests(decode(plain[0]), plain[1:])
         for (ra, ia, *rest_a), (rf, i_f, *rest_f) in zip(via_arena, via_frames, strict=True):
@@ -118,7 +168,7 @@ def test_requests_and_answers_through_the_arena_equal_those_through_frames(dtype
         msg = decode(frames[0])
         assert msg.items[0].output.frame == ARENA and msg.items[0].weights.frame == ARENA
         freed: list[int] = []
-        got = decode_outcomes(msg, frames[1:], mapped.buf, freed)
+        got = decode_outcomes(msg, frames[1:], mapped.tail, freed)
         assert freed == []  # lent, not copied: the slots stay the front end's while anything holds the answers
         assert not got[0].output.output.flags.writeable
         plain = encode_outcomes(outcomes)
@@ -155,7 +205,7 @@ def test_a_full_arena_sends_the_array_as_a_frame_with_the_same_values():
         msg = decode(frames[0])
         assert msg.items[0].output.frame == ARENA and msg.items[1].output.frame == 1
         freed: list[int] = []
-        one, two = decode_outcomes(msg, frames[1:], shm.Mapped(arena.name).buf, freed)
+        one, two = decode_outcomes(msg, frames[1:], shm.Mapped(arena.name).tail, freed)
         assert np.array_equal(one.output.output, x) and np.array_equal(two.output.output, x * 2)
         del one, two
         assert freed == [0]  # only the arena's slot goes back
@@ -191,10 +241,12 @@ class Echo:
 
 
 @contextlib.asynccontextmanager
-async def echo_engine(tmp_path, monkeypatch, arena_bytes: int):
-    """A model process's Engine serving the Echo batcher at its address, arenas of ``arena_bytes``; arrays of 4 KiB
-    or more cross through them (the tests' small ones)."""
+async def echo_engine(tmp_path, monkeypatch, arena_bytes: int, arena_max_bytes: int | None = None):
+    """A model process's Engine serving the Echo batcher at its address, arenas of ``arena_bytes`` that grow to
+    ``arena_max_bytes`` (by default they do not); arrays of 4 KiB or more cross through them (the tests' small
+    ones)."""
     monkeypatch.setattr(shm, "ARENA_BYTES", arena_bytes)
+    monkeypatch.setattr(shm, "ARENA_MAX_BYTES", arena_max_bytes or arena_bytes)
     monkeypatch.setattr(messages, "PACK_BELOW", 1 << 12)
     monkeypatch.setattr(messages, "SHM_MIN", 1 << 12)
     engine = Engine(Settings(), f"ipc://{tmp_path}/engine.sock")
@@ -278,6 +330,35 @@ async def test_a_burst_larger_than_the_arena_falls_back_to_frames_and_answers_al
     # 256 KiB each, 16 fit in 4 MiB: the others were counted, on each side (an answer: output and weights, 48 arrays)
     assert 24 - 16 <= sum(sent_as_frames) < 24
     assert 48 - 16 <= answered_as_frames.n < 48
+
+
+async def test_a_burst_larger_than_the_first_segment_grows_both_arenas_and_nothing_crosses_as_frames(
+    tmp_path, monkeypatch
+):
+    """1 MiB segments up to 8 MiB: 24 requests of 128 KiB at once (3 MiB; their answers, output and weights, 6 MiB)
+    fit once the arenas grow; every answer is right, none crossed the socket, and every slot comes back."""
+    async with echo_engine(tmp_path, monkeypatch, 1 << 20, 8 << 20) as engine:
+        client = MPClient(engine.address)
+        await client.start(timeout_s=10)
+        sent_as_frames: list[int] = []
+        client._on_shm_fallback = sent_as_frames.append
+        try:
+            rng = np.random.default_rng(7)
+            xs = [wire(rng, (1, 64, 512), "float32") for _ in range(24)]  # 128 KiB each
+            results = await asyncio.gather(*(client.infer(AttendInput(x), deadline=time.monotonic() + 10) for x in xs))
+            for x, r in zip(xs, results, strict=True):
+                assert np.array_equal(r.output.output, x * 2)
+                assert np.array_equal(r.output.weights, x[:1])
+            assert client._inputs.segments > 1 and answers_arena(engine).segments > 1
+            assert len(engine._inputs[0].tail) == client._inputs.segments  # the model process mapped each one
+            assert not sent_as_frames and answers_arena(engine).misses == 0
+            assert client._inputs.used == 0
+            del results, r
+            gc.collect()
+            client._send(messages.encode(messages.Ping(client._take_freed())))
+            await until(lambda: answers_arena(engine).used == 0)
+        finally:
+            await client.stop()
 
 
 async def test_slots_of_cancelled_and_expired_requests_come_back(served, monkeypatch):
@@ -366,15 +447,17 @@ def test_unlink_run_removes_only_that_runs_arenas(tmp_path, monkeypatch):
     run = tmp_path / "mha-serve-abcd1234"
     run.mkdir()
     monkeypatch.setenv(shm.PREFIX_ENV, str(run))
-    mine = shm.Arena(1 << 16)
+    mine = shm.Arena(1 << 16, max_size=2 << 16)
+    for _ in range(2):  # a segment each: it grew to two, both named after the run
+        assert mine.put(np.zeros(1 << 14, np.float32)) is not None
     monkeypatch.setenv(shm.PREFIX_ENV, str(tmp_path / "mha-serve-other999"))
     other = shm.Arena(1 << 16)
     try:
         names = set(os.listdir(shm.SHM_DIR))
-        assert {mine._shm.name, other._shm.name} <= names
-        assert shm.unlink_run(str(run)) == 1
+        assert {mine.name, f"{mine.name}.1", other.name} <= names
+        assert shm.unlink_run(str(run)) == 2
         names = set(os.listdir(shm.SHM_DIR))
-        assert mine._shm.name not in names and other._shm.name in names
+        assert not {mine.name, f"{mine.name}.1"} & names and other.name in names
     finally:
         other.close()
         with contextlib.suppress(Exception):
