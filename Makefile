@@ -45,7 +45,7 @@ docs-serve: $(STAMP)  ## serve the documentation on 127.0.0.1:DOCS_PORT (default
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve --dev-addr 127.0.0.1:$(DOCS_PORT)
 
 BENCH_ARGS ?=
-bench: $(STAMP)  ## the standard benchmark set into bench-results/ (bench/run.py; ~10 min, BENCH_ARGS=--quick ~3; needs wrk)
+bench: $(STAMP)  ## the standard benchmark set into bench-results/ (bench/run.py; ~14 min, BENCH_ARGS=--quick ~3; needs wrk)
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 bench-report: $(STAMP)  ## bench-results/ into docs/performance.md and docs/images/bench-*.png (bench/page.py)
