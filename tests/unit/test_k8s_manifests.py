@@ -128,6 +128,29 @@ def test_gpu_variant_requests_a_gpu() -> None:
     assert any(t["key"] == "nvidia.com/gpu" for t in tolerations)
 
 
+def _mib(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+def test_gpu_variant_gives_the_arenas_a_dev_shm_they_fit_in() -> None:
+    """Each front end and the model process own an arena per peer (service/shm.py), two a front end, each growing to
+    MHA_SHM_ARENA_MAX_MIB: all of them at their largest fit the memory volume at /dev/shm (a container's own is
+    64 MB), and that volume fits the memory limit."""
+    from service.settings import Settings
+
+    dep = _deployment("mha-serve-gpu")
+    c = _container(dep)
+    env = _env(c)
+    s = Settings(workers=int(env["MHA_WORKERS"]), shm_arena_max_mib=int(env["MHA_SHM_ARENA_MAX_MIB"]))
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    (vol,) = [v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert vol["emptyDir"]["medium"] == "Memory"
+    room = _mib(vol["emptyDir"]["sizeLimit"])
+    assert 2 * s.workers * max(s.shm_arena_mib, s.shm_arena_max_mib) <= room
+    assert room < _mib(c["resources"]["limits"]["memory"])
+
+
 def test_hpa_targets_the_deployment() -> None:
     (hpa,) = _by_kind("HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
