@@ -10,6 +10,7 @@ at concurrency 32; the server and wrk share this machine's cores. Rows: single-p
     MHA_DEVICE=cpu .venv/bin/python bench/procs.py --gpu --seconds 3   # the GPU command, run on a CPU
     .venv/bin/python bench/procs.py --noop                # the GPU case on this CPU machine (issue 20)
     .venv/bin/python bench/procs.py --noop --rounds 6 --against HEAD~3   # and an earlier revision, same rounds
+    .venv/bin/python bench/procs.py --noop --rows 8 --connections 256   # 1 MiB requests: CPU a row, not judged
 
 Every row prints req/s, p50 and p99 (wrk's exact percentiles) and the ratio to single-process mode; the
 floor is the forward pass alone, with the server's torch threads.
@@ -66,13 +67,13 @@ def b64_body() -> tuple[bytes, str, dict[str, str]]:
     return json.dumps(body).encode(), "application/json", {}
 
 
-def v2_binary_body() -> tuple[bytes, str, dict[str, str]]:
-    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+def v2_binary_body(shape: tuple[int, ...] = SHAPE) -> tuple[bytes, str, dict[str, str]]:
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     raw = f32_to_bf16(x).tobytes()
     header = json.dumps(
         {
             "inputs": [
-                {"name": "x", "shape": list(SHAPE), "datatype": "BF16", "parameters": {"binary_data_size": len(raw)}}
+                {"name": "x", "shape": list(shape), "datatype": "BF16", "parameters": {"binary_data_size": len(raw)}}
             ],
             "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
         }
@@ -100,7 +101,7 @@ def wrk(url: str, body: tuple[bytes, str, dict[str, str]], connections: int, sec
 NOOP_TARGETS = {"ratio": 0.8, "model_us": 15.0}  # issue 20: x the FastAPI echo; model process CPU a request
 
 
-def answer_copy_us(passes: int = 5, in_flight: int = 64) -> float:
+def answer_copy_us(passes: int = 5, in_flight: int = 64, shape: tuple[int, ...] = SHAPE) -> float:
     """The model-process floor of the no-op case: one answer's copy into its arena (service/shm.py's ``Arena.put``
     and its ``free``) and nothing else, in this process, with ``in_flight`` answers live, from a 16 MiB ring of
     request-sized inputs (so that the source is not all in the cache). A no-op forward's answer is its input, and
@@ -111,9 +112,9 @@ def answer_copy_us(passes: int = 5, in_flight: int = 64) -> float:
 
     from service.shm import Arena
 
-    x = np.zeros(SHAPE, np.uint16)  # [1,128,512] bfloat16 as its bits: 128 KiB
-    ring = np.random.default_rng(0).integers(0, 1 << 16, ((16 << 20) // x.nbytes, *SHAPE), dtype=np.uint16)
-    arena = Arena(16 << 20)
+    x = np.zeros(shape, np.uint16)  # [1,128,512] bfloat16 as its bits: 128 KiB
+    ring = np.random.default_rng(0).integers(0, 1 << 16, (max(2, (16 << 20) // x.nbytes), *shape), dtype=np.uint16)
+    arena = Arena(max(16 << 20, (in_flight + 1) * x.nbytes))
     try:
         per: list[float] = []
         for _ in range(passes):
@@ -137,14 +138,14 @@ def answer_copy_us(passes: int = 5, in_flight: int = 64) -> float:
 MODEL_CODE_AT_ONCE = 16
 
 
-def model_code_us(at_once: int = MODEL_CODE_AT_ONCE) -> dict | None:
+def model_code_us(at_once: int = MODEL_CODE_AT_ONCE, shape: tuple[int, ...] = SHAPE) -> dict | None:
     """The model process's other floor in the no-op case: its own code alone (bench/engine_cpu.py --in-process: the
     Engine fed messages of ``at_once`` requests in one process, no socket, no other process on the cores), with
     the answer's copy's share of it. In the service the same code shares two cores with the front ends and wrk.
     None if it could not be measured (its error is printed)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "engine_cpu.json"
-        argv = [sys.executable, "-m", "bench.engine_cpu", "--in-process", "--shape", ",".join(map(str, SHAPE))]
+        argv = [sys.executable, "-m", "bench.engine_cpu", "--in-process", "--shape", ",".join(map(str, shape))]
         argv += ["--dtype", "bfloat16", "--at-once", str(at_once), "--requests", "20000", "--json", str(out)]
         done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)  # (-m: ROOT on its path)
         if done.returncode != 0 or not out.exists():
@@ -153,14 +154,18 @@ def model_code_us(at_once: int = MODEL_CODE_AT_ONCE) -> dict | None:
         return json.loads(out.read_text())
 
 
-def noop_case(seconds: float, rounds: int, conns: int, logs: Path, against: str | None = None) -> dict:
+def noop_case(seconds: float, rounds: int, conns: int, logs: Path, against: str | None = None, rows: int = 1) -> dict:
     """2 front ends with the no-op forward against the FastAPI echo (2 workers), both on both cores; with ``against``
-    (a git revision), that revision's service too, in the same rounds."""
+    (a git revision), that revision's service too, in the same rounds. ``rows``: each request's x is [rows,128,512]
+    (the targets are judged for 1; more rows is what a group of that many 1-row requests would be to the model
+    process, and the floors are measured at that shape, about 16 rows a message)."""
     import statistics
 
-    body = v2_binary_body()
-    copy_us = answer_copy_us()  # (before any server starts: the machine is quiet)
-    code = model_code_us()
+    shape = (rows, *SHAPE[1:])
+    body = v2_binary_body(shape)
+    copy_us = answer_copy_us(shape=shape)  # (before any server starts: the machine is quiet)
+    at_once = max(1, MODEL_CODE_AT_ONCE // rows)
+    code = model_code_us(at_once, shape)
     env = {
         "MHA_WORKERS": "2",
         "MHA_ENGINE": "process",
@@ -238,7 +243,8 @@ def noop_case(seconds: float, rounds: int, conns: int, logs: Path, against: str 
         "model_us_per_request": model_us,
         "answer_copy_us": copy_us,
         **({} if code is None else {"model_code_us": code["us"], "model_code_copy_us": code["copy_us"]}),
-        "model_code_at_once": MODEL_CODE_AT_ONCE,
+        "model_code_at_once": at_once,
+        "rows": rows,
         "front_ends_us_per_request": cpu["service"]["server_us"],
         "echo_us_per_request": cpu["echo"]["server_us"],
         "wrk_us_per_request": {k: v["wrk_us"] for k, v in cpu.items()},
@@ -250,6 +256,9 @@ def noop_case(seconds: float, rounds: int, conns: int, logs: Path, against: str 
 def print_noop(res: dict) -> None:
     t = res["targets"]
     ok_r, ok_m = res["ratio"] >= t["ratio"], res["model_us_per_request"] <= t["model_us"]
+    rows = res.get("rows", 1)
+    if rows != 1:  # (the targets are for requests of one row: shown, not judged)
+        ok_r = ok_m = None
     print("| what | measured | target |\n|---|---:|---:|")
     print(f"| FastAPI echo, 2 workers | {res['echo_rps']:,.0f} req/s | |")
     print(f"| 2 front ends + model process, no-op forward | {res['service_rps']:,.0f} req/s | |")
@@ -266,17 +275,25 @@ def print_noop(res: dict) -> None:
             f"| at {a['commit']}: req/s, x the echo; CPU a request: front ends / model process | {a['rps']:,.0f} "
             f"({a['ratio']:.2f}x); {a['front_ends_us_per_request']:.0f} / {a['model_us_per_request']:.1f} us | |"
         )
-    print(f"| {'PASS' if ok_r else 'FAIL'} ratio | {res['ratio']:.2f}x | >= {t['ratio']}x |")
+    print(f"| {_verdict(ok_r)}ratio | {res['ratio']:.2f}x | >= {t['ratio']}x |")
     if "answer_copy_us" in res:  # the model process's floor here: the no-op's answer copied into its arena
-        print(f"| floor: the answer's 128 KiB copy alone (Arena.put, one process) | {res['answer_copy_us']:.1f} us | |")
+        copy = f"the answer's {128 * rows} KiB copy alone (Arena.put, one process)"
+        print(f"| floor: {copy} | {res['answer_copy_us']:.1f} us | |")
     if "model_code_us" in res:  # and the model process's own code alone, copy included (bench/engine_cpu.py)
         print(
             f"| floor: the model process's code alone, {res['model_code_at_once']} a message (engine_cpu.py "
             f"--in-process) | {res['model_code_us']:.1f} us (the copy {res['model_code_copy_us']:.1f}) | |"
         )
-    print(f"| {'PASS' if ok_m else 'FAIL'} model process CPU a request | {res['model_us_per_request']:.1f} us "
+    print(f"| {_verdict(ok_m)}model process CPU a request | {res['model_us_per_request']:.1f} us "
           f"| <= {t['model_us']:g} us |")  # fmt: skip
+    if rows != 1:
+        print(f"| model process CPU a row ({rows} a request) | {res['model_us_per_request'] / rows:.1f} us | |")
     print(f"errors: {res['errors']}")
+
+
+def _verdict(ok: bool | None) -> str:
+    """A row's verdict as the table leads it ("PASS ", "FAIL "), none for a figure shown but not judged."""
+    return "" if ok is None else ("PASS " if ok else "FAIL ")
 
 
 def forward_ceiling(env: dict[str, str], batch: int, seconds: float) -> float:
@@ -311,14 +328,17 @@ def main() -> None:
     p.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--noop", action="store_true", help="the GPU case on a CPU: a no-op forward against an echo")
     p.add_argument("--rounds", type=int, default=2, help="--noop: the echo and the service alternate this often")
+    p.add_argument("--rows", type=int, default=1, help="--noop: rows of each request's x ([rows,128,512]; judged at 1)")
     p.add_argument("--json", type=Path, help="also write the results here")
     add_against(p)
     args = p.parse_args()
     if args.against and not args.noop:
         p.error("--against: only with --noop")
+    if args.rows != 1 and not args.noop:
+        p.error("--rows: only with --noop")
     if args.noop:
         logs = Path(tempfile.mkdtemp(prefix="bench-noop-"))
-        res = noop_case(args.seconds, args.rounds, args.connections or 64, logs, args.against)
+        res = noop_case(args.seconds, args.rounds, args.connections or 64, logs, args.against, args.rows)
         print_noop(res)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,53 @@
+"""bench/procs.py --noop's table: the targets judged for requests of one row; with --rows N the figures are shown,
+a row's CPU beside the request's, and nothing is judged."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bench import procs
+
+pytestmark = pytest.mark.unit
+
+
+def result(rows: int) -> dict:
+    return {
+        "rows": rows,
+        "echo_rps": 1000.0,
+        "service_rps": 900.0,
+        "ratio": 0.9,
+        "model_us_per_request": 12.0 * rows,
+        "answer_copy_us": 4.0 * rows,
+        "targets": procs.NOOP_TARGETS,
+        "errors": 0,
+    }
+
+
+def test_one_row_requests_are_judged(capsys) -> None:
+    procs.print_noop(result(1))
+    out = capsys.readouterr().out
+    assert "| PASS ratio | 0.90x | >= 0.8x |" in out
+    assert "| PASS model process CPU a request | 12.0 us | <= 15 us |" in out
+    assert "a row" not in out and "128 KiB copy" in out
+
+
+def test_larger_requests_show_a_rows_cpu_and_are_not_judged(capsys) -> None:
+    procs.print_noop(result(8))
+    out = capsys.readouterr().out
+    assert "PASS" not in out and "FAIL" not in out
+    assert "| model process CPU a request | 96.0 us | <= 15 us |" in out
+    assert "| model process CPU a row (8 a request) | 12.0 us | |" in out
+    assert "1024 KiB copy" in out
+
+
+def test_the_body_carries_x_of_the_shape_asked_for() -> None:
+    data, ctype, headers = procs.v2_binary_body((3, 128, 512))
+    n = int(headers["Inference-Header-Content-Length"])
+    (inp,) = json.loads(data[:n])["inputs"]
+    assert inp["shape"] == [3, 128, 512] and inp["datatype"] == "BF16"
+    assert len(data) - n == inp["parameters"]["binary_data_size"] == 3 * 128 * 512 * 2
+    assert ctype == "application/octet-stream"
+    assert np.frombuffer(data[n:], np.uint16).any()
