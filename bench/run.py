@@ -59,7 +59,7 @@ def plan(out: Path, quick: bool, against: str | None, narrow: bool = False) -> d
         # 4 rounds (medians): one round's cell can be a disturbed one (here once 0.77x beside 1.03x with the log on),
         # and with 2 the standard run at 79a9991 read 0.94x with the log on where 4 rounds that day read 1.02x
         "front": ([py, f"{b}/front.py", "--modes", "split", "--duration", "3" if q else "5",
-                   "--rounds", "1" if q else "4", "--out", str(out), *vs], 600),
+                   "--rounds", "1" if q else "4", "--out", str(out), *vs], 360 if q else 600),
         "service": ([py, f"{b}/service.py", "--out", str(out), "--concurrency", "1,32" if q or narrow else "1,8,32,64",
                      "--duration", "3" if q else "5", "--warmup", "1"]
                     + (["--only", "base64 batch=32,v2-binary batch=32"] if q or narrow else []), 420),
