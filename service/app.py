@@ -54,7 +54,11 @@ def create_app(*, settings: Settings, engine_address: str | None = None) -> fast
             from service.engine.client import MPClient
 
             fallbacks = state.metrics.shm_fallbacks.labels("front_end")
-            state.engine = MPClient(engine_address, on_ready=engine_ready, on_shm_fallback=fallbacks.inc)
+            # a turn's plain requests cross as one, as large as one forward pass may be (MPClient._grouped)
+            group = (settings.max_batch_size, settings.max_batch_tokens)
+            state.engine = MPClient(
+                engine_address, on_ready=engine_ready, on_shm_fallback=fallbacks.inc, group_limits=group
+            )
         else:
             from service.engine.inproc import InprocClient
 

@@ -43,6 +43,9 @@ class AttendInput:
     wire_dtype: str = "float32"
     out_dtype: str = "float32"  # what the answer's arrays hold (the response's dtype; bfloat16: its bits)
     sequence: tuple | None = None  # a step's (id, start, end) as it crosses to the model process; not in key
+    # how many requests this one is: a front end's merged requests (service/engine/client.py) are computed and
+    # answered as one, and counted as their number (batch sizes, queue waits); not in key
+    requests: int = 1
 
     @property
     def batch(self) -> int:
@@ -316,6 +319,11 @@ PACK_BELOW = 1 << 16  # arrays under 64 KiB cross packed together in one frame a
 _PAD = bytes(16)
 
 
+class Rows(tuple):
+    """The x of requests merged into one (``service.engine.client``): its members' arrays, same shape but the first
+    axis and same dtype, which cross as their concatenation along it without being concatenated first."""
+
+
 class _Packer:
     """A message's arrays -> frames. A frame costs a little beyond its bytes (its length, its slice), so the
     small arrays of a message (a batch of small requests: one or two each) are copied into one frame, each at
@@ -355,6 +363,20 @@ class _Packer:
         self.size += n + pad
         return Arr(a.shape, a.dtype.str, 0, offset)
 
+    def add_rows(self, rows: Rows) -> Arr:
+        """A merged request's x: its members' arrays one after the other along the first axis, copied once each
+        into one arena slot (``Arena.put_rows``), or concatenated into one frame where the arena has no room."""
+        first = rows[0]
+        shape = (sum(a.shape[0] for a in rows), *first.shape[1:])
+        arena = self.arena
+        if arena is not None and first.nbytes * len(rows) >= SHM_MIN and all(a.flags.c_contiguous for a in rows):
+            offset = arena.put_rows(rows)
+            if offset is not None:
+                self.slots.append(offset)
+                segment, at = divmod(offset, arena.size)
+                return Arr(shape, first.dtype.str, ARENA - segment, at)
+        return self.add(np.concatenate(rows))
+
     def frames(self) -> list:
         return [b"".join(self.small), *self.big]
 
@@ -388,7 +410,7 @@ _new = object.__new__
 
 
 def _input(
-    x, lengths, mask, causal, need_weights, heads, fault, trace, wire_dtype, out_dtype, sequence=None
+    x, lengths, mask, causal, need_weights, heads, fault, trace, wire_dtype, out_dtype, sequence=None, requests=1
 ) -> AttendInput:
     """An AttendInput without the frozen dataclass's ``__init__`` (one ``object.__setattr__`` per field): the same
     fields and object, built in half the time; the model process builds one per request."""
@@ -405,6 +427,7 @@ def _input(
         wire_dtype=wire_dtype,
         out_dtype=out_dtype,
         sequence=sequence,
+        requests=requests,
     )
     return inp
 
@@ -441,6 +464,7 @@ class Request(msgspec.Struct, array_like=True, gc=False):
     out_dtype: str  # the dtype the answer's arrays come back in
     trace: dict[str, str] | None = None  # the request span's W3C traceparent/tracestate
     sequence: tuple[int | str, bool, bool] | None = None  # a sequence step's id, start and end
+    requests: int = 1  # merged requests: how many (AttendInput.requests)
 
 
 class Answer(msgspec.Struct, array_like=True, gc=False, tag=0):
@@ -530,10 +554,11 @@ def encode_requests(
     for rid, inp, deadline, request_id, priority in items:
         first = len(taken)
         lengths, mask, h = inp.lengths, inp.mask, inp.heads
+        x = inp.x
         reqs.append(
             Request(
                 rid,
-                add(inp.x),
+                add(x) if type(x) is not Rows else pack.add_rows(x),
                 None if lengths is None else add(lengths),
                 None if mask is None else add(mask),
                 inp.causal,
@@ -547,6 +572,7 @@ def encode_requests(
                 inp.out_dtype,
                 None if inp.trace is None else _trace_carrier(inp.trace),
                 inp.sequence,
+                inp.requests,
             )
         )
         if slots is not None:
@@ -592,6 +618,7 @@ def decode_requests(
             r.x_dtype,
             r.out_dtype,
             r.sequence,
+            r.requests,
         )
         out.append((r.id, inp, r.deadline, r.request_id, r.priority))
     return out

@@ -802,6 +802,12 @@ class Batcher:
         stats: BatchStats,
     ) -> None:
         now = time.monotonic()
+        n = len(batch)
+        if any(p.input.requests != 1 for p in batch):  # merged requests count as their number, each wait as theirs
+            n = sum(p.input.requests for p in batch)
+            waits_each = [w for p, w in zip(batch, waits, strict=True) for _ in range(p.input.requests)]
+        else:
+            waits_each = waits
         for p, wait, res in zip(batch, waits, results, strict=True):
             if p.settled:
                 continue  # cancelled, or answered "late" by the sweep
@@ -810,8 +816,8 @@ class Batcher:
             elif now > p.deadline:
                 self._answer(p, DeadlineExceeded("the request's deadline passed while it was computing"), "late")
             else:
-                self._answer(p, Result(res, wait, stats.compute_s, len(batch), stats.sequences))
-        self._obs.batch_done(len(batch), stats, waits)
+                self._answer(p, Result(res, wait, stats.compute_s, n, stats.sequences))
+        self._obs.batch_done(n, stats, waits_each)
         self._obs.batch_finished([p.input for p in batch], started, stats)
         self._drain_tokens_per_s = policy.drain_rate(self._drain_tokens_per_s, stats.real_tokens, stats.compute_s)
 
