@@ -171,16 +171,25 @@ def _input(shape: tuple, dtype: str):
     return AttendInput(wire, wire_dtype=dtype, out_dtype=dtype)
 
 
-async def in_process(n: int, shape: tuple, dtype: str, at_once: int, warm: int = 50) -> tuple[float, float]:
+async def in_process(
+    n: int, shape: tuple, dtype: str, at_once: int, warm: int = 50, merged: bool = True
+) -> tuple[float, float]:
     """``--in-process``: the Engine's message path, one message of ``at_once`` requests at a time, timed alone.
-    Returns the CPU seconds a request, and the answer's copy's share of them."""
+    ``merged``: the message's requests merged as a front end merges them (``MPClient._grouped``: one request for
+    up to max_batch_size of them); else each crosses on its own. Returns the CPU seconds a request, and the
+    answer's copy's share of them."""
     from service import shm
     from service.engine import process
-    from service.messages import ARENA, Arr, decode, encode_requests
+    from service.engine.client import MPClient
+    from service.messages import ARENA, Arr, Rows, decode, encode_requests
     from service.settings import Settings
 
     os.environ.update(_model_env(shape))
-    engine = process.Engine(Settings(), f"ipc://{tempfile.mkdtemp()}/engine.sock")
+    settings = Settings()
+    engine = process.Engine(settings, f"ipc://{tempfile.mkdtemp()}/engine.sock")
+    grouper = MPClient("unused", group_limits=(settings.max_batch_size, settings.max_batch_tokens)) if merged else None
+    if grouper is not None:
+        grouper._next_id = 1 << 30  # (its merged requests' ids, apart from their members')
     await engine.load()
     conn = _Unsent()
     front = shm.Arena()  # the front end's arena for its requests' x, as MPClient's
@@ -201,10 +210,12 @@ async def in_process(n: int, shape: tuple, dtype: str, at_once: int, warm: int =
     answers.put = timed_put
     x = _input(shape, dtype)
 
-    def is_x(a: Arr) -> bool:
+    def is_x(a: Arr, want: np.ndarray) -> bool:
         dt = np.dtype(a.dtype)
         slot = (ARENA - a.frame) * answers.size + a.offset  # (its segment's number, then its place there)
-        return np.array_equal(np.ndarray(tuple(a.shape), dt, answers.view(slot, dt.itemsize * math.prod(a.shape))), x.x)
+        return np.array_equal(
+            np.ndarray(tuple(a.shape), dt, answers.view(slot, dt.itemsize * math.prod(a.shape))), want
+        )
 
     freed: tuple[int, ...] = ()
     used = 0.0
@@ -215,6 +226,10 @@ async def in_process(n: int, shape: tuple, dtype: str, at_once: int, warm: int =
                 used = copy_s = 0.0
             slots: list[list[int]] = []
             items = [(rid, x, time.monotonic() + 30, None, 0) for rid in range(at_once)]
+            if grouper is not None:  # (untimed: the front end's work)
+                items = grouper._grouped(items)
+                grouper._groups.clear()
+                grouper._group_of.clear()
             frames = encode_requests(items, front, slots, freed)
             frames = [f if isinstance(f, np.ndarray) else memoryview(f) for f in frames]  # as read: memoryviews
             t0 = time.process_time()
@@ -225,10 +240,12 @@ async def in_process(n: int, shape: tuple, dtype: str, at_once: int, warm: int =
             used += time.process_time() - t0
             answered = [a for frames in conn.sent for a in decode(frames[0]).items]
             conn.sent.clear()
-            if sorted(a.id for a in answered) != list(range(at_once)):
-                raise RuntimeError(f"expected an answer to each of {at_once} requests, got {answered[:3]}")
-            last = answered[-1].output
-            if last.frame <= ARENA and not is_x(last):  # the no-op's answer is its x: one checked a message, untimed
+            if sorted(a.id for a in answered) != sorted(it[0] for it in items):
+                raise RuntimeError(f"expected an answer to each of {len(items)} requests, got {answered[:3]}")
+            last = answered[-1]
+            sent = {it[0]: it[1].x for it in items}[last.id]
+            want = np.concatenate(sent) if type(sent) is Rows else sent
+            if last.output.frame <= ARENA and not is_x(last.output, want):  # the no-op's answer is its x: untimed
                 raise RuntimeError("an answer is not its request's x")
             freed = tuple(a.output.offset for a in answered)  # given back with the next message, as a front end does
             for taken in slots:
@@ -242,7 +259,7 @@ async def in_process(n: int, shape: tuple, dtype: str, at_once: int, warm: int =
     print(
         f"model side CPU per request, in one process: {used / done * 1e6:.1f} us, of which the answer's copy "
         f"{copy_s / done * 1e6:.1f} us, the rest {(used - copy_s) / done * 1e6:.1f} us ({done} requests of "
-        f"{list(shape)} {dtype}, {at_once} a message, batcher real)"
+        f"{list(shape)} {dtype}, {at_once} a message{', merged' if merged else ''}, batcher real)"
     )
     return used / done, copy_s / done
 
@@ -257,12 +274,13 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--in-process", action="store_true", help="the Engine fed in this process (the real batcher)")
     ap.add_argument("--json", type=Path, help="--in-process: also write its two figures here (us a request)")
+    ap.add_argument("--unmerged", action="store_true", help="--in-process: each request on its own, not merged")
     args = ap.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
     if args.in_process:
         from service.engine import process
 
-        used, copy = process._run(in_process(args.requests, shape, args.dtype, args.at_once))
+        used, copy = process._run(in_process(args.requests, shape, args.dtype, args.at_once, merged=not args.unmerged))
         if args.json:
             args.json.write_text(json.dumps({"us": used * 1e6, "copy_us": copy * 1e6, "at_once": args.at_once}))
         return

@@ -18,15 +18,16 @@ def _model_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(name, value)
 
 
-def _run(n: int = 64, at_once: int = 8) -> tuple[float, float]:
+def _run(n: int = 64, at_once: int = 8, merged: bool = True) -> tuple[float, float]:
     from service.engine import process
 
-    return process._run(engine_cpu.in_process(n, SHAPE, "bfloat16", at_once, warm=2))
+    return process._run(engine_cpu.in_process(n, SHAPE, "bfloat16", at_once, warm=2, merged=merged))
 
 
 @pytest.mark.timeout(120)
-def test_in_process_answers_every_request_and_splits_its_cpu() -> None:
-    used, copy = _run()
+@pytest.mark.parametrize("merged", [True, False], ids=["merged", "one-by-one"])
+def test_in_process_answers_every_request_and_splits_its_cpu(merged: bool) -> None:
+    used, copy = _run(merged=merged)
     assert used > 0  # (process_time: the harness's own work between messages is not in it)
     assert 0 < copy < used  # the answers went through the arena, and the copy was not all of it
 
