@@ -227,7 +227,7 @@ async def in_process(
             slots: list[list[int]] = []
             items = [(rid, x, time.monotonic() + 30, None, 0) for rid in range(at_once)]
             if grouper is not None:  # (untimed: the front end's work)
-                items = grouper._grouped(items)
+                items = grouper._grouped(items, set())
                 grouper._groups.clear()
                 grouper._group_of.clear()
             frames = encode_requests(items, front, slots, freed)

@@ -60,7 +60,8 @@ ANSWER_SLACK_S = 1.0  # past a request's deadline, the front end stops waiting f
 FLUSH_WAIT_S = 1.0  # flush_statistics waits this long at most for the model process's answer
 SWEEP_S = 0.01  # how often waiting requests are checked for their deadline and for watching their caller
 # Requests merged into one (``_grouped``) have deadlines this close at most: the group's is the latest, and a member
-# whose own passed while it computed is answered DeadlineExceeded, as the model process would have.
+# whose own passed while it computed is answered DeadlineExceeded, as the model process would have (one still queued
+# at its deadline gets it when the group's comes: this much later at most).
 GROUP_DEADLINE_SPREAD_S = 0.05
 # A merged request that failed for one of these is sent again member by member, so that each gets its own answer
 # (a member whose result overflowed, one too large for a batch with the others, or a forward that failed for one).
@@ -348,11 +349,12 @@ class MPClient:
     def _flush(self) -> None:
         self._flush_scheduled = False
         items, self._outbox = self._outbox, []
+        solo, self._solo = self._solo, set()  # (sent again on their own: all of them are in this outbox)
         pending = self._pending
         items = [it for it in items if it[0] in pending]  # not those cancelled meanwhile
         if items and self._lost is None:
             if self._group_limits is not None and len(items) > 1:
-                items = self._grouped(items)
+                items = self._grouped(items, solo)
             inputs = self._inputs
             if inputs is None:
                 self._send(encode_requests(items))
@@ -371,7 +373,7 @@ class MPClient:
                         group.slots = taken
             self._send(frames)
 
-    def _grouped(self, items: list) -> list:
+    def _grouped(self, items: list, solo: set[int]) -> list:
         """A turn's requests with those that can share a forward pass merged: the same shape but their sequences
         (B), dtypes, causality and priority, no lengths, mask, weights, trace, fault or sequence, deadlines within
         GROUP_DEADLINE_SPREAD_S, up to ``group_limits``. The model process decodes, queues, computes and answers a
@@ -379,7 +381,6 @@ class MPClient:
         26-30 us of its CPU a row against 43-45 with 1-row ones (docs/performance.md). Each group goes where its
         first member was; the rest keep their order."""
         max_rows, max_tokens = self._group_limits
-        solo = self._solo
         out: list = []
         open_: dict[tuple, list] = {}  # key -> [members, rows, first deadline, place in out]
         for it in items:
@@ -391,9 +392,8 @@ class MPClient:
                 or inp.fault is not None
                 or inp.trace is not None
                 or inp.sequence is not None
-                or (solo and rid in solo)
+                or rid in solo
             ):
-                solo.discard(rid)
                 out.append(it)
                 continue
             x = inp.x
