@@ -617,7 +617,8 @@ def test_arrays_the_arenas_have_no_room_for_cross_as_frames_right_and_are_counte
     module's."""
     import base64
 
-    s = start_server(tmp_path, {**WORKERS, "MHA_SHM_ARENA_MIB": "1", **({} if grow else {"MHA_SHM_ARENA_MAX_MIB": "1"})})
+    fixed = {} if grow else {"MHA_SHM_ARENA_MAX_MIB": "1"}
+    s = start_server(tmp_path, {**WORKERS, "MHA_SHM_ARENA_MIB": "1", **fixed})
     try:
         mha = builtin_model()
         rng = np.random.default_rng(21)
