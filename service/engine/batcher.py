@@ -280,9 +280,11 @@ class Batcher:
         self._oldest_every = limits.priority_oldest_every
         self._since_oldest = 0  # batches since one took the oldest queued request (priority_levels > 1)
         self._queues: list[list[_Pending]] = [[] for _ in range(self._nlevels)]  # one FIFO per level
-        self._queued = 0
+        self._queued = 0  # queue entries (a front end's merged requests are one)
+        self._queued_requests = 0  # the requests they are (AttendInput.requests): the depth reported and bounded
         self._queued_tokens = 0
         self._level_tokens = [0] * self._nlevels
+        self._level_requests = [0] * self._nlevels
         self._busy = False
         self._inflight: list[_Pending] = []
         self._accepting = False
@@ -350,8 +352,9 @@ class Batcher:
             self._answer(p, ShuttingDown("the server is shutting down before this request could finish"))
         for q in self._queues:
             q.clear()
-        self._queued = self._queued_tokens = 0
+        self._queued = self._queued_requests = self._queued_tokens = 0
         self._level_tokens = [0] * self._nlevels
+        self._level_requests = [0] * self._nlevels
         self._queue_changed(now=True)
         if self._timer is not None:
             self._timer.cancel()
@@ -369,11 +372,11 @@ class Batcher:
     # -- requests ------------------------------------------------------------------------
 
     def queue_depth(self) -> tuple[int, int]:
-        return self._queued, self._queued_tokens
+        return self._queued_requests, self._queued_tokens
 
     def queue_depth_by_level(self) -> list[tuple[int, int]]:
         """(requests, tokens) queued at each priority level, the highest (1) first."""
-        return [(len(q), t) for q, t in zip(self._queues, self._level_tokens, strict=True)]
+        return list(zip(self._level_requests, self._level_tokens, strict=True))
 
     def _queue_changed(self, *, now: bool = False) -> None:
         """The queue's depth changed: the observer hears it once per turn of the event loop (in several
@@ -387,10 +390,10 @@ class Batcher:
 
     def _publish_queue(self) -> None:
         self._queue_publish = False
-        self._obs.queue_changed(self._queued, self._queued_tokens)
+        self._obs.queue_changed(self._queued_requests, self._queued_tokens)
         if self._nlevels > 1:
             for i in range(self._nlevels):
-                self._obs.level_queue_changed(i + 1, len(self._queues[i]), self._level_tokens[i])
+                self._obs.level_queue_changed(i + 1, self._level_requests[i], self._level_tokens[i])
 
     async def infer(
         self,
@@ -496,17 +499,20 @@ class Batcher:
                 f"{lim.max_batch_weights_elements} (the most one forward pass computes); "
                 "ask for fewer heads or sequences"
             )
-        q, q_tokens = self._queues[level], self._level_tokens[level]
-        if len(q) >= lim.max_queue_requests or q_tokens + tokens > lim.max_queue_tokens:
+        q, q_tokens, q_requests = self._queues[level], self._level_tokens[level], self._level_requests[level]
+        n = inp.requests
+        if (q_requests and q_requests + n > lim.max_queue_requests) or q_tokens + tokens > lim.max_queue_tokens:
             which = "queue" if self._nlevels == 1 else f"queue of priority level {level + 1}"
             raise Overloaded(
-                f"{which} is full ({len(q)} requests, {q_tokens} tokens queued; limits "
+                f"{which} is full ({q_requests} requests, {q_tokens} tokens queued; limits "
                 f"{lim.max_queue_requests} requests, {lim.max_queue_tokens} tokens)",
                 self._retry_after(level),
             )
         pending = _Pending(inp, done, time.monotonic(), deadline, self._busy, weights, level, watch, (B, T))
         q.append(pending)
         self._queued += 1
+        self._queued_requests += n
+        self._level_requests[level] += n
         self._queued_tokens += tokens
         self._level_tokens[level] += tokens
         if not self._queue_publish:  # (most submits of a turn find it scheduled: no call)
@@ -533,6 +539,8 @@ class Batcher:
 
     def _unqueued(self, p: _Pending) -> None:
         self._queued -= 1
+        self._queued_requests -= p.input.requests
+        self._level_requests[p.level] -= p.input.requests
         self._queued_tokens -= p.tokens
         self._level_tokens[p.level] -= p.tokens
         self._queue_changed()
@@ -670,6 +678,8 @@ class Batcher:
                     keep.append(p)
                     continue
                 self._queued -= 1
+                self._queued_requests -= p.input.requests
+                self._level_requests[level] -= p.input.requests
                 self._queued_tokens -= p.tokens
                 self._level_tokens[level] -= p.tokens
             self._queues[level] = keep
@@ -720,10 +730,17 @@ class Batcher:
             q = self._queues[0]
             self._queues[0] = [] if len(chosen) == len(q) else [p for p in q if not p.started]  # often all of it
             self._level_tokens[0] -= real
+            taken = sum(p.input.requests for p in chosen)
+            self._level_requests[0] -= taken
         else:
+            taken = 0
             for level in {p.level for p in chosen}:
                 self._queues[level] = [p for p in self._queues[level] if not p.started]
                 self._level_tokens[level] -= sum(p.tokens for p in chosen if p.level == level)
+                mine = sum(p.input.requests for p in chosen if p.level == level)
+                self._level_requests[level] -= mine
+                taken += mine
+        self._queued_requests -= taken
         self._queued -= len(chosen)
         self._queued_tokens -= real
         self._queue_changed()

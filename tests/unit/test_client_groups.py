@@ -241,3 +241,29 @@ def test_rows_cross_as_their_concatenation_through_the_arena_or_a_frame():
         assert arena.used == 3 * (1 << 18)
     finally:
         arena.close()
+
+
+async def test_the_batchers_queue_counts_and_bounds_a_merged_request_as_its_number():
+    """The queue's depth (mha_queue_depth_requests, the heartbeat's) and its bound (max_queue_requests) count the
+    requests a merged one stands for; an empty queue takes a merged request however many it stands for."""
+    runner = FakeRunner()
+    b = Batcher(runner, BatchLimits(max_queue_requests=4, max_batch_size=1))
+    await b.start()
+    try:
+        runner.gate.clear()  # the first forward holds: what follows queues
+        x = np.ones((1, 4, 2), np.float32)
+        first = asyncio.create_task(b.infer(AttendInput(x), deadline=time.monotonic() + 10))
+        await asyncio.to_thread(runner.started.wait, 2)
+        big = asyncio.create_task(
+            b.infer(AttendInput(np.ones((6, 4, 2), np.float32), requests=6), deadline=time.monotonic() + 10)
+        )
+        await until(lambda: b.queue_depth() == (6, 24))
+        with pytest.raises(Overloaded, match="6 requests"):
+            await b.infer(AttendInput(x), deadline=time.monotonic() + 10)
+        runner.gate.set()
+        res = await big
+        await first
+        assert res.batch_requests == 6 and b.queue_depth() == (0, 0)
+    finally:
+        runner.gate.set()
+        await b.stop()
