@@ -17,7 +17,6 @@ from service import messages, shm
 from service.engine import client as client_mod
 from service.engine.batcher import Batcher, BatchLimits
 from service.engine.client import MPClient
-from service.engine.process import Engine
 from service.messages import (
     AttendInput,
     AttendOutput,
@@ -27,8 +26,7 @@ from service.messages import (
     Overloaded,
     Result,
 )
-from service.settings import Settings
-from tests.fakes import FakeRunner
+from tests.fakes import FakeRunner, StubBatcher, serving_engine
 from tests.waiting import until
 
 pytestmark = pytest.mark.unit
@@ -36,15 +34,13 @@ pytestmark = pytest.mark.unit
 LIMITS = (32, 32768)  # (sequences, tokens): the defaults of max_batch_size and max_batch_tokens
 
 
-class Doubler:
+class Doubler(StubBatcher):
     """A batcher that answers x * 2 on the next turn and keeps what it was given. A request whose x holds NaN gets
     NumericOverflow (a member's own failure); ``hold`` answers nothing; ``refuse`` is raised at submit."""
 
-    running = True
-
     def __init__(self) -> None:
+        super().__init__()
         self.submitted: list[AttendInput] = []
-        self.cancelled = 0
         self.hold = False
         self.refuse: Exception | None = None
 
@@ -61,32 +57,17 @@ class Doubler:
         asyncio.get_running_loop().call_soon(done, res)
         return object()
 
-    def cancel(self, handle, reason="disconnect"):
-        self.cancelled += 1
-
-    def queue_depth(self):
-        return (0, 0)
-
 
 @contextlib.asynccontextmanager
 async def served(tmp_path, monkeypatch, group_limits=LIMITS):
-    monkeypatch.setattr(messages, "PACK_BELOW", 1 << 12)  # the tests' 4 KiB arrays cross through the arenas
-    monkeypatch.setattr(messages, "SHM_MIN", 1 << 12)
-    engine = Engine(Settings(), f"ipc://{tmp_path}/engine.sock")
-    engine.batcher = Doubler()
-    engine.info = {"model_info": {}, "config": {"num_heads": 2, "emb_size": 64, "head_size": 32, "max_seq_len": 64}}
-    engine.bind()
-    serving = asyncio.create_task(engine.serve())
-    client = MPClient(engine.address, group_limits=group_limits)
-    try:
-        await client.start(timeout_s=10)
-        assert client._inputs is not None
-        yield engine.batcher, client
-    finally:
-        await client.stop()
-        engine._stop.set()
-        await serving
-        engine.close()
+    async with serving_engine(tmp_path, monkeypatch, Doubler()) as engine:
+        client = MPClient(engine.address, group_limits=group_limits)
+        try:
+            await client.start(timeout_s=10)
+            assert client._inputs is not None
+            yield engine.batcher, client
+        finally:
+            await client.stop()
 
 
 def xs(n: int, rows: int = 1, seed: int = 0) -> list[np.ndarray]:

@@ -31,6 +31,7 @@ from service.messages import (
     encode_requests,
 )
 from service.settings import Settings
+from tests.fakes import StubBatcher, serving_engine
 from tests.waiting import until
 
 DTYPES = ["float32", "float16", "bfloat16"]
@@ -217,13 +218,8 @@ def test_a_full_arena_sends_the_array_as_a_frame_with_the_same_values():
 # -- a real model process's socket loop and a real front end, in one event loop --
 
 
-class Echo:
+class Echo(StubBatcher):
     """A batcher that answers x * 2 (weights: x's first row) on the next turn, or never for fault "hold"."""
-
-    running = True
-
-    def __init__(self) -> None:
-        self.cancelled = 0
 
     def submit(self, inp, *, deadline, done, priority=0):
         if inp.fault == "hold":
@@ -233,33 +229,11 @@ class Echo:
         asyncio.get_running_loop().call_soon(done, Result(out, 0.0, 0.0, 1, 1))
         return object()
 
-    def cancel(self, handle, reason="disconnect"):
-        self.cancelled += 1
 
-    def queue_depth(self):
-        return (0, 0)
-
-
-@contextlib.asynccontextmanager
-async def echo_engine(tmp_path, monkeypatch, arena_bytes: int, arena_max_bytes: int | None = None):
+def echo_engine(tmp_path, monkeypatch, arena_bytes: int, arena_max_bytes: int | None = None):
     """A model process's Engine serving the Echo batcher at its address, arenas of ``arena_bytes`` that grow to
-    ``arena_max_bytes`` (by default they do not); arrays of 4 KiB or more cross through them (the tests' small
-    ones)."""
-    monkeypatch.setattr(shm, "ARENA_BYTES", arena_bytes)
-    monkeypatch.setattr(shm, "ARENA_MAX_BYTES", arena_max_bytes or arena_bytes)
-    monkeypatch.setattr(messages, "PACK_BELOW", 1 << 12)
-    monkeypatch.setattr(messages, "SHM_MIN", 1 << 12)
-    engine = Engine(Settings(), f"ipc://{tmp_path}/engine.sock")
-    engine.batcher = Echo()
-    engine.info = {"model_info": {}, "config": {"num_heads": 2, "emb_size": 64, "head_size": 32, "max_seq_len": 64}}
-    engine.bind()
-    serving = asyncio.create_task(engine.serve())
-    try:
-        yield engine
-    finally:
-        engine._stop.set()
-        await serving
-        engine.close()
+    ``arena_max_bytes`` (by default they do not)."""
+    return serving_engine(tmp_path, monkeypatch, Echo(), arena_bytes, arena_max_bytes)
 
 
 @pytest.fixture
