@@ -281,9 +281,9 @@ class Batcher:
         self._since_oldest = 0  # batches since one took the oldest queued request (priority_levels > 1)
         self._queues: list[list[_Pending]] = [[] for _ in range(self._nlevels)]  # one FIFO per level
         self._queued = 0  # queue entries (a front end's merged requests are one)
-        self._queued_requests = 0  # the requests they are (AttendInput.requests): the depth reported and bounded
         self._queued_tokens = 0
         self._level_tokens = [0] * self._nlevels
+        # the requests each level's entries are (AttendInput.requests): the depth reported and bounded
         self._level_requests = [0] * self._nlevels
         self._busy = False
         self._inflight: list[_Pending] = []
@@ -352,7 +352,7 @@ class Batcher:
             self._answer(p, ShuttingDown("the server is shutting down before this request could finish"))
         for q in self._queues:
             q.clear()
-        self._queued = self._queued_requests = self._queued_tokens = 0
+        self._queued = self._queued_tokens = 0
         self._level_tokens = [0] * self._nlevels
         self._level_requests = [0] * self._nlevels
         self._queue_changed(now=True)
@@ -372,7 +372,7 @@ class Batcher:
     # -- requests ------------------------------------------------------------------------
 
     def queue_depth(self) -> tuple[int, int]:
-        return self._queued_requests, self._queued_tokens
+        return sum(self._level_requests), self._queued_tokens
 
     def queue_depth_by_level(self) -> list[tuple[int, int]]:
         """(requests, tokens) queued at each priority level, the highest (1) first."""
@@ -390,7 +390,7 @@ class Batcher:
 
     def _publish_queue(self) -> None:
         self._queue_publish = False
-        self._obs.queue_changed(self._queued_requests, self._queued_tokens)
+        self._obs.queue_changed(sum(self._level_requests), self._queued_tokens)
         if self._nlevels > 1:
             for i in range(self._nlevels):
                 self._obs.level_queue_changed(i + 1, self._level_requests[i], self._level_tokens[i])
@@ -511,7 +511,6 @@ class Batcher:
         pending = _Pending(inp, done, time.monotonic(), deadline, self._busy, weights, level, watch, (B, T))
         q.append(pending)
         self._queued += 1
-        self._queued_requests += n
         self._level_requests[level] += n
         self._queued_tokens += tokens
         self._level_tokens[level] += tokens
@@ -539,7 +538,6 @@ class Batcher:
 
     def _unqueued(self, p: _Pending) -> None:
         self._queued -= 1
-        self._queued_requests -= p.input.requests
         self._level_requests[p.level] -= p.input.requests
         self._queued_tokens -= p.tokens
         self._level_tokens[p.level] -= p.tokens
@@ -678,7 +676,6 @@ class Batcher:
                     keep.append(p)
                     continue
                 self._queued -= 1
-                self._queued_requests -= p.input.requests
                 self._level_requests[level] -= p.input.requests
                 self._queued_tokens -= p.tokens
                 self._level_tokens[level] -= p.tokens
@@ -730,17 +727,12 @@ class Batcher:
             q = self._queues[0]
             self._queues[0] = [] if len(chosen) == len(q) else [p for p in q if not p.started]  # often all of it
             self._level_tokens[0] -= real
-            taken = sum(p.input.requests for p in chosen)
-            self._level_requests[0] -= taken
+            self._level_requests[0] -= sum(p.input.requests for p in chosen)
         else:
-            taken = 0
             for level in {p.level for p in chosen}:
                 self._queues[level] = [p for p in self._queues[level] if not p.started]
                 self._level_tokens[level] -= sum(p.tokens for p in chosen if p.level == level)
-                mine = sum(p.input.requests for p in chosen if p.level == level)
-                self._level_requests[level] -= mine
-                taken += mine
-        self._queued_requests -= taken
+                self._level_requests[level] -= sum(p.input.requests for p in chosen if p.level == level)
         self._queued -= len(chosen)
         self._queued_tokens -= real
         self._queue_changed()
