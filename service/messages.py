@@ -350,9 +350,7 @@ class _Packer:
             if arena is not None and n >= SHM_MIN:
                 offset = arena.put(a)
                 if offset is not None:  # (None: the arena is full; this one goes as a frame)
-                    self.slots.append(offset)
-                    segment, at = divmod(offset, arena.size)
-                    return Arr(a.shape, a.dtype.str, ARENA - segment, at)
+                    return self._placed(offset, a.shape, a.dtype.str)
             self.big.append(a)
             return Arr(a.shape, a.dtype.str, len(self.big), 0)
         offset = self.size
@@ -367,15 +365,18 @@ class _Packer:
         """A merged request's x: its members' arrays one after the other along the first axis, copied once each
         into one arena slot (``Arena.put_rows``), or concatenated into one frame where the arena has no room."""
         first = rows[0]
-        shape = (sum(a.shape[0] for a in rows), *first.shape[1:])
         arena = self.arena
-        if arena is not None and first.nbytes * len(rows) >= SHM_MIN and all(a.flags.c_contiguous for a in rows):
+        if arena is not None and sum(a.nbytes for a in rows) >= SHM_MIN and all(a.flags.c_contiguous for a in rows):
             offset = arena.put_rows(rows)
             if offset is not None:
-                self.slots.append(offset)
-                segment, at = divmod(offset, arena.size)
-                return Arr(shape, first.dtype.str, ARENA - segment, at)
+                return self._placed(offset, (sum(a.shape[0] for a in rows), *first.shape[1:]), first.dtype.str)
         return self.add(np.concatenate(rows))
+
+    def _placed(self, offset: int, shape: tuple, dtype: str) -> Arr:
+        """An array the arena took at ``offset`` (as ``Arena.put`` returns it): its place, in its segment's frame."""
+        self.slots.append(offset)
+        segment, at = divmod(offset, self.arena.size)
+        return Arr(shape, dtype, ARENA - segment, at)
 
     def frames(self) -> list:
         return [b"".join(self.small), *self.big]
