@@ -273,7 +273,8 @@ class Mapped:
         return shm.buf.toreadonly()  # what arrives is read, never written: a slot is its sender's
 
     def grow(self, segments: int) -> None:
-        """Map the sender's segments up to ``segments`` (OSError if one cannot be: the message is not read)."""
+        """Map the sender's segments up to ``segments``, those not mapped yet (OSError if one cannot be: the message
+        is not read)."""
         tail = self.tail
         while len(tail) < segments:
             self.tail = tail = [self._map_segment(f"{self.name}.{len(tail)}"), *tail]

@@ -569,8 +569,8 @@ class MPClient:
         if kind is Outcomes:
             pending = self._pending
             answers = self._answers
-            if answers is not None and msg.segments > len(answers.tail):
-                answers.grow(msg.segments)  # the model process's arena grew: its new segments are read from here on
+            if answers is not None:
+                answers.grow(msg.segments)  # the segments the model process's arena grew by, mapped before reading
             outcomes = decode_outcomes(msg, frames[1:], None if answers is None else answers.tail, self._freed)
             for o in outcomes:
                 wait = pending.pop(o.id, None)

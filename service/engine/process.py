@@ -167,8 +167,8 @@ class Engine:
         if kind is Requests:
             submit, pending = self.batcher.submit, self._pending
             inputs = self._inputs.get(peer)
-            if inputs is not None and msg.segments > len(inputs.tail):
-                inputs.grow(msg.segments)  # the front end's arena grew: its new segments are read from here on
+            if inputs is not None:
+                inputs.grow(msg.segments)  # the segments the front end's arena grew by, mapped before reading
             items = decode_requests(msg, frames[1:], None if inputs is None else inputs.tail)
             for rid, inp, deadline, request_id, priority in items:
                 if inp.trace is not None:  # the front end's request span: the forward span's parent
