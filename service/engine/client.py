@@ -64,8 +64,17 @@ SWEEP_S = 0.01  # how often waiting requests are checked for their deadline and 
 # at its deadline gets it when the group's comes: this much later at most).
 GROUP_DEADLINE_SPREAD_S = 0.05
 # A merged request that failed for one of these is sent again member by member, so that each gets its own answer
-# (a member whose result overflowed, one too large for a batch with the others, or a forward that failed for one).
-_SPLIT_ON = frozenset({ErrorKind.NUMERIC_OVERFLOW.value, ErrorKind.VALIDATION.value, ErrorKind.INTERNAL.value})
+# (a member whose result overflowed, one too large for a batch with the others, or a forward that failed for one);
+# refused for a full queue, its members are admitted one by one as far as there is room, as they would have been
+# unmerged (the model process counts a merged request as its number against MHA_MAX_QUEUE_REQUESTS).
+_SPLIT_ON = frozenset(
+    {
+        ErrorKind.NUMERIC_OVERFLOW.value,
+        ErrorKind.VALIDATION.value,
+        ErrorKind.INTERNAL.value,
+        ErrorKind.OVERLOADED.value,
+    }
+)
 
 
 class _Group:

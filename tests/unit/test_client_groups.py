@@ -25,6 +25,7 @@ from service.messages import (
     NumericOverflow,
     Overloaded,
     Result,
+    ShuttingDown,
 )
 from tests.fakes import FakeRunner, StubBatcher, serving_engine
 from tests.waiting import until
@@ -36,17 +37,23 @@ LIMITS = (32, 32768)  # (sequences, tokens): the defaults of max_batch_size and 
 
 class Doubler(StubBatcher):
     """A batcher that answers x * 2 on the next turn and keeps what it was given. A request whose x holds NaN gets
-    NumericOverflow (a member's own failure); ``hold`` answers nothing; ``refuse`` is raised at submit."""
+    NumericOverflow (a member's own failure); ``hold`` answers nothing; ``refuse`` is raised at submit; with ``room``
+    set, it takes that many requests (a merged one counts as its number) and refuses the rest, as a full queue does."""
 
     def __init__(self) -> None:
         super().__init__()
         self.submitted: list[AttendInput] = []
         self.hold = False
         self.refuse: Exception | None = None
+        self.room: int | None = None
 
     def submit(self, inp, *, deadline, done, priority=0):
         if self.refuse is not None:
             raise self.refuse
+        if self.room is not None:
+            if inp.requests > self.room:
+                raise Overloaded(f"the queue is full: room for {self.room}, not {inp.requests}", 0.5)
+            self.room -= inp.requests
         self.submitted.append(inp)
         if self.hold:
             return object()
@@ -132,11 +139,26 @@ async def test_a_members_numeric_overflow_is_its_own_the_others_get_their_rows(t
 
 async def test_a_refusal_of_the_merged_request_is_every_members(tmp_path, monkeypatch):
     async with served(tmp_path, monkeypatch) as (batcher, client):
-        batcher.refuse = Overloaded("queue is full", 0.5)
+        batcher.refuse = ShuttingDown("the server is shutting down")
         results = await ask(client, [AttendInput(x) for x in xs(3)])
-        assert all(isinstance(r, Overloaded) and r.retry_after_s == 0.5 for r in results), results
+        assert all(isinstance(r, ShuttingDown) for r in results), results
         assert len({id(r) for r in results}) == 3  # each its own exception
-        assert client._inputs.used == 0 and not client._groups
+        assert batcher.submitted == [] and client._inputs.used == 0 and not client._groups
+
+
+async def test_a_merged_request_refused_for_a_full_queue_is_admitted_member_by_member(tmp_path, monkeypatch):
+    """Room for 2 in the queue: the merged request of 3 is refused, its members are sent again one by one, the
+    first 2 are computed and only the third gets 429, as without merging."""
+    async with served(tmp_path, monkeypatch) as (batcher, client):
+        batcher.room = 2
+        plain = xs(3)
+        results = await ask(client, [AttendInput(x) for x in plain])
+        assert [i.requests for i in batcher.submitted] == [1, 1]
+        for x, r in zip(plain[:2], results[:2], strict=True):
+            assert np.array_equal(r.output.output, x * 2)
+        assert isinstance(results[2], Overloaded) and results[2].retry_after_s == 0.5
+        assert "room for 0, not 1" in str(results[2])
+        assert client._inputs.used == 0 and not client._groups and not client._solo
 
 
 async def test_a_member_that_leaves_leaves_the_others_and_the_last_cancels_it(tmp_path, monkeypatch):
