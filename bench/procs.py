@@ -51,6 +51,7 @@ from bench.harness import (
     model_process,
     proc_cpu_s,
     run_wrk,
+    scrape,
     tree_cpu_s,
     wait_idle,
     wrk_errors,
@@ -206,12 +207,22 @@ def noop_case(seconds: float, rounds: int, conns: int, logs: Path, against: str 
                 srv, url_path = targets[name]
                 wait_idle(everyone, srv.url, srv.ready_path)
                 model = models.get(name)
+                s0 = scrape(srv.url) if model else {}  # (before the CPU is read: the scrape costs the model a ping)
                 m0 = proc_cpu_s(model) if model else 0.0
                 f0, w0 = tree_cpu_s(srv.pid, model), os.times()
                 r = wrk(srv.url + url_path, body, conns, seconds, 2)
                 w1 = os.times()
                 n = max(1.0, r["rps"] * round(seconds))
-                r["model_us"] = 1e6 * (proc_cpu_s(model) - m0) / n if model else None
+                model_s = proc_cpu_s(model) - m0 if model else 0.0
+                r["model_us"] = 1e6 * model_s / n if model else None
+                if model:  # its batches: the model process's CPU splits into what a batch costs and what a request
+                    s1 = scrape(srv.url)
+                    batches = s1.get("mha_batch_size_requests_count", 0.0) - s0.get(
+                        "mha_batch_size_requests_count", 0.0
+                    )
+                    batched = s1.get("mha_batch_size_requests_sum", 0.0) - s0.get("mha_batch_size_requests_sum", 0.0)
+                    r["batch_requests"] = batched / batches if batches else None
+                    r["model_us_a_batch"] = 1e6 * model_s / batches if batches else None
                 # the rest of the server (the front ends; the echo's workers) and wrk: where the other cores went
                 r["server_us"] = 1e6 * (tree_cpu_s(srv.pid, model) - f0) / n
                 r["wrk_us"] = 1e6 * (w1.children_user + w1.children_system - w0.children_user - w0.children_system) / n
@@ -222,6 +233,16 @@ def noop_case(seconds: float, rounds: int, conns: int, logs: Path, against: str 
             srv.stop(10)
     med = {k: statistics.median(r["rps"] for r in v) for k, v in runs.items()}
     model_us = statistics.median(r["model_us"] for r in runs["service"])
+
+    def batches(name: str) -> dict:
+        """The medians of a service's batches: requests a batch, the model process's CPU a batch."""
+        out = {}
+        for field, key in (("batch_requests", "requests_per_batch"), ("model_us_a_batch", "model_us_per_batch")):
+            got = [r[field] for r in runs[name] if r.get(field) is not None]
+            if got:
+                out[key] = statistics.median(got)
+        return out
+
     cpu = {k: {f: statistics.median(r[f] for r in v) for f in ("server_us", "wrk_us")} for k, v in runs.items()}
     extra = {}
     if commit is not None:  # the same figures for REV, from the same rounds
@@ -231,6 +252,7 @@ def noop_case(seconds: float, rounds: int, conns: int, logs: Path, against: str 
             "ratio": med["against"] / med["echo"],
             "model_us_per_request": statistics.median(r["model_us"] for r in runs["against"]),
             "front_ends_us_per_request": cpu["against"]["server_us"],
+            **batches("against"),
         }
     return {
         **extra,
@@ -241,6 +263,7 @@ def noop_case(seconds: float, rounds: int, conns: int, logs: Path, against: str 
         "service_rps": med["service"],
         "ratio": med["service"] / med["echo"],
         "model_us_per_request": model_us,
+        **batches("service"),
         "answer_copy_us": copy_us,
         **({} if code is None else {"model_code_us": code["us"], "model_code_copy_us": code["copy_us"]}),
         "model_code_at_once": at_once,
@@ -271,9 +294,14 @@ def print_noop(res: dict) -> None:
         )
     if "against" in res:  # the same service at an earlier revision, in the same rounds
         a = res["against"]
+        batch = (
+            f"; {a['model_us_per_batch']:,.0f} us a batch of {a['requests_per_batch']:.1f}"
+            if "model_us_per_batch" in a
+            else ""
+        )
         print(
             f"| at {a['commit']}: req/s, x the echo; CPU a request: front ends / model process | {a['rps']:,.0f} "
-            f"({a['ratio']:.2f}x); {a['front_ends_us_per_request']:.0f} / {a['model_us_per_request']:.1f} us | |"
+            f"({a['ratio']:.2f}x); {a['front_ends_us_per_request']:.0f} / {a['model_us_per_request']:.1f} us{batch} | |"
         )
     print(f"| {_verdict(ok_r)}ratio | {res['ratio']:.2f}x | >= {t['ratio']}x |")
     if "answer_copy_us" in res:  # the model process's floor here: the no-op's answer copied into its arena
@@ -288,6 +316,11 @@ def print_noop(res: dict) -> None:
           f"| <= {t['model_us']:g} us |")  # fmt: skip
     if rows != 1:
         print(f"| model process CPU a row ({rows} a request) | {res['model_us_per_request'] / rows:.1f} us | |")
+    if "model_us_per_batch" in res:  # what a batch costs it, whatever its size, beside what each request adds
+        print(
+            f"| model process CPU a batch (requests a batch) | {res['model_us_per_batch']:,.0f} us "
+            f"({res['requests_per_batch']:.1f}) | |"
+        )
     print(f"errors: {res['errors']}")
 
 

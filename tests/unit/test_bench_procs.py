@@ -43,6 +43,25 @@ def test_larger_requests_show_a_rows_cpu_and_are_not_judged(capsys) -> None:
     assert "1024 KiB copy" in out
 
 
+def test_a_batchs_cpu_is_shown_with_its_size_when_the_metrics_gave_it(capsys) -> None:
+    procs.print_noop(result(1))
+    assert "a batch" not in capsys.readouterr().out  # (no batches counted: no row)
+    res = {**result(1), "model_us_per_batch": 531.4, "requests_per_batch": 23.26}
+    res["against"] = {
+        "commit": "abc1234",
+        "rps": 800.0,
+        "ratio": 0.8,
+        "model_us_per_request": 20.0,
+        "front_ends_us_per_request": 100.0,
+        "model_us_per_batch": 410.0,
+        "requests_per_batch": 20.5,
+    }
+    procs.print_noop(res)
+    out = capsys.readouterr().out
+    assert "| model process CPU a batch (requests a batch) | 531 us (23.3) | |" in out
+    assert "100 / 20.0 us; 410 us a batch of 20.5 | |" in out
+
+
 def test_the_body_carries_x_of_the_shape_asked_for() -> None:
     data, ctype, headers = procs.v2_binary_body((3, 128, 512))
     n = int(headers["Inference-Header-Content-Length"])
