@@ -60,8 +60,8 @@ ANSWER_SLACK_S = 1.0  # past a request's deadline, the front end stops waiting f
 FLUSH_WAIT_S = 1.0  # flush_statistics waits this long at most for the model process's answer
 SWEEP_S = 0.01  # how often waiting requests are checked for their deadline and for watching their caller
 # Requests merged into one (``_grouped``) have deadlines this close at most: the group's is the latest, and a member
-# whose own passed while it computed is answered DeadlineExceeded, as the model process would have (one still queued
-# at its deadline gets it when the group's comes: this much later at most).
+# whose own passes before the answer is answered DeadlineExceeded by this front end's sweep, at its own deadline
+# (within SWEEP_S), as the model process answers a request of its own.
 GROUP_DEADLINE_SPREAD_S = 0.05
 # A merged request that failed for one of these is sent again member by member, so that each gets its own answer
 # (a member whose result overflowed, one too large for a batch with the others, or a forward that failed for one);
@@ -343,7 +343,8 @@ class MPClient:
         """The sweep's check, every SWEEP_S while requests wait: end the waits past their deadline (the model
         process answers those itself; this is for one that does not), and watch the callers of those waiting long.
         Whether any still waits (the sweep stops when none does)."""
-        for wait in list(self._pending.values()):
+        group_of = self._group_of
+        for rid, wait in list(self._pending.items()):
             fut = wait[0]
             if fut.done():
                 continue
@@ -351,6 +352,11 @@ class MPClient:
                 fut.set_exception(
                     DeadlineExceeded("the request's deadline passed and the model process did not answer")
                 )
+            elif rid in group_of and now >= wait[2] - ANSWER_SLACK_S:
+                # A member of a merged request, whose deadline is the latest of its members': this one's own has
+                # passed, and the model process, which knows only the group's, would answer it later. It leaves the
+                # group (``infer``'s end), and the last to leave cancels the merged request.
+                fut.set_exception(DeadlineExceeded("the request's deadline passed before its answer came"))
             elif wait[4] is None and wait[1] is not None and now >= wait[3]:
                 self._watch_caller(wait, wait[1]())
         return bool(self._pending)

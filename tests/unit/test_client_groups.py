@@ -206,6 +206,31 @@ async def test_a_member_whose_own_deadline_passed_while_it_computed_gets_504(tmp
         assert np.array_equal(second.output.output, later * 2)
 
 
+async def test_a_member_still_waiting_at_its_own_deadline_gets_504_then_not_at_the_groups(tmp_path, monkeypatch):
+    """The model process knows only the merged request's deadline (its members' latest): a member whose own passes
+    while it waits is answered DeadlineExceeded by the front end's sweep at that deadline, the others wait on, and
+    the merged request is cancelled once the last has left."""
+    monkeypatch.setattr(client_mod, "GROUP_DEADLINE_SPREAD_S", 60.0)
+    async with served(tmp_path, monkeypatch) as (batcher, client):
+        batcher.hold = True  # queued for ever: no answer comes
+        now = time.monotonic()
+        soon, later = xs(2)
+        first = asyncio.create_task(client.infer(AttendInput(soon), deadline=now + 0.05))
+        second = asyncio.create_task(client.infer(AttendInput(later), deadline=now + 30))
+        await until(lambda: len(batcher.submitted) == 1)
+        assert batcher.submitted[0].requests == 2
+        with pytest.raises(DeadlineExceeded, match="before its answer came"):
+            await first
+        took = time.monotonic() - now
+        assert 0.05 <= took < 0.5, took  # at its own deadline, not a second later (its wait's give-up) or at 30 s
+        await asyncio.sleep(0.05)
+        assert not second.done() and batcher.cancelled == 0  # the other still waits: nothing is cancelled
+        second.cancel()
+        await asyncio.gather(second, return_exceptions=True)
+        await until(lambda: batcher.cancelled == 1)
+        assert client._inputs.used == 0 and not client._groups and not client._group_of
+
+
 async def test_the_batcher_counts_a_merged_request_as_its_number():
     """mha_batch_size_requests, the queue waits and each Result's batch_requests count the requests a merged one
     stands for, not the one that crossed."""
