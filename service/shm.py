@@ -241,13 +241,16 @@ class Arena:
                 shm.close()
 
 
+_KEPT: list = []  # segments mapped as SharedMemory (no /dev/shm) that a receiver let go: see Mapped._unmap
+
+
 class Mapped:
     """The receiver's side: a peer's arena, mapped once by its name, read-only; its arrays are read in place.
 
     Mapped as a plain file of /dev/shm where there is one (Linux: what shm_open opens), not as a SharedMemory: a
-    mapping whose arrays outlive ``close`` (a request still queued when its front end went away) is unmapped
-    quietly with the last of them, and the receiver does not register the sender's name with its own resource
-    tracker, which would unlink it when the receiver exits.
+    mapping whose arrays outlive ``close`` (a request still queued or computing when its front end went away) is
+    unmapped with the last of them (``_unmap``), and the receiver does not register the sender's name with its own
+    resource tracker, which would unlink it when the receiver exits.
 
     ``tail`` is what a message's arena frames are (``service.messages._buffers``): the segments, last to first, so
     that segment k is the frame ``ARENA - k`` (-1 - k). A message says how many segments its sender has; ``grow``
@@ -279,8 +282,23 @@ class Mapped:
         while len(tail) < segments:
             self.tail = tail = [self._map_segment(f"{self.name}.{len(tail)}"), *tail]
 
-    def close(self) -> None:
-        for buf, m in zip(reversed(self.tail), self._maps, strict=True):
-            with contextlib.suppress(BufferError):  # views still held: the mapping goes with the last of them
+    @staticmethod
+    def _unmap(bufs: list[memoryview], maps: list) -> None:
+        """Let segments go (``bufs`` last to first, ``maps`` first to last): each is unmapped when the last array
+        read from it goes, at once if none is held.
+
+        Not ``mmap.close()``: an array made over a slice of the mapping (``np.ndarray(shape, dtype, buf, offset)``,
+        as ``service.messages._array`` makes a request's x) holds a reference to the mmap, not an export of its
+        buffer, so the close would succeed under it and a later read of it (a batch computing when its front end
+        went away) would fault the process. Dropped, the mmap is unmapped by its own deallocation, after them.
+        Where there is no /dev/shm, a segment is a SharedMemory, whose finaliser closes it whatever is held: those
+        are kept until the process exits."""
+        for buf, m in zip(reversed(bufs), maps, strict=True):
+            with contextlib.suppress(BufferError):  # (arrays that export it, np.frombuffer's: it goes after them)
                 buf.release()
-                m.close()
+            if not isinstance(m, mmap.mmap):
+                _KEPT.append(m)
+
+    def close(self) -> None:
+        self._unmap(self.tail, self._maps)
+        self.tail, self._maps, self.buf = [], [], None

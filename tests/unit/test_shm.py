@@ -7,7 +7,10 @@ import asyncio
 import contextlib
 import gc
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,6 +37,7 @@ from service.settings import Settings
 from tests.fakes import StubBatcher, serving_engine
 from tests.waiting import until
 
+ROOT = Path(__file__).resolve().parents[2]
 DTYPES = ["float32", "float16", "bfloat16"]
 
 
@@ -98,6 +102,32 @@ def test_a_full_arena_grows_by_a_segment_up_to_its_cap_and_slots_never_span_two(
     finally:
         arena.close()
     assert not any(on_dev_shm(n) for n in (arena.name, f"{arena.name}.1", f"{arena.name}.2"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm here")
+def test_a_request_read_from_a_mapping_outlives_its_close():
+    """A request's x is an array over the receiver's mapping of its front end's arena (messages._array). When the
+    front end goes away, its mapping is closed (and its arena unlinked) while such a request may still be computing:
+    the array must still read its values, not fault the model process. In a child process, which a fault ends."""
+    code = """
+import gc
+import numpy as np
+from service import shm
+from service.messages import Arr, _array
+arena = shm.Arena(1 << 16)
+x = np.arange(4096, dtype=np.float32)
+offset = arena.put(x)
+mapped = shm.Mapped(arena.name)
+mapped.grow(1)
+got = _array([*mapped.tail], Arr((4096,), "<f4", -1, offset))
+mapped.close()
+arena.close()
+gc.collect()
+print(float(got.sum()), bool(np.array_equal(got, x)))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.split() == [str(float(np.arange(4096, dtype=np.float32).sum())), "True"]
 
 
 def test_an_arena_that_cannot_get_a_segment_stops_growing_and_sends_frames(monkeypatch):
