@@ -386,6 +386,11 @@ class _Packer:
         """The sender's arena's segments, as its message says (1 without one)."""
         return 1 if self.arena is None else self.arena.segments
 
+    @property
+    def shrinks(self) -> int:
+        """How many times the sender's arena gave segments back, as its message says."""
+        return 0 if self.arena is None else self.arena.shrinks
+
 
 ARENA = -1  # an Arr's frame when its bytes are in the sender's arena (ARENA - k: its segment k, service/shm.py): the
 # receiver puts the arena's segments last, the first last of all
@@ -489,11 +494,13 @@ class Requests(msgspec.Struct, array_like=True, gc=False, tag="req"):
     items: list[Request]
     freed: tuple[int, ...] = ()  # the answer slots (offsets in the model process's arena) this front end is done with
     segments: int = 1  # how many segments the front end's arena has now (service/shm.py): the receiver maps the rest
+    shrinks: int = 0  # how many times it gave segments back (``Arena.trim``): on a change, the receiver maps anew
 
 
 class Outcomes(msgspec.Struct, array_like=True, gc=False, tag="res"):
     items: list[Answer | Failure]
     segments: int = 1  # as Requests': the model process's arena for this front end
+    shrinks: int = 0
 
 
 class Cancel(msgspec.Struct, array_like=True, gc=False, tag="cancel"):
@@ -578,7 +585,7 @@ def encode_requests(
         )
         if slots is not None:
             slots.append(taken[first:])
-    return [_encode(Requests(reqs, freed, pack.segments)), *pack.frames()]
+    return [_encode(Requests(reqs, freed, pack.segments, pack.shrinks)), *pack.frames()]
 
 
 def _trace_carrier(span_context: Any) -> dict[str, str]:
@@ -696,7 +703,7 @@ class OutcomesWriter:
 
     def frames(self) -> list:
         pack = self.pack
-        return [_encode(Outcomes(self.items, pack.segments)), *pack.frames()]
+        return [_encode(Outcomes(self.items, pack.segments, pack.shrinks)), *pack.frames()]
 
 
 def encode_outcomes(items: list[Outcome], arena: Arena | None = None) -> list:

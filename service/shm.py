@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import mmap
 import os
+import time
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -38,6 +39,10 @@ ARENA_BYTES = int(os.environ.get("MHA_SHM_ARENA_MIB", str(ARENA_MIB_DEFAULT))) <
 # request against 195 with them in the arenas (2026-12-07, bench/procs.py's no-op set-up, wrk c=256 against c=32).
 ARENA_MAX_MIB_DEFAULT = 128
 ARENA_MAX_BYTES = int(os.environ.get("MHA_SHM_ARENA_MAX_MIB", str(ARENA_MAX_MIB_DEFAULT))) << 20
+# A segment the arena grew by is given back (unmapped and unlinked: its pages return to /dev/shm) once it has been
+# the last and held no slot at every ``trim`` for this long: a burst's room is not kept for good, and a load that
+# needs it steadily keeps it (a segment made again costs a few ms: its reservation, its first writes).
+TRIM_AFTER_S = 30.0
 # Arrays of this size or more cross through the arena. Smaller ones share one packed frame a message
 # (service.messages._Packer), which costs less than a slot and its freeing.
 SHM_MIN = 1 << 16
@@ -92,7 +97,8 @@ class Arena:
     Segment k (named ``<name>.k`` after the first) holds the offsets k * size to (k + 1) * size: a slot never spans
     two, and its place crosses as the segment's frame (``service.messages.ARENA`` - k) and its offset there. A put that
     finds no room makes the next segment, up to ``max_size`` in all; when one cannot be made (/dev/shm is full) the
-    arena stops growing, and what does not fit crosses as frames. Segments are kept until the arena closes.
+    arena stops growing, and what does not fit crosses as frames. A grown segment that held no slot for TRIM_AFTER_S
+    goes back (``trim``, which its owner calls now and then).
 
     The free extents are kept sorted by offset and merged with their neighbours in the same segment when a slot comes
     back, so the arena does not fragment under a steady mix of sizes. A few hundred slots at most are live at once: a
@@ -112,6 +118,10 @@ class Arena:
         self._lengths: list[int] = [size]  # and their lengths
         self._taken: dict[int, int] = {}  # offset -> length of each live slot
         self.misses = 0  # arrays it had no room for (they crossed as frames), until its owner takes the count
+        # How many times segments were given back (``trim``): every message says so, and a receiver that sees it
+        # change maps the segments past the first again, by their names, which a later growth makes anew.
+        self.shrinks = 0
+        self._idle_since: float | None = None  # since when the last segment (past the first) was seen empty
 
     @property
     def segments(self) -> int:
@@ -143,6 +153,37 @@ class Arena:
         self._starts.append((len(self._segments) - 1) * self.size)
         self._lengths.append(self.size)
         return True
+
+    def trim(self, now: float | None = None) -> int:
+        """Give back the last segment (past the first) once it has held no slot at every call for TRIM_AFTER_S; its
+        owner calls it now and then (a front end at each heartbeat, the model process at each of its pings).
+        Returns how many segments went."""
+        k = len(self._segments)
+        if k < 2:
+            return 0
+        now = time.monotonic() if now is None else now
+        size, starts, lengths = self.size, self._starts, self._lengths
+        if not (starts and starts[-1] == (k - 1) * size and lengths[-1] == size):  # a slot in it
+            self._idle_since = None
+            return 0
+        if self._idle_since is None:
+            self._idle_since = now
+        if now - self._idle_since < TRIM_AFTER_S:
+            return 0
+        gone = 0
+        while k > 1 and starts and starts[-1] == (k - 1) * size and lengths[-1] == size:  # (and any empty below it)
+            del starts[-1], lengths[-1]
+            self._bufs.pop()
+            shm = self._segments.pop()
+            with contextlib.suppress(FileNotFoundError):
+                shm.unlink()
+            with contextlib.suppress(BufferError):
+                shm.close()
+            k -= 1
+            gone += 1
+        self.shrinks += 1
+        self._idle_since = None
+        return gone
 
     @property
     def used(self) -> int:
@@ -192,6 +233,8 @@ class Arena:
                 return None
             length = lengths[i]  # (the new segment's extent: the last)
         offset = starts[i]
+        if offset >= (len(self._segments) - 1) * self.size:  # (in the last segment: not idle, whatever trim saw)
+            self._idle_since = None
         if length == need:
             del starts[i], lengths[i]
         else:
@@ -253,14 +296,16 @@ class Mapped:
     resource tracker, which would unlink it when the receiver exits.
 
     ``tail`` is what a message's arena frames are (``service.messages._buffers``): the segments, last to first, so
-    that segment k is the frame ``ARENA - k`` (-1 - k). A message says how many segments its sender has; ``grow``
-    maps the ones not mapped yet before it is read."""
+    that segment k is the frame ``ARENA - k`` (-1 - k). A message says how many segments its sender has, and how
+    many times it gave some back (``Arena.trim``); ``grow`` maps the ones not mapped yet before it is read, and
+    those past the first again after a trim (a segment made again under the same name is another)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._maps: list = []
         self.buf = self._map_segment(name)  # the first segment
         self.tail: list[memoryview] = [self.buf]
+        self.shrinks = 0
 
     def _map_segment(self, name: str) -> memoryview:
         if os.path.isdir(SHM_DIR):
@@ -275,9 +320,14 @@ class Mapped:
         self._maps.append(shm)
         return shm.buf.toreadonly()  # what arrives is read, never written: a slot is its sender's
 
-    def grow(self, segments: int) -> None:
-        """Map the sender's segments up to ``segments``, those not mapped yet (OSError if one cannot be: the message
-        is not read)."""
+    def grow(self, segments: int, shrinks: int = 0) -> None:
+        """Map the sender's segments up to ``segments``, those not mapped yet, after unmapping those past the first
+        if the sender gave segments back since (``shrinks``). OSError if one cannot be mapped: the message is not
+        read."""
+        if shrinks != self.shrinks:
+            self.shrinks = shrinks
+            self._unmap(self.tail[:-1], self._maps[1:])
+            self.tail, self._maps = self.tail[-1:], self._maps[:1]
         tail = self.tail
         while len(tail) < segments:
             self.tail = tail = [self._map_segment(f"{self.name}.{len(tail)}"), *tail]

@@ -585,7 +585,7 @@ class MPClient:
             pending = self._pending
             answers = self._answers
             if answers is not None:
-                answers.grow(msg.segments)  # the segments the model process's arena grew by, mapped before reading
+                answers.grow(msg.segments, msg.shrinks)  # what the model process's arena grew by, mapped first
             outcomes = decode_outcomes(msg, frames[1:], None if answers is None else answers.tail, self._freed)
             for o in outcomes:
                 wait = pending.pop(o.id, None)
@@ -621,6 +621,8 @@ class MPClient:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
+            if self._arena is not None:  # a segment a burst of requests grew it by, empty long enough, goes back
+                self._arena.trim()
             if self._lost is None or self._silent:  # (silent: pinged on, to hear it again)
                 self._ping()
                 if self._lost is None and time.monotonic() - self._last_beat > LOST_AFTER_S:

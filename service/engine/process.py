@@ -168,7 +168,7 @@ class Engine:
             submit, pending = self.batcher.submit, self._pending
             inputs = self._inputs.get(peer)
             if inputs is not None:
-                inputs.grow(msg.segments)  # the segments the front end's arena grew by, mapped before reading
+                inputs.grow(msg.segments, msg.shrinks)  # what the front end's arena grew by, mapped before reading
             items = decode_requests(msg, frames[1:], None if inputs is None else inputs.tail)
             for rid, inp, deadline, request_id, priority in items:
                 if inp.trace is not None:  # the front end's request span: the forward span's parent
@@ -194,6 +194,9 @@ class Engine:
             # answer to its ping reads every batch answered before it asked (MPClient.flush_statistics).
             if self.metrics is not None:
                 self.metrics.flush()
+            answers = self._answers.get(peer)
+            if answers is not None:  # a segment a burst of answers grew it by, empty long enough, goes back
+                answers.trim()
             self._send(peer, encode(Heartbeat(*self._status())))
         elif kind is Hello:
             log.info("front end %s connected", msg.pid)

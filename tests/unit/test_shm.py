@@ -104,6 +104,46 @@ def test_a_full_arena_grows_by_a_segment_up_to_its_cap_and_slots_never_span_two(
     assert not any(on_dev_shm(n) for n in (arena.name, f"{arena.name}.1", f"{arena.name}.2"))
 
 
+def test_a_grown_segment_empty_for_trim_after_s_goes_back_and_a_receiver_maps_its_successor():
+    """Segments past the first that held no slot at every trim for TRIM_AFTER_S are unlinked; a slot taken in the
+    last one meanwhile starts the wait again. Made again under the same name, a segment is another file: a receiver
+    told of the trim (``shrinks``) maps it anew and reads the new bytes, not the old mapping's."""
+    size, wait = 4096, shm.TRIM_AFTER_S
+    arena = shm.Arena(size, max_size=3 * size)
+    mapped = shm.Mapped(arena.name)
+    try:
+        a = np.arange(250, dtype=np.float32)  # a 1024-byte slot: 4 a segment
+        offsets = [arena.put(a) for _ in range(12)]
+        mapped.grow(arena.segments, arena.shrinks)
+        assert arena.segments == 3 and len(mapped.tail) == 3
+        old = np.ndarray((250,), np.float32, mapped.tail[-2], 0)  # segment 1's first slot, as the receiver read it
+        assert arena.trim(now=0.0) == 0  # slots in it: kept
+        for offset in offsets:
+            arena.free(offset)
+        assert arena.trim(now=100.0) == 0 and arena.trim(now=100.0 + wait / 2) == 0  # empty, not for long enough
+        busy = [arena.put(a) for _ in range(9)]  # the ninth in the last segment, between two trims
+        assert busy[-1] == 2 * size
+        for offset in busy:
+            arena.free(offset)
+        assert arena.trim(now=100.0 + wait) == 0  # so it was not empty all along: the wait starts again
+        assert arena.trim(now=101.0 + wait) == 0
+        assert arena.trim(now=100.0 + 2 * wait) == 2  # both empty segments past the first go
+        assert arena.segments == 1 and arena.shrinks == 1 and arena.used == 0
+        assert not any(on_dev_shm(f"{arena.name}.{k}") for k in (1, 2)) and on_dev_shm(arena.name)
+        assert list(zip(arena._starts, arena._lengths, strict=True)) == [(0, size)]
+        offsets = [arena.put(a * 3) for _ in range(5)]  # grows again: a new segment 1
+        assert offsets[-1] == size and arena.segments == 2 and on_dev_shm(f"{arena.name}.1")
+        mapped.grow(arena.segments, arena.shrinks)
+        assert len(mapped.tail) == 2
+        assert np.array_equal(np.ndarray((250,), np.float32, mapped.tail[-2], 0), a * 3)  # the new file's bytes
+        assert np.array_equal(old, a)  # (an array read before the trim still holds the old mapping's)
+        del old
+    finally:
+        mapped.close()
+        arena.close()
+    assert not any(on_dev_shm(n) for n in (arena.name, f"{arena.name}.1"))
+
+
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm here")
 def test_a_request_read_from_a_mapping_outlives_its_close():
     """A request's x is an array over the receiver's mapping of its front end's arena (messages._array). When the
@@ -361,6 +401,35 @@ async def test_a_burst_larger_than_the_first_segment_grows_both_arenas_and_nothi
             gc.collect()
             client._send(messages.encode(messages.Ping(client._take_freed())))
             await until(lambda: answers_arena(engine).used == 0)
+        finally:
+            await client.stop()
+
+
+async def test_both_arenas_give_back_what_a_burst_grew_them_by_and_serve_on(tmp_path, monkeypatch):
+    """After a burst that grew both arenas, the front end (at its heartbeats) and the model process (at its pings)
+    give the grown segments back once they are empty (TRIM_AFTER_S 0 here); a second burst grows them again, each
+    side maps the new segments under the old names, and every answer is right."""
+    monkeypatch.setattr(shm, "TRIM_AFTER_S", 0.0)
+    monkeypatch.setattr(client_mod, "HEARTBEAT_S", 0.02)
+    async with echo_engine(tmp_path, monkeypatch, 1 << 20, 8 << 20) as engine:
+        client = MPClient(engine.address)
+        await client.start(timeout_s=10)
+        try:
+            rng = np.random.default_rng(8)
+            for burst in range(2):
+                xs = [wire(rng, (1, 64, 512), "float32") for _ in range(24)]  # 128 KiB each: 3 MiB, answers 6
+                results = await asyncio.gather(
+                    *(client.infer(AttendInput(x), deadline=time.monotonic() + 10) for x in xs)
+                )
+                for x, r in zip(xs, results, strict=True):
+                    assert np.array_equal(r.output.output, x * 2)
+                    assert np.array_equal(r.output.weights, x[:1])
+                assert client._inputs.segments > 1 and answers_arena(engine).segments > 1
+                del results, r
+                gc.collect()  # the answers' slots go back with the next ping, and the segments then
+                await until(lambda: client._inputs.segments == 1 and answers_arena(engine).segments == 1)
+                assert client._inputs.shrinks == burst + 1 and answers_arena(engine).shrinks >= burst + 1
+                assert not on_dev_shm(f"{client._inputs.name}.1") and not on_dev_shm(f"{answers_arena(engine).name}.1")
         finally:
             await client.stop()
 
