@@ -662,6 +662,18 @@ def _lent(freed: list[int], bufs: list, a: Arr) -> np.ndarray:
     return flat.reshape(a.shape)
 
 
+def slots_of(msg: Outcomes, segment_size: int) -> list[int]:
+    """The arena slots (offsets as ``Arena.put`` returned them) of a message's answers, for a receiver that gives them
+    back without reading them."""
+    return [
+        (ARENA - a.frame) * segment_size + a.offset
+        for item in msg.items
+        if type(item) is Answer
+        for a in (item.output, item.weights)
+        if a is not None and a.frame <= ARENA
+    ]
+
+
 @dataclass(slots=True)
 class Outcome:
     """One request's answer from the engine: an output with its timings, or a typed error."""

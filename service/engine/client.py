@@ -37,6 +37,7 @@ from service.messages import (
     Heartbeat,
     Hello,
     Info,
+    Outcome,
     Outcomes,
     Ping,
     Result,
@@ -47,6 +48,7 @@ from service.messages import (
     encode,
     encode_requests,
     failure_of,
+    slots_of,
 )
 from service.proc import parent_watched_by_kernel
 from service.stats import SharedModelStats
@@ -584,9 +586,16 @@ class MPClient:
         if kind is Outcomes:
             pending = self._pending
             answers = self._answers
-            if answers is not None:
-                answers.grow(msg.segments, msg.shrinks)  # what the model process's arena grew by, mapped first
-            outcomes = decode_outcomes(msg, frames[1:], None if answers is None else answers.tail, self._freed)
+            try:
+                if answers is not None:
+                    answers.grow(msg.segments, msg.shrinks)  # what the model process's arena grew by, mapped first
+            except OSError as e:  # a segment that cannot be mapped: its requests fail now, not at their deadline
+                log.error("an answer of %d outcome(s) from the model process could not be read: %r", len(msg.items), e)
+                self._freed.extend(slots_of(msg, len(answers.tail[-1])))  # their slots go back: nobody reads them
+                why = ErrorKind.INTERNAL.value, f"the answer could not be read: {e!r}"
+                outcomes = [Outcome(a.id, error=why[0], message=why[1]) for a in msg.items]
+            else:
+                outcomes = decode_outcomes(msg, frames[1:], None if answers is None else answers.tail, self._freed)
             for o in outcomes:
                 wait = pending.pop(o.id, None)
                 if wait is None:

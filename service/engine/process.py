@@ -33,6 +33,7 @@ from service.logs import request_id_var
 from service.messages import (
     Bye,
     Cancel,
+    EngineError,
     ErrorKind,
     Heartbeat,
     Hello,
@@ -167,9 +168,13 @@ class Engine:
         if kind is Requests:
             submit, pending = self.batcher.submit, self._pending
             inputs = self._inputs.get(peer)
-            if inputs is not None:
-                inputs.grow(msg.segments, msg.shrinks)  # what the front end's arena grew by, mapped before reading
-            items = decode_requests(msg, frames[1:], None if inputs is None else inputs.tail)
+            try:
+                if inputs is not None:
+                    inputs.grow(msg.segments, msg.shrinks)  # what the front end's arena grew by, mapped before reading
+                items = decode_requests(msg, frames[1:], None if inputs is None else inputs.tail)
+            except Exception as e:  # (a segment that cannot be mapped, an array that is not where it says)
+                self._unreadable(peer, msg, e)
+                return
             for rid, inp, deadline, request_id, priority in items:
                 if inp.trace is not None:  # the front end's request span: the forward span's parent
                     remote = self.tracing.remote_span_context(inp.trace) if self.tracing is not None else None
@@ -203,6 +208,13 @@ class Engine:
             self._send(peer, encode(Info(*self._status(), **self.info, **self._open_arenas(peer, msg))))
         elif kind is Bye:
             self._peer_gone(peer)
+
+    def _unreadable(self, peer: int, msg: Requests, exc: Exception) -> None:
+        """A message whose arrays cannot be read: each of its requests is answered with the error now, not left
+        to its deadline."""
+        log.error("a message of %d request(s) from front end %d could not be read: %r", len(msg.items), peer, exc)
+        for r in msg.items:
+            self._answer(peer, r.id, r.request_id, EngineError(f"the request's arrays could not be read: {exc!r}"))
 
     def _open_arenas(self, peer: int, hello: Hello) -> dict[str, Any]:
         """Map the front end's arena and make one for its answers; ``Info``'s fields that say so. Either may fail

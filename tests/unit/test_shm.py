@@ -25,6 +25,7 @@ from service.messages import (
     AttendOutput,
     ClientGone,
     DeadlineExceeded,
+    EngineError,
     Outcome,
     Result,
     decode,
@@ -432,6 +433,51 @@ async def test_both_arenas_give_back_what_a_burst_grew_them_by_and_serve_on(tmp_
                 assert not on_dev_shm(f"{client._inputs.name}.1") and not on_dev_shm(f"{answers_arena(engine).name}.1")
         finally:
             await client.stop()
+
+
+class _OneMore(shm.Arena):
+    """An arena whose messages claim a segment it never made: its receiver cannot map it."""
+
+    @property
+    def segments(self) -> int:
+        return len(self._segments) + 1
+
+
+async def test_a_request_whose_arena_cannot_be_mapped_fails_at_once_and_the_next_is_served(served):
+    """The model process cannot map a segment a message names: each request in it is answered with an error now, not
+    left to its deadline, and the next message is read as ever."""
+    _, client = served
+    x = wire(np.random.default_rng(9), (1, 128, 512), "float32")  # 256 KiB: through the arena
+    client._inputs.__class__ = _OneMore
+    t0 = time.monotonic()
+    with pytest.raises(EngineError, match=r"arrays could not be read.*FileNotFoundError"):
+        await client.infer(AttendInput(x), deadline=t0 + 30)
+    assert time.monotonic() - t0 < 5  # not at its deadline
+    client._inputs.__class__ = shm.Arena
+    r = await client.infer(AttendInput(x), deadline=time.monotonic() + 30)
+    assert np.array_equal(r.output.output, x * 2)
+    assert client._inputs.used == 0
+
+
+async def test_an_answer_whose_arena_cannot_be_mapped_fails_at_once_and_gives_its_slots_back(served):
+    """The front end cannot map a segment the model process's answer names: the request fails now with an error,
+    the answer's slots go back to the model process with the next message, and the next answer is read as ever."""
+    engine, client = served
+    x = wire(np.random.default_rng(10), (1, 128, 512), "float32")
+    answers = answers_arena(engine)
+    answers.__class__ = _OneMore
+    t0 = time.monotonic()
+    with pytest.raises(EngineError, match=r"answer could not be read.*FileNotFoundError"):
+        await client.infer(AttendInput(x), deadline=t0 + 30)
+    assert time.monotonic() - t0 < 5
+    assert answers.used > 0 and client._freed  # its slots: held there, to go back with the next message
+    answers.__class__ = shm.Arena
+    r = await client.infer(AttendInput(x), deadline=time.monotonic() + 30)
+    assert np.array_equal(r.output.output, x * 2)
+    del r
+    gc.collect()
+    client._send(messages.encode(messages.Ping(client._take_freed())))
+    await until(lambda: answers.used == 0)
 
 
 async def test_slots_of_cancelled_and_expired_requests_come_back(served, monkeypatch):
