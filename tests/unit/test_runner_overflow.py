@@ -15,7 +15,7 @@ import torch
 
 from mha_core import MHAConfig, MultiHeadAttention
 from service.engine.batcher import Batcher, BatchLimits
-from service.engine.runner import Runner
+from service.engine.runner import Runner, device_finite
 from service.messages import AttendInput, AttendOutput, BatcherObserver, NumericOverflow
 
 CFG = MHAConfig(num_heads=4, emb_size=32, head_size=8, max_seq_len=64)
@@ -23,9 +23,28 @@ ADVICE = "send smaller values, or serve a float32 model (MHA_DTYPE=float32)"
 rng = np.random.default_rng()
 
 
-@pytest.fixture
-def runner() -> Runner:
-    return Runner(MultiHeadAttention.from_seed(CFG, 0), device=torch.device("cpu"), dtype=torch.float16, checksum="t")
+@pytest.fixture(params=[False, True], ids=["checked on the host", "checked on the device"])
+def runner(request) -> Runner:
+    """The CPU runner, its batches' results checked on the host copy (as on a CPU) or on the device before the
+    download (as on a GPU: ``device_finite``), to the same answers."""
+    r = Runner(MultiHeadAttention.from_seed(CFG, 0), device=torch.device("cpu"), dtype=torch.float16, checksum="t")
+    r.finite_on_device = request.param
+    return r
+
+
+def test_the_device_check_counts_real_positions_and_zeroes_a_graphs_padding_first():
+    """A CUDA graph computes a shorter row's padding unmasked: whatever it holds there is no one's result."""
+    lengths = np.array([4, 2, 4])
+    y = torch.ones(3, 4, 8, dtype=torch.bfloat16)
+    y[1, 2:] = float("inf")  # row 1's padding
+    y[1, 3, 0] = float("nan")
+    assert bool(device_finite(y.clone(), lengths, np.array([1])))
+    assert not bool(device_finite(y.clone(), lengths))  # (not named as padding: counted)
+    y[2, 3, 7] = float("-inf")  # a real position
+    assert not bool(device_finite(y.clone(), lengths, np.array([1])))
+    got = y.clone()
+    device_finite(got, lengths, np.array([1]))
+    assert bool((got[1, 2:] == 0).all()) and bool((got[1, :2] == 1).all())  # zeroed as the host copy's padding is
 
 
 def nonfinite(runner: Runner, x: np.ndarray, **kw) -> tuple[int, int]:
