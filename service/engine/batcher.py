@@ -664,7 +664,9 @@ class Batcher:
         return policy.hold_s(first, self._queues, time.monotonic(), max_wait_s=wait, max_size=max_size)
 
     def _purge(self, now: float) -> None:
-        """Drop requests that are abandoned or past their deadline, before they cost compute."""
+        """Drop requests that are abandoned or past their deadline, before they cost compute. The queue's depth is
+        published when it dropped any (a batch's selection publishes its own)."""
+        dropped = False
         for level, queue_ in enumerate(self._queues):
             keep = []
             for p in queue_:
@@ -675,12 +677,15 @@ class Batcher:
                 else:
                     keep.append(p)
                     continue
+                dropped = True
                 self._queued -= 1
                 self._level_requests[level] -= p.input.requests
                 self._queued_tokens -= p.tokens
                 self._level_tokens[level] -= p.tokens
-            self._queues[level] = keep
-        self._queue_changed()
+            if len(keep) != len(queue_):
+                self._queues[level] = keep
+        if dropped:
+            self._queue_changed()
 
     def _effective_limits(self) -> tuple[int, int]:
         """(max_batch_size, max_batch_tokens), halved for a while after each out-of-memory error."""

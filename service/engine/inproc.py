@@ -63,10 +63,13 @@ class InprocClient:
         on_ready: Callable[[bool], None] | None = None,
         beat: Any = None,
         exit_after_s: float = 1.0,
+        stats: bool = True,
     ) -> None:
         self.settings = settings
         self.model: EngineModel | None = None
-        self.stats = ModelStats()
+        # Triton's statistics of this process's requests and batches, read by its routes; the model process's are
+        # its front ends' (service.stats.SharedModelStats, fed by its metrics), so it keeps none (``stats`` False).
+        self.stats = ModelStats() if stats else None
         self.runner: Runner | None = None
         self.batcher: Batcher | None = None
         self.sequences: Sequences | None = None

@@ -97,7 +97,7 @@ class Engine:
         # socket close and answer 503, and the parent exits 1. Its watchdog stamps ``beat`` for the parent's watch.
         observer = self.metrics = EngineMetrics()  # written at each ping (its flush), read by every front end
         self._fallback = observer.shm_fallbacks.labels("model")
-        engine = InprocClient(s, metrics=observer, tracing=self.tracing, beat=beat, exit_after_s=0.0)
+        engine = InprocClient(s, metrics=observer, tracing=self.tracing, beat=beat, exit_after_s=0.0, stats=False)
         model = await engine.start()
         self.engine, self.batcher = engine, engine.batcher
         self.info = {"model_info": model.info, "config": model.config.to_dict()}
