@@ -69,12 +69,15 @@ def ratios(res: dict[str, dict]) -> list[dict]:
             floors.append(f"the answer's copy alone {noop['answer_copy_us']:.1f} us")
         if "model_code_us" in noop:
             floors.append(f"the model process's code alone {noop['model_code_us']:.1f} us")
+        measured = f"{noop['model_us_per_request']:.1f} us"
+        if "model_us_per_batch" in noop:  # (bench/procs.py since 7ef893a) and what a batch of them cost it
+            measured += f" ({noop['model_us_per_batch']:,.0f} us a batch of {noop['requests_per_batch']:.1f})"
         add(
             "GPU case: the model process's CPU a request (us)",
             noop["model_us_per_request"],
             noop["targets"]["model_us"],
             higher=False,
-            measured=f"{noop['model_us_per_request']:.1f} us",
+            measured=measured,
             floor="; ".join(floors),
         )
     front = res.get("front", {})

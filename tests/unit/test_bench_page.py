@@ -55,6 +55,11 @@ def test_each_result_is_judged_against_its_floor_and_target() -> None:
     model = got["GPU case: the model process's CPU a request (us)"]
     assert model["pass"] is True  # 12 <= 15, lower is better
     assert model["floor"] == "the answer's copy alone 7.5 us; the model process's code alone 11.5 us"
+    assert model["measured"] == "12.0 us"  # (a run without the batch counts)
+    res = results()
+    res["noop"] |= {"model_us_per_batch": 1234.5, "requests_per_batch": 13.21}
+    model = {r["what"]: r for r in page.ratios(res)}["GPU case: the model process's CPU a request (us)"]
+    assert model["measured"] == "12.0 us (1,234 us a batch of 13.2)"
     assert got["front-bound v2 binary, access log off"]["ratio"] == pytest.approx(1.02)
     assert got["front-bound v2 binary, access log off"]["pass"] is True
     assert got["front-bound v2 binary, access log on"]["pass"] is False  # 0.93 < 0.95
