@@ -181,7 +181,7 @@ async def in_process(
     from service import shm
     from service.engine import process
     from service.engine.client import MPClient
-    from service.messages import ARENA, Arr, Rows, decode, encode_requests
+    from service.messages import ARENA, Arr, Rows, decode, encode_requests, slot_of
     from service.settings import Settings
 
     os.environ.update(_model_env(shape))
@@ -212,10 +212,8 @@ async def in_process(
 
     def is_x(a: Arr, want: np.ndarray) -> bool:
         dt = np.dtype(a.dtype)
-        slot = (ARENA - a.frame) * answers.size + a.offset  # (its segment's number, then its place there)
-        return np.array_equal(
-            np.ndarray(tuple(a.shape), dt, answers.view(slot, dt.itemsize * math.prod(a.shape))), want
-        )
+        view = answers.view(slot_of(a, answers.size), dt.itemsize * math.prod(a.shape))
+        return np.array_equal(np.ndarray(tuple(a.shape), dt, view), want)
 
     freed: tuple[int, ...] = ()
     used = 0.0

@@ -651,7 +651,7 @@ def _lent(freed: list[int], bufs: list, a: Arr) -> np.ndarray:
     if dt is None:
         dt = _DTYPES[a.dtype] = np.dtype(a.dtype)
     flat = np.frombuffer(bufs[frame], dt, math.prod(a.shape), a.offset)
-    offset = a.offset if frame == ARENA else (ARENA - frame) * len(bufs[-1]) + a.offset  # the slot as put returned it
+    offset = slot_of(a, len(bufs[-1]))
 
     def back(ref: weakref.ref) -> None:
         del _LENT[id(ref)]
@@ -662,11 +662,16 @@ def _lent(freed: list[int], bufs: list, a: Arr) -> np.ndarray:
     return flat.reshape(a.shape)
 
 
+def slot_of(a: Arr, segment_size: int) -> int:
+    """The arena slot of an array that crossed in the sender's arena (frame ARENA - k: its segment k), as
+    ``Arena.put`` returned it: the segment's number times its size, plus its place there."""
+    return (ARENA - a.frame) * segment_size + a.offset
+
+
 def slots_of(msg: Outcomes, segment_size: int) -> list[int]:
-    """The arena slots (offsets as ``Arena.put`` returned them) of a message's answers, for a receiver that gives them
-    back without reading them."""
+    """The arena slots of a message's answers, for a receiver that gives them back without reading them."""
     return [
-        (ARENA - a.frame) * segment_size + a.offset
+        slot_of(a, segment_size)
         for item in msg.items
         if type(item) is Answer
         for a in (item.output, item.weights)

@@ -158,32 +158,28 @@ class Arena:
         """Give back the last segment (past the first) once it has held no slot at every call for TRIM_AFTER_S; its
         owner calls it now and then (a front end at each heartbeat, the model process at each of its pings).
         Returns how many segments went."""
-        k = len(self._segments)
-        if k < 2:
-            return 0
-        now = time.monotonic() if now is None else now
-        size, starts, lengths = self.size, self._starts, self._lengths
-        if not (starts and starts[-1] == (k - 1) * size and lengths[-1] == size):  # a slot in it
+        if not self._last_empty():  # (or the first and only one)
             self._idle_since = None
             return 0
+        now = time.monotonic() if now is None else now
         if self._idle_since is None:
             self._idle_since = now
         if now - self._idle_since < TRIM_AFTER_S:
             return 0
         gone = 0
-        while k > 1 and starts and starts[-1] == (k - 1) * size and lengths[-1] == size:  # (and any empty below it)
-            del starts[-1], lengths[-1]
+        while self._last_empty():  # (and any empty below it)
+            del self._starts[-1], self._lengths[-1]
             self._bufs.pop()
-            shm = self._segments.pop()
-            with contextlib.suppress(FileNotFoundError):
-                shm.unlink()
-            with contextlib.suppress(BufferError):
-                shm.close()
-            k -= 1
+            _let_go(self._segments.pop())
             gone += 1
         self.shrinks += 1
         self._idle_since = None
         return gone
+
+    def _last_empty(self) -> bool:
+        """Whether the last segment, past the first, holds no slot: its whole extent is the last free one."""
+        k, starts = len(self._segments), self._starts
+        return k > 1 and bool(starts) and starts[-1] == (k - 1) * self.size and self._lengths[-1] == self.size
 
     @property
     def used(self) -> int:
@@ -278,10 +274,15 @@ class Arena:
         """Unmap and unlink: the names go at once; a receiver's mapping lasts until it closes its own."""
         self._bufs = []
         for shm in self._segments:
-            with contextlib.suppress(FileNotFoundError):
-                shm.unlink()
-            with contextlib.suppress(BufferError):  # a view still held: the mapping goes with it
-                shm.close()
+            _let_go(shm)
+
+
+def _let_go(shm: shared_memory.SharedMemory) -> None:
+    """Unlink a segment of one's own arena and unmap it (a view still held: the mapping goes with it)."""
+    with contextlib.suppress(FileNotFoundError):
+        shm.unlink()
+    with contextlib.suppress(BufferError):
+        shm.close()
 
 
 _KEPT: list = []  # segments mapped as SharedMemory (no /dev/shm) that a receiver let go: see Mapped._unmap
