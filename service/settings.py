@@ -260,8 +260,7 @@ class Settings(BaseSettings):
         description="How large each of those arenas may grow (MiB): one that is full adds a segment of "
         "MHA_SHM_ARENA_MIB at a time up to this, while /dev/shm has room for it (its pages are reserved when it is "
         "made), and gives a segment back once it has held nothing for 30 s. At or below MHA_SHM_ARENA_MIB it never "
-        "grows. "
-        "mha_shm_fallbacks_total counts the arrays that still crossed over the socket.",
+        "grows. mha_shm_fallbacks_total counts the arrays that still crossed over the socket.",
     )
     malloc_mmap_threshold_mib: int = Field(
         MALLOC_MIB_DEFAULT,

@@ -677,13 +677,13 @@ class Batcher:
                 else:
                     keep.append(p)
                     continue
-                dropped = True
                 self._queued -= 1
                 self._level_requests[level] -= p.input.requests
                 self._queued_tokens -= p.tokens
                 self._level_tokens[level] -= p.tokens
             if len(keep) != len(queue_):
                 self._queues[level] = keep
+                dropped = True
         if dropped:
             self._queue_changed()
 

@@ -304,10 +304,7 @@ class MPClient:
             gone = wait[4]
             if gone is not None and not gone.done():
                 gone.cancel()
-            slots, inputs = wait[5], self._inputs
-            if slots and inputs is not None:  # its answer came, or nobody waits for it: the model reads it no more
-                for offset in slots:
-                    inputs.free(offset)
+            self._free_inputs(wait[5])  # its answer came, or nobody waits for it: the model reads it no more
             if self._pending.pop(rid, None) is not None:  # left before the answer: dropped before compute
                 if not fut.done():
                     fut.cancel()
@@ -505,9 +502,14 @@ class MPClient:
             if self._group_of.get(it[0]) is group:
                 del self._group_of[it[0]]
         slots, group.slots = group.slots, []
-        if slots and self._inputs is not None:
+        self._free_inputs(slots)
+
+    def _free_inputs(self, slots: list[int] | None) -> None:
+        """Slots of this front end's arena that the model process reads no more."""
+        inputs = self._inputs
+        if slots and inputs is not None:
             for offset in slots:
-                self._inputs.free(offset)
+                inputs.free(offset)
 
     def _take_freed(self) -> tuple[int, ...]:
         """The answer slots given back since the last message (service.messages._lent), to go back with the next
