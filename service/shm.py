@@ -20,12 +20,19 @@ from __future__ import annotations
 import bisect
 import contextlib
 import itertools
+import logging
+import math
 import mmap
 import os
+import threading
 import time
+import weakref
+from collections.abc import Callable
 from multiprocessing import shared_memory
 
 import numpy as np
+
+log = logging.getLogger("mha_serve.shm")
 
 # The arena each side owns per peer (MHA_SHM_ARENA_MIB, declared with the other settings in service/settings.py and
 # read here from the environment every process of the service shares): at 128 KiB a request, 16 MiB holds 128
@@ -102,9 +109,19 @@ class Arena:
 
     The free extents are kept sorted by offset and merged with their neighbours in the same segment when a slot comes
     back, so the arena does not fragment under a steady mix of sizes. A few hundred slots at most are live at once: a
-    scan of the free list is short."""
+    scan of the free list is short.
 
-    def __init__(self, size: int | None = None, max_size: int | None = None) -> None:
+    A slot may also be lent before it is sent (``lend``: an array to write into in place, from any thread, such as a
+    GPU runner's download, which then needs no copy of its own); ``put`` of that array sends it where it lies. A lent
+    array dropped unsent gives its slot back. ``on_segment`` is called with each segment's memoryview as it is made,
+    and may return a callable that is called before the segment goes (a GPU's page-locking of it, and its undoing)."""
+
+    def __init__(
+        self,
+        size: int | None = None,
+        max_size: int | None = None,
+        on_segment: Callable[[memoryview], Callable[[], object] | None] | None = None,
+    ) -> None:
         # (read now: tests make it small; an arena made with a size of its own does not grow unless told to)
         size = self.size = size or ARENA_BYTES
         if max_size is None:
@@ -112,6 +129,17 @@ class Arena:
         self.max_segments = max(1, max_size // size)
         self._segments: list[shared_memory.SharedMemory] = []
         self._bufs: list[memoryview] = []  # each segment's own memoryview: assigning to a slice of it is the copy
+        self._on_segment = on_segment
+        self._undo: list[Callable[[], object] | None] = []  # per segment: what on_segment returned
+        self.page_locked = on_segment is not None  # every segment's on_segment said it did (returned its undoing)
+        # Lent slots (``lend``): id of the lent array -> (its offset, the finaliser that gives the slot back if it is
+        # dropped unsent). A finaliser may run in any thread, inside another call of this arena's: it only queues the
+        # offset in _dropped, which the next _take or free gives back under the lock that lending from another thread
+        # needs (uncontended, ~0.1 us a call).
+        self._lent: dict[int, tuple[int, weakref.finalize]] = {}
+        self._dropped: list[int] = []
+        self._lock = threading.Lock()
+        self._late_undo: list[Callable[[], object]] = []  # (close, while a slot was lent)
         self.name = ""
         self.name = self._add_segment()
         self._starts: list[int] = [0]  # free extents: their offsets, sorted
@@ -137,8 +165,18 @@ class Arena:
             shm.close()
             shm.unlink()
             raise
+        undo = None
+        if self._on_segment is not None:
+            try:
+                undo = self._on_segment(shm.buf)
+            except Exception:
+                _let_go(shm)
+                raise
+            if undo is None:
+                self.page_locked = False
         self._segments.append(shm)
         self._bufs.append(shm.buf)
+        self._undo.append(undo)
         return shm.name
 
     def _grow(self) -> bool:
@@ -158,6 +196,8 @@ class Arena:
         """Give back the last segment (past the first) once it has held no slot at every call for TRIM_AFTER_S; its
         owner calls it now and then (a front end at each heartbeat, the model process at each of its pings).
         Returns how many segments went."""
+        if _HELD:
+            _close_held()
         if not self._last_empty():  # (or the first and only one)
             self._idle_since = None
             return 0
@@ -167,11 +207,12 @@ class Arena:
         if now - self._idle_since < TRIM_AFTER_S:
             return 0
         gone = 0
-        while self._last_empty():  # (and any empty below it)
-            del self._starts[-1], self._lengths[-1]
-            self._bufs.pop()
-            _let_go(self._segments.pop())
-            gone += 1
+        with self._lock:
+            while self._last_empty():  # (and any empty below it)
+                del self._starts[-1], self._lengths[-1]
+                self._bufs.pop()
+                _let_go(self._segments.pop(), self._undo.pop())
+                gone += 1
         self.shrinks += 1
         self._idle_since = None
         return gone
@@ -188,7 +229,12 @@ class Arena:
 
     def put(self, a: np.ndarray) -> int | None:
         """Copy ``a`` (C-contiguous) into a free slot and return its offset (its segment's number times ``size``,
-        plus its offset there), or None when no extent fits and no segment can be added (counted in ``misses``)."""
+        plus its offset there), or None when no extent fits and no segment can be added (counted in ``misses``). An
+        array this arena lent (``lend``) is not copied: its slot's offset, which stays taken until it is freed."""
+        if self._lent:
+            lent = self._lent.pop(id(a), None)
+            if lent is not None and lent[1].detach() is not None:  # (None: it died, and its id is another's now)
+                return lent[0]
         n = a.nbytes
         offset = self._take(n)
         if offset is None:
@@ -213,7 +259,44 @@ class Arena:
             at += n
         return offset
 
+    def lend(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+        """A slot as a writable array of ``shape`` and ``dtype``, to fill in place and then ``put`` (which sends it
+        without a copy); dropped unsent, it gives its slot back. None when there is no room, or for fewer than SHM_MIN
+        bytes (which cross packed in their message, not through the arena). Any thread may call it."""
+        dtype = np.dtype(dtype)
+        n = dtype.itemsize * math.prod(shape)
+        if n < SHM_MIN:
+            return None
+        offset = self._take(n)
+        if offset is None:
+            return None
+        segment, at = divmod(offset, self.size)
+        a = np.frombuffer(self._bufs[segment], dtype, n // dtype.itemsize, at).reshape(shape)
+        key = id(a)
+        self._lent[key] = (offset, weakref.finalize(a, self._drop, key, offset))
+        return a
+
+    def _drop(self, key: int, offset: int) -> None:
+        """A lent array went unsent: its slot comes back with the next _take or free (see ``_lent``)."""
+        self._lent.pop(key, None)
+        self._dropped.append(offset)
+        if self._late_undo and not self._lent:  # closed while it was lent: what close left undone, now
+            late, self._late_undo = self._late_undo, []
+            for undo in late:
+                _undo(undo)
+
     def _take(self, n: int) -> int | None:
+        with self._lock:
+            if self._dropped:
+                self._give_back_dropped()
+            return self._take_locked(n)
+
+    def _give_back_dropped(self) -> None:
+        dropped = self._dropped
+        while dropped:
+            self._free_locked(dropped.pop())
+
+    def _take_locked(self, n: int) -> int | None:
         """A slot of ``n`` bytes (rounded up to ALIGN): the first free extent that fits, in a new segment if none
         does and one can be made; None when neither."""
         need = -(-n // ALIGN) * ALIGN
@@ -246,6 +329,12 @@ class Arena:
 
     def free(self, offset: int) -> None:
         """A slot the receiver is done with; an offset that is not live (freed twice, or never) is ignored."""
+        with self._lock:
+            if self._dropped:
+                self._give_back_dropped()
+            self._free_locked(offset)
+
+    def _free_locked(self, offset: int) -> None:
         need = self._taken.pop(offset, None)
         if need is None:
             return
@@ -267,22 +356,56 @@ class Arena:
         return n
 
     def free_all(self) -> None:
-        k = len(self._segments)
-        self._starts, self._lengths, self._taken = [i * self.size for i in range(k)], [self.size] * k, {}
+        with self._lock:
+            for _, fin in self._lent.values():  # (their slots are free now: a late drop must not free another's)
+                fin.detach()
+            self._lent.clear()
+            self._dropped.clear()
+            k = len(self._segments)
+            self._starts, self._lengths, self._taken = [i * self.size for i in range(k)], [self.size] * k, {}
 
     def close(self) -> None:
-        """Unmap and unlink: the names go at once; a receiver's mapping lasts until it closes its own."""
+        """Unmap and unlink: the names go at once; a receiver's mapping lasts until it closes its own. While a slot is
+        lent (a download may still be writing it), the segments' setup is undone when the last lent array goes."""
         self._bufs = []
-        for shm in self._segments:
-            _let_go(shm)
+        undos = self._undo
+        if self._lent and any(u is not None for u in undos):
+            self._late_undo = [u for u in undos if u is not None]
+            undos = [None] * len(undos)
+        for shm, undo in zip(self._segments, undos, strict=True):
+            _let_go(shm, undo)
 
 
-def _let_go(shm: shared_memory.SharedMemory) -> None:
-    """Unlink a segment of one's own arena and unmap it (a view still held: the mapping goes with it)."""
+def _let_go(shm: shared_memory.SharedMemory, undo: Callable[[], object] | None = None) -> None:
+    """Unlink a segment of one's own arena and unmap it (a view still held: the mapping goes with it); ``undo``
+    first (what ``on_segment`` returned for it)."""
+    if undo is not None:
+        _undo(undo)
     with contextlib.suppress(FileNotFoundError):
         shm.unlink()
-    with contextlib.suppress(BufferError):
+    try:
         shm.close()
+    except BufferError:  # (an array lent from it still lives: closed by a later trim, or its __del__ would complain)
+        _HELD.append(shm)
+
+
+_HELD: list[shared_memory.SharedMemory] = []  # segments let go while an array over them lived: closed once it is gone
+
+
+def _close_held() -> None:
+    for shm in list(_HELD):
+        try:
+            shm.close()
+        except BufferError:
+            continue
+        _HELD.remove(shm)
+
+
+def _undo(undo: Callable[[], object]) -> None:
+    try:
+        undo()
+    except Exception:  # (at stop or trim: the segment goes whatever undoing its page-locking said)
+        log.exception("undoing the setup of an arena segment failed")
 
 
 _KEPT: list = []  # segments mapped as SharedMemory (no /dev/shm) that a receiver let go: see Mapped._unmap

@@ -1,0 +1,153 @@
+"""A slot lent before it is sent (service/shm.py's ``Arena.lend``): what a GPU runner downloads an answer into, so
+that the model process copies nothing. ``put`` sends it where it lies; one dropped unsent comes back; lending from
+another thread while the owner frees loses no slot; a segment's setup (page-locking on a GPU) is undone when it goes,
+and not under a download still writing a lent slot."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import numpy as np
+
+from service import shm
+from service.messages import ARENA, AttendOutput, OutcomesWriter, decode, decode_outcomes
+
+SIZE = 1 << 20
+SHAPE = (1, 128, 512)  # a [1,128,512] bfloat16 answer: 128 KiB
+
+
+def test_a_lent_slot_is_sent_where_it_lies_and_one_dropped_unsent_comes_back():
+    arena = shm.Arena(SIZE)
+    try:
+        a = arena.lend(SHAPE, np.uint16)
+        assert a.shape == SHAPE and a.dtype == np.uint16 and a.flags.writeable
+        a[...] = np.arange(a.size, dtype=np.uint16).reshape(SHAPE)
+        offset = arena.put(a)
+        assert arena.used == a.nbytes  # no second slot: it was sent where it lies
+        a[0, 0, 0] = 7  # (the slot is the lent array's memory, not a copy of it)
+        got = np.frombuffer(arena.view(offset, a.nbytes), np.uint16).reshape(SHAPE)
+        assert got[0, 0, 0] == 7 and np.array_equal(got[0, 1], np.arange(512, 1024, dtype=np.uint16))
+
+        b = arena.lend(SHAPE, np.float32)  # 256 KiB, never sent
+        assert arena.used == a.nbytes + b.nbytes
+        del b
+        gc.collect()
+        arena.free(offset)  # (a dropped slot comes back with the next free or take)
+        assert arena.used == 0
+        assert list(zip(arena._starts, arena._lengths, strict=True)) == [(0, SIZE)]
+        assert arena.lend((1, 16, 64), np.float32) is None  # 4 KiB: crosses packed in its message, not lent
+        assert arena.put(np.ones(SHAPE, np.uint16)) is not None  # an array it did not lend is copied, as always
+    finally:
+        arena.close()
+
+
+def test_an_answer_in_a_lent_slot_reaches_the_front_end_with_its_values():
+    arena = shm.Arena(SIZE)
+    mapped = shm.Mapped(arena.name)
+    try:
+        a = arena.lend(SHAPE, np.float32)
+        want = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
+        a[...] = want
+        writer = OutcomesWriter(arena)
+        writer.answer(5, AttendOutput(a, None), 0.0, 0.001, 1, 1)
+        frames = writer.frames()
+        msg = decode(frames[0])
+        assert msg.items[0].output.frame == ARENA and arena.used == a.nbytes  # its place, no copy
+        del a
+        gc.collect()
+        assert arena.used == want.nbytes  # sent: dropping the model process's array does not free it
+        freed: list[int] = []
+        (o,) = decode_outcomes(msg, frames[1:], mapped.tail, freed)
+        assert o.id == 5 and np.array_equal(o.output.output, want)
+        del o
+        gc.collect()
+        for offset in freed:  # as the front end's next message gives it back
+            arena.free(offset)
+        assert arena.used == 0
+    finally:
+        mapped.close()
+        arena.close()
+
+
+def test_lending_in_one_thread_while_another_puts_and_frees_loses_no_slot():
+    """The runner lends in its forward thread while the event loop puts answers and frees what front ends gave
+    back: the free list stays whole."""
+    arena = shm.Arena(SIZE, max_size=4 * SIZE)
+    lent: list[np.ndarray] = []
+    ready = threading.Condition()
+    done = threading.Event()
+
+    def forward_thread() -> None:
+        for i in range(3000):
+            a = arena.lend(SHAPE, np.uint16)
+            while a is None:  # (full of answers the loop has not sent yet: wait for it, as a burst would)
+                with ready:
+                    ready.notify()
+                done.wait(0.001)
+                a = arena.lend(SHAPE, np.uint16)
+            a[0, 0, 0] = i
+            if i % 3:  # a third dropped unsent (a failed batch's, a cancelled request's)
+                with ready:
+                    lent.append(a)
+                    ready.notify()
+        done.set()
+        with ready:
+            ready.notify()
+
+    t = threading.Thread(target=forward_thread)
+    t.start()
+    sent = 0
+    try:
+        while not (done.is_set() and not lent):
+            with ready:
+                if not lent:
+                    ready.wait(0.1)
+                batch, lent[:] = list(lent), []
+            for a in batch:
+                offset = arena.put(a)
+                assert offset is not None
+                arena.free(offset)
+                sent += 1
+        t.join(10)
+        assert not t.is_alive() and sent == 2000
+        gc.collect()
+        arena.free(-1)  # (takes the dropped ones back)
+        assert arena.used == 0 and not arena._lent
+        assert [length for length in arena._lengths] == [SIZE] * arena.segments
+    finally:
+        arena.close()
+
+
+def test_a_segments_setup_is_undone_when_it_goes_and_not_under_a_lent_slot():
+    made: list[int] = []
+    undone: list[int] = []
+
+    def on_segment(buf: memoryview):
+        made.append(len(buf))
+        k = len(made)
+        return lambda: undone.append(k)
+
+    arena = shm.Arena(SIZE, max_size=2 * SIZE, on_segment=on_segment)
+    assert made == [SIZE] and arena.page_locked
+    big = arena.lend((1, 1024, 512), np.float32)  # 2 MiB: the whole first segment...
+    assert big is None and arena.segments == 1  # (larger than a segment: never lent)
+    first = arena.lend((1, 512, 512), np.float32)  # 1 MiB: the first segment
+    second = arena.lend((1, 512, 512), np.float32)  # and a new one, set up as it is made
+    assert made == [SIZE, SIZE] and arena.segments == 2
+    del second
+    gc.collect()
+    arena.free(-1)
+    assert arena.trim(now=0.0) == 0 and arena.trim(now=shm.TRIM_AFTER_S) == 1
+    assert undone == [2]  # the trimmed segment's setup was undone as it went
+    arena.close()  # while ``first`` is lent (a download may be writing it): not yet undone
+    assert undone == [2]
+    del first
+    gc.collect()
+    assert undone == [2, 1]
+
+    refused = shm.Arena(SIZE, on_segment=lambda buf: None)  # (the driver refused to page-lock it)
+    try:
+        assert not refused.page_locked
+    finally:
+        refused.close()
