@@ -46,6 +46,9 @@ class AttendInput:
     # how many requests this one is: a front end's merged requests (service/engine/client.py) are computed and
     # answered as one, and counted as their number (batch sizes, queue waits); not in key
     requests: int = 1
+    # in the model process on a GPU: the arena its answer goes back through (service/shm.py's Arena), where the
+    # runner downloads it in place (``Arena.lend``) instead of the host copying it there; not in key
+    answer_to: Any = None
 
     @property
     def batch(self) -> int:
@@ -416,7 +419,19 @@ _new = object.__new__
 
 
 def _input(
-    x, lengths, mask, causal, need_weights, heads, fault, trace, wire_dtype, out_dtype, sequence=None, requests=1
+    x,
+    lengths,
+    mask,
+    causal,
+    need_weights,
+    heads,
+    fault,
+    trace,
+    wire_dtype,
+    out_dtype,
+    sequence=None,
+    requests=1,
+    answer_to=None,
 ) -> AttendInput:
     """An AttendInput without the frozen dataclass's ``__init__`` (one ``object.__setattr__`` per field): the same
     fields and object, built in half the time; the model process builds one per request."""
@@ -434,6 +449,7 @@ def _input(
         out_dtype=out_dtype,
         sequence=sequence,
         requests=requests,
+        answer_to=answer_to,
     )
     return inp
 
@@ -604,13 +620,13 @@ def _array(bufs: list, a: Arr) -> np.ndarray:
 
 
 def decode_requests(
-    msg: Requests, frames: list, arena: list | None = None
+    msg: Requests, frames: list, arena: list | None = None, answer_to: Any = None
 ) -> list[tuple[int, AttendInput, float, str | None, int]]:
     """A decoded ``Requests`` and the frames after its header -> [(id, input, deadline, request id, priority)].
 
     The arrays in the front end's ``arena`` are read-only views of their slots, valid until the front end stops
     waiting for the request: read them before answering, never after. ``arena``: the front end's (``shm.Mapped``'s
-    ``tail``), grown to ``msg.segments``."""
+    ``tail``), grown to ``msg.segments``. ``answer_to``: each input's (``AttendInput.answer_to``)."""
     out, bufs = [], _buffers(frames, arena, msg.segments)
     for r in msg.items:
         lengths, mask = r.lengths, r.mask
@@ -627,6 +643,7 @@ def decode_requests(
             r.out_dtype,
             r.sequence,
             r.requests,
+            answer_to,
         )
         out.append((r.id, inp, r.deadline, r.request_id, r.priority))
     return out

@@ -81,6 +81,9 @@ class Engine:
         self._inputs: dict[int, shm.Mapped] = {}
         self._answers: dict[int, shm.Arena] = {}
         self.metrics: Any = None  # service.metrics.EngineMetrics (load), flushed before each heartbeat
+        # On a GPU, each front end's answer arena is page-locked as it is made (staging.page_lock), and its requests
+        # name it (AttendInput.answer_to): the runner downloads each answer into its slot, and nothing copies it there
+        self._gpu = False
         self._fallback: Any = None  # counts answers an arena had no room for (mha_shm_fallbacks{sender="model"})
 
     async def load(self, beat: Any = None) -> None:
@@ -101,6 +104,7 @@ class Engine:
         model = await engine.start()
         self.engine, self.batcher = engine, engine.batcher
         self.info = {"model_info": model.info, "config": model.config.to_dict()}
+        self._gpu = str(model.device).startswith("cuda")
         self.bind()
         heap.settle()
         log.info("model process ready: %s on %s (%s)", s.model_name, model.device, model.info["checksum"])
@@ -171,7 +175,8 @@ class Engine:
             try:
                 if inputs is not None:
                     inputs.grow(msg.segments, msg.shrinks)  # what the front end's arena grew by, mapped before reading
-                items = decode_requests(msg, frames[1:], None if inputs is None else inputs.tail)
+                tail = None if inputs is None else inputs.tail
+                items = decode_requests(msg, frames[1:], tail, self._answers.get(peer) if self._gpu else None)
             except Exception as e:  # (a segment that cannot be mapped, an array that is not where it says)
                 self._unreadable(peer, msg, e)
                 return
@@ -227,11 +232,20 @@ class Engine:
             if hello.arena is not None:
                 self._inputs[peer] = shm.Mapped(hello.arena)
                 fields["mapped"] = True
-            arena = self._answers[peer] = shm.Arena()
+            arena = self._answers[peer] = shm.Arena(on_segment=self._page_lock())
             fields["arena"] = arena.name
         except OSError as e:
             log.warning("no shared memory with front end %s (%s): its arrays cross as frames", hello.pid, e)
         return fields
+
+    def _page_lock(self) -> Any:
+        """What an answer arena's segments are given to as they are made (``shm.Arena``'s ``on_segment``): on a GPU,
+        page-locking (staging.page_lock), so that the runner's download into an answer's slot is the device's DMA."""
+        if not self._gpu:
+            return None
+        from service.engine.staging import page_lock
+
+        return page_lock
 
     def _close_arenas(self, peer: int) -> None:
         mapped, arena = self._inputs.pop(peer, None), self._answers.pop(peer, None)

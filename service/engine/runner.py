@@ -15,6 +15,7 @@ from service.engine.batcher import Batcher, BatchLimits
 from service.engine.liveness import FORWARDS
 from service.engine.staging import CudaGraphs, Slot, Staging, host_array
 from service.messages import (
+    WIRE_NUMPY,
     AttendInput,
     AttendOutput,
     BatcherObserver,
@@ -303,6 +304,15 @@ class Runner:
         # Once per batch, in the response's dtype: a half cast from a non-finite value is non-finite (and a finite
         # float32 too large for it is Inf), so this sees every overflow.
         flag = device_finite(sent, lengths, padded) if self.finite_on_device else None
+        if not len(padded):
+            lent = self._download_lent(items, slot, sent)
+            if lent is not None:  # each answer downloaded into its arena slot
+                results = [AttendOutput(a, None) for a in lent]
+                stats = BatchStats(N, N * T, real)
+                finite = bool(flag)  # (lent only on a GPU, which checks on the device)
+                if finite and all(it.out_dtype == dtype for it in items):
+                    return results, stats
+                return self._judged(items, results, y, dtype, lengths, padded), stats
         (out,) = self.staging.download(slot, [sent])
         del sent
         for r in padded:
@@ -326,6 +336,40 @@ class Runner:
         stats = BatchStats(N, N * T, real)
         if finite and all(it.out_dtype == dtype for it in items):
             return results, stats
+        return self._judged(items, results, y, dtype, lengths, padded), stats
+
+    def _download_lent(self, items: list[AttendInput], slot: Slot, sent: torch.Tensor) -> list[np.ndarray] | None:
+        """On a GPU in the model process: each request's rows of ``sent`` downloaded into a slot lent by the arena
+        its answer goes back through (``AttendInput.answer_to``), which then sends it where it lies: no copy on the
+        host when the arena is page-locked, one instead of two when not. None (nothing downloaded) where a request
+        has no such arena, or one has no room: the batch then downloads as usual."""
+        arenas = [it.answer_to for it in items]
+        if self.device.type != "cuda" or None in arenas:
+            return None
+        dtype = WIRE_NUMPY[str(sent.dtype).removeprefix("torch.")]
+        E = sent.shape[2]
+        lent, parts, row = [], [], 0
+        for it, arena in zip(items, arenas, strict=True):
+            a = arena.lend((it.batch, it.seq_len, E), dtype)
+            if a is None:
+                return None  # (the ones lent so far go back as they are dropped)
+            lent.append(a)
+            parts.append((a, row))
+            row += it.batch
+        self.staging.download_into(slot, sent, parts, direct=all(a.page_locked for a in set(arenas)))
+        return lent
+
+    def _judged(
+        self,
+        items: list[AttendInput],
+        results: list[AttendOutput],
+        y: torch.Tensor,
+        dtype: str,
+        lengths: np.ndarray,
+        padded: Any,
+    ) -> list[AttendOutput | NumericOverflow]:
+        """A batch whose results hold a non-finite value, or some of whose requests want another dtype: each
+        request's own result judged (``answer``), widened from the forward's output ``y`` where it needs to be."""
         full: list[np.ndarray] = []
 
         def wide(i: int) -> AttendOutput:
@@ -337,11 +381,10 @@ class Runner:
             start = sum(it.batch for it in items[:i])
             return AttendOutput(full[0][start : start + items[i].batch, : items[i].seq_len], None)
 
-        judged = [
+        return [
             answer(it, r, dtype, lambda i=i: wide(i), self.dtype_name)
             for i, (it, r) in enumerate(zip(items, results, strict=True))
         ]
-        return judged, stats
 
     def _run_with_weights(
         self, items: list[AttendInput], slot: Slot

@@ -20,15 +20,19 @@ On the CPU none of this applies: a slot is a reused ordinary buffer and the copi
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
 from torch import Tensor
+
+log = logging.getLogger("mha_serve.engine")
 
 
 def pick_bucket(buckets: list[tuple[int, int]], n: int, t: int) -> tuple[int, int] | None:
@@ -43,6 +47,25 @@ def host_array(t: Tensor, *, copy: bool) -> np.ndarray:
         t = t.view(torch.uint16)
     a = t.numpy()
     return a.copy() if copy else a
+
+
+def page_lock(buf: memoryview) -> Callable[[], object] | None:
+    """Page-lock a host buffer for the current CUDA device (cudaHostRegister, as torch's own shared-memory pinning
+    does), so that a copy from the device into it is the device's DMA: the answer arenas of the model process on a
+    GPU (service/shm.py's ``on_segment``), which then downloads each answer where the front end reads it. Returns
+    what undoes it, or None where the driver refused (the buffer stays ordinary memory: the runner then downloads
+    through its pinned staging buffer and copies, ``Staging.download_into``)."""
+    a = np.frombuffer(buf, np.uint8)
+    ptr, n = a.ctypes.data, a.nbytes
+    del a  # (no export of the buffer left behind: the arena unmaps it at trim and stop)
+    cudart = torch.cuda.cudart()
+    err = int(cudart.cudaHostRegister(ptr, n, 1))  # cudaHostRegisterPortable
+    if err != 0:
+        log.warning(
+            "page-locking a %d MiB arena segment failed (cudaError %d): answers are copied into it", n >> 20, err
+        )
+        return None
+    return partial(cudart.cudaHostUnregister, ptr)
 
 
 # Largest buffer kept pinned: page-locked memory is slow to allocate and taken from the host for good,
@@ -163,18 +186,60 @@ class Staging:
         Waits for the copies."""
         if self.device.type != "cuda":
             return [None if t is None else host_array(t, copy=False) for t in tensors]
+        hosts = self._copies(
+            s,
+            [
+                (t, None if t is None else buf.view(tuple(t.shape), t.dtype))
+                for t, buf in zip(tensors, (s.out, s.weights), strict=False)
+            ],
+        )
+        # Copies the caller owns: the slot's buffers are overwritten by a later batch.
+        return [None if h is None else host_array(h, copy=True) for h in hosts]
+
+    def download_into(self, s: Slot, t: Tensor, parts: list[tuple[np.ndarray, int, int]], *, direct: bool) -> None:
+        """Rows of the device tensor ``t`` (N, T, E) into host arrays the caller gives (``parts``: an array of
+        (rows, length, E) in ``t``'s dtype, bfloat16 as its bits, and its first row; it takes ``t[row:row+rows,
+        :length]``), such as answers lent by their arena (service/shm.py's ``Arena.lend``). Waits for the copies.
+
+        ``direct``: the arrays are page-locked (``page_lock``), so the device writes them itself and the host copies
+        nothing; else the rows come through the slot's pinned buffer and are copied from it here, once (``download``
+        and the arena's put would copy each answer twice)."""
+        if self.device.type != "cuda" or not direct:
+            if self.device.type != "cuda":
+                whole = host_array(t, copy=False)
+            else:
+                (h,) = self._copies(s, [(t, s.out.view(tuple(t.shape), t.dtype))])
+                whole = host_array(h, copy=False)
+            for (
+                dest,
+                row,
+            ) in parts:
+                np.copyto(dest, whole[row : row + dest.shape[0], : dest.shape[1]])
+            return
+        pairs = []
+        for dest, row in parts:
+            h = torch.from_numpy(dest)
+            pairs.append((t[row : row + dest.shape[0], : dest.shape[1]], h if h.dtype == t.dtype else h.view(t.dtype)))
+        self._copies(s, pairs)
+
+    def _copies(self, s: Slot, pairs: list[tuple[Tensor | None, Tensor | None]]) -> list[Tensor | None]:
+        """Copy each device tensor into its host tensor after the batch's forward (on the download stream, with
+        side streams), and wait for them; the host tensors, None where there was none."""
         compute = torch.cuda.current_stream(self.device)
-        dev = tensors
         hosts: list[Tensor | None] = []
-        bufs = (s.out, s.weights)
-        if self._down is None:
-            for t, buf in zip(dev, bufs, strict=False):
+
+        def copy_all() -> None:
+            for t, h in pairs:
                 if t is None:
                     hosts.append(None)
                     continue
-                h = buf.view(tuple(t.shape), t.dtype)
+                if self._down is not None:
+                    t.record_stream(self._down)  # not reused by the compute stream before this copy is done
                 h.copy_(t, non_blocking=self.pinned)
                 hosts.append(h)
+
+        if self._down is None:
+            copy_all()
             s.downloaded = torch.cuda.Event()
             s.downloaded.record(compute)
         else:
@@ -182,19 +247,11 @@ class Staging:
             s.computed.record(compute)
             with torch.cuda.stream(self._down):
                 self._down.wait_event(s.computed)
-                for t, buf in zip(dev, bufs, strict=False):
-                    if t is None:
-                        hosts.append(None)
-                        continue
-                    t.record_stream(self._down)  # not reused by the compute stream before this copy is done
-                    h = buf.view(tuple(t.shape), t.dtype)
-                    h.copy_(t, non_blocking=self.pinned)
-                    hosts.append(h)
+                copy_all()
                 s.downloaded = torch.cuda.Event()
                 s.downloaded.record(self._down)
         s.downloaded.synchronize()
-        # Copies the caller owns: the slot's buffers are overwritten by a later batch.
-        return [None if h is None else host_array(h, copy=True) for h in hosts]
+        return hosts
 
     def stats(self) -> StagingStats:
         with self._lock:

@@ -5,13 +5,27 @@ and not under a download still writing a lent slot."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import threading
+import time
 
 import numpy as np
+import pytest
 
 from service import shm
-from service.messages import ARENA, AttendOutput, OutcomesWriter, decode, decode_outcomes
+from service.engine.client import MPClient
+from service.messages import (
+    ARENA,
+    AttendInput,
+    AttendOutput,
+    EngineError,
+    OutcomesWriter,
+    Result,
+    decode,
+    decode_outcomes,
+)
+from tests.fakes import StubBatcher, serving_engine
 
 SIZE = 1 << 20
 SHAPE = (1, 128, 512)  # a [1,128,512] bfloat16 answer: 128 KiB
@@ -151,3 +165,59 @@ def test_a_segments_setup_is_undone_when_it_goes_and_not_under_a_lent_slot():
         assert not refused.page_locked
     finally:
         refused.close()
+
+
+class _LendingBatcher(StubBatcher):
+    """A GPU runner's part, as the model process feeds it: each answer (x * 2) written into a slot lent by the
+    arena its request names (``answer_to``), which the engine then sends where it lies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arenas: list = []
+
+    def submit(self, inp, *, deadline, priority=0, done):
+        self.arenas.append(inp.answer_to)
+        out = inp.answer_to.lend(inp.x.shape, inp.x.dtype)
+        np.multiply(inp.x, 2, out=out)
+        asyncio.get_running_loop().call_soon(done, Result(AttendOutput(out, None), 0.0, 0.0, 1, 1))
+        return object()
+
+
+async def test_on_a_gpu_the_model_process_page_locks_each_answer_arena_and_sends_lent_answers_uncopied(
+    tmp_path, monkeypatch
+):
+    from service.engine import staging
+
+    locked: list[int] = []
+    monkeypatch.setattr(staging, "page_lock", lambda buf: locked.append(len(buf)) or (lambda: locked.append(-1)))
+    batcher = _LendingBatcher()
+    async with serving_engine(tmp_path, monkeypatch, batcher, 4 << 20) as engine:
+        engine._gpu = True  # (as load sets it for a model on a CUDA device)
+        client = MPClient(engine.address)
+        await client.start(timeout_s=10)
+        try:
+            (arena,) = engine._answers.values()
+            assert arena.page_locked and locked == [4 << 20]
+            x = np.random.default_rng(3).standard_normal((1, 128, 128)).astype(np.float32)  # 64 KiB
+            r = await client.infer(AttendInput(x), deadline=time.monotonic() + 10)
+            assert np.array_equal(r.output.output, x * 2)
+            assert batcher.arenas == [arena]
+            assert arena.used == x.nbytes  # one slot: the lent one, sent as it was, never copied into another
+        finally:
+            await client.stop()
+    assert locked[-1] == -1  # undone as the arena went
+
+
+async def test_on_a_cpu_requests_name_no_answer_arena(tmp_path, monkeypatch):
+    batcher = _LendingBatcher()
+    batcher.submit = lambda inp, **kw: batcher.arenas.append(inp.answer_to) or kw["done"](EngineError("stop here"))
+    async with serving_engine(tmp_path, monkeypatch, batcher, 4 << 20) as engine:
+        client = MPClient(engine.address)
+        await client.start(timeout_s=10)
+        try:
+            x = np.ones((1, 128, 128), np.float32)
+            with pytest.raises(EngineError):
+                await client.infer(AttendInput(x), deadline=time.monotonic() + 10)
+            assert batcher.arenas == [None] and not next(iter(engine._answers.values())).page_locked
+        finally:
+            await client.stop()

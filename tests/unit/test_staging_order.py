@@ -4,14 +4,18 @@ real device: tests/unit/test_runner.py's device cases."""
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+
 import numpy as np
 import pytest
 import torch
 
 from mha_core import MHAConfig, MultiHeadAttention
+from service import shm
 from service.engine.runner import Runner
 from service.engine.staging import CudaGraphs
-from service.messages import AttendInput
+from service.messages import AttendInput, NumericOverflow
 from tests.cuda_stubs import FakeCuda, RecordingModule, happens_before, host_saw
 
 CFG = MHAConfig(num_heads=4, emb_size=32, head_size=8, max_seq_len=64)
@@ -174,3 +178,65 @@ def test_a_half_input_is_uploaded_in_its_dtype_cast_on_the_device_and_downloaded
     slot = runner.staging._slots[0]
     assert slot.x.data.numel() == x.nbytes == x32.nbytes // 2  # staged at the half's size, not widened
     assert slot.out.data.numel() == x.nbytes  # and downloaded in it
+
+
+def lending_arena(page_locked: bool) -> shm.Arena:
+    """An answer arena as the model process makes it on a GPU: page-locked (the stand-in's setup says it did), or
+    one the driver refused to page-lock."""
+    return shm.Arena(1 << 22, on_segment=(lambda buf: lambda: None) if page_locked else (lambda buf: None))
+
+
+@pytest.mark.parametrize("page_locked", [True, False], ids=["page-locked", "refused"])
+def test_each_answer_is_downloaded_into_the_slot_its_answer_arena_lends(cuda, page_locked):
+    """In the model process on a GPU: each request's rows of the batch's output go straight into a slot of the arena
+    its answer crosses in, after the forward and before the runner returns; the arena then sends that slot as it
+    is. Page-locked, the device writes the slots itself (no host copy); refused, through the slot's pinned buffer."""
+    runner = gpu_runner(cuda)
+    arena = lending_arena(page_locked)
+    try:
+        items = [item(8, 64), item(9, 64)]  # 64 and 72 KiB answers: what crosses through the arena
+        lent = [dataclasses.replace(it, answer_to=arena) for it in items]
+        results, _ = runner.run(lent)
+        for it, res in zip(items, results, strict=True):
+            np.testing.assert_allclose(res.output, reference(cuda, it), atol=1e-6)
+        used = arena.used
+        assert used == sum(r.output.nbytes for r in results)  # both in lent slots...
+        offsets = [arena.put(r.output) for r in results]
+        assert arena.used == used and None not in offsets  # ...which are sent where they lie
+
+        (fwd,) = kinds(cuda.ops, "forward")
+        downs = kinds(cuda.ops, "copy_")
+        dests = {r.output.ctypes.data for r in results}
+        if page_locked:
+            assert len(downs) == 2 and {d.info["dst"] for d in downs} == dests  # the device wrote the slots
+        else:
+            (down,) = downs
+            assert down.info["dst"] not in dests  # the pinned buffer, copied from on the host
+        for down in downs:
+            assert down.stream != "compute" and happens_before(fwd, down)
+            assert host_saw(down, cuda.host)  # waited for before the answers were handed on
+    finally:
+        arena.close()
+
+
+def test_a_lent_answer_that_overflowed_gives_its_slot_back_and_a_request_without_an_arena_downloads_as_before(cuda):
+    runner = gpu_runner(cuda)
+    arena = lending_arena(True)
+    try:
+        bad, good = item(8, 64), item(8, 64)
+        bad.x[0, 0, 0] = np.inf
+        results, _ = runner.run([dataclasses.replace(bad, answer_to=arena), dataclasses.replace(good, answer_to=arena)])
+        assert isinstance(results[0], NumericOverflow)
+        np.testing.assert_allclose(results[1].output, reference(cuda, good), atol=1e-6)
+        gc.collect()
+        arena.free(-1)  # (a dropped slot comes back with the next free or take)
+        assert arena.used == results[1].output.nbytes  # the overflowed one's slot came back
+
+        cuda.ops.clear()
+        mixed = [dataclasses.replace(good, answer_to=arena), good]  # one without an arena: the batch as before
+        results, _ = runner.run(mixed)
+        assert all(np.allclose(r.output, reference(cuda, good), atol=1e-6) for r in results)
+        assert not any(np.shares_memory(r.output, np.frombuffer(arena._bufs[0], np.uint8)) for r in results)
+        assert len(kinds(cuda.ops, "copy_")) == 1  # the whole batch's one download, into the pinned buffer
+    finally:
+        arena.close()
