@@ -232,7 +232,7 @@ class Engine:
             if hello.arena is not None:
                 self._inputs[peer] = shm.Mapped(hello.arena)
                 fields["mapped"] = True
-            arena = self._answers[peer] = shm.Arena(on_segment=self._page_lock())
+            arena = self._answers[peer] = shm.Arena(on_segment=self._page_lock(), threaded=self._gpu)
             fields["arena"] = arena.name
         except OSError as e:
             log.warning("no shared memory with front end %s (%s): its arrays cross as frames", hello.pid, e)

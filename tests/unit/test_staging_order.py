@@ -183,7 +183,9 @@ def test_a_half_input_is_uploaded_in_its_dtype_cast_on_the_device_and_downloaded
 def lending_arena(page_locked: bool) -> shm.Arena:
     """An answer arena as the model process makes it on a GPU: page-locked (the stand-in's setup says it did), or
     one the driver refused to page-lock."""
-    return shm.Arena(1 << 22, on_segment=(lambda buf: lambda: None) if page_locked else (lambda buf: None))
+    return shm.Arena(
+        1 << 22, on_segment=(lambda buf: lambda: None) if page_locked else (lambda buf: None), threaded=True
+    )
 
 
 @pytest.mark.parametrize("page_locked", [True, False], ids=["page-locked", "refused"])
