@@ -61,7 +61,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import Server, run_wrk, wrk_errors  # noqa: E402
+from bench.harness import Server, model_process, proc_cpu_s, run_wrk, wrk_errors  # noqa: E402
 from bench.weights_memory import measure as weights_allocations  # noqa: E402
 from mha_core import MHAConfig, MultiHeadAttention  # noqa: E402
 from mha_core.incremental import attend_padded, project  # noqa: E402
@@ -685,12 +685,37 @@ def service(
         try:
             check_once(base, body, hlen)
             url = base + "/v2/models/mha/infer"
+            model = model_process(server.pid) if not extra else None  # (None: one process serves, no model process)
+            if not extra:
+                refused = [line for line in (tmp / "server.log").read_text().splitlines() if "page-locking" in line]
+                table.add(
+                    "service",
+                    "answer arenas page-locked: the runner downloads each answer where the front end reads it",
+                    "no model process" if model is None else ("refused: " + refused[0][-120:] if refused else "yes"),
+                    "",
+                    "",
+                    "",
+                    "",
+                )
             for c in concs:
                 if have_wrk:
                     wrk_rps(url, body_path, hlen, c, 2, threads)  # warm-up: connections, batch shapes
+                    cpu0 = proc_cpu_s(model) if model is not None else 0.0
                     rps, detail = wrk_rps(url, body_path, hlen, c, seconds, threads)
                 else:
+                    cpu0 = proc_cpu_s(model) if model is not None else 0.0
                     rps, detail = py_rps(base, body_path, hlen, c, seconds, threads)
+                if model is not None and rps > 0:  # issue 20: what one model process spends a request, on a device
+                    us = 1e6 * (proc_cpu_s(model) - cpu0) / (rps * seconds)
+                    table.add(
+                        "service",
+                        f"the model process's CPU a request, c={c} (from /proc over the run)",
+                        f"{us:.1f} us",
+                        "",
+                        "",
+                        "<= 15 us",
+                        "PASS" if us <= 15 else "FAIL",
+                    )
                 if not extra:
                     default_rps[c] = rps
                     ceiling = ceilings[min(ceilings, key=lambda b, c=c: abs(b - c))] if ceilings else None
