@@ -209,8 +209,9 @@ def test_each_answer_is_downloaded_into_the_slot_its_answer_arena_lends(cuda, pa
         (fwd,) = kinds(cuda.ops, "forward")
         downs = kinds(cuda.ops, "copy_")
         dests = {r.output.ctypes.data for r in results}
-        if page_locked:
-            assert len(downs) == 2 and {d.info["dst"] for d in downs} == dests  # the device wrote the slots
+        if page_locked:  # the device wrote the slots, one after the other in the arena: in one copy
+            assert [d.info["dst"] for d in downs] == [results[0].output.ctypes.data]
+            assert results[1].output.ctypes.data == results[0].output.ctypes.data + results[0].output.nbytes
         else:
             (down,) = downs
             assert down.info["dst"] not in dests  # the pinned buffer, copied from on the host
@@ -240,5 +241,40 @@ def test_a_lent_answer_that_overflowed_gives_its_slot_back_and_a_request_without
         assert all(np.allclose(r.output, reference(cuda, good), atol=1e-6) for r in results)
         assert not any(np.shares_memory(r.output, np.frombuffer(arena._bufs[0], np.uint8)) for r in results)
         assert len(kinds(cuda.ops, "copy_")) == 1  # the whole batch's one download, into the pinned buffer
+    finally:
+        arena.close()
+
+
+def test_answers_whose_slots_do_not_follow_each_other_are_downloaded_one_copy_each(cuda):
+    runner = gpu_runner(cuda)
+    arena = lending_arena(True)
+    try:
+        first = arena.put(np.zeros(1 << 16, np.uint8))
+        arena.put(np.zeros(1 << 16, np.uint8))  # the slot after it stays taken...
+        arena.free(first)  # ...so the first answer (64 KiB) fits where the first was, the second only after
+        items = [item(8, 64), item(9, 64)]
+        results, _ = runner.run([dataclasses.replace(it, answer_to=arena) for it in items])
+        for it, res in zip(items, results, strict=True):
+            np.testing.assert_allclose(res.output, reference(cuda, it), atol=1e-6)
+        downs = kinds(cuda.ops, "copy_")
+        assert [d.info["dst"] for d in downs] == [r.output.ctypes.data for r in results]
+        assert results[0].output.ctypes.data + results[0].output.nbytes != results[1].output.ctypes.data
+    finally:
+        arena.close()
+
+
+@pytest.mark.parametrize("page_locked", [True, False], ids=["page-locked", "refused"])
+def test_a_shorter_request_gets_only_its_own_rows_in_its_lent_slot(cuda, page_locked):
+    runner = gpu_runner(cuda)
+    arena = lending_arena(page_locked)
+    try:
+        items = [item(8, 64), item(14, 40)]  # padded to 64 in the batch; its answer is its 40 rows
+        results, _ = runner.run([dataclasses.replace(it, answer_to=arena) for it in items])
+        assert results[1].output.shape == (14, 40, CFG.emb_size)
+        for it, res in zip(items, results, strict=True):
+            np.testing.assert_allclose(res.output, reference(cuda, it), atol=1e-6)
+        assert arena.used == sum(r.output.nbytes for r in results)
+        if page_locked:  # not one run: the shorter one's rows skip the padding
+            assert [d.info["dst"] for d in kinds(cuda.ops, "copy_")] == [r.output.ctypes.data for r in results]
     finally:
         arena.close()
