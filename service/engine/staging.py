@@ -226,7 +226,7 @@ class Staging:
         # Copies the caller owns: the slot's buffers are overwritten by a later batch.
         return [None if h is None else host_array(h, copy=True) for h in hosts]
 
-    def download_into(self, s: Slot, t: Tensor, parts: list[tuple[np.ndarray, int, int]], *, direct: bool) -> None:
+    def download_into(self, s: Slot, t: Tensor, parts: list[tuple[np.ndarray, int]], *, direct: bool) -> None:
         """Rows of the device tensor ``t`` (N, T, E) into host arrays the caller gives (``parts``: an array of
         (rows, length, E) in ``t``'s dtype, bfloat16 as its bits, and its first row; it takes ``t[row:row+rows,
         :length]``), such as answers lent by their arena (service/shm.py's ``Arena.lend``). Waits for the copies.
@@ -240,10 +240,7 @@ class Staging:
             else:
                 (h,) = self._copies(s, [(t, s.out.view(tuple(t.shape), t.dtype))])
                 whole = host_array(h, copy=False)
-            for (
-                dest,
-                row,
-            ) in parts:
+            for dest, row in parts:
                 np.copyto(dest, whole[row : row + dest.shape[0], : dest.shape[1]])
             return
         pairs = []
