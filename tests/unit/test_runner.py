@@ -206,3 +206,42 @@ def test_staging_never_hands_out_more_slots_than_its_depth():
         assert t.is_alive() and not got  # blocked: both slots are in flight
     t.join(2)
     assert got and got[0] in (a, b)
+
+
+@pytest.mark.device
+@pytest.mark.skipif(test_device() is None, reason=SKIP_REASON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_answers_download_into_a_page_locked_arena_and_equal_the_usual_download(dtype, rng_seed):
+    """On the device: an answer arena page-locked as the model process makes it (cudaHostRegister of its shared
+    memory), the runner's answers downloaded into its lent slots (issue 20: no host copy), equal to the batch's
+    usual download; a segment the arena grows by is page-locked too, and every one is undone at close."""
+    from dataclasses import replace
+
+    from service import shm
+    from service.engine.staging import page_lock
+
+    device = torch.device(test_device())
+    runner, _ = make_runner((device, dtype))
+    undone: list[int] = []
+
+    def locked(buf):
+        undo = page_lock(buf)
+        return None if undo is None else (lambda: undone.append(undo()))
+
+    arena = shm.Arena(256 << 10, max_size=4 << 20, on_segment=locked, threaded=True)
+    try:
+        assert arena.page_locked, "cudaHostRegister refused the arena's shared memory"
+        name = str(dtype).removeprefix("torch.")
+        items = [  # answers of 64-256 KiB (bf16: half that), more than the first 256 KiB segment holds: it grows
+            AttendInput(rng.standard_normal((b, 64, CFG.emb_size)).astype(np.float32), out_dtype=name)
+            for b in (16, 32, 24)
+        ]
+        want, _ = runner.run(items)
+        got, _ = runner.run([replace(it, answer_to=arena) for it in items])
+        assert arena.used == sum(g.output.nbytes for g in got) and arena.segments > 1 and arena.page_locked
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g.output, w.output)
+        del got, g  # (the lent slots go back: nothing writes them any more, so close undoes every page-locking)
+    finally:
+        arena.close()
+    assert len(undone) == arena.segments >= 1
