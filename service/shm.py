@@ -240,6 +240,8 @@ class Arena:
         if self._lent:
             lent = self._lent.pop(id(a), None)
             if lent is not None and lent[1].detach() is not None:  # (None: it died, and its id is another's now)
+                if self._late_undo and not self._lent:  # (sent after close: nothing writes a slot any more)
+                    self._run_late_undo()
                 return lent[0]
         n = a.nbytes
         offset = self._take(n)
@@ -287,9 +289,12 @@ class Arena:
         self._lent.pop(key, None)
         self._dropped.append(offset)
         if self._late_undo and not self._lent:  # closed while it was lent: what close left undone, now
-            late, self._late_undo = self._late_undo, []
-            for undo in late:
-                _undo(undo)
+            self._run_late_undo()
+
+    def _run_late_undo(self) -> None:
+        late, self._late_undo = self._late_undo, []
+        for undo in late:
+            _undo(undo)
 
     def _take_guarded(self, n: int) -> int | None:
         with self._lock:

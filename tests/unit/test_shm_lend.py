@@ -164,6 +164,15 @@ def test_a_segments_setup_is_undone_when_it_goes_and_not_under_a_lent_slot():
     gc.collect()
     assert undone == [2, 1]
 
+    undone.clear()
+    again = shm.Arena(SIZE, on_segment=lambda buf: lambda: undone.append("sent"))
+    lent = again.lend((1, 512, 512), np.float32)
+    again.close()
+    assert undone == []
+    again.put(lent)  # (sent after all: no download writes it any more)
+    assert undone == ["sent"]
+    del lent
+
     refused = shm.Arena(SIZE, on_segment=lambda buf: None)  # (the driver refused to page-lock it)
     try:
         assert not refused.page_locked
