@@ -438,12 +438,27 @@ class Mapped:
     many times it gave some back (``Arena.trim``); ``grow`` maps the ones not mapped yet before it is read, and
     those past the first again after a trim (a segment made again under the same name is another)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        on_segment: Callable[[memoryview], Callable[[], object] | None] | None = None,
+        retire: Callable[[list[Callable[[], object]], list], object] | None = None,
+    ) -> None:
         self.name = name
+        # ``on_segment``: each segment's memoryview as it is mapped (a GPU's page-locking), which returns its undoing.
+        # ``retire``: given the undoings of segments let go, and their mappings (to hold until they ran), it runs them
+        # when nothing reads them any more (the model process: once no batch is uploading). Without it, at once.
+        self._on_segment, self._retire = on_segment, retire
         self._maps: list = []
+        self._undo: list[Callable[[], object] | None] = []  # per mapping, as _maps
         self.buf = self._map_segment(name)  # the first segment
         self.tail: list[memoryview] = [self.buf]
         self.shrinks = 0
+
+    @property
+    def page_locked(self) -> bool:
+        """Every segment mapped was set up by ``on_segment`` (False without one)."""
+        return self._on_segment is not None and None not in self._undo
 
     def _map_segment(self, name: str) -> memoryview:
         if os.path.isdir(SHM_DIR):
@@ -453,10 +468,20 @@ class Mapped:
             finally:
                 os.close(fd)
             self._maps.append(m)
-            return memoryview(m)
+            return self._set_up(memoryview(m))
         shm = shared_memory.SharedMemory(name=name)
         self._maps.append(shm)
-        return shm.buf.toreadonly()  # what arrives is read, never written: a slot is its sender's
+        return self._set_up(shm.buf.toreadonly())  # what arrives is read, never written: a slot is its sender's
+
+    def _set_up(self, buf: memoryview) -> memoryview:
+        undo = None
+        if self._on_segment is not None:
+            try:
+                undo = self._on_segment(buf)
+            except Exception:  # (the mapping serves as it is: its arrays are copied, not read by a device)
+                log.exception("setting up a mapped arena segment failed")
+        self._undo.append(undo)
+        return buf
 
     def grow(self, segments: int, shrinks: int = 0) -> None:
         """Map the sender's segments up to ``segments``, those not mapped yet, after unmapping those past the first
@@ -464,8 +489,8 @@ class Mapped:
         read."""
         if shrinks != self.shrinks:
             self.shrinks = shrinks
-            self._unmap(self.tail[:-1], self._maps[1:])
-            self.tail, self._maps = self.tail[-1:], self._maps[:1]
+            self._let_go(self.tail[:-1], self._maps[1:], self._undo[1:])
+            self.tail, self._maps, self._undo = self.tail[-1:], self._maps[:1], self._undo[:1]
         tail = self.tail
         while len(tail) < segments:
             self.tail = tail = [self._map_segment(f"{self.name}.{len(tail)}"), *tail]
@@ -487,6 +512,17 @@ class Mapped:
             if not isinstance(m, mmap.mmap):
                 _KEPT.append(m)
 
+    def _let_go(self, bufs: list[memoryview], maps: list, undos: list) -> None:
+        """``_unmap``, after the segments' setup is undone, or handed to ``retire`` with the mappings it must hold."""
+        undos = [u for u in undos if u is not None]
+        if undos:
+            if self._retire is not None:
+                self._retire(undos, list(maps))
+            else:
+                for undo in undos:
+                    _undo(undo)
+        self._unmap(bufs, maps)
+
     def close(self) -> None:
-        self._unmap(self.tail, self._maps)
-        self.tail, self._maps, self.buf = [], [], None
+        self._let_go(self.tail, self._maps, self._undo)
+        self.tail, self._maps, self._undo, self.buf = [], [], [], None
