@@ -49,6 +49,9 @@ class AttendInput:
     # in the model process on a GPU: the arena its answer goes back through (service/shm.py's Arena), where the
     # runner downloads it in place (``Arena.lend``) instead of the host copying it there; not in key
     answer_to: Any = None
+    # in the model process on a GPU: x lies in page-locked memory (its front end's arena, mapped and page-locked),
+    # which the runner uploads from where it lies instead of copying it into its staging buffer; not in key
+    x_page_locked: bool = False
 
     @property
     def batch(self) -> int:
@@ -432,6 +435,7 @@ def _input(
     sequence=None,
     requests=1,
     answer_to=None,
+    x_page_locked=False,
 ) -> AttendInput:
     """An AttendInput without the frozen dataclass's ``__init__`` (one ``object.__setattr__`` per field): the same
     fields and object, built in half the time; the model process builds one per request."""
@@ -450,6 +454,7 @@ def _input(
         sequence=sequence,
         requests=requests,
         answer_to=answer_to,
+        x_page_locked=x_page_locked,
     )
     return inp
 
@@ -620,13 +625,14 @@ def _array(bufs: list, a: Arr) -> np.ndarray:
 
 
 def decode_requests(
-    msg: Requests, frames: list, arena: list | None = None, answer_to: Any = None
+    msg: Requests, frames: list, arena: list | None = None, answer_to: Any = None, page_locked: bool = False
 ) -> list[tuple[int, AttendInput, float, str | None, int]]:
     """A decoded ``Requests`` and the frames after its header -> [(id, input, deadline, request id, priority)].
 
     The arrays in the front end's ``arena`` are read-only views of their slots, valid until the front end stops
     waiting for the request: read them before answering, never after. ``arena``: the front end's (``shm.Mapped``'s
-    ``tail``), grown to ``msg.segments``. ``answer_to``: each input's (``AttendInput.answer_to``)."""
+    ``tail``), grown to ``msg.segments``. ``answer_to``: each input's (``AttendInput.answer_to``); ``page_locked``:
+    the arena is, so that an x read from it is (``AttendInput.x_page_locked``)."""
     out, bufs = [], _buffers(frames, arena, msg.segments)
     for r in msg.items:
         lengths, mask = r.lengths, r.mask
@@ -644,6 +650,7 @@ def decode_requests(
             r.sequence,
             r.requests,
             answer_to,
+            page_locked and r.x.frame <= ARENA,
         )
         out.append((r.id, inp, r.deadline, r.request_id, r.priority))
     return out

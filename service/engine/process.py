@@ -24,6 +24,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 from functools import partial
 from typing import Any
 
@@ -176,7 +177,11 @@ class Engine:
                 if inputs is not None:
                     inputs.grow(msg.segments, msg.shrinks)  # what the front end's arena grew by, mapped before reading
                 tail = None if inputs is None else inputs.tail
-                items = decode_requests(msg, frames[1:], tail, self._answers.get(peer) if self._gpu else None)
+                if self._gpu:  # (answers downloaded into their arena's slots; x's uploaded from where they lie)
+                    locked = inputs is not None and inputs.page_locked
+                    items = decode_requests(msg, frames[1:], tail, self._answers.get(peer), locked)
+                else:
+                    items = decode_requests(msg, frames[1:], tail)
             except Exception as e:  # (a segment that cannot be mapped, an array that is not where it says)
                 self._unreadable(peer, msg, e)
                 return
@@ -230,7 +235,7 @@ class Engine:
             return fields
         try:
             if hello.arena is not None:
-                self._inputs[peer] = shm.Mapped(hello.arena)
+                self._inputs[peer] = shm.Mapped(hello.arena, self._page_lock(read_only=True), self._retire)
                 fields["mapped"] = True
             arena = self._answers[peer] = shm.Arena(on_segment=self._page_lock(), threaded=self._gpu)
             fields["arena"] = arena.name
@@ -238,14 +243,33 @@ class Engine:
             log.warning("no shared memory with front end %s (%s): its arrays cross as frames", hello.pid, e)
         return fields
 
-    def _page_lock(self) -> Any:
-        """What an answer arena's segments are given to as they are made (``shm.Arena``'s ``on_segment``): on a GPU,
-        page-locking (staging.page_lock), so that the runner's download into an answer's slot is the device's DMA."""
+    def _page_lock(self, read_only: bool = False) -> Any:
+        """What the segments of an answer arena (as they are made) and of a front end's arena (as they are mapped,
+        ``read_only``) are given to: on a GPU, page-locking (staging.page_lock), so that the runner's download into an
+        answer's slot and its upload from a request's x are the device's DMA."""
         if not self._gpu:
             return None
-        from service.engine.staging import page_lock
+        from service.engine import staging
 
-        return page_lock
+        return partial(staging.page_lock, read_only=read_only)
+
+    def _retire(self, undos: list, maps: list) -> None:
+        """Undo the page-locking of mapped segments a front end's arena let go, once no batch is in flight (one may
+        be uploading from them): in a thread that waits for the runner's slots, holding the mappings until then."""
+        runner = getattr(self.engine, "runner", None)
+
+        def undo() -> None:
+            for u in undos:
+                try:
+                    u()
+                except Exception:
+                    log.exception("undoing the page-locking of a front end's arena segment failed")
+            maps.clear()  # (now the mappings may go)
+
+        if runner is None:  # (a test's batcher: no runner, nothing in flight)
+            undo()
+            return
+        threading.Thread(target=runner.staging.quiesced, args=(undo,), name="mha-unlock", daemon=True).start()
 
     def _close_arenas(self, peer: int) -> None:
         mapped, arena = self._inputs.pop(peer, None), self._answers.pop(peer, None)

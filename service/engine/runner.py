@@ -263,28 +263,39 @@ class Runner:
         T = max(it.seq_len for it in items)
         N = sum(it.batch for it in items)
         wire = common_dtype(it.wire_dtype for it in items)  # staged as it crossed: a half moves half the bytes
-        x = self.staging.host_input(slot, (N, T, E), TORCH_DTYPES[wire])  # reused (pinned on a GPU); all written
         lengths = np.empty(N, dtype=np.int64)
         mask = np.ones((N, T, T), dtype=np.bool_) if first.mask is not None else None
-        xn = host_array(x, copy=False)  # fill through numpy views: no per-item tensor wrappers
-        xs = [it.x if it.wire_dtype == wire else as_float32(it.x, it.wire_dtype) for it in items]
-        row = 0
         uniform = mask is None and all(it.seq_len == T and it.lengths is None for it in items)
-        # The one copy of x the engine must make on a CPU: the requests' arrays (views of their decoded bytes) into
-        # one batch; the upload is then a no-op (same device and dtype) and the output comes back as the forward's.
-        if uniform:  # the common batch (one T, no lengths or mask): one copy for all, not three slice writes each
-            np.concatenate(xs, out=xn)
+        xn = None
+        if uniform and self.device.type == "cuda" and all(it.x_page_locked and it.wire_dtype == wire for it in items):
+            # On a GPU in the model process, each x where its front end put it (page-locked): no copy on the host
+            parts, row = [], 0
+            for it in items:
+                parts.append((it.x, row))
+                row += it.batch
             lengths[:] = T
-        for it, xi in () if uniform else zip(items, xs, strict=True):
-            b, t = it.batch, it.seq_len
-            xn[row : row + b, :t] = xi
-            xn[row : row + b, t:] = 0  # zero bits are 0.0 in every float dtype
-            lengths[row : row + b] = it.lengths if it.lengths is not None else t
-            if mask is not None:
-                mask[row : row + b, :t, :t] = it.mask
-            row += b
+            x = self.staging.upload_from(slot, parts, (N, T, E), TORCH_DTYPES[wire], self.dtype)
+        else:
+            x = self.staging.host_input(slot, (N, T, E), TORCH_DTYPES[wire])  # reused (pinned on a GPU); all written
+            xn = host_array(x, copy=False)  # fill through numpy views: no per-item tensor wrappers
+            xs = [it.x if it.wire_dtype == wire else as_float32(it.x, it.wire_dtype) for it in items]
+            row = 0
+            # The one copy of x the engine must make on a CPU: the requests' arrays (views of their decoded bytes)
+            # into one batch; the upload is then a no-op (same device and dtype) and the output comes back as the
+            # forward's.
+            if uniform:  # the common batch (one T, no lengths or mask): one copy for all, not three slice writes each
+                np.concatenate(xs, out=xn)
+                lengths[:] = T
+            for it, xi in () if uniform else zip(items, xs, strict=True):
+                b, t = it.batch, it.seq_len
+                xn[row : row + b, :t] = xi
+                xn[row : row + b, t:] = 0  # zero bits are 0.0 in every float dtype
+                lengths[row : row + b] = it.lengths if it.lengths is not None else t
+                if mask is not None:
+                    mask[row : row + b, :t, :t] = it.mask
+                row += b
+            x = self.staging.upload(slot, x, self.dtype)
         real = int(lengths.sum())
-        x = self.staging.upload(slot, x, self.dtype)
         y = None
         graph = self.graphs is not None and first.causal and mask is None
         if graph:
@@ -319,7 +330,7 @@ class Runner:
             out[r, lengths[r] :] = 0
         # (on the host copy: numpy, a half by its bits)
         finite = finite_as(out, dtype) if flag is None else bool(flag)
-        if np.may_share_memory(out, xn):  # a module that answered in its input's memory: the slot's, reused
+        if xn is not None and np.may_share_memory(out, xn):  # a module that answered in its input's memory: reused
             out = out.copy()
         if len(items) == 1:
             results = [AttendOutput(out[:, : first.seq_len], None)]

@@ -51,48 +51,51 @@ def host_array(t: Tensor, *, copy: bool) -> np.ndarray:
 
 
 def _runs(parts: list[tuple[np.ndarray, int]], T: int) -> list[tuple[np.ndarray, int, int, int]]:
-    """``download_into``'s parts as runs, one copy each: parts of the batch's full length ``T`` that follow each
-    other in the batch and in memory (an arena lends one batch's slots one after the other) are one copy, not one
-    a request: issuing a copy costs the host torch's dispatch (a slice and a ``copy_`` of one element: 2.7 us on a
-    2-vCPU EPYC) before the driver's own call.
-    Each run: (its host memory as a flat array, its first row, its rows, its length)."""
+    """A batch's host arrays (``parts``: an array of (rows, length, E) and its first row in the batch) as runs, one
+    copy each: arrays of the batch's full length ``T`` that follow each other in the batch and in memory (an arena
+    lends one batch's slots one after the other; a front end puts its requests' x one after the other) are one
+    copy, not one a request: issuing a copy costs the host torch's dispatch (a slice and a ``copy_`` of one element:
+    2.7 us on a 2-vCPU EPYC) before the driver's own call.
+
+    Each run: (its host memory as a flat array of the parts' dtype, its first row, its rows, its length). The flat
+    array is made over the memory's address, writable whatever the parts are (a request's x is a read-only view of
+    its front end's arena, which torch would warn about and never writes in a copy from it): the parts, alive
+    through the copy, hold that memory mapped."""
     runs: list[list] = []
-    for dest, row in parts:
-        rows, length = dest.shape[0], dest.shape[1]
+    for a, row in parts:
+        rows, length = a.shape[0], a.shape[1]
         if runs:
             last = runs[-1]
-            if length == T and last[3] == T and last[1] + last[2] == row and last[4] == dest.ctypes.data:
+            if length == T and last[3] == T and last[1] + last[2] == row and last[0] + last[4] == a.ctypes.data:
                 last[2] += rows
-                last[4] += dest.nbytes
-                last[5] += dest.nbytes
-                last[6].append(dest)
+                last[4] += a.nbytes
                 continue
-        runs.append([dest, row, rows, length, dest.ctypes.data + dest.nbytes, dest.nbytes, [dest]])
-    out = []
-    for first, row, rows, length, _end, nbytes, dests in runs:
-        if len(dests) == 1:
-            out.append((first.reshape(-1), row, rows, length))
-            continue
-        # one array over the run's memory, which the lent arrays (alive through the copy) hold mapped
-        flat = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(first.ctypes.data)).view(first.dtype)
-        out.append((flat, row, rows, length))
-    return out
+        runs.append([a.ctypes.data, row, rows, length, a.nbytes, a.dtype])
+    return [
+        (np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(addr)).view(dtype), row, rows, length)
+        for addr, row, rows, length, nbytes, dtype in runs
+    ]
 
 
-def page_lock(buf: memoryview) -> Callable[[], object] | None:
-    """Page-lock a host buffer for the current CUDA device (cudaHostRegister, as torch's own shared-memory pinning
-    does), so that a copy from the device into it is the device's DMA: the answer arenas of the model process on a
-    GPU (service/shm.py's ``on_segment``), which then downloads each answer where the front end reads it. Returns
-    what undoes it, or None where the driver refused (the buffer stays ordinary memory: the runner then downloads
-    through its pinned staging buffer and copies, ``Staging.download_into``)."""
+def page_lock(buf: memoryview, *, read_only: bool = False) -> Callable[[], object] | None:
+    """Page-lock a host buffer for the CUDA devices (cudaHostRegister, portable, as torch's own shared-memory pinning
+    does), so that a copy between it and a device is the device's DMA: in the model process on a GPU, the answer
+    arenas it makes (service/shm.py's ``Arena``, ``on_segment``), into which the runner downloads each answer, and
+    its read-only mappings of the front ends' arenas (``read_only``, ``Mapped``), from which it uploads each x.
+    Returns what undoes it, or None where the driver refused (read-only registration needs a device that supports
+    it): the buffer stays ordinary memory, and the runner copies through its pinned staging buffers instead."""
     a = np.frombuffer(buf, np.uint8)
     ptr, n = a.ctypes.data, a.nbytes
-    del a  # (no export of the buffer left behind: the arena unmaps it at trim and stop)
+    del a  # (no export of the buffer left behind: its owner unmaps it at trim and stop)
     cudart = torch.cuda.cudart()
-    err = int(cudart.cudaHostRegister(ptr, n, 1))  # cudaHostRegisterPortable
+    flags = 1 | (8 if read_only else 0)  # cudaHostRegisterPortable, cudaHostRegisterReadOnly
+    err = int(cudart.cudaHostRegister(ptr, n, flags))
     if err != 0:
         log.warning(
-            "page-locking a %d MiB arena segment failed (cudaError %d): answers are copied into it", n >> 20, err
+            "page-locking a %d MiB %sarena segment failed (cudaError %d): its arrays are copied through staging",
+            n >> 20,
+            "mapped " if read_only else "",
+            err,
         )
         return None
     return partial(cudart.cudaHostUnregister, ptr)
@@ -209,6 +212,45 @@ class Staging:
         compute.wait_event(s.uploaded)
         xd.record_stream(compute)  # freed by the compute stream's work, not the upload stream's
         return xd.to(dtype)
+
+    def upload_from(
+        self, s: Slot, parts: list[tuple[np.ndarray, int]], shape: tuple[int, int, int], wire: torch.dtype, dtype
+    ) -> Tensor:
+        """A batch of one length (``shape``: N, T, E) on the device in ``dtype``, uploaded straight from its requests'
+        x where they lie (``parts``: each x, in ``wire`` dtype, bfloat16 as its bits, and its first row), page-locked
+        memory (``page_lock``: the model process's mapping of its front end's arena): no host copy into the pinned
+        buffer. x's that follow each other in memory are one copy. Ready for use on the current (compute) stream."""
+        compute = torch.cuda.current_stream(self.device)
+
+        def copy_all() -> Tensor:
+            xd = torch.empty(shape, dtype=wire, device=self.device)
+            for host, row, rows, _length in _runs(parts, shape[1]):
+                h = torch.from_numpy(host)
+                xd[row : row + rows].copy_(
+                    (h if h.dtype == wire else h.view(wire)).view(rows, *shape[1:]), non_blocking=True
+                )
+            return xd
+
+        if self._up is None:
+            return copy_all().to(dtype)
+        with torch.cuda.stream(self._up):
+            xd = copy_all()  # (allocated on the upload stream, so the allocator orders its reuse after these copies)
+            s.uploaded = torch.cuda.Event()
+            s.uploaded.record(self._up)
+        compute.wait_event(s.uploaded)
+        xd.record_stream(compute)
+        return xd.to(dtype)
+
+    def quiesced(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` while no batch is in flight: it takes every slot (waiting for the batches that hold them, whose
+        copies are done when they give them back) and gives them back after. For what must not happen under a copy,
+        such as undoing the page-locking of memory a batch may be uploading from. Blocks: call it from a thread."""
+        taken = [self._free.get() for _ in range(self.depth)]
+        try:
+            fn()
+        finally:
+            for slot in taken:
+                self._free.put(slot)
 
     def download(self, s: Slot, tensors: list[Tensor | None]) -> list[np.ndarray | None]:
         """The device tensors as numpy arrays the caller owns, in their own dtype (bfloat16 as its uint16 bits;

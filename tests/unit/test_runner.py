@@ -245,3 +245,43 @@ def test_answers_download_into_a_page_locked_arena_and_equal_the_usual_download(
     finally:
         arena.close()
     assert len(undone) == arena.segments >= 1
+
+
+@pytest.mark.device
+@pytest.mark.skipif(test_device() is None, reason=SKIP_REASON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_xs_upload_from_a_page_locked_mapping_and_equal_the_usual_upload(dtype, rng_seed):
+    """On the device: a front end's arena as the model process maps it, page-locked read-only (cudaHostRegister
+    with cudaHostRegisterReadOnly), its x's uploaded from where they lie (issue 20: no host copy), equal to the
+    staged upload; the page-locking is undone at close."""
+    from functools import partial
+
+    from service import shm
+    from service.engine.staging import page_lock
+
+    device = torch.device(test_device())
+    runner, _ = make_runner((device, dtype))
+    front = shm.Arena(1 << 20)  # the front end's
+    undone: list[int] = []
+
+    def locked(buf):
+        undo = partial(page_lock, read_only=True)(buf)
+        return None if undo is None else (lambda: undone.append(undo()))
+
+    mapped = shm.Mapped(front.name, locked)
+    try:
+        assert mapped.page_locked, "cudaHostRegister refused a read-only mapping (cudaHostRegisterReadOnly)"
+        xs = [rng.standard_normal((b, 16, CFG.emb_size)).astype(np.float32) for b in (2, 3, 1)]
+        views = []
+        for x in xs:
+            offset = front.put(x)
+            views.append(np.ndarray(x.shape, x.dtype, mapped.tail[-1], offset))  # (all in the first segment)
+        want, _ = runner.run([AttendInput(x) for x in xs])
+        got, _ = runner.run([AttendInput(v, x_page_locked=True) for v in views])
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g.output, w.output)
+        del views
+    finally:
+        mapped.close()
+        front.close()
+    assert len(undone) == 1

@@ -27,6 +27,7 @@ from service.messages import (
     decode_outcomes,
 )
 from tests.fakes import StubBatcher, serving_engine
+from tests.waiting import until
 
 SIZE = 1 << 20
 SHAPE = (1, 128, 512)  # a [1,128,512] bfloat16 answer: 128 KiB
@@ -187,22 +188,30 @@ class _LendingBatcher(StubBatcher):
     def __init__(self) -> None:
         super().__init__()
         self.arenas: list = []
+        self.locked_x: list[bool] = []
 
     def submit(self, inp, *, deadline, priority=0, done):
         self.arenas.append(inp.answer_to)
-        out = inp.answer_to.lend(inp.x.shape, inp.x.dtype)
-        np.multiply(inp.x, 2, out=out)
+        self.locked_x.append(inp.x_page_locked)
+        out = np.multiply(inp.x, 2, out=inp.answer_to.lend(inp.x.shape, inp.x.dtype))  # (none lent: a new one)
         asyncio.get_running_loop().call_soon(done, Result(AttendOutput(out, None), 0.0, 0.0, 1, 1))
         return object()
 
 
-async def test_on_a_gpu_the_model_process_page_locks_each_answer_arena_and_sends_lent_answers_uncopied(
-    tmp_path, monkeypatch
-):
+async def test_on_a_gpu_the_model_process_page_locks_both_arenas_and_sends_lent_answers_uncopied(tmp_path, monkeypatch):
+    """Its answer arena page-locked as it is made, the front end's arena as it is mapped (read-only); each
+    request's x says it lies in page-locked memory (the runner uploads from it) and names the answer arena (the
+    runner downloads into a slot it lends); both are undone as the front end goes."""
     from service.engine import staging
 
-    locked: list[int] = []
-    monkeypatch.setattr(staging, "page_lock", lambda buf: locked.append(len(buf)) or (lambda: locked.append(-1)))
+    locked: list[tuple[int, bool]] = []
+    undone: list[bool] = []
+
+    def page_lock(buf, read_only):
+        locked.append((len(buf), read_only))
+        return lambda: undone.append(read_only)
+
+    monkeypatch.setattr(staging, "page_lock", page_lock)
     batcher = _LendingBatcher()
     async with serving_engine(tmp_path, monkeypatch, batcher, 4 << 20) as engine:
         engine._gpu = True  # (as load sets it for a model on a CUDA device)
@@ -210,15 +219,21 @@ async def test_on_a_gpu_the_model_process_page_locks_each_answer_arena_and_sends
         await client.start(timeout_s=10)
         try:
             (arena,) = engine._answers.values()
-            assert arena.page_locked and locked == [4 << 20]
+            (mapped,) = engine._inputs.values()
+            assert arena.page_locked and mapped.page_locked
+            assert sorted(locked) == [(4 << 20, False), (4 << 20, True)]
             x = np.random.default_rng(3).standard_normal((1, 128, 128)).astype(np.float32)  # 64 KiB
+            small = np.ones((1, 4, 128), np.float32)  # 2 KiB: crosses in its message's frame, not the arena
             r = await client.infer(AttendInput(x), deadline=time.monotonic() + 10)
             assert np.array_equal(r.output.output, x * 2)
-            assert batcher.arenas == [arena]
+            r = await client.infer(AttendInput(small), deadline=time.monotonic() + 10)
+            assert np.array_equal(r.output.output, small * 2)
+            assert batcher.arenas == [arena] * 2 and batcher.locked_x == [True, False]
             assert arena.used == x.nbytes  # one slot: the lent one, sent as it was, never copied into another
         finally:
             await client.stop()
-    assert locked[-1] == -1  # undone as the arena went
+        await until(lambda: len(undone) == 2)  # (the front end's mapping's, once no batch could be reading it)
+    assert sorted(undone) == [False, True]
 
 
 async def test_on_a_cpu_requests_name_no_answer_arena(tmp_path, monkeypatch):
@@ -234,3 +249,50 @@ async def test_on_a_cpu_requests_name_no_answer_arena(tmp_path, monkeypatch):
             assert batcher.arenas == [None] and not next(iter(engine._answers.values())).page_locked
         finally:
             await client.stop()
+
+
+def test_a_mapped_arenas_segments_are_set_up_as_mapped_and_retired_with_their_mappings_when_let_go():
+    """The model process page-locks each segment of a front end's arena as it maps it; one it lets go (after the
+    front end trimmed it, or at close) is handed to ``retire`` with its mapping, to undo once no upload reads it."""
+    size = 1 << 16
+    arena = shm.Arena(size, max_size=3 * size)
+    set_up: list[int] = []
+    retired: list[tuple[list, int]] = []
+    n = iter(range(100))
+
+    def on_segment(buf):
+        k = next(n)
+        set_up.append(k)
+        return lambda: k
+
+    mapped = shm.Mapped(arena.name, on_segment, lambda undos, maps: retired.append(([u() for u in undos], len(maps))))
+    try:
+        assert set_up == [0] and mapped.page_locked
+        offsets = [arena.put(np.ones(size, np.uint8)) for _ in range(3)]  # one a segment: it grows to 3
+        mapped.grow(arena.segments, arena.shrinks)
+        assert set_up == [0, 1, 2] and mapped.page_locked
+        for offset in offsets:
+            arena.free(offset)
+        arena.trim(now=0.0)
+        assert arena.trim(now=shm.TRIM_AFTER_S) == 2
+        arena.put(np.ones(size, np.uint8))
+        arena.put(np.ones(size, np.uint8))  # grown again: segment 1 is another file
+        mapped.grow(arena.segments, arena.shrinks)
+        assert retired == [([1, 2], 2)]  # the two it let go, with their mappings
+        assert set_up == [0, 1, 2, 3] and mapped.page_locked
+        mapped.close()
+        assert retired[-1] == ([0, 3], 2)
+    finally:
+        arena.close()
+
+    refused = shm.Arena(size)
+    try:
+        undone: list[int] = []
+        m = shm.Mapped(refused.name, lambda buf: None)
+        assert not m.page_locked  # (the driver refused: its x's are copied into the staging buffer)
+        m.close()
+        plain = shm.Mapped(refused.name, lambda buf: lambda: undone.append(1))  # no retire: undone at once
+        plain.close()
+        assert undone == [1]
+    finally:
+        refused.close()

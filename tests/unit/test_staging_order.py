@@ -43,7 +43,7 @@ def reference(cuda: FakeCuda, it: AttendInput) -> np.ndarray:
     lengths = None if it.lengths is None else torch.from_numpy(it.lengths)
     with cuda.quiet(), torch.inference_mode():
         ref = MultiHeadAttention.from_seed(CFG, seed=3).eval()
-        return ref(torch.from_numpy(it.x), lengths=lengths, causal=it.causal).output.numpy()
+        return ref(torch.from_numpy(it.x.copy()), lengths=lengths, causal=it.causal).output.numpy()
 
 
 def item(n: int, t: int, causal: bool = True) -> AttendInput:
@@ -278,3 +278,78 @@ def test_a_shorter_request_gets_only_its_own_rows_in_its_lent_slot(cuda, page_lo
             assert [d.info["dst"] for d in kinds(cuda.ops, "copy_")] == [r.output.ctypes.data for r in results]
     finally:
         arena.close()
+
+
+def in_one_buffer(*shapes: tuple[int, int]) -> list[np.ndarray]:
+    """Requests' x one after the other in one read-only buffer, as a front end puts them in its arena and the model
+    process maps it."""
+    sizes = [n * t * CFG.emb_size for n, t in shapes]
+    buf = rng.standard_normal(sum(sizes)).astype(np.float32)
+    buf.flags.writeable = False
+    out, at = [], 0
+    for (n, t), size in zip(shapes, sizes, strict=True):
+        out.append(buf[at : at + size].reshape(n, t, CFG.emb_size))
+        at += size
+    return out
+
+
+def test_a_batch_of_page_locked_xs_is_uploaded_from_where_they_lie_in_one_copy_a_run(cuda):
+    """In the model process on a GPU, x's in their front end's page-locked arena: no copy into the pinned buffer,
+    one device copy for x's that follow each other in memory, and the forward waits for the copies."""
+    runner = gpu_runner(cuda)
+    a, b = in_one_buffer((2, 16), (3, 16))
+    (c,) = in_one_buffer((1, 16))  # elsewhere
+    items = [AttendInput(x, x_page_locked=True) for x in (a, b, c)]
+    results, _ = runner.run(items)
+    for it, res in zip(items, results, strict=True):
+        np.testing.assert_allclose(res.output, reference(cuda, it), atol=1e-6)
+    assert not kinds(cuda.ops, "h2d") and runner.staging._slots[0].x.data is None  # nothing staged on the host
+    (fwd,) = kinds(cuda.ops, "forward")
+    ups = [o for o in kinds(cuda.ops, "copy_") if o.info["src"] in (a.ctypes.data, c.ctypes.data)]
+    assert [u.info["src"] for u in ups] == [a.ctypes.data, c.ctypes.data]  # a and b in one copy, c in its own
+    assert all(u.stream != "compute" and happens_before(u, fwd) for u in ups)
+
+
+def test_xs_not_all_page_locked_or_not_of_one_length_are_staged_as_before(cuda):
+    runner = gpu_runner(cuda)
+    a, b = in_one_buffer((2, 16), (3, 16))
+    (short,) = in_one_buffer((1, 9))
+    for items in (
+        [AttendInput(a, x_page_locked=True), AttendInput(b)],  # one not in page-locked memory
+        [AttendInput(a, x_page_locked=True), AttendInput(short, x_page_locked=True)],  # padded: staged
+    ):
+        cuda.ops.clear()
+        results, _ = runner.run(items)
+        for it, res in zip(items, results, strict=True):
+            np.testing.assert_allclose(res.output, reference(cuda, it), atol=1e-6)
+        (up,) = kinds(cuda.ops, "h2d")  # a pinned buffer's one upload
+        assert up.info["src"] in {s.x.data.data_ptr() for s in runner.staging._slots if s.x.data is not None}
+
+
+def test_quiesced_runs_only_once_no_batch_holds_a_slot():
+    import threading
+
+    from service.engine.staging import Staging
+
+    st = Staging(torch.device("cpu"), depth=2)
+    ran, holding, release = [], threading.Event(), threading.Event()
+
+    def batch() -> None:
+        with st.slot():
+            holding.set()
+            release.wait(5)
+            ran.append("batch done")
+
+    t = threading.Thread(target=batch)
+    t.start()
+    holding.wait(5)
+    q = threading.Thread(target=st.quiesced, args=(lambda: ran.append("quiesced"),))
+    q.start()
+    q.join(0.2)
+    assert ran == [] and q.is_alive()  # waits for the batch in flight
+    release.set()
+    t.join(5)
+    q.join(5)
+    assert ran == ["batch done", "quiesced"]
+    with st.slot(), st.slot():  # and gives every slot back
+        pass
