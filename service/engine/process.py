@@ -192,7 +192,7 @@ class Engine:
                 done = partial(self._answer, peer, rid, request_id)
                 if inp.sequence is not None:  # a sequence's step: in its sequence's turn (the engine's ``step``)
                     if inputs is not None and inp.x.base is not None:  # its own x: a step keeps state past a cancel
-                        inp = dataclasses.replace(inp, x=inp.x.copy())
+                        inp = dataclasses.replace(inp, x=inp.x.copy(), x_page_locked=False)
                     pending[(peer, rid)] = self._step(inp, deadline, priority, done)
                     continue
                 try:
