@@ -132,7 +132,6 @@ class Arena:
         self._bufs: list[memoryview] = []  # each segment's own memoryview: assigning to a slice of it is the copy
         self._on_segment = on_segment
         self._undo: list[Callable[[], object] | None] = []  # per segment: what on_segment returned
-        self.page_locked = on_segment is not None  # every segment's on_segment said it did (returned its undoing)
         # Lent slots (``lend``): id of the lent array -> (its offset, the finaliser that gives the slot back if it is
         # dropped unsent). A finaliser may run in any thread, inside another call of this arena's: it only queues the
         # offset in _dropped, which the next _take or free gives back.
@@ -162,6 +161,11 @@ class Arena:
         """How many segments it has: every message it sends says so, and the receiver maps the ones it lacks."""
         return len(self._segments)
 
+    @property
+    def page_locked(self) -> bool:
+        """Every segment it has was set up by ``on_segment`` (False without one)."""
+        return self._on_segment is not None and None not in self._undo
+
     def _add_segment(self) -> str:
         k = len(self._segments)
         shm = shared_memory.SharedMemory(name=f"{self.name}.{k}" if k else arena_name(), create=True, size=self.size)
@@ -178,8 +182,6 @@ class Arena:
             except Exception:
                 _let_go(shm)
                 raise
-            if undo is None:
-                self.page_locked = False
         self._segments.append(shm)
         self._bufs.append(shm.buf)
         self._undo.append(undo)
@@ -369,15 +371,6 @@ class Arena:
         n, self.misses = self.misses, 0
         return n
 
-    def free_all(self) -> None:
-        with self._lock:
-            for _, fin in self._lent.values():  # (their slots are free now: a late drop must not free another's)
-                fin.detach()
-            self._lent.clear()
-            self._dropped.clear()
-            k = len(self._segments)
-            self._starts, self._lengths, self._taken = [i * self.size for i in range(k)], [self.size] * k, {}
-
     def close(self) -> None:
         """Unmap and unlink: the names go at once; a receiver's mapping lasts until it closes its own. While a slot is
         lent (a download may still be writing it), the segments' setup is undone when the last lent array goes."""
@@ -442,12 +435,12 @@ class Mapped:
         self,
         name: str,
         on_segment: Callable[[memoryview], Callable[[], object] | None] | None = None,
-        retire: Callable[[list[Callable[[], object]], list], object] | None = None,
+        retire: Callable[[Callable[[], None], list], object] | None = None,
     ) -> None:
         self.name = name
         # ``on_segment``: each segment's memoryview as it is mapped (a GPU's page-locking), which returns its undoing.
-        # ``retire``: given the undoings of segments let go, and their mappings (to hold until they ran), it runs them
-        # when nothing reads them any more (the model process: once no batch is uploading). Without it, at once.
+        # ``retire``: given what undoes the setup of segments let go, and their mappings (to hold until it ran), it runs
+        # it when nothing reads them any more (the model process: once no batch is uploading). Without it, at once.
         self._on_segment, self._retire = on_segment, retire
         self._maps: list = []
         self._undo: list[Callable[[], object] | None] = []  # per mapping, as _maps
@@ -516,11 +509,15 @@ class Mapped:
         """``_unmap``, after the segments' setup is undone, or handed to ``retire`` with the mappings it must hold."""
         undos = [u for u in undos if u is not None]
         if undos:
-            if self._retire is not None:
-                self._retire(undos, list(maps))
-            else:
+
+            def undo_all() -> None:
                 for undo in undos:
                     _undo(undo)
+
+            if self._retire is not None:
+                self._retire(undo_all, list(maps))
+            else:
+                undo_all()
         self._unmap(bufs, maps)
 
     def close(self) -> None:

@@ -253,23 +253,19 @@ class Engine:
 
         return partial(staging.page_lock, read_only=read_only)
 
-    def _retire(self, undos: list, maps: list) -> None:
+    def _retire(self, undo: Any, maps: list) -> None:
         """Undo the page-locking of mapped segments a front end's arena let go, once no batch is in flight (one may
         be uploading from them): in a thread that waits for the runner's slots, holding the mappings until then."""
         runner = getattr(self.engine, "runner", None)
 
-        def undo() -> None:
-            for u in undos:
-                try:
-                    u()
-                except Exception:
-                    log.exception("undoing the page-locking of a front end's arena segment failed")
+        def then() -> None:
+            undo()
             maps.clear()  # (now the mappings may go)
 
         if runner is None:  # (a test's batcher: no runner, nothing in flight)
-            undo()
+            then()
             return
-        threading.Thread(target=runner.staging.quiesced, args=(undo,), name="mha-unlock", daemon=True).start()
+        threading.Thread(target=runner.staging.quiesced, args=(then,), name="mha-unlock", daemon=True).start()
 
     def _close_arenas(self, peer: int) -> None:
         mapped, arena = self._inputs.pop(peer, None), self._answers.pop(peer, None)

@@ -276,22 +276,25 @@ class Staging:
         ``direct``: the arrays are page-locked (``page_lock``), so the device writes them itself and the host copies
         nothing; else the rows come through the slot's pinned buffer and are copied from it here, once (``download``
         and the arena's put would copy each answer twice)."""
-        if self.device.type != "cuda" or not direct:
-            if self.device.type != "cuda":
-                whole = host_array(t, copy=False)
-            else:
-                (h,) = self._copies(s, [(t, s.out.view(tuple(t.shape), t.dtype))])
-                whole = host_array(h, copy=False)
-            for dest, row in parts:
-                np.copyto(dest, whole[row : row + dest.shape[0], : dest.shape[1]])
+        if self.device.type != "cuda":
+            whole = host_array(t, copy=False)
+        elif not direct:
+            (h,) = self._copies(s, [(t, s.out.view(tuple(t.shape), t.dtype))])
+            whole = host_array(h, copy=False)
+        else:
+            pairs = []
+            for host, row, rows, length in _runs(parts, t.shape[1]):
+                h = torch.from_numpy(host)
+                pairs.append(
+                    (
+                        t[row : row + rows, :length],
+                        (h if h.dtype == t.dtype else h.view(t.dtype)).view(rows, length, -1),
+                    )
+                )
+            self._copies(s, pairs)
             return
-        pairs = []
-        for host, row, rows, length in _runs(parts, t.shape[1]):
-            h = torch.from_numpy(host)
-            pairs.append(
-                (t[row : row + rows, :length], (h if h.dtype == t.dtype else h.view(t.dtype)).view(rows, length, -1))
-            )
-        self._copies(s, pairs)
+        for dest, row in parts:
+            np.copyto(dest, whole[row : row + dest.shape[0], : dest.shape[1]])
 
     def _copies(self, s: Slot, pairs: list[tuple[Tensor | None, Tensor | None]]) -> list[Tensor | None]:
         """Copy each device tensor into its host tensor after the batch's forward (on the download stream, with

@@ -263,9 +263,15 @@ def test_a_mapped_arenas_segments_are_set_up_as_mapped_and_retired_with_their_ma
     def on_segment(buf):
         k = next(n)
         set_up.append(k)
-        return lambda: k
+        return lambda: undone.append(k)
 
-    mapped = shm.Mapped(arena.name, on_segment, lambda undos, maps: retired.append(([u() for u in undos], len(maps))))
+    def retire(undo, maps):  # (what undoes them, run here at once)
+        undone.clear()
+        undo()
+        retired.append((list(undone), len(maps)))
+
+    undone: list[int] = []
+    mapped = shm.Mapped(arena.name, on_segment, retire)
     try:
         assert set_up == [0] and mapped.page_locked
         offsets = [arena.put(np.ones(size, np.uint8)) for _ in range(3)]  # one a segment: it grows to 3
