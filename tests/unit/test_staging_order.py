@@ -4,8 +4,10 @@ real device: tests/unit/test_runner.py's device cases."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -180,12 +182,16 @@ def test_a_half_input_is_uploaded_in_its_dtype_cast_on_the_device_and_downloaded
     assert slot.out.data.numel() == x.nbytes  # and downloaded in it
 
 
-def lending_arena(page_locked: bool) -> shm.Arena:
+@contextlib.contextmanager
+def lending_arena(page_locked: bool) -> Iterator[shm.Arena]:
     """An answer arena as the model process makes it on a GPU: page-locked (the stand-in's setup says it did), or
-    one the driver refused to page-lock."""
-    return shm.Arena(
-        1 << 22, on_segment=(lambda buf: lambda: None) if page_locked else (lambda buf: None), threaded=True
-    )
+    one the driver refused to page-lock; closed after."""
+    locked = (lambda buf: lambda: None) if page_locked else (lambda buf: None)
+    arena = shm.Arena(1 << 22, on_segment=locked, threaded=True)
+    try:
+        yield arena
+    finally:
+        arena.close()
 
 
 @pytest.mark.parametrize("page_locked", [True, False], ids=["page-locked", "refused"])
@@ -194,8 +200,7 @@ def test_each_answer_is_downloaded_into_the_slot_its_answer_arena_lends(cuda, pa
     its answer crosses in, after the forward and before the runner returns; the arena then sends that slot as it
     is. Page-locked, the device writes the slots itself (no host copy); refused, through the slot's pinned buffer."""
     runner = gpu_runner(cuda)
-    arena = lending_arena(page_locked)
-    try:
+    with lending_arena(page_locked) as arena:
         items = [item(8, 64), item(9, 64)]  # 64 and 72 KiB answers: what crosses through the arena
         lent = [dataclasses.replace(it, answer_to=arena) for it in items]
         results, _ = runner.run(lent)
@@ -218,14 +223,11 @@ def test_each_answer_is_downloaded_into_the_slot_its_answer_arena_lends(cuda, pa
         for down in downs:
             assert down.stream != "compute" and happens_before(fwd, down)
             assert host_saw(down, cuda.host)  # waited for before the answers were handed on
-    finally:
-        arena.close()
 
 
 def test_a_lent_answer_that_overflowed_gives_its_slot_back_and_a_request_without_an_arena_downloads_as_before(cuda):
     runner = gpu_runner(cuda)
-    arena = lending_arena(True)
-    try:
+    with lending_arena(True) as arena:
         bad, good = item(8, 64), item(8, 64)
         bad.x[0, 0, 0] = np.inf
         results, _ = runner.run([dataclasses.replace(bad, answer_to=arena), dataclasses.replace(good, answer_to=arena)])
@@ -241,14 +243,11 @@ def test_a_lent_answer_that_overflowed_gives_its_slot_back_and_a_request_without
         assert all(np.allclose(r.output, reference(cuda, good), atol=1e-6) for r in results)
         assert not any(np.shares_memory(r.output, np.frombuffer(arena._bufs[0], np.uint8)) for r in results)
         assert len(kinds(cuda.ops, "copy_")) == 1  # the whole batch's one download, into the pinned buffer
-    finally:
-        arena.close()
 
 
 def test_answers_whose_slots_do_not_follow_each_other_are_downloaded_one_copy_each(cuda):
     runner = gpu_runner(cuda)
-    arena = lending_arena(True)
-    try:
+    with lending_arena(True) as arena:
         first = arena.put(np.zeros(1 << 16, np.uint8))
         arena.put(np.zeros(1 << 16, np.uint8))  # the slot after it stays taken...
         arena.free(first)  # ...so the first answer (64 KiB) fits where the first was, the second only after
@@ -259,15 +258,12 @@ def test_answers_whose_slots_do_not_follow_each_other_are_downloaded_one_copy_ea
         downs = kinds(cuda.ops, "copy_")
         assert [d.info["dst"] for d in downs] == [r.output.ctypes.data for r in results]
         assert results[0].output.ctypes.data + results[0].output.nbytes != results[1].output.ctypes.data
-    finally:
-        arena.close()
 
 
 @pytest.mark.parametrize("page_locked", [True, False], ids=["page-locked", "refused"])
 def test_a_shorter_request_gets_only_its_own_rows_in_its_lent_slot(cuda, page_locked):
     runner = gpu_runner(cuda)
-    arena = lending_arena(page_locked)
-    try:
+    with lending_arena(page_locked) as arena:
         items = [item(8, 64), item(14, 40)]  # padded to 64 in the batch; its answer is its 40 rows
         results, _ = runner.run([dataclasses.replace(it, answer_to=arena) for it in items])
         assert results[1].output.shape == (14, 40, CFG.emb_size)
@@ -276,8 +272,6 @@ def test_a_shorter_request_gets_only_its_own_rows_in_its_lent_slot(cuda, page_lo
         assert arena.used == sum(r.output.nbytes for r in results)
         if page_locked:  # not one run: the shorter one's rows skip the padding
             assert [d.info["dst"] for d in kinds(cuda.ops, "copy_")] == [r.output.ctypes.data for r in results]
-    finally:
-        arena.close()
 
 
 def in_one_buffer(*shapes: tuple[int, int]) -> list[np.ndarray]:
