@@ -32,6 +32,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 LUA = ROOT / "bench" / "wrk" / "post_body.lua"
@@ -266,6 +267,65 @@ def main_thread_cpu_s(pid: int) -> float:
     """utime + stime of the process's main thread (the event loop), seconds."""
     _, user, system = stat_cpu(f"/proc/{pid}/task/{pid}/stat")
     return user + system
+
+
+class PerfShare:
+    """The share of a process's CPU samples spent in some functions, from ``perf record`` over a stretch of time
+    (``with PerfShare(pid) as p: ...`` then ``p.share(...)``): where a process's CPU went, measured in place (a
+    profiler in the process would change what it measures). ``share`` is None where perf is missing or may not
+    read the process (perf_event_paranoid, a container without it): the caller then prints nothing of it."""
+
+    def __init__(self, pid: int, hz: int = 499) -> None:
+        self.pid, self.hz = pid, hz
+        self._dir: Any = None
+        self._proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> PerfShare:
+        import shutil
+        import tempfile
+
+        if shutil.which("perf") is None:
+            return self
+        self._dir = tempfile.TemporaryDirectory(prefix="bench-perf-")
+        cmd = ["perf", "record", "-q", "-F", str(self.hz), "-p", str(self.pid), "-o", f"{self._dir.name}/perf.data"]
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGINT)  # (perf writes its file and stops)
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+
+    def share(self, symbols: Sequence[str]) -> float | None:
+        """The fraction of the samples whose function's name starts with one of ``symbols``."""
+        # (perf record writes its file at a SIGINT, then ends by that signal, as a shell expects of it)
+        if self._proc is None or self._proc.returncode not in (0, -signal.SIGINT):
+            return None
+        report = subprocess.run(
+            ["perf", "report", "-i", f"{self._dir.name}/perf.data", "--stdio", "--no-children", "--sort", "sym"],
+            capture_output=True,
+            text=True,
+        )
+        self._dir.cleanup()
+        return report_share(report.stdout, symbols)
+
+
+def report_share(report: str, symbols: Sequence[str]) -> float | None:
+    """From ``perf report --stdio --no-children --sort sym``'s text: the fraction of the samples in functions whose
+    name starts with one of ``symbols`` (None: no samples)."""
+    total = mine = 0.0
+    for line in report.splitlines():
+        parts = line.split()  # "    35.61%  [.] __memmove_avx_unaligned_erms"
+        if len(parts) < 3 or not parts[0].endswith("%") or parts[1] not in ("[.]", "[k]"):
+            continue
+        pct = float(parts[0][:-1])
+        total += pct
+        if parts[2].startswith(tuple(symbols)):
+            mine += pct
+    return mine / total if total > 0 else None
 
 
 def rss(pid: int) -> int:

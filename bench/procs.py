@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import subprocess
@@ -44,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import (
     ROOT,
+    PerfShare,
     Server,
     add_against,
     children,
@@ -100,6 +102,9 @@ def wrk(url: str, body: tuple[bytes, str, dict[str, str]], connections: int, sec
 
 
 NOOP_TARGETS = {"ratio": 0.8, "model_us": 15.0}  # issue 20: x the FastAPI echo; model process CPU a request
+# libc's copy functions: in the model process with the no-op forward, nearly all of it is the answers' copy into
+# their arenas (docs/performance.md, perf by symbol); on a GPU host the device's DMA writes them instead
+COPY_SYMBOLS = ("__memmove", "__memcpy", "memcpy", "memmove")
 
 
 def answer_copy_us(passes: int = 5, in_flight: int = 64, shape: tuple[int, ...] = SHAPE) -> float:
@@ -210,11 +215,15 @@ def noop_case(seconds: float, rounds: int, conns: int, logs: Path, against: str 
                 s0 = scrape(srv.url) if model else {}  # (before the CPU is read: the scrape costs the model a ping)
                 m0 = proc_cpu_s(model) if model else 0.0
                 f0, w0 = tree_cpu_s(srv.pid, model), os.times()
-                r = wrk(srv.url + url_path, body, conns, seconds, 2)
+                with PerfShare(model) if model else contextlib.nullcontext() as perf:
+                    r = wrk(srv.url + url_path, body, conns, seconds, 2)
                 w1 = os.times()
                 n = max(1.0, r["rps"] * round(seconds))
                 model_s = proc_cpu_s(model) - m0 if model else 0.0
                 r["model_us"] = 1e6 * model_s / n if model else None
+                # what of it is the answers' copy into their arenas (a GPU's DMA does it there): libc's copy, in place
+                copy = perf.share(COPY_SYMBOLS) if model else None
+                r["model_copy_us"] = None if copy is None else copy * r["model_us"]
                 if model:  # its batches: the model process's CPU splits into what a batch costs and what a request
                     s1 = scrape(srv.url)
                     batches = s1.get("mha_batch_size_requests_count", 0.0) - s0.get(
@@ -244,6 +253,7 @@ def noop_case(seconds: float, rounds: int, conns: int, logs: Path, against: str 
         return out
 
     cpu = {k: {f: statistics.median(r[f] for r in v) for f in ("server_us", "wrk_us")} for k, v in runs.items()}
+    copies = [r["model_copy_us"] for r in runs["service"] if r.get("model_copy_us") is not None]
     extra = {}
     if commit is not None:  # the same figures for REV, from the same rounds
         extra["against"] = {
@@ -263,6 +273,7 @@ def noop_case(seconds: float, rounds: int, conns: int, logs: Path, against: str 
         "service_rps": med["service"],
         "ratio": med["service"] / med["echo"],
         "model_us_per_request": model_us,
+        **({"model_copy_us_per_request": statistics.median(copies)} if copies else {}),
         **batches("service"),
         "answer_copy_us": copy_us,
         **({} if code is None else {"model_code_us": code["us"], "model_code_copy_us": code["copy_us"]}),
@@ -314,6 +325,12 @@ def print_noop(res: dict) -> None:
         )
     print(f"| {_verdict(ok_m)}model process CPU a request | {res['model_us_per_request']:.1f} us "
           f"| <= {t['model_us']:g} us |")  # fmt: skip
+    if "model_copy_us_per_request" in res:  # measured in place: the part a GPU's DMA takes over, and the rest
+        copy = res["model_copy_us_per_request"]
+        print(
+            f"| of which the answers' copy (libc's memmove, perf) / the rest | {copy:.1f} / "
+            f"{res['model_us_per_request'] - copy:.1f} us | |"
+        )
     if rows != 1:
         print(f"| model process CPU a row ({rows} a request) | {res['model_us_per_request'] / rows:.1f} us | |")
     if "model_us_per_batch" in res:  # what a batch costs it, whatever its size, beside what each request adds

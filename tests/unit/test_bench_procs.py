@@ -70,3 +70,30 @@ def test_the_body_carries_x_of_the_shape_asked_for() -> None:
     assert len(data) - n == inp["parameters"]["binary_data_size"] == 3 * 128 * 512 * 2
     assert ctype == "application/octet-stream"
     assert np.frombuffer(data[n:], np.uint16).any()
+
+
+def test_the_copys_share_comes_from_perfs_report_by_symbol() -> None:
+    from bench.harness import report_share
+
+    report = """# Samples: 865  of event 'cpu-clock:ppp'
+#
+# Overhead  Symbol
+# ........  ......
+#
+    35.61%  [.] __memmove_avx_unaligned_erms
+    15.72%  [.] _PyEval_EvalFrameDefault
+     6.47%  [k] finish_task_switch.isra.0
+     2.20%  [.] __memcpy_avx_unaligned
+    40.00%  [.] PyObject_GetAttr
+"""
+    assert report_share(report, procs.COPY_SYMBOLS) == pytest.approx((35.61 + 2.20) / 100)
+    assert report_share(report, ("finish_task_switch",)) == pytest.approx(0.0647)
+    assert report_share("# no samples\n", procs.COPY_SYMBOLS) is None
+
+
+def test_the_copy_measured_in_place_is_shown_beside_the_rest(capsys) -> None:
+    procs.print_noop(result(1))
+    assert "memmove" not in capsys.readouterr().out  # (no perf: no row)
+    procs.print_noop({**result(1), "model_copy_us_per_request": 4.5})
+    out = capsys.readouterr().out
+    assert "| of which the answers' copy (libc's memmove, perf) / the rest | 4.5 / 7.5 us | |" in out
