@@ -37,6 +37,7 @@ correctness row still runs pytest (all its cases skip) and the allocation rows s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -61,7 +62,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import Server, model_process, proc_cpu_s, run_wrk, wrk_errors  # noqa: E402
+from bench.harness import COPY_SYMBOLS, PerfShare, Server, model_process, proc_cpu_s, run_wrk, wrk_errors  # noqa: E402
 from bench.weights_memory import measure as weights_allocations  # noqa: E402
 from mha_core import MHAConfig, MultiHeadAttention  # noqa: E402
 from mha_core.incremental import attend_padded, project  # noqa: E402
@@ -700,17 +701,22 @@ def service(
             for c in concs:
                 if have_wrk:
                     wrk_rps(url, body_path, hlen, c, 2, threads)  # warm-up: connections, batch shapes
+                # the model process's host copies, sampled in place by perf where it may (its DMA leaves none)
+                with PerfShare(model) if model is not None else contextlib.nullcontext() as perf:
                     cpu0 = proc_cpu_s(model) if model is not None else 0.0
-                    rps, detail = wrk_rps(url, body_path, hlen, c, seconds, threads)
-                else:
-                    cpu0 = proc_cpu_s(model) if model is not None else 0.0
-                    rps, detail = py_rps(base, body_path, hlen, c, seconds, threads)
+                    if have_wrk:
+                        rps, detail = wrk_rps(url, body_path, hlen, c, seconds, threads)
+                    else:
+                        rps, detail = py_rps(base, body_path, hlen, c, seconds, threads)
+                    cpu1 = proc_cpu_s(model) if model is not None else 0.0
                 if model is not None and rps > 0:  # issue 20: what one model process spends a request, on a device
-                    us = 1e6 * (proc_cpu_s(model) - cpu0) / (rps * seconds)
+                    us = 1e6 * (cpu1 - cpu0) / (rps * seconds)
+                    copies = perf.share(COPY_SYMBOLS)
                     table.add(
                         "service",
                         f"the model process's CPU a request, c={c} (from /proc over the run)",
-                        f"{us:.1f} us",
+                        f"{us:.1f} us"
+                        + ("" if copies is None else f" (host copies {copies * us:.1f}: libc's memmove, perf)"),
                         "",
                         "",
                         "<= 15 us",

@@ -269,6 +269,11 @@ def main_thread_cpu_s(pid: int) -> float:
     return user + system
 
 
+# libc's copy functions: in the model process with the no-op forward, nearly all of it is the answers' copy into
+# their arenas (docs/performance.md, perf by symbol); on a GPU host the device's DMA writes them instead
+COPY_SYMBOLS = ("__memmove", "__memcpy", "memcpy", "memmove")
+
+
 class PerfShare:
     """The share of a process's CPU samples spent in some functions, from ``perf record`` over a stretch of time
     (``with PerfShare(pid) as p: ...`` then ``p.share(...)``): where a process's CPU went, measured in place (a

@@ -44,6 +44,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import (
+    COPY_SYMBOLS,
     ROOT,
     PerfShare,
     Server,
@@ -102,9 +103,6 @@ def wrk(url: str, body: tuple[bytes, str, dict[str, str]], connections: int, sec
 
 
 NOOP_TARGETS = {"ratio": 0.8, "model_us": 15.0}  # issue 20: x the FastAPI echo; model process CPU a request
-# libc's copy functions: in the model process with the no-op forward, nearly all of it is the answers' copy into
-# their arenas (docs/performance.md, perf by symbol); on a GPU host the device's DMA writes them instead
-COPY_SYMBOLS = ("__memmove", "__memcpy", "memcpy", "memmove")
 
 
 def answer_copy_us(passes: int = 5, in_flight: int = 64, shape: tuple[int, ...] = SHAPE) -> float:

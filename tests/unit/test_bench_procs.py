@@ -73,7 +73,7 @@ def test_the_body_carries_x_of_the_shape_asked_for() -> None:
 
 
 def test_the_copys_share_comes_from_perfs_report_by_symbol() -> None:
-    from bench.harness import report_share
+    from bench.harness import COPY_SYMBOLS, report_share
 
     report = """# Samples: 865  of event 'cpu-clock:ppp'
 #
@@ -86,9 +86,9 @@ def test_the_copys_share_comes_from_perfs_report_by_symbol() -> None:
      2.20%  [.] __memcpy_avx_unaligned
     40.00%  [.] PyObject_GetAttr
 """
-    assert report_share(report, procs.COPY_SYMBOLS) == pytest.approx((35.61 + 2.20) / 100)
+    assert report_share(report, COPY_SYMBOLS) == pytest.approx((35.61 + 2.20) / 100)
     assert report_share(report, ("finish_task_switch",)) == pytest.approx(0.0647)
-    assert report_share("# no samples\n", procs.COPY_SYMBOLS) is None
+    assert report_share("# no samples\n", COPY_SYMBOLS) is None
 
 
 def test_the_copy_measured_in_place_is_shown_beside_the_rest(capsys) -> None:
