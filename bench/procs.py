@@ -21,7 +21,8 @@ serving [1,128,512] bfloat16 v2 binary, against its floor, a bare FastAPI echo o
 with 2 workers on the same cores (targets: >= 0.8x its req/s; the model process's CPU a request, from /proc,
 <= 15 us). They take turns over --rounds rounds, in an order that rotates each round; the medians are judged.
 It also prints where each request's CPU went (front ends, model process, wrk; the echo's workers, wrk), as all
-of them share the two cores.
+of them share the two cores, and, where ``perf`` may sample the model process, its CPU split in place into the
+answers' copy into their arenas (libc's memmove: what a GPU's DMA does instead) and the rest.
 ``--against REV`` runs REV's service (exported with git archive) in the same rounds and prints its figures
 beside: a change's effect measured side by side, the echo in the same run.
 """
