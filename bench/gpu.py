@@ -37,7 +37,6 @@ correctness row still runs pytest (all its cases skip) and the allocation rows s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -702,7 +701,7 @@ def service(
                 if have_wrk:
                     wrk_rps(url, body_path, hlen, c, 2, threads)  # warm-up: connections, batch shapes
                 # the model process's host copies, sampled in place by perf where it may (its DMA leaves none)
-                with PerfShare(model) if model is not None else contextlib.nullcontext() as perf:
+                with PerfShare(model) as perf:
                     cpu0 = proc_cpu_s(model) if model is not None else 0.0
                     if have_wrk:
                         rps, detail = wrk_rps(url, body_path, hlen, c, seconds, threads)

@@ -277,19 +277,21 @@ COPY_SYMBOLS = ("__memmove", "__memcpy", "memcpy", "memmove")
 class PerfShare:
     """The share of a process's CPU samples spent in some functions, from ``perf record`` over a stretch of time
     (``with PerfShare(pid) as p: ...`` then ``p.share(...)``): where a process's CPU went, measured in place (a
-    profiler in the process would change what it measures). ``share`` is None where perf is missing or may not
-    read the process (perf_event_paranoid, a container without it): the caller then prints nothing of it."""
+    profiler in the process would change what it measures). ``share`` is None where there is no process (``pid``
+    None), perf is missing, or it may not read the process (perf_event_paranoid, a container without it): the
+    caller then prints nothing of it."""
 
-    def __init__(self, pid: int, hz: int = 499) -> None:
+    def __init__(self, pid: int | None, hz: int = 499) -> None:
         self.pid, self.hz = pid, hz
         self._dir: Any = None
         self._proc: subprocess.Popen | None = None
+        self._report: str | None = None  # perf report's text, read when the recording ends
 
     def __enter__(self) -> PerfShare:
         import shutil
         import tempfile
 
-        if shutil.which("perf") is None:
+        if self.pid is None or shutil.which("perf") is None:
             return self
         self._dir = tempfile.TemporaryDirectory(prefix="bench-perf-")
         cmd = ["perf", "record", "-q", "-F", str(self.hz), "-p", str(self.pid), "-o", f"{self._dir.name}/perf.data"]
@@ -297,25 +299,26 @@ class PerfShare:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._proc is not None:
-            self._proc.send_signal(signal.SIGINT)  # (perf writes its file and stops)
-            try:
-                self._proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
+        if self._proc is None:
+            return
+        self._proc.send_signal(signal.SIGINT)  # (perf writes its file and stops)
+        try:
+            self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        # (perf record writes its file at a SIGINT, then ends by that signal, as a shell expects of it)
+        if self._proc.returncode in (0, -signal.SIGINT):
+            self._report = subprocess.run(
+                ["perf", "report", "-i", f"{self._dir.name}/perf.data", "--stdio", "--no-children", "--sort", "sym"],
+                capture_output=True,
+                text=True,
+            ).stdout
+        self._dir.cleanup()
 
     def share(self, symbols: Sequence[str]) -> float | None:
         """The fraction of the samples whose function's name starts with one of ``symbols``."""
-        # (perf record writes its file at a SIGINT, then ends by that signal, as a shell expects of it)
-        if self._proc is None or self._proc.returncode not in (0, -signal.SIGINT):
-            return None
-        report = subprocess.run(
-            ["perf", "report", "-i", f"{self._dir.name}/perf.data", "--stdio", "--no-children", "--sort", "sym"],
-            capture_output=True,
-            text=True,
-        )
-        self._dir.cleanup()
-        return report_share(report.stdout, symbols)
+        return None if self._report is None else report_share(self._report, symbols)
 
 
 def report_share(report: str, symbols: Sequence[str]) -> float | None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import json
 import os
 import subprocess
@@ -214,14 +213,14 @@ def noop_case(seconds: float, rounds: int, conns: int, logs: Path, against: str 
                 s0 = scrape(srv.url) if model else {}  # (before the CPU is read: the scrape costs the model a ping)
                 m0 = proc_cpu_s(model) if model else 0.0
                 f0, w0 = tree_cpu_s(srv.pid, model), os.times()
-                with PerfShare(model) if model else contextlib.nullcontext() as perf:
+                with PerfShare(model) as perf:
                     r = wrk(srv.url + url_path, body, conns, seconds, 2)
                 w1 = os.times()
                 n = max(1.0, r["rps"] * round(seconds))
                 model_s = proc_cpu_s(model) - m0 if model else 0.0
                 r["model_us"] = 1e6 * model_s / n if model else None
                 # what of it is the answers' copy into their arenas (a GPU's DMA does it there): libc's copy, in place
-                copy = perf.share(COPY_SYMBOLS) if model else None
+                copy = perf.share(COPY_SYMBOLS)
                 r["model_copy_us"] = None if copy is None else copy * r["model_us"]
                 if model:  # its batches: the model process's CPU splits into what a batch costs and what a request
                     s1 = scrape(srv.url)
