@@ -77,6 +77,12 @@ def _runs(parts: list[tuple[np.ndarray, int]], T: int) -> list[tuple[np.ndarray,
     ]
 
 
+def _as_tensor(host: np.ndarray, dtype: torch.dtype, shape: tuple[int, int, int]) -> Tensor:
+    """A run's host memory (``_runs``) as a tensor of ``dtype`` and ``shape`` over it (bfloat16 from its bits)."""
+    h = torch.from_numpy(host)
+    return (h if h.dtype == dtype else h.view(dtype)).view(shape)
+
+
 def page_lock(buf: memoryview, *, read_only: bool = False) -> Callable[[], object] | None:
     """Page-lock a host buffer for the CUDA devices (cudaHostRegister, portable, as torch's own shared-memory pinning
     does), so that a copy between it and a device is the device's DMA: in the model process on a GPU, the answer
@@ -224,11 +230,8 @@ class Staging:
 
         def copy_all() -> Tensor:
             xd = torch.empty(shape, dtype=wire, device=self.device)
-            for host, row, rows, _length in _runs(parts, shape[1]):
-                h = torch.from_numpy(host)
-                xd[row : row + rows].copy_(
-                    (h if h.dtype == wire else h.view(wire)).view(rows, *shape[1:]), non_blocking=True
-                )
+            for host, row, rows, length in _runs(parts, shape[1]):
+                xd[row : row + rows].copy_(_as_tensor(host, wire, (rows, length, shape[2])), non_blocking=True)
             return xd
 
         if self._up is None:
@@ -282,15 +285,10 @@ class Staging:
             (h,) = self._copies(s, [(t, s.out.view(tuple(t.shape), t.dtype))])
             whole = host_array(h, copy=False)
         else:
-            pairs = []
-            for host, row, rows, length in _runs(parts, t.shape[1]):
-                h = torch.from_numpy(host)
-                pairs.append(
-                    (
-                        t[row : row + rows, :length],
-                        (h if h.dtype == t.dtype else h.view(t.dtype)).view(rows, length, -1),
-                    )
-                )
+            pairs = [
+                (t[row : row + rows, :length], _as_tensor(host, t.dtype, (rows, length, t.shape[2])))
+                for host, row, rows, length in _runs(parts, t.shape[1])
+            ]
             self._copies(s, pairs)
             return
         for dest, row in parts:
