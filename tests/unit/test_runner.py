@@ -254,8 +254,6 @@ def test_xs_upload_from_a_page_locked_mapping_and_equal_the_usual_upload(dtype, 
     """On the device: a front end's arena as the model process maps it, page-locked read-only (cudaHostRegister
     with cudaHostRegisterReadOnly), its x's uploaded from where they lie (issue 20: no host copy), equal to the
     staged upload; the page-locking is undone at close."""
-    from functools import partial
-
     from service import shm
     from service.engine.staging import page_lock
 
@@ -265,7 +263,7 @@ def test_xs_upload_from_a_page_locked_mapping_and_equal_the_usual_upload(dtype, 
     undone: list[int] = []
 
     def locked(buf):
-        undo = partial(page_lock, read_only=True)(buf)
+        undo = page_lock(buf, read_only=True)
         return None if undo is None else (lambda: undone.append(undo()))
 
     mapped = shm.Mapped(front.name, locked)
