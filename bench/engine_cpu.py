@@ -19,6 +19,14 @@ also prints where the model process spent it (cProfile, the top functions by the
 flight every request is its own message and batch; with 64, 64 share a message and 32 a batch: the spread between
 them is the per-message and per-batch cost.
 
+``--every-ms 0,3`` sends a message every 3 ms instead of back to back (0), alternating the two ``--rounds`` times,
+and prints a figure for each: the model process's CPU a request when it idles between messages as it does in the
+service (bench/procs.py --noop measures that interval and runs this with it). ``--merged`` sends a turn's requests
+as one, as a front end groups them (``MPClient._grouped``; ``--in-process`` merges unless ``--unmerged``).
+
+    PYTHONPATH=. python -m bench.engine_cpu --batcher real --shape 1,128,512 --dtype bfloat16 --at-once 13 \
+        --merged --every-ms 0,3 --rounds 3
+
 ``--in-process`` (the real batcher) measures the same code with nothing else in the way: the model process's
 ``Engine`` is fed its messages directly in this one process (``Engine._handle``, as its connection calls it), each
 message of ``--at-once`` requests built here beforehand, its answers read and their slots given back after, with no
@@ -46,7 +54,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # (run as a script: the checkout's bench and service)
 
-from bench.harness import proc_cpu_s, threads_cpu_s
+from bench.harness import run_time_s, threads_cpu_s
 
 
 def serve(address: str, ready, batcher: str, shape: tuple, profile: bool) -> None:
@@ -105,10 +113,34 @@ def serve(address: str, ready, batcher: str, shape: tuple, profile: bool) -> Non
     process._run(main())
 
 
-async def feed(address: str, n: int, pid: int, shape: tuple, dtype: str, at_once: int) -> float:
-    from service.engine.client import MPClient
+def pace(next_at: float, now: float, every: float) -> tuple[float, float]:
+    """``--every-ms``: how long the feeder waits before its next message, and when the one after is due. Messages
+    are due every ``every`` seconds from the first; one that is late (a turn took longer) goes at once, and the
+    schedule starts again from it, so that a slow turn never makes the next ones come back to back."""
+    if next_at <= now:
+        return 0.0, now + every
+    return next_at - now, next_at + every
 
-    client = MPClient(address)
+
+async def feed(
+    address: str,
+    n: int,
+    pid: int,
+    shape: tuple,
+    dtype: str,
+    at_once: int,
+    merged: bool = False,
+    every: tuple[float, ...] = (0.0,),
+    rounds: int = 1,
+) -> dict[float, float]:
+    """The model process's CPU seconds a request for each of ``every`` (seconds from one message to the next; 0:
+    back to back), measured in ``rounds`` alternating runs of ``n`` requests each (their sum). ``merged``: a turn's
+    requests cross as one, as a front end groups them (``MPClient._grouped``, the service's batch limits)."""
+    from service.engine.client import MPClient
+    from service.settings import Settings
+
+    settings = Settings()
+    client = MPClient(address, group_limits=(settings.max_batch_size, settings.max_batch_tokens) if merged else None)
     await client.start(timeout_s=10)
     x = _input(shape, dtype)
 
@@ -117,17 +149,33 @@ async def feed(address: str, n: int, pid: int, shape: tuple, dtype: str, at_once
 
     for _ in range(50):  # warm up
         await one_turn()
-    c0, t0, f0 = proc_cpu_s(pid), threads_cpu_s(pid), time.process_time()
-    for _ in range(n // at_once):
-        await one_turn()
-    used, t1, front = proc_cpu_s(pid) - c0, threads_cpu_s(pid), time.process_time() - f0
+    turns = max(1, n // at_once)
+    used = dict.fromkeys(every, 0.0)
+    threads: dict[str, list[float]] = {}
+    front = 0.0
+    for _ in range(rounds):
+        for gap in every:
+            c0, t0, f0 = run_time_s(pid), threads_cpu_s(pid), time.process_time()
+            next_at = time.monotonic()
+            for _ in range(turns):
+                wait, next_at = pace(next_at, time.monotonic(), gap)
+                if wait > 0:  # the model process idles meanwhile, as it does between a front end's messages
+                    await asyncio.sleep(wait)
+                await one_turn()
+            used[gap] += run_time_s(pid) - c0
+            front += time.process_time() - f0
+            for name, (user, system) in threads_cpu_s(pid).items():
+                u0, s0 = t0.get(name, (0.0, 0.0))
+                split = threads.setdefault(name, [0.0, 0.0])
+                split[0] += user - u0
+                split[1] += system - s0
     await client.stop()
-    done = n // at_once * at_once
-    for name, (user, system) in sorted(t1.items()):
-        u0, s0 = t0.get(name, (0.0, 0.0))
-        print(f"  {name:<20} user {(user - u0) / done * 1e6:6.1f} us  system {(system - s0) / done * 1e6:6.1f} us")
-    print(f"  the front end (this process: MPClient, the crossing's other side) {front / done * 1e6:.1f} us")
-    return used / done
+    done = turns * at_once * rounds
+    each = done * len(every)  # (the threads' and the front end's figures: over every pace together)
+    for name, (user, system) in sorted(threads.items()):
+        print(f"  {name:<20} user {user / each * 1e6:6.1f} us  system {system / each * 1e6:6.1f} us")
+    print(f"  the front end (this process: MPClient, the crossing's other side) {front / each * 1e6:.1f} us")
+    return {gap: u / done for gap, u in used.items()}
 
 
 class _Unsent:
@@ -271,7 +319,12 @@ def main() -> None:
     ap.add_argument("--at-once", type=int, default=16, help="requests in flight")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--in-process", action="store_true", help="the Engine fed in this process (the real batcher)")
-    ap.add_argument("--json", type=Path, help="--in-process: also write its two figures here (us a request)")
+    ap.add_argument("--json", type=Path, help="also write the figures here (us a request)")
+    ap.add_argument("--merged", action="store_true", help="a turn's requests cross as one, as a front end groups them")
+    ap.add_argument(
+        "--every-ms", default="0", help="comma-separated: a message every this many ms (0: back to back), alternated"
+    )
+    ap.add_argument("--rounds", type=int, default=1, help="--every-ms: runs of --requests each per figure")
     ap.add_argument("--unmerged", action="store_true", help="--in-process: each request on its own, not merged")
     args = ap.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
@@ -282,6 +335,7 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps({"us": used * 1e6, "copy_us": copy * 1e6, "at_once": args.at_once}))
         return
+    every = tuple(float(v) / 1000 for v in args.every_ms.split(","))
     address = f"ipc://{tempfile.mkdtemp()}/engine.sock"
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Event()
@@ -289,11 +343,17 @@ def main() -> None:
     p.start()
     ready.wait(60)
     try:
-        per = asyncio.run(feed(address, args.requests, p.pid, shape, args.dtype, args.at_once))
-        print(
-            f"model process CPU per request: {per * 1e6:.1f} us ({args.requests} requests of {list(shape)} "
-            f"{args.dtype}, {args.at_once} at once, batcher {args.batcher})"
+        per = asyncio.run(
+            feed(address, args.requests, p.pid, shape, args.dtype, args.at_once, args.merged, every, args.rounds)
         )
+        how = f"{list(shape)} {args.dtype}, {args.at_once} at once{', merged' if args.merged else ''}"
+        for gap, used in per.items():
+            when = f"a message every {gap * 1000:g} ms" if gap else "back to back"
+            print(f"model process CPU per request: {used * 1e6:.1f} us ({how}, {when}, batcher {args.batcher})")
+        if args.json:
+            args.json.write_text(
+                json.dumps({"at_once": args.at_once, "us": {str(g * 1000): u * 1e6 for g, u in per.items()}})
+            )
     finally:
         p.terminate()
         p.join(10)

@@ -237,6 +237,17 @@ def proc_cpu_s(pid: int) -> float:
     return user + system
 
 
+def run_time_s(pid: int) -> float:
+    """The time the scheduler ran the process's live threads, seconds, to the nanosecond (each thread's
+    /proc/.../schedstat), where ``proc_cpu_s`` counts in clock ticks (10 ms): for a short run, or one whose
+    process runs in bursts of a few hundred us."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:  # (or ended)
+            total += int(f.read().split()[0])
+    return total / 1e9
+
+
 def threads_cpu_s(pid: int) -> dict[str, tuple[float, float]]:
     """Each thread's (user, system) CPU seconds, by its OS name (threads of one name summed; the main thread as
     "main (event loop)"): the service's threads carry theirs (mha-forward-0, mha-watchdog...)."""

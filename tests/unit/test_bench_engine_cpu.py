@@ -43,3 +43,29 @@ def test_in_process_fails_when_an_answer_is_not_the_request_x(monkeypatch: pytes
     monkeypatch.setattr(NoopRunner, "run", negated)
     with pytest.raises(RuntimeError, match="not its request's x"):
         _run()
+
+
+def test_pace_spaces_messages_from_the_first_and_never_sends_a_late_ones_successors_back_to_back() -> None:
+    assert engine_cpu.pace(10.0, 9.0, 0.5) == (1.0, 10.5)  # early: wait until it is due; the next one is due after
+    assert engine_cpu.pace(10.0, 10.0, 0.5) == (0.0, 10.5)  # due now: at once
+    assert engine_cpu.pace(10.0, 12.0, 0.5) == (0.0, 12.5)  # late: at once, and the schedule starts again from it
+    assert engine_cpu.pace(10.0, 12.0, 0.0) == (0.0, 12.0)  # back to back: never a wait
+
+
+@pytest.mark.timeout(180)
+def test_over_the_socket_each_pace_gets_its_own_figure(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "paced.json"
+    argv = [sys.executable, "-m", "bench.engine_cpu", "--batcher", "real", "--shape", "1,128,512", "--dtype"]
+    argv += ["bfloat16", "--at-once", "4", "--merged", "--every-ms", "0,2", "--requests", "400", "--json", str(out)]
+    root = Path(engine_cpu.__file__).resolve().parents[1]
+    done = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(out.read_text())
+    assert got["at_once"] == 4 and list(got["us"]) == ["0.0", "2.0"]  # one figure a pace, in the order asked
+    assert all(0 < us < 100_000 for us in got["us"].values())  # CPU a request the model process spent: measured
+    assert "a message every 2 ms" in done.stdout and "back to back" in done.stdout
