@@ -22,7 +22,10 @@ with 2 workers on the same cores (targets: >= 0.8x its req/s; the model process'
 <= 15 us). They take turns over --rounds rounds, in an order that rotates each round; the medians are judged.
 It also prints where each request's CPU went (front ends, model process, wrk; the echo's workers, wrk), as all
 of them share the two cores, and, where ``perf`` may sample the model process, its CPU split in place into the
-answers' copy into their arenas (libc's memmove: what a GPU's DMA does instead) and the rest.
+answers' copy into their arenas (libc's memmove: what a GPU's DMA does instead) and the rest. Its last floor is
+the model process's code over its socket fed by one front end with messages of the service's batches' size, back
+to back, as often as the service's batches came, and half as often (bench/engine_cpu.py --every-ms): on this VM
+the same code costs up to twice as much a request when the process idles a few ms between messages.
 ``--against REV`` runs REV's service (exported with git archive) in the same rounds and prints its figures
 beside: a change's effect measured side by side, the echo in the same run.
 """
@@ -158,6 +161,33 @@ def model_code_us(at_once: int = MODEL_CODE_AT_ONCE, shape: tuple[int, ...] = SH
         return json.loads(out.read_text())
 
 
+def model_code_paced_us(at_once: int, every_ms: float, shape: tuple[int, ...] = SHAPE) -> dict | None:
+    """The model process's code over its socket, fed by one front end (bench/engine_cpu.py --merged) with messages of
+    ``at_once`` requests: back to back, one every ``every_ms`` (the service's mean interval between batches) and one
+    every twice that (each of its two front ends' interval), alternating; us a request for each. On this VM the same
+    code and messages cost more the longer the process idles between them (what ran meanwhile left it cold), and
+    the service's messages come at uneven intervals: its own figure is read against this range. None if it could
+    not be measured (its error is printed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "engine_cpu.json"
+        argv = [sys.executable, "-m", "bench.engine_cpu", "--batcher", "real", "--shape", ",".join(map(str, shape))]
+        argv += ["--dtype", "bfloat16", "--at-once", str(at_once), "--merged"]
+        argv += [
+            "--every-ms",
+            f"0,{every_ms:.3f},{2 * every_ms:.3f}",
+            "--rounds",
+            "3",
+            "--requests",
+            str(100 * at_once),
+        ]
+        done = subprocess.run([*argv, "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0 or not out.exists():
+            print(f"bench/engine_cpu.py --every-ms failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
+            return None
+        us = list(json.loads(out.read_text())["us"].values())  # (in --every-ms's order)
+    return {"at_once": at_once, "every_ms": every_ms, "us": us}
+
+
 def noop_case(seconds: float, rounds: int, conns: int, logs: Path, against: str | None = None, rows: int = 1) -> dict:
     """2 front ends with the no-op forward against the FastAPI echo (2 workers), both on both cores; with ``against``
     (a git revision), that revision's service too, in the same rounds. ``rows``: each request's x is [rows,128,512]
@@ -229,6 +259,7 @@ def noop_case(seconds: float, rounds: int, conns: int, logs: Path, against: str 
                     )
                     batched = s1.get("mha_batch_size_requests_sum", 0.0) - s0.get("mha_batch_size_requests_sum", 0.0)
                     r["batch_requests"] = batched / batches if batches else None
+                    r["batch_every_ms"] = 1e3 * max(1, round(seconds)) / batches if batches else None
                     r["model_us_a_batch"] = 1e6 * model_s / batches if batches else None
                 # the rest of the server (the front ends; the echo's workers) and wrk: where the other cores went
                 r["server_us"] = 1e6 * (tree_cpu_s(srv.pid, model) - f0) / n
@@ -251,6 +282,12 @@ def noop_case(seconds: float, rounds: int, conns: int, logs: Path, against: str 
         return out
 
     cpu = {k: {f: statistics.median(r[f] for r in v) for f in ("server_us", "wrk_us")} for k, v in runs.items()}
+    # The floor at the service's pace: its code over a socket, a message of its batches' size as often as they came
+    paced = None
+    every = [r["batch_every_ms"] for r in runs["service"] if r.get("batch_every_ms")]
+    sizes = [r["batch_requests"] for r in runs["service"] if r.get("batch_requests")]
+    if every and sizes and rows == 1:
+        paced = model_code_paced_us(max(1, round(statistics.median(sizes))), statistics.median(every), shape)
     copies = [r["model_copy_us"] for r in runs["service"] if r.get("model_copy_us") is not None]
     extra = {}
     if commit is not None:  # the same figures for REV, from the same rounds
@@ -276,6 +313,7 @@ def noop_case(seconds: float, rounds: int, conns: int, logs: Path, against: str 
         "answer_copy_us": copy_us,
         **({} if code is None else {"model_code_us": code["us"], "model_code_copy_us": code["copy_us"]}),
         "model_code_at_once": at_once,
+        **({} if paced is None else {"model_code_paced": paced}),
         "rows": rows,
         "front_ends_us_per_request": cpu["service"]["server_us"],
         "echo_us_per_request": cpu["echo"]["server_us"],
@@ -320,6 +358,14 @@ def print_noop(res: dict) -> None:
         print(
             f"| floor: the model process's code alone, {res['model_code_at_once']} a message (engine_cpu.py "
             f"--in-process) | {res['model_code_us']:.1f} us (the copy {res['model_code_copy_us']:.1f}) | |"
+        )
+    if "model_code_paced" in res:  # the same code over its socket, back to back and at the service's pace
+        p = res["model_code_paced"]
+        every, us = p["every_ms"], " / ".join(f"{v:.1f}" for v in p["us"])
+        print(
+            f"| floor: the same over its socket, {p['at_once']} a message (merged): back to back / one every "
+            f"{every:.1f} ms (the service's batches) / every {2 * every:.1f} ms (engine_cpu.py --every-ms) "
+            f"| {us} us | |"
         )
     print(f"| {_verdict(ok_m)}model process CPU a request | {res['model_us_per_request']:.1f} us "
           f"| <= {t['model_us']:g} us |")  # fmt: skip

@@ -97,3 +97,14 @@ def test_the_copy_measured_in_place_is_shown_beside_the_rest(capsys) -> None:
     procs.print_noop({**result(1), "model_copy_us_per_request": 4.5})
     out = capsys.readouterr().out
     assert "| of which the answers' copy (libc's memmove, perf) / the rest | 4.5 / 7.5 us | |" in out
+
+
+def test_the_paced_floor_is_shown_when_it_was_measured(capsys) -> None:
+    procs.print_noop(result(1))
+    assert "--every-ms" not in capsys.readouterr().out  # (not measured: no row)
+    procs.print_noop({**result(1), "model_code_paced": {"at_once": 13, "every_ms": 2.94, "us": [11.96, 18.2, 30.34]}})
+    out = capsys.readouterr().out
+    assert (
+        "| floor: the same over its socket, 13 a message (merged): back to back / one every 2.9 ms (the service's "
+        "batches) / every 5.9 ms (engine_cpu.py --every-ms) | 12.0 / 18.2 / 30.3 us | |"
+    ) in out
