@@ -69,6 +69,12 @@ def ratios(res: dict[str, dict]) -> list[dict]:
             floors.append(f"the answer's copy alone {noop['answer_copy_us']:.1f} us")
         if "model_code_us" in noop:
             floors.append(f"the model process's code alone {noop['model_code_us']:.1f} us")
+        if "model_code_paced" in noop:  # the same over its socket, back to back and at the service's pace
+            p = noop["model_code_paced"]
+            us = " / ".join(f"{v:.1f}" for v in p["us"])
+            floors.append(
+                f"over its socket, back to back / every {p['every_ms']:.1f} / {2 * p['every_ms']:.1f} ms {us} us"
+            )
         measured = f"{noop['model_us_per_request']:.1f} us"
         if "model_us_per_batch" in noop:  # (bench/procs.py since 7ef893a) and what a batch of them cost it
             measured += f" ({noop['model_us_per_batch']:,.0f} us a batch of {noop['requests_per_batch']:.1f})"

@@ -25,7 +25,7 @@ of them share the two cores, and, where ``perf`` may sample the model process, i
 answers' copy into their arenas (libc's memmove: what a GPU's DMA does instead) and the rest. Its last floor is
 the model process's code over its socket fed by one front end with messages of the service's batches' size, back
 to back, as often as the service's batches came, and half as often (bench/engine_cpu.py --every-ms): on this VM
-the same code costs up to twice as much a request when the process idles a few ms between messages.
+the same code costs two to three times as much a request when the process idles a few ms between messages.
 ``--against REV`` runs REV's service (exported with git archive) in the same rounds and prints its figures
 beside: a change's effect measured side by side, the echo in the same run.
 """

@@ -60,6 +60,9 @@ def test_each_result_is_judged_against_its_floor_and_target() -> None:
     res["noop"] |= {"model_us_per_batch": 1234.5, "requests_per_batch": 13.21}
     model = {r["what"]: r for r in page.ratios(res)}["GPU case: the model process's CPU a request (us)"]
     assert model["measured"] == "12.0 us (1,234 us a batch of 13.2)"
+    res["noop"] |= {"model_code_paced": {"at_once": 13, "every_ms": 2.94, "us": [11.96, 18.2, 30.34]}}
+    model = {r["what"]: r for r in page.ratios(res)}["GPU case: the model process's CPU a request (us)"]
+    assert model["floor"].endswith("; over its socket, back to back / every 2.9 / 5.9 ms 12.0 / 18.2 / 30.3 us")
     assert got["front-bound v2 binary, access log off"]["ratio"] == pytest.approx(1.02)
     assert got["front-bound v2 binary, access log off"]["pass"] is True
     assert got["front-bound v2 binary, access log on"]["pass"] is False  # 0.93 < 0.95
