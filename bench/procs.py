@@ -150,13 +150,19 @@ def model_code_us(at_once: int = MODEL_CODE_AT_ONCE, shape: tuple[int, ...] = SH
     Engine fed messages of ``at_once`` requests in one process, no socket, no other process on the cores), with
     the answer's copy's share of it. In the service the same code shares two cores with the front ends and wrk.
     None if it could not be measured (its error is printed)."""
+    argv = ["--in-process", "--shape", ",".join(map(str, shape)), "--dtype", "bfloat16", "--at-once", str(at_once)]
+    return engine_cpu_json([*argv, "--requests", "20000"])
+
+
+def engine_cpu_json(args: list[str]) -> dict | None:
+    """bench/engine_cpu.py run with ``args`` (as a module: ROOT on its path), its figures as its --json wrote them;
+    None if it failed (its error is printed)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "engine_cpu.json"
-        argv = [sys.executable, "-m", "bench.engine_cpu", "--in-process", "--shape", ",".join(map(str, shape))]
-        argv += ["--dtype", "bfloat16", "--at-once", str(at_once), "--requests", "20000", "--json", str(out)]
-        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)  # (-m: ROOT on its path)
+        argv = [sys.executable, "-m", "bench.engine_cpu", *args, "--json", str(out)]
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
         if done.returncode != 0 or not out.exists():
-            print(f"bench/engine_cpu.py --in-process failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
+            print(f"bench/engine_cpu.py {' '.join(args)} failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
             return None
         return json.loads(out.read_text())
 
@@ -168,24 +174,12 @@ def model_code_paced_us(at_once: int, every_ms: float, shape: tuple[int, ...] = 
     code and messages cost more the longer the process idles between them (what ran meanwhile left it cold), and
     the service's messages come at uneven intervals: its own figure is read against this range. None if it could
     not be measured (its error is printed)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "engine_cpu.json"
-        argv = [sys.executable, "-m", "bench.engine_cpu", "--batcher", "real", "--shape", ",".join(map(str, shape))]
-        argv += ["--dtype", "bfloat16", "--at-once", str(at_once), "--merged"]
-        argv += [
-            "--every-ms",
-            f"0,{every_ms:.3f},{2 * every_ms:.3f}",
-            "--rounds",
-            "3",
-            "--requests",
-            str(100 * at_once),
-        ]
-        done = subprocess.run([*argv, "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0 or not out.exists():
-            print(f"bench/engine_cpu.py --every-ms failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
-            return None
-        us = list(json.loads(out.read_text())["us"].values())  # (in --every-ms's order)
-    return {"at_once": at_once, "every_ms": every_ms, "us": us}
+    argv = ["--batcher", "real", "--shape", ",".join(map(str, shape)), "--dtype", "bfloat16", "--at-once", str(at_once)]
+    paces = f"0,{every_ms:.3f},{2 * every_ms:.3f}"
+    got = engine_cpu_json([*argv, "--merged", "--every-ms", paces, "--rounds", "3", "--requests", str(100 * at_once)])
+    if got is None:
+        return None
+    return {"at_once": at_once, "every_ms": every_ms, "us": list(got["us"].values())}  # (in --every-ms's order)
 
 
 def noop_case(seconds: float, rounds: int, conns: int, logs: Path, against: str | None = None, rows: int = 1) -> dict:
